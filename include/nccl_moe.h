@@ -1,0 +1,307 @@
+/*
+ * NCCL-MoE: Mixture-of-Experts expert-parallel collectives next to NCCL.
+ *
+ * This is the whole public API. It follows NCCL's conventions:
+ *   - every function returns ncclResult_t; ncclMoeGetLastError() gives the text of the last failure;
+ *   - a communicator (ncclMoeComm_t) is created collectively from the caller's ncclComm_t;
+ *   - operations are enqueued on the caller's cudaStream_t and return (stream-ordered). The only host
+ *     synchronisation is the one documented on ncclMoeDispatchNotify() in host-count mode;
+ *   - all input/output tensors are caller-owned device memory; the library owns its communication buffers.
+ *
+ * Notation used in the comments: R ranks, r this rank, T tokens on this rank, H hidden size (elements),
+ * K top-k, E experts (E % R == 0, expert e lives on rank e / (E/R)), E_l = E/R local experts,
+ * N_recv rows received by a high-throughput dispatch.
+ *
+ * Argument structs are versioned: each starts with `size` (sizeof the struct the caller was compiled
+ * with) and `version` (NCCL_MOE_VERSION_CODE). Initialise them with the matching *_INITIALIZER macro,
+ * which also sets every optional field to its documented default.
+ */
+#ifndef NCCL_MOE_H_
+#define NCCL_MOE_H_
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NCCL_MOE_MAJOR 0
+#define NCCL_MOE_MINOR 1
+#define NCCL_MOE_PATCH 0
+#define NCCL_MOE_VERSION_CODE (NCCL_MOE_MAJOR * 10000 + NCCL_MOE_MINOR * 100 + NCCL_MOE_PATCH)
+
+/* Largest supported values; inputs beyond them are rejected with ncclInvalidArgument. */
+#define NCCL_MOE_MAX_RANKS 8  /* ranks of one NVLink domain driven by the intranode kernels */
+#define NCCL_MOE_MAX_TOPK 16
+
+typedef struct ncclMoeComm* ncclMoeComm_t;
+/* Routing state of one dispatch, reused by combine and by cached re-dispatch. Not thread-safe. */
+typedef struct ncclMoeHandle* ncclMoeHandle_t;
+
+typedef enum {
+  ncclMoeBfloat16 = 0, /* bf16 activations */
+  ncclMoeFp8E4M3 = 1   /* fp8 e4m3 activations with per-128-channel scales */
+} ncclMoeDataType_t;
+
+typedef enum {
+  ncclMoeScaleFloat = 0,    /* float32, one per 128 channels: amax/448 */
+  ncclMoeScaleFloatPow2 = 1, /* float32 rounded up to a power of two (low-latency cast only) */
+  ncclMoeScaleUe8m0 = 2     /* power-of-two exponent bytes (value 2^(b-127)), four packed per int32 */
+} ncclMoeScaleFormat_t;
+
+typedef enum {
+  ncclMoeIndexInt64 = 0, /* topk_idx as int64_t */
+  ncclMoeIndexInt32 = 1  /* topk_idx as int32_t */
+} ncclMoeIndexType_t;
+
+/* Low-latency calls may be split in two: the send half returns once the data is posted; the receive
+ * half, called later on any stream ordered after it, waits for arrival and writes the outputs. */
+typedef enum {
+  ncclMoePhaseBoth = 3,
+  ncclMoePhaseSend = 1,
+  ncclMoePhaseRecv = 2
+} ncclMoePhase_t;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Version, errors                                                                                  */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* *version = NCCL_MOE_VERSION_CODE of the loaded library. */
+ncclResult_t ncclMoeGetVersion(int* version);
+/* Static text for a result code (like ncclGetErrorString). */
+const char* ncclMoeGetErrorString(ncclResult_t result);
+/* Detailed message of the last failure: of `comm` when not NULL, else of the calling thread.
+ * Never NULL; "" when nothing failed. Valid until the next call on the same comm/thread. */
+const char* ncclMoeGetLastError(ncclMoeComm_t comm);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Communicator                                                                                     */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+  size_t size;           /* sizeof(ncclMoeConfig_t) */
+  unsigned int version;  /* NCCL_MOE_VERSION_CODE */
+  int num_experts;       /* E: total experts, E % R == 0, E >= R. Required. */
+  int hidden;            /* largest H any call will use (elements, H % 8 == 0). Required. */
+  int max_topk;          /* largest K any call will use, 1..NCCL_MOE_MAX_TOPK. Default 8. */
+  int max_tokens_per_rank;    /* high-throughput capacity: largest T of a HT call on any rank; 0 = no HT. */
+  int ll_max_tokens_per_rank; /* low-latency capacity: largest T of a LL call (same on every rank); 0 = no LL. */
+  int num_sms;           /* default SM budget of HT kernels; 0 = chosen from the hardware. */
+} ncclMoeConfig_t;
+
+#define NCCL_MOE_CONFIG_INITIALIZER \
+  { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0 }
+
+/* Bytes of device memory one rank's communication buffer needs for `config` on `num_ranks` ranks
+ * (what ncclMoeCommInit allocates per rank). Pure host arithmetic, callable before init. */
+ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, size_t* bytes);
+
+/* Collective over every rank of `nccl_comm`: learns rank, size and CUDA device from it, allocates this
+ * rank's communication buffer on that device and exchanges access to it with every peer through NCCL
+ * collectives on `nccl_comm` (CUDA IPC for peers in other processes, peer access for peers in this
+ * process). All ranks must pass equal configs (checked). The calling thread's current device must be
+ * the communicator's device. `nccl_comm` must outlive the MoE communicator; the library never destroys it
+ * and uses it only inside ncclMoeCommInit/Destroy. Intranode only for now: all ranks must be peers
+ * with NVLink/P2P access to each other, R <= NCCL_MOE_MAX_RANKS. */
+ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);
+/* Collective: waits for outstanding work, then frees everything the communicator owns. */
+ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
+ncclResult_t ncclMoeCommRank(ncclMoeComm_t comm, int* rank);
+ncclResult_t ncclMoeCommCount(ncclMoeComm_t comm, int* num_ranks);
+ncclResult_t ncclMoeCommCuDevice(ncclMoeComm_t comm, int* device);
+/* ncclSuccess, or the error a device-side wait recorded (timeout, peer abort). Non-blocking. Once an
+ * asynchronous error is recorded every later call on the communicator returns it; destroy the comm. */
+ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclResult_t* async_error);
+
+/* A handle keeps the routing of one dispatch for combine and cached re-dispatch. It is sized from the
+ * communicator's config, owned by the library, and may be reused for any number of dispatches. */
+ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle);
+ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Layout                                                                                            */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* topk_idx;           /* [T, K] int64 or int32 (topk_idx_type), -1 = unused slot; device */
+  ncclMoeIndexType_t topk_idx_type;
+  int num_tokens;                 /* T >= 0 */
+  int topk;                       /* K, 1..max_topk */
+  int* num_tokens_per_rank;       /* out: [R] int32, device, caller-owned */
+  int* num_tokens_per_expert;     /* out: [E] int32, device, caller-owned (may be NULL) */
+  uint8_t* is_token_in_rank;      /* out: [T, R] bool bytes, device, caller-owned (may be NULL) */
+} ncclMoeLayoutArgs_t;
+
+#define NCCL_MOE_LAYOUT_ARGS_INITIALIZER \
+  { sizeof(ncclMoeLayoutArgs_t), NCCL_MOE_VERSION_CODE, NULL, ncclMoeIndexInt64, 0, 0, NULL, NULL, NULL }
+
+/* Local, not collective: counts of this rank's tokens per destination rank and expert. A token counts
+ * once per rank even when several of its experts live there. */
+ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const ncclMoeLayoutArgs_t* args,
+                                      cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* High-throughput dispatch and combine                                                              */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* topk_idx;           /* [T, K] int64 or int32, -1 = unused slot; device */
+  ncclMoeIndexType_t topk_idx_type;
+  int num_tokens;                 /* T, 0..max_tokens_per_rank (may differ between ranks) */
+  int topk;                       /* K, 1..max_topk (same on every rank) */
+  int expert_alignment;           /* per-expert receive counts rounded up to this multiple; >= 1 */
+  /* 0: host-count mode: the call waits (host synchronisation) until this rank's receive count is known
+   *    and returns it in *num_recv_tokens.
+   * >0: worst-case mode: the caller's outputs have room for recv_capacity rows; nothing waits on the
+   *    host (CUDA-graph capturable). The real count is in ncclMoeHandleRecvCountDevice(). A count over
+   *    recv_capacity becomes an asynchronous error on the device (no row past capacity is written). */
+  int recv_capacity;
+  int* num_recv_tokens;           /* out (host, host-count mode only): N_recv */
+  int* num_recv_tokens_per_expert; /* out (host, optional, host-count mode only): [E_l] aligned counts */
+} ncclMoeNotifyArgs_t;
+
+#define NCCL_MOE_NOTIFY_ARGS_INITIALIZER \
+  { sizeof(ncclMoeNotifyArgs_t), NCCL_MOE_VERSION_CODE, NULL, ncclMoeIndexInt64, 0, 0, 1, 0, NULL, NULL }
+
+/* Collective. Computes the layout of this rank's tokens, exchanges counts with every rank and stores the
+ * routing in `handle`. Must be followed by ncclMoeDispatch with the same handle. */
+ncclResult_t ncclMoeDispatchNotify(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeNotifyArgs_t* args,
+                                   cudaStream_t stream);
+
+/* Device pointers owned by the handle, valid until it is destroyed; filled by the stream-ordered notify:
+ *   recv_count:            [1] int32, N_recv of the last notify
+ *   recv_count_per_expert: [E_l] int32, aligned per-local-expert receive counts
+ *   recv_src_info:         [recv capacity] int32, source (rank << 24 | token) of each received row */
+ncclResult_t ncclMoeHandleRecvCountDevice(ncclMoeHandle_t handle, const int** recv_count,
+                                          const int** recv_count_per_expert, const int** recv_src_info);
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* x;                  /* [T, H] bf16 or fp8 e4m3 (dtype), row stride H elements; device */
+  ncclMoeDataType_t dtype;
+  int hidden;                     /* H, H % 8 == 0 (bf16) / H % 16 == 0 (fp8), <= config hidden */
+  const void* x_scales;           /* fp8 only: float [T, ceil(H/128)] or packed ue8m0 int32 [T, ceil(H/512)] */
+  ncclMoeScaleFormat_t scale_format; /* ncclMoeScaleFloat or ncclMoeScaleUe8m0 */
+  int64_t x_scales_token_stride;  /* elements (float or int32) between tokens; 0 = packed */
+  int64_t x_scales_channel_stride;/* elements between scale columns; 0 = 1 */
+  const float* topk_weights;      /* [T, K] float32 or NULL; device */
+  void* recv_x;                   /* out: [N_recv or capacity, H] same dtype as x; caller-owned device */
+  void* recv_x_scales;            /* out (fp8): [rows, ceil(H/128)] float or [rows, ceil(H/512)] int32, packed */
+  void* recv_topk_idx;            /* out (optional): [rows, K] local expert ids (same index type as the
+                                     notify's topk_idx), -1 where not local; rows past N_recv all -1 */
+  float* recv_topk_weights;       /* out (optional, needs topk_weights): [rows, K] */
+  int num_sms;                    /* SM budget, 0 = communicator default */
+} ncclMoeDispatchArgs_t;
+
+#define NCCL_MOE_DISPATCH_ARGS_INITIALIZER                                                                  \
+  { sizeof(ncclMoeDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, ncclMoeBfloat16, 0, NULL, ncclMoeScaleFloat, \
+    0, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+
+/* Collective. Sends each token's row to every rank holding one of its experts (once per rank) using the
+ * routing in `handle`. Receive order: source rank ascending, then source token ascending. Calling it again
+ * with the same handle and new data is a cached re-dispatch (no layout, no notify, no host wait). */
+ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeDispatchArgs_t* args,
+                             cudaStream_t stream);
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* x;                  /* [N_recv, H] bf16 in dispatch's output order; device */
+  int hidden;                     /* H, as in the dispatch */
+  const float* topk_weights;      /* optional [N_recv, K] float32 (backward of dispatch) */
+  const void* bias_0;             /* optional [T, H] bf16 added after the sum */
+  const void* bias_1;             /* optional [T, H] bf16 added after bias_0 */
+  void* combined_x;               /* out: [T, H] bf16; caller-owned device */
+  float* combined_topk_weights;   /* out (with topk_weights): [T, K] */
+  int num_sms;                    /* SM budget, 0 = communicator default */
+} ncclMoeCombineArgs_t;
+
+#define NCCL_MOE_COMBINE_ARGS_INITIALIZER \
+  { sizeof(ncclMoeCombineArgs_t), NCCL_MOE_VERSION_CODE, NULL, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+
+/* Collective. Reverse of the dispatch recorded in `handle`: out[t] = sum over the ranks s that received
+ * token t (s ascending) of x_s[row of t] in FP32, then + bias_0[t], then + bias_1[t], rounded to bf16. */
+ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeCombineArgs_t* args,
+                            cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Low-latency dispatch and combine (decode)                                                         */
+/* ------------------------------------------------------------------------------------------------ */
+/* The communicator holds two low-latency buffers and alternates between them on every LL dispatch, so
+ * at most two low-latency results (dispatch outputs awaiting their combine) may be alive at once. A third
+ * dispatch reuses the first one's buffer. HT and LL calls may alternate when the config sizes both. */
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* x;                  /* [T, H] bf16; device */
+  const void* topk_idx;           /* [T, K] int64 or int32, -1 = unused; device */
+  ncclMoeIndexType_t topk_idx_type;
+  int num_tokens;                 /* T, 0..ll_max_tokens_per_rank */
+  int hidden;                     /* H, H % 128 == 0 */
+  int topk;                       /* K */
+  int use_fp8;                    /* 0: recv_x bf16; 1: cast to fp8 e4m3 in the kernel */
+  ncclMoeScaleFormat_t scale_format; /* with use_fp8: float, float rounded to powers of two, or ue8m0 */
+  void* recv_x;                   /* out: [E_l, R * ll_max_tokens_per_rank, H] bf16 or fp8 */
+  void* recv_x_scales;            /* out (fp8): float [E_l, R*max, H/128] or int32 [E_l, R*max, H/512] */
+  int* recv_count;                /* out: [E_l] int32 rows received per local expert; device */
+  int* cumulative_recv_stats;     /* optional in/out: [E_l] int32, recv counts added to it */
+  ncclMoePhase_t phase;           /* both, or send then (later) recv */
+} ncclMoeLLDispatchArgs_t;
+
+#define NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER                                                              \
+  { sizeof(ncclMoeLLDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, NULL, ncclMoeIndexInt64, 0, 0, 0, 0, \
+    ncclMoeScaleFloat, NULL, NULL, NULL, NULL, ncclMoePhaseBoth }
+
+ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                       const ncclMoeLLDispatchArgs_t* args, cudaStream_t stream);
+
+typedef struct {
+  size_t size;
+  unsigned int version;
+  const void* x;                  /* [E_l, R*max, H] bf16 in dispatch's layout, or NULL with zero_copy */
+  int zero_copy;                  /* 1: the expert outputs were written into ncclMoeLowLatencyCombineBuffer() */
+  const void* topk_idx;           /* [T, K] as given to the dispatch */
+  const float* topk_weights;      /* [T, K] float32 */
+  int num_tokens;                 /* T, as in the dispatch */
+  int hidden;
+  int topk;
+  void* out;                      /* out: [T, H] bf16, out[t] = sum_k w[t,k] * y(t,k) in FP32 */
+  ncclMoePhase_t phase;
+} ncclMoeLLCombineArgs_t;
+
+#define NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER \
+  { sizeof(ncclMoeLLCombineArgs_t), NCCL_MOE_VERSION_CODE, NULL, 0, NULL, NULL, 0, 0, 0, NULL, ncclMoePhaseBoth }
+
+ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeLLCombineArgs_t* args,
+                                      cudaStream_t stream);
+
+/* Library-owned [E_l, R*max, H] bf16 region the expert GEMM may write into for a zero-copy combine of the
+ * dispatch recorded in `handle`. Valid until the next-but-one LL dispatch. */
+ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncclMoeHandle_t handle, void** buffer);
+
+/* Explicitly reset the low-latency region (needed when switching a shared buffer from HT back to LL). */
+ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Helpers                                                                                           */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Cast bf16 [T, H] to fp8 e4m3 with one scale per 128 channels (amax/448; ue8m0 rounds the scale up to
+ * a power of two and packs exponent bytes four per int32). Local, stream-ordered. */
+ncclResult_t ncclMoeCastToFp8(const void* x, int num_tokens, int hidden, ncclMoeScaleFormat_t scale_format,
+                              void* out_fp8, void* out_scales, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NCCL_MOE_H_ */

@@ -1,0 +1,56 @@
+#include "core/env.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/log.h"
+
+namespace nccl_moe {
+
+const std::vector<EnvVar>& envRegistry() {
+  static const std::vector<EnvVar> registry = {
+      {"NCCL_MOE_DEBUG", EnvType::kString, "WARN",
+       "Log level: NONE, WARN, INFO or TRACE. Lines use NCCL's format; through NCCL's logger when the tuner "
+       "plugin is loaded."},
+      {"NCCL_MOE_DEBUG_FILE", EnvType::kString, "",
+       "Write NCCL-MoE's log lines to this file instead of stderr (%h = hostname, %p = pid)."},
+      {"NCCL_MOE_TIMEOUT_S", EnvType::kInt, "100",
+       "Bound of every device and host wait, in seconds. On expiry the call (or the next) returns an error "
+       "naming phase, rank, peer and counter."},
+      {"NCCL_MOE_NUM_SMS", EnvType::kInt, "0",
+       "Default SM budget of high-throughput kernels when the config and the call pass 0 (0 = automatic)."},
+      {"NCCL_MOE_SM_RESERVE", EnvType::kInt, "0",
+       "SMs the tuner plugin keeps free of NCCL's collectives for NCCL-MoE kernels running alongside."},
+  };
+  return registry;
+}
+
+static const EnvVar* findVar(const char* name) {
+  for (const EnvVar& v : envRegistry())
+    if (std::strcmp(v.name, name) == 0) return &v;
+  return nullptr;
+}
+
+std::string envString(const char* name) {
+  const EnvVar* var = findVar(name);
+  if (var == nullptr) return std::string();
+  const char* value = std::getenv(name);
+  return value != nullptr ? std::string(value) : std::string(var->default_value);
+}
+
+int64_t envInt(const char* name) {
+  const EnvVar* var = findVar(name);
+  if (var == nullptr) return 0;
+  const int64_t fallback = std::strtoll(var->default_value, nullptr, 10);
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  if (end == value || *end != '\0') {
+    MOE_WARN("%s=\"%s\" is not an integer; using the default %lld", name, value, static_cast<long long>(fallback));
+    return fallback;
+  }
+  return parsed;
+}
+
+}  // namespace nccl_moe

@@ -1,0 +1,73 @@
+// Bounded waits. Every device-side wait in the library goes through these: it polls with acquire
+// ordering until the condition holds or NCCL_MOE_TIMEOUT_S expires; on expiry it records (phase, rank,
+// peer, last value, expected value) in the communicator's host-mapped ErrorRecord and returns false, and
+// the caller leaves its kernel without touching data it would have consumed. A wait also gives up early
+// when another wait of the same rank already failed (the error word is non-zero), so one lost peer does
+// not cost one timeout per waiting warp.
+#pragma once
+
+#include "device/device_comm.h"
+#include "device/ptx.cuh"
+
+namespace nccl_moe {
+namespace dev {
+
+__device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer,
+                                             long long counter, long long expected) {
+  ErrorRecord* rec = comm.error;
+  // Claim the record once; later failures keep the first cause.
+  if (atom_cas_acq_rel_sys(&rec->code, 0, -1) == 0) {
+    rec->phase = static_cast<int>(phase);
+    rec->rank = comm.rank;
+    rec->peer = peer;
+    rec->counter = counter;
+    rec->expected = expected;
+    fence_acq_rel_sys();
+    st_release_sys(&rec->code, code);
+  }
+}
+
+__device__ __forceinline__ bool error_recorded(const DeviceComm& comm) {
+  return ld_relaxed_sys(&comm.error->code) != 0;
+}
+
+// Waits until *flag >= target (signed compare). Returns true on success.
+template <typename T>
+__device__ __forceinline__ bool wait_geq(const DeviceComm& comm, const T* flag, T target, Phase phase, int peer) {
+  T seen = ld_acquire_sys(flag);
+  if (seen >= target) return true;
+  const uint64_t start = globaltimer_ns();
+  uint32_t spins = 0;
+  while (true) {
+    seen = ld_acquire_sys(flag);
+    if (seen >= target) return true;
+    if ((++spins & 255u) == 0) {
+      if (error_recorded(comm)) return false;
+      if (globaltimer_ns() - start > comm.timeout_ns) {
+        record_error(comm, kErrTimeout, phase, peer, static_cast<long long>(seen), static_cast<long long>(target));
+        return false;
+      }
+    }
+  }
+}
+
+// Waits until *flag == target.
+template <typename T>
+__device__ __forceinline__ bool wait_eq(const DeviceComm& comm, const T* flag, T target, Phase phase, int peer) {
+  const uint64_t start = globaltimer_ns();
+  uint32_t spins = 0;
+  while (true) {
+    T seen = ld_acquire_sys(flag);
+    if (seen == target) return true;
+    if ((++spins & 255u) == 0) {
+      if (error_recorded(comm)) return false;
+      if (globaltimer_ns() - start > comm.timeout_ns) {
+        record_error(comm, kErrTimeout, phase, peer, static_cast<long long>(seen), static_cast<long long>(target));
+        return false;
+      }
+    }
+  }
+}
+
+}  // namespace dev
+}  // namespace nccl_moe
