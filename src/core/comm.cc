@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/comm_init.h"
+#include "topo/topo.h"
 
 namespace nccl_moe {
 
@@ -259,6 +260,12 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
              comm->num_ranks, config.num_experts, config.hidden, comm->layout.total_bytes / 1048576.0,
              comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
              static_cast<long long>(timeout_s));
+    if (logEnabled(LogLevel::kInfo)) {
+      std::vector<std::string> bus_ids;
+      for (const PeerInfo& p : peers) bus_ids.emplace_back(p.bus_id);
+      topo::Topology topology;
+      if (topo::discover(bus_ids, &topology) == ncclSuccess) MOE_INFO("%s", topo::formatTopology(topology).c_str());
+    }
   }
   return ncclSuccess;
 }
