@@ -1,0 +1,332 @@
+// CPU reference of every NCCL-MoE operation: the test oracle and the no-GPU backend of moe-perf.
+//
+// Contract (docs/reference.md has the full text; this header is the authoritative list of functions):
+//   - Host data only, all R ranks simulated in one process, plain std::vector, row-major tensors.
+//   - Depends on nothing but the C++17 standard library (no nccl_moe.h, no CUDA headers).
+//   - Deterministic: same inputs give bitwise-identical outputs on every run and platform (no std::
+//     distributions, no unordered containers, no threads). FP32 accumulation orders are written on each
+//     function; the GPU kernels implement the same orders so tests can demand bitwise equality.
+//   - Invalid inputs (expert id < -1 or >= E, E % R != 0, sizes that disagree, T > max_tokens, ...) throw
+//     std::invalid_argument with a message naming the argument.
+//
+// Notation: R ranks, s source rank, d destination (receiving) rank, T_s tokens on rank s, H hidden size,
+// K top-k, E experts, E_l = E / R local experts, expert e lives on rank e / E_l with local id e % E_l,
+// G = ceil(H / 128) scale groups per row, P = ceil(G / 4) packed UE8M0 words per row.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace nccl_moe::ref {
+
+// ------------------------------------------------------------------------------------------------
+// Formats and numeric helpers (bit-exact)
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kScaleGroupElems = 128;  // one FP8 scale per 128 channels (last group may be partial)
+constexpr float kFp8Max = 448.0f;      // largest finite e4m3 value (OCP e4m3fn)
+constexpr float kAmaxFloor = 1e-4f;    // amax = max(amax, kAmaxFloor) before computing a scale
+
+// Mirrors ncclMoeDataType_t (values must stay equal).
+enum class DType : int { kBf16 = 0, kFp8E4M3 = 1 };
+// Mirrors ncclMoeScaleFormat_t (values must stay equal).
+enum class ScaleFormat : int { kFloat = 0, kFloatPow2 = 1, kUe8m0 = 2 };
+
+inline int num_scale_groups(int hidden) { return (hidden + kScaleGroupElems - 1) / kScaleGroupElems; }
+inline int num_packed_scales(int hidden) { return (num_scale_groups(hidden) + 3) / 4; }
+
+// bf16 bits -> float: exact (bits << 16).
+float bf16_to_float(uint16_t bits);
+// float -> bf16 bits, round to nearest even. NaN -> 0x7FFF (CUDA's canonical bf16 NaN, sign dropped, as
+// __float2bfloat16_rn does); +-Inf stay +-Inf; finite values that round past the largest bf16 become +-Inf.
+uint16_t float_to_bf16(float f);
+
+// e4m3 byte -> float: exact. OCP e4m3fn: bias 7, no infinities, 0x7F/0xFF are NaN, subnormals m * 2^-9.
+float fp8_e4m3_to_float(uint8_t bits);
+// float -> e4m3 byte, round to nearest even with saturation to +-448 ("satfinite"), bit-identical to CUDA's
+// __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3): |x| <= 2^-10 -> +-0 (sign kept), subnormals rounded
+// RNE on the 2^-9 grid, |x| > 448 (incl. Inf) -> +-448 (0x7E/0xFE), NaN -> 0x7F | sign.
+uint8_t float_to_fp8_e4m3(float f);
+
+// Scale of one 128-channel group from its amax (max |x| as float):
+//   a = max(amax, 1e-4f); scale = a / 448.0f;
+//   kFloatPow2 / kUe8m0: scale rounded UP to a power of two: if the float's mantissa bits are non-zero,
+//   add one to the exponent field and clear the mantissa (bit operation, exact).
+float fp8_group_scale(float amax, ScaleFormat format);
+// UE8M0 byte of a power-of-two scale: its biased float exponent b (scale == 2^(b-127)).
+uint8_t ue8m0_from_scale(float pow2_scale);
+// 2^(b-127) as float (b in 1..254; 0 and 255 are not produced by the cast).
+float ue8m0_to_scale(uint8_t b);
+// Byte g of a packed UE8M0 row: word g/4, byte g%4 (little-endian: group 4i in bits 0..7 of word i).
+uint8_t ue8m0_byte(const int32_t* packed_row, int group);
+
+// Cast one bf16 row of `hidden` channels to e4m3. Per group g (channels [128g, min(128g+128, H))):
+//   amax = max over the group of |float(x)| (starting from 0.0f), scale = fp8_group_scale(amax, format),
+//   inv = 1.0f / scale, q[c] = float_to_fp8_e4m3(float(x[c]) * inv) (one FP32 multiply, no FMA).
+// Writes q[H]; for kFloat/kFloatPow2 scales_f32[G]; for kUe8m0 packed[P] (unused high bytes of the last
+// word are 0). The unused scale pointer may be null.
+void cast_row_to_fp8(const uint16_t* x, int hidden, ScaleFormat format, uint8_t* q, float* scales_f32, int32_t* packed);
+// Dequantised value of channel c of an fp8 row: fp8_e4m3_to_float(q[c]) * scale(group c/128), one FP32
+// multiply. `scales_f32` is used for float formats, `packed` for kUe8m0.
+float dequant_fp8(const uint8_t* q, int channel, ScaleFormat format, const float* scales_f32, const int32_t* packed);
+
+// ------------------------------------------------------------------------------------------------
+// Activation rows: one tensor of bf16 rows, or of fp8 rows plus scales
+// ------------------------------------------------------------------------------------------------
+
+struct Rows {
+  DType dtype = DType::kBf16;
+  ScaleFormat scale_format = ScaleFormat::kFloat;  // fp8 only
+  int num_rows = 0;
+  int hidden = 0;
+  std::vector<uint16_t> bf16;          // [num_rows, H] when dtype == kBf16, else empty
+  std::vector<uint8_t> fp8;            // [num_rows, H] when dtype == kFp8E4M3, else empty
+  std::vector<float> scales;           // [num_rows, G] when fp8 and format kFloat/kFloatPow2, else empty
+  std::vector<int32_t> packed_scales;  // [num_rows, P] when fp8 and format kUe8m0, else empty
+
+  // Zero-filled rows of the given shape with exactly the vectors above that apply.
+  static Rows zeros(DType dtype, ScaleFormat scale_format, int num_rows, int hidden);
+  // bf16 rows wrapping `data` ([num_rows, H]).
+  static Rows from_bf16(std::vector<uint16_t> data, int num_rows, int hidden);
+  bool empty() const { return num_rows == 0 && hidden == 0; }
+  // Copies row `src_row` of `src` (same dtype/format/hidden) into row `dst_row`, bitwise, scales included.
+  void copy_row_from(int dst_row, const Rows& src, int src_row);
+  // Value of (row, channel) as float: bf16 exactly, fp8 dequantised with dequant_fp8().
+  float value(int row, int channel) const;
+};
+
+// Cast [num_rows, H] bf16 to fp8 rows with cast_row_to_fp8() on each row.
+Rows cast_to_fp8(const std::vector<uint16_t>& bf16, int num_rows, int hidden, ScaleFormat format);
+
+// ------------------------------------------------------------------------------------------------
+// Routing of all ranks
+// ------------------------------------------------------------------------------------------------
+
+struct RankRouting {
+  int num_tokens = 0;               // T_s >= 0
+  std::vector<int64_t> topk_idx;    // [T_s, K] global expert ids, -1 = unused slot
+  std::vector<float> topk_weights;  // [T_s, K] or empty (no weights)
+};
+
+struct Routing {
+  int num_ranks = 1;               // R >= 1
+  int num_experts = 1;             // E, E % R == 0, E >= R
+  int topk = 1;                    // K >= 1
+  std::vector<RankRouting> ranks;  // [R]
+
+  int num_local_experts() const { return num_experts / num_ranks; }
+  int expert_rank(int64_t expert) const { return static_cast<int>(expert / num_local_experts()); }
+  // True if some rank has topk_weights. validate() requires then that every rank with tokens has them.
+  bool has_weights() const;
+  // Throws std::invalid_argument when shapes disagree or an id is < -1 or >= E. Every operation below
+  // calls it. Ids within one token are expected to be distinct (not checked; see each operation).
+  void validate() const;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Layout (ncclMoeGetDispatchLayout)
+// ------------------------------------------------------------------------------------------------
+
+struct DispatchLayout {
+  std::vector<int> num_tokens_per_rank;    // [R]: tokens with >= 1 expert on rank d (once per rank)
+  std::vector<int> num_tokens_per_expert;  // [E]: (token, slot) pairs naming expert e
+  std::vector<uint8_t> is_token_in_rank;   // [T, R]: 1 if token t has an expert on rank d, else 0
+};
+
+// Layout of one rank's tokens. topk_idx: [num_tokens, topk], -1 = unused.
+DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int topk, int num_experts, int num_ranks);
+
+// ------------------------------------------------------------------------------------------------
+// High-throughput dispatch / combine
+// ------------------------------------------------------------------------------------------------
+
+// What receiving rank d gets from a HT dispatch.
+struct HtRankRecv {
+  int num_recv = 0;                                // N_d
+  std::vector<int> src_rank;                       // [N_d] source rank of each row
+  std::vector<int> src_token;                      // [N_d] source token index of each row
+  std::vector<int32_t> src_info;                   // [N_d] (src_rank << 24) | src_token
+  std::vector<int> rank_prefix;                    // [R + 1]: rows from source s are [rank_prefix[s], rank_prefix[s+1])
+  std::vector<int64_t> topk_idx;                   // [N_d, K] local id (e - d*E_l) where e is on d, else -1
+  std::vector<float> topk_weights;                 // [N_d, K] weight where the id is local, else 0.0f; empty if
+                                                   // the routing has no weights
+  std::vector<int> num_recv_per_expert;            // [E_l] rows naming local expert j (each slot), rounded up to
+                                                   // expert_alignment
+  std::vector<int> num_recv_per_expert_unaligned;  // [E_l] the same before rounding
+  Rows x;                                          // [N_d, H] rows copied bitwise (scales too); empty if no data
+};
+
+struct HtDispatch {
+  int num_ranks = 0, num_experts = 0, topk = 0, expert_alignment = 1;
+  std::vector<int> num_tokens;   // [R] T_s
+  std::vector<HtRankRecv> recv;  // [R] indexed by receiving rank d
+  // send_pos[s][t * R + d] = index of token t among rank s's tokens sent to d (0-based, ascending in t),
+  // or -1 if t is not sent to d. Row of (s, t) at d = recv[d].rank_prefix[s] + send_pos[s][t * R + d].
+  std::vector<std::vector<int>> send_pos;
+};
+
+// Dispatch of all ranks at once. Each token t of rank s goes to every rank d holding one of its experts,
+// once per d. Receive order at d: source rank ascending, then source token ascending.
+// `x`: null (routing only; recv[d].x stays empty) or [R] rows with x[s].num_rows == T_s, all of the same
+// dtype/format/hidden. expert_alignment >= 1.
+HtDispatch ht_dispatch(const Routing& routing, int expert_alignment, const std::vector<Rows>* x = nullptr);
+
+struct HtCombineResult {
+  std::vector<std::vector<uint16_t>> x;          // [R][T_s, H] bf16
+  std::vector<std::vector<float>> topk_weights;  // [R][T_s, K] when weights were given, else empty vectors
+};
+
+// Reverse of `dispatch`. x[d]: [N_d, H] bf16 in d's receive order. For each source rank s and token t:
+//   acc = 0.0f; for d = 0..R-1 ascending, if t was received by d: acc = acc + float(x[d][row(s,t,d)]);
+//   if bias0: acc = acc + float(bias0[s][t]); if bias1: acc = acc + float(bias1[s][t]);
+//   out[s][t] = float_to_bf16(acc).                                  (each "+" one FP32 add, per channel)
+// A token sent nowhere gives bf16(0.0f (+ biases)). weights (optional) [R][N_d, K]: combined[s][t][k] =
+// 0.0f + w[d0][row][k] + w[d1][row][k] + ... over the same d ascending, in FP32. bias0/bias1 (optional):
+// [R][T_s, H] bf16; bias1 may be given without bias0.
+HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::vector<uint16_t>>& x, int hidden,
+                           const std::vector<std::vector<float>>* weights = nullptr,
+                           const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
+                           const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
+
+// ------------------------------------------------------------------------------------------------
+// Low-latency dispatch / combine
+// ------------------------------------------------------------------------------------------------
+
+// What receiving rank d gets from a LL dispatch. Slab j (local expert j) has R * max_tokens rows; row i of
+// slab j is element [j * R * max_tokens + i]. Rows past recv_count[j] are zero (data) / -1 (src info);
+// the GPU leaves them undefined, so compare only the first recv_count[j] rows.
+struct LlRankRecv {
+  std::vector<uint16_t> bf16;          // [E_l, R*max, H] when !use_fp8
+  std::vector<uint8_t> fp8;            // [E_l, R*max, H] when use_fp8
+  std::vector<float> scales;           // [E_l, R*max, G] when use_fp8 and format kFloat/kFloatPow2
+  std::vector<int32_t> packed_scales;  // [E_l, R*max, P] when use_fp8 and format kUe8m0
+  std::vector<int> recv_count;         // [E_l]
+  std::vector<int> src_rank;           // [E_l, R*max]
+  std::vector<int> src_token;          // [E_l, R*max]
+  std::vector<int32_t> src_info;       // [E_l, R*max] (src_rank << 24) | src_token, -1 past the count
+};
+
+struct LlDispatch {
+  int num_ranks = 0, num_experts = 0, topk = 0, max_tokens = 0, hidden = 0;
+  bool use_fp8 = false;
+  ScaleFormat scale_format = ScaleFormat::kFloat;
+  std::vector<int> num_tokens;   // [R] T_s
+  std::vector<LlRankRecv> recv;  // [R] indexed by receiving rank d
+  // send_row[s][t * K + k] = row index inside slab (e % E_l) of rank e / E_l where (s, t, k) landed, for
+  // e = topk_idx[s][t, k]; -1 for unused slots.
+  std::vector<std::vector<int>> send_row;
+
+  int slab_rows() const { return num_ranks * max_tokens; }
+};
+
+// Dispatch of all ranks at once. Each valid (token, slot) of rank s with expert e is one row in slab
+// e % E_l of rank e / E_l (no deduplication). Slab j rows are packed at the front in order source rank
+// ascending, then source token ascending (then slot ascending if a token names an expert twice).
+// x: null (routing only) or [R][T_s, H] bf16. Requires T_s <= max_tokens, and H % 128 == 0 with use_fp8.
+// use_fp8: each row is cast with cast_row_to_fp8(format) (format kFloat, kFloatPow2 or kUe8m0).
+// cumulative_stats (optional): [R][E_l], recv_count[d][j] added to it.
+LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
+                       bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat,
+                       std::vector<std::vector<int>>* cumulative_stats = nullptr);
+
+// Reverse of `dispatch`, weighted. y: [R][E_l, R*max, H] bf16 expert outputs in d's dispatch layout.
+// Weights come from routing.ranks[s].topk_weights (required). For each source rank s and token t:
+//   acc = 0.0f; for k = 0..K-1 ascending with topk_idx[t,k] >= 0:
+//     p = w[t,k] * float(y(t,k)); acc = acc + p;               (FP32 multiply then add, no FMA)
+//   out[s][t] = float_to_bf16(acc).
+// The GPU may fuse multiply-add and is compared within bf16 rounding; the reference never fuses.
+std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
+                                              const std::vector<std::vector<uint16_t>>& y);
+
+// ------------------------------------------------------------------------------------------------
+// Brute-force per-token model (tests only): the same results written the simplest way, independent of the
+// functions above (pull per receiving rank, linear searches). Outputs have exactly the same shapes, so tests
+// compare them field by field.
+// ------------------------------------------------------------------------------------------------
+namespace brute {
+DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int topk, int num_experts, int num_ranks);
+HtDispatch ht_dispatch(const Routing& routing, int expert_alignment, const std::vector<Rows>* x = nullptr);
+HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::vector<uint16_t>>& x, int hidden,
+                           const std::vector<std::vector<float>>* weights = nullptr,
+                           const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
+                           const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
+LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
+                       bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat);
+std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
+                                              const std::vector<std::vector<uint16_t>>& y);
+}  // namespace brute
+
+// ------------------------------------------------------------------------------------------------
+// Deterministic generators (seeded; every rank can regenerate any rank's data)
+// ------------------------------------------------------------------------------------------------
+
+// splitmix64: the only random source, portable and stable across platforms and compilers.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t next();
+  uint32_t below(uint32_t n);  // uniform-ish in [0, n), n >= 1 (multiply-shift, no rejection)
+  double uniform();            // [0, 1) with 53 random bits
+ private:
+  uint64_t state_;
+};
+// Mixes values into a seed (used to derive per-rank / per-element streams).
+uint64_t mix_seed(uint64_t a, uint64_t b);
+
+struct RoutingSpec {
+  int num_ranks = 1, num_experts = 1, topk = 1;  // K <= E
+  int num_tokens = 0;                            // T_s for every rank ...
+  std::vector<int> tokens_per_rank;              // ... unless this is non-empty ([R], overrides num_tokens)
+  double skew = 1.0;                  // >= 1: an expert on rank r is picked with weight skew^-r (1 = uniform)
+  double masked_fraction = 0.0;       // probability that a slot is -1 (random slots, not only at the end)
+  double empty_token_fraction = 0.0;  // probability that a token has every slot -1
+  int num_zero_token_ranks = 0;       // the last this-many ranks get T_s = 0
+  bool with_weights = true;           // weights (1 + u % 64) / 64: exact in bf16/float products
+  uint64_t seed = 1;
+};
+// Routing of every rank; rank s uses the stream mix_seed(seed, s). Experts of one token are distinct.
+Routing make_routing(const RoutingSpec& spec);
+RankRouting make_rank_routing(const RoutingSpec& spec, int rank);
+
+enum class ValueKind : int {
+  kExact = 0,  // multiples of 1/16 in [-15/16, 15/16], never 0: sums of <= 16 such values (plus two
+               // biases) are exact in FP32 and in bf16, so combine results are order-independent
+  kWide = 1,   // +-(1 + m/128) * 2^e, m in [0,128), e in [-10, 9]: exercises the fp8 cast across groups
+};
+// bf16 value of (seed, rank, token, channel): a pure function, so receivers check provenance by recomputing.
+uint16_t pattern_bf16(uint64_t seed, int rank, int token, int channel, ValueKind kind);
+// [num_tokens, H] rows of pattern_bf16(seed, rank, t, c, kind).
+std::vector<uint16_t> make_bf16_rows(uint64_t seed, int rank, int num_tokens, int hidden, ValueKind kind);
+// make_bf16_rows for every rank of `routing` (T_s rows each).
+std::vector<std::vector<uint16_t>> make_bf16_rows_all(const Routing& routing, uint64_t seed, int hidden,
+                                                      ValueKind kind);
+
+// Traffic of a HT dispatch: m[s * R + d] = tokens of s sent to d (deduplicated per rank; s == d included).
+std::vector<int64_t> traffic_matrix(const Routing& routing);
+// Traffic of a LL dispatch: m[s * R + d] = valid (token, slot) pairs of s whose expert lives on d.
+std::vector<int64_t> ll_traffic_matrix(const Routing& routing);
+
+// ------------------------------------------------------------------------------------------------
+// Hashes for determinism checks (FNV-1a 64-bit over bytes)
+// ------------------------------------------------------------------------------------------------
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull;
+constexpr uint64_t kFnvPrime = 0x100000001b3ull;
+uint64_t fnv1a64(const void* data, size_t bytes, uint64_t hash = kFnvOffset);
+template <typename T>
+uint64_t fnv1a64(const std::vector<T>& v, uint64_t hash = kFnvOffset) {
+  return fnv1a64(v.data(), v.size() * sizeof(T), hash);
+}
+// Hash of every output field of a result (all ranks, in rank order, fields in declaration order).
+uint64_t hash(const HtDispatch& d);
+uint64_t hash(const HtCombineResult& c);
+uint64_t hash(const LlDispatch& d);
+uint64_t hash(const std::vector<std::vector<uint16_t>>& per_rank_bf16);
+
+// Human-readable first difference between two results, or "" if they are equal (tests use it).
+std::string diff(const HtDispatch& a, const HtDispatch& b);
+std::string diff(const LlDispatch& a, const LlDispatch& b);
+std::string diff(const DispatchLayout& a, const DispatchLayout& b);
+
+}  // namespace nccl_moe::ref
