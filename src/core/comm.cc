@@ -13,6 +13,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/plugin_bridge.h"
 #include "core/comm_init.h"
 #include "topo/topo.h"
 
@@ -253,6 +254,27 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
   if (any_failed) {
     return setLastError(ncclRemoteError, "ncclMoeCommInit: another rank failed to map the communication buffers "
                                          "(see that rank's error)");
+  }
+  // The tuner plugin (if NCCL loaded it) announced the communicators it saw; NCCL exposes no communicator
+  // hash, so match on size and device and say what was found.
+  if (pluginAttached()) {
+    RegisteredComm registered;
+    const int matches = findRegisteredComms(comm->num_ranks, comm->device, &registered);
+    if (matches == 0) {
+      MOE_INFO("ncclMoeCommInit: the tuner plugin saw no %d-rank communicator on device %d", comm->num_ranks,
+               comm->device);
+    } else if (matches == 1) {
+      MOE_INFO("ncclMoeCommInit: tuner plugin registry: comm %016llx, %d ranks, %d nodes, %d NVLink domains",
+               static_cast<unsigned long long>(registered.comm_hash), registered.num_ranks, registered.num_nodes,
+               registered.num_nvl_domains);
+      if (registered.num_nodes > 1) {
+        MOE_WARN("ncclMoeCommInit: NCCL reports %d nodes for this communicator but NCCL-MoE found one host",
+                 registered.num_nodes);
+      }
+    } else {
+      MOE_INFO("ncclMoeCommInit: %d registered %d-rank communicators on device %d; cannot tell which is this one",
+               matches, comm->num_ranks, comm->device);
+    }
   }
   if (comm->rank == 0) {
     MOE_INFO("ncclMoeCommInit: %d ranks, %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), "

@@ -5,6 +5,7 @@
 
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -12,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "core/env.h"
+#include "core/plugin_bridge.h"
 
 namespace nccl_moe {
 namespace {
@@ -81,6 +83,13 @@ void logLine(LogLevel level, const char* file, int line, const char* fmt, ...) {
   va_end(ap);
   int dev = -1;
   cudaGetDevice(&dev);
+  // Through NCCL's logger while the tuner plugin is attached and NCCL logging is on, so the line obeys
+  // NCCL_DEBUG_SUBSYS and lands in NCCL_DEBUG_FILE. The message is an argument, never the format.
+  if (ncclMoeNcclLogger_t nccl_logger = pluginLogger(); nccl_logger != nullptr && std::getenv("NCCL_DEBUG") != nullptr) {
+    const int nccl_level = level == LogLevel::kWarn ? kNcclLogWarn : level == LogLevel::kInfo ? kNcclLogInfo : kNcclLogTrace;
+    nccl_logger(nccl_level, kNcclSubsysInit | kNcclSubsysColl, file, line, "NCCL-MoE %s", message);
+    return;
+  }
   const char* base = std::strrchr(file, '/');
   base = base != nullptr ? base + 1 : file;
   std::lock_guard<std::mutex> lock(st.mutex);

@@ -11,7 +11,7 @@
 namespace nccl_moe {
 namespace {
 
-constexpr int kMaxDevices = 64;     // reservation slots per CUDA device ordinal; slot kMaxDevices = all devices
+constexpr int kMaxDevices = 64;  // reservation slots per CUDA device ordinal; slot kMaxDevices = all devices
 constexpr int kGlobalSlot = kMaxDevices;
 
 struct Reservation {
@@ -20,11 +20,18 @@ struct Reservation {
   bool set = false;  // ever written: replayed to a newly attached plugin
 };
 
+// One entry per (communicator, CUDA device): ranks of one communicator on different devices of this process
+// (ncclCommInitAll) are separate entries; `refs` counts registrations of the same pair (device unknown).
+struct Entry {
+  RegisteredComm info;
+  int refs = 0;
+};
+
 struct BridgeState {
   std::mutex mutex;
-  ncclMoePluginHooks_t hooks{};   // copy of the attached plugin's hooks
+  ncclMoePluginHooks_t hooks{};  // copy of the attached plugin's hooks
   bool attached = false;
-  std::vector<RegisteredComm> comms;
+  std::vector<Entry> entries;
   uint64_t next_sequence = 1;
   Reservation reservations[kMaxDevices + 1];
 };
@@ -48,38 +55,52 @@ void forward(BridgeState& st, int slot) {
   st.hooks.set_sm_reserve(slot == kGlobalSlot ? -1 : slot, r.reserve_sms, r.device_sms);
 }
 
+// Caller holds the mutex. `entry` with num_local_ranks = every registration of its communicator here.
+RegisteredComm withLocalRanks(const BridgeState& st, const Entry& entry) {
+  RegisteredComm out = entry.info;
+  out.num_local_ranks = 0;
+  for (const Entry& e : st.entries) {
+    if (e.info.comm_hash == entry.info.comm_hash) out.num_local_ranks += e.refs;
+  }
+  return out;
+}
+
 void bridgeCommAdded(const ncclMoePluginCommInfo_t* info) {
   if (info == nullptr) return;
   BridgeState& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
-  for (RegisteredComm& c : st.comms) {
-    if (c.comm_hash == info->comm_hash && c.cuda_device == info->cuda_device) {
-      ++c.num_local_ranks;
-      c.sequence = st.next_sequence++;
+  for (Entry& e : st.entries) {
+    if (e.info.comm_hash == info->comm_hash && e.info.cuda_device == info->cuda_device) {
+      ++e.refs;
+      e.info.sequence = st.next_sequence++;
       return;
     }
   }
-  RegisteredComm c;
-  c.comm_hash = info->comm_hash;
-  c.num_ranks = info->num_ranks;
-  c.num_nodes = info->num_nodes;
-  c.num_nvl_domains = info->num_nvl_domains;
-  c.min_ranks_per_nvl_domain = info->min_ranks_per_nvl_domain;
-  c.max_ranks_per_nvl_domain = info->max_ranks_per_nvl_domain;
-  c.cuda_device = info->cuda_device;
-  c.tuner_version = info->tuner_version;
-  c.num_local_ranks = 1;
-  c.sequence = st.next_sequence++;
-  st.comms.push_back(c);
+  Entry e;
+  e.info.comm_hash = info->comm_hash;
+  e.info.num_ranks = info->num_ranks;
+  e.info.num_nodes = info->num_nodes;
+  e.info.num_nvl_domains = info->num_nvl_domains;
+  e.info.min_ranks_per_nvl_domain = info->min_ranks_per_nvl_domain;
+  e.info.max_ranks_per_nvl_domain = info->max_ranks_per_nvl_domain;
+  e.info.cuda_device = info->cuda_device;
+  e.info.tuner_version = info->tuner_version;
+  e.info.sequence = st.next_sequence++;
+  e.refs = 1;
+  try {
+    st.entries.push_back(e);
+  } catch (...) {
+    // Out of memory: the communicator stays unregistered (lookups miss); never throw into the plugin.
+  }
 }
 
 void bridgeCommRemoved(uint64_t comm_hash, int cuda_device) {
   BridgeState& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
-  for (size_t i = 0; i < st.comms.size(); ++i) {
-    RegisteredComm& c = st.comms[i];
-    if (c.comm_hash != comm_hash || c.cuda_device != cuda_device) continue;
-    if (--c.num_local_ranks <= 0) st.comms.erase(st.comms.begin() + static_cast<std::ptrdiff_t>(i));
+  for (size_t i = 0; i < st.entries.size(); ++i) {
+    Entry& e = st.entries[i];
+    if (e.info.comm_hash != comm_hash || e.info.cuda_device != cuda_device) continue;
+    if (--e.refs <= 0) st.entries.erase(st.entries.begin() + static_cast<std::ptrdiff_t>(i));
     return;
   }
 }
@@ -92,8 +113,8 @@ void bridgeDetach() {
   g_logger.store(nullptr, std::memory_order_relaxed);
 }
 
-const ncclMoePluginBridge_t kBridge = {sizeof(ncclMoePluginBridge_t), NCCL_MOE_PLUGIN_BRIDGE_VERSION,
-                                       bridgeCommAdded, bridgeCommRemoved, bridgeDetach};
+const ncclMoePluginBridge_t kBridge = {sizeof(ncclMoePluginBridge_t), NCCL_MOE_PLUGIN_BRIDGE_VERSION, bridgeCommAdded,
+                                       bridgeCommRemoved, bridgeDetach};
 
 }  // namespace
 
@@ -108,33 +129,41 @@ bool pluginAttached() {
 bool lookupRegisteredComm(uint64_t comm_hash, RegisteredComm* out) {
   BridgeState& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
-  const RegisteredComm* best = nullptr;
-  for (const RegisteredComm& c : st.comms) {
-    if (c.comm_hash == comm_hash && (best == nullptr || c.sequence > best->sequence)) best = &c;
+  const Entry* best = nullptr;
+  for (const Entry& e : st.entries) {
+    if (e.info.comm_hash == comm_hash && (best == nullptr || e.info.sequence > best->info.sequence)) best = &e;
   }
-  if (best != nullptr && out != nullptr) *out = *best;
+  if (best != nullptr && out != nullptr) *out = withLocalRanks(st, *best);
   return best != nullptr;
 }
 
 int findRegisteredComms(int num_ranks, int cuda_device, RegisteredComm* out) {
   BridgeState& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
-  const RegisteredComm* best = nullptr;
-  int count = 0;
-  for (const RegisteredComm& c : st.comms) {
-    if (c.num_ranks != num_ranks) continue;
-    if (cuda_device >= 0 && c.cuda_device != cuda_device) continue;
-    ++count;
-    if (best == nullptr || c.sequence > best->sequence) best = &c;
+  const Entry* best = nullptr;
+  std::vector<uint64_t> hashes;  // distinct communicators among the matches
+  for (const Entry& e : st.entries) {
+    if (e.info.num_ranks != num_ranks) continue;
+    if (cuda_device >= 0 && e.info.cuda_device != cuda_device) continue;
+    bool seen = false;
+    for (uint64_t h : hashes) seen = seen || h == e.info.comm_hash;
+    if (!seen) hashes.push_back(e.info.comm_hash);
+    if (best == nullptr || e.info.sequence > best->info.sequence) best = &e;
   }
-  if (best != nullptr && out != nullptr) *out = *best;
-  return count;
+  if (best != nullptr && out != nullptr) *out = withLocalRanks(st, *best);
+  return static_cast<int>(hashes.size());
 }
 
 int registeredCommCount() {
   BridgeState& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
-  return static_cast<int>(st.comms.size());
+  std::vector<uint64_t> hashes;
+  for (const Entry& e : st.entries) {
+    bool seen = false;
+    for (uint64_t h : hashes) seen = seen || h == e.info.comm_hash;
+    if (!seen) hashes.push_back(e.info.comm_hash);
+  }
+  return static_cast<int>(hashes.size());
 }
 
 void setPluginSmReserve(int cuda_device, int reserve_sms, int device_sms) {

@@ -31,27 +31,26 @@ extern "C" {
 
 // Same calling convention as NCCL's ncclDebugLogger_t (whose first parameter is an int-sized enum).
 // `level`: 2 WARN, 3 INFO, 5 TRACE. `flags`: NCCL subsystem bits (1 INIT, 2 COLL, 0x40 TUNING, 0x80 ENV).
-typedef void (*ncclMoeNcclLogger_t)(int level, unsigned long flags, const char* file, int line, const char* fmt,
-                                    ...);
+typedef void (*ncclMoeNcclLogger_t)(int level, unsigned long flags, const char* file, int line, const char* fmt, ...);
 
 // One communicator as NCCL announced it to the tuner. Unknown fields are -1.
 typedef struct {
-  uint64_t comm_hash;             // NCCL's commHash (the tuner's commId); equal on all ranks of the comm
+  uint64_t comm_hash;  // NCCL's commHash (the tuner's commId); equal on all ranks of the comm
   int num_ranks;
   int num_nodes;
-  int num_nvl_domains;            // NVLink domains (tuner v5+), -1 when NCCL did not say
+  int num_nvl_domains;  // NVLink domains (tuner v5+), -1 when NCCL did not say
   int min_ranks_per_nvl_domain;
   int max_ranks_per_nvl_domain;
-  int cuda_device;                // CUDA device current during the tuner's init (the comm's device), or -1
-  int tuner_version;              // tuner table NCCL loaded: 5 or 6
+  int cuda_device;    // CUDA device current during the tuner's init (the comm's device), or -1
+  int tuner_version;  // tuner table NCCL loaded: 5 or 6
 } ncclMoePluginCommInfo_t;
 
 // Filled by the plugin; must stay valid as long as the plugin can be attached (it is linked -z nodelete).
 typedef struct {
-  size_t size;                    // sizeof(ncclMoePluginHooks_t) as the plugin was built
-  unsigned int version;           // NCCL_MOE_PLUGIN_BRIDGE_VERSION
+  size_t size;           // sizeof(ncclMoePluginHooks_t) as the plugin was built
+  unsigned int version;  // NCCL_MOE_PLUGIN_BRIDGE_VERSION
   const char* plugin_name;
-  ncclMoeNcclLogger_t logger;     // NCCL's logger (may be NULL)
+  ncclMoeNcclLogger_t logger;  // NCCL's logger (may be NULL)
   // cuda_device -1 = every device. reserve_sms -1 = no reservation. device_sms <= 0 = unknown.
   // Only stores atomics; callable with any lock held.
   void (*set_sm_reserve)(int cuda_device, int reserve_sms, int device_sms);
@@ -100,22 +99,23 @@ struct RegisteredComm {
   int num_nvl_domains = -1;
   int min_ranks_per_nvl_domain = -1;
   int max_ranks_per_nvl_domain = -1;
-  int cuda_device = -1;
+  int cuda_device = -1;  // device of the rank this entry describes (-1 unknown)
   int tuner_version = 0;
-  int num_local_ranks = 0;   // how many of its ranks live in this process (ncclCommInitAll: several)
-  uint64_t sequence = 0;     // registration order (larger = newer)
+  int num_local_ranks = 0;  // how many of its ranks NCCL initialised in this process (ncclCommInitAll: several)
+  uint64_t sequence = 0;    // registration order (larger = newer)
 };
 
-// The registered communicator with this hash (any device), if any.
+// The registered communicator with this hash, if any (of several local ranks: the most recently registered).
 bool lookupRegisteredComm(uint64_t comm_hash, RegisteredComm* out);
 
 // NCCL has no public API returning a communicator's hash, so ncclMoeCommInit can only match on what it can
-// ask NCCL (ncclCommCount, ncclCommCuDevice). Returns how many registered communicators have `num_ranks`
-// ranks with a rank on `cuda_device` (cuda_device -1: any) and stores the most recently registered of them
-// in *out (when out != nullptr and the count is > 0). A count > 1 means the match is ambiguous.
+// ask NCCL (ncclCommCount, ncclCommCuDevice). Returns how many distinct registered communicators have
+// `num_ranks` ranks and a rank on `cuda_device` (cuda_device -1: any), and stores the most recently
+// registered match in *out (when out != nullptr and the count is > 0). A count > 1 means the match is
+// ambiguous (e.g. a TP and an EP group of equal size on the same GPU): do not trust it then.
 int findRegisteredComms(int num_ranks, int cuda_device, RegisteredComm* out);
 
-// Number of communicators currently registered (tests, diagnostics).
+// Number of distinct communicators currently registered (tests, diagnostics).
 int registeredCommCount();
 
 // Declares that NCCL-MoE kernels hold `reserve_sms` SMs of `cuda_device` (-1: every device) while NCCL
