@@ -301,15 +301,17 @@ ncclResult_t checkLlCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const 
                 "%s: args->hidden is %d, expected a positive multiple of 128 up to %d (config hidden)", api,
                 args->hidden, comm->config.hidden);
   MOE_CHECK(checkTopk(comm, args->topk, api));
+  // The send half reduces each token's expert outputs per rank with the token's weights (pushed by the
+  // token's owner), so it needs the weights; the receive half reads topk_idx to know which ranks hold parts.
   if (args->phase & ncclMoePhaseSend) {
     MOE_ARG_CHECK(args->zero_copy || args->x != nullptr,
                   "%s: args->x is NULL without zero_copy (expected [E_l, R*max, %d] bf16)", api, args->hidden);
+    MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_weights != nullptr,
+                  "%s: args->topk_weights is NULL but args->num_tokens is %d", api, args->num_tokens);
   }
   if (args->phase & ncclMoePhaseRecv) {
     MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_idx != nullptr,
                   "%s: args->topk_idx is NULL but args->num_tokens is %d", api, args->num_tokens);
-    MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_weights != nullptr,
-                  "%s: args->topk_weights is NULL but args->num_tokens is %d", api, args->num_tokens);
     MOE_ARG_CHECK(args->num_tokens == 0 || args->out != nullptr, "%s: args->out is NULL (expected [%d, %d] bf16)",
                   api, args->num_tokens, args->hidden);
   }

@@ -1,22 +1,74 @@
-// Layout of one low-latency half (BufferLayout holds two). Owned by the low-latency kernels.
+// Layout of one low-latency half (BufferLayout holds two, used alternately; see nccl_moe.h). Owned by the
+// low-latency kernels (src/kernels/low_latency/); the ONE definition of every LL offset, used by the size
+// query, the allocator and the kernels alike.
 //
-// Receiving rank, per local expert j and source rank s, a slab of ll_tokens messages:
-//   dispatch_recv[j][s][i]: message = header (16 B) + row (hidden bytes fp8 or 2*hidden bf16) + scales
-//   dispatch_count[j][s]:   epoch-tagged count written by s after its rows
-//   combine_recv[e_global... ]: rows returned by expert ranks, [ll_tokens, max_topk] bf16 rows
-//   combine_flag[s]:        epoch-tagged completion from s
-// Sender side: send staging [ll_tokens, message] (the zero-copy combine buffer lives here too).
+// One half of rank d's buffer, regions in this order (each on a kRegionAlign boundary):
+//
+//   persist     LlPersist: reset barrier counters. Never zeroed (only half 0's copy is used).
+//   control     LlControl: this rank's epochs and arrival counters (local), then flags written by peers
+//               (dispatch_flag / dispatch_ack / combine_weight_flag / combine_flag, indexed by the writer).
+//   dispatch    [R src][tokens] messages, slot (s, t) = token t of source rank s. A token is sent once per
+//               destination RANK (not once per expert). Message = LlMsgHeader (64 B) | payload (H fp8 bytes
+//               or 2H bf16 bytes; room for 2*hidden) | scales (G floats, fp8 only).
+//   weights     [R src][tokens * topk] float32: top-k weights source s pushed at the start of its combine.
+//   comb_recv   [R expert rank][tokens][hidden] bf16: per-rank partial sums of token t returned by rank d.
+//   comb_buffer [E_l][R * tokens][H] bf16: zero-copy combine input (ncclMoeLowLatencyCombineBuffer); its
+//               row stride is the H of the dispatch. Largest region; never zeroed.
+//
+// ncclMoeLowLatencyReset zeroes [control_offset, combine_buffer_offset) of both halves.
 #pragma once
+
+#include <cstddef>
+#include <cstdint>
 
 #include "mem/layout_params.h"
 
 namespace nccl_moe {
 
+constexpr int kLlMaxRanks = 8;         // == NCCL_MOE_MAX_RANKS (checked in the kernels)
+constexpr int kLlMaxTopk = 16;         // == NCCL_MOE_MAX_TOPK
+constexpr size_t kLlHeaderBytes = 64;  // sizeof(LlMsgHeader)
+
+// First 64 bytes of a dispatch message. local_expert[k] = local id on the destination rank of slot k's
+// expert, or -1 when slot k is unused or its expert lives elsewhere. `tag` = low 32 bits of the dispatch
+// epoch: a slot whose tag is not the current one was not sent in this dispatch.
+struct LlMsgHeader {
+  int32_t tag;
+  int32_t src_token;
+  int32_t reserved[2];
+  int16_t local_expert[kLlMaxTopk];
+  int32_t pad[4];
+};
+static_assert(sizeof(LlMsgHeader) == kLlHeaderBytes, "header size");
+
+// Reset barrier: reset_flag[s] counts the resets rank s has reached (written by s); reset_count = own resets.
+struct LlPersist {
+  long long reset_flag[kLlMaxRanks];
+  long long reset_count;
+};
+
+struct LlControl {
+  // ---- written only by this rank ----
+  long long dispatch_epoch;   // dispatches completed (received) on this half; the next one's tag is +1
+  long long combine_epoch;    // combines completed on this half
+  int dispatch_send_arrived;  // last-block-done counters (back to 0 after each kernel)
+  int dispatch_recv_arrived;
+  int combine_send_arrived;
+  int combine_recv_arrived;
+  long long pad0[12];
+  // ---- written by peers; [s] is written by rank s ----
+  long long dispatch_flag[kLlMaxRanks];        // (tag << 32) | T_s: all of s's messages of `tag` are here
+  long long dispatch_ack[kLlMaxRanks];         // s consumed (expanded) the messages this rank sent it, tag
+  long long combine_weight_flag[kLlMaxRanks];  // s pushed its top-k weights of combine `tag`
+  long long combine_flag[kLlMaxRanks];         // all partial sums of combine `tag` from s are here
+};
+
 struct LlLayout {
-  int num_ranks = 0, tokens = 0, hidden = 0, topk = 0, num_local_experts = 0;
-  size_t msg_bytes = 0;
-  size_t dispatch_recv_offset = 0, dispatch_count_offset = 0, combine_send_offset = 0, combine_recv_offset = 0,
-         combine_flag_offset = 0, total_bytes = 0;
+  int num_ranks = 0, tokens = 0, hidden = 0, topk = 0, num_local_experts = 0, num_scale_groups = 0;
+  size_t msg_bytes = 0;         // one dispatch message
+  size_t msg_scale_offset = 0;  // offset of the scales inside a message
+  size_t persist_offset = 0, control_offset = 0, dispatch_offset = 0, weights_offset = 0, comb_recv_offset = 0,
+         comb_buffer_offset = 0, total_bytes = 0;
 
   __host__ __device__ static LlLayout make(const LayoutParams& p) {
     LlLayout l;
@@ -25,23 +77,49 @@ struct LlLayout {
     l.hidden = p.hidden;
     l.topk = p.max_topk;
     l.num_local_experts = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 0;
-    // header + bf16 row (the widest format) + float scales
-    l.msg_bytes = align_up(16 + 2 * static_cast<size_t>(p.hidden) + 4 * ceil_div(p.hidden, kScaleGroupElems), 16);
-    const size_t slab_msgs = static_cast<size_t>(l.num_local_experts) * p.num_ranks * p.ll_tokens;
+    l.num_scale_groups = ceil_div(p.hidden, kScaleGroupElems);
+    l.msg_scale_offset = kLlHeaderBytes + 2 * static_cast<size_t>(p.hidden);
+    l.msg_bytes = align_up(l.msg_scale_offset + 4 * static_cast<size_t>(l.num_scale_groups), 16);
+    const size_t slots = static_cast<size_t>(p.num_ranks) * p.ll_tokens;
     size_t off = 0;
-    l.dispatch_recv_offset = off;
-    off = align_up(off + slab_msgs * l.msg_bytes, kRegionAlign);
-    l.dispatch_count_offset = off;
-    off = align_up(off + static_cast<size_t>(l.num_local_experts) * p.num_ranks * sizeof(long long), kRegionAlign);
-    l.combine_send_offset = off;  // [E_l, R*tokens, hidden] bf16: zero-copy combine input
-    off = align_up(off + slab_msgs * 2 * p.hidden, kRegionAlign);
-    l.combine_recv_offset = off;  // [tokens, topk, hidden] bf16
-    off = align_up(off + static_cast<size_t>(p.ll_tokens) * p.max_topk * 2 * p.hidden, kRegionAlign);
-    l.combine_flag_offset = off;
-    off = align_up(off + static_cast<size_t>(p.num_ranks) * sizeof(long long), kRegionAlign);
+    l.persist_offset = off;
+    off = align_up(off + sizeof(LlPersist), kRegionAlign);
+    l.control_offset = off;
+    off = align_up(off + sizeof(LlControl), kRegionAlign);
+    l.dispatch_offset = off;
+    off = align_up(off + slots * l.msg_bytes, kRegionAlign);
+    l.weights_offset = off;
+    off = align_up(off + slots * p.max_topk * sizeof(float), kRegionAlign);
+    l.comb_recv_offset = off;
+    off = align_up(off + slots * 2 * static_cast<size_t>(p.hidden), kRegionAlign);
+    l.comb_buffer_offset = off;
+    off = align_up(off + static_cast<size_t>(l.num_local_experts) * slots * 2 * p.hidden, kRegionAlign);
     l.total_bytes = off;
     return l;
   }
+
+  // Rows of one expert slab: R * tokens.
+  __host__ __device__ int slab_rows() const { return num_ranks * tokens; }
+
+  // `half` is the base of one LL half (BufferLayout::ll_region) of some rank, as mapped here.
+  __host__ __device__ LlPersist* persist(uint8_t* half) const {
+    return reinterpret_cast<LlPersist*>(half + persist_offset);
+  }
+  __host__ __device__ LlControl* control(uint8_t* half) const {
+    return reinterpret_cast<LlControl*>(half + control_offset);
+  }
+  __host__ __device__ uint8_t* dispatch_msg(uint8_t* half, int src_rank, int token) const {
+    return half + dispatch_offset + (static_cast<size_t>(src_rank) * tokens + token) * msg_bytes;
+  }
+  __host__ __device__ float* combine_weights(uint8_t* half, int src_rank) const {
+    return reinterpret_cast<float*>(half + weights_offset) + static_cast<size_t>(src_rank) * tokens * topk;
+  }
+  __host__ __device__ uint8_t* combine_recv_row(uint8_t* half, int expert_rank, int token) const {
+    return half + comb_recv_offset + (static_cast<size_t>(expert_rank) * tokens + token) * 2 * hidden;
+  }
+  __host__ __device__ uint8_t* combine_buffer(uint8_t* half) const { return half + comb_buffer_offset; }
+  // Bytes ncclMoeLowLatencyReset zeroes, starting at control_offset.
+  __host__ __device__ size_t reset_bytes() const { return comb_buffer_offset - control_offset; }
 };
 
 }  // namespace nccl_moe

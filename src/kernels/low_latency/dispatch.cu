@@ -1,0 +1,454 @@
+// Low-latency dispatch (decode): ncclMoeLowLatencyDispatch.
+//
+// Computes, on every receiving rank d and for every local expert j of d:
+//   recv_x[j][i] = row of token t of rank s, for the i-th (s, t, k) in the order (s ascending, t ascending,
+//                  k ascending) among the valid slots whose expert is global expert d * E_l + j;
+//   recv_count[j] = number of such slots; cumulative_stats[j] += recv_count[j] (optional);
+//   with FP8 the row is cast in the kernel: per 128 channels scale = max(amax, 1e-4) / 448 (rounded up to a
+//   power of two for pow2 / ue8m0), q = e4m3_satfinite_rne(x * (1 / scale)) -- bit-identical to ref::.
+// and records in the handle recv_src_info[j][i] = (s << 24) | t and recv_row[s][t][k] = i (for combine).
+//
+// Regions (src/mem/ll_layout.h, one LL half chosen by the host, alternating per dispatch):
+//   sender s writes into each destination d: dispatch message slot (s, t) (header + payload + scales) and
+//   d.control.dispatch_flag[s]; receiver d writes back s.control.dispatch_ack[d].
+//
+// Deduplication: a token is sent ONCE per destination rank (its header lists the local expert of every slot
+// that lives there); the receiver expands it into one row per (expert, slot). Bytes over NVLink per token
+// and peer: 64 + H (fp8) + 4*H/128, or 64 + 2H (bf16).
+//
+// Roles (grid = all SMs, kThreads per block):
+//   send:  block b casts/copies tokens t = b, b + grid, ... (all threads on one row, 16 channels a thread for
+//          fp8: 8 lanes = one 128-channel scale group) and stores 16-byte chunks into every destination rank
+//          holding one of the token's experts. The last block to finish publishes, for every peer d,
+//          d.dispatch_flag[s] = (tag << 32) | T with a release store.
+//   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's flag, scans the
+//          headers of all R * T_s slots (warp per 32-token segment, ballot-free count + block prefix), which
+//          gives every row's position in (s, t, k) order, then all threads copy the rows (16-byte loads and
+//          stores) into the caller's slab. The last block bumps the half's dispatch epoch and acks every
+//          source (s.dispatch_ack[d] = tag).
+//
+// Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
+// stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
+// agrees). Message headers carry the tag, so slots not written in this dispatch are recognised without
+// clearing anything. Before writing into d, a sender waits for d's ack of tag - 1 (d finished reading the
+// previous messages of this half). Every wait is bounded (wait.cuh); a failed wait leaves the kernel (its
+// block does not arrive, so no later flag is published and peers fail in turn).
+//
+// Launch constraints: H % 128 == 0 with fp8 (H % 8 == 0 for bf16), T <= tokens of the layout (<= 4096),
+// K <= 16, E_l <= 32767. Phase split: the send half (do_send) returns after the last block's flag stores;
+// the receive half (do_recv) is a separate launch; phase Both runs both in one kernel.
+#include <cuda_runtime.h>
+
+#include "core/comm.h"
+#include "core/error.h"
+#include "core/handle.h"
+#include "core/ops.h"
+#include "kernels/low_latency/common.cuh"
+
+namespace nccl_moe {
+namespace {
+
+constexpr int kMaxSegments = kLlMaxRanks * (4096 / 32);  // 32-token segments over all sources
+
+struct LlDispatchParams {
+  DeviceComm comm;
+  LlLayout layout;
+  size_t half_offset;    // offset of the LL half inside every rank's buffer
+  const void* x;         // [T, H] bf16
+  const void* topk_idx;  // [T, K]
+  int idx_int32;
+  int num_tokens, hidden, topk;
+  int use_fp8, scale_format;
+  void* recv_x;           // [E_l, R*max, H] bf16 or fp8
+  void* recv_scales;      // [E_l, R*max, G] float or [E_l, R*max, P] int32
+  int* recv_count;        // [E_l]
+  int* cumulative_stats;  // [E_l] or null
+  int* recv_src_info;     // [E_l, R*max]
+  int* recv_row;          // [R, max, max_topk]
+  int do_send, do_recv;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Send
+// ---------------------------------------------------------------------------------------------------------
+
+template <bool kFp8>
+__device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int tag) {
+  __shared__ int s_rank[kLlMaxTopk];
+  __shared__ int s_lid[kLlMaxTopk];
+  __shared__ int s_mask;
+  const LlLayout& L = p.layout;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
+
+  if (warp == 0) {
+    int r = -1, lid = -1;
+    if (lane < K) {
+      const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
+      if (e >= 0) {
+        r = static_cast<int>(e / L.num_local_experts);
+        lid = static_cast<int>(e - static_cast<int64_t>(r) * L.num_local_experts);
+      }
+    }
+    int mask = 0;
+    for (int d = 0; d < R; ++d)
+      if (__ballot_sync(0xffffffffu, r == d)) mask |= 1 << d;
+    if (lane < kLlMaxTopk) {
+      s_rank[lane] = r;
+      s_lid[lane] = lid;
+    }
+    if (lane == 0) s_mask = mask;
+  }
+  __syncthreads();
+  const int mask = s_mask;
+
+  // Header, one thread per destination.
+  if (tid < R && ((mask >> tid) & 1)) {
+    uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, tid, p.half_offset), me, t);
+    uint32_t ids[kLlMaxTopk / 2];
+#pragma unroll
+    for (int i = 0; i < kLlMaxTopk / 2; ++i) {
+      const int a = s_rank[2 * i] == tid ? s_lid[2 * i] : -1;
+      const int b = s_rank[2 * i + 1] == tid ? s_lid[2 * i + 1] : -1;
+      ids[i] = (static_cast<uint32_t>(a) & 0xffffu) | (static_cast<uint32_t>(b) << 16);
+    }
+    dev::st_na_v4(reinterpret_cast<int4*>(msg), make_int4(tag, t, 0, 0));
+    dev::st_na_v4(reinterpret_cast<int4*>(msg + 16), make_int4(ids[0], ids[1], ids[2], ids[3]));
+    dev::st_na_v4(reinterpret_cast<int4*>(msg + 32), make_int4(ids[4], ids[5], ids[6], ids[7]));
+  }
+
+  const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
+  if constexpr (kFp8) {
+    // Chunk c = 16 channels; 8 consecutive lanes hold one 128-channel scale group (c0 is a multiple of 32).
+    const int n16 = H / 16;
+    for (int c0 = warp * 32; c0 < n16; c0 += ll::kThreads) {
+      const int c = c0 + lane;
+      const bool active = c < n16;
+      float f[16];
+      float amax = 0.0f;
+      if (active) {
+        const int4 a = dev::ld_nc_v4(xrow + 2 * c);
+        const int4 b = dev::ld_nc_v4(xrow + 2 * c + 1);
+        float fa[8], fb[8];
+        ll::bf16x8_to_float(a, fa);
+        ll::bf16x8_to_float(b, fb);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          f[i] = fa[i];
+          f[8 + i] = fb[i];
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+      }
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      if (active) {
+        const float scale = ll::fp8_group_scale(amax, p.scale_format);
+        const float inv = __fdiv_rn(1.0f, scale);
+        const int4 q = ll::cast_16_to_fp8(f, inv);
+        for (int d = 0; d < R; ++d) {
+          if (!((mask >> d) & 1)) continue;
+          uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
+          dev::st_na_v4(reinterpret_cast<int4*>(msg + kLlHeaderBytes) + c, q);
+          if ((lane & 7) == 0) reinterpret_cast<float*>(msg + L.msg_scale_offset)[c / 8] = scale;
+        }
+      }
+    }
+  } else {
+    constexpr int kUnroll = 2;
+    const int n8 = H / 8;
+    for (int c0 = tid; c0 < n8; c0 += kUnroll * ll::kThreads) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + u * ll::kThreads;
+        if (c < n8) v[u] = dev::ld_nc_v4(xrow + c);
+      }
+      for (int d = 0; d < R; ++d) {
+        if (!((mask >> d) & 1)) continue;
+        int4* dst =
+            reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t) + kLlHeaderBytes);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int c = c0 + u * ll::kThreads;
+          if (c < n8) dev::st_na_v4(dst + c, v[u]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // s_mask / s_rank / s_lid are rewritten by the next token
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Receive
+// ---------------------------------------------------------------------------------------------------------
+
+// Bit k set when slot k of message (s, t) of this dispatch names local expert j.
+__device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, int s, int t, int tokens_s, int tag,
+                                              int j, int K) {
+  if (t >= tokens_s) return 0;
+  // All header words are loaded before the tag is checked: one round trip instead of two.
+  const uint8_t* msg = L.dispatch_msg(half, s, t);
+  const int4 h = dev::ld_v4(reinterpret_cast<const int4*>(msg));
+  const int4 a = dev::ld_v4(reinterpret_cast<const int4*>(msg + 16));
+  const int4 b = K > 8 ? dev::ld_v4(reinterpret_cast<const int4*>(msg + 32)) : make_int4(-1, -1, -1, -1);
+  if (h.x != tag) return 0;
+  const uint32_t w[8] = {static_cast<uint32_t>(a.x), static_cast<uint32_t>(a.y), static_cast<uint32_t>(a.z),
+                         static_cast<uint32_t>(a.w), static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y),
+                         static_cast<uint32_t>(b.z), static_cast<uint32_t>(b.w)};
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (static_cast<int16_t>(w[i] & 0xffffu) == j) m |= 1u << (2 * i);
+    if (static_cast<int16_t>(w[i] >> 16) == j) m |= 1u << (2 * i + 1);
+  }
+  return m & ((1u << K) - 1u);
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
+                                            const int* s_tokens, const int* s_seg_first, int* s_seg_base,
+                                            int num_segments) {
+  __shared__ int s_total;
+  const LlLayout& L = p.layout;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
+  const int slab_rows = L.slab_rows();
+  int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
+
+  // Pass 1: rows per 32-token segment.
+  for (int seg = warp; seg < num_segments; seg += ll::kWarps) {
+    int s = 0;
+    while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+    const int t = (seg - s_seg_first[s]) * 32 + lane;
+    const int cnt = __popc(slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K));
+    const int total = __reduce_add_sync(0xffffffffu, cnt);
+    if (lane == 0) s_seg_base[seg] = total;
+  }
+  __syncthreads();
+  // Exclusive prefix over segments (their order is (s, t) order).
+  if (warp == 0) {
+    int carry = 0;
+    for (int base = 0; base < num_segments; base += 32) {
+      const int v = base + lane < num_segments ? s_seg_base[base + lane] : 0;
+      const int inc = ll::warp_inclusive_scan(v);
+      if (base + lane < num_segments) s_seg_base[base + lane] = carry + inc - v;
+      carry += __shfl_sync(0xffffffffu, inc, 31);
+    }
+    if (lane == 0) s_total = carry;
+  }
+  __syncthreads();
+  // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
+  for (int seg = warp; seg < num_segments; seg += ll::kWarps) {
+    int s = 0;
+    while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+    const int t = (seg - s_seg_first[s]) * 32 + lane;
+    uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
+    const int cnt = __popc(m);
+    int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
+    while (m) {
+      const int k = __ffs(m) - 1;
+      m &= m - 1;
+      if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
+        src_info[row] = (s << 24) | t;
+        p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
+      }
+      ++row;
+    }
+  }
+  __syncthreads();  // src_info rows written above are read by other threads below
+  const int n = s_total < slab_rows ? s_total : slab_rows;
+
+  // Pass 3: copy payloads (16-byte chunks, several loads in flight per thread).
+  const int row_chunks = kFp8 ? H / 16 : H / 8;
+  const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
+  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
+  const int total_chunks = n * row_chunks;
+  constexpr int kUnroll = 4;
+  for (int base = tid; base < total_chunks; base += kUnroll * ll::kThreads) {
+    int4 v[kUnroll];
+    int4* dst[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * ll::kThreads;
+      if (idx < total_chunks) {
+        const int i = idx / row_chunks, c = idx - i * row_chunks;
+        const int info = src_info[i];
+        const uint8_t* msg = L.dispatch_msg(my_half, info >> 24, info & 0xffffff);
+        v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + kLlHeaderBytes) + c);
+        dst[u] = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes) + c;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * ll::kThreads < total_chunks) dev::st_na_v4(dst[u], v[u]);
+    }
+  }
+  if constexpr (kFp8) {
+    const int G = H / kScaleGroupElems;
+    if (p.scale_format != 2) {
+      float* out_scales = static_cast<float*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * G;
+      for (int idx = tid; idx < n * G; idx += ll::kThreads) {
+        const int i = idx / G, g = idx - i * G;
+        const int info = src_info[i];
+        const uint8_t* msg = L.dispatch_msg(my_half, info >> 24, info & 0xffffff);
+        out_scales[static_cast<size_t>(i) * G + g] = reinterpret_cast<const float*>(msg + L.msg_scale_offset)[g];
+      }
+    } else {
+      const int P = (G + 3) / 4;
+      int32_t* out_scales = static_cast<int32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * P;
+      for (int idx = tid; idx < n * P; idx += ll::kThreads) {
+        const int i = idx / P, w = idx - i * P;
+        const int info = src_info[i];
+        const float* sc =
+            reinterpret_cast<const float*>(L.dispatch_msg(my_half, info >> 24, info & 0xffffff) + L.msg_scale_offset);
+        uint32_t word = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const int g = 4 * w + b;
+          if (g < G) word |= ((__float_as_uint(sc[g]) >> 23) & 0xffu) << (8 * b);
+        }
+        out_scales[static_cast<size_t>(i) * P + w] = static_cast<int32_t>(word);
+      }
+    }
+  }
+  if (tid == 0) {
+    p.recv_count[j] = n;
+    if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
+  }
+  __syncthreads();  // s_seg_base / s_total are reused by the next expert
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(ll::kThreads, 1) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
+  __shared__ int s_tokens[kLlMaxRanks];
+  __shared__ int s_seg_first[kLlMaxRanks + 1];
+  __shared__ int s_seg_base[kMaxSegments];
+  const LlLayout& L = p.layout;
+  const int tid = threadIdx.x;
+  const int me = p.comm.rank, R = p.comm.num_ranks;
+  uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
+  LlControl* ctrl = L.control(my_half);
+  const long long epoch_tag = ctrl->dispatch_epoch + 1;
+  const int tag = static_cast<int>(epoch_tag);
+
+  if (p.do_send) {
+    // Peers must have consumed what this rank sent them in the previous dispatch on this half.
+    bool ok = true;
+    if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], epoch_tag - 1, Phase::kLlDispatchRecv, tid);
+    if (__syncthreads_or(!ok)) return;
+    for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) send_token<kFp8>(p, t, tag);
+    if (ll::arrive_last_block(&ctrl->dispatch_send_arrived) && tid < R) {
+      LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+      dev::st_release_sys(&peer_ctrl->dispatch_flag[me], (epoch_tag << 32) | static_cast<long long>(p.num_tokens));
+    }
+  }
+
+  if (p.do_recv) {
+    bool ok = true;
+    if (tid < R) {
+      ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[tid], epoch_tag << 32, Phase::kLlDispatchRecv, tid);
+      const long long seen = dev::ld_acquire_sys(&ctrl->dispatch_flag[tid]);
+      const int tokens = static_cast<int>(seen & 0xffffffffll);
+      s_tokens[tid] = tokens < L.tokens ? tokens : L.tokens;
+    }
+    if (__syncthreads_or(!ok)) return;
+    if (tid == 0) {
+      int first = 0;
+      for (int s = 0; s < R; ++s) {
+        s_seg_first[s] = first;
+        first += (s_tokens[s] + 31) / 32;
+      }
+      s_seg_first[R] = first;
+    }
+    __syncthreads();
+    const int num_segments = s_seg_first[R];
+    for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
+      recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
+    if (ll::arrive_last_block(&ctrl->dispatch_recv_arrived)) {
+      if (tid == 0) ctrl->dispatch_epoch = epoch_tag;
+      if (tid < R) {
+        LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+        dev::st_release_sys(&peer_ctrl->dispatch_ack[me], epoch_tag);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLDispatchArgs_t& args,
+                          cudaStream_t stream) {
+  LlRouting& r = handle->ll;
+  const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
+  const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
+  const char* api = "ncclMoeLowLatencyDispatch";
+  if (!do_send && !r.recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: phase is ncclMoePhaseRecv but this handle has no send half waiting for its receive "
+                        "half (call it with ncclMoePhaseSend first)",
+                        api);
+  }
+  if (do_send && r.recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: this handle's previous send half (ncclMoePhaseSend) has not been received yet; call "
+                        "it with ncclMoePhaseRecv first",
+                        api);
+  }
+  const LlLayout& L = comm->layout.ll;
+  if (L.num_local_experts > 32767) {
+    return setLastError(ncclInvalidArgument, "%s: %d local experts; the low-latency kernels support at most 32767", api,
+                        L.num_local_experts);
+  }
+  if (do_send) {
+    r.half = comm->ll_next_half;
+    comm->ll_next_half ^= 1;
+    r.num_tokens = args.num_tokens;
+    r.topk = args.topk;
+    r.hidden = args.hidden;
+    r.use_fp8 = args.use_fp8;
+    r.scale_format = static_cast<int>(args.scale_format);
+    r.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
+    r.valid = true;
+  } else if (args.hidden != r.hidden || args.use_fp8 != r.use_fp8 || args.topk != r.topk ||
+             (args.use_fp8 && static_cast<int>(args.scale_format) != r.scale_format)) {
+    return setLastError(ncclInvalidArgument,
+                        "%s: the receive half's hidden/topk/use_fp8/scale_format (%d/%d/%d/%d) differ from its send "
+                        "half's (%d/%d/%d/%d)",
+                        api, args.hidden, args.topk, args.use_fp8, static_cast<int>(args.scale_format), r.hidden,
+                        r.topk, r.use_fp8, r.scale_format);
+  }
+
+  LlDispatchParams p{};
+  p.comm = comm->deviceComm();
+  p.layout = L;
+  p.half_offset = comm->layout.ll_offset + static_cast<size_t>(r.half) * comm->layout.ll_half_bytes;
+  p.x = args.x;
+  p.topk_idx = args.topk_idx;
+  p.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
+  p.num_tokens = r.num_tokens;
+  p.hidden = r.hidden;
+  p.topk = r.topk;
+  p.use_fp8 = r.use_fp8;
+  p.scale_format = r.scale_format;
+  p.recv_x = args.recv_x;
+  p.recv_scales = args.recv_x_scales;
+  p.recv_count = args.recv_count;
+  p.cumulative_stats = args.cumulative_recv_stats;
+  p.recv_src_info = r.recv_src_info;
+  p.recv_row = r.recv_row;
+  p.do_send = do_send;
+  p.do_recv = do_recv;
+
+  const dim3 grid(comm->num_device_sms), block(ll::kThreads);
+  if (r.use_fp8)
+    llDispatchKernel<true><<<grid, block, 0, stream>>>(p);
+  else
+    llDispatchKernel<false><<<grid, block, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+  r.recv_pending = do_send && !do_recv;
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe
