@@ -1,0 +1,71 @@
+// Permutation kernels of the NCCL all-to-all baseline (contract in baseline_kernels.h).
+// Launch shape: one block of 256 threads per row (grid-stride over rows, at most 4096 blocks); the threads of a
+// block stride over the row's vectors (copyRows) or channels (reduceRows), so global accesses are coalesced.
+#include <cuda_bf16.h>
+
+#include "baseline_kernels.h"
+
+namespace nccl_moe::perf {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 4096;
+
+template <typename Vec>
+__global__ void copyRowsKernel(char* dst, const int* dst_rows, const char* src, const int* src_rows, int num_rows,
+                               size_t row_bytes) {
+  const size_t vecs = row_bytes / sizeof(Vec);
+  for (int i = blockIdx.x; i < num_rows; i += gridDim.x) {
+    const size_t d = dst_rows ? static_cast<size_t>(dst_rows[i]) : static_cast<size_t>(i);
+    const size_t s = src_rows ? static_cast<size_t>(src_rows[i]) : static_cast<size_t>(i);
+    const Vec* in = reinterpret_cast<const Vec*>(src + s * row_bytes);
+    Vec* out = reinterpret_cast<Vec*>(dst + d * row_bytes);
+    for (size_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = in[v];
+  }
+}
+
+__global__ void reduceRowsKernel(uint16_t* out, const uint16_t* in, const int* rows, const float* weights,
+                                 int num_tokens, int fan_in, int hidden) {
+  for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+      float acc = 0.0f;
+      for (int m = 0; m < fan_in; ++m) {
+        const int row = rows[static_cast<size_t>(t) * fan_in + m];
+        if (row < 0) continue;
+        const float v = __uint_as_float(static_cast<uint32_t>(in[static_cast<size_t>(row) * hidden + c]) << 16);
+        acc = weights ? __fadd_rn(acc, __fmul_rn(weights[static_cast<size_t>(t) * fan_in + m], v)) : __fadd_rn(acc, v);
+      }
+      out[static_cast<size_t>(t) * hidden + c] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
+    }
+  }
+}
+
+int blocksFor(int rows) { return rows < kMaxBlocks ? rows : kMaxBlocks; }
+
+}  // namespace
+
+cudaError_t copyRows(void* dst, const int* dst_rows, const void* src, const int* src_rows, int num_rows,
+                     size_t row_bytes, cudaStream_t stream) {
+  if (num_rows <= 0 || row_bytes == 0) return cudaSuccess;
+  const uintptr_t bases = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src);
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  if (row_bytes % 16 == 0 && bases % 16 == 0) {
+    copyRowsKernel<int4><<<blocksFor(num_rows), kThreads, 0, stream>>>(d, dst_rows, s, src_rows, num_rows, row_bytes);
+  } else if (row_bytes % 4 == 0 && bases % 4 == 0) {
+    copyRowsKernel<int><<<blocksFor(num_rows), kThreads, 0, stream>>>(d, dst_rows, s, src_rows, num_rows, row_bytes);
+  } else {
+    copyRowsKernel<char><<<blocksFor(num_rows), kThreads, 0, stream>>>(d, dst_rows, s, src_rows, num_rows, row_bytes);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t reduceRows(uint16_t* out, const uint16_t* in, const int* rows, const float* weights, int num_tokens,
+                       int fan_in, int hidden, cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  reduceRowsKernel<<<blocksFor(num_tokens), kThreads, 0, stream>>>(out, in, rows, weights, num_tokens, fan_in, hidden);
+  return cudaGetLastError();
+}
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,22 @@
+// Permutation kernels of the NCCL all-to-all baseline (baseline_kernels.cu). Plain CUDA, stream-ordered.
+//
+//   copyRows:   dst row (dst_rows ? dst_rows[i] : i) = src row (src_rows ? src_rows[i] : i), i < num_rows, rows of
+//               row_bytes bytes (16-byte vectors when row_bytes and both bases allow it, else 4-byte, else bytes).
+//   reduceRows: out[t, c] = bf16(sum over m < fan_in ascending with rows[t * fan_in + m] >= 0 of
+//               (weights ? weights[t * fan_in + m] * v : v)), v = float(in[rows[t * fan_in + m], c]), FP32 with
+//               separate multiply and add (the CPU reference's order and rounding; no fused multiply-add).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nccl_moe::perf {
+
+cudaError_t copyRows(void* dst, const int* dst_rows, const void* src, const int* src_rows, int num_rows,
+                     size_t row_bytes, cudaStream_t stream);
+cudaError_t reduceRows(uint16_t* out, const uint16_t* in, const int* rows, const float* weights, int num_tokens,
+                       int fan_in, int hidden, cudaStream_t stream);
+
+}  // namespace nccl_moe::perf

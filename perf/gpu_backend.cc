@@ -1,0 +1,1007 @@
+// GPU mode of moe-perf (contract in gpu_backend.h).
+//
+// Lockstep rule: every rank executes the same sequence of NCCL collectives (barriers, agreements, reductions).
+// A rank whose MoE call failed keeps taking part in every barrier of a timed loop and skips only the MoE calls;
+// availability is then agreed over all ranks (ncclMin), so control flow never diverges between ranks.
+#include "gpu_backend.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "core/error.h"
+#include "cpu_baseline.h"
+#include "cuda_util.h"
+#include "gpu_baseline.h"
+#include "host_sync.h"
+#include "nccl_moe.h"
+#include "topo/topo.h"
+#include "verify.h"
+
+namespace nccl_moe::perf {
+
+namespace {
+
+size_t sz(int64_t v) { return static_cast<size_t>(v); }
+
+int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+const char* const kOtherRank = "failed on another rank";
+
+// ------------------------------------------------------------------------------------------------
+// Process-wide state
+// ------------------------------------------------------------------------------------------------
+
+struct Progress {
+  std::atomic<int64_t> last_ns{0};
+  std::atomic<const char*> phase{"starting"};
+  std::atomic<bool> finished{false};
+  void set(const char* what) {
+    phase.store(what);
+    last_ns.store(nowNs());
+  }
+};
+
+struct Shared {
+  RunInfo& run;
+  RankLayout layout;
+  ncclUniqueId id{};
+  HostBarrier barrier;
+  std::unique_ptr<Problem> problem;  // built by local rank 0 for every size, shared by the process's ranks
+  std::string problem_error;
+  std::unique_ptr<Progress[]> progress;
+  std::atomic<int> exit_code{0};
+  std::atomic<int> unavailable_rows{0};  // counted by the printing rank
+  std::atomic<bool> done{false};
+
+  Shared(RunInfo& r, const RankLayout& l)
+      : run(r), layout(l), barrier(l.ranksPerProc()), progress(new Progress[sz(l.ranksPerProc())]) {}
+  void fail(int code) {
+    int cur = exit_code.load();
+    while (code > cur && !exit_code.compare_exchange_weak(cur, code)) {
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Collectives on the rank's NCCL communicator (host-visible results)
+// ------------------------------------------------------------------------------------------------
+
+// Scratch buffers are allocated once: cudaFree synchronises the device, which must never happen while a collective
+// of this rank is in flight.
+class Collective {
+ public:
+  static constexpr size_t kMaxDoubles = 256;
+  static constexpr size_t kMaxGatherBytes = 4096;  // per rank
+  explicit Collective(const RankDevice& rd)
+      : rd_(rd),
+        token_(1),
+        doubles_(kMaxDoubles),
+        gather_send_(kMaxGatherBytes),
+        gather_recv_(kMaxGatherBytes * sz(rd.num_ranks)) {
+    token_.zero(rd.stream);
+    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  }
+  // Stream-ordered: everything enqueued after it starts once every rank has reached it.
+  void barrier() { PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream)); }
+  std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op) {
+    if (v.size() > kMaxDoubles) throw PerfError("Collective::allReduce: too many values");
+    doubles_.upload(v.data(), v.size(), rd_.stream);
+    PERF_NCCL(ncclAllReduce(doubles_.get(), doubles_.get(), v.size(), ncclFloat64, op, rd_.comm, rd_.stream));
+    return doubles_.download(v.size(), rd_.stream);
+  }
+  bool agree(bool ok) { return allReduce({ok ? 1.0 : 0.0}, ncclMin)[0] > 0.5; }
+  // [R * mine.size()]: every rank's bytes, in rank order.
+  std::vector<char> allGather(const std::vector<char>& mine) {
+    if (mine.size() > kMaxGatherBytes) throw PerfError("Collective::allGather: too many bytes");
+    gather_send_.upload(mine.data(), mine.size(), rd_.stream);
+    PERF_NCCL(ncclAllGather(gather_send_.get(), gather_recv_.get(), mine.size(), ncclChar, rd_.comm, rd_.stream));
+    return gather_recv_.download(mine.size() * sz(rd_.num_ranks), rd_.stream);
+  }
+
+ private:
+  RankDevice rd_;
+  DeviceArray<int> token_;
+  DeviceArray<double> doubles_;
+  DeviceArray<char> gather_send_, gather_recv_;
+};
+
+class Events {
+ public:
+  explicit Events(int n) : ev_(sz(n)) {
+    for (auto& e : ev_) PERF_CUDA(cudaEventCreate(&e));
+  }
+  ~Events() {
+    for (auto& e : ev_) cudaEventDestroy(e);
+  }
+  Events(const Events&) = delete;
+  Events& operator=(const Events&) = delete;
+  void record(int i, cudaStream_t s) { PERF_CUDA(cudaEventRecord(ev_[sz(i)], s)); }
+  double us(int a, int b) const {
+    float ms = 0;
+    PERF_CUDA(cudaEventElapsedTime(&ms, ev_[sz(a)], ev_[sz(b)]));
+    return static_cast<double>(ms) * 1e3;
+  }
+
+ private:
+  std::vector<cudaEvent_t> ev_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The MoE communicator of one mode
+// ------------------------------------------------------------------------------------------------
+
+std::string apiError(const char* fn, ncclResult_t r, ncclMoeComm_t comm) {
+  std::string s = std::string(fn) + " returned " + ncclMoeGetErrorString(r);
+  const char* detail = ncclMoeGetLastError(comm);
+  if (detail != nullptr && *detail != '\0') s += ": " + std::string(detail);
+  return s;
+}
+
+struct MoeSession {
+  ncclMoeComm_t comm = nullptr;
+  ncclMoeHandle_t handle = nullptr;
+  bool usable = false;
+  std::string error;
+  size_t buffer_bytes = 0;
+
+  void init(const RankDevice& rd, Collective& col, const ModeConfig& cfg, int capacity) {
+    ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
+    c.num_experts = cfg.experts;
+    c.hidden = cfg.hidden;
+    c.max_topk = cfg.topk;
+    if (cfg.mode == Mode::kHt) {
+      c.max_tokens_per_rank = capacity;
+    } else {
+      c.ll_max_tokens_per_rank = capacity;
+    }
+    if (ncclMoeGetBufferSize(&c, rd.num_ranks, &buffer_bytes) != ncclSuccess) buffer_bytes = 0;
+    ncclResult_t r = ncclMoeCommInit(&comm, rd.comm, &c);
+    std::string err = r == ncclSuccess ? "" : apiError("ncclMoeCommInit", r, nullptr);
+    if (!col.agree(r == ncclSuccess)) {
+      // A rank that succeeded while another failed cannot destroy collectively: leave its communicator alone.
+      comm = nullptr;
+      error = err.empty() ? kOtherRank : err;
+      return;
+    }
+    r = ncclMoeHandleCreate(comm, &handle);
+    err = r == ncclSuccess ? "" : apiError("ncclMoeHandleCreate", r, comm);
+    if (!col.agree(r == ncclSuccess)) {
+      if (handle != nullptr) ncclMoeHandleDestroy(handle);
+      handle = nullptr;
+      ncclMoeCommDestroy(comm);
+      comm = nullptr;
+      error = err.empty() ? kOtherRank : err;
+      return;
+    }
+    usable = true;
+  }
+
+  // ncclSuccess on every rank, else marks the session broken (every later MoE row is "not available").
+  bool checkAsync(Collective& col, std::string* err) {
+    if (comm == nullptr) return false;
+    ncclResult_t async = ncclSuccess;
+    const ncclResult_t r = ncclMoeCommGetAsyncError(comm, &async);
+    const bool ok = r == ncclSuccess && async == ncclSuccess;
+    std::string local;
+    if (!ok) local = apiError("asynchronous error", r != ncclSuccess ? r : async, comm);
+    if (col.agree(ok)) return true;
+    *err = local.empty() ? kOtherRank : local;
+    usable = false;
+    error = *err;
+    return false;
+  }
+
+  void destroy() {
+    if (handle != nullptr) ncclMoeHandleDestroy(handle);
+    if (comm != nullptr) ncclMoeCommDestroy(comm);
+    handle = nullptr;
+    comm = nullptr;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Per-rank results of one size
+// ------------------------------------------------------------------------------------------------
+
+struct OpResult {
+  bool available = false;
+  std::string error;
+  std::vector<double> us;
+  int64_t wrong = 0;
+  void fail(const std::string& e) {
+    available = false;
+    if (error.empty()) error = e.empty() ? kOtherRank : e;
+  }
+};
+
+struct Aggregate {
+  bool available = false;
+  std::string error;
+  double median_us = 0, min_us = 0, max_us = 0;
+  int64_t wrong = 0;
+};
+
+// Reduces per-rank results over all ranks: available = all ranks, median = max of the per-rank medians,
+// min/max over every call of every rank, wrong = sum; the error text of the first rank that had its own.
+std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResult*>& ops, int num_ranks) {
+  const size_t n = ops.size();
+  std::vector<double> mins(n), maxs(3 * n), sums(n);
+  for (size_t i = 0; i < n; ++i) {
+    const OpResult& o = *ops[i];
+    const bool have = o.available && !o.us.empty();
+    mins[i] = have ? 1.0 : 0.0;
+    maxs[i] = have ? median(o.us) : 0.0;
+    maxs[n + i] = have ? *std::max_element(o.us.begin(), o.us.end()) : 0.0;
+    maxs[2 * n + i] = have ? -*std::min_element(o.us.begin(), o.us.end()) : -1e300;
+    sums[i] = static_cast<double>(o.wrong);
+  }
+  mins = col.allReduce(mins, ncclMin);
+  maxs = col.allReduce(maxs, ncclMax);
+  sums = col.allReduce(sums, ncclSum);
+  constexpr size_t kText = 256;
+  std::vector<char> mine(n * kText, '\0');
+  for (size_t i = 0; i < n; ++i) std::strncpy(&mine[i * kText], ops[i]->error.c_str(), kText - 1);
+  const std::vector<char> all = col.allGather(mine);
+  std::vector<Aggregate> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    Aggregate& a = out[i];
+    a.available = mins[i] > 0.5;
+    a.median_us = maxs[i];
+    a.max_us = maxs[n + i];
+    a.min_us = -maxs[2 * n + i];
+    a.wrong = static_cast<int64_t>(sums[i]);
+    for (int r = 0; r < num_ranks && !a.available; ++r) {
+      const std::string e(&all[(sz(r) * n + i) * kText]);
+      if (!e.empty() && (a.error.empty() || a.error == kOtherRank)) a.error = e;
+    }
+    if (!a.available && a.error.empty()) a.error = "no timed calls";
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device copies of one rank's inputs
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+void uploadBytes(DeviceArray<uint8_t>* dst, const std::vector<T>& src, cudaStream_t stream) {
+  dst->allocate(src.size() * sizeof(T));
+  dst->upload(reinterpret_cast<const uint8_t*>(src.data()), src.size() * sizeof(T), stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// NCCL baseline
+// ------------------------------------------------------------------------------------------------
+
+struct BaselineResult {
+  OpResult dispatch, combine, first;
+};
+
+void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const RunInfo& run, Progress& prog,
+                 BaselineResult* res) {
+  const bool check = run.options.check != 0;
+  prog.set("baseline: setup");
+  GpuBaseline bl(p, rd);
+  prog.set("baseline: verification pass");
+  col.barrier();
+  bl.countExchange();
+  bl.dispatch();
+  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  if (check) res->dispatch.wrong = res->first.wrong = bl.dispatchWrong();
+  col.barrier();
+  bl.combine();
+  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  if (check) res->combine.wrong = bl.combineWrong();
+
+  Events ev(4);
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("baseline: timed dispatch/combine");
+    col.barrier();
+    ev.record(0, rd.stream);
+    bl.dispatch();
+    ev.record(1, rd.stream);
+    col.barrier();
+    ev.record(2, rd.stream);
+    bl.combine();
+    ev.record(3, rd.stream);
+    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+    if (i >= run.warmup) {
+      res->dispatch.us.push_back(ev.us(0, 1));
+      res->combine.us.push_back(ev.us(2, 3));
+    }
+  }
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("baseline: timed count exchange + dispatch");
+    col.barrier();
+    ev.record(0, rd.stream);
+    bl.countExchange();
+    bl.dispatch();
+    ev.record(1, rd.stream);
+    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+    if (i >= run.warmup) res->first.us.push_back(ev.us(0, 1));
+  }
+  res->dispatch.available = res->combine.available = res->first.available = true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// High-throughput MoE operations
+// ------------------------------------------------------------------------------------------------
+
+struct HtResult {
+  OpResult dispatch, combine, first;
+};
+
+void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
+              Progress& prog, HtResult* res) {
+  OpResult* all[3] = {&res->dispatch, &res->combine, &res->first};
+  if (!moe.usable) {
+    for (OpResult* o : all) o->fail(moe.error);
+    return;
+  }
+  const bool check = run.options.check != 0;
+  const bool fp8 = p.spec.dtype == DType::kFp8;
+  const int r = rd.rank, R = rd.num_ranks, T = p.spec.tokens, H = p.spec.hidden, K = p.spec.topk;
+  const int El = p.numLocalExperts();
+  const RowFormat& f = p.fmt;
+  const cudaStream_t st = rd.stream;
+  const size_t cap_rows = std::max<size_t>(1, sz(R) * sz(T));  // no rank can receive more
+
+  prog.set("ht: setup");
+  DeviceArray<uint8_t> x;
+  DeviceArray<float> xs;
+  if (fp8) {
+    uploadBytes(&x, p.x_fp8[sz(r)].fp8, st);
+    xs.assign(p.x_fp8[sz(r)].scales, st);
+  } else {
+    uploadBytes(&x, p.x_bf16[sz(r)], st);
+  }
+  DeviceArray<int64_t> idx;
+  idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
+  DeviceArray<float> w;
+  w.assign(p.routing.ranks[sz(r)].topk_weights, st);
+  DeviceArray<uint8_t> recv_x(cap_rows * f.data_bytes);
+  DeviceArray<float> recv_xs(cap_rows * sz(std::max(1, f.groups)));
+  DeviceArray<int64_t> recv_idx(cap_rows * sz(K));
+  DeviceArray<float> recv_w(cap_rows * sz(K));
+  DeviceArray<uint16_t> y(cap_rows * sz(H));
+  y.zero(st);
+  y.upload(p.ht_y[sz(r)].data(), p.ht_y[sz(r)].size(), st);
+  DeviceArray<uint16_t> out(sz(T) * sz(H));
+
+  int num_recv = -1;
+  std::vector<int> per_expert(sz(El), 0);
+  ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+  na.topk_idx = idx.get();
+  na.topk_idx_type = ncclMoeIndexInt64;
+  na.num_tokens = T;
+  na.topk = K;
+  na.expert_alignment = p.spec.expert_alignment;
+  na.recv_capacity = 0;  // host-count mode: the notify learns N_recv on the host (the documented sync)
+  na.num_recv_tokens = &num_recv;
+  na.num_recv_tokens_per_expert = per_expert.data();
+  ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+  da.x = x.get();
+  da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
+  da.hidden = H;
+  da.x_scales = fp8 ? xs.get() : nullptr;
+  da.scale_format = ncclMoeScaleFloat;
+  da.topk_weights = w.get();
+  da.recv_x = recv_x.get();
+  da.recv_x_scales = fp8 ? recv_xs.get() : nullptr;
+  da.recv_topk_idx = recv_idx.get();
+  da.recv_topk_weights = recv_w.get();
+  da.num_sms = sms;
+  ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
+  ca.x = y.get();
+  ca.hidden = H;
+  ca.combined_x = out.get();
+  ca.num_sms = sms;
+
+  auto call = [&](const char* fn, ncclResult_t result, std::string* err) {
+    if (result != ncclSuccess && err->empty()) *err = apiError(fn, result, moe.comm);
+    return result == ncclSuccess;
+  };
+
+  // Verification pass (also the availability probe).
+  prog.set("ht: notify (verification)");
+  std::string err;
+  col.barrier();
+  bool ok = call("ncclMoeDispatchNotify", ncclMoeDispatchNotify(moe.comm, moe.handle, &na, st), &err);
+  if (!col.agree(ok)) {
+    for (OpResult* o : all) o->fail(err);
+    moe.checkAsync(col, &err);
+    return;
+  }
+  prog.set("ht: dispatch (verification)");
+  ok = call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &err);
+  PERF_CUDA(cudaStreamSynchronize(st));
+  if (!col.agree(ok)) {
+    res->dispatch.fail(err);
+    res->first.fail(err);
+    res->combine.fail(err.empty() ? kOtherRank : "needs ncclMoeDispatch: " + err);
+    moe.checkAsync(col, &err);
+    return;
+  }
+  res->dispatch.available = res->first.available = true;
+  if (check) {
+    const int64_t rows = std::clamp<int64_t>(num_recv, 0, static_cast<int64_t>(cap_rows));
+    const std::vector<uint8_t> gx = recv_x.download(sz(rows) * f.data_bytes, st);
+    const std::vector<float> gs = fp8 ? recv_xs.download(sz(rows) * sz(f.groups), st) : std::vector<float>();
+    const std::vector<int64_t> gi = recv_idx.download(sz(rows) * sz(K), st);
+    const std::vector<float> gw = recv_w.download(sz(rows) * sz(K), st);
+    const int64_t wrong_rows = htRecvWrong(p, r, rows, RowView::split(gx.data(), gs.data(), f)) +
+                               htMetaWrong(p, r, rows, nullptr, gi.data(), gw.data());
+    res->dispatch.wrong = wrong_rows;
+    res->first.wrong = wrong_rows + htMetaWrong(p, r, num_recv, &per_expert, nullptr, nullptr);
+  }
+  prog.set("ht: combine (verification)");
+  std::string comb_err;
+  col.barrier();
+  ok = call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &comb_err);
+  PERF_CUDA(cudaStreamSynchronize(st));
+  if (!col.agree(ok)) {
+    res->combine.fail(comb_err);
+  } else {
+    res->combine.available = true;
+    if (check) res->combine.wrong = bf16Wrong(out.download(out.size(), st).data(), p.ht_expected_combine[sz(r)]);
+  }
+  if (!moe.checkAsync(col, &err)) {
+    for (OpResult* o : all) o->fail(err);
+    return;
+  }
+
+  // Timed: cached-handle dispatch (no notify, no host wait), then combine.
+  Events ev(4);
+  bool fail_d = false, fail_c = false;
+  std::string ed, ec;
+  const bool with_combine = res->combine.available;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("ht: timed dispatch/combine");
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_d) fail_d = !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ed);
+    ev.record(1, st);
+    if (with_combine) {
+      col.barrier();
+      ev.record(2, st);
+      if (!fail_c && !fail_d) fail_c = !call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &ec);
+      ev.record(3, st);
+    }
+    PERF_CUDA(cudaStreamSynchronize(st));
+    if (i >= run.warmup) {
+      res->dispatch.us.push_back(ev.us(0, 1));
+      if (with_combine) res->combine.us.push_back(ev.us(2, 3));
+    }
+  }
+  if (!col.agree(!fail_d)) res->dispatch.fail(ed);
+  if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
+
+  // Timed: the full first call, notify (layout + count exchange + host wait) + dispatch.
+  bool fail_f = false;
+  std::string ef;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("ht: timed notify + dispatch");
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_f)
+      fail_f = !call("ncclMoeDispatchNotify", ncclMoeDispatchNotify(moe.comm, moe.handle, &na, st), &ef) ||
+               !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ef);
+    ev.record(1, st);
+    PERF_CUDA(cudaStreamSynchronize(st));
+    if (i >= run.warmup) res->first.us.push_back(ev.us(0, 1));
+  }
+  if (!col.agree(!fail_f)) res->first.fail(ef);
+  if (!moe.checkAsync(col, &err))
+    for (OpResult* o : all) o->fail(err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Low-latency MoE operations
+// ------------------------------------------------------------------------------------------------
+
+struct LlResult {
+  OpResult dispatch, combine, dispatch_send, dispatch_recv, combine_send, combine_recv;
+};
+
+void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
+              Progress& prog, LlResult* res) {
+  OpResult* all[6] = {&res->dispatch,      &res->combine,      &res->dispatch_send,
+                      &res->dispatch_recv, &res->combine_send, &res->combine_recv};
+  if (!moe.usable) {
+    for (OpResult* o : all) o->fail(moe.error);
+    return;
+  }
+  const bool check = run.options.check != 0;
+  const bool fp8 = p.spec.dtype == DType::kFp8;
+  const int r = rd.rank, T = p.spec.tokens, H = p.spec.hidden, K = p.spec.topk;
+  const int El = p.numLocalExperts(), slab = p.slabRows();
+  const RowFormat& f = p.fmt;
+  const cudaStream_t st = rd.stream;
+  const size_t slab_total = sz(El) * sz(slab);
+
+  prog.set("ll: setup");
+  DeviceArray<uint16_t> x;
+  x.assign(p.x_bf16[sz(r)], st);
+  DeviceArray<int64_t> idx;
+  idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
+  DeviceArray<float> w;
+  w.assign(p.routing.ranks[sz(r)].topk_weights, st);
+  DeviceArray<uint8_t> recv_x(slab_total * f.data_bytes);
+  DeviceArray<float> recv_xs(slab_total * sz(std::max(1, f.groups)));
+  DeviceArray<int> recv_count(sz(El));
+  DeviceArray<uint16_t> y(slab_total * sz(H));
+  DeviceArray<uint16_t> out(sz(T) * sz(H));
+
+  ncclMoeLLDispatchArgs_t la = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
+  la.x = x.get();
+  la.topk_idx = idx.get();
+  la.topk_idx_type = ncclMoeIndexInt64;
+  la.num_tokens = T;
+  la.hidden = H;
+  la.topk = K;
+  la.use_fp8 = fp8 ? 1 : 0;
+  la.scale_format = ncclMoeScaleFloat;
+  la.recv_x = recv_x.get();
+  la.recv_x_scales = fp8 ? recv_xs.get() : nullptr;
+  la.recv_count = recv_count.get();
+  la.phase = ncclMoePhaseBoth;
+  ncclMoeLLCombineArgs_t lc = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
+  lc.x = y.get();
+  lc.zero_copy = 0;
+  lc.topk_idx = idx.get();
+  lc.topk_weights = w.get();
+  lc.num_tokens = T;
+  lc.hidden = H;
+  lc.topk = K;
+  lc.out = out.get();
+  lc.phase = ncclMoePhaseBoth;
+
+  auto call = [&](const char* fn, ncclResult_t result, std::string* err) {
+    if (result != ncclSuccess && err->empty()) *err = apiError(fn, result, moe.comm);
+    return result == ncclSuccess;
+  };
+  auto dispatchCall = [&](ncclMoePhase_t phase, std::string* err) {
+    la.phase = phase;
+    return call("ncclMoeLowLatencyDispatch", ncclMoeLowLatencyDispatch(moe.comm, moe.handle, &la, st), err);
+  };
+  auto combineCall = [&](ncclMoePhase_t phase, std::string* err) {
+    lc.phase = phase;
+    return call("ncclMoeLowLatencyCombine", ncclMoeLowLatencyCombine(moe.comm, moe.handle, &lc, st), err);
+  };
+
+  // Verification: one round with both phases per call, one with the send and receive halves as separate calls.
+  struct Round {
+    bool dispatch_ok = false, combine_ok = false;
+    std::string dispatch_err, combine_err;
+    int64_t dispatch_wrong = 0, combine_wrong = 0;
+  };
+  auto verifyRound = [&](bool split) {
+    Round result;
+    prog.set(split ? "ll: split dispatch (verification)" : "ll: dispatch (verification)");
+    col.barrier();
+    bool ok = split ? dispatchCall(ncclMoePhaseSend, &result.dispatch_err) &&
+                          dispatchCall(ncclMoePhaseRecv, &result.dispatch_err)
+                    : dispatchCall(ncclMoePhaseBoth, &result.dispatch_err);
+    PERF_CUDA(cudaStreamSynchronize(st));
+    result.dispatch_ok = col.agree(ok);
+    if (!result.dispatch_ok) return result;
+    if (check) {
+      const std::vector<int> counts = recv_count.download(sz(El), st);
+      const std::vector<uint8_t> gx = recv_x.download(recv_x.size(), st);
+      const std::vector<float> gs = fp8 ? recv_xs.download(slab_total * sz(f.groups), st) : std::vector<float>();
+      std::vector<int32_t> identity;
+      result.dispatch_wrong = llRecvWrong(p, r, counts.data(), RowView::split(gx.data(), gs.data(), f), &identity);
+      // Expert outputs in the order this GPU received the rows, so the combine check is order-independent.
+      const std::vector<uint16_t> yh = llExpertOutputsFor(p, r, identity);
+      y.upload(yh.data(), yh.size(), st);
+    } else {
+      y.zero(st);
+    }
+    prog.set(split ? "ll: split combine (verification)" : "ll: combine (verification)");
+    col.barrier();
+    ok = split
+             ? combineCall(ncclMoePhaseSend, &result.combine_err) && combineCall(ncclMoePhaseRecv, &result.combine_err)
+             : combineCall(ncclMoePhaseBoth, &result.combine_err);
+    PERF_CUDA(cudaStreamSynchronize(st));
+    result.combine_ok = col.agree(ok);
+    if (result.combine_ok && check)
+      result.combine_wrong = bf16Wrong(out.download(out.size(), st).data(), p.ll_expected_combine[sz(r)]);
+    return result;
+  };
+  std::string err;
+  const Round both = verifyRound(false);
+  if (!both.dispatch_ok) {
+    const std::string e = both.dispatch_err;
+    for (OpResult* o : all) o->fail(o == &res->dispatch || e.empty() ? e : "needs dispatch: " + e);
+    moe.checkAsync(col, &err);
+    return;
+  }
+  res->dispatch.available = true;
+  res->dispatch.wrong = both.dispatch_wrong;
+  if (both.combine_ok) {
+    res->combine.available = true;
+    res->combine.wrong = both.combine_wrong;
+  } else {
+    res->combine.fail(both.combine_err);
+  }
+  const Round split = verifyRound(true);
+  OpResult* dispatch_halves[2] = {&res->dispatch_send, &res->dispatch_recv};
+  OpResult* combine_halves[2] = {&res->combine_send, &res->combine_recv};
+  for (OpResult* o : dispatch_halves) {
+    o->available = split.dispatch_ok;
+    o->wrong = split.dispatch_wrong;  // the pair is verified together
+    if (!split.dispatch_ok) o->fail(split.dispatch_err);
+  }
+  for (OpResult* o : combine_halves) {
+    o->available = split.dispatch_ok && split.combine_ok;
+    o->wrong = split.combine_wrong;
+    if (!split.dispatch_ok) {
+      o->fail(split.dispatch_err.empty() ? "" : "needs the split dispatch: " + split.dispatch_err);
+    } else if (!split.combine_ok) {
+      o->fail(split.combine_err);
+    }
+  }
+  if (!moe.checkAsync(col, &err)) {
+    for (OpResult* o : all) o->fail(err);
+    return;
+  }
+
+  // Timed: dispatch then combine (both phases in one call each), a barrier before each.
+  Events ev(6);
+  const bool with_combine = res->combine.available;
+  bool fail_d = false, fail_c = false;
+  std::string ed, ec;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("ll: timed dispatch/combine");
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_d) fail_d = !dispatchCall(ncclMoePhaseBoth, &ed);
+    ev.record(1, st);
+    if (with_combine) {
+      col.barrier();
+      ev.record(2, st);
+      if (!fail_c && !fail_d) fail_c = !combineCall(ncclMoePhaseBoth, &ec);
+      ev.record(3, st);
+    }
+    PERF_CUDA(cudaStreamSynchronize(st));
+    if (i >= run.warmup) {
+      res->dispatch.us.push_back(ev.us(0, 1));
+      if (with_combine) res->combine.us.push_back(ev.us(2, 3));
+    }
+  }
+  if (!col.agree(!fail_d)) res->dispatch.fail(ed);
+  if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
+
+  // Timed: send and receive halves separately.
+  bool fail_ds = !res->dispatch_send.available, fail_cs = !res->combine_send.available;
+  std::string eds, ecs;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set("ll: timed send/recv halves");
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_ds) fail_ds = !dispatchCall(ncclMoePhaseSend, &eds);
+    ev.record(1, st);
+    if (!fail_ds) fail_ds = !dispatchCall(ncclMoePhaseRecv, &eds);
+    ev.record(2, st);
+    col.barrier();
+    ev.record(3, st);
+    if (!fail_cs && !fail_ds) fail_cs = !combineCall(ncclMoePhaseSend, &ecs);
+    ev.record(4, st);
+    if (!fail_cs && !fail_ds) fail_cs = !combineCall(ncclMoePhaseRecv, &ecs);
+    ev.record(5, st);
+    PERF_CUDA(cudaStreamSynchronize(st));
+    if (i >= run.warmup) {
+      res->dispatch_send.us.push_back(ev.us(0, 1));
+      res->dispatch_recv.us.push_back(ev.us(1, 2));
+      res->combine_send.us.push_back(ev.us(3, 4));
+      res->combine_recv.us.push_back(ev.us(4, 5));
+    }
+  }
+  if (!col.agree(!fail_ds))
+    for (OpResult* o : dispatch_halves) o->fail(eds);
+  if (!col.agree(!fail_cs && !fail_ds))
+    for (OpResult* o : combine_halves) o->fail(ecs.empty() ? eds : ecs);
+  if (!moe.checkAsync(col, &err))
+    for (OpResult* o : all) o->fail(err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rank threads
+// ------------------------------------------------------------------------------------------------
+
+struct RankInfo {
+  int rank, local, pid, device, sms;
+  char host[64];
+  char bus_id[32];
+  char name[96];
+};
+
+void fillRow(ResultRow* row, const Aggregate& moe, const Aggregate* baseline) {
+  row->available = moe.available;
+  row->error = moe.error;
+  row->median_us = moe.median_us;
+  row->min_us = moe.min_us;
+  row->max_us = moe.max_us;
+  row->wrong = moe.wrong;
+  if (baseline != nullptr) {
+    row->has_baseline = true;
+    row->baseline_median_us = baseline->median_us;
+    row->baseline_wrong = baseline->wrong;
+  }
+}
+
+// The topology block (nccl_moe::topo, GPUs of rank 0's host), then one line per rank like nccl-tests.
+void printRankList(const std::vector<RankInfo>& infos) {
+  std::vector<std::string> bus_ids;
+  for (const RankInfo& i : infos)
+    if (std::strcmp(i.host, infos[0].host) == 0) bus_ids.push_back(i.bus_id);
+  topo::Topology t;
+  if (topo::discover(bus_ids, &t) == ncclSuccess) {
+    const std::string text = topo::formatTopology(t);
+    size_t start = 0;
+    while (start < text.size()) {
+      const size_t end = text.find('\n', start);
+      out("# %s\n", text.substr(start, end == std::string::npos ? std::string::npos : end - start).c_str());
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+  } else {
+    out("# topology: not available (%s)\n", threadLastError());
+  }
+  for (const RankInfo& i : infos)
+    out("#  Rank %2d Group %2d Pid %7d on %12s device %2d [%s] %s (%d SMs)\n", i.rank, i.local, i.pid, i.host, i.device,
+        i.bus_id, i.name, i.sms);
+}
+
+void rankMain(Shared& sh, int local) {
+  const RunInfo& run = sh.run;
+  const Options& o = run.options;
+  Progress& prog = sh.progress[local];
+  RankDevice rd;
+  rd.rank = sh.layout.firstRank() + local;
+  rd.num_ranks = sh.layout.numRanks();
+  rd.device = sh.layout.firstDevice() + local;
+  const bool printer = rd.rank == 0;
+  prog.set("cudaSetDevice");
+  PERF_CUDA(cudaSetDevice(rd.device));
+  PERF_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
+  prog.set("ncclCommInitRank");
+  PERF_NCCL(ncclCommInitRank(&rd.comm, rd.num_ranks, sh.id, rd.rank));
+  Collective col(rd);
+
+  // Who is where.
+  RankInfo info{};
+  cudaDeviceProp prop{};
+  PERF_CUDA(cudaGetDeviceProperties(&prop, rd.device));
+  info.rank = rd.rank;
+  info.local = local;
+  info.pid = static_cast<int>(::getpid());
+  info.device = rd.device;
+  info.sms = prop.multiProcessorCount;
+  ::gethostname(info.host, sizeof(info.host) - 1);
+  PERF_CUDA(cudaDeviceGetPCIBusId(info.bus_id, sizeof(info.bus_id), rd.device));
+  std::snprintf(info.name, sizeof(info.name), "%.95s", prop.name);
+  std::vector<char> mine(sizeof(RankInfo));
+  std::memcpy(mine.data(), &info, sizeof(RankInfo));
+  const std::vector<char> all = col.allGather(mine);
+  std::vector<RankInfo> infos(sz(rd.num_ranks));
+  std::memcpy(infos.data(), all.data(), all.size());
+  if (printer) printRankList(infos);
+  const std::string gpu_name = infos[0].name;
+
+  for (Mode mode : resolveModes(o)) {
+    const ModeConfig cfg = resolveMode(o, mode);
+    const int cap = static_cast<int>(*std::max_element(cfg.tokens.begin(), cfg.tokens.end()));
+    prog.set("ncclMoeCommInit");
+    MoeSession moe;
+    moe.init(rd, col, cfg, cap);
+    if (printer) {
+      out("#\n# %s mode: %d GPUs, capacity %d tokens per rank, hidden %d, top-%d of %d experts\n",
+          mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, cap, cfg.hidden, cfg.topk,
+          cfg.experts);
+      if (moe.usable) {
+        out("# MoE communicator: %.1f MiB of communication buffer per rank\n",
+            static_cast<double>(moe.buffer_bytes) / (1 << 20));
+      } else {
+        out("# MoE communicator not available: %s\n", moe.error.c_str());
+      }
+    }
+    bool header = false;
+    for (DType dtype : cfg.dtypes) {
+      const std::string bad = checkShape(cfg, dtype, rd.num_ranks);
+      if (!bad.empty()) {
+        if (printer) out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
+        sh.fail(2);
+        continue;
+      }
+      for (int64_t tokens : cfg.tokens) {
+        // One problem per process, built by local rank 0.
+        if (local == 0) {
+          prog.set("building the problem (CPU reference)");
+          if (printer)
+            out("# building %s %s problem: %lld tokens per rank%s\n", modeName(mode), dtypeName(dtype),
+                static_cast<long long>(tokens), o.check ? " (with expected results)" : "");
+          ProblemSpec spec;
+          spec.mode = mode;
+          spec.dtype = dtype;
+          spec.num_ranks = rd.num_ranks;
+          spec.tokens = static_cast<int>(tokens);
+          spec.hidden = cfg.hidden;
+          spec.topk = cfg.topk;
+          spec.experts = cfg.experts;
+          spec.ll_max_tokens = cap;
+          spec.expert_alignment = o.expert_alignment;
+          spec.routing = o.routing;
+          spec.seed = o.seed;
+          spec.build_expected = o.check != 0;
+          spec.ranks_needed.assign(sz(rd.num_ranks), false);
+          for (int i = 0; i < sh.layout.ranksPerProc(); ++i) spec.ranks_needed[sz(sh.layout.firstRank() + i)] = true;
+          sh.problem_error.clear();
+          try {
+            sh.problem = std::make_unique<Problem>(buildProblem(spec));
+          } catch (const std::exception& e) {
+            sh.problem.reset();
+            sh.problem_error = e.what();
+          }
+        }
+        prog.set("waiting for the problem");
+        sh.barrier.wait();
+        if (!sh.problem) {
+          if (printer)
+            out("# %s %s %lld tokens: error: %s\n", modeName(mode), dtypeName(dtype), static_cast<long long>(tokens),
+                sh.problem_error.c_str());
+          sh.fail(1);
+          sh.barrier.wait();
+          continue;
+        }
+        const Problem& p = *sh.problem;
+        if (printer) {
+          printRoutingSummary(p, false);
+          if (!header) out("%s", tableHeader().c_str());
+          header = true;
+        }
+        if (printer) out("# [gpu] NCCL baseline: verification pass + %d timed calls per op\n", run.warmup + run.iters);
+        BaselineResult bl;
+        runBaseline(p, rd, col, run, prog, &bl);
+        const std::vector<Aggregate> bla = aggregate(col, {&bl.dispatch, &bl.combine, &bl.first}, rd.num_ranks);
+        for (const Aggregate& a : bla)
+          if (a.wrong != 0) sh.fail(1);
+
+        for (int sms : cfg.sms) {
+          if (printer && moe.usable)
+            out("# [gpu] MoE %s ops (sms %s): verification pass + %d timed calls per op\n", modeName(mode),
+                sms ? std::to_string(sms).c_str() : "auto", run.warmup + run.iters);
+          std::vector<ResultRow> rows;
+          if (mode == Mode::kHt) {
+            HtResult ht;
+            runMoeHt(p, rd, col, moe, sms, run, prog, &ht);
+            const std::vector<Aggregate> a = aggregate(col, {&ht.dispatch, &ht.combine, &ht.first}, rd.num_ranks);
+            const char* names[3] = {"dispatch", "combine", "notify_dispatch"};
+            for (int i = 0; i < 3; ++i) {
+              ResultRow row = makeRow(run, p, names[i], sms, false);
+              fillRow(&row, a[sz(i)], &bla[sz(i)]);
+              rows.push_back(row);
+            }
+          } else {
+            LlResult ll;
+            runMoeLl(p, rd, col, moe, run, prog, &ll);
+            const std::vector<Aggregate> a = aggregate(
+                col,
+                {&ll.dispatch, &ll.combine, &ll.dispatch_send, &ll.dispatch_recv, &ll.combine_send, &ll.combine_recv},
+                rd.num_ranks);
+            const char* names[6] = {"dispatch",      "combine",      "dispatch_send",
+                                    "dispatch_recv", "combine_send", "combine_recv"};
+            for (int i = 0; i < 6; ++i) {
+              ResultRow row = makeRow(run, p, names[i], 0, false);
+              fillRow(&row, a[sz(i)], i < 2 ? &bla[sz(i)] : nullptr);
+              rows.push_back(row);
+            }
+          }
+          for (ResultRow& row : rows) {
+            row.gpu_name = gpu_name;
+            if (row.available && row.wrong != 0) sh.fail(1);
+            if (!row.available && o.require_moe) sh.fail(1);
+            if (printer) {
+              if (!row.available) ++sh.unavailable_rows;
+              out("%s", tableRow(row).c_str());
+              if (run.json) run.json->write(row);
+            }
+          }
+        }
+        prog.set("end of size");
+        sh.barrier.wait();
+        if (local == 0) sh.problem.reset();
+      }
+    }
+    prog.set("ncclMoeCommDestroy");
+    moe.destroy();
+    if (printer && header) printTableNotes(mode, false);
+  }
+  prog.set("ncclCommDestroy");
+  col.barrier();
+  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  ncclCommDestroy(rd.comm);
+  cudaStreamDestroy(rd.stream);
+  prog.set("done");
+  prog.finished.store(true);
+}
+
+}  // namespace
+
+int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
+  (void)num_devices;
+  run.iters = run.options.iters > 0 ? run.options.iters : 20;
+  run.warmup = run.options.warmup >= 0 ? run.options.warmup : 5;
+  Shared sh(run, layout);
+  const std::string rv = prepareRendezvous(layout);
+  if (!rv.empty()) {
+    std::fprintf(stderr, "moe-perf: %s\n", rv.c_str());
+    return 1;
+  }
+  const ncclResult_t idr = ncclGetUniqueId(&sh.id);
+  if (idr != ncclSuccess) {
+    std::fprintf(stderr, "moe-perf: ncclGetUniqueId failed: %s (%s)\n", ncclGetErrorString(idr),
+                 ncclGetLastError(nullptr));
+    return 1;
+  }
+  if (layout.proc_rank == 0)
+    out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, run.options.check,
+        run.options.routing.text.c_str(), static_cast<unsigned long long>(run.options.seed));
+
+  const int n = layout.ranksPerProc();
+  for (int i = 0; i < n; ++i) sh.progress[i].set("starting");
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i)
+    threads.emplace_back([&sh, i] {
+      try {
+        rankMain(sh, i);
+      } catch (const std::exception& e) {
+        std::fflush(stdout);
+        std::fprintf(stderr, "moe-perf: rank %d: error: %s\n", sh.layout.firstRank() + i, e.what());
+        std::fflush(stderr);
+        std::_Exit(1);  // other ranks may be blocked in collectives with this one: end the process
+      }
+    });
+  // Watchdog: a rank that makes no progress for --timeout seconds ends the run.
+  std::thread watchdog([&sh, n] {
+    const int64_t limit = static_cast<int64_t>(sh.run.options.timeout_s) * 1000000000LL;
+    while (!sh.done.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      if (limit <= 0) continue;
+      for (int i = 0; i < n; ++i) {
+        if (sh.progress[i].finished.load() || nowNs() - sh.progress[i].last_ns.load() <= limit) continue;
+        std::fflush(stdout);
+        for (int j = 0; j < n; ++j)
+          std::fprintf(stderr, "moe-perf: rank %d: no progress for %d s, last phase: %s\n", sh.layout.firstRank() + j,
+                       sh.run.options.timeout_s, sh.progress[j].phase.load());
+        std::fflush(stderr);
+        std::_Exit(3);
+      }
+    }
+  });
+  for (auto& t : threads) t.join();
+  sh.done.store(true);
+  watchdog.join();
+  if (layout.proc_rank == 0) {
+    if (sh.exit_code.load() != 0) {
+      out("# errors: see above (wrong results, invalid shapes, failures or --require-moe)\n");
+    } else {
+      out("# %s", run.options.check ? "all checks passed" : "no errors (checks skipped: -c 0)");
+      if (sh.unavailable_rows.load() > 0)
+        out(" (%d MoE rows not available: baseline only)", sh.unavailable_rows.load());
+      out("\n");
+    }
+  }
+  return sh.exit_code.load();
+}
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,20 @@
+// GPU mode of moe-perf: one host thread per GPU (rank), NCCL communicator per rank, then per mode / dtype / size:
+// the NCCL all-to-all baseline (gpu_baseline.h) and the NCCL-MoE operations through the public API
+// (include/nccl_moe.h), each verified once against the CPU reference (untimed) and then timed with CUDA events
+// (median of -n calls after -w warm-ups, an NCCL barrier before each call). Results are reduced over ranks
+// through NCCL and printed by global rank 0.
+//
+// MoE operations that the library does not provide yet (any error returned by an API call, or recorded as an
+// asynchronous error) are reported as "not available: <error>" and do not fail the run unless --require-moe;
+// wrong results, baseline errors and CUDA/NCCL failures always do (exit code 1).
+#pragma once
+
+#include "launcher.h"
+#include "run_common.h"
+
+namespace nccl_moe::perf {
+
+// Runs this process's ranks. Returns the process exit code.
+int runGpu(RunInfo& run, const RankLayout& layout, int num_devices);
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,143 @@
+// moe-perf table and JSON Lines output (contract in report.h).
+#include "report.h"
+
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+namespace nccl_moe::perf {
+
+namespace {
+
+std::string fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
+std::string jsonNumber(double v, int decimals) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.*f", decimals, v);
+  return buf;
+}
+
+std::string oneLine(const std::string& text, size_t max_chars) {
+  std::string s;
+  for (char c : text) s += (c == '\n' || c == '\r' || c == '\t') ? ' ' : c;
+  if (s.size() > max_chars) s = s.substr(0, max_chars - 3) + "...";
+  return s;
+}
+
+}  // namespace
+
+std::string tableHeader() {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), "#%7s %7s %5s %8s %6s %5s  %-16s %10s %12s %12s %13s %7s %8s\n", "tokens", "hidden",
+                "topk", "experts", "dtype", "sms", "op", "time_us", "logical_GB/s", "baseline_us", "baseline_GB/s",
+                "#wrong", "bl#wrong");
+  return buf;
+}
+
+std::string tableRow(const ResultRow& r) {
+  const std::string sms =
+      r.mode == Mode::kLl || r.backend == "cpu" ? "-" : (r.sms == 0 ? "auto" : std::to_string(r.sms));
+  std::string time = "n/a", bw = "n/a", wrong = "n/a";
+  if (r.available) {
+    time = fmt("%.2f", r.median_us);
+    bw = r.has_gbps ? fmt("%.2f", r.logicalGbps()) : "-";
+    wrong = r.checked ? std::to_string(r.wrong) : "-";
+  }
+  std::string bl_time = "-", bl_bw = "-", bl_wrong = "-";
+  if (r.has_baseline) {
+    bl_time = fmt("%.2f", r.baseline_median_us);
+    bl_bw = r.has_gbps ? fmt("%.2f", r.baselineGbps()) : "-";
+    bl_wrong = r.checked ? std::to_string(r.baseline_wrong) : "-";
+  }
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), " %7lld %7d %5d %8d %6s %5s  %-16s %10s %12s %12s %13s %7s %8s",
+                static_cast<long long>(r.tokens), r.hidden, r.topk, r.experts, dtypeName(r.dtype), sms.c_str(),
+                r.op.c_str(), time.c_str(), bw.c_str(), bl_time.c_str(), bl_bw.c_str(), wrong.c_str(),
+                bl_wrong.c_str());
+  std::string line = buf;
+  if (!r.available) line += "  not available: " + oneLine(r.error, 160);
+  return line + "\n";
+}
+
+std::string jsonString(const std::string& text) {
+  std::string s = "\"";
+  for (unsigned char c : text) {
+    switch (c) {
+      case '"':
+        s += "\\\"";
+        break;
+      case '\\':
+        s += "\\\\";
+        break;
+      case '\n':
+        s += "\\n";
+        break;
+      case '\r':
+        s += "\\r";
+        break;
+      case '\t':
+        s += "\\t";
+        break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          s += buf;
+        } else {
+          s += static_cast<char>(c);
+        }
+    }
+  }
+  return s + "\"";
+}
+
+std::string toJson(const ResultRow& r) {
+  std::ostringstream os;
+  os << "{\"mode\":" << jsonString(modeName(r.mode)) << ",\"op\":" << jsonString(r.op)
+     << ",\"dtype\":" << jsonString(dtypeName(r.dtype)) << ",\"backend\":" << jsonString(r.backend)
+     << ",\"gpus\":" << r.gpus << ",\"ranks\":" << r.ranks << ",\"sms\":" << r.sms << ",\"tokens\":" << r.tokens
+     << ",\"hidden\":" << r.hidden << ",\"topk\":" << r.topk << ",\"experts\":" << r.experts
+     << ",\"routing\":" << jsonString(r.routing) << ",\"seed\":" << r.seed << ",\"iters\":" << r.iters
+     << ",\"warmup\":" << r.warmup << ",\"available\":" << (r.available ? "true" : "false");
+  os << ",\"median_us\":" << (r.available ? jsonNumber(r.median_us, 3) : "null");
+  os << ",\"min_us\":" << (r.available ? jsonNumber(r.min_us, 3) : "null");
+  os << ",\"max_us\":" << (r.available ? jsonNumber(r.max_us, 3) : "null");
+  os << ",\"logical_gbps\":" << (r.available && r.has_gbps ? jsonNumber(r.logicalGbps(), 3) : "null");
+  os << ",\"bytes_per_rank\":" << jsonNumber(r.bytes_per_rank, 0);
+  os << ",\"baseline_median_us\":" << (r.has_baseline ? jsonNumber(r.baseline_median_us, 3) : "null");
+  os << ",\"baseline_gbps\":" << (r.has_baseline && r.has_gbps ? jsonNumber(r.baselineGbps(), 3) : "null");
+  os << ",\"checked\":" << (r.checked ? "true" : "false") << ",\"verified\":" << (r.verified() ? "true" : "false");
+  os << ",\"wrong\":" << (r.checked && r.available ? std::to_string(r.wrong) : "null");
+  os << ",\"baseline_wrong\":" << (r.checked && r.has_baseline ? std::to_string(r.baseline_wrong) : "null");
+  os << ",\"baseline_verified\":" << (r.checked && r.has_baseline && r.baseline_wrong == 0 ? "true" : "false");
+  os << ",\"error\":" << (r.available ? "null" : jsonString(r.error));
+  os << ",\"gpu_name\":" << jsonString(r.gpu_name) << ",\"git_sha\":" << jsonString(r.git_sha) << "}";
+  return os.str();
+}
+
+JsonLinesWriter::~JsonLinesWriter() {
+  if (file_ != nullptr) std::fclose(file_);
+}
+
+bool JsonLinesWriter::open(const std::string& path, std::string* error) {
+  file_ = std::fopen(path.c_str(), "w");
+  if (file_ == nullptr) {
+    *error = "cannot open JSON output '" + path + "' for writing";
+    return false;
+  }
+  return true;
+}
+
+void JsonLinesWriter::write(const ResultRow& row) {
+  if (file_ == nullptr) return;
+  const std::string line = toJson(row) + "\n";
+  std::fwrite(line.data(), 1, line.size(), file_);
+  std::fflush(file_);
+}
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,79 @@
+// moe-perf output: one ResultRow per (shape, op), printed as an nccl-tests-like table and written as JSON Lines.
+//
+// Contract
+//   - Pure formatting, no CUDA/NCCL. A row whose MoE operation is not available keeps its baseline numbers; its
+//     MoE columns print "n/a" and the row ends with "not available: <error>"; in JSON median_us/logical_gbps are
+//     null, "available" is false and "error" holds the text.
+//   - JSON Lines: one object per line, flushed after each row, file truncated when opened (docs/moe-perf.md has
+//     the schema). `verified` is true only when the row was checked, the MoE operation ran and #wrong == 0.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "options.h"
+
+namespace nccl_moe::perf {
+
+struct ResultRow {
+  std::string backend = "gpu";  // "gpu" | "cpu"
+  Mode mode = Mode::kHt;
+  std::string op;  // dispatch | combine | notify_dispatch | dispatch_send | dispatch_recv | ...
+  DType dtype = DType::kBf16;
+  int ranks = 0;
+  int gpus = 0;  // GPUs used (0 in CPU mode)
+  int sms = 0;   // requested SM budget, 0 = library default ("auto")
+  int64_t tokens = 0;
+  int hidden = 0, topk = 0, experts = 0;
+  std::string routing = "uniform";
+  uint64_t seed = 1;
+  int iters = 0, warmup = 0;
+
+  bool available = false;         // the MoE operation ran
+  std::string error;              // why not (when !available)
+  double median_us = 0;           // max over ranks of the per-rank median
+  double min_us = 0, max_us = 0;  // fastest / slowest single timed call over all ranks
+  double bytes_per_rank = 0;      // logical bytes, averaged over ranks
+  bool has_gbps = true;           // false for rows where bandwidth means nothing (send/recv halves)
+
+  bool has_baseline = false;
+  double baseline_median_us = 0;
+
+  bool checked = false;
+  int64_t wrong = 0;           // MoE elements that differ from the reference
+  int64_t baseline_wrong = 0;  // baseline elements that differ from the reference
+
+  std::string gpu_name;
+  std::string git_sha = "unknown";
+
+  double logicalGbps() const { return has_gbps && available ? gbps(bytes_per_rank, median_us) : 0.0; }
+  double baselineGbps() const { return has_baseline && has_gbps ? gbps(bytes_per_rank, baseline_median_us) : 0.0; }
+  bool verified() const { return checked && available && wrong == 0; }
+};
+
+// "#  tokens  hidden ..." column titles, one line ending with '\n'.
+std::string tableHeader();
+// One table line, ends with '\n'.
+std::string tableRow(const ResultRow& row);
+// One JSON object, no trailing newline.
+std::string toJson(const ResultRow& row);
+// JSON string literal of `text` (quotes included, control characters escaped).
+std::string jsonString(const std::string& text);
+
+class JsonLinesWriter {
+ public:
+  JsonLinesWriter() = default;
+  ~JsonLinesWriter();
+  JsonLinesWriter(const JsonLinesWriter&) = delete;
+  JsonLinesWriter& operator=(const JsonLinesWriter&) = delete;
+  // Truncates/creates `path`. False (with *error) when it cannot be opened.
+  bool open(const std::string& path, std::string* error);
+  bool isOpen() const { return file_ != nullptr; }
+  void write(const ResultRow& row);
+
+ private:
+  std::FILE* file_ = nullptr;
+};
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,149 @@
+// Shared backend pieces of moe-perf (see run_common.h).
+#include "run_common.h"
+
+#include <algorithm>
+#include <cstdarg>
+
+namespace nccl_moe::perf {
+
+void out(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vfprintf(stdout, fmt, ap);
+  va_end(ap);
+  std::fflush(stdout);
+}
+
+void printRoutingSummary(const Problem& p, bool full_experts) {
+  const int R = p.spec.num_ranks, E = p.spec.experts, K = p.spec.topk;
+  const bool ht = p.spec.mode == Mode::kHt;
+  out("# %s routing, tokens %d per rank, %s, seed %llu\n", ht ? "HT" : "LL", p.spec.tokens, p.spec.routing.text.c_str(),
+      static_cast<unsigned long long>(p.spec.seed));
+  out("#   traffic matrix: %s from rank s (row) to rank d (column)\n",
+      ht ? "tokens (deduplicated per rank)" : "(token, expert) selections");
+  std::string line = "#     s\\d";
+  for (int d = 0; d < R; ++d)
+    line += "  " + std::string(9 - std::min<size_t>(9, std::to_string(d).size()), ' ') + std::to_string(d);
+  out("%s\n", line.c_str());
+  for (int s = 0; s < R; ++s) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "#   %5d", s);
+    line = buf;
+    for (int d = 0; d < R; ++d) {
+      std::snprintf(buf, sizeof(buf), "  %9lld", static_cast<long long>(p.traffic[static_cast<size_t>(s * R + d)]));
+      line += buf;
+    }
+    out("%s\n", line.c_str());
+  }
+  // Received rows per rank.
+  line = ht ? "#   rows received per rank (N_recv):" : "#   selections received per rank:";
+  double sum = 0;
+  for (int d = 0; d < R; ++d) {
+    const int64_t n = ht ? p.numRecv(d) : p.numLlRecv(d);
+    sum += static_cast<double>(n);
+    line += " " + std::to_string(n);
+  }
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), " (mean %.1f)", sum / R);
+  out("%s%s\n", line.c_str(), buf);
+  if (!ht) {
+    line = "#   selections sent per rank:";
+    for (int s = 0; s < R; ++s) line += " " + std::to_string(p.numSelections(s));
+    out("%s\n", line.c_str());
+  }
+  // Per-expert load over all source ranks.
+  std::vector<int64_t> per_expert(static_cast<size_t>(E), 0);
+  int64_t masked = 0;
+  for (const auto& rr : p.routing.ranks)
+    for (int64_t e : rr.topk_idx) {
+      if (e >= 0) {
+        ++per_expert[static_cast<size_t>(e)];
+      } else {
+        ++masked;
+      }
+    }
+  const auto mm = std::minmax_element(per_expert.begin(), per_expert.end());
+  double mean = 0;
+  for (int64_t c : per_expert) mean += static_cast<double>(c);
+  mean /= E;
+  out("#   selections per expert (all source ranks): min %lld, max %lld, mean %.1f; masked slots %lld of %lld\n",
+      static_cast<long long>(*mm.first), static_cast<long long>(*mm.second), mean, static_cast<long long>(masked),
+      static_cast<long long>(static_cast<int64_t>(R) * p.spec.tokens * K));
+  if (full_experts) {
+    for (int e0 = 0; e0 < E; e0 += 16) {
+      std::snprintf(buf, sizeof(buf), "#     experts %3d-%3d:", e0, std::min(E, e0 + 16) - 1);
+      line = buf;
+      for (int e = e0; e < std::min(E, e0 + 16); ++e) {
+        std::snprintf(buf, sizeof(buf), " %5lld", static_cast<long long>(per_expert[static_cast<size_t>(e)]));
+        line += buf;
+      }
+      out("%s\n", line.c_str());
+    }
+  }
+}
+
+void printTableNotes(Mode mode, bool cpu) {
+  if (mode == Mode::kHt) {
+    out("# bytes per rank (averaged over ranks): dispatch = N_recv*H*2 (bf16) or N_recv*H*(1+4/128) (fp8 + float\n"
+        "#   scales); combine = N_recv*H*2 (bf16); notify_dispatch counts the dispatch bytes. N_recv = rows the rank\n"
+        "#   receives, its own tokens included. logical_GB/s = bytes / time_us; baseline_GB/s = the same bytes /\n"
+        "#   baseline_us.\n");
+  } else {
+    out("# bytes per rank (averaged over ranks): dispatch = S*(H + H/128*4 + 16) (fp8: data, float scales, header)\n"
+        "#   or S*H*2 (bf16); combine = S*H*2; S = valid (token, expert) selections of the rank's tokens (no\n"
+        "#   deduplication). logical_GB/s = bytes / time_us; baseline_GB/s = the same bytes / baseline_us. The\n"
+        "#   send/recv rows time each half separately (no bandwidth).\n");
+  }
+  if (cpu) {
+    out("# CPU reference timings: time_us = one nccl_moe::ref call computing all ranks on one thread (median);\n"
+        "#   baseline_us = the ranks as threads: gather into per-destination order, memcpy all-to-all,\n"
+        "#   un-permutation. #wrong = reference vs its brute-force model and vs the problem's expected rows;\n"
+        "#   bl#wrong = CPU baseline vs the reference. Not comparable with GPU numbers.\n");
+  } else {
+    out("# time_us = max over ranks of each rank's median (CUDA events around each call, NCCL barrier before it);\n"
+        "#   baseline = gather into per-destination order + grouped ncclSend/ncclRecv + un-permutation (scatter\n"
+        "#   into expert slabs for LL dispatch, FP32 reduction into [T, H] for combines), same routing, same run;\n"
+        "#   its notify_dispatch adds the per-peer count exchange and a host wait. #wrong / bl#wrong = elements\n"
+        "#   that differ from nccl_moe::ref (summed over ranks).\n");
+  }
+}
+
+double opBytesPerRank(const Problem& p, const std::string& op) {
+  const int R = p.spec.num_ranks, H = p.spec.hidden;
+  double sum = 0;
+  for (int r = 0; r < R; ++r) {
+    if (p.spec.mode == Mode::kHt) {
+      sum += op == "combine" ? htCombineBytes(p.numRecv(r), H) : htDispatchBytes(p.numRecv(r), H, p.spec.dtype);
+    } else {
+      const bool combine = op.rfind("combine", 0) == 0;
+      sum += combine ? llCombineBytes(p.numSelections(r), H) : llDispatchBytes(p.numSelections(r), H, p.spec.dtype);
+    }
+  }
+  return sum / R;
+}
+
+ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu) {
+  ResultRow row;
+  row.backend = cpu ? "cpu" : "gpu";
+  row.mode = p.spec.mode;
+  row.op = op;
+  row.dtype = p.spec.dtype;
+  row.ranks = p.spec.num_ranks;
+  row.gpus = cpu ? 0 : p.spec.num_ranks;
+  row.sms = sms;
+  row.tokens = p.spec.tokens;
+  row.hidden = p.spec.hidden;
+  row.topk = p.spec.topk;
+  row.experts = p.spec.experts;
+  row.routing = p.spec.routing.text;
+  row.seed = p.spec.seed;
+  row.iters = run.iters;
+  row.warmup = run.warmup;
+  row.git_sha = run.git_sha;
+  row.checked = run.options.check != 0;
+  row.bytes_per_rank = opBytesPerRank(p, op);
+  row.has_gbps = op.find("_send") == std::string::npos && op.find("_recv") == std::string::npos;
+  return row;
+}
+
+}  // namespace nccl_moe::perf

@@ -1,0 +1,39 @@
+// Pieces shared by the CPU and GPU backends of moe-perf: run-wide settings, the routing summary printed before each
+// size, the byte-accounting notes printed under each table, and row construction.
+#pragma once
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "options.h"
+#include "problem.h"
+#include "report.h"
+
+namespace nccl_moe::perf {
+
+struct RunInfo {
+  Options options;
+  std::string git_sha = "unknown";
+  int iters = 20;
+  int warmup = 5;
+  JsonLinesWriter* json = nullptr;
+};
+
+// Prints to stdout and flushes (progress must be visible while a long run is going).
+void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// "# ..." lines: traffic matrix (rows = source rank s, columns = destination d), received rows per rank and the
+// per-expert load summary. `full_experts` also lists every expert's count (CPU mode).
+void printRoutingSummary(const Problem& p, bool full_experts);
+
+// The notes written under a mode's table: byte accounting and what time_us / baseline_us measure.
+void printTableNotes(Mode mode, bool cpu);
+
+// A row with the shape fields of `p` filled in.
+ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu);
+
+// Logical bytes of an op, averaged over ranks.
+double opBytesPerRank(const Problem& p, const std::string& op);
+
+}  // namespace nccl_moe::perf
