@@ -1,0 +1,844 @@
+// High-throughput dispatch / combine on real GPUs against the CPU reference, bitwise.
+//
+// Every case runs on all GPUs of the machine (one thread per rank, ncclCommInitAll): notify, dispatch,
+// cached re-dispatch of new data with the same handle, combine (with 0/1/2 biases, with or without weights),
+// and compares each output field with ref::ht_dispatch / ref::ht_combine. The mode space enumerated below
+// covers dtype x fp8 scale format x scale strides x index type x K x masked slots x expert alignment x
+// worst-case capacity x zero-token ranks x skew x odd hidden sizes. Separate tests: CUDA-graph capture and
+// replay with new routing, a few hundred random back-to-back calls, capacity overflow, a peer that never
+// arrives (timeout), layout and the fp8 cast helper.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <sstream>
+
+#include "ht_harness.h"
+#include "kernels/intranode/tuning.h"
+
+namespace ht_test {
+namespace {
+
+struct HtCase {
+  std::string name;
+  int num_experts = 64, topk = 8, tokens = 256, hidden = 1024;
+  ref::DType dtype = ref::DType::kBf16;
+  ref::ScaleFormat format = ref::ScaleFormat::kFloat;
+  int scale_layout = 0;  // 0 packed, 1 padded token stride, 2 column-major (token stride 1)
+  bool idx64 = true;
+  int alignment = 1;
+  bool worst_case = false;
+  double skew = 1.0, masked = 0.0, empty = 0.0;
+  int zero_ranks = 0;
+  bool weights = true;
+  int num_sms = 0;
+  int biases = 0;              // combine: 0, 1 or 2 biases
+  bool combine_weights = true;
+  uint64_t seed = 1;
+  nccl_moe::HtTuning tuning{};  // warp roles of the kernels (process-wide while the case runs)
+};
+
+std::ostream& operator<<(std::ostream& os, const HtCase& c) { return os << c.name; }
+
+// Everything the ranks need, computed once on the host with the reference.
+struct Expected {
+  ref::Routing routing;
+  std::vector<ref::Rows> x1, x2;  // dispatch data, cached re-dispatch data
+  ref::HtDispatch d1, d2;
+  std::vector<std::vector<uint16_t>> y;     // combine input per rank [N_d, H]
+  std::vector<std::vector<float>> yw;       // combine weights per rank [N_d, K]
+  std::vector<std::vector<uint16_t>> b0, b1;
+  ref::HtCombineResult c;
+  int capacity = 0;  // max_tokens_per_rank of the communicator
+};
+
+std::vector<ref::Rows> makeRows(const ref::Routing& routing, uint64_t seed, int hidden, ref::DType dtype,
+                                ref::ScaleFormat format) {
+  auto bf16 = ref::make_bf16_rows_all(routing, seed, hidden, ref::ValueKind::kWide);
+  std::vector<ref::Rows> rows;
+  for (int s = 0; s < routing.num_ranks; ++s) {
+    const int T = routing.ranks[s].num_tokens;
+    if (dtype == ref::DType::kBf16)
+      rows.push_back(ref::Rows::from_bf16(bf16[s], T, hidden));
+    else
+      rows.push_back(ref::cast_to_fp8(bf16[s], T, hidden, format));
+  }
+  return rows;
+}
+
+Expected makeExpected(const HtCase& c, int num_ranks) {
+  Expected e;
+  ref::RoutingSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.num_experts = c.num_experts;
+  spec.topk = c.topk;
+  spec.num_tokens = c.tokens;
+  spec.skew = c.skew;
+  spec.masked_fraction = c.masked;
+  spec.empty_token_fraction = c.empty;
+  spec.num_zero_token_ranks = c.zero_ranks;
+  spec.with_weights = c.weights;
+  spec.seed = c.seed;
+  e.routing = ref::make_routing(spec);
+  e.capacity = c.tokens > 0 ? c.tokens : 1;
+  e.x1 = makeRows(e.routing, c.seed * 7 + 1, c.hidden, c.dtype, c.format);
+  e.x2 = makeRows(e.routing, c.seed * 7 + 2, c.hidden, c.dtype, c.format);
+  e.d1 = ref::ht_dispatch(e.routing, c.alignment, &e.x1);
+  e.d2 = ref::ht_dispatch(e.routing, c.alignment, &e.x2);
+  ref::Rng rng(ref::mix_seed(c.seed, 99));
+  for (int d = 0; d < num_ranks; ++d) {
+    const int n = e.d1.recv[d].num_recv;
+    e.y.push_back(ref::make_bf16_rows(c.seed * 7 + 3, d, n, c.hidden, ref::ValueKind::kWide));
+    std::vector<float> w(static_cast<size_t>(n) * c.topk);
+    for (auto& v : w) v = static_cast<float>(rng.uniform() * 2.0 - 1.0);
+    e.yw.push_back(std::move(w));
+  }
+  for (int s = 0; s < num_ranks; ++s) {
+    const int T = e.routing.ranks[s].num_tokens;
+    e.b0.push_back(ref::make_bf16_rows(c.seed * 7 + 4, s, T, c.hidden, ref::ValueKind::kWide));
+    e.b1.push_back(ref::make_bf16_rows(c.seed * 7 + 5, s, T, c.hidden, ref::ValueKind::kWide));
+  }
+  e.c = ref::ht_combine(e.d1, e.y, c.hidden, c.combine_weights ? &e.yw : nullptr, c.biases >= 1 ? &e.b0 : nullptr,
+                        c.biases >= 2 ? &e.b1 : nullptr);
+  return e;
+}
+
+// Device copies of one rank's dispatch inputs.
+struct DispatchInputs {
+  DevBuf x, scales, weights;
+  int64_t token_stride = 0, word_stride = 0;
+};
+
+void uploadInputs(const ref::Rows& rows, const ref::RankRouting& rr, int scale_layout, DispatchInputs* in) {
+  const size_t row_bytes = rows.dtype == ref::DType::kBf16 ? 2 * static_cast<size_t>(rows.hidden) : rows.hidden;
+  in->x.alloc(rows.num_rows * row_bytes + 16);
+  if (rows.dtype == ref::DType::kBf16)
+    in->x.upload(rows.bf16);
+  else
+    in->x.upload(rows.fp8);
+  if (rows.dtype == ref::DType::kFp8E4M3) {
+    const bool ue8m0 = rows.scale_format == ref::ScaleFormat::kUe8m0;
+    const int words = ue8m0 ? ref::num_packed_scales(rows.hidden) : ref::num_scale_groups(rows.hidden);
+    if (scale_layout == 1) {
+      in->token_stride = words + 3;
+      in->word_stride = 1;
+    } else if (scale_layout == 2) {
+      in->token_stride = 1;
+      in->word_stride = rows.num_rows > 0 ? rows.num_rows : 1;
+    }
+    auto s = stridedScales(rows, in->token_stride, in->word_stride);
+    in->scales.alloc(s.size() * 4 + 16);
+    in->scales.upload(s);
+  }
+  in->weights.alloc(rr.topk_weights.size() * 4 + 16);
+  in->weights.upload(rr.topk_weights);
+}
+
+// Outputs of one dispatch on one rank.
+struct DispatchOutputs {
+  DevBuf x, scales, idx, weights;
+  int rows = 0;
+  void alloc(int rows_, int hidden, int topk, bool fp8, bool idx64, int scale_words) {
+    rows = rows_;
+    const size_t r = rows > 0 ? rows : 1;
+    x.alloc(r * (fp8 ? hidden : 2 * hidden));
+    scales.alloc(r * scale_words * 4 + 4);
+    idx.alloc(r * topk * (idx64 ? 8 : 4));
+    weights.alloc(r * topk * 4);
+    idx.fill(0x55);  // sentinel: every id the dispatch owes must be written
+    weights.fill(0x55);
+  }
+};
+
+void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
+                   const char* what) {
+  SCOPED_TRACE(std::string(what) + " rank " + std::to_string(rank));
+  const int N = want.num_recv, K = c.topk, H = c.hidden;
+  ASSERT_LE(N, out.rows);
+  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
+  if (fp8) {
+    auto x = out.x.download<uint8_t>(static_cast<size_t>(N) * H);
+    const long long i = firstDiff(x.data(), want.x.fp8.data(), x.size());
+    EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    if (c.format == ref::ScaleFormat::kUe8m0) {
+      const int P = ref::num_packed_scales(H);
+      auto s = out.scales.download<int32_t>(static_cast<size_t>(N) * P);
+      EXPECT_EQ(-1, firstDiff(s.data(), want.x.packed_scales.data(), s.size())) << "ue8m0 scales";
+    } else {
+      const int G = ref::num_scale_groups(H);
+      auto s = out.scales.download<float>(static_cast<size_t>(N) * G);
+      EXPECT_EQ(-1, firstDiff(s.data(), want.x.scales.data(), s.size())) << "float scales";
+    }
+  } else {
+    auto x = out.x.download<uint16_t>(static_cast<size_t>(N) * H);
+    const long long i = firstDiff(x.data(), want.x.bf16.data(), x.size());
+    EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+  }
+  const int rows_ids = c.worst_case ? out.rows : N;
+  std::vector<int64_t> ids(static_cast<size_t>(rows_ids) * K);
+  if (c.idx64) {
+    ids = out.idx.download<int64_t>(ids.size());
+  } else {
+    auto i32 = out.idx.download<int32_t>(ids.size());
+    ids.assign(i32.begin(), i32.end());
+  }
+  for (size_t i = 0; i < static_cast<size_t>(N) * K; ++i) {
+    if (ids[i] != want.topk_idx[i]) {
+      ADD_FAILURE() << "topk id row " << i / K << " slot " << i % K << ": " << ids[i] << " != " << want.topk_idx[i];
+      break;
+    }
+  }
+  for (size_t i = static_cast<size_t>(N) * K; i < ids.size(); ++i) {
+    if (ids[i] != -1) {
+      ADD_FAILURE() << "row " << i / K << " past N_recv = " << N << " has id " << ids[i] << " (expected -1)";
+      break;
+    }
+  }
+  if (c.weights) {
+    auto w = out.weights.download<float>(static_cast<size_t>(N) * K);
+    EXPECT_EQ(-1, firstDiff(w.data(), want.topk_weights.data(), w.size())) << "topk weights";
+  }
+}
+
+// The whole flow of one case on one rank. Non-fatal checks, so every rank reaches the collective destroy.
+void runRank(const HtCase& c, const Expected& e, World& world, int rank) {
+  const int R = world.size();
+  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+  config.num_experts = c.num_experts;
+  config.hidden = c.hidden;
+  config.max_topk = c.topk;
+  config.max_tokens_per_rank = e.capacity;
+  config.num_sms = c.num_sms;
+  ncclMoeComm_t comm = nullptr;
+  ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
+  ncclMoeHandle_t handle = nullptr;
+  bool ok = ncclMoeHandleCreate(comm, &handle) == ncclSuccess;
+  EXPECT_TRUE(ok) << ncclMoeGetLastError(comm);
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  auto step = [&](ncclResult_t res, const char* what) {
+    if (!ok) return;
+    if (res == ncclSuccess && cudaStreamSynchronize(stream) != cudaSuccess) res = ncclUnhandledCudaError;
+    ncclResult_t async = ncclSuccess;
+    if (res == ncclSuccess) ncclMoeCommGetAsyncError(comm, &async);
+    if (res != ncclSuccess || async != ncclSuccess) {
+      ADD_FAILURE() << "rank " << rank << " " << what << ": " << ncclMoeGetLastError(comm);
+      ok = false;
+    }
+  };
+
+  const ref::RankRouting& rr = e.routing.ranks[rank];
+  const int T = rr.num_tokens, K = c.topk, H = c.hidden;
+  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
+  const int scale_words = !fp8 ? 0
+                          : c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(H)
+                                                                  : ref::num_scale_groups(H);
+  DevBuf idx(rr.topk_idx.size() * 8 + 16);
+  if (c.idx64)
+    idx.upload(rr.topk_idx);
+  else
+    idx.upload(toInt32(rr.topk_idx));
+
+  ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+  na.topk_idx = idx.get();
+  na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
+  na.num_tokens = T;
+  na.topk = K;
+  na.expert_alignment = c.alignment;
+  na.recv_capacity = c.worst_case ? R * e.capacity : 0;
+  int num_recv = -1;
+  const int El = c.num_experts / R;
+  std::vector<int> per_expert(El, -1);
+  na.num_recv_tokens = &num_recv;
+  na.num_recv_tokens_per_expert = per_expert.data();
+  step(ncclMoeDispatchNotify(comm, handle, &na, stream), "notify");
+  const ref::HtRankRecv& want = e.d1.recv[rank];
+  const int* d_count = nullptr;
+  const int* d_per_expert = nullptr;
+  const int* d_src_info = nullptr;
+  ncclMoeHandleRecvCountDevice(handle, &d_count, &d_per_expert, &d_src_info);
+  if (ok) {
+    if (!c.worst_case) {
+      EXPECT_EQ(want.num_recv, num_recv) << "rank " << rank;
+      EXPECT_EQ(want.num_recv_per_expert, per_expert) << "rank " << rank;
+    }
+    int dev_count = -1;
+    cudaMemcpy(&dev_count, d_count, 4, cudaMemcpyDeviceToHost);
+    EXPECT_EQ(want.num_recv, dev_count) << "rank " << rank;
+    std::vector<int> dev_pe(El);
+    cudaMemcpy(dev_pe.data(), d_per_expert, 4 * El, cudaMemcpyDeviceToHost);
+    EXPECT_EQ(want.num_recv_per_expert, dev_pe) << "rank " << rank;
+    std::vector<int32_t> src(want.num_recv);
+    if (want.num_recv > 0) cudaMemcpy(src.data(), d_src_info, 4 * src.size(), cudaMemcpyDeviceToHost);
+    EXPECT_EQ(want.src_info, src) << "rank " << rank << " recv_src_info";
+  }
+  const int rows = c.worst_case ? R * e.capacity : (num_recv > 0 ? num_recv : 0);
+
+  // Dispatch, then a cached re-dispatch of new data with the same handle.
+  for (int pass = 0; pass < 2 && ok; ++pass) {
+    DispatchInputs in;
+    uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, c.scale_layout, &in);
+    DispatchOutputs out;
+    out.alloc(rows, H, K, fp8, c.idx64, scale_words);
+    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+    da.x = in.x.get();
+    da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
+    da.hidden = H;
+    if (fp8) {
+      da.x_scales = in.scales.get();
+      da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
+      da.x_scales_token_stride = in.token_stride;
+      da.x_scales_channel_stride = in.word_stride;
+      da.recv_x_scales = out.scales.get();
+    }
+    da.topk_weights = c.weights ? in.weights.get<float>() : nullptr;
+    da.recv_x = out.x.get();
+    da.recv_topk_idx = out.idx.get();
+    da.recv_topk_weights = c.weights ? out.weights.get<float>() : nullptr;
+    da.num_sms = c.num_sms;
+    step(ncclMoeDispatch(comm, handle, &da, stream), pass == 0 ? "dispatch" : "cached dispatch");
+    if (ok) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, pass == 0 ? "dispatch" : "cached");
+  }
+
+  // Combine of the expert outputs y (in dispatch order).
+  if (ok) {
+    DevBuf y(static_cast<size_t>(rows > 0 ? rows : 1) * H * 2), yw(static_cast<size_t>(rows > 0 ? rows : 1) * K * 4);
+    y.upload(e.y[rank]);
+    yw.upload(e.yw[rank]);
+    DevBuf b0(static_cast<size_t>(T) * H * 2 + 16), b1(static_cast<size_t>(T) * H * 2 + 16);
+    b0.upload(e.b0[rank]);
+    b1.upload(e.b1[rank]);
+    DevBuf out(static_cast<size_t>(T) * H * 2 + 16), out_w(static_cast<size_t>(T) * K * 4 + 16);
+    ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
+    ca.x = y.get();
+    ca.hidden = H;
+    ca.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
+    ca.combined_topk_weights = c.combine_weights ? out_w.get<float>() : nullptr;
+    ca.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
+    ca.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
+    ca.combined_x = out.get();
+    ca.num_sms = c.num_sms;
+    step(ncclMoeCombine(comm, handle, &ca, stream), "combine");
+    if (ok) {
+      auto got = out.download<uint16_t>(static_cast<size_t>(T) * H);
+      const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
+      EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / H) << " channel "
+                       << (i < 0 ? -1 : i % H) << ": " << (i < 0 ? 0 : got[i]) << " != "
+                       << (i < 0 ? 0 : e.c.x[rank][i]);
+      if (c.combine_weights) {
+        auto gw = out_w.download<float>(static_cast<size_t>(T) * K);
+        EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size())) << "rank " << rank << " combined weights";
+      }
+    }
+  }
+  cudaStreamDestroy(stream);
+  ncclMoeHandleDestroy(handle);
+  EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm)) << ncclMoeGetLastError(nullptr);
+}
+
+std::vector<HtCase> allCases() {
+  std::vector<HtCase> v;
+  auto add = [&](const char* name, std::function<void(HtCase&)> f) {
+    HtCase c;
+    c.name = name;
+    c.seed = v.size() + 1;
+    f(c);
+    v.push_back(c);
+  };
+  using D = ref::DType;
+  using F = ref::ScaleFormat;
+  add("Bf16", [](HtCase&) {});
+  add("Bf16Int32Align128Bias1", [](HtCase& c) { c.idx64 = false; c.alignment = 128; c.biases = 1; });
+  add("Fp8Float", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.biases = 2; });
+  add("Fp8FloatPaddedStride", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.scale_layout = 1; });
+  add("Fp8FloatColumnMajor", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.scale_layout = 2; c.combine_weights = false; });
+  add("Fp8Ue8m0", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; });
+  add("Fp8Ue8m0ColumnMajorOddHidden", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; c.scale_layout = 2; c.hidden = 2064; });
+  add("Top1", [](HtCase& c) { c.topk = 1; c.biases = 2; });
+  add("Top16Masked", [](HtCase& c) { c.topk = 16; c.masked = 0.3; c.num_experts = 128; });
+  add("Top3MaskedEmptyAlign128", [](HtCase& c) { c.topk = 3; c.masked = 0.2; c.empty = 0.2; c.alignment = 128; c.idx64 = false; });
+  add("ZeroTokenRank", [](HtCase& c) { c.zero_ranks = 1; c.biases = 1; });
+  add("Skewed", [](HtCase& c) { c.skew = 4.0; c.tokens = 700; });
+  add("Hidden136", [](HtCase& c) { c.hidden = 136; c.biases = 2; });
+  add("Hidden2064Fp8", [](HtCase& c) { c.hidden = 2064; c.dtype = D::kFp8E4M3; });  // fp8 needs H % 16
+  add("Hidden2056", [](HtCase& c) { c.hidden = 2056; });
+  add("NoWeights", [](HtCase& c) { c.weights = false; c.combine_weights = false; });
+  add("WorstCaseBf16", [](HtCase& c) { c.worst_case = true; c.biases = 2; });
+  add("WorstCaseFp8Ue8m0Int32", [](HtCase& c) { c.worst_case = true; c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; c.idx64 = false; });
+  add("OneSm", [](HtCase& c) { c.num_sms = 1; c.tokens = 64; });
+  add("ManySmsFewTokens", [](HtCase& c) { c.num_sms = 64; c.tokens = 7; });
+  add("LargeTokens", [](HtCase& c) { c.tokens = 4096; c.hidden = 512; c.topk = 8; c.num_experts = 256; });
+  add("BlockSplitFp8", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.num_sms = 6;
+    c.tuning.dispatch_send_blocks = 2;
+    c.tuning.combine_send_blocks = 4;
+    c.biases = 2;
+  });
+  add("BlockSplitBf16Skewed", [](HtCase& c) {
+    c.num_sms = 5;
+    c.skew = 3.0;
+    c.tuning.dispatch_send_blocks = 3;
+    c.tuning.combine_send_blocks = 1;
+  });
+  add("WarpSplit4And28", [](HtCase& c) {
+    c.num_sms = 3;
+    c.tuning.dispatch_send_warps = 4;
+    c.tuning.combine_send_warps = 28;
+  });
+  return v;
+}
+
+class HtDispatchCombine : public ::testing::TestWithParam<HtCase> {};
+
+TEST_P(HtDispatchCombine, MatchesReference) {
+  const int n = worldSize();
+  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  const HtCase& c = GetParam();
+  const Expected e = makeExpected(c, n);
+  World world(n);
+  ASSERT_TRUE(world.ok());
+  nccl_moe::htTuning() = c.tuning;
+  world.run([&](int r) { runRank(c, e, world, r); });
+  nccl_moe::htTuning() = nccl_moe::HtTuning{};
+}
+
+INSTANTIATE_TEST_SUITE_P(Ht, HtDispatchCombine, ::testing::ValuesIn(allCases()),
+                         [](const ::testing::TestParamInfo<HtCase>& info) { return info.param.name; });
+
+
+// ------------------------------------------------------------------------------------------------
+// CUDA graph: notify (worst-case mode) + dispatch + combine captured once, replayed with new routing and data
+// written into the same device buffers.
+// ------------------------------------------------------------------------------------------------
+
+TEST(HtGraph, NotifyDispatchCombineReplayWithNewRouting) {
+  const int n = worldSize();
+  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  const int E = 64, K = 8, T = 256, H = 1024, kReplays = 6;
+  struct Replay {
+    ref::Routing routing;
+    std::vector<ref::Rows> x;
+    ref::HtDispatch d;
+    ref::HtCombineResult c;
+  };
+  std::vector<Replay> replays(kReplays);
+  for (int i = 0; i < kReplays; ++i) {
+    ref::RoutingSpec spec;
+    spec.num_ranks = n;
+    spec.num_experts = E;
+    spec.topk = K;
+    spec.num_tokens = T;
+    spec.masked_fraction = i % 2 ? 0.25 : 0.0;
+    spec.skew = i == 3 ? 3.0 : 1.0;
+    spec.seed = 1000 + i;
+    Replay& r = replays[i];
+    r.routing = ref::make_routing(spec);
+    r.x = makeRows(r.routing, 2000 + i, H, ref::DType::kBf16, ref::ScaleFormat::kFloat);
+    r.d = ref::ht_dispatch(r.routing, 1, &r.x);
+    std::vector<std::vector<uint16_t>> y(n);
+    std::vector<std::vector<float>> w(n);
+    for (int d = 0; d < n; ++d) {
+      y[d] = r.d.recv[d].x.bf16;
+      w[d] = r.d.recv[d].topk_weights;
+    }
+    r.c = ref::ht_combine(r.d, y, H, &w);
+  }
+  World world(n);
+  ASSERT_TRUE(world.ok());
+  world.run([&](int rank) {
+    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+    config.num_experts = E;
+    config.hidden = H;
+    config.max_topk = K;
+    config.max_tokens_per_rank = T;
+    ncclMoeComm_t comm = nullptr;
+    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
+    ncclMoeHandle_t handle = nullptr;
+    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+    const int cap = n * T;
+    DevBuf idx(static_cast<size_t>(T) * K * 8), wts(static_cast<size_t>(T) * K * 4), x(static_cast<size_t>(T) * H * 2);
+    DevBuf rx(static_cast<size_t>(cap) * H * 2), ridx(static_cast<size_t>(cap) * K * 8), rw(static_cast<size_t>(cap) * K * 4);
+    DevBuf out(static_cast<size_t>(T) * H * 2), out_w(static_cast<size_t>(T) * K * 4);
+    cudaStream_t stream;
+    cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+    na.topk_idx = idx.get();
+    na.num_tokens = T;
+    na.topk = K;
+    na.recv_capacity = cap;
+    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+    da.x = x.get();
+    da.hidden = H;
+    da.topk_weights = wts.get<float>();
+    da.recv_x = rx.get();
+    da.recv_topk_idx = ridx.get();
+    da.recv_topk_weights = rw.get<float>();
+    ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
+    ca.x = rx.get();
+    ca.hidden = H;
+    ca.topk_weights = rw.get<float>();
+    ca.combined_topk_weights = out_w.get<float>();
+    ca.combined_x = out.get();
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+    if (ok) {
+      EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, stream)) << ncclMoeGetLastError(comm);
+      EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, stream)) << ncclMoeGetLastError(comm);
+      EXPECT_EQ(ncclSuccess, ncclMoeCombine(comm, handle, &ca, stream)) << ncclMoeGetLastError(comm);
+      ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess &&
+           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    }
+    EXPECT_TRUE(ok) << "capture failed: " << cudaGetErrorString(cudaGetLastError());
+    const int* d_count = nullptr;
+    ncclMoeHandleRecvCountDevice(handle, &d_count, nullptr, nullptr);
+    for (int i = 0; i < kReplays && ok; ++i) {
+      const Replay& r = replays[i];
+      idx.upload(r.routing.ranks[rank].topk_idx);
+      wts.upload(r.routing.ranks[rank].topk_weights);
+      x.upload(r.x[rank].bf16);
+      // Launch twice on the last replay: back-to-back replays must not disturb each other.
+      const int launches = i == kReplays - 1 ? 2 : 1;
+      for (int l = 0; l < launches; ++l) EXPECT_EQ(cudaSuccess, cudaGraphLaunch(exec, stream));
+      EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
+      ncclResult_t async = ncclSuccess;
+      ncclMoeCommGetAsyncError(comm, &async);
+      if (async != ncclSuccess) {
+        ADD_FAILURE() << "rank " << rank << " replay " << i << ": " << ncclMoeGetLastError(comm);
+        ok = false;
+        break;
+      }
+      const ref::HtRankRecv& want = r.d.recv[rank];
+      int count = -1;
+      cudaMemcpy(&count, d_count, 4, cudaMemcpyDeviceToHost);
+      EXPECT_EQ(want.num_recv, count) << "replay " << i;
+      HtCase c;
+      c.topk = K;
+      c.hidden = H;
+      c.worst_case = true;
+      DispatchOutputs view;  // wrap the graph's outputs for checkDispatch (no copies)
+      view.rows = cap;
+      view.x = std::move(rx);
+      view.idx = std::move(ridx);
+      view.weights = std::move(rw);
+      checkDispatch(c, want, view, rank, ("replay " + std::to_string(i)).c_str());
+      rx = std::move(view.x);
+      ridx = std::move(view.idx);
+      rw = std::move(view.weights);
+      auto got = out.download<uint16_t>(static_cast<size_t>(T) * H);
+      EXPECT_EQ(-1, firstDiff(got.data(), r.c.x[rank].data(), got.size())) << "replay " << i << " combine";
+      auto gw = out_w.download<float>(static_cast<size_t>(T) * K);
+      EXPECT_EQ(-1, firstDiff(gw.data(), r.c.topk_weights[rank].data(), gw.size())) << "replay " << i << " weights";
+    }
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+    ncclMoeHandleDestroy(handle);
+    EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm)) << ncclMoeGetLastError(nullptr);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// A few hundred random calls on one communicator: every call enqueued back to back (notify, dispatch,
+// cached re-dispatch, combine) and checked after one synchronisation.
+// ------------------------------------------------------------------------------------------------
+
+TEST(HtStress, RandomBackToBackCalls) {
+  const int n = worldSize();
+  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  const int E = 32, Hmax = 256, Kmax = 8, cap = 96;
+  const int kIters = 300;
+  struct Iter {
+    HtCase c;
+    Expected e;
+  };
+  std::vector<Iter> iters(kIters);
+  ref::Rng rng(4242);
+  for (int i = 0; i < kIters; ++i) {
+    HtCase& c = iters[i].c;
+    c.name = "iter" + std::to_string(i);
+    c.num_experts = E;
+    c.topk = 1 + static_cast<int>(rng.below(Kmax));
+    c.hidden = 16 * (1 + static_cast<int>(rng.below(Hmax / 16)));
+    const int kind = static_cast<int>(rng.below(3));
+    c.dtype = kind == 0 ? ref::DType::kBf16 : ref::DType::kFp8E4M3;
+    c.format = kind == 2 ? ref::ScaleFormat::kUe8m0 : ref::ScaleFormat::kFloat;
+    c.idx64 = rng.below(2) == 0;
+    c.alignment = rng.below(2) == 0 ? 1 : 4;
+    c.worst_case = rng.below(2) == 0;
+    c.masked = rng.below(3) == 0 ? 0.3 : 0.0;
+    c.skew = rng.below(4) == 0 ? 3.0 : 1.0;
+    c.weights = rng.below(4) != 0;
+    c.combine_weights = rng.below(2) == 0;
+    c.biases = static_cast<int>(rng.below(3));
+    c.num_sms = 1 + static_cast<int>(rng.below(32));
+    c.tokens = static_cast<int>(rng.below(cap + 1));
+    c.zero_ranks = rng.below(8) == 0 ? 1 : 0;
+    c.seed = 10000 + i;
+    iters[i].e = makeExpected(c, n);
+    iters[i].e.capacity = cap;
+  }
+  World world(n);
+  ASSERT_TRUE(world.ok());
+  world.run([&](int rank) {
+    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+    config.num_experts = E;
+    config.hidden = Hmax;
+    config.max_topk = Kmax;
+    config.max_tokens_per_rank = cap;
+    ncclMoeComm_t comm = nullptr;
+    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
+    ncclMoeHandle_t handle = nullptr;
+    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+    cudaStream_t stream;
+    cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    bool ok = true;
+    for (int i = 0; i < kIters && ok; ++i) {
+      const HtCase& c = iters[i].c;
+      const Expected& e = iters[i].e;
+      const ref::RankRouting& rr = e.routing.ranks[rank];
+      const int T = rr.num_tokens, K = c.topk, H = c.hidden;
+      const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
+      const int scale_words = !fp8 ? 0
+                              : c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(H)
+                                                                      : ref::num_scale_groups(H);
+      DevBuf idx(rr.topk_idx.size() * 8 + 16);
+      if (c.idx64)
+        idx.upload(rr.topk_idx);
+      else
+        idx.upload(toInt32(rr.topk_idx));
+      ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+      na.topk_idx = idx.get();
+      na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
+      na.num_tokens = T;
+      na.topk = K;
+      na.expert_alignment = c.alignment;
+      na.recv_capacity = c.worst_case ? n * cap : 0;
+      int num_recv = -1;
+      na.num_recv_tokens = &num_recv;
+      if (ncclMoeDispatchNotify(comm, handle, &na, stream) != ncclSuccess) {
+        ADD_FAILURE() << "rank " << rank << " iter " << i << " notify: " << ncclMoeGetLastError(comm);
+        ok = false;
+        break;
+      }
+      const int rows = c.worst_case ? n * cap : num_recv;
+      DispatchInputs in[2];
+      DispatchOutputs out[2];
+      for (int pass = 0; pass < 2 && ok; ++pass) {
+        uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, static_cast<int>(i % 3), &in[pass]);
+        out[pass].alloc(rows, H, K, fp8, c.idx64, scale_words);
+        ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+        da.x = in[pass].x.get();
+        da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
+        da.hidden = H;
+        if (fp8) {
+          da.x_scales = in[pass].scales.get();
+          da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
+          da.x_scales_token_stride = in[pass].token_stride;
+          da.x_scales_channel_stride = in[pass].word_stride;
+          da.recv_x_scales = out[pass].scales.get();
+        }
+        da.topk_weights = c.weights ? in[pass].weights.get<float>() : nullptr;
+        da.recv_x = out[pass].x.get();
+        da.recv_topk_idx = out[pass].idx.get();
+        da.recv_topk_weights = c.weights ? out[pass].weights.get<float>() : nullptr;
+        da.num_sms = c.num_sms;
+        if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
+          ADD_FAILURE() << "rank " << rank << " iter " << i << " dispatch: " << ncclMoeGetLastError(comm);
+          ok = false;
+        }
+      }
+      const size_t yrows = rows > 0 ? rows : 1;
+      DevBuf y(yrows * H * 2), yw(yrows * K * 4), b0(static_cast<size_t>(T) * H * 2 + 16),
+          b1(static_cast<size_t>(T) * H * 2 + 16), cout(static_cast<size_t>(T) * H * 2 + 16),
+          cw(static_cast<size_t>(T) * K * 4 + 16);
+      y.upload(e.y[rank]);
+      yw.upload(e.yw[rank]);
+      b0.upload(e.b0[rank]);
+      b1.upload(e.b1[rank]);
+      if (ok) {
+        ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
+        ca.x = y.get();
+        ca.hidden = H;
+        ca.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
+        ca.combined_topk_weights = c.combine_weights ? cw.get<float>() : nullptr;
+        ca.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
+        ca.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
+        ca.combined_x = cout.get();
+        ca.num_sms = c.num_sms;
+        if (ncclMoeCombine(comm, handle, &ca, stream) != ncclSuccess) {
+          ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
+          ok = false;
+        }
+      }
+      if (!ok) break;
+      EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
+      ncclResult_t async = ncclSuccess;
+      ncclMoeCommGetAsyncError(comm, &async);
+      if (async != ncclSuccess) {
+        ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm);
+        ok = false;
+        break;
+      }
+      const std::string tag = "iter " + std::to_string(i);
+      checkDispatch(c, e.d1.recv[rank], out[0], rank, (tag + " dispatch").c_str());
+      checkDispatch(c, e.d2.recv[rank], out[1], rank, (tag + " cached").c_str());
+      auto got = cout.download<uint16_t>(static_cast<size_t>(T) * H);
+      EXPECT_EQ(-1, firstDiff(got.data(), e.c.x[rank].data(), got.size())) << tag << " combine rank " << rank;
+      if (c.combine_weights) {
+        auto gw = cw.download<float>(static_cast<size_t>(T) * K);
+        EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size())) << tag << " weights";
+      }
+      if (::testing::Test::HasFailure()) ok = false;
+    }
+    cudaStreamDestroy(stream);
+    ncclMoeHandleDestroy(handle);
+    EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm)) << ncclMoeGetLastError(nullptr);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Errors recorded on the device
+// ------------------------------------------------------------------------------------------------
+
+TEST(HtErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) {
+  const int n = worldSize();
+  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  HtCase c;
+  c.tokens = 64;
+  c.num_experts = 32;
+  c.topk = 4;
+  c.hidden = 256;
+  c.worst_case = true;
+  const Expected e = makeExpected(c, n);
+  const int short_capacity = e.d1.recv[0].num_recv - 5;
+  ASSERT_GT(short_capacity, 0);
+  World world(n);
+  ASSERT_TRUE(world.ok());
+  world.run([&](int rank) {
+    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+    config.num_experts = c.num_experts;
+    config.hidden = c.hidden;
+    config.max_topk = c.topk;
+    config.max_tokens_per_rank = c.tokens;
+    ncclMoeComm_t comm = nullptr;
+    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
+    ncclMoeHandle_t handle = nullptr;
+    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+    const ref::RankRouting& rr = e.routing.ranks[rank];
+    const int capacity = rank == 0 ? short_capacity : n * c.tokens;
+    const int H = c.hidden, K = c.topk, extra = 8;
+    DevBuf idx(rr.topk_idx.size() * 8 + 16), x(static_cast<size_t>(rr.num_tokens) * H * 2 + 16);
+    idx.upload(rr.topk_idx);
+    x.upload(e.x1[rank].bf16);
+    DevBuf rx(static_cast<size_t>(capacity + extra) * H * 2), ridx(static_cast<size_t>(capacity + extra) * K * 8);
+    rx.fill(0x7b);
+    ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+    na.topk_idx = idx.get();
+    na.num_tokens = rr.num_tokens;
+    na.topk = K;
+    na.recv_capacity = capacity;
+    EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, nullptr)) << ncclMoeGetLastError(comm);
+    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+    da.x = x.get();
+    da.hidden = H;
+    da.recv_x = rx.get();
+    da.recv_topk_idx = ridx.get();
+    EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, nullptr)) << ncclMoeGetLastError(comm);
+    EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
+    ncclResult_t async = ncclSuccess;
+    ncclMoeCommGetAsyncError(comm, &async);
+    if (rank == 0) {
+      EXPECT_NE(ncclSuccess, async);
+      const std::string msg = ncclMoeGetLastError(comm);
+      EXPECT_NE(std::string::npos, msg.find("capacity")) << msg;
+      auto got = rx.download<uint16_t>(static_cast<size_t>(capacity + extra) * H);
+      const auto& want = e.d1.recv[0].x.bf16;
+      EXPECT_EQ(-1, firstDiff(got.data(), want.data(), static_cast<size_t>(capacity) * H)) << "rows below capacity";
+      for (size_t i = static_cast<size_t>(capacity) * H; i < got.size(); ++i) {
+        if (got[i] != 0x7b7b) {
+          ADD_FAILURE() << "row " << i / H << " past the capacity was written";
+          break;
+        }
+      }
+    } else {
+      EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comm);
+    }
+    ncclMoeHandleDestroy(handle);
+    ncclMoeCommDestroy(comm);
+  });
+}
+
+TEST(HtErrors, MissingPeerTimesOutWithPhaseRankAndPeer) {
+  const int n = worldSize();
+  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  const char* old = std::getenv("NCCL_MOE_TIMEOUT_S");
+  const std::string saved = old != nullptr ? old : "";
+  setenv("NCCL_MOE_TIMEOUT_S", "2", 1);
+  HtCase c;
+  c.tokens = 32;
+  c.num_experts = 16;
+  c.topk = 2;
+  c.hidden = 128;
+  const Expected e = makeExpected(c, n);
+  World world(n);
+  ASSERT_TRUE(world.ok());
+  world.run([&](int rank) {
+    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+    config.num_experts = c.num_experts;
+    config.hidden = c.hidden;
+    config.max_topk = c.topk;
+    config.max_tokens_per_rank = c.tokens;
+    ncclMoeComm_t comm = nullptr;
+    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
+    world.barrier().wait();
+    if (rank == 0) {  // every comm has read the variable: restore it for the tests that follow
+      if (saved.empty())
+        unsetenv("NCCL_MOE_TIMEOUT_S");
+      else
+        setenv("NCCL_MOE_TIMEOUT_S", saved.c_str(), 1);
+    }
+    ncclMoeHandle_t handle = nullptr;
+    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+    const ref::RankRouting& rr = e.routing.ranks[rank];
+    DevBuf idx(rr.topk_idx.size() * 8 + 16), x(static_cast<size_t>(rr.num_tokens) * c.hidden * 2 + 16);
+    idx.upload(rr.topk_idx);
+    x.upload(e.x1[rank].bf16);
+    ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+    na.topk_idx = idx.get();
+    na.num_tokens = rr.num_tokens;
+    na.topk = c.topk;
+    int num_recv = 0;
+    na.num_recv_tokens = &num_recv;
+    EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, nullptr)) << ncclMoeGetLastError(comm);
+    DevBuf rx(static_cast<size_t>(num_recv + 1) * c.hidden * 2);
+    if (rank == 0) {  // rank 0 dispatches; the other ranks skip this dispatch
+      ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+      da.x = x.get();
+      da.hidden = c.hidden;
+      da.recv_x = rx.get();
+      const auto start = std::chrono::steady_clock::now();
+      EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, nullptr)) << ncclMoeGetLastError(comm);
+      EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_LT(seconds, 20.0);
+      ncclResult_t async = ncclSuccess;
+      EXPECT_EQ(ncclSuccess, ncclMoeCommGetAsyncError(comm, &async));
+      EXPECT_EQ(ncclRemoteError, async);
+      const std::string msg = ncclMoeGetLastError(comm);
+      EXPECT_NE(std::string::npos, msg.find("ht-dispatch")) << msg;
+      EXPECT_NE(std::string::npos, msg.find("rank 0")) << msg;
+      EXPECT_NE(std::string::npos, msg.find("peer 1")) << msg;
+      // Every later call on the communicator reports the failure.
+      EXPECT_NE(ncclSuccess, ncclMoeDispatch(comm, handle, &da, nullptr));
+    }
+    world.barrier().wait();
+    ncclMoeHandleDestroy(handle);
+    ncclMoeCommDestroy(comm);
+  });
+}
+
+}  // namespace
+}  // namespace ht_test
