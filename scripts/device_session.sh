@@ -2,19 +2,24 @@
 # One full device session on a GPU machine: configure + build with all cores, GPU tests, moe-perf (HT and LL,
 # JSON rows), optionally compute-sanitizer; logs go to $OUT (or ./device-out). Prints a short summary last.
 #
-#   scripts/device_session.sh [all|build|tests|perf|sanitize ...]      (default: build tests perf)
-# Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_ARGS (extra moe-perf args),
-#              SKIP_BUILD=1 (reuse ./build).
+#   scripts/device_session.sh [all|build|tests|perf|overlap|sanitize ...]   (default: build tests perf)
+# Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_HT_ARGS / PERF_LL_ARGS (extra
+#              moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse ./build), NCCL_MOE_GIT_SHA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/device-out}
-mkdir -p "$OUT"
+# Logs are written to $LOG and packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files);
+# the JSON rows and the summary are copied to $OUT as plain files.
+RESULT_DIR=${OUT:-$PWD/device-out}
+LOG=$(mktemp -d)
+OUT=$LOG
+export OUT
+mkdir -p "$RESULT_DIR"
 # Never use NVLink multicast on shared machines.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PATH=/usr/local/cuda/bin:$PATH
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests perf)
-[ "${stages[0]}" = all ] && stages=(build tests perf sanitize)
+[ "${stages[0]}" = all ] && stages=(build tests perf overlap sanitize)
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 has() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -30,7 +35,8 @@ if has build && [ "${SKIP_BUILD:-0}" != 1 ]; then
      cmake --build build -j"$(nproc)" > "$OUT/build.log" 2>&1; then
     note "build: ok ($(( $(date +%s) - t0 )) s)"
   else
-    note "build: FAILED (see build.log)"; tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
+    note "build: FAILED (see build.log)"; grep -E "error" -A3 "$OUT/build.log" | head -40
+    tar czf "$RESULT_DIR/logs.tgz" -C "$LOG" .; exit 1
   fi
 fi
 
@@ -44,12 +50,20 @@ if has tests; then
 fi
 
 if has perf; then
-  for mode in ht ll; do
-    timeout 240 build/perf/moe-perf --mode "$mode" -g "$NGPU" -J "$OUT/perf_${mode}.json" ${PERF_ARGS:-} \
-      > "$OUT/perf_${mode}.log" 2>&1
-    note "moe-perf $mode: rc=$?"
-    tail -25 "$OUT/perf_${mode}.log"
-  done
+  timeout 300 build/perf/moe-perf --mode ht -g "$NGPU" -J "$OUT/perf_ht.json" ${PERF_HT_ARGS:-} \
+    > "$OUT/perf_ht.log" 2>&1
+  note "moe-perf ht: rc=$?"
+  grep -vE '^#  ' "$OUT/perf_ht.log" | tail -22
+  timeout 200 build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll.json" ${PERF_LL_ARGS:-} \
+    > "$OUT/perf_ll.log" 2>&1
+  note "moe-perf ll: rc=$?"
+  grep -vE '^#  ' "$OUT/perf_ll.log" | tail -30
+fi
+
+if has overlap; then
+  timeout 300 scripts/overlap_session.sh > "$OUT/overlap.log" 2>&1
+  note "overlap: rc=$?"
+  tail -30 "$OUT/overlap.log"
 fi
 
 if has sanitize; then
@@ -61,4 +75,6 @@ if has sanitize; then
 fi
 
 echo "================ summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$LOG/summary.txt"
+cp "$LOG"/summary.txt "$LOG"/perf_*.json "$RESULT_DIR"/ 2>/dev/null
+tar czf "$RESULT_DIR/logs.tgz" -C "$LOG" .
