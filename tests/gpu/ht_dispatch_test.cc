@@ -541,7 +541,7 @@ TEST(HtGraph, NotifyDispatchCombineReplayWithNewRouting) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// A few hundred random calls on one communicator: every call enqueued back to back (notify, dispatch,
+// Two thousand random calls on one communicator: every call enqueued back to back (notify, dispatch,
 // cached re-dispatch, combine) and checked after one synchronisation.
 // ------------------------------------------------------------------------------------------------
 
@@ -549,7 +549,7 @@ TEST(HtStress, RandomBackToBackCalls) {
   const int n = worldSize();
   if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
   const int E = 32, Hmax = 256, Kmax = 8, cap = 96;
-  const int kIters = 300;
+  const int kIters = 2000;
   struct Iter {
     HtCase c;
     Expected e;
