@@ -255,11 +255,13 @@ typedef struct {
   int* recv_count;                /* out: [E_l] int32 rows received per local expert; device */
   int* cumulative_recv_stats;     /* optional in/out: [E_l] int32, recv counts added to it */
   ncclMoePhase_t phase;           /* both, or send then (later) recv */
+  const float* topk_weights;      /* optional (send half): [T, K] float32, device. Carried with the tokens so the
+                                   * matching LL combine may pass topk_weights = NULL and skip its weight exchange */
 } ncclMoeLLDispatchArgs_t;
 
 #define NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER                                                              \
   { sizeof(ncclMoeLLDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, NULL, ncclMoeIndexInt64, 0, 0, 0, 0, \
-    ncclMoeScaleFloat, NULL, NULL, NULL, NULL, ncclMoePhaseBoth }
+    ncclMoeScaleFloat, NULL, NULL, NULL, NULL, ncclMoePhaseBoth, NULL }
 
 ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle,
                                        const ncclMoeLLDispatchArgs_t* args, cudaStream_t stream);
@@ -270,11 +272,13 @@ typedef struct {
   const void* x;                  /* [E_l, R*max, H] bf16 in dispatch's layout, or NULL with zero_copy */
   int zero_copy;                  /* 1: the expert outputs were written into ncclMoeLowLatencyCombineBuffer() */
   const void* topk_idx;           /* [T, K] as given to the dispatch */
-  const float* topk_weights;      /* [T, K] float32 */
+  const float* topk_weights;      /* [T, K] float32; NULL = use the weights the dispatch carried (send half) */
   int num_tokens;                 /* T, as in the dispatch */
   int hidden;
   int topk;
-  void* out;                      /* out: [T, H] bf16, out[t] = sum_k w[t,k] * y(t,k) in FP32 */
+  void* out;                      /* out: [T, H] bf16, out[t] = sum over expert ranks d ascending of
+                                     bf16(fmaf chain over d's valid slots k ascending of w[t,k] * y(t,k)), in FP32
+                                     (docs/reference.md: bitwise-reproducible order) */
   ncclMoePhase_t phase;
 } ncclMoeLLCombineArgs_t;
 

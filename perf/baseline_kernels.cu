@@ -26,10 +26,26 @@ __global__ void copyRowsKernel(char* dst, const int* dst_rows, const char* src, 
 }
 
 __global__ void reduceRowsKernel(uint16_t* out, const uint16_t* in, const int* rows, const float* weights,
-                                 int num_tokens, int fan_in, int hidden) {
+                                 int num_tokens, int fan_in, int hidden, const int* groups, int num_groups) {
   for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
       float acc = 0.0f;
+      if (groups != nullptr) {
+        for (int g = 0; g < num_groups; ++g) {
+          float part = 0.0f;
+          bool any = false;
+          for (int m = 0; m < fan_in; ++m) {
+            const int row = rows[static_cast<size_t>(t) * fan_in + m];
+            if (row < 0 || groups[static_cast<size_t>(t) * fan_in + m] != g) continue;
+            const float v = __uint_as_float(static_cast<uint32_t>(in[static_cast<size_t>(row) * hidden + c]) << 16);
+            part = __fmaf_rn(weights[static_cast<size_t>(t) * fan_in + m], v, part);
+            any = true;
+          }
+          if (any) acc = __fadd_rn(acc, __bfloat162float(__float2bfloat16_rn(part)));
+        }
+        out[static_cast<size_t>(t) * hidden + c] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
+        continue;
+      }
       for (int m = 0; m < fan_in; ++m) {
         const int row = rows[static_cast<size_t>(t) * fan_in + m];
         if (row < 0) continue;
@@ -62,9 +78,25 @@ cudaError_t copyRows(void* dst, const int* dst_rows, const void* src, const int*
 }
 
 cudaError_t reduceRows(uint16_t* out, const uint16_t* in, const int* rows, const float* weights, int num_tokens,
-                       int fan_in, int hidden, cudaStream_t stream) {
+                       int fan_in, int hidden, cudaStream_t stream, const int* groups, int num_groups) {
   if (num_tokens <= 0) return cudaSuccess;
-  reduceRowsKernel<<<blocksFor(num_tokens), kThreads, 0, stream>>>(out, in, rows, weights, num_tokens, fan_in, hidden);
+  reduceRowsKernel<<<blocksFor(num_tokens), kThreads, 0, stream>>>(out, in, rows, weights, num_tokens, fan_in, hidden,
+                                                                   groups, num_groups);
+  return cudaGetLastError();
+}
+
+namespace {
+__global__ void holdKernel(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+}  // namespace
+
+cudaError_t holdStream(int microseconds, cudaStream_t stream) {
+  holdKernel<<<1, 1, 0, stream>>>(static_cast<unsigned long long>(microseconds) * 1000ull);
   return cudaGetLastError();
 }
 

@@ -5,6 +5,12 @@
 //   reduceRows: out[t, c] = bf16(sum over m < fan_in ascending with rows[t * fan_in + m] >= 0 of
 //               (weights ? weights[t * fan_in + m] * v : v)), v = float(in[rows[t * fan_in + m], c]), FP32 with
 //               separate multiply and add (the CPU reference's order and rounding; no fused multiply-add).
+//               With groups (LL combine, ref::ll_combine's two levels): per group g < num_groups ascending,
+//               part = fmaf chain over the slots m with groups[t * fan_in + m] == g (m ascending) rounded to bf16,
+//               out = bf16(FP32 sum of those parts, g ascending; groups with no slot skipped).
+//   holdStream: one thread spins for `microseconds` on the GPU's global timer. Enqueued between the barrier and the
+//               first timing event so the host has enqueued the timed call before the GPU reaches the event: the
+//               events then measure GPU execution, not the host's launch latency.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +23,7 @@ namespace nccl_moe::perf {
 cudaError_t copyRows(void* dst, const int* dst_rows, const void* src, const int* src_rows, int num_rows,
                      size_t row_bytes, cudaStream_t stream);
 cudaError_t reduceRows(uint16_t* out, const uint16_t* in, const int* rows, const float* weights, int num_tokens,
-                       int fan_in, int hidden, cudaStream_t stream);
+                       int fan_in, int hidden, cudaStream_t stream, const int* groups = nullptr, int num_groups = 0);
+cudaError_t holdStream(int microseconds, cudaStream_t stream);
 
 }  // namespace nccl_moe::perf

@@ -1,9 +1,11 @@
 // CPU all-to-all baseline with threads as ranks (contract in cpu_baseline.h).
-// Built with -ffp-contract=off: the reductions must not fuse multiply and add (the reference never does).
+// Built with -ffp-contract=off: the reductions fuse multiply and add only where the reference does (LL combine,
+// with an explicit std::fmaf).
 #include "cpu_baseline.h"
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "verify.h"
@@ -174,27 +176,42 @@ double CpuBaseline::combine() {
         std::memcpy(cr + sz(me.send_offsets[sz(d)]) * sz(H), src, sz(me.send_counts[sz(d)]) * sz(H) * 2);
       }
     }
-    // Un-permutation: reduce into [T, H] in the reference's order (d ascending for HT, k ascending for LL).
+    // Un-permutation: reduce into [T, H] in the reference's order (d ascending for HT; LL: ref::ll_combine's
+    // two levels).
     const int T = p_.spec.tokens;
     const int M = ht ? R : K;
     const std::vector<int>& rows = ht ? ht_[sz(r)].combine_rows : ll_[sz(r)].combine_rows;
     const std::vector<float>& w = p_.routing.ranks[sz(r)].topk_weights;
-    std::vector<float> acc(sz(H));
+    std::vector<float> acc(sz(H)), part(sz(H));
+    const std::vector<int64_t>& idx = p_.routing.ranks[sz(r)].topk_idx;
+    const int El = p_.numLocalExperts();
     uint16_t* out = combine_out[sz(r)].data();
     for (int t = 0; t < T; ++t) {
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int m = 0; m < M; ++m) {
-        const int row = rows[sz(t) * sz(M) + sz(m)];
-        if (row < 0) continue;
-        const uint16_t* src = cr + sz(row) * sz(H);
-        if (ht) {
+      if (ht) {
+        for (int m = 0; m < M; ++m) {
+          const int row = rows[sz(t) * sz(M) + sz(m)];
+          if (row < 0) continue;
+          const uint16_t* src = cr + sz(row) * sz(H);
           for (int c = 0; c < H; ++c) acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(src[c]);
-        } else {
-          const float wk = w[sz(t) * sz(K) + sz(m)];
-          for (int c = 0; c < H; ++c) {
-            const float prod = wk * ref::bf16_to_float(src[c]);
-            acc[sz(c)] = acc[sz(c)] + prod;
+        }
+      } else {
+        // ref::ll_combine's two levels: per expert rank d ascending an fmaf chain over d's slots (k ascending)
+        // rounded to bf16, then those partials added in FP32.
+        for (int d = 0; d < R; ++d) {
+          bool any = false;
+          std::fill(part.begin(), part.end(), 0.0f);
+          for (int m = 0; m < M; ++m) {
+            const int row = rows[sz(t) * sz(M) + sz(m)];
+            if (row < 0 || idx[sz(t) * sz(K) + sz(m)] / El != d) continue;
+            any = true;
+            const uint16_t* src = cr + sz(row) * sz(H);
+            const float wk = w[sz(t) * sz(K) + sz(m)];
+            for (int c = 0; c < H; ++c) part[sz(c)] = std::fmaf(wk, ref::bf16_to_float(src[c]), part[sz(c)]);
           }
+          if (!any) continue;
+          for (int c = 0; c < H; ++c)
+            acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(ref::float_to_bf16(part[sz(c)]));
         }
       }
       for (int c = 0; c < H; ++c) out[sz(t) * sz(H) + sz(c)] = ref::float_to_bf16(acc[sz(c)]);

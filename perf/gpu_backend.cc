@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "cpu_baseline.h"
 #include "cuda_util.h"
+#include "baseline_kernels.h"
 #include "gpu_baseline.h"
 #include "host_sync.h"
 #include "nccl_moe.h"
@@ -90,8 +91,14 @@ class Collective {
     token_.zero(rd.stream);
     PERF_CUDA(cudaStreamSynchronize(rd.stream));
   }
-  // Stream-ordered: everything enqueued after it starts once every rank has reached it.
-  void barrier() { PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream)); }
+  // Stream-ordered: everything enqueued after it starts once every rank has reached it. The hold that follows
+  // the all-reduce keeps the stream busy while the host enqueues the timed call, so timing events measure GPU
+  // execution (kernel time, as DeepEP's profiler-based figures do) and not the host's launch latency.
+  void barrier() {
+    PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream));
+    PERF_CUDA(holdStream(kHoldUs, rd_.stream));
+  }
+  static constexpr int kHoldUs = 30;
   std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op) {
     if (v.size() > kMaxDoubles) throw PerfError("Collective::allReduce: too many values");
     doubles_.upload(v.data(), v.size(), rd_.stream);
@@ -554,11 +561,12 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   la.recv_x_scales = fp8 ? recv_xs.get() : nullptr;
   la.recv_count = recv_count.get();
   la.phase = ncclMoePhaseBoth;
+  la.topk_weights = w.get();  // carried with the tokens: the combine needs no weight exchange
   ncclMoeLLCombineArgs_t lc = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
   lc.x = y.get();
   lc.zero_copy = 0;
   lc.topk_idx = idx.get();
-  lc.topk_weights = w.get();
+  lc.topk_weights = nullptr;  // the dispatch's
   lc.num_tokens = T;
   lc.hidden = H;
   lc.topk = K;

@@ -41,6 +41,10 @@ GpuBaseline::GpuBaseline(const Problem& p, const RankDevice& rd)
     crecv_.allocate(sz(pl.send_offsets.back()) * sz(H));
     combine_rows_.assign(pl.combine_rows, st);
     weights_.assign(p.routing.ranks[sz(r)].topk_weights, st);
+    std::vector<int> slot_rank;
+    for (const int64_t e : p.routing.ranks[sz(r)].topk_idx)
+      slot_rank.push_back(e < 0 ? -1 : static_cast<int>(e / p.numLocalExperts()));
+    slot_rank_.assign(slot_rank, st);
     send_counts = pl.send_counts;
   }
   out_.allocate(sz(T) * sz(H));
@@ -90,7 +94,8 @@ void GpuBaseline::combine() {
     PERF_CUDA(copyRows(csend_.get(), nullptr, y_.get(), slab_rows_.get(), pl.recv_offsets.back(), rb, rd_.stream));
     allToAll(csend_.get(), pl.recv_counts, pl.recv_offsets, crecv_.get(), pl.send_counts, pl.send_offsets, rb);
     PERF_CUDA(
-        reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), weights_.get(), T, p_.spec.topk, H, rd_.stream));
+        reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), weights_.get(), T, p_.spec.topk, H, rd_.stream,
+                   slot_rank_.get(), rd_.num_ranks));
   }
 }
 

@@ -50,6 +50,7 @@ class GpuBaseline {
   DeviceArray<uint16_t> crecv_;    // [sent rows, H]
   DeviceArray<int> combine_rows_;  // HT [T * R]; LL [T * K]
   DeviceArray<float> weights_;     // LL [T * K]
+  DeviceArray<int> slot_rank_;     // LL [T * K]: expert rank of each slot (-1 masked), ref::ll_combine's groups
   DeviceArray<uint16_t> out_;      // [T, H]
   // count exchange
   DeviceArray<int> counts_send_, counts_recv_;

@@ -15,7 +15,8 @@
 //     (j * slab_rows + row of ref::LlDispatch::send_row), i.e. ref::ll_dispatch's layout.
 //   combine at d: gather rows recv_slab_rows[i] of the expert outputs (the inverse of the scatter) and send group s
 //     back; rank s receives d's group at send_offsets[d] in the order it sent it, and
-//     out[t] = sum over k ascending of w[t, k] * row combine_rows[t * K + k] (FP32 multiply then add).
+//     out[t] = ref::ll_combine's two-level sum: per expert rank an fmaf chain over its slots k ascending rounded to
+//     bf16, then those parts added in FP32, ranks ascending.
 #pragma once
 
 #include <vector>

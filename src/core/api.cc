@@ -306,8 +306,10 @@ ncclResult_t checkLlCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const 
   if (args->phase & ncclMoePhaseSend) {
     MOE_ARG_CHECK(args->zero_copy || args->x != nullptr,
                   "%s: args->x is NULL without zero_copy (expected [E_l, R*max, %d] bf16)", api, args->hidden);
-    MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_weights != nullptr,
-                  "%s: args->topk_weights is NULL but args->num_tokens is %d", api, args->num_tokens);
+    // NULL weights: the ones the dispatch carried in its messages (ncclMoeLLDispatchArgs_t::topk_weights).
+    MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_weights != nullptr || handle->ll.dispatch_weights,
+                  "%s: args->topk_weights is NULL but args->num_tokens is %d and the dispatch carried no weights", api,
+                  args->num_tokens);
   }
   if (args->phase & ncclMoePhaseRecv) {
     MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_idx != nullptr,

@@ -8,9 +8,11 @@
 //   control     LlControl: this rank's epochs and arrival counters (local), then flags written by peers
 //               (dispatch_flag / dispatch_ack / combine_weight_flag / combine_flag, indexed by the writer).
 //   dispatch    [R src][tokens] messages, slot (s, t) = token t of source rank s. A token is sent once per
-//               destination RANK (not once per expert). Message = LlMsgHeader (64 B) | payload (H fp8 bytes
-//               or 2H bf16 bytes; room for 2*hidden) | scales (G floats, fp8 only).
-//   weights     [R src][tokens * topk] float32: top-k weights source s pushed at the start of its combine.
+//               destination RANK (not once per expert). Message = LlMsgHeader (128 B: tag, token, local expert
+//               and top-k weight of every slot) | payload (H fp8 bytes or 2H bf16 bytes; room for 2*hidden) |
+//               scales (G floats, fp8 only).
+//   weights     [R src][tokens * topk] float32: top-k weights source s pushed at the start of its combine
+//               (only when the combine was given weights; otherwise it uses the dispatch headers' weights).
 //   comb_recv   [R expert rank][tokens][hidden] bf16: per-rank partial sums of token t returned by rank d.
 //   comb_buffer [E_l][R * tokens][H] bf16: zero-copy combine input (ncclMoeLowLatencyCombineBuffer); its
 //               row stride is the H of the dispatch. Largest region; never zeroed.
@@ -27,17 +29,20 @@ namespace nccl_moe {
 
 constexpr int kLlMaxRanks = 8;         // == NCCL_MOE_MAX_RANKS (checked in the kernels)
 constexpr int kLlMaxTopk = 16;         // == NCCL_MOE_MAX_TOPK
-constexpr size_t kLlHeaderBytes = 64;  // sizeof(LlMsgHeader)
+constexpr size_t kLlHeaderBytes = 128;  // sizeof(LlMsgHeader)
 
-// First 64 bytes of a dispatch message. local_expert[k] = local id on the destination rank of slot k's
+// First 128 bytes of a dispatch message. local_expert[k] = local id on the destination rank of slot k's
 // expert, or -1 when slot k is unused or its expert lives elsewhere. `tag` = low 32 bits of the dispatch
-// epoch: a slot whose tag is not the current one was not sent in this dispatch.
+// epoch: a slot whose tag is not the current one was not sent in this dispatch. weight[k] = topk_weights[t, k]
+// when the dispatch was given weights (has_weights = 1), read by the combine's send half.
 struct LlMsgHeader {
   int32_t tag;
   int32_t src_token;
-  int32_t reserved[2];
+  int32_t has_weights;
+  int32_t reserved;
   int16_t local_expert[kLlMaxTopk];
   int32_t pad[4];
+  float weight[kLlMaxTopk];
 };
 static_assert(sizeof(LlMsgHeader) == kLlHeaderBytes, "header size");
 
@@ -61,6 +66,7 @@ struct LlControl {
   long long dispatch_ack[kLlMaxRanks];         // s consumed (expanded) the messages this rank sent it, tag
   long long combine_weight_flag[kLlMaxRanks];  // s pushed its top-k weights of combine `tag`
   long long combine_flag[kLlMaxRanks];         // all partial sums of combine `tag` from s are here
+  long long combine_ack[kLlMaxRanks];          // s finished reading the partials of its combine `tag` of this half
 };
 
 struct LlLayout {

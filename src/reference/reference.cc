@@ -4,7 +4,8 @@
 // the brute-force model (written the simplest way: pull per receiver, linear searches), generators, hashes.
 //
 // FP32 contraction is disabled for this file so that "p = w * y; acc = acc + p" stays two roundings even
-// when the compiler is allowed FMA instructions (-march=native etc.).
+// when the compiler is allowed FMA instructions (-march=native etc.); where a contract fuses (LL combine),
+// the code calls std::fmaf explicitly.
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -634,24 +635,30 @@ std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDi
   const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts(), H = dispatch.hidden;
   const size_t slab = sz(dispatch.slab_rows());
   std::vector<std::vector<uint16_t>> out(sz(R));
-  std::vector<float> acc(sz(H));
+  std::vector<float> acc(sz(H)), sum(sz(H));
   for (int s = 0; s < R; ++s) {
     const RankRouting& rr = routing.ranks[s];
     out[s].assign(sz(rr.num_tokens) * H, 0);
     for (int t = 0; t < rr.num_tokens; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = rr.topk_idx[sz(t) * K + k];
-        if (e < 0) continue;
-        const float w = rr.topk_weights[sz(t) * K + k];
-        const int d = static_cast<int>(e / El), j = static_cast<int>(e % El);
-        const uint16_t* yr = &y[d][(sz(j) * slab + dispatch.send_row[s][sz(t) * K + k]) * H];
-        for (int c = 0; c < H; ++c) {
-          const float p = w * bf16_to_float(yr[c]);
-          acc[c] = acc[c] + p;
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      // Level 1 per expert rank d (ascending): FMA chain over d's slots, k ascending, rounded to bf16;
+      // level 2: the bf16 partials added in FP32, d ascending.
+      for (int d = 0; d < R; ++d) {
+        bool any = false;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int k = 0; k < K; ++k) {
+          const int64_t e = rr.topk_idx[sz(t) * K + k];
+          if (e < 0 || e / El != d) continue;
+          any = true;
+          const float w = rr.topk_weights[sz(t) * K + k];
+          const int j = static_cast<int>(e % El);
+          const uint16_t* yr = &y[d][(sz(j) * slab + dispatch.send_row[s][sz(t) * K + k]) * H];
+          for (int c = 0; c < H; ++c) acc[c] = std::fmaf(w, bf16_to_float(yr[c]), acc[c]);
         }
+        if (!any) continue;
+        for (int c = 0; c < H; ++c) sum[c] = sum[c] + bf16_to_float(float_to_bf16(acc[c]));
       }
-      for (int c = 0; c < H; ++c) out[s][sz(t) * H + c] = float_to_bf16(acc[c]);
+      for (int c = 0; c < H; ++c) out[s][sz(t) * H + c] = float_to_bf16(sum[c]);
     }
   }
   return out;
@@ -867,10 +874,15 @@ std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDi
       }
       for (int c = 0; c < H; ++c) {
         float sum = 0.0f;
-        for (int k = 0; k < K; ++k) {
-          if (!rows[k]) continue;
-          const float p = rr.topk_weights[sz(t) * K + k] * bf16_to_float(rows[k][c]);
-          sum += p;
+        for (int d = 0; d < R; ++d) {
+          float part = 0.0f;
+          bool any = false;
+          for (int k = 0; k < K; ++k) {
+            if (!rows[k] || rr.topk_idx[sz(t) * K + k] / El != d) continue;
+            part = std::fmaf(rr.topk_weights[sz(t) * K + k], bf16_to_float(rows[k][c]), part);
+            any = true;
+          }
+          if (any) sum += bf16_to_float(float_to_bf16(part));
         }
         out[s].push_back(float_to_bf16(sum));
       }

@@ -231,12 +231,15 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
                        bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat,
                        std::vector<std::vector<int>>* cumulative_stats = nullptr);
 
-// Reverse of `dispatch`, weighted. y: [R][E_l, R*max, H] bf16 expert outputs in d's dispatch layout.
-// Weights come from routing.ranks[s].topk_weights (required). For each source rank s and token t:
-//   acc = 0.0f; for k = 0..K-1 ascending with topk_idx[t,k] >= 0:
-//     p = w[t,k] * float(y(t,k)); acc = acc + p;               (FP32 multiply then add, no FMA)
-//   out[s][t] = float_to_bf16(acc).
-// The GPU may fuse multiply-add and is compared within bf16 rounding; the reference never fuses.
+// Reverse of `dispatch`, weighted, in two levels (the kernels' order, bit for bit). y: [R][E_l, R*max, H] bf16
+// expert outputs in d's dispatch layout. Weights come from routing.ranks[s].topk_weights (required). For each
+// source rank s, token t and channel c:
+//   for every expert rank d holding at least one valid slot of t:
+//     acc = 0.0f; for k = 0..K-1 ascending with topk_idx[t,k] >= 0 and topk_idx[t,k] / E_l == d:
+//       acc = std::fmaf(w[t,k], float(y(t,k)), acc);           (fused multiply-add, one rounding)
+//     partial_d = float_to_bf16(acc);                            (round to nearest even)
+//   sum = 0.0f; for those d ascending: sum = sum + bf16_to_float(partial_d);   (plain FP32 adds)
+//   out[s][t] = float_to_bf16(sum).   A token with no valid slot gives +0.
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
                                               const std::vector<std::vector<uint16_t>>& y);
 

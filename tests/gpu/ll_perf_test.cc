@@ -116,10 +116,11 @@ void runPerf(ll_test::World world, int n) {
       da.recv_x = recv_x;
       da.recv_x_scales = recv_scales;
       da.recv_count = static_cast<int*>(recv_count);
+      da.topk_weights = static_cast<const float*>(w);  // carried with the tokens: no weight exchange in combine
       ncclMoeLLCombineArgs_t ca = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
       ca.x = y;
       ca.topk_idx = idx;
-      ca.topk_weights = static_cast<const float*>(w);
+      ca.topk_weights = nullptr;  // the dispatch's
       ca.num_tokens = T;
       ca.hidden = kHidden;
       ca.topk = kTopk;

@@ -582,7 +582,8 @@ TEST(ReferenceOps, LlDispatchAndCombineMatchBruteForce) {
   }
 }
 
-// out[t] = bf16(acc), acc = 0.0f, acc = acc + w*y over valid slots k ascending.
+// Two levels: per expert rank d, partial_d = bf16(fmaf chain over d's valid slots, k ascending, from 0.0f);
+// out = bf16(sum of float(partial_d), d ascending, plain FP32 adds from 0.0f).
 TEST(ReferenceOps, LlCombineOrderContract) {
   Routing r;
   r.num_ranks = 2;
@@ -596,32 +597,46 @@ TEST(ReferenceOps, LlCombineOrderContract) {
   EXPECT_EQ(d.recv[0].recv_count, (std::vector<int>{1, 0}));
   EXPECT_EQ(d.recv[1].recv_count, (std::vector<int>{1, 1}));
   const uint16_t one = float_to_bf16(1.0f), m_one = float_to_bf16(-1.0f), tiny = float_to_bf16(std::ldexp(1.0f, -30));
+  const auto both = [&](const std::vector<std::vector<uint16_t>>& y) {
+    const auto a = ll_combine(r, d, y)[0];
+    EXPECT_EQ(a, brute::ll_combine(r, d, y)[0]);
+    return a;
+  };
   // slab rows per rank: [E_l=2, R*max=4, H=1]; y(k=0) = expert 3 = rank 1 slab 1 row 0, y(k=2) = expert 0 =
-  // rank 0 slab 0 row 0, y(k=3) = expert 2 = rank 1 slab 0 row 0. The masked slot's weight (100) is ignored.
+  // rank 0 slab 0 row 0, y(k=3) = expert 2 = rank 1 slab 0 row 0. Slots 0 and 3 are rank 1's, slot 2 rank 0's.
+  // The masked slot's weight (100) is ignored.
   std::vector<std::vector<uint16_t>> y(2, std::vector<uint16_t>(8, 0));
-  y[1][4] = one;    // k = 0
-  y[0][0] = m_one;  // k = 2
-  y[1][0] = tiny;   // k = 3
-  // ((0 + 1) + -1) + 2^-30 = 2^-30
-  EXPECT_EQ(ll_combine(r, d, y)[0], (std::vector<uint16_t>{tiny}));
-  y[0][0] = tiny;
-  y[1][0] = m_one;  // ((0 + 1) + 2^-30) + -1 = 0
-  EXPECT_EQ(ll_combine(r, d, y)[0], (std::vector<uint16_t>{0}));
-  EXPECT_EQ(brute::ll_combine(r, d, y)[0], (std::vector<uint16_t>{0}));
-  // Weighted: product rounded to FP32 before the add (no fused multiply-add).
-  // c = 1 + 2^-7. Slot 0: acc = 0 + (-1) * c = -c. Slot 2: p = (1 + 2^-23) * c = 1 + 2^-7 + 2^-23 + 2^-30,
-  // rounded to FP32 1 + 2^-7 + 2^-23; acc = p - c = 2^-23. A fused multiply-add would give 2^-23 + 2^-30,
-  // which is a different bf16 (2^-23 * (1 + 2^-7)).
-  r.ranks[0].topk_weights = {-1.0f, 0.0f, 1.0f + std::ldexp(1.0f, -23), 0.0f};
-  std::fill(y[0].begin(), y[0].end(), 0);
-  std::fill(y[1].begin(), y[1].end(), 0);
+  // Grouped by rank: p0 = 2^-30, p1 = bf16(1 + -1) = 0, out = 2^-30 (one k-ascending sum would give
+  // ((1 + 2^-30) + -1) = 0).
+  y[1][4] = one;   // k = 0
+  y[0][0] = tiny;  // k = 2
+  y[1][0] = m_one; // k = 3
+  EXPECT_EQ(both(y), (std::vector<uint16_t>{tiny}));
+  // Each rank's partial is rounded to bf16: p1 = bf16(1 + 2^-8) = 1 (tie to even), p0 = 2^-8, out = bf16(1 + 2^-8)
+  // = 1. One FP32 sum (or FP32 partials) would give 1 + 2^-7.
+  const uint16_t eps8 = float_to_bf16(std::ldexp(1.0f, -8));
+  y[1][4] = one;
+  y[0][0] = eps8;
+  y[1][0] = eps8;
+  EXPECT_EQ(both(y), (std::vector<uint16_t>{one}));
+  // Fused multiply-add inside a rank's chain: c = 1 + 2^-7, slot 0: acc = fmaf(-1, c, 0) = -c; slot 3:
+  // acc = fmaf(1 + 2^-23, c, -c) = 2^-23 + 2^-30 exactly (= 2^-23 * c, a bf16). Product-then-add would round
+  // the product to 1 + 2^-7 + 2^-23 first and give 2^-23. Rank 0's partial is 0: out = bf16(0 + 0 + p1).
+  r.ranks[0].topk_weights = {-1.0f, 0.0f, 1.0f, 1.0f + std::ldexp(1.0f, -23)};
   const uint16_t c = float_to_bf16(1.0f + std::ldexp(1.0f, -7));
   ASSERT_EQ(bf16_to_float(c), 1.0f + std::ldexp(1.0f, -7));
   y[1][4] = c;  // k = 0
-  y[0][0] = c;  // k = 2
-  ASSERT_NE(float_to_bf16(std::ldexp(1.0f, -23)), float_to_bf16(std::ldexp(1.0f, -23) + std::ldexp(1.0f, -30)));
-  EXPECT_EQ(ll_combine(r, d, y)[0], (std::vector<uint16_t>{float_to_bf16(std::ldexp(1.0f, -23))}));
-  EXPECT_EQ(brute::ll_combine(r, d, y)[0], (std::vector<uint16_t>{float_to_bf16(std::ldexp(1.0f, -23))}));
+  y[0][0] = 0;  // k = 2
+  y[1][0] = c;  // k = 3
+  const float fused = std::ldexp(1.0f, -23) + std::ldexp(1.0f, -30);
+  ASSERT_EQ(bf16_to_float(float_to_bf16(fused)), fused);
+  ASSERT_NE(float_to_bf16(std::ldexp(1.0f, -23)), float_to_bf16(fused));
+  EXPECT_EQ(both(y), (std::vector<uint16_t>{float_to_bf16(fused)}));
+  // A token whose slots are all masked gives +0.
+  r.ranks[0].topk_idx = {-1, -1, -1, -1};
+  const LlDispatch d0 = ll_dispatch(r, 1, 2, nullptr);
+  EXPECT_EQ(ll_combine(r, d0, y)[0], (std::vector<uint16_t>{0}));
+  EXPECT_EQ(brute::ll_combine(r, d0, y)[0], (std::vector<uint16_t>{0}));
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,34 +1,36 @@
 // Low-latency combine (decode): ncclMoeLowLatencyCombine and ncclMoeLowLatencyCombineBuffer.
 //
-// Computes, on every rank s and for every token t < T_s:
-//   out[t] = bf16( sum over ranks d ascending that hold one of t's experts of float(P_d(t)) )   (FP32 adds)
-//   P_d(t) = bf16( sum over slots k ascending whose expert lives on d of w[t,k] * float(y_d(t,k)) )  (FP32,
-//            fused multiply-add allowed)
+// Computes, on every rank s and for every token t < T_s, bit for bit as ref::ll_combine:
+//   P_d(t) = bf16_rne(acc), acc = 0.0f, then for each valid slot k of t on rank d, k ascending:
+//            acc = fmaf(w[t,k], float(y_d(t,k)), acc)                  (explicit __fmaf_rn, on rank d)
+//   out[t] = bf16_rne(sum), sum = 0.0f, then for each rank d holding a valid slot of t, d ascending:
+//            sum = sum + float(P_d(t))                                 (explicit __fadd_rn, on rank s)
 // where y_d(t,k) is row recv_row[s][t][k] of slab (local expert of slot k) of rank d's input (args.x, or the
-// library-owned combine buffer with zero_copy). Tokens with no valid slot give 0. Against the reference
-// (one FP32 sum over k, one rounding) this adds one bf16 rounding of each per-rank partial sum:
-//   |out - ref| <= 2^-8 * (sum_k |w[t,k] * y(t,k)| + 2 |ref|)   (the partials' roundings, plus both final
-//   roundings going opposite ways; FP32 reassociation is far below that).
-// Sending the partial sums in bf16 halves the NVLink bytes (2H per (token, rank) instead of 4H).
+// library-owned combine buffer with zero_copy). Tokens with no valid slot give +0. Sending the bf16 partials
+// halves the NVLink bytes (2H per (token, rank) instead of 4H).
+//
+// Weights: args.topk_weights when given (pushed by owner s into every rank d: d.weights[s], then
+// d.combine_weight_flag[s]); when NULL, the ones the dispatch carried in its message headers (no exchange).
 //
 // Regions (src/mem/ll_layout.h, the half recorded in the handle by its dispatch):
-//   owner s pushes its [T_s, K] weights into every rank d: d.weights[s], then d.combine_weight_flag[s];
-//   expert rank d writes P_d(t) into s.comb_recv[d][t], then s.combine_flag[d] (one flag per (d, s)).
+//   expert rank d writes P_d(t) into s.comb_recv[d][t], then s.combine_flag[d] (one flag per (d, s));
+//   owner s, after reading them, acks d.combine_ack[s] = tag (d may overwrite them in this half's next combine).
 //
-// Roles (grid = all SMs, kThreads per block):
-//   send:  block 0's warp d pushes the weights to rank d first. Every block then waits for all weights and
-//          takes received tokens (s, t) (flattened over sources, g = b, b + grid, ...): warp 0 resolves the
-//          token's slots here (header of the dispatch message still in this half: tag + local expert per
-//          slot; recv_row from the handle; weight), then all threads reduce 2 x 8 channels each over those
-//          rows (loads batched 4 rows deep) and store the bf16 partial (16-byte stores) into s's buffer.
-//          The last block to finish publishes s.combine_flag[d] for every s.
-//   recv:  waits for every rank's flag; block b sums the partials of its tokens t = b, b + grid, ... in rank
-//          order and writes out[t]. The last block bumps the half's combine epoch.
+// Roles (grid = kBlocksPerSm blocks on every SM, kThreads per block):
+//   send:  [block 0's warp d pushes the weights to rank d.] Warp 0 of every block waits for every rank's ack of
+//          tag - 1 [and weight flag]; meanwhile warp 1 computes the received-token ranges and (header weights)
+//          resolves the block's first token. Blocks take received tokens (s, t) (flattened over sources,
+//          g = b, b + grid, ...): a warp resolves the token's slots (dispatch header still in this half: tag +
+//          local expert + weight per slot; recv_row from the handle), then all threads reduce 8 channels each
+//          over those rows (loads batched 6 rows deep) and store the bf16 partial (16-byte stores) into s's
+//          buffer. The last block to finish publishes s.combine_flag[d] for every s.
+//   recv:  warp 1 resolves the first token's rank mask while warp 0 waits for every rank's flag; block b sums
+//          the partials of its tokens t = b, b + grid, ... in rank order and writes out[t]. The last block
+//          bumps the half's combine epoch and acks every rank.
 //
-// Signalling: tag = control.combine_epoch + 1 of the half (device memory, graph-replay safe). The weight
-// push doubles as "s finished reading its previous combine's partials of this half", so no extra ack is
-// needed. Every wait is bounded (wait.cuh, phase ll-combine-recv); a failed wait leaves the kernel.
-// The send half needs topk_weights (they travel to the expert ranks); the receive half needs topk_idx.
+// Signalling: tag = control.combine_epoch + 1 of the half (device memory, graph-replay safe). Every wait is
+// bounded (wait.cuh, phase ll-combine-recv); a failed wait leaves the kernel.
+// The send half needs topk_weights or a dispatch that carried them; the receive half needs topk_idx.
 #include <cuda_runtime.h>
 
 #include "core/comm.h"
@@ -47,15 +49,16 @@ struct LlCombineParams {
   const uint16_t* y;     // [E_l, R*max, H] bf16
   const void* topk_idx;  // [T, K]
   int idx_int32;
-  const float* topk_weights;  // [T, K]
+  const float* topk_weights;  // [T, K], or null: the weights the dispatch carried in its message headers
   int num_tokens, hidden, topk;
   uint16_t* out;        // [T, H] bf16
   const int* recv_row;  // handle: [R, max, max_topk]
   int do_send, do_recv;
 };
 
-constexpr int kRowBatch = 4;     // rows loaded before accumulating
-constexpr int kChunkUnroll = 2;  // 8-channel chunks per thread in flight
+constexpr int kRowBatch = 6;     // rows loaded before accumulating (6: no spills at 64 registers)
+constexpr int kChunkUnroll = 1;  // 8-channel chunks per thread in flight (64 registers: 2 blocks per SM)
+constexpr int kRankGroup = 4;    // receive: partial rows loaded before accumulating
 
 __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, const long long* rows, const float* w,
                                                   int n, uint8_t* dst) {
@@ -85,7 +88,7 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, cons
           float f[8];
           ll::bf16x8_to_float(v[b][u], f);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[u][e] += wb * f[e];
+          for (int e = 0; e < 8; ++e) acc[u][e] = __fmaf_rn(wb, f[e], acc[u][e]);  // the contract's FMA
         }
       }
     }
@@ -97,9 +100,9 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, cons
   }
 }
 
-__global__ void __launch_bounds__(ll::kThreads, 1) llCombineKernel(const __grid_constant__ LlCombineParams p) {
-  __shared__ int s_tokens[kLlMaxRanks];
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKernel(const __grid_constant__ LlCombineParams p) {
   __shared__ int s_first[kLlMaxRanks + 1];
+  __shared__ int s_src, s_tok;
   __shared__ long long s_rows[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
   __shared__ int s_n;
@@ -113,8 +116,10 @@ __global__ void __launch_bounds__(ll::kThreads, 1) llCombineKernel(const __grid_
 
   if (p.do_send) {
     const int dispatch_tag = static_cast<int>(ctrl->dispatch_epoch);
-    // Weights to every rank (they reduce this rank's tokens per rank before sending them back).
-    if (blockIdx.x == 0 && warp < R) {
+    const bool push = p.topk_weights != nullptr;
+    // Weights given to the combine go to every rank (they reduce this rank's tokens per rank before sending
+    // them back); without them the dispatch headers' weights are used and nothing is exchanged here.
+    if (push && blockIdx.x == 0 && warp < R) {
       uint8_t* peer_half = ll::half_of(p.comm, warp, p.half_offset);
       float* dst = L.combine_weights(peer_half, me);
       const int n = p.num_tokens * K;
@@ -125,104 +130,140 @@ __global__ void __launch_bounds__(ll::kThreads, 1) llCombineKernel(const __grid_
         dev::st_release_sys(&L.control(peer_half)->combine_weight_flag[me], tag);
       }
     }
-    bool ok = true;
-    if (tid < R) {
-      ok = dev::wait_geq(p.comm, &ctrl->combine_weight_flag[tid], tag, Phase::kLlCombineRecv, tid);
-      const int tokens = static_cast<int>(ctrl->dispatch_flag[tid] & 0xffffffffll);
-      s_tokens[tid] = tokens < L.tokens ? tokens : L.tokens;
-    }
-    if (__syncthreads_or(!ok)) return;
-    if (tid == 0) {
-      int first = 0;
-      for (int s = 0; s < R; ++s) {
-        s_first[s] = first;
-        first += s_tokens[s];
-      }
-      s_first[R] = first;
-    }
-    __syncthreads();
-    const int total = s_first[R];
-    const int slab_rows = L.slab_rows();
-    for (int g = blockIdx.x; g < total; g += gridDim.x) {
+    // Slots of received token g (flattened over sources): rows, weights and count into shared memory. Every
+    // slot's words are loaded at once (all in bounds), then filtered: one round trip. Warp-level.
+    auto resolve = [&](int g) {
       int s = 0;
       while (s + 1 < R && s_first[s + 1] <= g) ++s;
       const int t = g - s_first[s];
-      if (warp == 0) {
-        // Every slot's words are loaded at once (all in bounds), then filtered: one round trip.
-        const uint8_t* msg = L.dispatch_msg(my_half, s, t);
-        int msg_tag = 0, lid = -1, row = 0;
-        float w = 0.0f;
-        if (lane < K) {
-          msg_tag = *reinterpret_cast<const volatile int*>(msg);
-          lid = reinterpret_cast<const int16_t*>(msg + offsetof(LlMsgHeader, local_expert))[lane];
-          row = p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + lane];
-          w = L.combine_weights(my_half, s)[t * K + lane];
-        }
-        const bool slot_valid = lane < K && msg_tag == dispatch_tag && lid >= 0;
-        const unsigned valid = __ballot_sync(0xffffffffu, slot_valid);
-        if (slot_valid) {
-          const int pos = __popc(valid & ((1u << lane) - 1u));
-          s_rows[pos] = static_cast<long long>(lid) * slab_rows + row;
-          s_w[pos] = w;
-        }
-        if (lane == 0) s_n = __popc(valid);
+      const uint8_t* msg = L.dispatch_msg(my_half, s, t);
+      int msg_tag = 0, lid = -1, row = 0;
+      float w = 0.0f;
+      if (lane < K) {
+        msg_tag = *reinterpret_cast<const volatile int*>(msg);
+        lid = reinterpret_cast<const int16_t*>(msg + offsetof(LlMsgHeader, local_expert))[lane];
+        row = p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + lane];
+        w = push ? L.combine_weights(my_half, s)[t * K + lane]
+                 : reinterpret_cast<const float*>(msg + offsetof(LlMsgHeader, weight))[lane];
       }
-      __syncthreads();
+      const bool slot_valid = lane < K && msg_tag == dispatch_tag && lid >= 0;
+      const unsigned valid = __ballot_sync(0xffffffffu, slot_valid);
+      if (slot_valid) {
+        const int pos = __popc(valid & ((1u << lane) - 1u));
+        s_rows[pos] = static_cast<long long>(lid) * L.slab_rows() + row;
+        s_w[pos] = w;
+      }
+      if (lane == 0) {
+        s_n = __popc(valid);
+        s_src = s;
+        s_tok = t;
+      }
+    };
+    // Warp 1: the received token counts (local: the dispatch's flags) and, when the weights come with the
+    // dispatch, this block's first token, while warp 0 waits for the acks (and pushed weights).
+    if (warp == 1) {
+      int tokens = 0;
+      if (lane < R) {
+        tokens = static_cast<int>(ctrl->dispatch_flag[lane] & 0xffffffffll);
+        tokens = tokens < L.tokens ? tokens : L.tokens;
+      }
+      const int inc = ll::warp_inclusive_scan(tokens);
+      if (lane < R) s_first[lane] = inc - tokens;
+      if (lane == R - 1) s_first[R] = inc;
+      __syncwarp();
+      if (!push && static_cast<int>(blockIdx.x) < s_first[R]) resolve(blockIdx.x);
+    }
+    bool ok = true;
+    if (tid < R) {
+      // Rank tid finished reading its partials of this half's previous combine (normally long done).
+      ok = dev::wait_geq(p.comm, &ctrl->combine_ack[tid], tag - 1, Phase::kLlCombineRecv, tid);
+      if (ok && push) ok = dev::wait_geq(p.comm, &ctrl->combine_weight_flag[tid], tag, Phase::kLlCombineRecv, tid);
+    }
+    if (__syncthreads_or(!ok)) return;
+    const int total = s_first[R];
+    for (int g = blockIdx.x; g < total; g += gridDim.x) {
+      if (push || g != static_cast<int>(blockIdx.x)) {
+        if (warp == 0) resolve(g);
+        __syncthreads();
+      }
       if (s_n > 0) {
-        uint8_t* dst = L.combine_recv_row(ll::half_of(p.comm, s, p.half_offset), me, t);
+        uint8_t* dst = L.combine_recv_row(ll::half_of(p.comm, s_src, p.half_offset), me, s_tok);
         reduce_token_rows(p, s_rows, s_w, s_n, dst);
       }
       __syncthreads();  // s_rows / s_w / s_n are rewritten by the next token
     }
-    if (ll::arrive_last_block(&ctrl->combine_send_arrived) && tid < R) {
+    if (ll::arrive_last_block(&ctrl->combine_send_arrived, true) && tid < R) {
       LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
       dev::st_release_sys(&peer_ctrl->combine_flag[me], tag);
     }
   }
 
   if (p.do_recv) {
+    // Which ranks hold a part of token t (bit d): from topk_idx, local input.
+    auto token_mask = [&](int t) {
+      int r = -1;
+      if (lane < K) {
+        const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
+        if (e >= 0) r = static_cast<int>(e / L.num_local_experts);
+      }
+      int mask = 0;
+      for (int d = 0; d < R; ++d)
+        if (__ballot_sync(0xffffffffu, r == d)) mask |= 1 << d;
+      return mask;
+    };
+    // The first token's mask is resolved while the flags are awaited (it needs no peer data).
+    if (warp == 1 && blockIdx.x < p.num_tokens) {
+      const int mask = token_mask(blockIdx.x);
+      if (lane == 0) s_mask = mask;
+    }
     bool ok = true;
     if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->combine_flag[tid], tag, Phase::kLlCombineRecv, tid);
     if (__syncthreads_or(!ok)) return;
     const int n8 = H / 8;
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-      if (warp == 0) {
-        int r = -1;
-        if (lane < K) {
-          const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
-          if (e >= 0) r = static_cast<int>(e / L.num_local_experts);
+      if (t != static_cast<int>(blockIdx.x)) {
+        if (warp == 0) {
+          const int mask = token_mask(t);
+          if (lane == 0) s_mask = mask;
         }
-        int mask = 0;
-        for (int d = 0; d < R; ++d)
-          if (__ballot_sync(0xffffffffu, r == d)) mask |= 1 << d;
-        if (lane == 0) s_mask = mask;
+        __syncthreads();
       }
-      __syncthreads();
       const int mask = s_mask;
       int4* out_row = reinterpret_cast<int4*>(p.out + static_cast<size_t>(t) * H);
       for (int c = tid; c < n8; c += ll::kThreads) {
-        int4 v[kLlMaxRanks];
-#pragma unroll
-        for (int d = 0; d < kLlMaxRanks; ++d)
-          if (d < R && ((mask >> d) & 1))
-            v[d] = dev::ld_v4(reinterpret_cast<const int4*>(L.combine_recv_row(my_half, d, t)) + c);
         float acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+        // Ranks in groups of kRankGroup (loads of a group in flight together), d ascending throughout.
+        for (int d0 = 0; d0 < R; d0 += kRankGroup) {
+          int4 v[kRankGroup];
 #pragma unroll
-        for (int d = 0; d < kLlMaxRanks; ++d) {
-          if (d < R && ((mask >> d) & 1)) {
-            float f[8];
-            ll::bf16x8_to_float(v[d], f);
+          for (int i = 0; i < kRankGroup; ++i) {
+            const int d = d0 + i;
+            if (d < R && ((mask >> d) & 1))
+              v[i] = dev::ld_v4(reinterpret_cast<const int4*>(L.combine_recv_row(my_half, d, t)) + c);
+          }
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += f[e];
+          for (int i = 0; i < kRankGroup; ++i) {
+            const int d = d0 + i;
+            if (d < R && ((mask >> d) & 1)) {
+              float f[8];
+              ll::bf16x8_to_float(v[i], f);
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], f[e]);  // plain FP32 adds, d ascending
+            }
           }
         }
         dev::st_na_v4(out_row + c, ll::float8_to_bf16x8(acc));
       }
       __syncthreads();  // s_mask is rewritten by the next token
     }
-    if (ll::arrive_last_block(&ctrl->combine_recv_arrived) && tid == 0) ctrl->combine_epoch = tag;
+    // gpu scope: only local writes here; the acks' system-scope release publishes every block's reads.
+    if (ll::arrive_last_block(&ctrl->combine_recv_arrived, false)) {
+      if (tid == 0) ctrl->combine_epoch = tag;
+      // Every rank may now overwrite its partials of this half in this rank's buffer.
+      if (tid < R) dev::st_release_sys(&L.control(ll::half_of(p.comm, tid, p.half_offset))->combine_ack[me], tag);
+    }
   }
 }
 
@@ -257,10 +298,10 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
                         "%s: num_tokens/topk/hidden are %d/%d/%d, expected the dispatch's %d/%d/%d", api,
                         args.num_tokens, args.topk, args.hidden, r.num_tokens, r.topk, r.hidden);
   }
-  if (do_send && args.num_tokens > 0 && args.topk_weights == nullptr) {
+  if (do_send && args.num_tokens > 0 && args.topk_weights == nullptr && !r.dispatch_weights) {
     return setLastError(ncclInvalidArgument,
-                        "%s: args->topk_weights is NULL; the send half needs the weights (expert ranks reduce "
-                        "per rank)",
+                        "%s: args->topk_weights is NULL and the dispatch carried no weights; the send half needs "
+                        "them (expert ranks reduce per rank)",
                         api);
   }
 
@@ -275,6 +316,7 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   p.topk_idx = args.topk_idx;
   // The index type is not part of the combine args: the dispatch's is used (recorded in the handle).
   p.idx_int32 = r.idx_int32;
+  // Weights given here win; otherwise the dispatch's (in its message headers: no weight exchange).
   p.topk_weights = args.topk_weights;
   p.num_tokens = args.num_tokens;
   p.hidden = args.hidden;
@@ -283,7 +325,7 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   p.recv_row = r.recv_row;
   p.do_send = do_send;
   p.do_recv = do_recv;
-  llCombineKernel<<<dim3(comm->num_device_sms), dim3(ll::kThreads), 0, stream>>>(p);
+  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(comm->num_device_sms)), dim3(ll::kThreads), 0, stream>>>(p);
   MOE_CUDA_CHECK(cudaGetLastError());
   r.combine_recv_pending = do_send && !do_recv;
   return ncclSuccess;

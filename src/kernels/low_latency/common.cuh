@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp8.h>
 
 #include <cstdint>
@@ -18,6 +19,22 @@ namespace ll {
 
 constexpr int kThreads = 512;  // threads per block of every LL kernel (16 warps)
 constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSm = 2;  // LL is latency-bound: two blocks per SM keep more work items in flight
+
+// Grid of an LL kernel: every block must be resident at once (blocks wait for each other's flags through the
+// peers), so num_sms times the blocks per SM the kernel really achieves (at most kBlocksPerSm).
+template <auto kKernel>
+inline int grid_blocks(int num_sms) {
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 1;
+    }
+    return n < 1 ? 1 : (n > kBlocksPerSm ? kBlocksPerSm : n);
+  }();
+  return num_sms * per_sm;
+}
 static_assert(kLlMaxRanks >= kMaxRanks, "LL control arrays must hold every rank");
 static_assert(kLlMaxTopk >= kMaxTopk, "LL header must hold every top-k slot");
 
@@ -27,14 +44,19 @@ __device__ __forceinline__ uint8_t* half_of(const DeviceComm& comm, int rank, si
 }
 
 // Called by every thread of every block once the block's work (stores included) is done. Returns true in
-// exactly one block, the last to arrive, after every other block's prior writes are visible to it (each
-// block fences at system scope before it arrives, so the last block may publish them to peers with a
-// release store). The counter is back at 0 afterwards (it is only reused by a later kernel).
-__device__ __forceinline__ bool arrive_last_block(int* counter) {
+// exactly one block, the last to arrive, after every other block's prior accesses are ordered before it (each
+// block fences before it arrives, so the last block may publish them to peers with a release store). `sys`:
+// fence at system scope (the blocks stored into peers' memory); otherwise at gpu scope (only local stores:
+// the last block's own system-scope release then carries the chain to the peers). The counter is back at 0
+// afterwards (it is only reused by a later kernel).
+__device__ __forceinline__ bool arrive_last_block(int* counter, bool sys) {
   __shared__ int s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    dev::fence_acq_rel_sys();
+    if (sys)
+      dev::fence_acq_rel_sys();
+    else
+      dev::fence_acq_rel_gpu();
     const int old = dev::atom_add_acq_rel_gpu(counter, 1);
     s_last = (old == static_cast<int>(gridDim.x) - 1);
     if (s_last) *counter = 0;

@@ -10,22 +10,25 @@
 //
 // Regions (src/mem/ll_layout.h, one LL half chosen by the host, alternating per dispatch):
 //   sender s writes into each destination d: dispatch message slot (s, t) (header + payload + scales) and
-//   d.control.dispatch_flag[s]; receiver d writes back s.control.dispatch_ack[d].
+//   d.control.dispatch_flag[s]; receiver d writes back s.control.dispatch_ack[d]. With args.topk_weights the
+//   header also carries the token's K weights (read by the combine's send half: no weight exchange there).
 //
 // Deduplication: a token is sent ONCE per destination rank (its header lists the local expert of every slot
 // that lives there); the receiver expands it into one row per (expert, slot). Bytes over NVLink per token
-// and peer: 64 + H (fp8) + 4*H/128, or 64 + 2H (bf16).
+// and peer: 128 + H (fp8) + 4*H/128, or 128 + 2H (bf16).
 //
-// Roles (grid = all SMs, kThreads per block):
+// Roles (grid = kBlocksPerSm blocks on every SM, kThreads per block):
 //   send:  block b casts/copies tokens t = b, b + grid, ... (all threads on one row, 16 channels a thread for
-//          fp8: 8 lanes = one 128-channel scale group) and stores 16-byte chunks into every destination rank
-//          holding one of the token's experts. The last block to finish publishes, for every peer d,
+//          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
+//          warp 1 waits for the peers' acks) and stores 16-byte chunks into every destination rank holding one
+//          of the token's experts. The last block to finish publishes, for every peer d,
 //          d.dispatch_flag[s] = (tag << 32) | T with a release store.
 //   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's flag, scans the
-//          headers of all R * T_s slots (warp per 32-token segment, ballot-free count + block prefix), which
-//          gives every row's position in (s, t, k) order, then all threads copy the rows (16-byte loads and
-//          stores) into the caller's slab. The last block bumps the half's dispatch epoch and acks every
-//          source (s.dispatch_ack[d] = tag).
+//          headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in registers),
+//          block prefix, which gives every row's position in (s, t, k) order (row -> message index kept in
+//          shared memory), then all threads copy the rows and the scales in one flattened loop (16-byte loads,
+//          8 in flight per thread) into the caller's slab. The last block bumps the half's dispatch epoch and
+//          acks every source (s.dispatch_ack[d] = tag).
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
@@ -65,6 +68,7 @@ struct LlDispatchParams {
   int* cumulative_stats;  // [E_l] or null
   int* recv_src_info;     // [E_l, R*max]
   int* recv_row;          // [R, max, max_topk]
+  const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
   int do_send, do_recv;
 };
 
@@ -72,19 +76,43 @@ struct LlDispatchParams {
 // Send
 // ---------------------------------------------------------------------------------------------------------
 
+// Sends token t. With `ack` (the block's first token), warp 1 waits for every peer's ack of tag - 1 (it
+// consumed the previous messages of this half; normally long there) while warp 0 resolves the routing and
+// every thread loads its part of the row; nothing is stored into a peer before. Returns false when that
+// wait failed.
 template <bool kFp8>
-__device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int tag) {
+__device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
+                                           long long ack_target) {
   __shared__ int s_rank[kLlMaxTopk];
   __shared__ int s_lid[kLlMaxTopk];
+  __shared__ float s_w[kLlMaxTopk];
   __shared__ int s_mask;
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
+  const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
+
+  // This thread's first chunk of the row is loaded before the routing is resolved (two round trips overlap).
+  constexpr int kUnroll = 2;  // bf16: 8-channel chunks per thread in flight
+  int4 pre[2];
+  if constexpr (kFp8) {
+    const int c = warp * 32 + lane;
+    if (c < H / 16) {
+      pre[0] = dev::ld_nc_v4(xrow + 2 * c);
+      pre[1] = dev::ld_nc_v4(xrow + 2 * c + 1);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (tid + u * ll::kThreads < H / 8) pre[u] = dev::ld_nc_v4(xrow + tid + u * ll::kThreads);
+  }
 
   if (warp == 0) {
     int r = -1, lid = -1;
+    float w = 0.0f;
     if (lane < K) {
       const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
+      if (p.topk_weights != nullptr) w = p.topk_weights[static_cast<size_t>(t) * K + lane];
       if (e >= 0) {
         r = static_cast<int>(e / L.num_local_experts);
         lid = static_cast<int>(e - static_cast<int64_t>(r) * L.num_local_experts);
@@ -96,10 +124,14 @@ __device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int
     if (lane < kLlMaxTopk) {
       s_rank[lane] = r;
       s_lid[lane] = lid;
+      s_w[lane] = w;
     }
     if (lane == 0) s_mask = mask;
   }
-  __syncthreads();
+  bool ok = true;
+  if (ack != nullptr && warp == 1 && lane < R)
+    ok = dev::wait_geq(p.comm, &ack[lane], ack_target, Phase::kLlDispatchRecv, lane);
+  if (__syncthreads_or(!ok)) return false;
   const int mask = s_mask;
 
   // Header, one thread per destination.
@@ -112,12 +144,18 @@ __device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int
       const int b = s_rank[2 * i + 1] == tid ? s_lid[2 * i + 1] : -1;
       ids[i] = (static_cast<uint32_t>(a) & 0xffffu) | (static_cast<uint32_t>(b) << 16);
     }
-    dev::st_na_v4(reinterpret_cast<int4*>(msg), make_int4(tag, t, 0, 0));
+    const int has_w = p.topk_weights != nullptr;
+    dev::st_na_v4(reinterpret_cast<int4*>(msg), make_int4(tag, t, has_w, 0));
     dev::st_na_v4(reinterpret_cast<int4*>(msg + 16), make_int4(ids[0], ids[1], ids[2], ids[3]));
     dev::st_na_v4(reinterpret_cast<int4*>(msg + 32), make_int4(ids[4], ids[5], ids[6], ids[7]));
+    if (has_w) {
+      int4* wdst = reinterpret_cast<int4*>(msg + offsetof(LlMsgHeader, weight));
+      for (int i = 0; i < (K + 3) / 4; ++i)
+        dev::st_na_v4(wdst + i, make_int4(__float_as_int(s_w[4 * i]), __float_as_int(s_w[4 * i + 1]),
+                                          __float_as_int(s_w[4 * i + 2]), __float_as_int(s_w[4 * i + 3])));
+    }
   }
 
-  const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
   if constexpr (kFp8) {
     // Chunk c = 16 channels; 8 consecutive lanes hold one 128-channel scale group (c0 is a multiple of 32).
     const int n16 = H / 16;
@@ -127,8 +165,14 @@ __device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int
       float f[16];
       float amax = 0.0f;
       if (active) {
-        const int4 a = dev::ld_nc_v4(xrow + 2 * c);
-        const int4 b = dev::ld_nc_v4(xrow + 2 * c + 1);
+        int4 a, b;
+        if (c0 == warp * 32) {
+          a = pre[0];
+          b = pre[1];
+        } else {
+          a = dev::ld_nc_v4(xrow + 2 * c);
+          b = dev::ld_nc_v4(xrow + 2 * c + 1);
+        }
         float fa[8], fb[8];
         ll::bf16x8_to_float(a, fa);
         ll::bf16x8_to_float(b, fb);
@@ -156,14 +200,13 @@ __device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int
       }
     }
   } else {
-    constexpr int kUnroll = 2;
     const int n8 = H / 8;
     for (int c0 = tid; c0 < n8; c0 += kUnroll * ll::kThreads) {
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + u * ll::kThreads;
-        if (c < n8) v[u] = dev::ld_nc_v4(xrow + c);
+        if (c < n8) v[u] = c0 == tid ? pre[u] : dev::ld_nc_v4(xrow + c);
       }
       for (int d = 0; d < R; ++d) {
         if (!((mask >> d) & 1)) continue;
@@ -177,7 +220,8 @@ __device__ __forceinline__ void send_token(const LlDispatchParams& p, int t, int
       }
     }
   }
-  __syncthreads();  // s_mask / s_rank / s_lid are rewritten by the next token
+  __syncthreads();  // s_mask / s_rank / s_lid / s_w are rewritten by the next token
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -206,25 +250,36 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
   return m & ((1u << K) - 1u);
 }
 
+constexpr int kMaskCache = 4;    // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
+constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
+
 template <bool kFp8>
 __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
                                             const int* s_tokens, const int* s_seg_first, int* s_seg_base,
                                             int num_segments) {
   __shared__ int s_total;
+  __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int slab_rows = L.slab_rows();
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
 
-  // Pass 1: rows per 32-token segment.
-  for (int seg = warp; seg < num_segments; seg += ll::kWarps) {
-    int s = 0;
-    while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
-    const int t = (seg - s_seg_first[s]) * 32 + lane;
-    const int cnt = __popc(slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K));
-    const int total = __reduce_add_sync(0xffffffffu, cnt);
-    if (lane == 0) s_seg_base[seg] = total;
+  // Pass 1: rows per 32-token segment (the first kMaskCache masks of a lane stay in registers for pass 2).
+  uint32_t cached[kMaskCache];
+  {
+    int i = 0;
+    for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
+      int s = 0;
+      while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+      const int t = (seg - s_seg_first[s]) * 32 + lane;
+      const uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
+#pragma unroll
+      for (int c = 0; c < kMaskCache; ++c)
+        if (c == i) cached[c] = m;
+      const int total = __reduce_add_sync(0xffffffffu, __popc(m));
+      if (lane == 0) s_seg_base[seg] = total;
+    }
   }
   __syncthreads();
   // Exclusive prefix over segments (their order is (s, t) order).
@@ -240,76 +295,98 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   }
   __syncthreads();
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
-  for (int seg = warp; seg < num_segments; seg += ll::kWarps) {
-    int s = 0;
-    while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
-    const int t = (seg - s_seg_first[s]) * 32 + lane;
-    uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
-    const int cnt = __popc(m);
-    int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
-    while (m) {
-      const int k = __ffs(m) - 1;
-      m &= m - 1;
-      if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
-        src_info[row] = (s << 24) | t;
-        p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
+  {
+    int i = 0;
+    for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
+      int s = 0;
+      while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+      const int t = (seg - s_seg_first[s]) * 32 + lane;
+      uint32_t m = 0;
+      if (i < kMaskCache) {
+#pragma unroll
+        for (int c = 0; c < kMaskCache; ++c)
+          if (c == i) m = cached[c];
+      } else {
+        m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
       }
-      ++row;
+      const int cnt = __popc(m);
+      int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
+      while (m) {
+        const int k = __ffs(m) - 1;
+        m &= m - 1;
+        if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
+          src_info[row] = (s << 24) | t;
+          if (row < kInfoCache) s_msg[row] = s * L.tokens + t;
+          p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
+        }
+        ++row;
+      }
     }
   }
-  __syncthreads();  // src_info rows written above are read by other threads below
+  __syncthreads();  // s_msg / src_info rows written above are read by other threads below
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
-  // Pass 3: copy payloads (16-byte chunks, several loads in flight per thread).
+  // Pass 3: one flattened loop over the payload chunks (16 bytes) and then the scale words of all rows,
+  // several loads in flight per thread.
   const int row_chunks = kFp8 ? H / 16 : H / 8;
   const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
   uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
-  const int total_chunks = n * row_chunks;
-  constexpr int kUnroll = 4;
-  for (int base = tid; base < total_chunks; base += kUnroll * ll::kThreads) {
+  const int G = H / kScaleGroupElems;
+  const bool packed = kFp8 && p.scale_format == 2;
+  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per row
+  const int payload_items = n * row_chunks;
+  const int total_items = payload_items + n * scale_words;
+  uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
+  constexpr int kUnroll = 8;
+  for (int base = tid; base < total_items; base += kUnroll * ll::kThreads) {
     int4 v[kUnroll];
-    int4* dst[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * ll::kThreads;
-      if (idx < total_chunks) {
-        const int i = idx / row_chunks, c = idx - i * row_chunks;
-        const int info = src_info[i];
-        const uint8_t* msg = L.dispatch_msg(my_half, info >> 24, info & 0xffffff);
-        v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + kLlHeaderBytes) + c);
-        dst[u] = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes) + c;
+      if (idx < total_items) {
+        const bool pay = idx < payload_items;
+        const int rel = pay ? idx : idx - payload_items;
+        const int per = pay ? row_chunks : scale_words;
+        const int i = rel / per, c = rel - i * per;
+        int slot;
+        if (i < kInfoCache) {
+          slot = s_msg[i];
+        } else {
+          const int info = src_info[i];
+          slot = (info >> 24) * L.tokens + (info & 0xffffff);
+        }
+        const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
+        if (pay) {
+          v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + kLlHeaderBytes) + c);
+        } else if (packed) {  // 4 scales (in bounds: the message is padded to 16 bytes), exponent bytes
+          v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + L.msg_scale_offset) + c);
+        } else {
+          v[u].x = reinterpret_cast<const int*>(msg + L.msg_scale_offset)[c];
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * ll::kThreads < total_chunks) dev::st_na_v4(dst[u], v[u]);
-    }
-  }
-  if constexpr (kFp8) {
-    const int G = H / kScaleGroupElems;
-    if (p.scale_format != 2) {
-      float* out_scales = static_cast<float*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * G;
-      for (int idx = tid; idx < n * G; idx += ll::kThreads) {
-        const int i = idx / G, g = idx - i * G;
-        const int info = src_info[i];
-        const uint8_t* msg = L.dispatch_msg(my_half, info >> 24, info & 0xffffff);
-        out_scales[static_cast<size_t>(i) * G + g] = reinterpret_cast<const float*>(msg + L.msg_scale_offset)[g];
-      }
-    } else {
-      const int P = (G + 3) / 4;
-      int32_t* out_scales = static_cast<int32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * P;
-      for (int idx = tid; idx < n * P; idx += ll::kThreads) {
-        const int i = idx / P, w = idx - i * P;
-        const int info = src_info[i];
-        const float* sc =
-            reinterpret_cast<const float*>(L.dispatch_msg(my_half, info >> 24, info & 0xffffff) + L.msg_scale_offset);
-        uint32_t word = 0;
+      const int idx = base + u * ll::kThreads;
+      if (idx >= total_items) continue;
+      if (idx < payload_items) {
+        const int i = idx / row_chunks, c = idx - i * row_chunks;
+        dev::st_na_v4(reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes) + c, v[u]);
+      } else if constexpr (kFp8) {
+        const int rel = idx - payload_items;
+        uint32_t word;
+        if (packed) {
+          const int c = rel % scale_words;
+          const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
+                                 static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
+          word = 0;
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const int g = 4 * w + b;
-          if (g < G) word |= ((__float_as_uint(sc[g]) >> 23) & 0xffu) << (8 * b);
+          for (int b = 0; b < 4; ++b)
+            if (4 * c + b < G) word |= ((f[b] >> 23) & 0xffu) << (8 * b);
+        } else {
+          word = static_cast<uint32_t>(v[u].x);
         }
-        out_scales[static_cast<size_t>(i) * P + w] = static_cast<int32_t>(word);
+        out_scales[rel] = word;  // rows are contiguous: [i][c] = rel
       }
     }
   }
@@ -317,11 +394,11 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     p.recv_count[j] = n;
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
   }
-  __syncthreads();  // s_seg_base / s_total are reused by the next expert
+  __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
 }
 
 template <bool kFp8>
-__global__ void __launch_bounds__(ll::kThreads, 1) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
   __shared__ int s_tokens[kLlMaxRanks];
   __shared__ int s_seg_first[kLlMaxRanks + 1];
   __shared__ int s_seg_base[kMaxSegments];
@@ -334,12 +411,19 @@ __global__ void __launch_bounds__(ll::kThreads, 1) llDispatchKernel(const __grid
   const int tag = static_cast<int>(epoch_tag);
 
   if (p.do_send) {
-    // Peers must have consumed what this rank sent them in the previous dispatch on this half.
-    bool ok = true;
-    if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], epoch_tag - 1, Phase::kLlDispatchRecv, tid);
-    if (__syncthreads_or(!ok)) return;
-    for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) send_token<kFp8>(p, t, tag);
-    if (ll::arrive_last_block(&ctrl->dispatch_send_arrived) && tid < R) {
+    // Peers must have consumed what this rank sent them in the previous dispatch on this half: the first
+    // token of a block waits for that inside send_token (overlapped with its loads); a block without tokens
+    // waits here (the last block to arrive publishes the flags, which must not overtake the acks either).
+    if (static_cast<int>(blockIdx.x) >= p.num_tokens) {
+      bool ok = true;
+      if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], epoch_tag - 1, Phase::kLlDispatchRecv, tid);
+      if (__syncthreads_or(!ok)) return;
+    }
+    for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+      const bool first = t == static_cast<int>(blockIdx.x);
+      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
+    }
+    if (ll::arrive_last_block(&ctrl->dispatch_send_arrived, true) && tid < R) {
       LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
       dev::st_release_sys(&peer_ctrl->dispatch_flag[me], (epoch_tag << 32) | static_cast<long long>(p.num_tokens));
     }
@@ -366,7 +450,9 @@ __global__ void __launch_bounds__(ll::kThreads, 1) llDispatchKernel(const __grid
     const int num_segments = s_seg_first[R];
     for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
       recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
-    if (ll::arrive_last_block(&ctrl->dispatch_recv_arrived)) {
+    // gpu scope: this part wrote only local memory; the last block's system-scope release of the acks
+    // publishes every block's reads of the messages (fence + atomic chain on this GPU, then the release).
+    if (ll::arrive_last_block(&ctrl->dispatch_recv_arrived, false)) {
       if (tid == 0) ctrl->dispatch_epoch = epoch_tag;
       if (tid < R) {
         LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
@@ -410,6 +496,7 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
     r.use_fp8 = args.use_fp8;
     r.scale_format = static_cast<int>(args.scale_format);
     r.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
+    r.dispatch_weights = args.topk_weights != nullptr;
     r.valid = true;
   } else if (args.hidden != r.hidden || args.use_fp8 != r.use_fp8 || args.topk != r.topk ||
              (args.use_fp8 && static_cast<int>(args.scale_format) != r.scale_format)) {
@@ -438,14 +525,15 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   p.cumulative_stats = args.cumulative_recv_stats;
   p.recv_src_info = r.recv_src_info;
   p.recv_row = r.recv_row;
+  p.topk_weights = do_send ? args.topk_weights : nullptr;
   p.do_send = do_send;
   p.do_recv = do_recv;
 
-  const dim3 grid(comm->num_device_sms), block(ll::kThreads);
+  const dim3 block(ll::kThreads);
   if (r.use_fp8)
-    llDispatchKernel<true><<<grid, block, 0, stream>>>(p);
+    llDispatchKernel<true><<<ll::grid_blocks<llDispatchKernel<true>>(comm->num_device_sms), block, 0, stream>>>(p);
   else
-    llDispatchKernel<false><<<grid, block, 0, stream>>>(p);
+    llDispatchKernel<false><<<ll::grid_blocks<llDispatchKernel<false>>(comm->num_device_sms), block, 0, stream>>>(p);
   MOE_CUDA_CHECK(cudaGetLastError());
   r.recv_pending = do_send && !do_recv;
   return ncclSuccess;
