@@ -2,7 +2,7 @@
 # One full device session on a GPU machine: configure + build with all cores, GPU tests, moe-perf (HT and LL,
 # JSON rows), optionally compute-sanitizer; logs go to $OUT (or ./device-out). Prints a short summary last.
 #
-#   scripts/device_session.sh [all|build|tests|perf|overlap|sanitize ...]   (default: build tests perf)
+#   scripts/device_session.sh [all|build|tests|perf|procs|overlap|sanitize ...]   (default: build tests perf)
 # Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_HT_ARGS / PERF_LL_ARGS (extra
 #              moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse ./build), NCCL_MOE_GIT_SHA.
 set -uo pipefail
@@ -19,7 +19,7 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export PATH=/usr/local/cuda/bin:$PATH
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests perf)
-[ "${stages[0]}" = all ] && stages=(build tests perf overlap sanitize)
+[ "${stages[0]}" = all ] && stages=(build tests perf procs overlap sanitize)
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 has() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -60,6 +60,17 @@ if has perf; then
   grep -vE '^#  ' "$OUT/perf_ll.log" | tail -30
 fi
 
+if has procs; then
+  # One process per GPU (CUDA IPC between ranks) instead of one thread per GPU.
+  timeout 200 build/perf/moe-perf --mode ht --procs "$NGPU" --tokens 1024 --dtype bf16,fp8 -n 10 \
+    -J "$OUT/perf_ht_procs.json" > "$OUT/perf_ht_procs.log" 2>&1
+  note "moe-perf ht --procs $NGPU: rc=$?"
+  timeout 200 build/perf/moe-perf --mode ll --procs "$NGPU" -n 10 -J "$OUT/perf_ll_procs.json" \
+    > "$OUT/perf_ll_procs.log" 2>&1
+  note "moe-perf ll --procs $NGPU: rc=$?"
+  grep -vE '^#' "$OUT/perf_ht_procs.log" "$OUT/perf_ll_procs.log" | tail -12
+fi
+
 if has overlap; then
   timeout 300 scripts/overlap_session.sh > "$OUT/overlap.log" 2>&1
   note "overlap: rc=$?"
@@ -68,7 +79,7 @@ fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
-    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 build/tests/nccl_moe_gpu_tests \
+    NCCL_MOE_TIMEOUT_S=300 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 build/tests/nccl_moe_gpu_tests \
       --gtest_filter="${SANITIZE_FILTER:-*Small*}" > "$OUT/sanitize_${tool}.log" 2>&1
     note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_${tool}.log" | tail -1)"
   done
