@@ -8,6 +8,9 @@
 
 #include <chrono>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "core/env.h"
@@ -86,6 +89,25 @@ ncclResult_t allGather(ncclMoeComm* comm, const void* mine, void* all, size_t by
   return res;
 }
 
+// Peer access is a property of the device's context, shared by every communicator of the process: enable each
+// (device, peer) pair once, so repeated inits neither fail nor leave "already enabled" errors behind (which
+// compute-sanitizer and cudaGetLastError users would see).
+ncclResult_t enablePeerAccessOnce(int device, int peer_dev) {
+  static std::mutex mutex;
+  static std::set<std::pair<int, int>> enabled;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (enabled.count({device, peer_dev}) != 0) return ncclSuccess;
+  cudaError_t err = cudaDeviceEnablePeerAccess(peer_dev, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // enabled by someone else (NCCL, the application): fine
+  } else if (err != cudaSuccess) {
+    return setLastError(ncclUnhandledCudaError, "cudaDeviceEnablePeerAccess(%d) on device %d failed: %s", peer_dev,
+                        device, cudaGetErrorString(err));
+  }
+  enabled.insert({device, peer_dev});
+  return ncclSuccess;
+}
+
 // Maps every peer's buffer into this process. Nobody writes into a peer's buffer before the agreement
 // all-reduce that follows, so every rank has zeroed and mapped its own by then.
 ncclResult_t mapPeers(ncclMoeComm* comm, const std::vector<PeerInfo>& peers, const PeerInfo& mine) {
@@ -105,13 +127,7 @@ ncclResult_t mapPeers(ncclMoeComm* comm, const std::vector<PeerInfo>& peers, con
         return setLastError(ncclSystemError, "ncclMoeCommInit: device %d cannot access peer device %d (rank %d) over "
                                              "NVLink/PCIe peer-to-peer", comm->device, peer_dev, r);
       }
-      cudaError_t err = cudaDeviceEnablePeerAccess(peer_dev, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled) {
-        cudaGetLastError();
-      } else if (err != cudaSuccess) {
-        return setLastError(ncclUnhandledCudaError, "cudaDeviceEnablePeerAccess(%d) failed: %s", peer_dev,
-                            cudaGetErrorString(err));
-      }
+      MOE_CHECK(enablePeerAccessOnce(comm->device, peer_dev));
       comm->peer_buffer[r] = reinterpret_cast<uint8_t*>(peers[r].buffer_addr);
       comm->peer_same_process[r] = true;
     } else {
