@@ -1,6 +1,8 @@
 // The sizes every buffer region is derived from: one per communicator, equal on all ranks.
 #pragma once
 
+#include <cuda_runtime.h>  // __host__ __device__ for host compilers too
+
 #include <cstddef>
 #include <cstdint>
 

@@ -1,0 +1,89 @@
+// The one buffer-layout definition (src/mem/): regions are ordered, aligned and disjoint, the last element of
+// every HT and LL array ends inside its region, and ncclMoeGetBufferSize reports exactly the layout's size, for
+// every rank count the kernels support (1..8, so the 8-rank layout is checked without 8 GPUs).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "mem/buffer_layout.h"
+#include "nccl_moe.h"
+
+namespace {
+
+using nccl_moe::BufferLayout;
+using nccl_moe::LayoutParams;
+
+struct Shape {
+  int experts, hidden, topk, ht_tokens, ll_tokens;
+};
+
+const Shape kShapes[] = {
+    {256, 7168, 8, 4096, 128}, {288, 7168, 8, 0, 128}, {64, 136, 16, 100, 0}, {1024, 2048, 1, 17, 3},
+    {16, 8, 2, 1, 0},          {8, 128, 4, 0, 1},
+};
+
+TEST(Layout, RegionsAreOrderedAlignedAndDisjointForEveryRankCount) {
+  for (const Shape& s : kShapes) {
+    for (int R = 1; R <= 8; ++R) {
+      if (s.experts % R != 0) continue;
+      const LayoutParams p{R, s.experts, s.hidden, s.topk, s.ht_tokens, s.ll_tokens};
+      const BufferLayout b = BufferLayout::make(p);
+      SCOPED_TRACE(testing::Message() << "R=" << R << " E=" << s.experts << " H=" << s.hidden);
+      EXPECT_EQ(0u, b.ht_offset % nccl_moe::kRegionAlign);
+      EXPECT_EQ(0u, b.ll_offset % nccl_moe::kRegionAlign);
+      EXPECT_GE(b.ht_offset, sizeof(nccl_moe::ControlBlock));
+      EXPECT_LE(b.ht_offset + b.ht_bytes, b.ll_offset);
+      EXPECT_EQ(b.ll_offset + 2 * b.ll_half_bytes, b.total_bytes);
+      EXPECT_EQ(s.ht_tokens > 0, b.ht_bytes > 0);
+      EXPECT_EQ(s.ll_tokens > 0, b.ll_half_bytes > 0);
+
+      if (s.ht_tokens > 0) {
+        const auto& h = b.ht;
+        const int last_src = R - 1, last_row = s.ht_tokens - 1;
+        // Sub-regions in order, each array's last element inside the HT region.
+        EXPECT_LE(h.notify(last_src) + h.notify_slot_bytes, h.src_idx_offset);
+        EXPECT_LE(h.src_idx(last_src, last_row) + 4, h.row_flag_offset);
+        EXPECT_LE(h.row_flag(last_src, last_row) + 8, h.x_offset);
+        EXPECT_LE(h.x(last_src, last_row, 2 * static_cast<size_t>(s.hidden)) + 2 * static_cast<size_t>(s.hidden),
+                  h.meta_offset);
+        EXPECT_LE(h.meta(last_src, last_row) + h.meta_stride_bytes, b.ht_bytes);
+        // A row's metadata holds K ids, K weights and the scales.
+        EXPECT_GE(h.meta_stride_bytes, 4u * (2 * s.topk + (s.hidden + 127) / 128));
+        EXPECT_EQ(0u, h.x(last_src, 1, 2 * static_cast<size_t>(s.hidden)) % 16) << "16-byte row alignment";
+      }
+      if (s.ll_tokens > 0) {
+        const auto& l = b.ll;
+        // Offsets only: the accessors are evaluated on a fake base address, never dereferenced.
+        const uintptr_t base = 1u << 20;
+        uint8_t* half = reinterpret_cast<uint8_t*>(base);
+        const auto off = [&](const void* p) { return static_cast<size_t>(reinterpret_cast<uintptr_t>(p) - base); };
+        EXPECT_LE(off(l.dispatch_msg(half, R - 1, s.ll_tokens - 1)) + l.msg_bytes, b.ll_half_bytes);
+        EXPECT_LE(off(l.combine_buffer(half)) +
+                      static_cast<size_t>(s.experts / R) * l.slab_rows() * 2 * static_cast<size_t>(s.hidden),
+                  b.ll_half_bytes);
+        EXPECT_EQ(0u, l.msg_bytes % 16);
+      }
+
+      ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
+      c.num_experts = s.experts;
+      c.hidden = s.hidden;
+      c.max_topk = s.topk;
+      c.max_tokens_per_rank = s.ht_tokens;
+      c.ll_max_tokens_per_rank = s.ll_tokens;
+      size_t bytes = 0;
+      ASSERT_EQ(ncclSuccess, ncclMoeGetBufferSize(&c, R, &bytes)) << ncclMoeGetLastError(nullptr);
+      EXPECT_EQ(b.total_bytes, bytes);
+    }
+  }
+}
+
+TEST(Layout, HtRegionGrowsLinearlyWithCapacity) {
+  const LayoutParams small{4, 256, 7168, 8, 1024, 0};
+  const LayoutParams large{4, 256, 7168, 8, 2048, 0};
+  const size_t a = BufferLayout::make(small).ht_bytes, b = BufferLayout::make(large).ht_bytes;
+  // Doubling the capacity doubles the per-row arrays: at least R * 1024 more rows of 2*H bytes.
+  EXPECT_GE(b - a, 4ull * 1024 * 2 * 7168);
+  EXPECT_LT(b, 2 * a + 2 * nccl_moe::kRegionAlign * 8);
+}
+
+}  // namespace
