@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "channel_cap.h"  // plugin/: the tuner's cap rule, for the "expected cap" line
+#include "host_sync.h"    // perf/
 #include "nccl_moe.h"
 
 namespace nccl_moe {
@@ -231,32 +232,7 @@ std::string ncclText(ncclResult_t r, ncclComm_t comm) {
     if (ov_res_ != ncclSuccess) fatal((rank), #call, moeText(ov_res_, (comm))); \
   } while (0)
 
-// ------------------------------------------------------------------------------------------------
-// Host barrier of the rank threads
-// ------------------------------------------------------------------------------------------------
-
-class HostBarrier {
- public:
-  explicit HostBarrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t gen = generation_;
-    if (++waiting_ == count_) {
-      waiting_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return;
-    }
-    cv_.wait(lock, [&] { return generation_ != gen; });
-  }
-
- private:
-  const int count_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int waiting_ = 0;
-  uint64_t generation_ = 0;
-};
+using perf::HostBarrier;  // perf/host_sync.h: the rank threads' host barrier
 
 // ------------------------------------------------------------------------------------------------
 // Results
