@@ -21,6 +21,9 @@ const std::vector<EnvVar>& envRegistry() {
        "Default SM budget of high-throughput kernels when the config and the call pass 0 (0 = automatic)."},
       {"NCCL_MOE_SM_RESERVE", EnvType::kInt, "0",
        "SMs the tuner plugin keeps free of NCCL's collectives for NCCL-MoE kernels running alongside."},
+      {"NCCL_MOE_HT_KERNEL", EnvType::kString, "fast",
+       "High-throughput dispatch/combine kernels: fast (dispatch.cu, combine.cu) or educational (educational.cu, "
+       "the plain one-role version; same results, slower). Read on every call."},
   };
   return registry;
 }

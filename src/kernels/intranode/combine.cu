@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "core/ops.h"
+#include "kernels/intranode/educational.h"
 #include "kernels/intranode/host.cuh"
 #include "kernels/intranode/tuning.h"
 
@@ -235,6 +236,7 @@ void launchCombine(const CombineArgs& a, bool bias, int sms, cudaStream_t stream
 
 ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
                          cudaStream_t stream) {
+  if (htUseEducationalKernels()) return opHtCombineEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
   ht::DeviceGuard guard(comm->device);
   const HtRouting& r = handle->ht;
   ht::CombineArgs a{};

@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include "core/ops.h"
+#include "kernels/intranode/educational.h"
 #include "kernels/intranode/host.cuh"
 #include "kernels/intranode/tuning.h"
 
@@ -254,6 +255,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) dispatch_kernel(const __grid_co
 
 ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
                           cudaStream_t stream) {
+  if (htUseEducationalKernels()) return opHtDispatchEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
   ht::DeviceGuard guard(comm->device);
   const HtRouting& r = handle->ht;
   ht::DispatchArgs a{};
