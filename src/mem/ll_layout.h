@@ -30,6 +30,9 @@ namespace nccl_moe {
 constexpr int kLlMaxRanks = 8;         // == NCCL_MOE_MAX_RANKS (checked in the kernels)
 constexpr int kLlMaxTopk = 16;         // == NCCL_MOE_MAX_TOPK
 constexpr size_t kLlHeaderBytes = 128;  // sizeof(LlMsgHeader)
+// Per-block arrival: every block of a grid adds its share of kLlArrivalUnits (the shares of one grid sum to
+// exactly this, whatever the grid size), so a counter is complete for call `tag` at tag * kLlArrivalUnits.
+constexpr long long kLlArrivalUnits = 1ll << 20;
 
 // First 128 bytes of a dispatch message. local_expert[k] = local id on the destination rank of slot k's
 // expert, or -1 when slot k is unused or its expert lives elsewhere. `tag` = low 32 bits of the dispatch
@@ -54,19 +57,24 @@ struct LlPersist {
 
 struct LlControl {
   // ---- written only by this rank ----
-  long long dispatch_epoch;   // dispatches completed (received) on this half; the next one's tag is +1
+  long long dispatch_epoch;   // receive blocks' arrival shares (kLlArrivalUnits per dispatch received on this
+                              // half); the next dispatch's tag is dispatch_epoch / kLlArrivalUnits + 1
   long long combine_epoch;    // combines completed on this half
-  int dispatch_send_arrived;  // last-block-done counters (back to 0 after each kernel)
-  int dispatch_recv_arrived;
+  int dispatch_send_arrived;  // unused since round 3 (dispatch arrives per block)
+  int dispatch_recv_arrived;  // unused since round 3
+  // (combine_*_arrived: last-block-done counters, back to 0 after each kernel)
   int combine_send_arrived;
   int combine_recv_arrived;
   long long pad0[12];
   // ---- written by peers; [s] is written by rank s ----
-  long long dispatch_flag[kLlMaxRanks];        // (tag << 32) | T_s: all of s's messages of `tag` are here
-  long long dispatch_ack[kLlMaxRanks];         // s consumed (expanded) the messages this rank sent it, tag
+  long long dispatch_flag[kLlMaxRanks];        // (tag << 32) | T_s, written by s's send block 0
+  long long dispatch_ack[kLlMaxRanks];         // s's receive blocks' shares: s consumed the messages of tag
+                                               // once >= tag * kLlArrivalUnits
   long long combine_weight_flag[kLlMaxRanks];  // s pushed its top-k weights of combine `tag`
   long long combine_flag[kLlMaxRanks];         // all partial sums of combine `tag` from s are here
   long long combine_ack[kLlMaxRanks];          // s finished reading the partials of its combine `tag` of this half
+  long long dispatch_count[kLlMaxRanks];       // s's send blocks' shares: all of s's messages of `tag` are
+                                               // here once >= tag * kLlArrivalUnits
 };
 
 struct LlLayout {

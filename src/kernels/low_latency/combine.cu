@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
   const long long tag = ctrl->combine_epoch + 1;
 
   if (p.do_send) {
-    const int dispatch_tag = static_cast<int>(ctrl->dispatch_epoch);
+    const int dispatch_tag = static_cast<int>(ctrl->dispatch_epoch / kLlArrivalUnits);
     const bool push = p.topk_weights != nullptr;
     // Weights given to the combine go to every rank (they reduce this rank's tokens per rank before sending
     // them back); without them the dispatch headers' weights are used and nothing is exchanged here.

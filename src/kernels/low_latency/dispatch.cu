@@ -76,13 +76,13 @@ struct LlDispatchParams {
 // Send
 // ---------------------------------------------------------------------------------------------------------
 
-// Sends token t. With `ack` (the block's first token), warp 1 waits for every peer's ack of tag - 1 (it
+// Sends token t. With `ack` (the block's first token), warp 1 waits for every peer's ack of `ack_tag` (it
 // consumed the previous messages of this half; normally long there) while warp 0 resolves the routing and
 // every thread loads its part of the row; nothing is stored into a peer before. Returns false when that
 // wait failed.
 template <bool kFp8>
 __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
-                                           long long ack_target) {
+                                           long long ack_tag) {
   __shared__ int s_rank[kLlMaxTopk];
   __shared__ int s_lid[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
@@ -130,7 +130,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   }
   bool ok = true;
   if (ack != nullptr && warp == 1 && lane < R)
-    ok = dev::wait_geq(p.comm, &ack[lane], ack_target, Phase::kLlDispatchRecv, lane);
+    ok = dev::wait_geq(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
   if (__syncthreads_or(!ok)) return false;
   const int mask = s_mask;
 
@@ -403,62 +403,93 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
   __shared__ int s_seg_first[kLlMaxRanks + 1];
   __shared__ int s_seg_base[kMaxSegments];
   const LlLayout& L = p.layout;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
   LlControl* ctrl = L.control(my_half);
-  const long long epoch_tag = ctrl->dispatch_epoch + 1;
+  // The epoch counts receive blocks' arrival shares; a block of an earlier receive kernel that has not added
+  // its share yet leaves it below the next multiple, and a kernel reads it before its own blocks add theirs.
+  const long long epoch_tag = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch) / kLlArrivalUnits + 1;
   const int tag = static_cast<int>(epoch_tag);
 
   if (p.do_send) {
-    // Peers must have consumed what this rank sent them in the previous dispatch on this half: the first
-    // token of a block waits for that inside send_token (overlapped with its loads); a block without tokens
-    // waits here (the last block to arrive publishes the flags, which must not overtake the acks either).
+    // Peers must have consumed what this rank sent them in the previous dispatch on this half before it is
+    // overwritten: the first token of a block waits for that inside send_token (overlapped with its loads).
+    // Only blocks with tokens arrive, and block 0 always (it also rewrites the peers' dispatch_flag[me], so it
+    // waits here when it has no token; so do the token-less blocks of a Both kernel, on their way to the
+    // receive part). Token-less blocks of a send-only kernel return at once.
     if (static_cast<int>(blockIdx.x) >= p.num_tokens) {
+      if (blockIdx.x > 0 && !p.do_recv) return;
       bool ok = true;
-      if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], epoch_tag - 1, Phase::kLlDispatchRecv, tid);
+      if (tid < R)
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
+                           Phase::kLlDispatchRecv, tid);
       if (__syncthreads_or(!ok)) return;
     }
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
       const bool first = t == static_cast<int>(blockIdx.x);
       if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
     }
-    if (ll::arrive_last_block(&ctrl->dispatch_send_arrived, true) && tid < R) {
-      LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-      dev::st_release_sys(&peer_ctrl->dispatch_flag[me], (epoch_tag << 32) | static_cast<long long>(p.num_tokens));
+    // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
+    // stores; no grid-wide counter, no last block. Block 0 stores the token count before its add.
+    const int b = blockIdx.x, grid = gridDim.x;
+    if (b < p.num_tokens || b == 0) {
+      const int senders = p.num_tokens < grid ? (p.num_tokens > 0 ? p.num_tokens : 1) : grid;
+      __syncthreads();
+      if (tid < R) {
+        LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+        if (b == 0) peer_ctrl->dispatch_flag[me] = (epoch_tag << 32) | static_cast<long long>(p.num_tokens);
+        dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
+      }
     }
   }
 
   if (p.do_recv) {
-    bool ok = true;
-    if (tid < R) {
-      ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[tid], epoch_tag << 32, Phase::kLlDispatchRecv, tid);
-      const long long seen = dev::ld_acquire_sys(&ctrl->dispatch_flag[tid]);
-      const int tokens = static_cast<int>(seen & 0xffffffffll);
-      s_tokens[tid] = tokens < L.tokens ? tokens : L.tokens;
-    }
-    if (__syncthreads_or(!ok)) return;
-    if (tid == 0) {
-      int first = 0;
-      for (int s = 0; s < R; ++s) {
-        s_seg_first[s] = first;
-        first += (s_tokens[s] + 31) / 32;
+    const int b = blockIdx.x, grid = gridDim.x;
+    // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
+    // return at once.
+    const int E_l = L.num_local_experts;
+    const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
+    if (b >= receivers) return;
+    if (b < E_l) {
+      // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
+      // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
+      // stores it before its share, so it is this dispatch's once its tag is there).
+      bool ok = true;
+      if (warp == 0 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
+                           lane);
+      } else if (warp == 1 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+        const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+        s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
       }
-      s_seg_first[R] = first;
+      if (__syncthreads_or(!ok)) return;
+      if (tid == 0) {
+        int first = 0;
+        for (int s = 0; s < R; ++s) {
+          s_seg_first[s] = first;
+          first += (s_tokens[s] + 31) / 32;
+        }
+        s_seg_first[R] = first;
+      }
+      __syncthreads();
+      const int num_segments = s_seg_first[R];
+      for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
+        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
+    // Per-block arrival: the release adds (after the block barrier) tell every source that this block is done
+    // reading its messages; the epoch share (local, relaxed) is read by later kernels only (a kernel of this
+    // half that reads a partly added epoch still computes the right tag: the shares complete a multiple of
+    // kLlArrivalUnits only when every receiving block has added).
+    const long long share = ll::arrival_share(b, receivers);
     __syncthreads();
-    const int num_segments = s_seg_first[R];
-    for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
-      recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
-    // gpu scope: this part wrote only local memory; the last block's system-scope release of the acks
-    // publishes every block's reads of the messages (fence + atomic chain on this GPU, then the release).
-    if (ll::arrive_last_block(&ctrl->dispatch_recv_arrived, false)) {
-      if (tid == 0) ctrl->dispatch_epoch = epoch_tag;
-      if (tid < R) {
-        LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-        dev::st_release_sys(&peer_ctrl->dispatch_ack[me], epoch_tag);
-      }
+    if (tid < R) {
+      LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+      dev::red_add_release_sys(&peer_ctrl->dispatch_ack[me], share);
     }
+    if (tid == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&ctrl->dispatch_epoch), static_cast<unsigned long long>(share));
   }
 }
 
