@@ -30,7 +30,6 @@ const char* phaseName(Phase phase) {
     case Phase::kHtCombine: return "ht-combine";
     case Phase::kLlDispatchRecv: return "ll-dispatch-recv";
     case Phase::kLlCombineRecv: return "ll-combine-recv";
-    case Phase::kHostWait: return "host-wait";
     default: return "none";
   }
 }
@@ -341,9 +340,9 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
                   phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->counter, rec->expected);
     result = ncclInvalidUsage;
   } else {
-    std::snprintf(message, sizeof(message), "phase %s on rank %d aborted because peer %d failed (counter %lld)",
-                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->peer, rec->counter);
-    result = ncclRemoteError;
+    std::snprintf(message, sizeof(message), "phase %s on rank %d: unknown device error code %d (peer %d, counter %lld)",
+                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, code, rec->peer, rec->counter);
+    result = ncclInternalError;
   }
   comm->failed = true;
   return setLastError(result, "%s", message);

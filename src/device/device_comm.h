@@ -20,7 +20,6 @@ enum class Phase : int {
   kHtCombine = 4,
   kLlDispatchRecv = 5,
   kLlCombineRecv = 6,
-  kHostWait = 7,
 };
 const char* phaseName(Phase phase);
 
@@ -28,7 +27,7 @@ const char* phaseName(Phase phase);
 // atomics, read by the host without synchronising). `code` goes 0 -> non-zero once; the other fields are
 // written by the winner before it publishes `code` with release ordering.
 struct ErrorRecord {
-  int code;            // 0 = none, 1 = wait timeout, 2 = aborted because a peer failed, 3 = capacity exceeded
+  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded (ErrorCode)
   int phase;           // Phase
   int rank;            // rank that observed the failure
   int peer;            // peer it was waiting for (-1 = none/local)
@@ -36,7 +35,7 @@ struct ErrorRecord {
   long long expected;  // value waited for
 };
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrPeerAbort = 2, kErrCapacity = 3 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3 };
 
 struct DeviceComm {
   int rank;

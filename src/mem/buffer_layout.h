@@ -1,11 +1,11 @@
-// THE layout of one rank's communication buffer. The allocator (src/mem/buffer.cc), the size query
-// (ncclMoeGetBufferSize) and every kernel take offsets from here and nowhere else.
+// THE layout of one rank's communication buffer. The allocator (ncclMoeCommInit, src/core/comm.cc), the size
+// query (ncclMoeGetBufferSize) and every kernel take offsets from here and nowhere else.
 //
-//   [ control | high-throughput region | low-latency region (two alternating halves) ]
+//   [ high-throughput region | low-latency region (two alternating halves) ]
 //
-// control:  cross-rank barrier flags and sequence counters shared by all modes (ControlBlock).
-// HT:       HtLayout (src/mem/ht_layout.h).
-// LL:       LlLayout (src/mem/ll_layout.h), present twice for double buffering.
+// HT:       HtLayout (src/mem/ht_layout.h); its own sync words (epochs, arrivals) start the region.
+// LL:       LlLayout (src/mem/ll_layout.h), present twice for double buffering; each half has its own control
+//           block. Each mode keeps its signals inside its region, so the two never share a counter.
 #pragma once
 
 #include "mem/ht_layout.h"
@@ -14,15 +14,7 @@
 
 namespace nccl_moe {
 
-// Written by peers into this rank's buffer. Counters only grow (epoch-based), so nothing is reset between
-// calls and CUDA-graph replays stay valid.
-struct ControlBlock {
-  long long barrier_flag[kMaxRanksInLayout];  // barrier_flag[s]: barrier epochs rank s has reached here
-  long long local_epoch[4];                   // this rank's own monotonic call counters (not written by peers)
-};
-
 struct BufferLayout {
-  size_t control_offset;
   size_t ht_offset;
   size_t ht_bytes;
   size_t ll_offset;
@@ -33,10 +25,9 @@ struct BufferLayout {
 
   __host__ __device__ static BufferLayout make(const LayoutParams& p) {
     BufferLayout b{};
-    b.control_offset = 0;
     b.ht = HtLayout::make(p);
     b.ll = LlLayout::make(p);
-    b.ht_offset = align_up(sizeof(ControlBlock), kRegionAlign);
+    b.ht_offset = 0;
     b.ht_bytes = p.ht_tokens > 0 ? align_up(b.ht.total_bytes, kRegionAlign) : 0;
     b.ll_offset = b.ht_offset + b.ht_bytes;
     b.ll_half_bytes = p.ll_tokens > 0 ? align_up(b.ll.total_bytes, kRegionAlign) : 0;
@@ -44,9 +35,6 @@ struct BufferLayout {
     return b;
   }
 
-  __host__ __device__ ControlBlock* control(uint8_t* base) const {
-    return reinterpret_cast<ControlBlock*>(base + control_offset);
-  }
   __host__ __device__ uint8_t* ht_region(uint8_t* base) const { return base + ht_offset; }
   __host__ __device__ uint8_t* ll_region(uint8_t* base, int half) const {
     return base + ll_offset + static_cast<size_t>(half) * ll_half_bytes;
