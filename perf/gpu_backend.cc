@@ -1001,7 +1001,7 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
   watchdog.join();
   if (layout.proc_rank == 0) {
     if (sh.exit_code.load() != 0) {
-      out("# errors: see above (wrong results, invalid shapes, failures or --require-moe)\n");
+      out("# errors: see above (wrong results, invalid shapes, failures or unavailable MoE ops)\n");
     } else {
       out("# %s", run.options.check ? "all checks passed" : "no errors (checks skipped: -c 0)");
       if (sh.unavailable_rows.load() > 0)

@@ -5,7 +5,7 @@
 // through NCCL and printed by global rank 0.
 //
 // MoE operations that the library does not provide yet (any error returned by an API call, or recorded as an
-// asynchronous error) are reported as "not available: <error>" and do not fail the run unless --require-moe;
+// asynchronous error) are reported as "not available: <error>" and fail the run unless --allow-missing-moe;
 // wrong results, baseline errors and CUDA/NCCL failures always do (exit code 1).
 #pragma once
 

@@ -229,6 +229,8 @@ const std::vector<OptionSpec>& optionTable() {
       {0, "procs", true, intOption(&Options::procs, 1, 1024, "--procs")},
       {0, "cpu", false, [](Options* o, const std::string&, std::string*) { return o->cpu = true; }},
       {0, "require-moe", false, [](Options* o, const std::string&, std::string*) { return o->require_moe = true; }},
+      {0, "allow-missing-moe", false,
+       [](Options* o, const std::string&, std::string*) { return !(o->require_moe = false); }},
       {0, "alignment", true, intOption(&Options::expert_alignment, 1, 1 << 20, "--alignment")},
       {0, "timeout", true, intOption(&Options::timeout_s, 0, 1 << 24, "--timeout")},
   };
@@ -324,7 +326,8 @@ Runs
                           (default: all visible GPUs in a single process, 1 with --procs/MPI; CPU mode: 2 ranks)
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
-      --require-moe       fail the run when an MoE operation is not available
+      --require-moe       fail the run when an MoE operation is not available (the default)
+      --allow-missing-moe report unavailable MoE operations as n/a without failing the run
       --timeout S         abort when no progress for S seconds (default 600, 0 = never)
   -J, --json PATH         write one JSON object per result row (JSON Lines)
   -h, --help              this text

@@ -61,7 +61,7 @@ struct Options {
   int procs = 0;               // --procs N: spawn N processes; 0 = not given
   bool cpu = false;            // --cpu
   std::string json_path;       // -J / --json
-  bool require_moe = false;    // --require-moe: MoE rows that are not available fail the run
+  bool require_moe = true;     // MoE rows that are not available fail the run (--allow-missing-moe: they don't)
   int expert_alignment = 1;    // --alignment: per-expert receive counts rounded up to this (HT)
   int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
   bool help = false;           // -h / --help

@@ -70,6 +70,12 @@ TEST(PerfOptions, NcclTestsLetters) {
   EXPECT_EQ(inl.iters, 3);
 }
 
+TEST(PerfOptions, UnavailableMoeOpsFailTheRunUnlessAllowed) {
+  EXPECT_TRUE(parse({}).require_moe);
+  EXPECT_TRUE(parse({"--require-moe"}).require_moe);
+  EXPECT_FALSE(parse({"--allow-missing-moe"}).require_moe);
+}
+
 TEST(PerfOptions, LongOptions) {
   const Options o = parse({"--mode",
                            "ll",
