@@ -13,7 +13,7 @@
 #include <functional>
 #include <string>
 
-#include "ht_harness.h"
+#include "ht_case.h"
 
 namespace ht_test {
 namespace {
@@ -40,22 +40,8 @@ class KernelVarGuard {
   std::string saved_;
 };
 
-struct EduCase {
-  std::string name;
-  int num_experts = 64, topk = 8, tokens = 256, hidden = 1024;
-  ref::DType dtype = ref::DType::kBf16;
-  ref::ScaleFormat format = ref::ScaleFormat::kFloat;
-  int scale_layout = 0;  // 0 packed, 1 padded token stride, 2 column-major (token stride 1)
-  bool idx64 = true;
-  int alignment = 1;
-  bool worst_case = false;
-  double skew = 1.0, masked = 0.0, empty = 0.0;
-  int zero_ranks = 0;
-  bool weights = true;
-  int num_sms = 0;
-  int biases = 0;
-  bool combine_weights = true;
-  uint64_t seed = 1;
+// A fast-path case plus which kernel runs each step.
+struct EduCase : HtCase {
   // Kernel of each step (dispatch, cached dispatch, combine): 'E' educational on every rank, 'F' fast on
   // every rank, 'M' educational on even ranks and fast on odd ones.
   std::string plan = "EEE";
@@ -67,115 +53,6 @@ bool educationalAt(const EduCase& c, int step, int rank) {
   const char k = c.plan[step];
   return k == 'E' || (k == 'M' && rank % 2 == 0);
 }
-
-// ---- Copied (trimmed) from ht_dispatch_test.cc, where these live in an anonymous namespace. ----
-
-struct Expected {
-  ref::Routing routing;
-  std::vector<ref::Rows> x1, x2;
-  ref::HtDispatch d1, d2;
-  std::vector<std::vector<uint16_t>> y;
-  std::vector<std::vector<float>> yw;
-  std::vector<std::vector<uint16_t>> b0, b1;
-  ref::HtCombineResult c;
-  int capacity = 0;
-};
-
-std::vector<ref::Rows> makeRows(const ref::Routing& routing, uint64_t seed, int hidden, ref::DType dtype,
-                                ref::ScaleFormat format) {
-  auto bf16 = ref::make_bf16_rows_all(routing, seed, hidden, ref::ValueKind::kWide);
-  std::vector<ref::Rows> rows;
-  for (int s = 0; s < routing.num_ranks; ++s) {
-    const int T = routing.ranks[s].num_tokens;
-    if (dtype == ref::DType::kBf16)
-      rows.push_back(ref::Rows::from_bf16(bf16[s], T, hidden));
-    else
-      rows.push_back(ref::cast_to_fp8(bf16[s], T, hidden, format));
-  }
-  return rows;
-}
-
-Expected makeExpected(const EduCase& c, int num_ranks) {
-  Expected e;
-  ref::RoutingSpec spec;
-  spec.num_ranks = num_ranks;
-  spec.num_experts = c.num_experts;
-  spec.topk = c.topk;
-  spec.num_tokens = c.tokens;
-  spec.skew = c.skew;
-  spec.masked_fraction = c.masked;
-  spec.empty_token_fraction = c.empty;
-  spec.num_zero_token_ranks = c.zero_ranks;
-  spec.with_weights = c.weights;
-  spec.seed = c.seed;
-  e.routing = ref::make_routing(spec);
-  e.capacity = c.tokens > 0 ? c.tokens : 1;
-  e.x1 = makeRows(e.routing, c.seed * 7 + 1, c.hidden, c.dtype, c.format);
-  e.x2 = makeRows(e.routing, c.seed * 7 + 2, c.hidden, c.dtype, c.format);
-  e.d1 = ref::ht_dispatch(e.routing, c.alignment, &e.x1);
-  e.d2 = ref::ht_dispatch(e.routing, c.alignment, &e.x2);
-  ref::Rng rng(ref::mix_seed(c.seed, 99));
-  for (int d = 0; d < num_ranks; ++d) {
-    const int n = e.d1.recv[d].num_recv;
-    e.y.push_back(ref::make_bf16_rows(c.seed * 7 + 3, d, n, c.hidden, ref::ValueKind::kWide));
-    std::vector<float> w(static_cast<size_t>(n) * c.topk);
-    for (auto& v : w) v = static_cast<float>(rng.uniform() * 2.0 - 1.0);
-    e.yw.push_back(std::move(w));
-  }
-  for (int s = 0; s < num_ranks; ++s) {
-    const int T = e.routing.ranks[s].num_tokens;
-    e.b0.push_back(ref::make_bf16_rows(c.seed * 7 + 4, s, T, c.hidden, ref::ValueKind::kWide));
-    e.b1.push_back(ref::make_bf16_rows(c.seed * 7 + 5, s, T, c.hidden, ref::ValueKind::kWide));
-  }
-  e.c = ref::ht_combine(e.d1, e.y, c.hidden, c.combine_weights ? &e.yw : nullptr, c.biases >= 1 ? &e.b0 : nullptr,
-                        c.biases >= 2 ? &e.b1 : nullptr);
-  return e;
-}
-
-struct DispatchInputs {
-  DevBuf x, scales, weights;
-  int64_t token_stride = 0, word_stride = 0;
-};
-
-void uploadInputs(const ref::Rows& rows, const ref::RankRouting& rr, int scale_layout, DispatchInputs* in) {
-  const size_t row_bytes = rows.dtype == ref::DType::kBf16 ? 2 * static_cast<size_t>(rows.hidden) : rows.hidden;
-  in->x.alloc(rows.num_rows * row_bytes + 16);
-  if (rows.dtype == ref::DType::kBf16)
-    in->x.upload(rows.bf16);
-  else
-    in->x.upload(rows.fp8);
-  if (rows.dtype == ref::DType::kFp8E4M3) {
-    const bool ue8m0 = rows.scale_format == ref::ScaleFormat::kUe8m0;
-    const int words = ue8m0 ? ref::num_packed_scales(rows.hidden) : ref::num_scale_groups(rows.hidden);
-    if (scale_layout == 1) {
-      in->token_stride = words + 3;
-      in->word_stride = 1;
-    } else if (scale_layout == 2) {
-      in->token_stride = 1;
-      in->word_stride = rows.num_rows > 0 ? rows.num_rows : 1;
-    }
-    auto s = stridedScales(rows, in->token_stride, in->word_stride);
-    in->scales.alloc(s.size() * 4 + 16);
-    in->scales.upload(s);
-  }
-  in->weights.alloc(rr.topk_weights.size() * 4 + 16);
-  in->weights.upload(rr.topk_weights);
-}
-
-struct DispatchOutputs {
-  DevBuf x, scales, idx, weights;
-  int rows = 0;
-  void alloc(int rows_, int hidden, int topk, bool fp8, bool idx64, int scale_words) {
-    rows = rows_;
-    const size_t r = rows > 0 ? rows : 1;
-    x.alloc(r * (fp8 ? hidden : 2 * hidden));
-    scales.alloc(r * scale_words * 4 + 4);
-    idx.alloc(r * topk * (idx64 ? 8 : 4));
-    weights.alloc(r * topk * 4);
-    idx.fill(0x55);  // sentinel: every id the dispatch owes must be written
-    weights.fill(0x55);
-  }
-};
 
 void checkDispatch(const EduCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
                    const char* what) {
