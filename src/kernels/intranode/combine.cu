@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "core/ops.h"
+#include "kernels/intranode/args.cuh"
 #include "kernels/intranode/educational.h"
 #include "kernels/intranode/host.cuh"
 #include "kernels/intranode/tuning.h"
@@ -32,24 +33,6 @@
 namespace nccl_moe {
 namespace ht {
 namespace {
-
-struct CombineArgs {
-  HtDevice ht;
-  const int* recv_prefix;
-  const int* send_pos;
-  int num_tokens;
-  int topk;
-  int row_bytes;   // 2 * hidden
-  int in_rows;     // rows of the combine input the caller provides (capacity or N_recv); never read past it
-  const uint8_t* x;
-  const float* topk_weights;
-  const uint8_t* bias0;
-  const uint8_t* bias1;
-  uint8_t* out;
-  float* out_weights;
-  int send_warps;   // warp split: sender warps per block
-  int send_blocks;  // > 0: block split: blocks [0, send_blocks) send, the others do the local work
-};
 
 __device__ void run_sender(const CombineArgs& a, long long epoch, int sw, int num_sw, int lane) {
   const HtDevice& ht = a.ht;
@@ -238,21 +221,7 @@ ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
                          cudaStream_t stream) {
   if (htUseEducationalKernels()) return opHtCombineEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
   ht::DeviceGuard guard(comm->device);
-  const HtRouting& r = handle->ht;
-  ht::CombineArgs a{};
-  a.ht = ht::makeHtDevice(comm);
-  a.recv_prefix = r.recv_prefix;
-  a.send_pos = r.send_pos;
-  a.num_tokens = r.num_tokens;
-  a.topk = r.topk;
-  a.row_bytes = 2 * args.hidden;
-  a.in_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.topk_weights = args.combined_topk_weights != nullptr ? args.topk_weights : nullptr;
-  a.bias0 = static_cast<const uint8_t*>(args.bias_0);
-  a.bias1 = static_cast<const uint8_t*>(args.bias_1);
-  a.out = static_cast<uint8_t*>(args.combined_x);
-  a.out_weights = a.topk_weights != nullptr ? args.combined_topk_weights : nullptr;
+  ht::CombineArgs a = ht::makeCombineArgs(comm, handle->ht, args);
   const int sms = ht::resolveSms(comm, args.num_sms);
   a.send_warps = htCombineSendWarps(comm->num_ranks);
   a.send_blocks = htCombineSendBlocks(comm->num_ranks, sms);

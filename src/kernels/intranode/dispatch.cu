@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include "core/ops.h"
+#include "kernels/intranode/args.cuh"
 #include "kernels/intranode/educational.h"
 #include "kernels/intranode/host.cuh"
 #include "kernels/intranode/tuning.h"
@@ -40,35 +41,6 @@
 namespace nccl_moe {
 namespace ht {
 namespace {
-
-struct DispatchArgs {
-  HtDevice ht;
-  // routing (handle)
-  const int* send_count;
-  const int* recv_prefix;
-  const int* send_list;
-  const int* topk_idx32;
-  int capacity;  // stride of send_list
-  int num_tokens;
-  int topk;
-  int num_local_experts;
-  int out_rows;    // rows the caller's outputs hold (recv_capacity in worst-case mode, else N_recv)
-  int worst_case;  // 1: fill rows past N_recv, record capacity overflow
-  // data
-  const uint8_t* x;
-  int row_bytes;
-  const int* x_scales;  // fp8: scale words (float bits or packed ue8m0), else nullptr
-  int num_scale_words;  // 0 for bf16
-  long long scale_token_stride, scale_word_stride;  // in 4-byte words
-  const float* topk_weights;
-  uint8_t* recv_x;
-  int* recv_x_scales;
-  void* recv_topk_idx;
-  int recv_idx_int64;
-  float* recv_topk_weights;
-  int send_warps;   // warp split: sender warps per block
-  int send_blocks;  // > 0: block split: blocks [0, send_blocks) send, the others do the local work
-};
 
 // Local expert id of global expert e on rank d, or -1.
 __device__ __forceinline__ int local_expert(int e, int d, int El) {
@@ -257,35 +229,7 @@ ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
                           cudaStream_t stream) {
   if (htUseEducationalKernels()) return opHtDispatchEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
   ht::DeviceGuard guard(comm->device);
-  const HtRouting& r = handle->ht;
-  ht::DispatchArgs a{};
-  a.ht = ht::makeHtDevice(comm);
-  a.send_count = r.send_count;
-  a.recv_prefix = r.recv_prefix;
-  a.send_list = r.send_list;
-  a.topk_idx32 = r.topk_idx;
-  a.capacity = r.capacity;
-  a.num_tokens = r.num_tokens;
-  a.topk = r.topk;
-  a.num_local_experts = r.num_local_experts;
-  a.worst_case = r.recv_capacity > 0 ? 1 : 0;
-  a.out_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  const bool fp8 = args.dtype == ncclMoeFp8E4M3;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.row_bytes = fp8 ? args.hidden : 2 * args.hidden;
-  if (fp8) {
-    const int groups = (args.hidden + 127) / 128;
-    a.num_scale_words = args.scale_format == ncclMoeScaleUe8m0 ? (groups + 3) / 4 : groups;
-    a.x_scales = static_cast<const int*>(args.x_scales);
-    a.scale_token_stride = args.x_scales_token_stride > 0 ? args.x_scales_token_stride : a.num_scale_words;
-    a.scale_word_stride = args.x_scales_channel_stride > 0 ? args.x_scales_channel_stride : 1;
-    a.recv_x_scales = static_cast<int*>(args.recv_x_scales);
-  }
-  a.topk_weights = args.topk_weights;
-  a.recv_x = static_cast<uint8_t*>(args.recv_x);
-  a.recv_topk_idx = args.recv_topk_idx;
-  a.recv_idx_int64 = r.topk_idx_is_int64;
-  a.recv_topk_weights = args.topk_weights != nullptr ? args.recv_topk_weights : nullptr;
+  ht::DispatchArgs a = ht::makeDispatchArgs(comm, handle->ht, args);
   const int sms = ht::resolveSms(comm, args.num_sms);
   a.send_warps = htDispatchSendWarps(comm->num_ranks);
   a.send_blocks = htDispatchSendBlocks(comm->num_ranks, sms);

@@ -74,6 +74,7 @@
 
 #include "core/env.h"
 #include "core/log.h"
+#include "kernels/intranode/args.cuh"
 #include "kernels/intranode/educational.h"
 #include "kernels/intranode/host.cuh"
 #include "kernels/intranode/tuning.h"
@@ -121,32 +122,6 @@ __device__ __forceinline__ void warp_publish(long long* flag, long long epoch, i
 // Dispatch
 // ------------------------------------------------------------------------------------------------
 
-struct EduDispatchArgs {
-  HtDevice ht;
-  // routing, from the handle (notify.cu)
-  const int* send_count;   // [R]
-  const int* recv_prefix;  // [R + 1]
-  const int* send_list;    // [R, capacity]
-  const int* topk_idx;     // [T, K] int32
-  int capacity;            // row stride of send_list
-  int topk;
-  int num_local_experts;
-  int out_rows;    // rows the caller's outputs hold: recv_capacity (worst-case mode) or N_recv
-  int worst_case;  // 1: fill rows [N_recv, out_rows), report N_recv > out_rows
-  // data
-  const uint8_t* x;     // [T, row_bytes]
-  int row_bytes;        // 2H (bf16) or H (fp8), a multiple of 16
-  const int* x_scales;  // fp8: scale words at caller strides (in words); nullptr for bf16
-  int num_scale_words;  // 0 for bf16
-  long long scale_token_stride, scale_word_stride;
-  const float* topk_weights;  // [T, K] or nullptr
-  uint8_t* recv_x;            // [out_rows, row_bytes]
-  int* recv_x_scales;         // [out_rows, num_scale_words]
-  void* recv_topk_idx;        // [out_rows, K] int64 or int32, or nullptr
-  int recv_idx_int64;
-  float* recv_topk_weights;  // [out_rows, K], nullptr when topk_weights is
-};
-
 // Local id of global expert e on rank d, or -1 (masked, or an expert of another rank).
 __device__ __forceinline__ int local_expert_on(int e, int d, int num_local_experts) {
   const int local = e - d * num_local_experts;
@@ -154,19 +129,19 @@ __device__ __forceinline__ int local_expert_on(int e, int d, int num_local_exper
 }
 
 // What token t tells rank d in slot k: its local expert id, and the weight bits (0 unless the id is local).
-__device__ __forceinline__ void token_slot_for(const EduDispatchArgs& a, int t, int k, int d, int* id,
+__device__ __forceinline__ void token_slot_for(const DispatchArgs& a, int t, int k, int d, int* id,
                                                int* weight_bits) {
-  *id = local_expert_on(a.topk_idx[static_cast<size_t>(t) * a.topk + k], d, a.num_local_experts);
+  *id = local_expert_on(a.topk_idx32[static_cast<size_t>(t) * a.topk + k], d, a.num_local_experts);
   *weight_bits = 0;
   if (*id >= 0 && a.topk_weights != nullptr)
     *weight_bits = __float_as_int(a.topk_weights[static_cast<size_t>(t) * a.topk + k]);
 }
 
-__device__ __forceinline__ int caller_scale_word(const EduDispatchArgs& a, int t, int w) {
+__device__ __forceinline__ int caller_scale_word(const DispatchArgs& a, int t, int w) {
   return a.x_scales[t * a.scale_token_stride + w * a.scale_word_stride];
 }
 
-__device__ __forceinline__ void write_output_slot(const EduDispatchArgs& a, int row, int k, int id, int weight_bits) {
+__device__ __forceinline__ void write_output_slot(const DispatchArgs& a, int row, int k, int id, int weight_bits) {
   const size_t i = static_cast<size_t>(row) * a.topk + k;
   if (a.recv_topk_idx != nullptr) {
     if (a.recv_idx_int64)
@@ -178,7 +153,7 @@ __device__ __forceinline__ void write_output_slot(const EduDispatchArgs& a, int 
 }
 
 // Own token t at position pos of send_list[r]: straight from the caller's input to the output row.
-__device__ void dispatch_own_row(const EduDispatchArgs& a, int t, int pos, int lane) {
+__device__ void dispatch_own_row(const DispatchArgs& a, int t, int pos, int lane) {
   const int rank = a.ht.comm.rank;
   const int row = a.recv_prefix[rank] + pos;
   if (row >= a.out_rows) return;  // capacity overflow (worst-case mode): reported by the last block
@@ -194,7 +169,7 @@ __device__ void dispatch_own_row(const EduDispatchArgs& a, int t, int pos, int l
 }
 
 // Token t at position pos of send_list[d], d != r: row and metadata into d's slot for r, then the flag.
-__device__ void dispatch_peer_row(const EduDispatchArgs& a, long long epoch, int t, int d, int pos, int lane) {
+__device__ void dispatch_peer_row(const DispatchArgs& a, long long epoch, int t, int d, int pos, int lane) {
   const HtDevice& ht = a.ht;
   const int rank = ht.comm.rank, K = a.topk;
   warp_copy_row(reinterpret_cast<int4*>(ht.x(d, rank, pos, a.row_bytes)),
@@ -211,7 +186,7 @@ __device__ void dispatch_peer_row(const EduDispatchArgs& a, long long epoch, int
 }
 
 // Phase 1. Returns false if a wait failed (the warp then stops).
-__device__ bool dispatch_send_phase(const EduDispatchArgs& a, long long epoch, int warp, int num_warps, int lane) {
+__device__ bool dispatch_send_phase(const DispatchArgs& a, long long epoch, int warp, int num_warps, int lane) {
   const HtDevice& ht = a.ht;
   const int R = ht.comm.num_ranks, rank = ht.comm.rank;
   for (int d = 0; d < R; ++d) {
@@ -233,7 +208,7 @@ __device__ bool dispatch_send_phase(const EduDispatchArgs& a, long long epoch, i
 
 // Phase 2. Every row sent to this rank is waited for, even one past the capacity that is then dropped, so that
 // a call consumes exactly what its peers publish.
-__device__ bool dispatch_receive_phase(const EduDispatchArgs& a, long long epoch, int warp, int num_warps, int lane) {
+__device__ bool dispatch_receive_phase(const DispatchArgs& a, long long epoch, int warp, int num_warps, int lane) {
   const HtDevice& ht = a.ht;
   const int R = ht.comm.num_ranks, rank = ht.comm.rank, K = a.topk;
   for (int s = 0; s < R; ++s) {
@@ -255,14 +230,14 @@ __device__ bool dispatch_receive_phase(const EduDispatchArgs& a, long long epoch
 }
 
 // Phase 3 (worst-case mode): the rows nobody sent carry ids -1 and weights 0 so consumers can skip them.
-__device__ void dispatch_fill_phase(const EduDispatchArgs& a, int warp, int num_warps, int lane) {
+__device__ void dispatch_fill_phase(const DispatchArgs& a, int warp, int num_warps, int lane) {
   const int num_recv = a.recv_prefix[a.ht.comm.num_ranks];
   if (lane >= a.topk) return;
   for (int row = num_recv + warp; row < a.out_rows; row += num_warps) write_output_slot(a, row, lane, -1, 0);
 }
 
 __global__ void __launch_bounds__(kHtThreads, 1)
-    educational_dispatch_kernel(const __grid_constant__ EduDispatchArgs a) {
+    educational_dispatch_kernel(const __grid_constant__ DispatchArgs a) {
   const long long epoch = begin_call(a.ht);
   const int warp = grid_warp_index(), num_warps = grid_warp_count(), lane = dev::lane_id();
   bool ok = dispatch_send_phase(a, epoch, warp, num_warps, lane);
@@ -280,26 +255,8 @@ __global__ void __launch_bounds__(kHtThreads, 1)
 // Combine
 // ------------------------------------------------------------------------------------------------
 
-struct EduCombineArgs {
-  HtDevice ht;
-  // routing, from the handle (notify.cu)
-  const int* recv_prefix;  // [R + 1]
-  const int* send_pos;     // [T, R]
-  int num_tokens;          // T of this rank (the home rank of its tokens)
-  int topk;
-  int row_bytes;  // 2H
-  int in_rows;    // rows of the combine input: recv_capacity (worst-case mode) or N_recv; never read past it
-  // data
-  const uint8_t* x;           // [in_rows, 2H] bf16: expert outputs in dispatch order
-  const float* topk_weights;  // [in_rows, K] or nullptr (nullptr also when no combined weights are wanted)
-  const uint8_t* bias0;       // [T, 2H] bf16 or nullptr
-  const uint8_t* bias1;
-  uint8_t* out;        // [T, 2H] bf16
-  float* out_weights;  // [T, K] or nullptr
-};
-
 // Phase 1: rows of this rank's combine input that belong to other home ranks go back to them.
-__device__ bool combine_return_phase(const EduCombineArgs& a, long long epoch, int warp, int num_warps, int lane) {
+__device__ bool combine_return_phase(const CombineArgs& a, long long epoch, int warp, int num_warps, int lane) {
   const HtDevice& ht = a.ht;
   const int R = ht.comm.num_ranks, rank = ht.comm.rank, K = a.topk;
   for (int s = 0; s < R; ++s) {
@@ -345,7 +302,7 @@ __device__ __forceinline__ int4 round_to_bf16x8(const float (&acc)[8]) {
 }
 
 // Where rank d's contribution to one of this rank's tokens lies (pos = its index in send_list[d]).
-__device__ __forceinline__ const int4* contribution_row(const EduCombineArgs& a, int d, int pos) {
+__device__ __forceinline__ const int4* contribution_row(const CombineArgs& a, int d, int pos) {
   const HtDevice& ht = a.ht;
   const int rank = ht.comm.rank;
   if (d == rank)
@@ -353,7 +310,7 @@ __device__ __forceinline__ const int4* contribution_row(const EduCombineArgs& a,
   return reinterpret_cast<const int4*>(ht.x(rank, d, pos, a.row_bytes));
 }
 
-__device__ __forceinline__ float contribution_weight(const EduCombineArgs& a, int d, int pos, int k) {
+__device__ __forceinline__ float contribution_weight(const CombineArgs& a, int d, int pos, int k) {
   const HtDevice& ht = a.ht;
   const int rank = ht.comm.rank;
   if (d == rank) return a.topk_weights[static_cast<size_t>(a.recv_prefix[rank] + pos) * a.topk + k];
@@ -361,7 +318,7 @@ __device__ __forceinline__ float contribution_weight(const EduCombineArgs& a, in
 }
 
 // Phase 2: one token per warp at a time; all its contributions are present before the sum starts.
-__device__ bool combine_reduce_phase(const EduCombineArgs& a, long long epoch, int warp, int num_warps, int lane) {
+__device__ bool combine_reduce_phase(const CombineArgs& a, long long epoch, int warp, int num_warps, int lane) {
   const HtDevice& ht = a.ht;
   const int R = ht.comm.num_ranks, rank = ht.comm.rank, K = a.topk;
   const int num_16b = a.row_bytes / 16;
@@ -401,7 +358,7 @@ __device__ bool combine_reduce_phase(const EduCombineArgs& a, long long epoch, i
   return true;
 }
 
-__global__ void __launch_bounds__(kHtThreads, 1) educational_combine_kernel(const __grid_constant__ EduCombineArgs a) {
+__global__ void __launch_bounds__(kHtThreads, 1) educational_combine_kernel(const __grid_constant__ CombineArgs a) {
   const long long epoch = begin_call(a.ht);
   const int warp = grid_warp_index(), num_warps = grid_warp_count(), lane = dev::lane_id();
   // after phase 1: every row this warp owes a home rank is stored there and flagged.
@@ -426,34 +383,7 @@ bool htUseEducationalKernels() {
 ncclResult_t opHtDispatchEducational(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
                                      cudaStream_t stream) {
   ht::DeviceGuard guard(comm->device);
-  const HtRouting& r = handle->ht;
-  ht::EduDispatchArgs a{};
-  a.ht = ht::makeHtDevice(comm);
-  a.send_count = r.send_count;
-  a.recv_prefix = r.recv_prefix;
-  a.send_list = r.send_list;
-  a.topk_idx = r.topk_idx;
-  a.capacity = r.capacity;
-  a.topk = r.topk;
-  a.num_local_experts = r.num_local_experts;
-  a.worst_case = r.recv_capacity > 0 ? 1 : 0;
-  a.out_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  const bool fp8 = args.dtype == ncclMoeFp8E4M3;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.row_bytes = fp8 ? args.hidden : 2 * args.hidden;
-  if (fp8) {
-    const int groups = (args.hidden + 127) / 128;  // one float scale per 128 channels; ue8m0 packs 4 per word
-    a.num_scale_words = args.scale_format == ncclMoeScaleUe8m0 ? (groups + 3) / 4 : groups;
-    a.x_scales = static_cast<const int*>(args.x_scales);
-    a.scale_token_stride = args.x_scales_token_stride > 0 ? args.x_scales_token_stride : a.num_scale_words;
-    a.scale_word_stride = args.x_scales_channel_stride > 0 ? args.x_scales_channel_stride : 1;
-    a.recv_x_scales = static_cast<int*>(args.recv_x_scales);
-  }
-  a.topk_weights = args.topk_weights;
-  a.recv_x = static_cast<uint8_t*>(args.recv_x);
-  a.recv_topk_idx = args.recv_topk_idx;
-  a.recv_idx_int64 = r.topk_idx_is_int64;
-  a.recv_topk_weights = args.topk_weights != nullptr ? args.recv_topk_weights : nullptr;
+  const ht::DispatchArgs a = ht::makeDispatchArgs(comm, handle->ht, args);
   // At most one block per SM and no more blocks than SMs: the whole grid is resident (see the contract).
   const int sms = ht::resolveSms(comm, args.num_sms);
   ht::educational_dispatch_kernel<<<sms, kHtThreads, 0, stream>>>(a);
@@ -464,21 +394,7 @@ ncclResult_t opHtDispatchEducational(ncclMoeComm* comm, ncclMoeHandle* handle, c
 ncclResult_t opHtCombineEducational(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
                                     cudaStream_t stream) {
   ht::DeviceGuard guard(comm->device);
-  const HtRouting& r = handle->ht;
-  ht::EduCombineArgs a{};
-  a.ht = ht::makeHtDevice(comm);
-  a.recv_prefix = r.recv_prefix;
-  a.send_pos = r.send_pos;
-  a.num_tokens = r.num_tokens;
-  a.topk = r.topk;
-  a.row_bytes = 2 * args.hidden;
-  a.in_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.topk_weights = args.combined_topk_weights != nullptr ? args.topk_weights : nullptr;
-  a.bias0 = static_cast<const uint8_t*>(args.bias_0);
-  a.bias1 = static_cast<const uint8_t*>(args.bias_1);
-  a.out = static_cast<uint8_t*>(args.combined_x);
-  a.out_weights = a.topk_weights != nullptr ? args.combined_topk_weights : nullptr;
+  const ht::CombineArgs a = ht::makeCombineArgs(comm, handle->ht, args);
   const int sms = ht::resolveSms(comm, args.num_sms);
   ht::educational_combine_kernel<<<sms, kHtThreads, 0, stream>>>(a);
   MOE_CUDA_CHECK(cudaGetLastError());
