@@ -143,4 +143,59 @@ struct DispatchOutputs {
   }
 };
 
+// Every dispatch output field against the reference, bitwise; in worst-case mode rows past N_recv must carry
+// ids -1 and weights 0.
+inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
+                   const char* what) {
+  SCOPED_TRACE(std::string(what) + " rank " + std::to_string(rank));
+  const int N = want.num_recv, K = c.topk, H = c.hidden;
+  ASSERT_LE(N, out.rows);
+  if (c.dtype == ref::DType::kFp8E4M3) {
+    auto x = out.x.download<uint8_t>(static_cast<size_t>(N) * H);
+    const long long i = firstDiff(x.data(), want.x.fp8.data(), x.size());
+    EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    if (c.format == ref::ScaleFormat::kUe8m0) {
+      auto s = out.scales.download<int32_t>(static_cast<size_t>(N) * ref::num_packed_scales(H));
+      EXPECT_EQ(-1, firstDiff(s.data(), want.x.packed_scales.data(), s.size())) << "ue8m0 scales";
+    } else {
+      auto s = out.scales.download<float>(static_cast<size_t>(N) * ref::num_scale_groups(H));
+      EXPECT_EQ(-1, firstDiff(s.data(), want.x.scales.data(), s.size())) << "float scales";
+    }
+  } else {
+    auto x = out.x.download<uint16_t>(static_cast<size_t>(N) * H);
+    const long long i = firstDiff(x.data(), want.x.bf16.data(), x.size());
+    EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+  }
+  const int rows_ids = c.worst_case ? out.rows : N;
+  std::vector<int64_t> ids(static_cast<size_t>(rows_ids) * K);
+  if (c.idx64) {
+    ids = out.idx.download<int64_t>(ids.size());
+  } else {
+    auto i32 = out.idx.download<int32_t>(ids.size());
+    ids.assign(i32.begin(), i32.end());
+  }
+  for (size_t i = 0; i < static_cast<size_t>(N) * K; ++i) {
+    if (ids[i] != want.topk_idx[i]) {
+      ADD_FAILURE() << "topk id row " << i / K << " slot " << i % K << ": " << ids[i] << " != " << want.topk_idx[i];
+      break;
+    }
+  }
+  for (size_t i = static_cast<size_t>(N) * K; i < ids.size(); ++i) {
+    if (ids[i] != -1) {
+      ADD_FAILURE() << "row " << i / K << " past N_recv = " << N << " has id " << ids[i] << " (expected -1)";
+      break;
+    }
+  }
+  if (c.weights) {
+    auto w = out.weights.download<float>(static_cast<size_t>(rows_ids) * K);
+    EXPECT_EQ(-1, firstDiff(w.data(), want.topk_weights.data(), static_cast<size_t>(N) * K)) << "topk weights";
+    for (size_t i = static_cast<size_t>(N) * K; i < w.size(); ++i) {
+      if (w[i] != 0.0f) {
+        ADD_FAILURE() << "row " << i / K << " past N_recv has weight " << w[i] << " (expected 0)";
+        break;
+      }
+    }
+  }
+}
+
 }  // namespace ht_test

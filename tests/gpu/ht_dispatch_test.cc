@@ -19,56 +19,6 @@
 namespace ht_test {
 namespace {
 
-void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
-                   const char* what) {
-  SCOPED_TRACE(std::string(what) + " rank " + std::to_string(rank));
-  const int N = want.num_recv, K = c.topk, H = c.hidden;
-  ASSERT_LE(N, out.rows);
-  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
-  if (fp8) {
-    auto x = out.x.download<uint8_t>(static_cast<size_t>(N) * H);
-    const long long i = firstDiff(x.data(), want.x.fp8.data(), x.size());
-    EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
-    if (c.format == ref::ScaleFormat::kUe8m0) {
-      const int P = ref::num_packed_scales(H);
-      auto s = out.scales.download<int32_t>(static_cast<size_t>(N) * P);
-      EXPECT_EQ(-1, firstDiff(s.data(), want.x.packed_scales.data(), s.size())) << "ue8m0 scales";
-    } else {
-      const int G = ref::num_scale_groups(H);
-      auto s = out.scales.download<float>(static_cast<size_t>(N) * G);
-      EXPECT_EQ(-1, firstDiff(s.data(), want.x.scales.data(), s.size())) << "float scales";
-    }
-  } else {
-    auto x = out.x.download<uint16_t>(static_cast<size_t>(N) * H);
-    const long long i = firstDiff(x.data(), want.x.bf16.data(), x.size());
-    EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
-  }
-  const int rows_ids = c.worst_case ? out.rows : N;
-  std::vector<int64_t> ids(static_cast<size_t>(rows_ids) * K);
-  if (c.idx64) {
-    ids = out.idx.download<int64_t>(ids.size());
-  } else {
-    auto i32 = out.idx.download<int32_t>(ids.size());
-    ids.assign(i32.begin(), i32.end());
-  }
-  for (size_t i = 0; i < static_cast<size_t>(N) * K; ++i) {
-    if (ids[i] != want.topk_idx[i]) {
-      ADD_FAILURE() << "topk id row " << i / K << " slot " << i % K << ": " << ids[i] << " != " << want.topk_idx[i];
-      break;
-    }
-  }
-  for (size_t i = static_cast<size_t>(N) * K; i < ids.size(); ++i) {
-    if (ids[i] != -1) {
-      ADD_FAILURE() << "row " << i / K << " past N_recv = " << N << " has id " << ids[i] << " (expected -1)";
-      break;
-    }
-  }
-  if (c.weights) {
-    auto w = out.weights.download<float>(static_cast<size_t>(N) * K);
-    EXPECT_EQ(-1, firstDiff(w.data(), want.topk_weights.data(), w.size())) << "topk weights";
-  }
-}
-
 // The whole flow of one case on one rank. Non-fatal checks, so every rank reaches the collective destroy.
 void runRank(const HtCase& c, const Expected& e, World& world, int rank) {
   const int R = world.size();
