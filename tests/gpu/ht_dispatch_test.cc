@@ -521,73 +521,7 @@ TEST(HtStress, RandomBackToBackCalls) {
 // Errors recorded on the device
 // ------------------------------------------------------------------------------------------------
 
-TEST(HtErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) {
-  const int n = worldSize();
-  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  HtCase c;
-  c.tokens = 64;
-  c.num_experts = 32;
-  c.topk = 4;
-  c.hidden = 256;
-  c.worst_case = true;
-  const Expected e = makeExpected(c, n);
-  const int short_capacity = e.d1.recv[0].num_recv - 5;
-  ASSERT_GT(short_capacity, 0);
-  World world(n);
-  ASSERT_TRUE(world.ok());
-  world.run([&](int rank) {
-    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-    config.num_experts = c.num_experts;
-    config.hidden = c.hidden;
-    config.max_topk = c.topk;
-    config.max_tokens_per_rank = c.tokens;
-    ncclMoeComm_t comm = nullptr;
-    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
-    ncclMoeHandle_t handle = nullptr;
-    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
-    const ref::RankRouting& rr = e.routing.ranks[rank];
-    const int capacity = rank == 0 ? short_capacity : n * c.tokens;
-    const int H = c.hidden, K = c.topk, extra = 8;
-    DevBuf idx(rr.topk_idx.size() * 8 + 16), x(static_cast<size_t>(rr.num_tokens) * H * 2 + 16);
-    idx.upload(rr.topk_idx);
-    x.upload(e.x1[rank].bf16);
-    DevBuf rx(static_cast<size_t>(capacity + extra) * H * 2), ridx(static_cast<size_t>(capacity + extra) * K * 8);
-    rx.fill(0x7b);
-    ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
-    na.topk_idx = idx.get();
-    na.num_tokens = rr.num_tokens;
-    na.topk = K;
-    na.recv_capacity = capacity;
-    EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, nullptr)) << ncclMoeGetLastError(comm);
-    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
-    da.x = x.get();
-    da.hidden = H;
-    da.recv_x = rx.get();
-    da.recv_topk_idx = ridx.get();
-    EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, nullptr)) << ncclMoeGetLastError(comm);
-    EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
-    ncclResult_t async = ncclSuccess;
-    ncclMoeCommGetAsyncError(comm, &async);
-    if (rank == 0) {
-      EXPECT_NE(ncclSuccess, async);
-      const std::string msg = ncclMoeGetLastError(comm);
-      EXPECT_NE(std::string::npos, msg.find("capacity")) << msg;
-      auto got = rx.download<uint16_t>(static_cast<size_t>(capacity + extra) * H);
-      const auto& want = e.d1.recv[0].x.bf16;
-      EXPECT_EQ(-1, firstDiff(got.data(), want.data(), static_cast<size_t>(capacity) * H)) << "rows below capacity";
-      for (size_t i = static_cast<size_t>(capacity) * H; i < got.size(); ++i) {
-        if (got[i] != 0x7b7b) {
-          ADD_FAILURE() << "row " << i / H << " past the capacity was written";
-          break;
-        }
-      }
-    } else {
-      EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comm);
-    }
-    ncclMoeHandleDestroy(handle);
-    ncclMoeCommDestroy(comm);
-  });
-}
+TEST(HtErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) { checkCapacityOverflow(); }
 
 TEST(HtErrors, MissingPeerTimesOutWithPhaseRankAndPeer) {
   const int n = worldSize();
