@@ -39,6 +39,7 @@ struct ncclMoeComm {
   uint64_t timeout_ns = 0;
   int ll_next_half = 0;       // LL double buffering: which half the next LL dispatch uses
   int ht_host_seq = 0;        // HT host-count notify: sequence the kernel publishes in host_scratch[0]
+  unsigned long long* ll_dispatch_trace = nullptr;  // diagnostics only: see src/kernels/low_latency/trace.h
 
   std::mutex error_mutex;
   std::string last_error;     // last failure of a call on this communicator

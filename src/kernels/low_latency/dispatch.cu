@@ -47,6 +47,7 @@
 #include "core/handle.h"
 #include "core/ops.h"
 #include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency/trace.h"
 
 namespace nccl_moe {
 namespace {
@@ -70,7 +71,14 @@ struct LlDispatchParams {
   int* recv_row;          // [R, max, max_topk]
   const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
   int do_send, do_recv;
+  unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
 };
+
+// Stores the time of `point` for this block when tracing (thread 0 only).
+__device__ __forceinline__ void trace_at(const LlDispatchParams& p, int point) {
+  if (p.trace != nullptr && threadIdx.x == 0)
+    p.trace[static_cast<size_t>(blockIdx.x) * kLlTracePoints + point] = dev::globaltimer_ns();
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Send
@@ -294,6 +302,8 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     if (lane == 0) s_total = carry;
   }
   __syncthreads();
+  const bool first_expert = j == static_cast<int>(blockIdx.x);
+  if (first_expert) trace_at(p, kLlTraceRecvScanned);
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
   {
     int i = 0;
@@ -324,6 +334,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     }
   }
   __syncthreads();  // s_msg / src_info rows written above are read by other threads below
+  if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
   // Pass 3: one flattened loop over the payload chunks (16 bytes) and then the scale words of all rows,
@@ -395,6 +406,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
   }
   __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
+  if (first_expert) trace_at(p, kLlTraceRecvCopied);
 }
 
 template <bool kFp8>
@@ -407,10 +419,12 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
   const int me = p.comm.rank, R = p.comm.num_ranks;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
   LlControl* ctrl = L.control(my_half);
+  trace_at(p, kLlTraceEntry);
   // The epoch counts receive blocks' arrival shares; a block of an earlier receive kernel that has not added
   // its share yet leaves it below the next multiple, and a kernel reads it before its own blocks add theirs.
   const long long epoch_tag = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch) / kLlArrivalUnits + 1;
   const int tag = static_cast<int>(epoch_tag);
+  trace_at(p, kLlTraceTag);
 
   if (p.do_send) {
     // Peers must have consumed what this rank sent them in the previous dispatch on this half before it is
@@ -435,12 +449,14 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
     const int b = blockIdx.x, grid = gridDim.x;
     if (b < p.num_tokens || b == 0) {
       const int senders = p.num_tokens < grid ? (p.num_tokens > 0 ? p.num_tokens : 1) : grid;
+      trace_at(p, kLlTraceSendStored);
       __syncthreads();
       if (tid < R) {
         LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
         if (b == 0) peer_ctrl->dispatch_flag[me] = (epoch_tag << 32) | static_cast<long long>(p.num_tokens);
         dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
       }
+      trace_at(p, kLlTraceSendArrived);
     }
   }
 
@@ -465,6 +481,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
         s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
       }
       if (__syncthreads_or(!ok)) return;
+      trace_at(p, kLlTraceRecvReady);
       if (tid == 0) {
         int first = 0;
         for (int s = 0; s < R; ++s) {
@@ -490,6 +507,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
     }
     if (tid == 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(&ctrl->dispatch_epoch), static_cast<unsigned long long>(share));
+    trace_at(p, kLlTraceExit);
   }
 }
 
@@ -559,6 +577,7 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   p.topk_weights = do_send ? args.topk_weights : nullptr;
   p.do_send = do_send;
   p.do_recv = do_recv;
+  p.trace = comm->ll_dispatch_trace;
 
   const dim3 block(ll::kThreads);
   if (r.use_fp8)

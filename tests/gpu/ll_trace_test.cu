@@ -1,0 +1,213 @@
+// Timeline of the low-latency dispatch kernel at the DeepEP-comparable decode shape (hidden 7168, top-8 of 288,
+// FP8 with float scales), one rank per GPU. Diagnostics, not a check: skipped unless NCCL_MOE_LL_TRACE is set.
+//
+// Each traced call runs after an NCCL all-reduce (lines the ranks' streams up) and a 20 us hold kernel (the
+// dispatch is queued behind it, as in moe-perf), with comm->ll_dispatch_trace pointing at a zeroed buffer;
+// thread 0 of every block stores %globaltimer at the points of src/kernels/low_latency/trace.h. Printed per
+// token count, phase (Both, or the Send then the Recv half) and rank: for every point, the median over calls of
+// the earliest / median / latest block, in us after that call's earliest block entry. Timestamps of the two
+// GPUs are not compared with each other.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "core/comm.h"
+#include "kernels/low_latency/trace.h"
+#include "ll_world.h"
+#include "nccl_moe.h"
+
+namespace {
+
+constexpr int kExperts = 288, kHidden = 7168, kTopk = 8, kMaxTokens = 256, kCalls = 30, kWarmup = 10;
+constexpr int kMaxBlocks = 1024;
+
+__global__ void holdKernel(unsigned long long ns) {
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  for (;;) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (t - t0 >= ns) break;
+  }
+}
+
+const char* const kPointNames[nccl_moe::kLlTracePoints] = {"entry",      "tag",         "send stored",
+                                                           "send arrived", "recv ready", "recv scanned",
+                                                           "recv placed", "recv copied", "exit"};
+
+// stats[point] = {earliest, median, latest block} for one call, us after the earliest entry; -1 = no block.
+using CallStats = std::vector<std::vector<double>>;
+
+CallStats summarise(const std::vector<unsigned long long>& tr, int blocks) {
+  unsigned long long t0 = ~0ull;
+  for (int b = 0; b < blocks; ++b) {
+    const unsigned long long e = tr[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
+    if (e != 0) t0 = std::min(t0, e);
+  }
+  CallStats s(nccl_moe::kLlTracePoints, std::vector<double>(3, -1.0));
+  for (int pt = 0; pt < nccl_moe::kLlTracePoints; ++pt) {
+    std::vector<double> v;
+    for (int b = 0; b < blocks; ++b) {
+      const unsigned long long t = tr[static_cast<size_t>(b) * nccl_moe::kLlTracePoints + pt];
+      if (t != 0 && t >= t0) v.push_back(static_cast<double>(t - t0) * 1e-3);
+    }
+    if (v.empty()) continue;
+    std::sort(v.begin(), v.end());
+    s[pt] = {v.front(), v[v.size() / 2], v.back()};
+  }
+  return s;
+}
+
+double medianOf(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? -1.0 : v[v.size() / 2];
+}
+
+uint64_t splitmix(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+TEST(LlTrace, DispatchTimeline) {
+  if (std::getenv("NCCL_MOE_LL_TRACE") == nullptr) GTEST_SKIP() << "set NCCL_MOE_LL_TRACE=1 to run";
+  const int n = ll_test::gpuRanks();
+  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+  config.num_experts = kExperts;
+  config.hidden = kHidden;
+  config.max_topk = kTopk;
+  config.ll_max_tokens_per_rank = kMaxTokens;
+  const int token_counts[] = {1, 128};
+  std::vector<std::string> text_of(2 * static_cast<size_t>(n));  // [case * n + rank]
+  ll_test::Barrier barrier(n);
+  ll_test::forEachRankIn(ll_test::World::kGpus, n, config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    ncclMoeHandle_t handle = nullptr;
+    ASSERT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+    const int El = kExperts / n;
+    const size_t RM = static_cast<size_t>(n) * kMaxTokens;
+    void *x, *idx, *w, *recv_x, *recv_scales, *recv_count, *y, *out, *one;
+    unsigned long long* trace;
+    const size_t trace_words = static_cast<size_t>(kMaxBlocks) * nccl_moe::kLlTracePoints;
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&x, static_cast<size_t>(kMaxTokens) * kHidden * 2));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&idx, static_cast<size_t>(kMaxTokens) * kTopk * 8));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&w, static_cast<size_t>(kMaxTokens) * kTopk * 4));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_x, El * RM * kHidden));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_scales, El * RM * (kHidden / 128) * 4));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_count, El * 4));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&y, El * RM * kHidden * 2));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&out, static_cast<size_t>(kMaxTokens) * kHidden * 2));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&one, sizeof(float)));
+    ASSERT_EQ(cudaSuccess, cudaMalloc(&trace, trace_words * 8));
+    cudaMemset(y, 0, El * RM * kHidden * 2);
+    cudaMemset(one, 0, sizeof(float));
+    uint64_t seed = 77 + r;
+    std::vector<uint16_t> hx(static_cast<size_t>(kMaxTokens) * kHidden);
+    for (auto& v : hx) v = static_cast<uint16_t>(0x3c00 | (splitmix(seed) & 0x7f));
+    cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
+    std::vector<float> hw(static_cast<size_t>(kMaxTokens) * kTopk, 0.125f);
+    cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice);
+    std::vector<unsigned long long> host(trace_words);
+
+    for (int ci = 0; ci < 2; ++ci) {
+      const int T = token_counts[ci];
+      std::vector<int64_t> hidx(static_cast<size_t>(T) * kTopk);
+      for (int t = 0; t < T; ++t)
+        for (int k = 0; k < kTopk; ++k) {
+          int64_t e;
+          bool dup;
+          do {
+            e = static_cast<int64_t>(splitmix(seed) % kExperts);
+            dup = false;
+            for (int q = 0; q < k; ++q) dup |= hidx[static_cast<size_t>(t) * kTopk + q] == e;
+          } while (dup);
+          hidx[static_cast<size_t>(t) * kTopk + k] = e;
+        }
+      cudaMemcpy(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice);
+      barrier.wait();
+
+      ncclMoeLLDispatchArgs_t da = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
+      da.x = x;
+      da.topk_idx = idx;
+      da.num_tokens = T;
+      da.hidden = kHidden;
+      da.topk = kTopk;
+      da.use_fp8 = 1;
+      da.scale_format = ncclMoeScaleFloat;
+      da.recv_x = recv_x;
+      da.recv_x_scales = recv_scales;
+      da.recv_count = static_cast<int*>(recv_count);
+      da.topk_weights = static_cast<const float*>(w);
+      ncclMoeLLCombineArgs_t ca = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
+      ca.x = y;
+      ca.topk_idx = idx;
+      ca.num_tokens = T;
+      ca.hidden = kHidden;
+      ca.topk = kTopk;
+      ca.out = out;
+      auto align = [&] {
+        ASSERT_EQ(ncclSuccess, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, comm->nccl, stream));
+        holdKernel<<<1, 1, 0, stream>>>(20000);
+      };
+      auto traced = [&](ncclMoePhase_t ph, std::vector<CallStats>* calls, bool keep) {
+        cudaMemsetAsync(trace, 0, trace_words * 8, stream);
+        if (ph != ncclMoePhaseRecv) align();
+        comm->ll_dispatch_trace = trace;
+        da.phase = ph;
+        EXPECT_EQ(ncclSuccess, ncclMoeLowLatencyDispatch(comm, handle, &da, stream)) << ncclMoeGetLastError(comm);
+        comm->ll_dispatch_trace = nullptr;
+        cudaMemcpyAsync(host.data(), trace, trace_words * 8, cudaMemcpyDeviceToHost, stream);
+        cudaStreamSynchronize(stream);
+        if (keep) calls->push_back(summarise(host, kMaxBlocks));
+      };
+      std::vector<CallStats> both, send, recv;
+      for (int i = 0; i < kWarmup + kCalls; ++i) {
+        const bool keep = i >= kWarmup;
+        traced(ncclMoePhaseBoth, &both, keep);
+        ca.phase = ncclMoePhaseBoth;
+        EXPECT_EQ(ncclSuccess, ncclMoeLowLatencyCombine(comm, handle, &ca, stream));
+        traced(ncclMoePhaseSend, &send, keep);
+        // The receive half after the peer's data is surely there: measures the expansion alone.
+        align();
+        traced(ncclMoePhaseRecv, &recv, keep);
+        EXPECT_EQ(ncclSuccess, ncclMoeLowLatencyCombine(comm, handle, &ca, stream));
+      }
+      cudaStreamSynchronize(stream);
+      ncclResult_t async = ncclSuccess;
+      ncclMoeCommGetAsyncError(comm, &async);
+      EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comm);
+      const std::vector<CallStats>* sets[3] = {&both, &send, &recv};
+      const char* names[3] = {"both", "send", "recv"};
+      std::string text;
+      for (int ph = 0; ph < 3; ++ph) {
+        for (int pt = 0; pt < nccl_moe::kLlTracePoints; ++pt) {
+          double st[3];
+          for (int q = 0; q < 3; ++q) {
+            std::vector<double> v;
+            for (const CallStats& c : *sets[ph])
+              if (c[pt][q] >= 0) v.push_back(c[pt][q]);
+            st[q] = medianOf(v);
+          }
+          if (st[0] < 0) continue;
+          char buf[200];
+          std::snprintf(buf, sizeof(buf), "[ll trace] T=%-4d rank %d %-5s %-13s first %6.2f  median %6.2f  last %6.2f\n",
+                        T, r, names[ph], kPointNames[pt], st[0], st[1], st[2]);
+          text += buf;
+        }
+      }
+      text_of[static_cast<size_t>(ci) * n + r] = text;
+    }
+    ncclMoeHandleDestroy(handle);
+    for (void* p : {x, idx, w, recv_x, recv_scales, recv_count, y, out, one}) cudaFree(p);
+    cudaFree(trace);
+  });
+  for (const std::string& s : text_of) std::fputs(s.c_str(), stdout);
+}
+
+}  // namespace
