@@ -84,13 +84,38 @@ __device__ __forceinline__ void trace_at(const LlDispatchParams& p, int point) {
 // Send
 // ---------------------------------------------------------------------------------------------------------
 
-// Sends token t. With `ack` (the block's first token), warp 1 waits for every peer's ack of `ack_tag` (it
-// consumed the previous messages of this half; normally long there) while warp 0 resolves the routing and
-// every thread loads its part of the row; nothing is stored into a peer before. Returns false when that
-// wait failed.
+constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
+
+// The first loads of token t, issued before its routing is resolved (two round trips overlap): this thread's
+// first chunk(s) of the row. (Issuing them before the kernel reads the epoch was tried: the loads then stay
+// live across the kernel's prologue and both kernels spill.)
+struct TokenLoads {
+  int4 pre[2];
+};
+
+template <bool kFp8>
+__device__ __forceinline__ void load_token(const LlDispatchParams& p, int t, TokenLoads& tl) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = p.hidden;
+  const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
+  if constexpr (kFp8) {
+    const int c = warp * 32 + lane;
+    if (c < H / 16) {
+      tl.pre[0] = dev::ld_nc_v4(xrow + 2 * c);
+      tl.pre[1] = dev::ld_nc_v4(xrow + 2 * c + 1);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kSendUnroll; ++u)
+      if (tid + u * ll::kThreads < H / 8) tl.pre[u] = dev::ld_nc_v4(xrow + tid + u * ll::kThreads);
+  }
+}
+
+// Sends token t, whose first row loads are in `tl`. With `ack` (the block's first token), warp 1 waits for
+// every peer's ack of `ack_tag` (it consumed the previous messages of this half; normally long there) while
+// warp 0 resolves the routing; nothing is stored into a peer before. Returns false when that wait failed.
 template <bool kFp8>
 __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
-                                           long long ack_tag) {
+                                           long long ack_tag, const TokenLoads& tl) {
   __shared__ int s_rank[kLlMaxTopk];
   __shared__ int s_lid[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
@@ -99,31 +124,21 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
-
-  // This thread's first chunk of the row is loaded before the routing is resolved (two round trips overlap).
-  constexpr int kUnroll = 2;  // bf16: 8-channel chunks per thread in flight
-  int4 pre[2];
-  if constexpr (kFp8) {
-    const int c = warp * 32 + lane;
-    if (c < H / 16) {
-      pre[0] = dev::ld_nc_v4(xrow + 2 * c);
-      pre[1] = dev::ld_nc_v4(xrow + 2 * c + 1);
-    }
-  } else {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (tid + u * ll::kThreads < H / 8) pre[u] = dev::ld_nc_v4(xrow + tid + u * ll::kThreads);
-  }
+  constexpr int kUnroll = kSendUnroll;
+  const int4(&pre)[2] = tl.pre;
 
   if (warp == 0) {
+    // 32-bit routing math (a 64-bit division is a call); an id outside [0, R * E_l) is dropped like -1.
     int r = -1, lid = -1;
     float w = 0.0f;
+    const int El = L.num_local_experts;
     if (lane < K) {
-      const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
+      const int64_t e64 = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
       if (p.topk_weights != nullptr) w = p.topk_weights[static_cast<size_t>(t) * K + lane];
-      if (e >= 0) {
-        r = static_cast<int>(e / L.num_local_experts);
-        lid = static_cast<int>(e - static_cast<int64_t>(r) * L.num_local_experts);
+      if (e64 >= 0 && e64 < static_cast<int64_t>(R) * El) {
+        const int e = static_cast<int>(e64);
+        r = e / El;
+        lid = e - r * El;
       }
     }
     int mask = 0;
@@ -337,68 +352,73 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
-  // Pass 3: one flattened loop over the payload chunks (16 bytes) and then the scale words of all rows,
-  // several loads in flight per thread.
+  // Pass 3: warp-per-item copy. A row's payload is cut into pieces of at most 32 * kCopyBatch 16-byte chunks,
+  // and the scale words of all rows into items of 32 * kCopyBatch words; the items go to the warps in turn,
+  // every lane with all its loads in flight before its stores. An expert with up to ~7 fp8 rows of H 7168 is
+  // copied in one round trip per warp. (A block-wide flattened chunk loop took ~0.5 us per row: its time grew
+  // with the expert's row count, and the expert with the most rows set the kernel's end.)
+  constexpr int kCopyBatch = 7;  // fp8 H 7168: 448 chunks = 2 pieces of 32 x 7, no idle lane
+  constexpr int kItemChunks = 32 * kCopyBatch;
   const int row_chunks = kFp8 ? H / 16 : H / 8;
+  const int pieces = (row_chunks + kItemChunks - 1) / kItemChunks;
   const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
   uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
   const int G = H / kScaleGroupElems;
   const bool packed = kFp8 && p.scale_format == 2;
   const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per row
-  const int payload_items = n * row_chunks;
-  const int total_items = payload_items + n * scale_words;
   uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
-  constexpr int kUnroll = 8;
-  for (int base = tid; base < total_items; base += kUnroll * ll::kThreads) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * ll::kThreads;
-      if (idx < total_items) {
-        const bool pay = idx < payload_items;
-        const int rel = pay ? idx : idx - payload_items;
-        const int per = pay ? row_chunks : scale_words;
-        const int i = rel / per, c = rel - i * per;
-        int slot;
-        if (i < kInfoCache) {
-          slot = s_msg[i];
-        } else {
-          const int info = src_info[i];
-          slot = (info >> 24) * L.tokens + (info & 0xffffff);
-        }
-        const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
-        if (pay) {
-          v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + kLlHeaderBytes) + c);
-        } else if (packed) {  // 4 scales (in bounds: the message is padded to 16 bytes), exponent bytes
-          v[u] = dev::ld_v4(reinterpret_cast<const int4*>(msg + L.msg_scale_offset) + c);
-        } else {
-          v[u].x = reinterpret_cast<const int*>(msg + L.msg_scale_offset)[c];
-        }
-      }
+  const int payload_items = n * pieces;
+  const int scale_items = (n * scale_words + kItemChunks - 1) / kItemChunks;
+  // Message of row i of this expert.
+  auto row_msg = [&](int i) -> const uint8_t* {
+    int slot;
+    if (i < kInfoCache) {
+      slot = s_msg[i];
+    } else {
+      const int info = src_info[i];
+      slot = (info >> 24) * L.tokens + (info & 0xffffff);
     }
+    return my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
+  };
+  for (int item = warp; item < payload_items + scale_items; item += ll::kWarps) {
+    if (item < payload_items) {
+      const int i = item / pieces, piece = item - i * pieces;
+      const int4* src = reinterpret_cast<const int4*>(row_msg(i) + kLlHeaderBytes);
+      int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
+      const int c0 = piece * kItemChunks + lane;
+      int4 v[kCopyBatch];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * ll::kThreads;
-      if (idx >= total_items) continue;
-      if (idx < payload_items) {
-        const int i = idx / row_chunks, c = idx - i * row_chunks;
-        dev::st_na_v4(reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes) + c, v[u]);
-      } else if constexpr (kFp8) {
-        const int rel = idx - payload_items;
-        uint32_t word;
-        if (packed) {
-          const int c = rel % scale_words;
-          const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
-                                 static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
-          word = 0;
+      for (int u = 0; u < kCopyBatch; ++u)
+        if (c0 + 32 * u < row_chunks) v[u] = dev::ld_v4(src + c0 + 32 * u);
 #pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (4 * c + b < G) word |= ((f[b] >> 23) & 0xffu) << (8 * b);
+      for (int u = 0; u < kCopyBatch; ++u)
+        if (c0 + 32 * u < row_chunks) dev::st_na_v4(dst + c0 + 32 * u, v[u]);
+    } else if constexpr (kFp8) {
+      // Scale words w = row * scale_words + c of all rows (out_scales rows are contiguous).
+      const int w0 = (item - payload_items) * kItemChunks + lane;
+      uint32_t word[kCopyBatch];
+#pragma unroll
+      for (int u = 0; u < kCopyBatch; ++u) {
+        const int w = w0 + 32 * u;
+        if (w >= n * scale_words) continue;
+        const int i = w / scale_words, c = w - i * scale_words;
+        const uint8_t* scales = row_msg(i) + L.msg_scale_offset;
+        if (packed) {  // 4 float scales -> their exponent bytes (in bounds: the message is padded to 16 bytes)
+          const int4 f = dev::ld_v4(reinterpret_cast<const int4*>(scales) + c);
+          const uint32_t fw[4] = {static_cast<uint32_t>(f.x), static_cast<uint32_t>(f.y), static_cast<uint32_t>(f.z),
+                                  static_cast<uint32_t>(f.w)};
+          uint32_t e = 0;
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            if (4 * c + q < G) e |= ((fw[q] >> 23) & 0xffu) << (8 * q);
+          word[u] = e;
         } else {
-          word = static_cast<uint32_t>(v[u].x);
+          word[u] = reinterpret_cast<const uint32_t*>(scales)[c];
         }
-        out_scales[rel] = word;  // rows are contiguous: [i][c] = rel
       }
+#pragma unroll
+      for (int u = 0; u < kCopyBatch; ++u)
+        if (w0 + 32 * u < n * scale_words) out_scales[w0 + 32 * u] = word[u];
     }
   }
   if (tid == 0) {
@@ -442,7 +462,9 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
     }
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
       const bool first = t == static_cast<int>(blockIdx.x);
-      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
+      TokenLoads tl;
+      load_token<kFp8>(p, t, tl);
+      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1, tl)) return;
     }
     // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
     // stores; no grid-wide counter, no last block. Block 0 stores the token count before its add.
