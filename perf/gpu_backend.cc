@@ -3,6 +3,11 @@
 // Lockstep rule: every rank executes the same sequence of NCCL collectives (barriers, agreements, reductions).
 // A rank whose MoE call failed keeps taking part in every barrier of a timed loop and skips only the MoE calls;
 // availability is then agreed over all ranks (ncclMin), so control flow never diverges between ranks.
+//
+// Timing: CUDA events around every timed call; with the kernel timer (--timer kernel, the default when CUPTI works)
+// each timed call is also bracketed by a CUPTI external-correlation id (kernel_timer.h) and the row reports the
+// kernel spans, with the event median next to it. After each timed loop every rank thread of the process drains its
+// stream and meets the others at a host barrier before the CUPTI buffers are flushed (collectKernelTimes).
 #include "gpu_backend.h"
 
 #include <unistd.h>
@@ -11,8 +16,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "core/error.h"
 #include "cpu_baseline.h"
@@ -20,6 +28,7 @@
 #include "baseline_kernels.h"
 #include "gpu_baseline.h"
 #include "host_sync.h"
+#include "kernel_timer.h"
 #include "nccl_moe.h"
 #include "topo/topo.h"
 #include "verify.h"
@@ -62,6 +71,7 @@ struct Shared {
   std::atomic<int> exit_code{0};
   std::atomic<int> unavailable_rows{0};  // counted by the printing rank
   std::atomic<bool> done{false};
+  bool kernel_timer = false;  // the CUPTI kernel timer is on in this process (decided once, before the rank threads)
 
   Shared(RunInfo& r, const RankLayout& l)
       : run(r), layout(l), barrier(l.ranksPerProc()), progress(new Progress[sz(l.ranksPerProc())]) {}
@@ -222,8 +232,16 @@ struct MoeSession {
 struct OpResult {
   bool available = false;
   std::string error;
-  std::vector<double> us;
+  std::vector<double> us;  // CUDA-event time of each timed call
   int64_t wrong = 0;
+  // Kernel timer: one id per timed call (bracketed with push/pop), their spans once collected (-1 = no record).
+  std::vector<uint64_t> kernel_ids;
+  std::vector<double> kernel_us;
+  std::string kernel_error;  // why kernel_us is not usable ("" when it is)
+  bool kernelComplete() const {
+    return kernel_error.empty() && !kernel_us.empty() && kernel_us.size() == us.size() &&
+           std::all_of(kernel_us.begin(), kernel_us.end(), [](double v) { return v >= 0; });
+  }
   void fail(const std::string& e) {
     available = false;
     if (error.empty()) error = e.empty() ? kOtherRank : e;
@@ -233,30 +251,45 @@ struct OpResult {
 struct Aggregate {
   bool available = false;
   std::string error;
-  double median_us = 0, min_us = 0, max_us = 0;
+  double median_us = 0, min_us = 0, max_us = 0;  // CUDA events
   int64_t wrong = 0;
+  // Kernel timer: every rank has a complete kernel span for every timed call.
+  bool kernel = false;
+  double kernel_median_us = 0, kernel_min_us = 0, kernel_max_us = 0;
+  std::string kernel_error;  // why not (first rank with a reason), when the kernel timer was used
 };
 
 // Reduces per-rank results over all ranks: available = all ranks, median = max of the per-rank medians,
-// min/max over every call of every rank, wrong = sum; the error text of the first rank that had its own.
+// min/max over every call of every rank, wrong = sum; the error text of the first rank that had its own. The same
+// for the kernel spans (kernel = all ranks have them).
 std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResult*>& ops, int num_ranks) {
   const size_t n = ops.size();
-  std::vector<double> mins(n), maxs(3 * n), sums(n);
+  std::vector<double> mins(2 * n), maxs(6 * n), sums(n);
+  auto stats = [&](const std::vector<double>& us, bool have, size_t at) {
+    maxs[at] = have ? median(us) : 0.0;
+    maxs[n + at] = have ? *std::max_element(us.begin(), us.end()) : 0.0;
+    maxs[2 * n + at] = have ? -*std::min_element(us.begin(), us.end()) : -1e300;
+  };
   for (size_t i = 0; i < n; ++i) {
     const OpResult& o = *ops[i];
     const bool have = o.available && !o.us.empty();
+    const bool have_kernel = have && o.kernelComplete();
     mins[i] = have ? 1.0 : 0.0;
-    maxs[i] = have ? median(o.us) : 0.0;
-    maxs[n + i] = have ? *std::max_element(o.us.begin(), o.us.end()) : 0.0;
-    maxs[2 * n + i] = have ? -*std::min_element(o.us.begin(), o.us.end()) : -1e300;
+    mins[n + i] = have_kernel ? 1.0 : 0.0;
+    stats(o.us, have, i);
+    stats(o.kernel_us, have_kernel, 3 * n + i);
     sums[i] = static_cast<double>(o.wrong);
   }
   mins = col.allReduce(mins, ncclMin);
   maxs = col.allReduce(maxs, ncclMax);
   sums = col.allReduce(sums, ncclSum);
+  // Per rank and op: the error text, then the kernel timer's.
   constexpr size_t kText = 256;
-  std::vector<char> mine(n * kText, '\0');
-  for (size_t i = 0; i < n; ++i) std::strncpy(&mine[i * kText], ops[i]->error.c_str(), kText - 1);
+  std::vector<char> mine(2 * n * kText, '\0');
+  for (size_t i = 0; i < n; ++i) {
+    std::strncpy(&mine[i * kText], ops[i]->error.c_str(), kText - 1);
+    std::strncpy(&mine[(n + i) * kText], ops[i]->kernel_error.c_str(), kText - 1);
+  }
   const std::vector<char> all = col.allGather(mine);
   std::vector<Aggregate> out(n);
   for (size_t i = 0; i < n; ++i) {
@@ -265,14 +298,70 @@ std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResu
     a.median_us = maxs[i];
     a.max_us = maxs[n + i];
     a.min_us = -maxs[2 * n + i];
+    a.kernel = mins[n + i] > 0.5;
+    a.kernel_median_us = maxs[3 * n + i];
+    a.kernel_max_us = maxs[4 * n + i];
+    a.kernel_min_us = -maxs[5 * n + i];
     a.wrong = static_cast<int64_t>(sums[i]);
     for (int r = 0; r < num_ranks && !a.available; ++r) {
-      const std::string e(&all[(sz(r) * n + i) * kText]);
+      const std::string e(&all[(sz(r) * 2 * n + i) * kText]);
       if (!e.empty() && (a.error.empty() || a.error == kOtherRank)) a.error = e;
+    }
+    for (int r = 0; r < num_ranks && !a.kernel && a.kernel_error.empty(); ++r) {
+      const std::string e(&all[(sz(r) * 2 * n + n + i) * kText]);
+      if (!e.empty()) a.kernel_error = "rank " + std::to_string(r) + ": " + e;
     }
     if (!a.available && a.error.empty()) a.error = "no timed calls";
   }
   return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Timing of the timed loops
+// ------------------------------------------------------------------------------------------------
+
+struct Timing {
+  KernelTimer* kernel = nullptr;  // null: CUDA events only
+  HostBarrier* local = nullptr;   // the rank threads of this process
+  // Where a timed call's kernel-timer id goes: null (no bracketing) for warm-up calls and without the kernel timer.
+  std::vector<uint64_t>* ids(OpResult& op, bool timed) const {
+    return kernel != nullptr && timed ? &op.kernel_ids : nullptr;
+  }
+};
+
+// Called by every rank thread of the process at the same point, after a timed loop whose last iteration drained the
+// rank's stream: once all local ranks are at the barrier no timed kernel runs in the process, so the forced flush
+// delivers complete records only; the second barrier keeps every thread from starting timed work while another
+// one still flushes. Fills each op's kernel_us (or kernel_error).
+void collectKernelTimes(const Timing& t, std::initializer_list<OpResult*> ops) {
+  if (t.kernel == nullptr) {
+    for (OpResult* o : ops) o->kernel_error = "the kernel timer is off in this process";
+    return;
+  }
+  t.local->wait();
+  std::vector<uint64_t> ids;
+  for (const OpResult* o : ops) ids.insert(ids.end(), o->kernel_ids.begin(), o->kernel_ids.end());
+  std::vector<double> spans;
+  std::string err;
+  t.kernel->collect(ids, &spans, &err);
+  size_t at = 0;
+  for (OpResult* o : ops) {
+    const size_t n = o->kernel_ids.size();
+    o->kernel_us.assign(spans.begin() + static_cast<std::ptrdiff_t>(at),
+                        spans.begin() + static_cast<std::ptrdiff_t>(at + n));
+    at += n;
+    const auto missing = std::count_if(o->kernel_us.begin(), o->kernel_us.end(), [](double v) { return v < 0; });
+    if (!t.kernel->usable()) {
+      o->kernel_error = t.kernel->error();
+    } else if (missing > 0) {
+      o->kernel_error = "no complete CUPTI kernel record for " + std::to_string(missing) + " of " + std::to_string(n) +
+                        " timed calls";
+    } else if (n != o->us.size()) {
+      o->kernel_error = std::to_string(n) + " kernel-timed calls for " + std::to_string(o->us.size()) + " timed calls";
+    }
+    o->kernel_ids.clear();
+  }
+  t.local->wait();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -293,8 +382,8 @@ struct BaselineResult {
   OpResult dispatch, combine, first;
 };
 
-void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const RunInfo& run, Progress& prog,
-                 BaselineResult* res) {
+void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const RunInfo& run, const Timing& tm,
+                 Progress& prog, BaselineResult* res) {
   const bool check = run.options.check != 0;
   prog.set("baseline: setup");
   GpuBaseline bl(p, rd);
@@ -312,20 +401,29 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
   Events ev(4);
   for (int i = 0; i < run.warmup + run.iters; ++i) {
     prog.set("baseline: timed dispatch/combine");
+    const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, rd.stream);
-    bl.dispatch();
+    {
+      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch, timed));
+      bl.dispatch();
+    }
     ev.record(1, rd.stream);
     col.barrier();
     ev.record(2, rd.stream);
-    bl.combine();
+    {
+      KernelTimerScope k(tm.kernel, tm.ids(res->combine, timed));
+      bl.combine();
+    }
     ev.record(3, rd.stream);
     PERF_CUDA(cudaStreamSynchronize(rd.stream));
-    if (i >= run.warmup) {
+    if (timed) {
       res->dispatch.us.push_back(ev.us(0, 1));
       res->combine.us.push_back(ev.us(2, 3));
     }
   }
+  collectKernelTimes(tm, {&res->dispatch, &res->combine});
+  // The count exchange includes a host wait: event-timed, like the MoE notify_dispatch it stands next to.
   for (int i = 0; i < run.warmup + run.iters; ++i) {
     prog.set("baseline: timed count exchange + dispatch");
     col.barrier();
@@ -348,7 +446,7 @@ struct HtResult {
 };
 
 void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
-              Progress& prog, HtResult* res) {
+              const Timing& tm, Progress& prog, HtResult* res) {
   OpResult* all[3] = {&res->dispatch, &res->combine, &res->first};
   if (!moe.usable) {
     for (OpResult* o : all) o->fail(moe.error);
@@ -473,26 +571,35 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   const bool with_combine = res->combine.available;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
     prog.set("ht: timed dispatch/combine");
+    const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);
-    if (!fail_d) fail_d = !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ed);
+    if (!fail_d) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch, timed));
+      fail_d = !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ed);
+    }
     ev.record(1, st);
     if (with_combine) {
       col.barrier();
       ev.record(2, st);
-      if (!fail_c && !fail_d) fail_c = !call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &ec);
+      if (!fail_c && !fail_d) {
+        KernelTimerScope k(tm.kernel, tm.ids(res->combine, timed));
+        fail_c = !call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &ec);
+      }
       ev.record(3, st);
     }
     PERF_CUDA(cudaStreamSynchronize(st));
-    if (i >= run.warmup) {
+    if (timed) {
       res->dispatch.us.push_back(ev.us(0, 1));
       if (with_combine) res->combine.us.push_back(ev.us(2, 3));
     }
   }
+  collectKernelTimes(tm, {&res->dispatch, &res->combine});
   if (!col.agree(!fail_d)) res->dispatch.fail(ed);
   if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
 
-  // Timed: the full first call, notify (layout + count exchange + host wait) + dispatch.
+  // Timed: the full first call, notify (layout + count exchange + host wait) + dispatch. It includes a host wait by
+  // definition, so it is always event-timed (no kernel-timer ids).
   bool fail_f = false;
   std::string ef;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
@@ -520,7 +627,7 @@ struct LlResult {
 };
 
 void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
-              Progress& prog, LlResult* res) {
+              const Timing& tm, Progress& prog, LlResult* res) {
   OpResult* all[6] = {&res->dispatch,      &res->combine,      &res->dispatch_send,
                       &res->dispatch_recv, &res->combine_send, &res->combine_recv};
   if (!moe.usable) {
@@ -670,22 +777,30 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   std::string ed, ec;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
     prog.set("ll: timed dispatch/combine");
+    const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);
-    if (!fail_d) fail_d = !dispatchCall(ncclMoePhaseBoth, &ed);
+    if (!fail_d) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch, timed));
+      fail_d = !dispatchCall(ncclMoePhaseBoth, &ed);
+    }
     ev.record(1, st);
     if (with_combine) {
       col.barrier();
       ev.record(2, st);
-      if (!fail_c && !fail_d) fail_c = !combineCall(ncclMoePhaseBoth, &ec);
+      if (!fail_c && !fail_d) {
+        KernelTimerScope k(tm.kernel, tm.ids(res->combine, timed));
+        fail_c = !combineCall(ncclMoePhaseBoth, &ec);
+      }
       ev.record(3, st);
     }
     PERF_CUDA(cudaStreamSynchronize(st));
-    if (i >= run.warmup) {
+    if (timed) {
       res->dispatch.us.push_back(ev.us(0, 1));
       if (with_combine) res->combine.us.push_back(ev.us(2, 3));
     }
   }
+  collectKernelTimes(tm, {&res->dispatch, &res->combine});
   if (!col.agree(!fail_d)) res->dispatch.fail(ed);
   if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
 
@@ -694,26 +809,40 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   std::string eds, ecs;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
     prog.set("ll: timed send/recv halves");
+    const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);
-    if (!fail_ds) fail_ds = !dispatchCall(ncclMoePhaseSend, &eds);
+    if (!fail_ds) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch_send, timed));
+      fail_ds = !dispatchCall(ncclMoePhaseSend, &eds);
+    }
     ev.record(1, st);
-    if (!fail_ds) fail_ds = !dispatchCall(ncclMoePhaseRecv, &eds);
+    if (!fail_ds) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch_recv, timed));
+      fail_ds = !dispatchCall(ncclMoePhaseRecv, &eds);
+    }
     ev.record(2, st);
     col.barrier();
     ev.record(3, st);
-    if (!fail_cs && !fail_ds) fail_cs = !combineCall(ncclMoePhaseSend, &ecs);
+    if (!fail_cs && !fail_ds) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->combine_send, timed));
+      fail_cs = !combineCall(ncclMoePhaseSend, &ecs);
+    }
     ev.record(4, st);
-    if (!fail_cs && !fail_ds) fail_cs = !combineCall(ncclMoePhaseRecv, &ecs);
+    if (!fail_cs && !fail_ds) {
+      KernelTimerScope k(tm.kernel, tm.ids(res->combine_recv, timed));
+      fail_cs = !combineCall(ncclMoePhaseRecv, &ecs);
+    }
     ev.record(5, st);
     PERF_CUDA(cudaStreamSynchronize(st));
-    if (i >= run.warmup) {
+    if (timed) {
       res->dispatch_send.us.push_back(ev.us(0, 1));
       res->dispatch_recv.us.push_back(ev.us(1, 2));
       res->combine_send.us.push_back(ev.us(3, 4));
       res->combine_recv.us.push_back(ev.us(4, 5));
     }
   }
+  collectKernelTimes(tm, {&res->dispatch_send, &res->dispatch_recv, &res->combine_send, &res->combine_recv});
   if (!col.agree(!fail_ds))
     for (OpResult* o : dispatch_halves) o->fail(eds);
   if (!col.agree(!fail_cs && !fail_ds))
@@ -733,17 +862,33 @@ struct RankInfo {
   char name[96];
 };
 
-void fillRow(ResultRow* row, const Aggregate& moe, const Aggregate* baseline) {
+// `kernel_timed`: the kernel timer is on and the op is one it times (not notify_dispatch). The MoE op and its
+// baseline are reported with the same timer: kernel spans when both have them on every rank, else CUDA events for
+// both, with the reason in timer_note. event_median_us keeps the CUDA-event medians either way.
+void fillRow(ResultRow* row, const Aggregate& moe, const Aggregate* baseline, bool kernel_timed) {
+  const bool moe_kernel = !moe.available || moe.kernel;
+  const bool baseline_kernel = baseline == nullptr || baseline->kernel;
+  const bool kernel = kernel_timed && moe_kernel && baseline_kernel && (moe.available || baseline != nullptr);
   row->available = moe.available;
   row->error = moe.error;
-  row->median_us = moe.median_us;
-  row->min_us = moe.min_us;
-  row->max_us = moe.max_us;
+  row->timer = kernel ? "kernel" : "event";
+  row->median_us = kernel ? moe.kernel_median_us : moe.median_us;
+  row->min_us = kernel ? moe.kernel_min_us : moe.min_us;
+  row->max_us = kernel ? moe.kernel_max_us : moe.max_us;
+  row->event_median_us = moe.median_us;
   row->wrong = moe.wrong;
   if (baseline != nullptr) {
     row->has_baseline = true;
-    row->baseline_median_us = baseline->median_us;
+    row->baseline_median_us = kernel ? baseline->kernel_median_us : baseline->median_us;
+    row->baseline_event_median_us = baseline->median_us;
     row->baseline_wrong = baseline->wrong;
+  }
+  if (kernel_timed && !kernel) {
+    if (!moe_kernel) {
+      row->timer_note = moe.kernel_error.empty() ? "no kernel spans" : moe.kernel_error;
+    } else if (!baseline_kernel) {
+      row->timer_note = "baseline: " + (baseline->kernel_error.empty() ? "no kernel spans" : baseline->kernel_error);
+    }
   }
 }
 
@@ -779,6 +924,9 @@ void rankMain(Shared& sh, int local) {
   rd.num_ranks = sh.layout.numRanks();
   rd.device = sh.layout.firstDevice() + local;
   const bool printer = rd.rank == 0;
+  Timing tm;
+  tm.kernel = sh.kernel_timer ? &KernelTimer::instance() : nullptr;
+  tm.local = &sh.barrier;
   prog.set("cudaSetDevice");
   PERF_CUDA(cudaSetDevice(rd.device));
   PERF_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
@@ -879,7 +1027,7 @@ void rankMain(Shared& sh, int local) {
         }
         if (printer) out("# [gpu] NCCL baseline: verification pass + %d timed calls per op\n", run.warmup + run.iters);
         BaselineResult bl;
-        runBaseline(p, rd, col, run, prog, &bl);
+        runBaseline(p, rd, col, run, tm, prog, &bl);
         const std::vector<Aggregate> bla = aggregate(col, {&bl.dispatch, &bl.combine, &bl.first}, rd.num_ranks);
         for (const Aggregate& a : bla)
           if (a.wrong != 0) sh.fail(1);
@@ -891,17 +1039,17 @@ void rankMain(Shared& sh, int local) {
           std::vector<ResultRow> rows;
           if (mode == Mode::kHt) {
             HtResult ht;
-            runMoeHt(p, rd, col, moe, sms, run, prog, &ht);
+            runMoeHt(p, rd, col, moe, sms, run, tm, prog, &ht);
             const std::vector<Aggregate> a = aggregate(col, {&ht.dispatch, &ht.combine, &ht.first}, rd.num_ranks);
             const char* names[3] = {"dispatch", "combine", "notify_dispatch"};
             for (int i = 0; i < 3; ++i) {
               ResultRow row = makeRow(run, p, names[i], sms, false);
-              fillRow(&row, a[sz(i)], &bla[sz(i)]);
+              fillRow(&row, a[sz(i)], &bla[sz(i)], sh.kernel_timer && i != 2);  // notify_dispatch: events
               rows.push_back(row);
             }
           } else {
             LlResult ll;
-            runMoeLl(p, rd, col, moe, run, prog, &ll);
+            runMoeLl(p, rd, col, moe, run, tm, prog, &ll);
             const std::vector<Aggregate> a = aggregate(
                 col,
                 {&ll.dispatch, &ll.combine, &ll.dispatch_send, &ll.dispatch_recv, &ll.combine_send, &ll.combine_recv},
@@ -910,7 +1058,7 @@ void rankMain(Shared& sh, int local) {
                                     "dispatch_recv", "combine_send", "combine_recv"};
             for (int i = 0; i < 6; ++i) {
               ResultRow row = makeRow(run, p, names[i], 0, false);
-              fillRow(&row, a[sz(i)], i < 2 ? &bla[sz(i)] : nullptr);
+              fillRow(&row, a[sz(i)], i < 2 ? &bla[sz(i)] : nullptr, sh.kernel_timer);
               rows.push_back(row);
             }
           }
@@ -932,7 +1080,7 @@ void rankMain(Shared& sh, int local) {
     }
     prog.set("ncclMoeCommDestroy");
     moe.destroy();
-    if (printer && header) printTableNotes(mode, false);
+    if (printer && header) printTableNotes(mode, false, sh.kernel_timer);
   }
   prog.set("ncclCommDestroy");
   col.barrier();
@@ -964,6 +1112,20 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
   if (layout.proc_rank == 0)
     out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, run.options.check,
         run.options.routing.text.c_str(), static_cast<unsigned long long>(run.options.seed));
+  // The timer, decided once per process before any rank thread launches work.
+  std::string why;
+  if (run.options.timer != TimerChoice::kEvent) sh.kernel_timer = KernelTimer::instance().start(&why);
+  if (sh.kernel_timer) {
+    if (layout.proc_rank == 0)
+      out("# timer: kernel (CUPTI kernel records, first kernel start to last kernel end of each call; CUDA-event "
+          "times in JSON event_median_us)\n");
+  } else if (run.options.timer == TimerChoice::kEvent) {
+    if (layout.proc_rank == 0) out("# timer: event (CUDA events around each call, --timer event)\n");
+  } else {
+    // Every process that falls back says so (another process may have a working CUPTI; its rows then fall back
+    // too, with the reason in the row).
+    out("# timer: event (CUDA events around each call): kernel timer not available: %s\n", why.c_str());
+  }
 
   const int n = layout.ranksPerProc();
   for (int i = 0; i < n; ++i) sh.progress[i].set("starting");

@@ -11,6 +11,9 @@ namespace nccl_moe::perf {
 
 const char* modeName(Mode mode) { return mode == Mode::kHt ? "ht" : "ll"; }
 const char* dtypeName(DType dtype) { return dtype == DType::kBf16 ? "bf16" : "fp8"; }
+const char* timerName(TimerChoice timer) {
+  return timer == TimerChoice::kKernel ? "kernel" : timer == TimerChoice::kEvent ? "event" : "auto";
+}
 
 namespace {
 
@@ -233,6 +236,20 @@ const std::vector<OptionSpec>& optionTable() {
        [](Options* o, const std::string&, std::string*) { return !(o->require_moe = false); }},
       {0, "alignment", true, intOption(&Options::expert_alignment, 1, 1 << 20, "--alignment")},
       {0, "timeout", true, intOption(&Options::timeout_s, 0, 1 << 24, "--timeout")},
+      {0, "timer", true,
+       [](Options* o, const std::string& v, std::string* err) {
+         if (v == "kernel") {
+           o->timer = TimerChoice::kKernel;
+         } else if (v == "event") {
+           o->timer = TimerChoice::kEvent;
+         } else if (v == "auto") {
+           o->timer = TimerChoice::kAuto;
+         } else {
+           *err = "--timer: expected kernel, event or auto (got '" + v + "')";
+           return false;
+         }
+         return true;
+       }},
   };
   return table;
 }
@@ -329,6 +346,10 @@ Runs
       --require-moe       fail the run when an MoE operation is not available (the default)
       --allow-missing-moe report unavailable MoE operations as n/a without failing the run
       --timeout S         abort when no progress for S seconds (default 600, 0 = never)
+      --timer T           kernel | event | auto: how GPU calls are timed (default auto = kernel when CUPTI works,
+                          else event; ignored in CPU mode). kernel = CUPTI kernel records, first kernel start to
+                          last kernel end of each call (as DeepEP's kineto-based tests measure); event = CUDA events
+                          around each call (includes the launch gap). JSON rows carry both medians.
   -J, --json PATH         write one JSON object per result row (JSON Lines)
   -h, --help              this text
 Under mpirun (OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/PMI_SIZE) each process is one rank group; set

@@ -4,12 +4,12 @@
 //   - parseOptions() accepts nccl-tests letters where they mean the same thing (-b/-e/-f/-i token sweep,
 //     -n iterations, -w warm-up, -c check, -t threads per process, -g GPUs per thread, -J JSON path) plus
 //     the MoE long options (--mode, --tokens, --hidden, --topk, --experts, --dtype, --sms, --routing, --seed,
-//     --procs, --cpu, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all accepted;
+//     --procs, --cpu, --timer, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all accepted;
 //     token counts take a K suffix (x1024). Errors come back as text, never exit().
 //   - Values the user did not give stay "unset" (-1 / empty) so each backend and each mode can apply its own
 //     default (resolveMode()). Nothing here knows how many ranks there are; rank-dependent checks
 //     (experts % ranks) happen where the rank count is known (checkShape()).
-//   - Byte accounting follows docs/moe-perf.md and /work/shared/semantics.md ("How performance is reported"):
+//   - Byte accounting follows docs/moe-perf.md and the project's performance rules ("How performance is reported"):
 //       HT dispatch  N_recv * H * 2              (bf16)
 //                    N_recv * H * (1 + 4/128)    (fp8 e4m3 + one float scale per 128 channels)
 //       HT combine   N_recv * H * 2              (always bf16)
@@ -29,8 +29,13 @@ namespace nccl_moe::perf {
 enum class Mode : int { kHt = 0, kLl = 1 };
 enum class DType : int { kBf16 = 0, kFp8 = 1 };
 
-const char* modeName(Mode mode);     // "ht" | "ll"
-const char* dtypeName(DType dtype);  // "bf16" | "fp8"
+// --timer: how GPU calls are timed (docs/moe-perf.md, "Timers"). kAuto = kernel when the CUPTI kernel timer works,
+// else event. CPU mode ignores it.
+enum class TimerChoice : int { kAuto = 0, kKernel = 1, kEvent = 2 };
+
+const char* modeName(Mode mode);           // "ht" | "ll"
+const char* dtypeName(DType dtype);        // "bf16" | "fp8"
+const char* timerName(TimerChoice timer);  // "auto" | "kernel" | "event"
 
 // --routing uniform | skewed:<ratio> | masked:<fraction>, components may be joined by ',' ("skewed:2,masked:0.1").
 struct RoutingChoice {
@@ -65,6 +70,8 @@ struct Options {
   int expert_alignment = 1;    // --alignment: per-expert receive counts rounded up to this (HT)
   int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
   bool help = false;           // -h / --help
+  // --timer kernel|event|auto (auto: kernel when the CUPTI kernel timer works)
+  TimerChoice timer = TimerChoice::kAuto;
 };
 
 // Parses argv[1..argc-1]. Returns false with *error set on unknown options, missing or malformed values and

@@ -61,6 +61,7 @@ std::string tableRow(const ResultRow& r) {
                 bl_wrong.c_str());
   std::string line = buf;
   if (!r.available) line += "  not available: " + oneLine(r.error, 160);
+  if (!r.timer_note.empty()) line += "  [event-timed: " + oneLine(r.timer_note, 120) + "]";
   return line + "\n";
 }
 
@@ -111,6 +112,11 @@ std::string toJson(const ResultRow& r) {
   os << ",\"bytes_per_rank\":" << jsonNumber(r.bytes_per_rank, 0);
   os << ",\"baseline_median_us\":" << (r.has_baseline ? jsonNumber(r.baseline_median_us, 3) : "null");
   os << ",\"baseline_gbps\":" << (r.has_baseline && r.has_gbps ? jsonNumber(r.baselineGbps(), 3) : "null");
+  os << ",\"timer\":" << jsonString(r.timer);
+  os << ",\"event_median_us\":" << (r.available && r.event_median_us >= 0 ? jsonNumber(r.event_median_us, 3) : "null");
+  os << ",\"baseline_event_median_us\":"
+     << (r.has_baseline && r.baseline_event_median_us >= 0 ? jsonNumber(r.baseline_event_median_us, 3) : "null");
+  os << ",\"timer_note\":" << (r.timer_note.empty() ? "null" : jsonString(r.timer_note));
   os << ",\"checked\":" << (r.checked ? "true" : "false") << ",\"verified\":" << (r.verified() ? "true" : "false");
   os << ",\"wrong\":" << (r.checked && r.available ? std::to_string(r.wrong) : "null");
   os << ",\"baseline_wrong\":" << (r.checked && r.has_baseline ? std::to_string(r.baseline_wrong) : "null");

@@ -6,6 +6,10 @@
 //     null, "available" is false and "error" holds the text.
 //   - JSON Lines: one object per line, flushed after each row, file truncated when opened (docs/moe-perf.md has
 //     the schema). `verified` is true only when the row was checked, the MoE operation ran and #wrong == 0.
+//   - `timer` says what median_us/min_us/max_us and baseline_median_us measure ("kernel": CUPTI kernel spans,
+//     "event": CUDA events, "host": CPU mode); event_median_us / baseline_event_median_us are the CUDA-event medians
+//     of the same calls (GPU rows), so both timers are in every GPU row. A row that the kernel timer should have
+//     timed but could not carries the reason in timer_note (table: "[event-timed: ...]").
 #pragma once
 
 #include <cstdint>
@@ -39,6 +43,11 @@ struct ResultRow {
 
   bool has_baseline = false;
   double baseline_median_us = 0;
+
+  std::string timer = "event";           // "kernel" | "event" (GPU), "host" (CPU mode)
+  double event_median_us = -1;           // CUDA-event median of the MoE calls; < 0 = none (null in JSON)
+  double baseline_event_median_us = -1;  // the same for the baseline
+  std::string timer_note;                // why a kernel-timed row fell back to events ("" = it did not)
 
   bool checked = false;
   int64_t wrong = 0;           // MoE elements that differ from the reference

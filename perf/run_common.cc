@@ -82,7 +82,7 @@ void printRoutingSummary(const Problem& p, bool full_experts) {
   }
 }
 
-void printTableNotes(Mode mode, bool cpu) {
+void printTableNotes(Mode mode, bool cpu, bool kernel_timer) {
   if (mode == Mode::kHt) {
     out("# bytes per rank (averaged over ranks): dispatch = N_recv*H*2 (bf16) or N_recv*H*(1+4/128) (fp8 + float\n"
         "#   scales); combine = N_recv*H*2 (bf16); notify_dispatch counts the dispatch bytes. N_recv = rows the rank\n"
@@ -100,8 +100,18 @@ void printTableNotes(Mode mode, bool cpu) {
         "#   un-permutation. #wrong = reference vs its brute-force model and vs the problem's expected rows;\n"
         "#   bl#wrong = CPU baseline vs the reference. Not comparable with GPU numbers.\n");
   } else {
-    out("# time_us = max over ranks of each rank's median (CUDA events around each call, NCCL barrier before it);\n"
-        "#   baseline = gather into per-destination order + grouped ncclSend/ncclRecv + un-permutation (scatter\n"
+    if (kernel_timer) {
+      out("# time_us = max over ranks of each rank's median kernel time (timer: kernel = CUPTI kernel records of\n"
+          "#   the call, first kernel start to last kernel end, as DeepEP's kineto-based tests measure; NCCL barrier\n"
+          "#   before each call); baseline_us is timed the same way. notify_dispatch (MoE and baseline) includes a\n"
+          "#   host wait and stays event-timed (CUDA events around the call). JSON event_median_us has the CUDA-event\n"
+          "#   median of every row; rows marked [event-timed: ...] had no complete kernel records and use events\n"
+          "#   for the MoE op and its baseline alike.\n");
+    } else {
+      out("# time_us = max over ranks of each rank's median (timer: event = CUDA events around each call, which\n"
+          "#   include the GPU-side launch gap; NCCL barrier before each call); baseline_us is timed the same way.\n");
+    }
+    out("# baseline = gather into per-destination order + grouped ncclSend/ncclRecv + un-permutation (scatter\n"
         "#   into expert slabs for LL dispatch, FP32 reduction into [T, H] for combines), same routing, same run;\n"
         "#   its notify_dispatch adds the per-peer count exchange and a host wait. #wrong / bl#wrong = elements\n"
         "#   that differ from nccl_moe::ref (summed over ranks).\n");
@@ -125,6 +135,7 @@ double opBytesPerRank(const Problem& p, const std::string& op) {
 ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu) {
   ResultRow row;
   row.backend = cpu ? "cpu" : "gpu";
+  row.timer = cpu ? "host" : "event";  // the GPU backend sets "kernel" on rows the kernel timer measured
   row.mode = p.spec.mode;
   row.op = op;
   row.dtype = p.spec.dtype;

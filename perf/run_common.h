@@ -27,8 +27,9 @@ void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 // per-expert load summary. `full_experts` also lists every expert's count (CPU mode).
 void printRoutingSummary(const Problem& p, bool full_experts);
 
-// The notes written under a mode's table: byte accounting and what time_us / baseline_us measure.
-void printTableNotes(Mode mode, bool cpu);
+// The notes written under a mode's table: byte accounting and what time_us / baseline_us measure. GPU mode:
+// `kernel_timer` = the rows were timed with the CUPTI kernel timer (else CUDA events).
+void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false);
 
 // A row with the shape fields of `p` filled in.
 ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu);

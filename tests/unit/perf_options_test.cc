@@ -125,6 +125,18 @@ TEST(PerfOptions, LongOptions) {
   EXPECT_TRUE(parse({"-h"}).help);
 }
 
+TEST(PerfOptions, Timer) {
+  EXPECT_EQ(parse({}).timer, TimerChoice::kAuto);  // kernel when the CUPTI kernel timer works, else event
+  EXPECT_EQ(parse({"--timer", "kernel"}).timer, TimerChoice::kKernel);
+  EXPECT_EQ(parse({"--timer=event"}).timer, TimerChoice::kEvent);
+  EXPECT_EQ(parse({"--timer", "event", "--timer", "auto"}).timer, TimerChoice::kAuto);
+  EXPECT_STREQ(timerName(TimerChoice::kKernel), "kernel");
+  EXPECT_STREQ(timerName(TimerChoice::kEvent), "event");
+  EXPECT_NE(parseError({"--timer", "cupti"}).find("--timer: expected kernel, event"), std::string::npos);
+  EXPECT_NE(parseError({"--timer"}).find("needs a value"), std::string::npos);
+  EXPECT_NE(usageText().find("--timer T"), std::string::npos);
+}
+
 TEST(PerfOptions, Errors) {
   EXPECT_NE(parseError({"--bogus"}).find("unknown option"), std::string::npos);
   EXPECT_NE(parseError({"-x"}).find("unknown option"), std::string::npos);
@@ -209,6 +221,11 @@ TEST(PerfReport, JsonAndTable) {
                           "\"verified\":true", "\"gpu_name\":\"NVIDIA \\\"H200\\\"\"", "\"git_sha\":\"abc1234\""})
     EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
   EXPECT_NE(tableRow(r).find("1000.00"), std::string::npos);
+  // Timer fields: "event" by default, the event medians null until set.
+  for (const char* key :
+       {"\"timer\":\"event\"", "\"event_median_us\":null", "\"baseline_event_median_us\":null", "\"timer_note\":null"})
+    EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
+  EXPECT_EQ(tableRow(r).find("event-timed"), std::string::npos);
 
   r.available = false;
   r.error = "ncclMoeDispatch returned invalid usage: not implemented yet";
@@ -221,6 +238,22 @@ TEST(PerfReport, JsonAndTable) {
   EXPECT_NE(tableRow(r).find("200.00"), std::string::npos);  // the baseline still shows
 
   EXPECT_EQ(jsonString("a\"b\\c\n\x01"), "\"a\\\"b\\\\c\\n\\u0001\"");
+
+  // A kernel-timed row keeps the event medians of the same calls; a row that fell back says why.
+  r.available = true;
+  r.timer = "kernel";
+  r.median_us = 90;
+  r.event_median_us = 97.5;
+  r.baseline_event_median_us = 210;
+  const std::string j3 = toJson(r);
+  for (const char* key : {"\"timer\":\"kernel\"", "\"median_us\":90.000", "\"event_median_us\":97.500",
+                          "\"baseline_median_us\":200.000", "\"baseline_event_median_us\":210.000"})
+    EXPECT_NE(j3.find(key), std::string::npos) << key << " in " << j3;
+  r.timer = "event";
+  r.timer_note = "rank 1: no complete CUPTI kernel record for 2 of 20 timed calls";
+  EXPECT_NE(toJson(r).find("\"timer_note\":\"rank 1: no complete"), std::string::npos);
+  EXPECT_NE(tableRow(r).find("[event-timed: rank 1: no complete"), std::string::npos);
+  r.timer_note.clear();
   r.available = true;
   r.wrong = 3;
   EXPECT_FALSE(r.verified());
