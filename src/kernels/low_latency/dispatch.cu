@@ -517,15 +517,19 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
       for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
         recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
-    // Per-block arrival: the release adds (after the block barrier) tell every source that this block is done
-    // reading its messages; the epoch share (local, relaxed) is read by later kernels only (a kernel of this
-    // half that reads a partly added epoch still computes the right tag: the shares complete a multiple of
-    // kLlArrivalUnits only when every receiving block has added).
+    // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
+    // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
+    // and every one of those has returned its value before the barrier (each loaded value was handed to a store
+    // issued before it), so a source's later overwrite cannot reach them. A release would also wait for the
+    // block's ~50 KB of slab writes to complete at system scope, which nobody on the peers needs (the trace put
+    // that wait at ~2-3 us at 128 tokens). The epoch share (local, relaxed) is read by later kernels only (a
+    // kernel of this half that reads a partly added epoch still computes the right tag: the shares complete a
+    // multiple of kLlArrivalUnits only when every receiving block has added).
     const long long share = ll::arrival_share(b, receivers);
     __syncthreads();
     if (tid < R) {
       LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-      dev::red_add_release_sys(&peer_ctrl->dispatch_ack[me], share);
+      dev::red_add_relaxed_sys(&peer_ctrl->dispatch_ack[me], share);
     }
     if (tid == 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(&ctrl->dispatch_epoch), static_cast<unsigned long long>(share));
