@@ -250,9 +250,7 @@ typedef struct {
   int topk;                       /* K */
   int use_fp8;                    /* 0: recv_x bf16; 1: cast to fp8 e4m3 in the kernel */
   ncclMoeScaleFormat_t scale_format; /* with use_fp8: float, float rounded to powers of two, or ue8m0 */
-  void* recv_x;                   /* out: [E_l, R * ll_max_tokens_per_rank, H] bf16 or fp8; slab j holds
-                                   * recv_count[j] rows packed at the front, sources in order me, me+1, ...
-                                   * (mod R), then source token ascending (deterministic) */
+  void* recv_x;                   /* out: [E_l, R * ll_max_tokens_per_rank, H] bf16 or fp8 */
   void* recv_x_scales;            /* out (fp8): float [E_l, R*max, H/128] or int32 [E_l, R*max, H/512] */
   int* recv_count;                /* out: [E_l] int32 rows received per local expert; device */
   int* cumulative_recv_stats;     /* optional in/out: [E_l] int32, recv counts added to it */

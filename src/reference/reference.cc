@@ -565,23 +565,20 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
   LlDispatch out = ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
   const size_t slab = sz(out.slab_rows());
 
-  // Per (source rank, global expert) counts, then for every expert a prefix over source ranks in slab order:
-  // the receiving rank d = e / E_l first, then d + 1, d + 2, ... (mod R). That gives the base row of s's block
-  // in the expert's slab. Inside the block, rows follow (token, slot) order.
+  // Per (source rank, global expert) counts, then for every expert a prefix over source ranks: the base row
+  // of s's block in the expert's slab. Inside the block, rows follow (token, slot) order.
   std::vector<int> count(sz(R) * E, 0);  // count[s * E + e]
   for (int s = 0; s < R; ++s)
     for (int64_t e : routing.ranks[s].topk_idx)
       if (e >= 0) ++count[sz(s) * E + e];
   std::vector<int> base(sz(R) * E, 0);  // base[s * E + e]
   for (int e = 0; e < E; ++e) {
-    const int d = e / El;
     int run = 0;
-    for (int i = 0; i < R; ++i) {
-      const int s = (d + i) % R;
+    for (int s = 0; s < R; ++s) {
       base[sz(s) * E + e] = run;
       run += count[sz(s) * E + e];
     }
-    out.recv[d].recv_count[e % El] = run;
+    out.recv[e / El].recv_count[e % El] = run;
   }
 
   std::vector<uint8_t> q(sz(hidden));
@@ -832,8 +829,7 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
     for (int j = 0; j < El; ++j) {
       const int64_t e = static_cast<int64_t>(d) * El + j;
       int row = 0;
-      for (int i = 0; i < R; ++i) {  // sources from the receiving rank on: d, d + 1, ... (mod R)
-        const int s = (d + i) % R;
+      for (int s = 0; s < R; ++s) {
         for (int t = 0; t < routing.ranks[s].num_tokens; ++t) {
           for (int k = 0; k < K; ++k) {
             if (routing.ranks[s].topk_idx[sz(t) * K + k] != e) continue;

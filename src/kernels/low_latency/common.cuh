@@ -116,32 +116,6 @@ __device__ __forceinline__ float fp8_group_scale(float amax, int format) {
   return __uint_as_float(bits);
 }
 
-// amax over 8 bf16 channels, continuing from `amax` (channel order, as the 16-channel loop of the send side).
-__device__ __forceinline__ float bf16x8_amax(const int4& v, float amax) {
-  float f[8];
-  bf16x8_to_float(v, f);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-  return amax;
-}
-
-// Casts 8 consecutive bf16 channels (one int4) with `inv` = 1 / scale; the same per-channel operations as
-// cast_16_to_fp8 (two words: channels 0-3, 4-7).
-__device__ __forceinline__ uint2 cast_8_to_fp8(const int4& v, float inv) {
-  float f[8];
-  bf16x8_to_float(v, f);
-  uint32_t w[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fmul_rn(f[4 * i], inv), __fmul_rn(f[4 * i + 1], inv)), __NV_SATFINITE, __NV_E4M3);
-    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fmul_rn(f[4 * i + 2], inv), __fmul_rn(f[4 * i + 3], inv)), __NV_SATFINITE, __NV_E4M3);
-    w[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
-  return make_uint2(w[0], w[1]);
-}
-
 // Casts 16 consecutive bf16 channels (two int4) with `inv` = 1 / scale: q = e4m3_satfinite_rne(x * inv).
 __device__ __forceinline__ int4 cast_16_to_fp8(const float (&f)[16], float inv) {
   uint32_t w[4];

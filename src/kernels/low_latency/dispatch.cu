@@ -1,8 +1,8 @@
 // Low-latency dispatch (decode): ncclMoeLowLatencyDispatch.
 //
 // Computes, on every receiving rank d and for every local expert j of d:
-//   recv_x[j][i] = row of token t of rank s, for the i-th (s, t, k) in the order (s = d, d+1, ... mod R;
-//                  t ascending; k ascending) among the valid slots whose expert is global expert d * E_l + j;
+//   recv_x[j][i] = row of token t of rank s, for the i-th (s, t, k) in the order (s ascending, t ascending,
+//                  k ascending) among the valid slots whose expert is global expert d * E_l + j;
 //   recv_count[j] = number of such slots; cumulative_stats[j] += recv_count[j] (optional);
 //   with FP8 the row is cast in the kernel: per 128 channels scale = max(amax, 1e-4) / 448 (rounded up to a
 //   power of two for pow2 / ue8m0), q = e4m3_satfinite_rne(x * (1 / scale)) -- bit-identical to ref::.
@@ -273,36 +273,19 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
   return m & ((1u << K) - 1u);
 }
 
-// Bit k set when slot k of this rank's own token t (< T) names global expert `e`: read from the caller's
-// topk_idx instead of a message (the Both kernel's own source).
-__device__ __forceinline__ uint32_t own_slot_mask(const LlDispatchParams& p, int t, int e) {
-  if (t >= p.num_tokens) return 0;
-  uint32_t m = 0;
-  for (int k = 0; k < p.topk; ++k)
-    if (ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * p.topk + k) == e) m |= 1u << k;
-  return m;
-}
-
 constexpr int kMaskCache = 4;    // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
 
-// Places and copies the rows of local expert j that come from one group of sources: s_src[0..group) in slab
-// order, their token counts in s_tokens[0..group), their 32-token segments starting at s_seg_first[0..group]
-// (s_seg_first[group] = num_segments). The group's rows start at slab row `base`. With `from_x` the group is
-// this rank's own source, read from the caller's x and topk_idx (cast here for fp8) instead of its messages.
-// Returns the group's row count (every thread).
-template <bool kFp8, bool kFromX>
-__device__ __forceinline__ int recv_group(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
-                                          const int* s_src, const int* s_tokens, const int* s_seg_first,
-                                          int* s_seg_base, int group, int num_segments, int base, bool traced) {
-  constexpr bool from_x = kFromX;
+template <bool kFp8>
+__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
+                                            const int* s_tokens, const int* s_seg_first, int* s_seg_base,
+                                            int num_segments) {
   __shared__ int s_total;
-  __shared__ int s_msg[kInfoCache];  // group row i -> message slot s * tokens + t
+  __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int K = p.topk, H = p.hidden;
+  const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int slab_rows = L.slab_rows();
-  const int global_expert = p.comm.rank * L.num_local_experts + j;
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
 
   // Pass 1: rows per 32-token segment (the first kMaskCache masks of a lane stay in registers for pass 2).
@@ -310,11 +293,10 @@ __device__ __forceinline__ int recv_group(const LlDispatchParams& p, uint8_t* my
   {
     int i = 0;
     for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
-      int g = 0;
-      while (g + 1 < group && s_seg_first[g + 1] <= seg) ++g;
-      const int t = (seg - s_seg_first[g]) * 32 + lane;
-      const uint32_t m = from_x ? own_slot_mask(p, t, global_expert)
-                                : slot_mask(L, my_half, s_src[g], t, s_tokens[g], tag, j, K);
+      int s = 0;
+      while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+      const int t = (seg - s_seg_first[s]) * 32 + lane;
+      const uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
 #pragma unroll
       for (int c = 0; c < kMaskCache; ++c)
         if (c == i) cached[c] = m;
@@ -335,42 +317,40 @@ __device__ __forceinline__ int recv_group(const LlDispatchParams& p, uint8_t* my
     if (lane == 0) s_total = carry;
   }
   __syncthreads();
-  if (traced) trace_at(p, kLlTraceRecvScanned);
+  const bool first_expert = j == static_cast<int>(blockIdx.x);
+  if (first_expert) trace_at(p, kLlTraceRecvScanned);
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
   {
     int i = 0;
     for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
-      int g = 0;
-      while (g + 1 < group && s_seg_first[g + 1] <= seg) ++g;
-      const int s = s_src[g];
-      const int t = (seg - s_seg_first[g]) * 32 + lane;
+      int s = 0;
+      while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
+      const int t = (seg - s_seg_first[s]) * 32 + lane;
       uint32_t m = 0;
       if (i < kMaskCache) {
 #pragma unroll
         for (int c = 0; c < kMaskCache; ++c)
           if (c == i) m = cached[c];
       } else {
-        m = from_x ? own_slot_mask(p, t, global_expert) : slot_mask(L, my_half, s, t, s_tokens[g], tag, j, K);
+        m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
       }
       const int cnt = __popc(m);
-      int rel = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;  // row inside the group
+      int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
       while (m) {
         const int k = __ffs(m) - 1;
         m &= m - 1;
-        const int row = base + rel;
         if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
           src_info[row] = (s << 24) | t;
-          if (rel < kInfoCache) s_msg[rel] = s * L.tokens + t;
+          if (row < kInfoCache) s_msg[row] = s * L.tokens + t;
           p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
         }
-        ++rel;
+        ++row;
       }
     }
   }
   __syncthreads();  // s_msg / src_info rows written above are read by other threads below
-  if (traced) trace_at(p, kLlTraceRecvPlaced);
-  const int room = slab_rows - base > 0 ? slab_rows - base : 0;
-  const int n = s_total < room ? s_total : room;
+  if (first_expert) trace_at(p, kLlTraceRecvPlaced);
+  const int n = s_total < slab_rows ? s_total : slab_rows;
 
   // Pass 3: warp-per-item copy. A row's payload is cut into pieces of at most 32 * kCopyBatch 16-byte chunks,
   // and the scale words of all rows into items of 32 * kCopyBatch words; the items go to the warps in turn,
@@ -382,74 +362,28 @@ __device__ __forceinline__ int recv_group(const LlDispatchParams& p, uint8_t* my
   const int row_chunks = kFp8 ? H / 16 : H / 8;
   const int pieces = (row_chunks + kItemChunks - 1) / kItemChunks;
   const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
-  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + (static_cast<size_t>(j) * slab_rows + base) * row_bytes;
+  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
   const int G = H / kScaleGroupElems;
   const bool packed = kFp8 && p.scale_format == 2;
   const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per row
-  uint32_t* out_scales =
-      static_cast<uint32_t*>(p.recv_scales) + (static_cast<size_t>(j) * slab_rows + base) * scale_words;
-  // Message slot (s * tokens + t) of group row i.
-  auto row_slot = [&](int i) -> int {
-    if (i < kInfoCache) return s_msg[i];
-    const int info = src_info[base + i];
-    return (info >> 24) * L.tokens + (info & 0xffffff);
-  };
+  uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
+  const int payload_items = n * pieces;
+  const int scale_items = (n * scale_words + kItemChunks - 1) / kItemChunks;
+  // Message of row i of this expert.
   auto row_msg = [&](int i) -> const uint8_t* {
-    return my_half + L.dispatch_offset + static_cast<size_t>(row_slot(i)) * L.msg_bytes;
-  };
-  if constexpr (kFp8 && kFromX) {
-    // Own rows cast from x: item = (row, 512 channels); a lane casts 16 channels, 8 lanes = one scale group,
-    // so an item writes 32 x 16 fp8 bytes and 4 scales (one packed UE8M0 word).
-    const int items_per_row = (H + 511) / 512;
-    const int total = n * items_per_row;
-    const int me_tokens0 = p.comm.rank * L.tokens;
-    for (int item = warp; item < total; item += ll::kWarps) {
-      const int i = item / items_per_row, q = item - i * items_per_row;
-      const int c = q * 32 + lane;
-      const bool active = c < H / 16;
-      // Eight channels converted at a time (the 16-float form of the send side spills here); same values,
-      // same amax order, same casts.
-      int4 a = make_int4(0, 0, 0, 0), bv = make_int4(0, 0, 0, 0);
-      float amax = 0.0f;
-      if (active) {
-        const int t = row_slot(i) - me_tokens0;
-        const int4* xrow =
-            reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
-        a = dev::ld_nc_v4(xrow + 2 * c);
-        bv = dev::ld_nc_v4(xrow + 2 * c + 1);
-        amax = ll::bf16x8_amax(a, amax);
-        amax = ll::bf16x8_amax(bv, amax);
-      }
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-      const float scale = ll::fp8_group_scale(amax, p.scale_format);
-      uint32_t* srow = out_scales + static_cast<size_t>(i) * scale_words;
-      if (active) {
-        const float inv = __fdiv_rn(1.0f, scale);
-        const uint2 lo = ll::cast_8_to_fp8(a, inv), hi = ll::cast_8_to_fp8(bv, inv);
-        dev::st_na_v4(reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes) + c,
-                      make_int4(static_cast<int>(lo.x), static_cast<int>(lo.y), static_cast<int>(hi.x),
-                                static_cast<int>(hi.y)));
-        if (!packed && (lane & 7) == 0) srow[c / 8] = __float_as_uint(scale);
-      }
-      if (packed) {  // word q = exponent bytes of groups 4q..4q+3 (lanes 0, 8, 16, 24); absent groups give 0
-        const uint32_t e = active ? ((__float_as_uint(scale) >> 23) & 0xffu) : 0u;
-        const uint32_t word = e | (__shfl_down_sync(0xffffffffu, e, 8) << 8) |
-                              (__shfl_down_sync(0xffffffffu, e, 16) << 16) | (__shfl_down_sync(0xffffffffu, e, 24) << 24);
-        if (lane == 0) srow[q] = word;
-      }
+    int slot;
+    if (i < kInfoCache) {
+      slot = s_msg[i];
+    } else {
+      const int info = src_info[i];
+      slot = (info >> 24) * L.tokens + (info & 0xffffff);
     }
-  }
-  const int payload_items = kFp8 && from_x ? 0 : n * pieces;
-  const int scale_items = kFp8 && from_x ? 0 : (n * scale_words + kItemChunks - 1) / kItemChunks;
+    return my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
+  };
   for (int item = warp; item < payload_items + scale_items; item += ll::kWarps) {
     if (item < payload_items) {
       const int i = item / pieces, piece = item - i * pieces;
-      const int4* src =
-          from_x ? reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) +
-                                                 static_cast<size_t>(row_slot(i) - p.comm.rank * L.tokens) * H)
-                 : reinterpret_cast<const int4*>(row_msg(i) + kLlHeaderBytes);
+      const int4* src = reinterpret_cast<const int4*>(row_msg(i) + kLlHeaderBytes);
       int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
       const int c0 = piece * kItemChunks + lane;
       int4 v[kCopyBatch];
@@ -487,16 +421,17 @@ __device__ __forceinline__ int recv_group(const LlDispatchParams& p, uint8_t* my
         if (w0 + 32 * u < n * scale_words) out_scales[w0 + 32 * u] = word[u];
     }
   }
-  const int rows = s_total;
-  __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next group
-  if (traced) trace_at(p, kLlTraceRecvCopied);
-  return rows;
+  if (tid == 0) {
+    p.recv_count[j] = n;
+    if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
+  }
+  __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
+  if (first_expert) trace_at(p, kLlTraceRecvCopied);
 }
 
 template <bool kFp8>
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
-  __shared__ int s_tokens[kLlMaxRanks];  // receive: token count of group source gi
-  __shared__ int s_src[kLlMaxRanks];     // receive: rank of group source gi
+  __shared__ int s_tokens[kLlMaxRanks];
   __shared__ int s_seg_first[kLlMaxRanks + 1];
   __shared__ int s_seg_base[kMaxSegments];
   const LlLayout& L = p.layout;
@@ -550,70 +485,37 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
   if (p.do_recv) {
     const int b = blockIdx.x, grid = gridDim.x;
     // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
-    // return at once. Slab order of the sources: this rank first, then me + 1, me + 2, ... (mod R). In the Both
-    // kernel the own rows come from x and topk_idx (no message, no wait), so a block places and casts them
-    // while the peers' messages are still in flight; the receive-only kernel reads its own messages like the
-    // peers' (x may have changed since the send half).
+    // return at once.
     const int E_l = L.num_local_experts;
     const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
     if (b >= receivers) return;
     if (b < E_l) {
-      const bool own_from_x = p.do_send != 0;
-      __shared__ int s_own_src[1], s_own_tokens[1], s_own_seg[2];
-      if (tid == 0) {
-        s_own_src[0] = me;
-        s_own_tokens[0] = p.num_tokens;
-        s_own_seg[0] = 0;
-        s_own_seg[1] = (p.num_tokens + 31) / 32;
-      }
-      __syncthreads();
-      int own_rows = 0;
-      if (own_from_x)
-        own_rows = recv_group<kFp8, true>(p, my_half, b, tag, s_own_src, s_own_tokens, s_own_seg, s_seg_base, 1,
-                                          s_own_seg[1], 0, false);
       // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
       // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
-      // stores it before its share, so it is this dispatch's once its tag is there). Group index gi holds
-      // source (me + first + gi) % R.
-      const int first = own_from_x ? 1 : 0, group = R - first;
+      // stores it before its share, so it is this dispatch's once its tag is there).
       bool ok = true;
-      if (lane < group && warp < 2) {
-        const int src = (me + first + lane) % R;
-        if (warp == 0) {
-          ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[src], epoch_tag * kLlArrivalUnits,
-                             Phase::kLlDispatchRecv, src);
-        } else {
-          ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[src], epoch_tag << 32, Phase::kLlDispatchRecv, src);
-          const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[src]) & 0xffffffffll);
-          s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
-          s_src[lane] = src;
-        }
+      if (warp == 0 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
+                           lane);
+      } else if (warp == 1 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+        const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+        s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
       }
       if (__syncthreads_or(!ok)) return;
       trace_at(p, kLlTraceRecvReady);
       if (tid == 0) {
-        int seg = 0;
-        for (int g = 0; g < group; ++g) {
-          s_seg_first[g] = seg;
-          seg += (s_tokens[g] + 31) / 32;
+        int first = 0;
+        for (int s = 0; s < R; ++s) {
+          s_seg_first[s] = first;
+          first += (s_tokens[s] + 31) / 32;
         }
-        s_seg_first[group] = seg;
+        s_seg_first[R] = first;
       }
       __syncthreads();
-      const int num_segments = s_seg_first[group];
-      for (int j = b; j < E_l; j += grid) {
-        if (j != b && own_from_x)
-          own_rows = recv_group<kFp8, true>(p, my_half, j, tag, s_own_src, s_own_tokens, s_own_seg, s_seg_base, 1,
-                                            s_own_seg[1], 0, false);
-        const int rows = recv_group<kFp8, false>(p, my_half, j, tag, s_src, s_tokens, s_seg_first, s_seg_base,
-                                                 group, num_segments, own_rows, j == b);
-        if (tid == 0) {
-          const int total = own_rows + rows;
-          const int n = total < L.slab_rows() ? total : L.slab_rows();
-          p.recv_count[j] = n;
-          if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
-        }
-      }
+      const int num_segments = s_seg_first[R];
+      for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
+        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
