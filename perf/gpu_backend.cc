@@ -1161,6 +1161,8 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
   for (auto& t : threads) t.join();
   sh.done.store(true);
   watchdog.join();
+  // No CUPTI tracing or buffer callbacks while the process tears down.
+  if (sh.kernel_timer) KernelTimer::instance().stop();
   if (layout.proc_rank == 0) {
     if (sh.exit_code.load() != 0) {
       out("# errors: see above (wrong results, invalid shapes, failures or unavailable MoE ops)\n");

@@ -3,7 +3,13 @@
 // CUPTI attaches an external-correlation record to every CUDA runtime/driver API record created while an id is
 // pushed, and every kernel record carries the correlation id of the API call that launched it. The API records are
 // therefore enabled too (RUNTIME and DRIVER: NCCL launches through the driver API, the library and moe-perf through
-// the runtime); their contents are ignored.
+// the runtime); their contents are ignored. They cannot be left off: cupti_activity.h (CUDA 13.0, CUPTI_API_VERSION
+// 130001, cuptiActivityPushExternalCorrelationId) says the external-correlation record is emitted when "a CUPTI
+// activity API record is created while within an external API region", preceding that API record.
+//
+// Locking: CUPTI may call bufferRequested/bufferCompleted while holding locks of its own, from its worker thread or
+// from a flush on the calling thread. So no CUPTI function is called while State::mutex is held (onBuffer parses
+// the buffer into a local list first), and bufferRequested takes no lock at all (failFromCallback).
 #include "kernel_timer.h"
 
 #include <cstdlib>
@@ -24,8 +30,9 @@ struct State {
   std::mutex start_mutex;  // the start_* fields
   bool start_done = false;
   bool start_ok = false;
+  bool stopped = false;
   std::string start_error;
-  std::mutex flush_mutex;  // one forced flush at a time
+  std::mutex flush_mutex;  // one forced flush (or stop) at a time, process-wide
 };
 
 State& state() {
@@ -43,7 +50,17 @@ KernelTimer& KernelTimer::instance() {
 std::string KernelTimer::error() const {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mutex);
+  if (st.error.empty()) {
+    const char* cb = callback_error_.load();
+    if (cb != nullptr) return cb;
+  }
   return st.error;
+}
+
+void KernelTimer::failFromCallback(const char* why) {
+  const char* expected = nullptr;
+  callback_error_.compare_exchange_strong(expected, why);
+  failed_.store(true);
 }
 
 void KernelTimer::fail(const std::string& why) {
@@ -83,32 +100,45 @@ void CUPTIAPI bufferRequested(uint8_t** buffer, size_t* size, size_t* max_record
   *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBufferBytes));
   *size = *buffer != nullptr ? kBufferBytes : 0;
   *max_records = 0;
-  if (*buffer == nullptr) KernelTimer::instance().fail("out of host memory for CUPTI activity buffers");
+  if (*buffer == nullptr) KernelTimer::instance().failFromCallback("out of host memory for CUPTI activity buffers");
 }
 
+// Each buffer CUPTI hands back is freed here, exactly once (CUPTI returns every buffer it requested once).
 void CUPTIAPI bufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid_bytes) {
   if (buffer == nullptr) return;
   KernelTimer::instance().onBuffer(buffer, valid_bytes);
   std::free(buffer);
 }
 
+const CUpti_ActivityKind kKinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION,
+                                     CUPTI_ACTIVITY_KIND_RUNTIME, CUPTI_ACTIVITY_KIND_DRIVER};
+constexpr size_t kNumKinds = sizeof(kKinds) / sizeof(kKinds[0]);
+
 // "" when collection is on.
 std::string enableCupti() {
   CUptiResult r = cuptiActivityRegisterCallbacks(bufferRequested, bufferCompleted);
   if (r != CUPTI_SUCCESS) return cuptiText("cuptiActivityRegisterCallbacks", r);
-  const CUpti_ActivityKind kinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION,
-                                      CUPTI_ACTIVITY_KIND_RUNTIME, CUPTI_ACTIVITY_KIND_DRIVER};
-  const char* names[] = {"cuptiActivityEnable(CONCURRENT_KERNEL)", "cuptiActivityEnable(EXTERNAL_CORRELATION)",
-                         "cuptiActivityEnable(RUNTIME)", "cuptiActivityEnable(DRIVER)"};
-  for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); ++i) {
-    r = cuptiActivityEnable(kinds[i]);
+  const char* names[kNumKinds] = {"cuptiActivityEnable(CONCURRENT_KERNEL)", "cuptiActivityEnable(EXTERNAL_CORRELATION)",
+                                  "cuptiActivityEnable(RUNTIME)", "cuptiActivityEnable(DRIVER)"};
+  for (size_t i = 0; i < kNumKinds; ++i) {
+    r = cuptiActivityEnable(kKinds[i]);
     if (r != CUPTI_SUCCESS) {
-      for (size_t j = 0; j < i; ++j) cuptiActivityDisable(kinds[j]);  // best effort; the error below is what counts
+      for (size_t j = 0; j < i; ++j) cuptiActivityDisable(kKinds[j]);  // best effort; the error below is what counts
       return cuptiText(names[i], r);
     }
   }
   return "";
 }
+
+// What onBuffer extracts from one buffer before it touches the book.
+struct KernelRow {
+  uint32_t correlation;
+  uint64_t start, end;
+};
+struct CorrelationRow {
+  uint32_t correlation;
+  uint64_t external_id;
+};
 
 }  // namespace
 
@@ -152,32 +182,42 @@ bool KernelTimer::pop(uint64_t id) {
 }
 
 void KernelTimer::onBuffer(const uint8_t* buffer, size_t valid_bytes) {
-  State& st = state();
-  std::lock_guard<std::mutex> lock(st.mutex);
+  // Parse first, without our lock (see the locking note at the top).
+  std::vector<KernelRow> kernels;
+  std::vector<CorrelationRow> correlations;
+  std::string parse_error;
   CUpti_Activity* record = nullptr;
   for (;;) {
     const CUptiResult r = cuptiActivityGetNextRecord(const_cast<uint8_t*>(buffer), valid_bytes, &record);
     if (r == CUPTI_ERROR_MAX_LIMIT_REACHED) break;  // end of the buffer
     if (r != CUPTI_SUCCESS) {
-      if (st.error.empty()) st.error = cuptiText("cuptiActivityGetNextRecord", r);
-      failed_.store(true);
+      parse_error = cuptiText("cuptiActivityGetNextRecord", r);
+      if (r == CUPTI_ERROR_INVALID_KIND) parse_error += " (an incomplete or invalid record: a kernel still running?)";
       break;
     }
     switch (record->kind) {
       case CUPTI_ACTIVITY_KIND_KERNEL:
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
         const auto* k = reinterpret_cast<const KernelRecord*>(record);
-        st.book.addKernel(k->correlationId, k->start, k->end);
+        kernels.push_back(KernelRow{k->correlationId, k->start, k->end});
         break;
       }
       case CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION: {
         const auto* e = reinterpret_cast<const CUpti_ActivityExternalCorrelation*>(record);
-        if (e->externalKind == kKind) st.book.addCorrelation(e->correlationId, e->externalId);
+        if (e->externalKind == kKind) correlations.push_back(CorrelationRow{e->correlationId, e->externalId});
         break;
       }
       default:
         break;  // API records: only there so that CUPTI emits the external correlations
     }
+  }
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  for (const CorrelationRow& c : correlations) st.book.addCorrelation(c.correlation, c.external_id);
+  for (const KernelRow& k : kernels) st.book.addKernel(k.correlation, k.start, k.end);
+  if (!parse_error.empty()) {
+    if (st.error.empty()) st.error = parse_error;
+    failed_.store(true);
   }
 }
 
@@ -190,6 +230,10 @@ bool KernelTimer::collect(const std::vector<uint64_t>& ids, std::vector<double>*
   }
   {
     std::lock_guard<std::mutex> flush(st.flush_mutex);
+    if (st.stopped) {
+      *error = "the kernel timer was stopped";
+      return false;
+    }
     CUptiResult r = cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
     if (r != CUPTI_SUCCESS) fail(cuptiText("cuptiActivityFlushAll", r));
     size_t dropped = 0;
@@ -218,6 +262,23 @@ bool KernelTimer::collect(const std::vector<uint64_t>& ids, std::vector<double>*
   return true;
 }
 
+void KernelTimer::stop() {
+  State& st = state();
+  {
+    std::lock_guard<std::mutex> lock(st.start_mutex);
+    if (!st.start_ok) return;
+  }
+  std::lock_guard<std::mutex> flush(st.flush_mutex);
+  if (st.stopped) return;
+  st.stopped = true;
+  // Deliver what is left (and free those buffers), then stop tracing; no cuptiFinalize (detaching CUPTI at run time
+  // is not needed here and has been seen to crash in some CUPTI versions).
+  cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  for (size_t i = kNumKinds; i-- > 0;) cuptiActivityDisable(kKinds[i]);
+  cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  fail("the kernel timer was stopped");
+}
+
 #else  // !NCCL_MOE_PERF_HAVE_CUPTI
 
 namespace {
@@ -229,6 +290,7 @@ bool KernelTimer::start(std::string* why) {
   fail(kNoCupti);
   return false;
 }
+void KernelTimer::stop() {}
 bool KernelTimer::push(uint64_t) { return false; }
 bool KernelTimer::pop(uint64_t) { return false; }
 void KernelTimer::onBuffer(const uint8_t*, size_t) {}

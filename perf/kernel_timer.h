@@ -18,9 +18,13 @@
 //     records) makes the timer unusable with the CUPTI error text; moe-perf then times with CUDA events and says so.
 //   - KernelSpanBook is the pure bookkeeping (records in, spans out), without CUPTI, unit-tested on the CPU
 //     (tests/unit/perf_kernel_timer_test.cc); it is not thread-safe (KernelTimer serialises access to it).
-//   - KernelTimer is process-wide (instance()); CUPTI's buffer-completed callbacks run on a CUPTI thread and feed
-//     the book under a mutex. Built without CUPTI (NCCL_MOE_PERF_HAVE_CUPTI undefined), start() fails with a
+//   - KernelTimer is process-wide (instance(), never destroyed); CUPTI's buffer-completed callbacks run on a CUPTI
+//     thread or inside a flush on the calling thread, parse their buffer without any lock of ours (no CUPTI call is
+//     ever made while the book's mutex is held) and then feed the book under that mutex. Forced flushes are
+//     serialised process-wide. Built without CUPTI (NCCL_MOE_PERF_HAVE_CUPTI undefined), start() fails with a
 //     message and nothing else is ever called.
+//   - stop() (once every thread that timed calls is done) delivers the last buffers and disables collection, so no
+//     CUPTI callback and no API tracing runs while the process exits.
 #pragma once
 
 #include <algorithm>
@@ -159,15 +163,22 @@ class KernelTimer {
   // in *spans_us (-1 where missing). False with *error when the timer failed or any id has no complete record.
   bool collect(const std::vector<uint64_t>& ids, std::vector<double>* spans_us, std::string* error);
 
+  // Flushes and disables CUPTI collection (idempotent; no-op when start() failed). The timer is unusable after.
+  void stop();
+
   // Buffer callbacks (called by CUPTI; public for the C callback trampolines only).
   void onBuffer(const uint8_t* buffer, size_t valid_bytes);
   void fail(const std::string& why);
+  // fail() without taking any lock, for CUPTI's buffer-request callback (CUPTI may hold its own locks there);
+  // `why` must be a string literal (error() reports it when no other reason was recorded).
+  void failFromCallback(const char* why);
 
  private:
   KernelTimer() = default;
   std::atomic<bool> started_{false};
   std::atomic<bool> failed_{false};
   std::atomic<uint64_t> next_id_{0};
+  std::atomic<const char*> callback_error_{nullptr};
 };
 
 // RAII push/pop around one timed call; does nothing when `timer` is null or `ids` is null (untimed iteration).

@@ -6,6 +6,10 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <execinfo.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -45,6 +49,18 @@ void printHeader(const RunInfo& run, int argc, char** argv) {
   out("# command: %s\n", cmd.c_str());
 }
 
+// A crash prints the raw stack to stderr before the default action (core, exit 128 + signal): a benchmark
+// that dies on a shared machine without a debugger should still say where. Async-signal-safe calls only.
+void onFatalSignal(int sig) {
+  static const char kMsg[] = "moe-perf: fatal signal; stack (addr2line -e moe-perf -f -C <offset>):\n";
+  ssize_t ignored = write(STDERR_FILENO, kMsg, sizeof(kMsg) - 1);
+  (void)ignored;
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), STDERR_FILENO);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
 bool openJson(RunInfo* run, JsonLinesWriter* json) {
   if (run->options.json_path.empty()) return true;
   std::string err;
@@ -59,6 +75,12 @@ bool openJson(RunInfo* run, JsonLinesWriter* json) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) std::signal(sig, onFatalSignal);
+  // backtrace() loads libgcc on first use, which is not async-signal-safe: do it now.
+  {
+    void* frame[1];
+    (void)backtrace(frame, 1);
+  }
   Options options;
   std::string err;
   if (!parseOptions(std::vector<std::string>(argv + 1, argv + argc), &options, &err)) {
