@@ -276,16 +276,10 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
 constexpr int kMaskCache = 4;    // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
 
-// Receives local expert j as member `member` of a team of `team` blocks (team = 1 unless the grid has more
-// blocks than there are local experts; then block b serves expert b % E_l). Every member scans the headers
-// and places the rows in its own shared memory; member 0 alone writes the provenance, the count and the
-// stats; the copy items are dealt round-robin over all members' warps. An expert with more rows than
-// kInfoCache is copied by member 0 alone (rows past kInfoCache take their message from src_info, which only
-// member 0 writes).
 template <bool kFp8>
 __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
                                             const int* s_tokens, const int* s_seg_first, int* s_seg_base,
-                                            int num_segments, int member, int team, bool traced) {
+                                            int num_segments) {
   __shared__ int s_total;
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
@@ -323,7 +317,8 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     if (lane == 0) s_total = carry;
   }
   __syncthreads();
-  if (traced) trace_at(p, kLlTraceRecvScanned);
+  const bool first_expert = j == static_cast<int>(blockIdx.x);
+  if (first_expert) trace_at(p, kLlTraceRecvScanned);
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
   {
     int i = 0;
@@ -345,18 +340,16 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
         const int k = __ffs(m) - 1;
         m &= m - 1;
         if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
+          src_info[row] = (s << 24) | t;
           if (row < kInfoCache) s_msg[row] = s * L.tokens + t;
-          if (member == 0) {
-            src_info[row] = (s << 24) | t;
-            p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
-          }
+          p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
         }
         ++row;
       }
     }
   }
   __syncthreads();  // s_msg / src_info rows written above are read by other threads below
-  if (traced) trace_at(p, kLlTraceRecvPlaced);
+  if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
   // Pass 3: warp-per-item copy. A row's payload is cut into pieces of at most 32 * kCopyBatch 16-byte chunks,
@@ -387,12 +380,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     }
     return my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
   };
-  // Item w * team + member of this expert for the member's warp w, w + kWarps, ...
-  if (n > kInfoCache) {
-    team = 1;
-    if (member != 0) return;  // warp-uniform for the whole block
-  }
-  for (int item = warp * team + member; item < payload_items + scale_items; item += ll::kWarps * team) {
+  for (int item = warp; item < payload_items + scale_items; item += ll::kWarps) {
     if (item < payload_items) {
       const int i = item / pieces, piece = item - i * pieces;
       const int4* src = reinterpret_cast<const int4*>(row_msg(i) + kLlHeaderBytes);
@@ -433,12 +421,12 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
         if (w0 + 32 * u < n * scale_words) out_scales[w0 + 32 * u] = word[u];
     }
   }
-  if (tid == 0 && member == 0) {
+  if (tid == 0) {
     p.recv_count[j] = n;
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
   }
   __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
-  if (traced) trace_at(p, kLlTraceRecvCopied);
+  if (first_expert) trace_at(p, kLlTraceRecvCopied);
 }
 
 template <bool kFp8>
@@ -496,13 +484,12 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
 
   if (p.do_recv) {
     const int b = blockIdx.x, grid = gridDim.x;
-    // Every block receives: with at least as many blocks as local experts, block b serves expert b % E_l as
-    // member b / E_l of that expert's team (the grid's spare blocks split the copies of the first experts);
-    // with fewer, block b serves experts b, b + grid, ... alone. Without local experts only block 0 arrives.
+    // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
+    // return at once.
     const int E_l = L.num_local_experts;
-    const int receivers = E_l > 0 ? grid : 1;
+    const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
     if (b >= receivers) return;
-    if (E_l > 0) {
+    if (b < E_l) {
       // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
       // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
       // stores it before its share, so it is this dispatch's once its tag is there).
@@ -527,14 +514,8 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
       }
       __syncthreads();
       const int num_segments = s_seg_first[R];
-      if (E_l <= grid) {
-        const int j = b % E_l;
-        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments, b / E_l,
-                          (grid - 1 - j) / E_l + 1, b < E_l);
-      } else {
-        for (int j = b; j < E_l; j += grid)
-          recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments, 0, 1, j == b);
-      }
+      for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
+        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
