@@ -108,7 +108,10 @@ class Collective {
     PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream));
     PERF_CUDA(holdStream(kHoldUs, rd_.stream));
   }
-  static constexpr int kHoldUs = 30;
+  // 100 us: with the kernel timer CUPTI also traces every runtime/driver call, and the host's enqueue of a timed
+  // call (event, correlation push, launch) then took longer than a 30 us hold on some calls; the rank whose GPU
+  // went idle started late and its peer's kernel waited for it (erratic small-size medians).
+  static constexpr int kHoldUs = 100;
   std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op) {
     if (v.size() > kMaxDoubles) throw PerfError("Collective::allReduce: too many values");
     doubles_.upload(v.data(), v.size(), rd_.stream);
