@@ -1,7 +1,8 @@
 // GPU mode of moe-perf: one host thread per GPU (rank), NCCL communicator per rank, then per mode / dtype / size:
 // the NCCL all-to-all baseline (gpu_baseline.h) and the NCCL-MoE operations through the public API
-// (include/nccl_moe.h), each verified once against the CPU reference (untimed) and then timed with CUDA events
-// (median of -n calls after -w warm-ups, an NCCL barrier before each call). Results are reduced over ranks
+// (include/nccl_moe.h), each verified once against the CPU reference (untimed) and then timed (median of -n calls
+// after -w warm-ups, an NCCL barrier and a stream hold before each call) with CUPTI kernel records or CUDA events
+// (--timer, perf/kernel_timer.h). Results are reduced over ranks
 // through NCCL and printed by global rank 0.
 //
 // MoE operations that the library does not provide yet (any error returned by an API call, or recorded as an

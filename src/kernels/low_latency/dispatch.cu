@@ -21,14 +21,16 @@
 //   send:  block b casts/copies tokens t = b, b + grid, ... (all threads on one row, 16 channels a thread for
 //          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
 //          warp 1 waits for the peers' acks) and stores 16-byte chunks into every destination rank holding one
-//          of the token's experts. The last block to finish publishes, for every peer d,
-//          d.dispatch_flag[s] = (tag << 32) | T with a release store.
-//   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's flag, scans the
-//          headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in registers),
-//          block prefix, which gives every row's position in (s, t, k) order (row -> message index kept in
-//          shared memory), then all threads copy the rows and the scales in one flattened loop (16-byte loads,
-//          8 in flight per thread) into the caller's slab. The last block bumps the half's dispatch epoch and
-//          acks every source (s.dispatch_ack[d] = tag).
+//          of the token's experts. Each block with tokens (and block 0) then adds its arrival share to
+//          d.dispatch_count[s] of every peer d with a release; block 0 first stores d.dispatch_flag[s] =
+//          (tag << 32) | T.
+//   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's count and flag, scans
+//          the headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in
+//          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
+//          kept in shared memory), then warps copy the rows and the scales item by item (a row's payload in
+//          pieces of 32 x 7 chunks, scale words in items of 224; all of a lane's loads in flight) into the
+//          caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d] (relaxed)
+//          and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
