@@ -354,25 +354,25 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
-  // Pass 3: warp-per-item copy. A row's payload is cut into pieces of at most 32 * kCopyBatch 16-byte chunks,
-  // and the scale words of all rows into items of 32 * kCopyBatch words; the items go to the warps in turn,
-  // every lane with all its loads in flight before its stores. An expert with up to ~7 fp8 rows of H 7168 is
-  // copied in one round trip per warp. (A block-wide flattened chunk loop took ~0.5 us per row: its time grew
-  // with the expert's row count, and the expert with the most rows set the kernel's end.)
-  constexpr int kCopyBatch = 7;  // fp8 H 7168: 448 chunks = 2 pieces of 32 x 7, no idle lane
-  constexpr int kItemChunks = 32 * kCopyBatch;
-  const int row_chunks = kFp8 ? H / 16 : H / 8;
-  const int pieces = (row_chunks + kItemChunks - 1) / kItemChunks;
-  const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
-  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
+  // Pass 3: warp-per-item copy. A row is a run of 16-byte units: its payload chunks, then (fp8) its scales, four
+  // float scales per unit. Items = (row, piece of 32 * kCopyBatch units) go to the warps in turn, every lane
+  // with all its loads in flight before its stores, so an expert with up to kWarps / 2 fp8 rows of H 7168 (462
+  // units = 2 pieces) is copied in one round trip per warp, up to kWarps rows in two. (A block-wide flattened
+  // chunk loop took ~0.5 us per row: its time grew with the expert's row count, and the expert with the most
+  // rows set the kernel's end. Scale words as separate items added a third round for ~15 rows.)
+  constexpr int kCopyBatch = kFp8 ? 8 : 7;  // fp8 H 7168: 462 units = 256 + 206; bf16: 896 chunks = 4 x 224
+  constexpr int kItemUnits = 32 * kCopyBatch;
   const int G = H / kScaleGroupElems;
   const bool packed = kFp8 && p.scale_format == 2;
-  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per row
+  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per output row
+  const int pay_units = kFp8 ? H / 16 : H / 8;
+  const int row_units = pay_units + (kFp8 ? (G + 3) / 4 : 0);
+  const int pieces = (row_units + kItemUnits - 1) / kItemUnits;
+  const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
+  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
   uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
-  const int payload_items = n * pieces;
-  const int scale_items = (n * scale_words + kItemChunks - 1) / kItemChunks;
-  // Message of row i of this expert.
-  auto row_msg = [&](int i) -> const uint8_t* {
+  for (int item = warp; item < n * pieces; item += ll::kWarps) {
+    const int i = item / pieces, piece = item - i * pieces;
     int slot;
     if (i < kInfoCache) {
       slot = s_msg[i];
@@ -380,47 +380,41 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
       const int info = src_info[i];
       slot = (info >> 24) * L.tokens + (info & 0xffffff);
     }
-    return my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
-  };
-  for (int item = warp; item < payload_items + scale_items; item += ll::kWarps) {
-    if (item < payload_items) {
-      const int i = item / pieces, piece = item - i * pieces;
-      const int4* src = reinterpret_cast<const int4*>(row_msg(i) + kLlHeaderBytes);
-      int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
-      const int c0 = piece * kItemChunks + lane;
-      int4 v[kCopyBatch];
+    const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
+    const int4* pay = reinterpret_cast<const int4*>(msg + kLlHeaderBytes);
+    // Unit q >= pay_units: float scales 4q'..4q'+3 (q' = q - pay_units; in bounds: messages are padded to 16 B).
+    const int4* sc = reinterpret_cast<const int4*>(msg + L.msg_scale_offset) - pay_units;
+    int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
+    const int u0 = piece * kItemUnits + lane;
+    int4 v[kCopyBatch];
 #pragma unroll
-      for (int u = 0; u < kCopyBatch; ++u)
-        if (c0 + 32 * u < row_chunks) v[u] = dev::ld_v4(src + c0 + 32 * u);
+    for (int u = 0; u < kCopyBatch; ++u) {
+      const int q = u0 + 32 * u;
+      if (q < row_units) v[u] = dev::ld_v4((kFp8 && q >= pay_units ? sc : pay) + q);
+    }
 #pragma unroll
-      for (int u = 0; u < kCopyBatch; ++u)
-        if (c0 + 32 * u < row_chunks) dev::st_na_v4(dst + c0 + 32 * u, v[u]);
-    } else if constexpr (kFp8) {
-      // Scale words w = row * scale_words + c of all rows (out_scales rows are contiguous).
-      const int w0 = (item - payload_items) * kItemChunks + lane;
-      uint32_t word[kCopyBatch];
-#pragma unroll
-      for (int u = 0; u < kCopyBatch; ++u) {
-        const int w = w0 + 32 * u;
-        if (w >= n * scale_words) continue;
-        const int i = w / scale_words, c = w - i * scale_words;
-        const uint8_t* scales = row_msg(i) + L.msg_scale_offset;
-        if (packed) {  // 4 float scales -> their exponent bytes (in bounds: the message is padded to 16 bytes)
-          const int4 f = dev::ld_v4(reinterpret_cast<const int4*>(scales) + c);
-          const uint32_t fw[4] = {static_cast<uint32_t>(f.x), static_cast<uint32_t>(f.y), static_cast<uint32_t>(f.z),
-                                  static_cast<uint32_t>(f.w)};
+    for (int u = 0; u < kCopyBatch; ++u) {
+      const int q = u0 + 32 * u;
+      if (q >= row_units) continue;
+      if (!kFp8 || q < pay_units) {
+        dev::st_na_v4(dst + q, v[u]);
+      } else {
+        const int g0 = 4 * (q - pay_units);  // first scale group of this unit
+        const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
+                               static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
+        uint32_t* srow = out_scales + static_cast<size_t>(i) * scale_words;
+        if (packed) {  // one word: the exponent bytes of groups g0..g0+3 (absent groups 0)
           uint32_t e = 0;
 #pragma unroll
-          for (int q = 0; q < 4; ++q)
-            if (4 * c + q < G) e |= ((fw[q] >> 23) & 0xffu) << (8 * q);
-          word[u] = e;
+          for (int b = 0; b < 4; ++b)
+            if (g0 + b < G) e |= ((f[b] >> 23) & 0xffu) << (8 * b);
+          srow[g0 / 4] = e;
         } else {
-          word[u] = reinterpret_cast<const uint32_t*>(scales)[c];
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+            if (g0 + b < G) srow[g0 + b] = f[b];
         }
       }
-#pragma unroll
-      for (int u = 0; u < kCopyBatch; ++u)
-        if (w0 + 32 * u < n * scale_words) out_scales[w0 + 32 * u] = word[u];
     }
   }
   if (tid == 0) {
