@@ -38,6 +38,7 @@ namespace {
 
 // What every rank publishes about itself during init (all-gathered through NCCL).
 struct PeerInfo {
+  int status;  // ncclResult_t of this rank's local setup; the other fields are valid only when it is ncclSuccess
   uint64_t host_hash;
   int pid;
   int device;
@@ -180,14 +181,29 @@ void releaseCommResources(ncclMoeComm* comm) {
   comm->internal_stream = nullptr;
 }
 
-ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config) {
-  comm->nccl = nccl;
-  comm->config = config;
-  MOE_NCCL_CHECK(ncclCommCount(nccl, &comm->num_ranks));
-  MOE_NCCL_CHECK(ncclCommUserRank(nccl, &comm->rank));
-  MOE_NCCL_CHECK(ncclCommCuDevice(nccl, &comm->device));
-  int current = -1;
-  MOE_CUDA_CHECK(cudaGetDevice(&current));
+namespace {
+
+// Makes comm's device current for the scope (the identity exchange must run on it even when the caller's
+// current device is wrong) and restores the caller's device afterwards.
+class DeviceScope {
+ public:
+  DeviceScope(int device, int previous) : previous_(previous), switched_(device != previous) {
+    if (switched_) (void)cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    if (switched_) (void)cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_;
+  bool switched_;
+};
+
+// Everything of init that can fail on one rank only (the caller's current device, limits that depend on the
+// rank count, allocations, the IPC handle). Fills this rank's identity in *mine.
+ncclResult_t localSetup(ncclMoeComm* comm, const ncclMoeConfig_t& config, int current, PeerInfo* mine) {
   if (current != comm->device) {
     return setLastError(ncclInvalidUsage,
                         "ncclMoeCommInit: the calling thread's current CUDA device is %d but nccl_comm (rank %d) is "
@@ -205,7 +221,6 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
                         config.num_experts, comm->num_ranks);
   }
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&comm->num_device_sms, cudaDevAttrMultiProcessorCount, comm->device));
-  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->internal_stream, cudaStreamNonBlocking));
 
   comm->params = LayoutParams{comm->num_ranks, config.num_experts, config.hidden, config.max_topk,
                               config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
@@ -229,17 +244,47 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
   MOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->dev_scratch), comm->host_scratch, 0));
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
 
+  mine->host_hash = hostHash();
+  mine->pid = getpid();
+  mine->device = comm->device;
+  mine->num_sms = comm->num_device_sms;
+  MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine->bus_id, sizeof(mine->bus_id), comm->device));
+  MOE_CUDA_CHECK(cudaIpcGetMemHandle(&mine->ipc, comm->buffer));
+  mine->buffer_addr = reinterpret_cast<uint64_t>(comm->buffer);
+  mine->config = config;
+  return ncclSuccess;
+}
+
+}  // namespace
+
+ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config) {
+  comm->nccl = nccl;
+  comm->config = config;
+  MOE_NCCL_CHECK(ncclCommCount(nccl, &comm->num_ranks));
+  MOE_NCCL_CHECK(ncclCommUserRank(nccl, &comm->rank));
+  MOE_NCCL_CHECK(ncclCommCuDevice(nccl, &comm->device));
+  int current = -1;
+  MOE_CUDA_CHECK(cudaGetDevice(&current));
+  // A failure of the local setup on one rank is not returned at once: the rank still enters the identity
+  // exchange with its status, so every rank learns of it instead of waiting in an all-gather that the failed
+  // rank never enters. Only a failure to create the exchange's own stream leaves before it.
+  const DeviceScope scope(comm->device, current);
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->internal_stream, cudaStreamNonBlocking));
   PeerInfo mine{};
-  mine.host_hash = hostHash();
-  mine.pid = getpid();
-  mine.device = comm->device;
-  mine.num_sms = comm->num_device_sms;
-  MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus_id, sizeof(mine.bus_id), comm->device));
-  MOE_CUDA_CHECK(cudaIpcGetMemHandle(&mine.ipc, comm->buffer));
-  mine.buffer_addr = reinterpret_cast<uint64_t>(comm->buffer);
-  mine.config = config;
+  const ncclResult_t local = localSetup(comm, config, current, &mine);
+  const std::string local_error = local == ncclSuccess ? std::string() : std::string(threadLastError());
+  mine.status = static_cast<int>(local);
   std::vector<PeerInfo> peers(comm->num_ranks);
   MOE_CHECK(allGather(comm, &mine, peers.data(), sizeof(PeerInfo)));
+  if (local != ncclSuccess) return setLastError(local, "%s", local_error.c_str());
+  for (int r = 0; r < comm->num_ranks; ++r) {
+    if (peers[r].status != ncclSuccess) {
+      return setLastError(ncclRemoteError,
+                          "ncclMoeCommInit: rank %d failed its local setup (%s) before the identity exchange; see "
+                          "that rank's error",
+                          r, ncclGetErrorString(static_cast<ncclResult_t>(peers[r].status)));
+    }
+  }
 
   // Every rank sees the same gathered table, so every rank takes the same decision below.
   for (int r = 0; r < comm->num_ranks; ++r) {
@@ -296,7 +341,7 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
              "default %d SMs, timeout %llds",
              comm->num_ranks, config.num_experts, config.hidden, comm->layout.total_bytes / 1048576.0,
              comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
-             static_cast<long long>(timeout_s));
+             static_cast<long long>(comm->timeout_ns / 1000000000ull));
     if (logEnabled(LogLevel::kInfo)) {
       std::vector<std::string> bus_ids;
       for (const PeerInfo& p : peers) bus_ids.emplace_back(p.bus_id);

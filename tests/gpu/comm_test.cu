@@ -169,6 +169,34 @@ TEST(CommGpu, WrongCurrentDeviceIsRejected) {
   ncclCommDestroy(nccl);
 }
 
+// A failure of one rank's local setup (here: its thread's current device is wrong) must not leave the other
+// ranks waiting in the identity exchange: the failed rank enters it with its status, every other rank returns
+// ncclRemoteError naming it.
+TEST(CommGpu, LocalFailureOnOneRankIsAgreedNotHung) {
+  const int n = gpuCount();
+  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  std::vector<ncclResult_t> results(n);
+  std::vector<std::string> messages(n);
+  std::vector<int> device_after(n, -1);
+  forEachRank(n, [&](int r, ncclComm_t nccl) {
+    if (r == 1) CUDA_OK(cudaSetDevice(0));
+    ncclMoeConfig_t config = smallConfig();
+    ncclMoeComm_t comm = nullptr;
+    results[r] = ncclMoeCommInit(&comm, nccl, &config);
+    messages[r] = ncclMoeGetLastError(nullptr);
+    EXPECT_EQ(nullptr, comm);
+    cudaGetDevice(&device_after[r]);
+  });
+  EXPECT_EQ(ncclInvalidUsage, results[1]);
+  EXPECT_NE(std::string::npos, messages[1].find("cudaSetDevice(1)")) << messages[1];
+  EXPECT_EQ(0, device_after[1]) << "init must leave the caller's current device as it found it";
+  for (int r = 0; r < n; ++r) {
+    if (r == 1) continue;
+    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
+    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
+  }
+}
+
 // ---- Processes: the parent spawns one copy of this binary per GPU; each child runs IpcChild below. ----
 
 TEST(CommGpu, ProcessesShareBuffersThroughCudaIpc) {
