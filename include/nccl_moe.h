@@ -149,6 +149,14 @@ ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const ncclMoeLayoutArg
 /* ------------------------------------------------------------------------------------------------ */
 /* High-throughput dispatch and combine                                                              */
 /* ------------------------------------------------------------------------------------------------ */
+/* Contract of every HT (and LL) call, not checkable on one rank alone:
+ *   - every rank makes the same sequence of calls on a communicator, with the same topk and hidden per
+ *     call and the same choice of passing topk_weights or not; num_tokens, num_sms and recv_capacity may
+ *     differ between ranks;
+ *   - the calls of one communicator are ordered on the device (one stream, or streams joined by events);
+ *   - a call's blocks must all be resident at once (they wait for each other through the peers): other
+ *     kernels that keep every SM busy at the same time can delay it until its device waits time out
+ *     (NCCL_MOE_TIMEOUT_S; the error then names the phase, the rank and the peer it waited for). */
 
 typedef struct {
   size_t size;
