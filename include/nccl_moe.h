@@ -103,8 +103,10 @@ ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, 
  * rank's communication buffer on that device and exchanges access to it with every peer through NCCL
  * collectives on `nccl_comm` (CUDA IPC for peers in other processes, peer access for peers in this
  * process). All ranks must pass equal configs (checked). The calling thread's current device must be
- * the communicator's device (checked; the caller's current device is left as it was). A rank that fails
- * before the exchange still takes part in it: every other rank then returns ncclRemoteError, none hangs. `nccl_comm` must outlive the MoE communicator; the library never destroys it
+ * the communicator's device (checked; the caller's current device is left as it was). A rank whose config
+ * or local setup fails still takes part in the collective exchange: every other rank then returns
+ * ncclRemoteError and none hangs. Only NULL comm / nccl_comm / config return at once on that rank.
+ * `nccl_comm` must outlive the MoE communicator; the library never destroys it
  * and uses it only inside ncclMoeCommInit/Destroy. Intranode only for now: all ranks must be peers
  * with NVLink/P2P access to each other, R <= NCCL_MOE_MAX_RANKS. */
 ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);

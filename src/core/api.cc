@@ -372,10 +372,16 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_c
   MOE_ARG_CHECK(comm != nullptr, "ncclMoeCommInit: comm is NULL");
   *comm = nullptr;
   MOE_ARG_CHECK(nccl_comm != nullptr, "ncclMoeCommInit: nccl_comm is NULL");
-  MOE_CHECK(checkConfig(config, "ncclMoeCommInit"));
+  MOE_ARG_CHECK(config != nullptr, "ncclMoeCommInit: config is NULL");
+  // NULL pointers return at once (before touching NCCL). A bad config content on one rank must not leave the
+  // others waiting in the collective init: the rank joins the init's identity exchange with its error (a
+  // config whose size field is not this library's is replaced by zeros there, its fields are not read).
+  const ncclResult_t args_status = checkConfig(config, "ncclMoeCommInit");
+  ncclMoeConfig_t usable{};
+  if (config->size == sizeof(ncclMoeConfig_t)) usable = *config;
   auto* c = new (std::nothrow) ncclMoeComm();
   if (c == nullptr) return setLastError(ncclSystemError, "ncclMoeCommInit: out of host memory");
-  const ncclResult_t res = commInit(c, nccl_comm, *config);
+  const ncclResult_t res = commInit(c, nccl_comm, usable, args_status);
   if (res != ncclSuccess) {
     releaseCommResources(c);
     delete c;

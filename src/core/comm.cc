@@ -62,9 +62,29 @@ bool sameConfig(const ncclMoeConfig_t& a, const ncclMoeConfig_t& b) {
          a.max_tokens_per_rank == b.max_tokens_per_rank && a.ll_max_tokens_per_rank == b.ll_max_tokens_per_rank;
 }
 
-ncclResult_t allGather(ncclMoeComm* comm, const void* mine, void* all, size_t bytes) {
-  void* dev = nullptr;
-  MOE_CUDA_CHECK(cudaMalloc(&dev, bytes * comm->num_ranks));
+// Makes `device` current for the scope and restores the previous device afterwards (init's identity exchange
+// must run on the communicator's device even when the caller's current device is wrong).
+class DeviceScope {
+ public:
+  DeviceScope(int device, int previous) : previous_(previous), switched_(device >= 0 && device != previous) {
+    if (switched_) ok_ = cudaSetDevice(device) == cudaSuccess;
+  }
+  ~DeviceScope() {
+    if (switched_) (void)cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  int previous_;
+  bool switched_;
+  bool ok_ = true;
+};
+
+// All-gather of `bytes` per rank through `dev` (device memory of bytes * num_ranks, allocated by the caller
+// before anything that can fail on one rank only, so that such a rank can still take part).
+ncclResult_t allGather(ncclMoeComm* comm, const void* mine, void* all, size_t bytes, void* dev) {
   ncclResult_t res = ncclSuccess;
   do {
     cudaError_t err = cudaMemcpyAsync(static_cast<uint8_t*>(dev) + bytes * comm->rank, mine, bytes,
@@ -85,7 +105,6 @@ ncclResult_t allGather(ncclMoeComm* comm, const void* mine, void* all, size_t by
       res = setLastError(ncclUnhandledCudaError, "init all-gather failed: %s", cudaGetErrorString(err));
     }
   } while (false);
-  cudaFree(dev);
   return res;
 }
 
@@ -166,6 +185,10 @@ ncclResult_t ncclBarrier(ncclMoeComm* comm) {
 }
 
 void releaseCommResources(ncclMoeComm* comm) {
+  // A failed init may leave the caller's device current while the stream and buffer live on comm->device.
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) current = -1;
+  const DeviceScope scope(current >= 0 ? comm->device : -1, current);
   for (int r = 0; r < comm->num_ranks && r < kMaxRanks; ++r) {
     if (comm->peer_via_ipc[r] && comm->peer_buffer[r] != nullptr) cudaIpcCloseMemHandle(comm->peer_buffer[r]);
     comm->peer_buffer[r] = nullptr;
@@ -182,24 +205,6 @@ void releaseCommResources(ncclMoeComm* comm) {
 }
 
 namespace {
-
-// Makes comm's device current for the scope (the identity exchange must run on it even when the caller's
-// current device is wrong) and restores the caller's device afterwards.
-class DeviceScope {
- public:
-  DeviceScope(int device, int previous) : previous_(previous), switched_(device != previous) {
-    if (switched_) (void)cudaSetDevice(device);
-  }
-  ~DeviceScope() {
-    if (switched_) (void)cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_;
-  bool switched_;
-};
 
 // Everything of init that can fail on one rank only (the caller's current device, limits that depend on the
 // rank count, allocations, the IPC handle). Fills this rank's identity in *mine.
@@ -257,7 +262,9 @@ ncclResult_t localSetup(ncclMoeComm* comm, const ncclMoeConfig_t& config, int cu
 
 }  // namespace
 
-ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config) {
+ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config, ncclResult_t args_status) {
+  // The caller's argument check failed: this rank still takes part in the exchange, with that status.
+  const std::string args_error = args_status == ncclSuccess ? std::string() : std::string(threadLastError());
   comm->nccl = nccl;
   comm->config = config;
   MOE_NCCL_CHECK(ncclCommCount(nccl, &comm->num_ranks));
@@ -268,14 +275,25 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
   // A failure of the local setup on one rank is not returned at once: the rank still enters the identity
   // exchange with its status, so every rank learns of it instead of waiting in an all-gather that the failed
   // rank never enters. Only a failure to create the exchange's own stream leaves before it.
+  // Before anything that can fail on this rank alone: the scope, the exchange's stream and its buffer.
   const DeviceScope scope(comm->device, current);
+  if (!scope.ok()) {
+    return setLastError(ncclUnhandledCudaError, "ncclMoeCommInit: cudaSetDevice(%d) failed", comm->device);
+  }
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->internal_stream, cudaStreamNonBlocking));
+  void* exchange = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&exchange, sizeof(PeerInfo) * comm->num_ranks));
+  struct FreeOnExit {
+    void* p;
+    ~FreeOnExit() { cudaFree(p); }
+  } free_exchange{exchange};
   PeerInfo mine{};
-  const ncclResult_t local = localSetup(comm, config, current, &mine);
-  const std::string local_error = local == ncclSuccess ? std::string() : std::string(threadLastError());
+  const ncclResult_t local = args_status != ncclSuccess ? args_status : localSetup(comm, config, current, &mine);
+  const std::string local_error =
+      local == ncclSuccess ? std::string() : (args_status != ncclSuccess ? args_error : std::string(threadLastError()));
   mine.status = static_cast<int>(local);
   std::vector<PeerInfo> peers(comm->num_ranks);
-  MOE_CHECK(allGather(comm, &mine, peers.data(), sizeof(PeerInfo)));
+  MOE_CHECK(allGather(comm, &mine, peers.data(), sizeof(PeerInfo), exchange));
   if (local != ncclSuccess) return setLastError(local, "%s", local_error.c_str());
   for (int r = 0; r < comm->num_ranks; ++r) {
     if (peers[r].status != ncclSuccess) {

@@ -5,8 +5,10 @@
 
 namespace nccl_moe {
 
-// Collective init over `nccl`; on failure the caller releases with releaseCommResources().
-ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config);
+// Collective init over `nccl`; on failure the caller releases with releaseCommResources(). `args_status` is
+// the caller's check of the arguments: when it failed (its message in the thread's last error), this rank
+// still joins the identity exchange with that status, so the other ranks fail too instead of waiting.
+ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t& config, ncclResult_t args_status);
 // Collective: synchronise the device, barrier with every rank, release everything.
 ncclResult_t commDestroy(ncclMoeComm* comm);
 void releaseCommResources(ncclMoeComm* comm);

@@ -197,6 +197,30 @@ TEST(CommGpu, LocalFailureOnOneRankIsAgreedNotHung) {
   }
 }
 
+// Same for a config that fails the argument check on one rank only (num_sms < 0): that rank still joins the
+// identity exchange, so nobody waits for it.
+TEST(CommGpu, BadConfigOnOneRankIsAgreedNotHung) {
+  const int n = gpuCount();
+  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+  std::vector<ncclResult_t> results(n);
+  std::vector<std::string> messages(n);
+  forEachRank(n, [&](int r, ncclComm_t nccl) {
+    ncclMoeConfig_t config = smallConfig();
+    if (r == 1) config.num_sms = -1;
+    ncclMoeComm_t comm = nullptr;
+    results[r] = ncclMoeCommInit(&comm, nccl, &config);
+    messages[r] = ncclMoeGetLastError(nullptr);
+    EXPECT_EQ(nullptr, comm);
+  });
+  EXPECT_EQ(ncclInvalidArgument, results[1]);
+  EXPECT_NE(std::string::npos, messages[1].find("num_sms")) << messages[1];
+  for (int r = 0; r < n; ++r) {
+    if (r == 1) continue;
+    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
+    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
+  }
+}
+
 // ---- Processes: the parent spawns one copy of this binary per GPU; each child runs IpcChild below. ----
 
 TEST(CommGpu, ProcessesShareBuffersThroughCudaIpc) {

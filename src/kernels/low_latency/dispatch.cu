@@ -27,9 +27,9 @@
 //   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's count and flag, scans
 //          the headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in
 //          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
-//          kept in shared memory), then warps copy the rows and the scales item by item (a row's payload in
-//          pieces of 32 x 7 chunks, scale words in items of 224; all of a lane's loads in flight) into the
-//          caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d] (relaxed)
+//          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
+//          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
+//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d] (relaxed)
 //          and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph

@@ -1,10 +1,11 @@
 // Low-latency housekeeping: the handle's routing arrays (llRoutingAlloc / llRoutingFree) and
 // ncclMoeLowLatencyReset.
 //
-// Reset (collective, stream-ordered, with no LL result alive on any rank): zeroes the control, message,
-// weight and partial-sum regions of both halves of this rank's buffer (epochs restart at 0, stale message
-// tags are gone), then runs a barrier over every rank (llResetBarrierKernel) so that no peer writes into
-// this rank's LL region before the zeroing is complete. The next LL dispatch uses half 0 again.
+// Reset (collective, stream-ordered, with no LL result alive on any rank): a barrier over every rank
+// (llResetBarrierKernel: every rank's earlier LL kernels, and the acks and flags they add into peers, are
+// done), then zeroes the control, message, weight and partial-sum regions of both halves of this rank's
+// buffer (epochs restart at 0, stale message tags are gone), then a second barrier so that no peer writes
+// into this rank's LL region before the zeroing is complete. The next LL dispatch uses half 0 again.
 // Barrier protocol: rank r adds 1 to persist.reset_flag[r] of every rank (red.release.sys), then waits until
 // its own reset_flag[s] >= its reset count for every s. The persist block of half 0 is never zeroed.
 #include <cuda_runtime.h>
@@ -61,6 +62,11 @@ void llRoutingFree(LlRouting* routing) {
 ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
   const BufferLayout& B = comm->layout;
   const LlLayout& L = B.ll;
+  // Barrier first: every rank's earlier LL kernels have ended (and with them any ack or flag they add to this
+  // rank's control region) before the zeroing; without it a peer's late receive ack could land after the
+  // memset and survive the reset.
+  llResetBarrierKernel<<<1, 32, 0, stream>>>(comm->deviceComm(), L, B.ll_offset);
+  MOE_CUDA_CHECK(cudaGetLastError());
   for (int half = 0; half < 2; ++half) {
     uint8_t* base = B.ll_region(comm->buffer, half);
     MOE_CUDA_CHECK(cudaMemsetAsync(base + L.control_offset, 0, L.reset_bytes(), stream));
