@@ -272,10 +272,10 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
   MOE_NCCL_CHECK(ncclCommCuDevice(nccl, &comm->device));
   int current = -1;
   MOE_CUDA_CHECK(cudaGetDevice(&current));
-  // A failure of the local setup on one rank is not returned at once: the rank still enters the identity
-  // exchange with its status, so every rank learns of it instead of waiting in an all-gather that the failed
-  // rank never enters. Only a failure to create the exchange's own stream leaves before it.
-  // Before anything that can fail on this rank alone: the scope, the exchange's stream and its buffer.
+  // A failure of the arguments or the local setup on one rank is not returned at once: the rank still enters
+  // the identity exchange with its status, so every rank learns of it instead of waiting in an all-gather that
+  // the failed rank never enters. What the exchange itself needs (the comm's device, a stream, a buffer) is
+  // set up first; only its failure leaves before the exchange.
   const DeviceScope scope(comm->device, current);
   if (!scope.ok()) {
     return setLastError(ncclUnhandledCudaError, "ncclMoeCommInit: cudaSetDevice(%d) failed", comm->device);
