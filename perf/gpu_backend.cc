@@ -367,6 +367,47 @@ void collectKernelTimes(const Timing& t, std::initializer_list<OpResult*> ops) {
   t.local->wait();
 }
 
+// The timed dispatch-then-combine loop of HT and LL: a barrier before each call, CUDA events around it and a
+// kernel-timer id on the timed (non-warm-up) calls. `dispatch` / `combine` issue one call and return false with
+// the error in *err. A rank whose call failed skips that op from then on but keeps taking part in every barrier;
+// availability is agreed over all ranks after the loop. The combine is timed only when it is available.
+template <typename Dispatch, typename Combine>
+void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, const Timing& tm, Progress& prog,
+                         const char* label, OpResult* d, OpResult* c, Dispatch dispatch, Combine combine) {
+  Events ev(4);
+  const bool with_combine = c->available;
+  bool fail_d = false, fail_c = false;
+  std::string ed, ec;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set(label);
+    const bool timed = i >= run.warmup;
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_d) {
+      KernelTimerScope k(tm.kernel, tm.ids(*d, timed));
+      fail_d = !dispatch(&ed);
+    }
+    ev.record(1, st);
+    if (with_combine) {
+      col.barrier();
+      ev.record(2, st);
+      if (!fail_c && !fail_d) {
+        KernelTimerScope k(tm.kernel, tm.ids(*c, timed));
+        fail_c = !combine(&ec);
+      }
+      ev.record(3, st);
+    }
+    PERF_CUDA(cudaStreamSynchronize(st));
+    if (timed) {
+      d->us.push_back(ev.us(0, 1));
+      if (with_combine) c->us.push_back(ev.us(2, 3));
+    }
+  }
+  collectKernelTimes(tm, {d, c});
+  if (!col.agree(!fail_d)) d->fail(ed);
+  if (with_combine && !col.agree(!fail_c && !fail_d)) c->fail(ec.empty() ? ed : ec);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Device copies of one rank's inputs
 // ------------------------------------------------------------------------------------------------
@@ -568,41 +609,14 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   }
 
   // Timed: cached-handle dispatch (no notify, no host wait), then combine.
-  Events ev(4);
-  bool fail_d = false, fail_c = false;
-  std::string ed, ec;
-  const bool with_combine = res->combine.available;
-  for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ht: timed dispatch/combine");
-    const bool timed = i >= run.warmup;
-    col.barrier();
-    ev.record(0, st);
-    if (!fail_d) {
-      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch, timed));
-      fail_d = !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ed);
-    }
-    ev.record(1, st);
-    if (with_combine) {
-      col.barrier();
-      ev.record(2, st);
-      if (!fail_c && !fail_d) {
-        KernelTimerScope k(tm.kernel, tm.ids(res->combine, timed));
-        fail_c = !call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &ec);
-      }
-      ev.record(3, st);
-    }
-    PERF_CUDA(cudaStreamSynchronize(st));
-    if (timed) {
-      res->dispatch.us.push_back(ev.us(0, 1));
-      if (with_combine) res->combine.us.push_back(ev.us(2, 3));
-    }
-  }
-  collectKernelTimes(tm, {&res->dispatch, &res->combine});
-  if (!col.agree(!fail_d)) res->dispatch.fail(ed);
-  if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
+  timeDispatchCombine(
+      col, st, run, tm, prog, "ht: timed dispatch/combine", &res->dispatch, &res->combine,
+      [&](std::string* e) { return call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), e); },
+      [&](std::string* e) { return call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), e); });
 
   // Timed: the full first call, notify (layout + count exchange + host wait) + dispatch. It includes a host wait by
   // definition, so it is always event-timed (no kernel-timer ids).
+  Events ev(2);
   bool fail_f = false;
   std::string ef;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
@@ -774,39 +788,12 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   }
 
   // Timed: dispatch then combine (both phases in one call each), a barrier before each.
-  Events ev(6);
-  const bool with_combine = res->combine.available;
-  bool fail_d = false, fail_c = false;
-  std::string ed, ec;
-  for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ll: timed dispatch/combine");
-    const bool timed = i >= run.warmup;
-    col.barrier();
-    ev.record(0, st);
-    if (!fail_d) {
-      KernelTimerScope k(tm.kernel, tm.ids(res->dispatch, timed));
-      fail_d = !dispatchCall(ncclMoePhaseBoth, &ed);
-    }
-    ev.record(1, st);
-    if (with_combine) {
-      col.barrier();
-      ev.record(2, st);
-      if (!fail_c && !fail_d) {
-        KernelTimerScope k(tm.kernel, tm.ids(res->combine, timed));
-        fail_c = !combineCall(ncclMoePhaseBoth, &ec);
-      }
-      ev.record(3, st);
-    }
-    PERF_CUDA(cudaStreamSynchronize(st));
-    if (timed) {
-      res->dispatch.us.push_back(ev.us(0, 1));
-      if (with_combine) res->combine.us.push_back(ev.us(2, 3));
-    }
-  }
-  collectKernelTimes(tm, {&res->dispatch, &res->combine});
-  if (!col.agree(!fail_d)) res->dispatch.fail(ed);
-  if (with_combine && !col.agree(!fail_c && !fail_d)) res->combine.fail(ec.empty() ? ed : ec);
+  timeDispatchCombine(
+      col, st, run, tm, prog, "ll: timed dispatch/combine", &res->dispatch, &res->combine,
+      [&](std::string* e) { return dispatchCall(ncclMoePhaseBoth, e); },
+      [&](std::string* e) { return combineCall(ncclMoePhaseBoth, e); });
 
+  Events ev(6);
   // Timed: send and receive halves separately.
   bool fail_ds = !res->dispatch_send.available, fail_cs = !res->combine_send.available;
   std::string eds, ecs;
