@@ -20,6 +20,7 @@
 
 #include "ll_world.h"
 #include "nccl_moe.h"
+#include "reference/reference.h"
 
 namespace {
 
@@ -38,11 +39,16 @@ double median(std::vector<float> v) {
   return v.empty() ? 0.0 : 1000.0 * v[v.size() / 2];  // ms -> us
 }
 
-uint64_t splitmix(uint64_t& s) {
-  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+// Rank r's top-k ids of T tokens: uniform over kExperts, kTopk distinct experts per token, no masked slots.
+std::vector<int64_t> routingOf(int r, int num_ranks, int T) {
+  nccl_moe::ref::RoutingSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.num_experts = kExperts;
+  spec.topk = kTopk;
+  spec.num_tokens = T;
+  spec.with_weights = false;
+  spec.seed = 1234 + static_cast<uint64_t>(T);
+  return nccl_moe::ref::make_rank_routing(spec, r).topk_idx;
 }
 
 void runPerf(ll_test::World world, int n) {
@@ -73,10 +79,10 @@ void runPerf(ll_test::World world, int n) {
     cudaMemset(y, 0, El * RM * kHidden * 2);
     cudaMalloc(&out, static_cast<size_t>(kMaxTokens) * kHidden * 2);
     // Activations: bf16 of +-(1 + m/8) * 2^e, e in [-4, 3].
-    uint64_t seed = 1234 + r;
+    nccl_moe::ref::Rng rng(1234 + static_cast<uint64_t>(r));
     std::vector<uint16_t> hx(static_cast<size_t>(kMaxTokens) * kHidden);
     for (auto& v : hx) {
-      const uint64_t h = splitmix(seed);
+      const uint64_t h = rng.next();
       v = static_cast<uint16_t>(((h & 1) << 15) | ((127 - 4 + ((h >> 1) % 8)) << 7) | ((h >> 8) & 0x70));
     }
     cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
@@ -85,20 +91,8 @@ void runPerf(ll_test::World world, int n) {
 
     for (int ci = 0; ci < num_cases; ++ci) {
       const int T = token_counts[ci];
-      // Uniform routing: kTopk distinct experts per token.
-      std::vector<int64_t> hidx(static_cast<size_t>(T) * kTopk);
-      std::vector<long long> local_sel(n, 0);
-      for (int t = 0; t < T; ++t)
-        for (int k = 0; k < kTopk; ++k) {
-          int64_t e;
-          bool dup;
-          do {
-            e = static_cast<int64_t>(splitmix(seed) % kExperts);
-            dup = false;
-            for (int q = 0; q < k; ++q) dup |= hidx[static_cast<size_t>(t) * kTopk + q] == e;
-          } while (dup);
-          hidx[static_cast<size_t>(t) * kTopk + k] = e;
-        }
+      // Uniform routing: kTopk distinct experts per token (the reference's generator).
+      const std::vector<int64_t> hidx = routingOf(r, n, T);
       cudaMemcpyAsync(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice, stream);
       cudaStreamSynchronize(stream);
       std::vector<cudaEvent_t> ev(5 * kIters + 2);

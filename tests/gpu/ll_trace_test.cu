@@ -20,6 +20,7 @@
 #include "kernels/low_latency/trace.h"
 #include "ll_world.h"
 #include "nccl_moe.h"
+#include "reference/reference.h"
 
 namespace {
 
@@ -68,11 +69,16 @@ double medianOf(std::vector<double> v) {
   return v.empty() ? -1.0 : v[v.size() / 2];
 }
 
-uint64_t splitmix(uint64_t& s) {
-  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+// Rank r's top-k ids of T tokens: uniform over kExperts, kTopk distinct experts per token, no masked slots.
+std::vector<int64_t> routingOf(int r, int num_ranks, int T) {
+  nccl_moe::ref::RoutingSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.num_experts = kExperts;
+  spec.topk = kTopk;
+  spec.num_tokens = T;
+  spec.with_weights = false;
+  spec.seed = 77 + static_cast<uint64_t>(T);
+  return nccl_moe::ref::make_rank_routing(spec, r).topk_idx;
 }
 
 TEST(LlTrace, DispatchTimeline) {
@@ -107,9 +113,8 @@ TEST(LlTrace, DispatchTimeline) {
     ASSERT_EQ(cudaSuccess, cudaMalloc(&trace, trace_words * 8));
     cudaMemset(y, 0, El * RM * kHidden * 2);
     cudaMemset(one, 0, sizeof(float));
-    uint64_t seed = 77 + r;
-    std::vector<uint16_t> hx(static_cast<size_t>(kMaxTokens) * kHidden);
-    for (auto& v : hx) v = static_cast<uint16_t>(0x3c00 | (splitmix(seed) & 0x7f));
+    const std::vector<uint16_t> hx =
+        nccl_moe::ref::make_bf16_rows(77, r, kMaxTokens, kHidden, nccl_moe::ref::ValueKind::kWide);
     cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
     std::vector<float> hw(static_cast<size_t>(kMaxTokens) * kTopk, 0.125f);
     cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice);
@@ -117,18 +122,7 @@ TEST(LlTrace, DispatchTimeline) {
 
     for (int ci = 0; ci < 2; ++ci) {
       const int T = token_counts[ci];
-      std::vector<int64_t> hidx(static_cast<size_t>(T) * kTopk);
-      for (int t = 0; t < T; ++t)
-        for (int k = 0; k < kTopk; ++k) {
-          int64_t e;
-          bool dup;
-          do {
-            e = static_cast<int64_t>(splitmix(seed) % kExperts);
-            dup = false;
-            for (int q = 0; q < k; ++q) dup |= hidx[static_cast<size_t>(t) * kTopk + q] == e;
-          } while (dup);
-          hidx[static_cast<size_t>(t) * kTopk + k] = e;
-        }
+      const std::vector<int64_t> hidx = routingOf(r, n, T);
       cudaMemcpy(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice);
       barrier.wait();
 
