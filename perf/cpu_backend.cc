@@ -123,6 +123,18 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
   const int64_t bl_combine_wrong = check ? bl.combineWrong() : 0;
 
   std::vector<ResultRow> rows;
+  // One row of op `op`; with its NCCL-baseline twin's timing when `baseline` is given.
+  auto addRow = [&](const char* op, const Timing& t, int64_t wrong, const Timing* baseline, int64_t baseline_wrong) {
+    ResultRow r = makeRow(run, p, op, 0, true);
+    fillTiming(&r, t);
+    r.wrong = wrong;
+    if (baseline != nullptr) {
+      r.has_baseline = true;
+      r.baseline_median_us = baseline->median_us;
+      r.baseline_wrong = baseline_wrong;
+    }
+    rows.push_back(r);
+  };
   if (p.spec.mode == Mode::kHt) {
     std::vector<ref::Rows> x(sz(R));
     for (int s = 0; s < R; ++s)
@@ -164,24 +176,9 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
                                                                                    p.spec.topk, p.spec.experts, R));
       }
     }
-    ResultRow r = makeRow(run, p, "dispatch", 0, true);
-    fillTiming(&r, t_dispatch);
-    r.wrong = wrong_dispatch;
-    r.has_baseline = true;
-    r.baseline_median_us = bl_dispatch.median_us;
-    r.baseline_wrong = bl_dispatch_wrong;
-    rows.push_back(r);
-    r = makeRow(run, p, "combine", 0, true);
-    fillTiming(&r, t_combine);
-    r.wrong = wrong_combine;
-    r.has_baseline = true;
-    r.baseline_median_us = bl_combine.median_us;
-    r.baseline_wrong = bl_combine_wrong;
-    rows.push_back(r);
-    r = makeRow(run, p, "notify_dispatch", 0, true);
-    fillTiming(&r, t_first);
-    r.wrong = wrong_layout + wrong_dispatch;
-    rows.push_back(r);
+    addRow("dispatch", t_dispatch, wrong_dispatch, &bl_dispatch, bl_dispatch_wrong);
+    addRow("combine", t_combine, wrong_combine, &bl_combine, bl_combine_wrong);
+    addRow("notify_dispatch", t_first, wrong_layout + wrong_dispatch, nullptr, 0);
   } else {
     const bool fp8 = p.spec.dtype == DType::kFp8;
     const int cap = p.spec.ll_max_tokens;
@@ -205,20 +202,8 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
       wrong_combine = perRankBf16Diff(comb, ref::brute::ll_combine(p.routing, p.ll, p.ll_y));
       wrong_combine += perRankBf16Diff(comb, p.ll_expected_combine);
     }
-    ResultRow r = makeRow(run, p, "dispatch", 0, true);
-    fillTiming(&r, t_dispatch);
-    r.wrong = wrong_dispatch;
-    r.has_baseline = true;
-    r.baseline_median_us = bl_dispatch.median_us;
-    r.baseline_wrong = bl_dispatch_wrong;
-    rows.push_back(r);
-    r = makeRow(run, p, "combine", 0, true);
-    fillTiming(&r, t_combine);
-    r.wrong = wrong_combine;
-    r.has_baseline = true;
-    r.baseline_median_us = bl_combine.median_us;
-    r.baseline_wrong = bl_combine_wrong;
-    rows.push_back(r);
+    addRow("dispatch", t_dispatch, wrong_dispatch, &bl_dispatch, bl_dispatch_wrong);
+    addRow("combine", t_combine, wrong_combine, &bl_combine, bl_combine_wrong);
   }
   for (ResultRow& r : rows) {
     r.gpu_name = "cpu";
