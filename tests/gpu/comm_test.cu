@@ -169,56 +169,48 @@ TEST(CommGpu, WrongCurrentDeviceIsRejected) {
   ncclCommDestroy(nccl);
 }
 
-// A failure of one rank's local setup (here: its thread's current device is wrong) must not leave the other
-// ranks waiting in the identity exchange: the failed rank enters it with its status, every other rank returns
-// ncclRemoteError naming it.
+// Init where rank 1 alone is broken by `breakRank1(&config)` (which may also change the thread's current device):
+// rank 1 must return `expected` with `needle` in its message, every other rank ncclRemoteError naming rank 1, and
+// nobody may hang (the failed rank still joins the identity exchange). Returns rank 1's current device afterwards.
+template <typename Break>
+int initWithRank1Broken(int n, Break breakRank1, ncclResult_t expected, const char* needle) {
+  std::vector<ncclResult_t> results(n);
+  std::vector<std::string> messages(n);
+  int device_after = -1;
+  forEachRank(n, [&](int r, ncclComm_t nccl) {
+    ncclMoeConfig_t config = smallConfig();
+    if (r == 1) breakRank1(&config);
+    ncclMoeComm_t comm = nullptr;
+    results[r] = ncclMoeCommInit(&comm, nccl, &config);
+    messages[r] = ncclMoeGetLastError(nullptr);
+    EXPECT_EQ(nullptr, comm);
+    if (r == 1) cudaGetDevice(&device_after);
+  });
+  EXPECT_EQ(expected, results[1]);
+  EXPECT_NE(std::string::npos, messages[1].find(needle)) << messages[1];
+  for (int r = 0; r < n; ++r) {
+    if (r == 1) continue;
+    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
+    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
+  }
+  return device_after;
+}
+
+// A failure of one rank's local setup (here: its thread's current device is wrong).
 TEST(CommGpu, LocalFailureOnOneRankIsAgreedNotHung) {
   const int n = gpuCount();
   if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  std::vector<ncclResult_t> results(n);
-  std::vector<std::string> messages(n);
-  std::vector<int> device_after(n, -1);
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
-    if (r == 1) CUDA_OK(cudaSetDevice(0));
-    ncclMoeConfig_t config = smallConfig();
-    ncclMoeComm_t comm = nullptr;
-    results[r] = ncclMoeCommInit(&comm, nccl, &config);
-    messages[r] = ncclMoeGetLastError(nullptr);
-    EXPECT_EQ(nullptr, comm);
-    cudaGetDevice(&device_after[r]);
-  });
-  EXPECT_EQ(ncclInvalidUsage, results[1]);
-  EXPECT_NE(std::string::npos, messages[1].find("cudaSetDevice(1)")) << messages[1];
-  EXPECT_EQ(0, device_after[1]) << "init must leave the caller's current device as it found it";
-  for (int r = 0; r < n; ++r) {
-    if (r == 1) continue;
-    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
-    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
-  }
+  const int device_after = initWithRank1Broken(
+      n, [](ncclMoeConfig_t*) { CUDA_OK(cudaSetDevice(0)); }, ncclInvalidUsage, "cudaSetDevice(1)");
+  EXPECT_EQ(0, device_after) << "init must leave the caller's current device as it found it";
 }
 
-// Same for a config that fails the argument check on one rank only (num_sms < 0): that rank still joins the
-// identity exchange, so nobody waits for it.
+// A config that fails the argument check on one rank only (num_sms < 0).
 TEST(CommGpu, BadConfigOnOneRankIsAgreedNotHung) {
   const int n = gpuCount();
   if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  std::vector<ncclResult_t> results(n);
-  std::vector<std::string> messages(n);
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
-    ncclMoeConfig_t config = smallConfig();
-    if (r == 1) config.num_sms = -1;
-    ncclMoeComm_t comm = nullptr;
-    results[r] = ncclMoeCommInit(&comm, nccl, &config);
-    messages[r] = ncclMoeGetLastError(nullptr);
-    EXPECT_EQ(nullptr, comm);
-  });
-  EXPECT_EQ(ncclInvalidArgument, results[1]);
-  EXPECT_NE(std::string::npos, messages[1].find("num_sms")) << messages[1];
-  for (int r = 0; r < n; ++r) {
-    if (r == 1) continue;
-    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
-    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
-  }
+  initWithRank1Broken(
+      n, [](ncclMoeConfig_t* c) { c->num_sms = -1; }, ncclInvalidArgument, "num_sms");
 }
 
 // ---- Processes: the parent spawns one copy of this binary per GPU; each child runs IpcChild below. ----

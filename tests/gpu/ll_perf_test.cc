@@ -39,18 +39,6 @@ double median(std::vector<float> v) {
   return v.empty() ? 0.0 : 1000.0 * v[v.size() / 2];  // ms -> us
 }
 
-// Rank r's top-k ids of T tokens: uniform over kExperts, kTopk distinct experts per token, no masked slots.
-std::vector<int64_t> routingOf(int r, int num_ranks, int T) {
-  nccl_moe::ref::RoutingSpec spec;
-  spec.num_ranks = num_ranks;
-  spec.num_experts = kExperts;
-  spec.topk = kTopk;
-  spec.num_tokens = T;
-  spec.with_weights = false;
-  spec.seed = 1234 + static_cast<uint64_t>(T);
-  return nccl_moe::ref::make_rank_routing(spec, r).topk_idx;
-}
-
 void runPerf(ll_test::World world, int n) {
   const int token_counts[] = {1, 32, 128, 256};
   const int num_cases = 4;
@@ -92,7 +80,8 @@ void runPerf(ll_test::World world, int n) {
     for (int ci = 0; ci < num_cases; ++ci) {
       const int T = token_counts[ci];
       // Uniform routing: kTopk distinct experts per token (the reference's generator).
-      const std::vector<int64_t> hidx = routingOf(r, n, T);
+      const std::vector<int64_t> hidx =
+          ll_test::uniformRouting(r, n, kExperts, kTopk, T, 1234 + static_cast<uint64_t>(T));
       cudaMemcpyAsync(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice, stream);
       cudaStreamSynchronize(stream);
       std::vector<cudaEvent_t> ev(5 * kIters + 2);

@@ -37,9 +37,8 @@ __global__ void holdKernel(unsigned long long ns) {
   }
 }
 
-const char* const kPointNames[nccl_moe::kLlTracePoints] = {"entry",      "tag",         "send stored",
-                                                           "send arrived", "recv ready", "recv scanned",
-                                                           "recv placed", "recv copied", "exit"};
+const char* const kPointNames[nccl_moe::kLlTracePoints] = {
+    "entry", "tag", "send stored", "send arrived", "recv ready", "recv scanned", "recv placed", "recv copied", "exit"};
 
 // stats[point] = {earliest, median, latest block} for one call, us after the earliest entry; -1 = no block.
 using CallStats = std::vector<std::vector<double>>;
@@ -67,18 +66,6 @@ CallStats summarise(const std::vector<unsigned long long>& tr, int blocks) {
 double medianOf(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? -1.0 : v[v.size() / 2];
-}
-
-// Rank r's top-k ids of T tokens: uniform over kExperts, kTopk distinct experts per token, no masked slots.
-std::vector<int64_t> routingOf(int r, int num_ranks, int T) {
-  nccl_moe::ref::RoutingSpec spec;
-  spec.num_ranks = num_ranks;
-  spec.num_experts = kExperts;
-  spec.topk = kTopk;
-  spec.num_tokens = T;
-  spec.with_weights = false;
-  spec.seed = 77 + static_cast<uint64_t>(T);
-  return nccl_moe::ref::make_rank_routing(spec, r).topk_idx;
 }
 
 TEST(LlTrace, DispatchTimeline) {
@@ -122,7 +109,8 @@ TEST(LlTrace, DispatchTimeline) {
 
     for (int ci = 0; ci < 2; ++ci) {
       const int T = token_counts[ci];
-      const std::vector<int64_t> hidx = routingOf(r, n, T);
+      const std::vector<int64_t> hidx =
+          ll_test::uniformRouting(r, n, kExperts, kTopk, T, 77 + static_cast<uint64_t>(T));
       cudaMemcpy(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice);
       barrier.wait();
 
@@ -190,8 +178,9 @@ TEST(LlTrace, DispatchTimeline) {
           }
           if (st[0] < 0) continue;
           char buf[200];
-          std::snprintf(buf, sizeof(buf), "[ll trace] T=%-4d rank %d %-5s %-13s first %6.2f  median %6.2f  last %6.2f\n",
-                        T, r, names[ph], kPointNames[pt], st[0], st[1], st[2]);
+          std::snprintf(buf, sizeof(buf),
+                        "[ll trace] T=%-4d rank %d %-5s %-13s first %6.2f  median %6.2f  last %6.2f\n", T, r, names[ph],
+                        kPointNames[pt], st[0], st[1], st[2]);
           text += buf;
         }
       }

@@ -21,6 +21,7 @@
 
 #include "core/comm.h"
 #include "nccl_moe.h"
+#include "reference/reference.h"
 
 namespace ll_test {
 
@@ -38,6 +39,19 @@ inline int deviceCount() {
   return n;
 }
 inline int gpuRanks() { return std::min(deviceCount(), NCCL_MOE_MAX_RANKS); }
+
+// Rank r's top-k ids of T tokens from the reference's generator: uniform over `experts`, `topk` distinct experts
+// per token, no masked slots.
+inline std::vector<int64_t> uniformRouting(int r, int num_ranks, int experts, int topk, int T, uint64_t seed) {
+  nccl_moe::ref::RoutingSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.num_experts = experts;
+  spec.topk = topk;
+  spec.num_tokens = T;
+  spec.with_weights = false;
+  spec.seed = seed;
+  return nccl_moe::ref::make_rank_routing(spec, r).topk_idx;
+}
 // Ranks of the emulated world: NCCL_MOE_LL_EMULATED_RANKS (2..8), default 2.
 inline int emulatedRanks() {
   const char* env = std::getenv("NCCL_MOE_LL_EMULATED_RANKS");
