@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #include "baseline_kernels.h"
+#include "device/ptx.cuh"
 
 namespace nccl_moe::perf {
 
@@ -93,10 +94,40 @@ __global__ void holdKernel(unsigned long long ns) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   } while (now - start < ns);
 }
+
+// One warp: lane 0 holds, then lane r (r < R, strided) posts `epoch` into rank r's word `me` and waits for rank
+// r's post into this rank's word r.
+__global__ void holdAndMeetKernel(unsigned long long ns, long long* const* peers, long long* flags, int me,
+                                  int num_ranks, long long epoch, unsigned long long timeout_ns, int* timed_out) {
+  if (threadIdx.x == 0) {
+    const unsigned long long start = dev::globaltimer_ns();
+    while (dev::globaltimer_ns() - start < ns) {
+    }
+  }
+  __syncwarp();
+  for (int r = static_cast<int>(threadIdx.x); r < num_ranks; r += 32) dev::st_release_sys(peers[r] + me, epoch);
+  const unsigned long long start = dev::globaltimer_ns();
+  for (int r = static_cast<int>(threadIdx.x); r < num_ranks; r += 32) {
+    while (dev::ld_acquire_sys(flags + r) < epoch) {
+      if (dev::globaltimer_ns() - start > timeout_ns) {
+        atomicExch(timed_out, 1);
+        return;
+      }
+    }
+  }
+}
 }  // namespace
 
 cudaError_t holdStream(int microseconds, cudaStream_t stream) {
   holdKernel<<<1, 1, 0, stream>>>(static_cast<unsigned long long>(microseconds) * 1000ull);
+  return cudaGetLastError();
+}
+
+cudaError_t holdAndMeet(int microseconds, long long* const* peers, long long* flags, int me, int num_ranks,
+                        long long epoch, double timeout_s, int* timed_out, cudaStream_t stream) {
+  holdAndMeetKernel<<<1, 32, 0, stream>>>(static_cast<unsigned long long>(microseconds) * 1000ull, peers, flags, me,
+                                          num_ranks, epoch, static_cast<unsigned long long>(timeout_s * 1e9),
+                                          timed_out);
   return cudaGetLastError();
 }
 

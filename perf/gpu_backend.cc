@@ -22,10 +22,10 @@
 #include <thread>
 #include <vector>
 
+#include "baseline_kernels.h"
 #include "core/error.h"
 #include "cpu_baseline.h"
 #include "cuda_util.h"
-#include "baseline_kernels.h"
 #include "gpu_baseline.h"
 #include "host_sync.h"
 #include "kernel_timer.h"
@@ -101,17 +101,88 @@ class Collective {
     token_.zero(rd.stream);
     PERF_CUDA(cudaStreamSynchronize(rd.stream));
   }
+  ~Collective() {
+    for (long long* p : gate_opened_) cudaIpcCloseMemHandle(p);
+  }
+  Collective(const Collective&) = delete;
+  Collective& operator=(const Collective&) = delete;
+
   // Stream-ordered: everything enqueued after it starts once every rank has reached it. The hold that follows
   // the all-reduce keeps the stream busy while the host enqueues the timed call, so timing events measure GPU
-  // execution (kernel time, as DeepEP's profiler-based figures do) and not the host's launch latency.
+  // execution (kernel time, as DeepEP's profiler-based figures do) and not the host's launch latency. With the
+  // start gate (setupGate) the hold ends in a meeting of all ranks on the device, so the timed calls of all
+  // ranks start within about one flag trip of each other: a rank's host that enqueued the hold late (after its
+  // NCCL all-reduce had finished on the GPU) no longer starts its calls late, which a call that waits for its
+  // peers (a Both LL dispatch) would otherwise count on the early rank.
   void barrier() {
     PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream));
-    PERF_CUDA(holdStream(kHoldUs, rd_.stream));
+    if (gate_) {
+      PERF_CUDA(holdAndMeet(kHoldUs, gate_peers_.get(), gate_flags_.get(), rd_.rank, rd_.num_ranks, ++gate_epoch_,
+                            kGateTimeoutS, gate_timed_out_.get(), rd_.stream));
+    } else {
+      PERF_CUDA(holdStream(kHoldUs, rd_.stream));
+    }
   }
+  // Collective. Sets up the device start gate when every rank's GPU can reach every other's memory (same host:
+  // peer access within the process, CUDA IPC across processes); otherwise barrier() keeps the plain hold.
+  // Returns whether the gate is on (the same on every rank).
+  bool setupGate() {
+    struct Entry {
+      char host[64];
+      int pid;
+      int device;
+      long long* ptr;
+      cudaIpcMemHandle_t ipc;
+    };
+    gate_flags_.allocate(sz(rd_.num_ranks));
+    gate_flags_.zero(rd_.stream);
+    gate_timed_out_.allocate(1);
+    gate_timed_out_.zero(rd_.stream);
+    Entry mine{};
+    ::gethostname(mine.host, sizeof(mine.host) - 1);
+    mine.pid = static_cast<int>(::getpid());
+    mine.device = rd_.device;
+    mine.ptr = gate_flags_.get();
+    bool ok = cudaIpcGetMemHandle(&mine.ipc, mine.ptr) == cudaSuccess;
+    std::vector<char> bytes(sizeof(Entry));
+    std::memcpy(bytes.data(), &mine, sizeof(Entry));
+    const std::vector<char> all = allGather(bytes);
+    std::vector<long long*> peers(sz(rd_.num_ranks), nullptr);
+    for (int r = 0; r < rd_.num_ranks && ok; ++r) {
+      Entry e;
+      std::memcpy(&e, all.data() + sz(r) * sizeof(Entry), sizeof(Entry));
+      if (std::strncmp(e.host, mine.host, sizeof(e.host)) != 0) {
+        ok = false;
+      } else if (e.pid == mine.pid) {
+        int can = 0;
+        if (e.device != rd_.device) {
+          ok = cudaDeviceCanAccessPeer(&can, rd_.device, e.device) == cudaSuccess && can != 0;
+          if (ok) {
+            const cudaError_t err = cudaDeviceEnablePeerAccess(e.device, 0);
+            if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
+            ok = err == cudaSuccess || err == cudaErrorPeerAccessAlreadyEnabled;
+          }
+        }
+        peers[sz(r)] = e.ptr;
+      } else {
+        void* p = nullptr;
+        ok = cudaIpcOpenMemHandle(&p, e.ipc, cudaIpcMemLazyEnablePeerAccess) == cudaSuccess;
+        if (ok) gate_opened_.push_back(static_cast<long long*>(p));
+        peers[sz(r)] = static_cast<long long*>(p);
+      }
+    }
+    if (!ok) (void)cudaGetLastError();
+    if (ok) gate_peers_.assign(peers, rd_.stream);
+    gate_ = agree(ok);
+    return gate_;
+  }
+  // Whether a gate meeting gave up waiting (a peer never arrived: the timing of the rows since is not aligned).
+  bool gateTimedOut() const { return gate_ && gate_timed_out_.download(1, rd_.stream)[0] != 0; }
   // 100 us: with the kernel timer CUPTI also traces every runtime/driver call, and the host's enqueue of a timed
   // call (event, correlation push, launch) then took longer than a 30 us hold on some calls; the rank whose GPU
   // went idle started late and its peer's kernel waited for it (erratic small-size medians).
   static constexpr int kHoldUs = 100;
+  static constexpr double kGateTimeoutS = 30.0;
   std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op) {
     if (v.size() > kMaxDoubles) throw PerfError("Collective::allReduce: too many values");
     doubles_.upload(v.data(), v.size(), rd_.stream);
@@ -132,6 +203,12 @@ class Collective {
   DeviceArray<int> token_;
   DeviceArray<double> doubles_;
   DeviceArray<char> gather_send_, gather_recv_;
+  bool gate_ = false;
+  long long gate_epoch_ = 0;
+  DeviceArray<long long> gate_flags_;   // [R]: word r = rank r's latest meeting
+  DeviceArray<long long*> gate_peers_;  // [R]: every rank's gate_flags_, as this GPU reaches it
+  DeviceArray<int> gate_timed_out_;
+  std::vector<long long*> gate_opened_;  // IPC mappings to close
 };
 
 class Events {
@@ -943,6 +1020,15 @@ void rankMain(Shared& sh, int local) {
   std::memcpy(infos.data(), all.data(), all.size());
   if (printer) printRankList(infos);
   const std::string gpu_name = infos[0].name;
+  prog.set("start gate setup");
+  const bool gate = col.setupGate();
+  if (printer) {
+    out(gate ? "# start gate: on (each timed call follows an NCCL barrier, a %d us hold and a device-side meeting "
+               "of all ranks)\n"
+             : "# start gate: off, some rank cannot reach another's memory (each timed call follows an NCCL "
+               "barrier and a %d us hold)\n",
+        Collective::kHoldUs);
+  }
 
   for (Mode mode : resolveModes(o)) {
     const ModeConfig cfg = resolveMode(o, mode);
@@ -1075,6 +1161,13 @@ void rankMain(Shared& sh, int local) {
   prog.set("ncclCommDestroy");
   col.barrier();
   PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  if (col.gateTimedOut()) {
+    std::fprintf(stderr,
+                 "moe-perf: rank %d: a start-gate meeting gave up after %.0f s waiting for a peer; the ranks' "
+                 "calls were not aligned and the timings are suspect\n",
+                 rd.rank, Collective::kGateTimeoutS);
+    sh.fail(1);
+  }
   ncclCommDestroy(rd.comm);
   cudaStreamDestroy(rd.stream);
   prog.set("done");

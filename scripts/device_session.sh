@@ -2,7 +2,7 @@
 # One full device session on a GPU machine: configure + build with all cores, GPU tests, moe-perf (HT and LL,
 # JSON rows), optionally compute-sanitizer; logs go to $OUT (or ./device-out). Prints a short summary last.
 #
-#   scripts/device_session.sh [all|build|tests|perf|procs|overlap|sanitize ...]   (default: build tests perf)
+#   scripts/device_session.sh [all|build|tests|perf|llrep|procs|overlap|sanitize ...]   (default: build tests perf)
 # Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_HT_ARGS / PERF_LL_ARGS (extra
 #              moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse ./build), NCCL_MOE_GIT_SHA.
 set -uo pipefail
@@ -19,7 +19,7 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export PATH=/usr/local/cuda/bin:$PATH
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests perf)
-[ "${stages[0]}" = all ] && stages=(build tests perf procs overlap sanitize)
+[ "${stages[0]}" = all ] && stages=(build tests perf llrep procs overlap sanitize)
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 has() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -58,6 +58,16 @@ if has perf; then
     > "$OUT/perf_ll.log" 2>&1
   note "moe-perf ll: rc=$?"
   grep -vE '^#  ' "$OUT/perf_ll.log" | tail -30
+fi
+
+if has llrep; then
+  # The LL target shape twice more (128 tokens, 100 calls each): how far the medians move between runs.
+  for i in 1 2; do
+    timeout 120 build/perf/moe-perf --mode ll -g "$NGPU" -b 128 -e 128 -n 100 -J "$OUT/perf_ll_rep$i.json" \
+      > "$OUT/perf_ll_rep$i.log" 2>&1
+    note "moe-perf ll repeat $i: rc=$?"
+    grep -vE '^#' "$OUT/perf_ll_rep$i.log" | tail -8
+  done
 fi
 
 if has procs; then
