@@ -2,9 +2,11 @@
 # One full device session on a GPU machine: configure + build with all cores, GPU tests, moe-perf (HT and LL,
 # JSON rows), optionally compute-sanitizer; logs go to $OUT (or ./device-out). Prints a short summary last.
 #
-#   scripts/device_session.sh [all|build|tests|perf|llrep|procs|overlap|sanitize ...]   (default: build tests perf)
-# Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_HT_ARGS / PERF_LL_ARGS (extra
-#              moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse ./build), NCCL_MOE_GIT_SHA.
+#   scripts/device_session.sh [all|build|tests|perf|llrep|trace|procs|overlap|sanitize ...]
+#   (default: build tests perf)
+# Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_MODES (default "ht ll"),
+#              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
+#              ./build), NCCL_MOE_GIT_SHA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs are written to $LOG and packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files);
@@ -19,7 +21,7 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export PATH=/usr/local/cuda/bin:$PATH
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests perf)
-[ "${stages[0]}" = all ] && stages=(build tests perf llrep procs overlap sanitize)
+[ "${stages[0]}" = all ] && stages=(build tests perf llrep trace procs overlap sanitize)
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 has() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -49,11 +51,13 @@ if has tests; then
   grep -E '^\[  FAILED  \]' "$OUT/gpu_tests.log" | head -20
 fi
 
-if has perf; then
+if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ht "* ]]; then
   timeout 300 build/perf/moe-perf --mode ht -g "$NGPU" -J "$OUT/perf_ht.json" ${PERF_HT_ARGS:-} \
     > "$OUT/perf_ht.log" 2>&1
   note "moe-perf ht: rc=$?"
   grep -vE '^#  ' "$OUT/perf_ht.log" | tail -22
+fi
+if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ll "* ]]; then
   timeout 200 build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll.json" ${PERF_LL_ARGS:-} \
     > "$OUT/perf_ll.log" 2>&1
   note "moe-perf ll: rc=$?"
@@ -68,6 +72,13 @@ if has llrep; then
     note "moe-perf ll repeat $i: rc=$?"
     grep -vE '^#' "$OUT/perf_ll_rep$i.log" | tail -8
   done
+fi
+
+if has trace; then
+  # The LL dispatch timeline (tests/gpu/ll_trace_test.cu), raw output kept.
+  NCCL_MOE_LL_TRACE=1 timeout 120 build/tests/nccl_moe_gpu_tests --gtest_filter='LlTrace.*' > "$OUT/ll_trace.log" 2>&1
+  note "ll trace: rc=$?"
+  grep -vE '^\[' "$OUT/ll_trace.log" | tail -30
 fi
 
 if has procs; then
