@@ -100,7 +100,8 @@ fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
-    NCCL_MOE_TIMEOUT_S=300 timeout 150 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 build/tests/nccl_moe_gpu_tests \
+    NCCL_MOE_TIMEOUT_S=300 timeout 150 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+      build/tests/nccl_moe_gpu_tests \
       --gtest_filter="${SANITIZE_FILTER:-*Small*}" > "$OUT/sanitize_${tool}.log" 2>&1
     note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_${tool}.log" | tail -1)"
   done
