@@ -330,12 +330,22 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
                                                const int* s_off, int* s_seg_base, int num_segments) {
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   __shared__ int s_bad;
+  __shared__ int s_lo, s_n, s_x0, s_skip;  // the batch's rows: [s_lo, ...) without [s_x0, s_x0 + s_skip), s_n rows
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int slab_rows = L.slab_rows();
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
   const bool first_expert = j == static_cast<int>(blockIdx.x);
+  if (tid == 0) {  // the batch is all sources, this rank alone, or all but this rank
+    const int me = p.comm.rank;
+    const auto clamp = [slab_rows](int v) { return v < slab_rows ? v : slab_rows; };
+    const bool own = (batch >> me) & 1u, others = (batch & ~(1u << me)) != 0;
+    s_lo = own && !others ? clamp(s_off[me]) : 0;
+    s_x0 = own ? slab_rows : clamp(s_off[me]);
+    s_skip = own ? 0 : clamp(s_off[me + 1]) - s_x0;
+    s_n = (own && !others ? clamp(s_off[me + 1]) : clamp(s_off[R]) - s_skip) - s_lo;
+  }
 
   // Pass 1: rows per 32-token segment of the batch's sources (the first kMaskCache masks of a lane stay in
   // registers for pass 2).
@@ -415,13 +425,7 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
   __syncthreads();  // s_msg / src_info rows written above are read by other threads below
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   if (s_bad) return;
-  int n = 0;  // rows of the batch
-  for (int s = 0; s < R; ++s) {
-    if (!((batch >> s) & 1)) continue;
-    const int lo = s_off[s] < slab_rows ? s_off[s] : slab_rows,
-              hi = s_off[s + 1] < slab_rows ? s_off[s + 1] : slab_rows;
-    n += hi - lo;
-  }
+  const int n = s_n, lo = s_lo, x0 = s_x0, skip = s_skip;
 
   // Pass 3: warp-per-item copy. A row is a run of 16-byte units: its payload chunks, then (fp8) its scales, four
   // float scales per unit. Items = (row, piece of 32 * kCopyBatch units) go to the warps in turn, every lane
@@ -441,19 +445,8 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
   uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
   uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
   for (int item = warp; item < n * pieces; item += ll::kWarps) {
-    int i = item / pieces;
-    const int piece = item - i * pieces;
-    // The batch's i-th row: its sources' row ranges in rank order.
-    for (int s = 0; s < R; ++s) {
-      if (!((batch >> s) & 1)) continue;
-      const int lo = s_off[s] < slab_rows ? s_off[s] : slab_rows;
-      const int hi = s_off[s + 1] < slab_rows ? s_off[s + 1] : slab_rows;
-      if (i < hi - lo) {
-        i += lo;
-        break;
-      }
-      i -= hi - lo;
-    }
+    const int r = item / pieces, piece = item - r * pieces;
+    const int i = lo + r < x0 ? lo + r : lo + r + skip;  // the batch's r-th row
     int slot;
     if (i < kInfoCache) {
       slot = s_msg[i];
@@ -501,46 +494,42 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
   if (first_expert) trace_at(p, kLlTraceRecvCopied);
 }
 
-// Receive, one local expert j: every source's announced row count for j (expert_count[s][j]) gives its row range,
-// so the sources are placed and copied in batches: this rank's own messages first (its local send blocks publish
-// them without waiting for NVLink), then, unless every source is complete by then anyway, all the others at once.
-// Returns false when a wait failed.
+// Receive: warp-collective. Loads every source's announced row count for local expert j (expert_count[s][j],
+// waiting for this dispatch's tag) into s_off as an exclusive prefix in rank order (s_off[R] = all rows). Returns
+// false in the lanes whose wait failed.
+__device__ __forceinline__ bool load_counts(const LlDispatchParams& p, uint8_t* my_half, int j, long long epoch_tag,
+                                            int* s_off) {
+  const int lane = threadIdx.x % 32, R = p.comm.num_ranks;
+  bool ok = true;
+  int c = 0;
+  if (lane < R) {
+    const long long* word = p.layout.expert_count(my_half, lane, j);
+    ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+    c = static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll);
+  }
+  const int inc = ll::warp_inclusive_scan(c);
+  if (lane < R) s_off[lane] = inc - c;
+  if (lane == R - 1) s_off[R] = inc;
+  return ok;
+}
+
+// Receive, one local expert j whose counts are in s_off and whose own source is complete: with `split` (some other
+// source was not complete yet) this rank's own rows first, then the others once they are complete; otherwise all
+// sources in one batch. Returns false when a wait failed.
 template <bool kFp8>
 __device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* my_half, LlControl* ctrl, int j,
-                                            long long epoch_tag, const int* s_tokens, const int* s_seg_first,
-                                            int* s_seg_base, int num_segments) {
-  __shared__ int s_off[kLlMaxRanks + 1];  // s_off[s] = rows of the sources before s; s_off[R] = all rows
-  const LlLayout& L = p.layout;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+                                            long long epoch_tag, bool split, const int* s_off, const int* s_tokens,
+                                            const int* s_seg_first, int* s_seg_base, int num_segments) {
   const int me = p.comm.rank, R = p.comm.num_ranks;
-  const int tag = static_cast<int>(epoch_tag);
-  bool ok = true;
-  if (warp == 0) {
-    int c = 0;
-    if (lane < R) {
-      const long long* word = L.expert_count(my_half, lane, j);
-      ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, lane);
-      c = static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll);
-    }
-    const int inc = ll::warp_inclusive_scan(c);
-    if (lane < R) s_off[lane] = inc - c;
-    if (lane == R - 1) s_off[R] = inc;
-  }
-  if (__syncthreads_or(!ok)) return false;
   const unsigned all = (1u << R) - 1u, own = 1u << me;
-  if (!wait_sources(p, ctrl, own, epoch_tag)) return false;
-  bool pending = false;
-  if (warp == 0 && lane < R && lane != me)
-    pending = dev::ld_acquire_sys(&ctrl->dispatch_count[lane]) < epoch_tag * kLlArrivalUnits;
-  // One batch when every source is complete by now, else the own source and then the others (one call site).
-  const bool split = __syncthreads_or(pending) != 0;
   for (int round = 0; round < (split ? 2 : 1); ++round) {
     if (round == 1 && !wait_sources(p, ctrl, all & ~own, epoch_tag)) return false;
     const unsigned batch = !split ? all : round == 0 ? own : all & ~own;
-    place_and_copy<kFp8>(p, my_half, j, tag, batch, s_tokens, s_seg_first, s_off, s_seg_base, num_segments);
+    place_and_copy<kFp8>(p, my_half, j, static_cast<int>(epoch_tag), batch, s_tokens, s_seg_first, s_off, s_seg_base,
+                         num_segments);
   }
-  if (tid == 0) {
-    const int n = s_off[R] < L.slab_rows() ? s_off[R] : L.slab_rows();
+  if (threadIdx.x == 0) {
+    const int n = s_off[R] < p.layout.slab_rows() ? s_off[R] : p.layout.slab_rows();
     p.recv_count[j] = n;
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
   }
@@ -609,10 +598,15 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       // counter, no last block.
       trace_at(p, kLlTraceSendStored);
       __syncthreads();
+      // The own rank's counter is released at gpu scope (its readers are this GPU's blocks): a system-scope
+      // release waited as long as the remote blocks' NVLink stores (trace: ~3.3 us) even in blocks that stored
+      // only locally.
       if (tid < R && (tid == me ? local_arrives : remote_arrives)) {
         LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-        dev::red_add_release_sys(&peer_ctrl->dispatch_count[me],
-                                 ll::arrival_share(tid == me ? b : remote_index, senders));
+        if (tid == me)
+          dev::red_add_release_gpu(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
+        else
+          dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(remote_index, senders));
       }
       trace_at(p, kLlTraceSendArrived);
     } else if (!p.do_recv) {
@@ -627,14 +621,28 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
     if (b >= receivers) return;
     if (b < E_l) {
-      // Every source's token count (its block 0 stores it first thing).
-      bool ok = true;
-      if (warp == 0 && lane < R) {
-        ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
-        const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
-        s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
+      // At once, one round trip when the data is already there: warp 0 waits for every source's token count (its
+      // block 0 stores it first thing), warp 1 for every source's row count of the first expert, warp 2 for this
+      // rank's own messages (its local send blocks) and looks, without waiting, whether the others are complete.
+      __shared__ int s_off[kLlMaxRanks + 1];
+      bool ok = true, pending = false;
+      if (warp == 0) {
+        if (lane < R) {
+          ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+          const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+          s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
+        }
+      } else if (warp == 1) {
+        ok = load_counts(p, my_half, b, epoch_tag, s_off);
+      } else if (warp == 2 && lane < R) {
+        if (lane == me)
+          ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
+                             lane);
+        else
+          pending = dev::ld_acquire_sys(&ctrl->dispatch_count[lane]) < epoch_tag * kLlArrivalUnits;
       }
       if (__syncthreads_or(!ok)) return;
+      bool split = __syncthreads_or(pending) != 0;
       trace_at(p, kLlTraceRecvReady);
       if (tid == 0) {
         int first = 0;
@@ -646,8 +654,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       }
       __syncthreads();
       const int num_segments = s_seg_first[R];
-      for (int j = b; j < E_l; j += grid)
-        if (!recv_expert<kFp8>(p, my_half, ctrl, j, epoch_tag, s_tokens, s_seg_first, s_seg_base, num_segments)) return;
+      for (int j = b; j < E_l; j += grid) {
+        if (j != b && __syncthreads_or(warp == 0 && !load_counts(p, my_half, j, epoch_tag, s_off))) return;
+        if (!recv_expert<kFp8>(p, my_half, ctrl, j, epoch_tag, split, s_off, s_tokens, s_seg_first, s_seg_base,
+                               num_segments))
+          return;
+        split = false;  // every source is complete after the first expert
+      }
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages and counts. They are relaxed, not release: what they must follow is the block's READS, and

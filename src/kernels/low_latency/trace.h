@@ -12,7 +12,7 @@ enum LlTracePoint {
   kLlTraceTag,          // epoch loaded (tag known)
   kLlTraceSendStored,   // send: all of the block's tokens stored (before the arrival barrier)
   kLlTraceSendArrived,  // send: the block's arrival adds issued
-  kLlTraceRecvReady,    // receive: every source's token count seen
+  kLlTraceRecvReady,    // receive: token counts, first expert's row counts and own messages seen
   kLlTraceRecvScanned,  // receive, first expert, last batch of sources: headers scanned, block prefix done
   kLlTraceRecvPlaced,   // receive, first expert, last batch: rows assigned, provenance written
   kLlTraceRecvCopied,   // receive, first expert, last batch: payload and scales copies issued
