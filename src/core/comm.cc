@@ -13,31 +13,24 @@
 #include <utility>
 #include <vector>
 
-#include "core/comm_init.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/plugin_bridge.h"
+#include "core/comm_init.h"
 #include "topo/topo.h"
 
 namespace nccl_moe {
 
 const char* phaseName(Phase phase) {
   switch (phase) {
-    case Phase::kBarrier:
-      return "barrier";
-    case Phase::kHtNotify:
-      return "ht-notify";
-    case Phase::kHtDispatch:
-      return "ht-dispatch";
-    case Phase::kHtCombine:
-      return "ht-combine";
-    case Phase::kLlDispatchRecv:
-      return "ll-dispatch-recv";
-    case Phase::kLlCombineRecv:
-      return "ll-combine-recv";
-    default:
-      return "none";
+    case Phase::kBarrier: return "barrier";
+    case Phase::kHtNotify: return "ht-notify";
+    case Phase::kHtDispatch: return "ht-dispatch";
+    case Phase::kHtCombine: return "ht-combine";
+    case Phase::kLlDispatchRecv: return "ll-dispatch-recv";
+    case Phase::kLlCombineRecv: return "ll-combine-recv";
+    default: return "none";
   }
 }
 
@@ -97,15 +90,13 @@ ncclResult_t allGather(ncclMoeComm* comm, const void* mine, void* all, size_t by
     cudaError_t err = cudaMemcpyAsync(static_cast<uint8_t*>(dev) + bytes * comm->rank, mine, bytes,
                                       cudaMemcpyHostToDevice, comm->internal_stream);
     if (err != cudaSuccess) {
-      res =
-          setLastError(ncclUnhandledCudaError, "cudaMemcpyAsync (init all-gather) failed: %s", cudaGetErrorString(err));
+      res = setLastError(ncclUnhandledCudaError, "cudaMemcpyAsync (init all-gather) failed: %s", cudaGetErrorString(err));
       break;
     }
     ncclResult_t nres = ncclAllGather(static_cast<uint8_t*>(dev) + bytes * comm->rank, dev, bytes, ncclUint8,
                                       comm->nccl, comm->internal_stream);
     if (nres != ncclSuccess) {
-      res =
-          setLastError(nres, "ncclAllGather (ncclMoeCommInit identity exchange) failed: %s", ncclGetErrorString(nres));
+      res = setLastError(nres, "ncclAllGather (ncclMoeCommInit identity exchange) failed: %s", ncclGetErrorString(nres));
       break;
     }
     err = cudaMemcpyAsync(all, dev, bytes * comm->num_ranks, cudaMemcpyDeviceToHost, comm->internal_stream);
@@ -152,10 +143,8 @@ ncclResult_t mapPeers(ncclMoeComm* comm, const std::vector<PeerInfo>& peers, con
       int can = 0;
       MOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, comm->device, peer_dev));
       if (!can) {
-        return setLastError(ncclSystemError,
-                            "ncclMoeCommInit: device %d cannot access peer device %d (rank %d) over "
-                            "NVLink/PCIe peer-to-peer",
-                            comm->device, peer_dev, r);
+        return setLastError(ncclSystemError, "ncclMoeCommInit: device %d cannot access peer device %d (rank %d) over "
+                                             "NVLink/PCIe peer-to-peer", comm->device, peer_dev, r);
       }
       MOE_CHECK(enablePeerAccessOnce(comm->device, peer_dev));
       comm->peer_buffer[r] = reinterpret_cast<uint8_t*>(peers[r].buffer_addr);
@@ -182,8 +171,7 @@ ncclResult_t ncclAgree(ncclMoeComm* comm, int local_failed, int* any_failed) {
   MOE_CUDA_CHECK(cudaMalloc(&dev, sizeof(int)));
   cudaError_t err = cudaMemcpyAsync(dev, &local_failed, sizeof(int), cudaMemcpyHostToDevice, comm->internal_stream);
   ncclResult_t res = ncclAllReduce(dev, dev, 1, ncclInt32, ncclMax, comm->nccl, comm->internal_stream);
-  if (err == cudaSuccess)
-    err = cudaMemcpyAsync(any_failed, dev, sizeof(int), cudaMemcpyDeviceToHost, comm->internal_stream);
+  if (err == cudaSuccess) err = cudaMemcpyAsync(any_failed, dev, sizeof(int), cudaMemcpyDeviceToHost, comm->internal_stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(comm->internal_stream);
   cudaFree(dev);
   if (res != ncclSuccess) return setLastError(res, "ncclAllReduce (barrier) failed: %s", ncclGetErrorString(res));
@@ -239,8 +227,8 @@ ncclResult_t localSetup(ncclMoeComm* comm, const ncclMoeConfig_t& config, int cu
   }
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&comm->num_device_sms, cudaDevAttrMultiProcessorCount, comm->device));
 
-  comm->params = LayoutParams{comm->num_ranks, config.num_experts,         config.hidden,
-                              config.max_topk, config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
+  comm->params = LayoutParams{comm->num_ranks, config.num_experts, config.hidden, config.max_topk,
+                              config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
   comm->layout = BufferLayout::make(comm->params);
   const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
   comm->timeout_ns = static_cast<uint64_t>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull;
@@ -342,9 +330,8 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
   MOE_CHECK(ncclAgree(comm, mapped != ncclSuccess, &any_failed));
   if (mapped != ncclSuccess) return setLastError(mapped, "%s", map_error.c_str());
   if (any_failed) {
-    return setLastError(ncclRemoteError,
-                        "ncclMoeCommInit: another rank failed to map the communication buffers "
-                        "(see that rank's error)");
+    return setLastError(ncclRemoteError, "ncclMoeCommInit: another rank failed to map the communication buffers "
+                                         "(see that rank's error)");
   }
   // The tuner plugin (if NCCL loaded it) announced the communicators it saw; NCCL exposes no communicator
   // hash, so match on size and device and say what was found.
@@ -368,12 +355,11 @@ ncclResult_t commInit(ncclMoeComm* comm, ncclComm_t nccl, const ncclMoeConfig_t&
     }
   }
   if (comm->rank == 0) {
-    MOE_INFO(
-        "ncclMoeCommInit: %d ranks, %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), "
-        "default %d SMs, timeout %llds",
-        comm->num_ranks, config.num_experts, config.hidden, comm->layout.total_bytes / 1048576.0,
-        comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
-        static_cast<long long>(comm->timeout_ns / 1000000000ull));
+    MOE_INFO("ncclMoeCommInit: %d ranks, %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), "
+             "default %d SMs, timeout %llds",
+             comm->num_ranks, config.num_experts, config.hidden, comm->layout.total_bytes / 1048576.0,
+             comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
+             static_cast<long long>(comm->timeout_ns / 1000000000ull));
     if (logEnabled(LogLevel::kInfo)) {
       std::vector<std::string> bus_ids;
       for (const PeerInfo& p : peers) bus_ids.emplace_back(p.bus_id);
@@ -415,13 +401,6 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
                   "phase %s on rank %d: %lld rows arrived but the caller's capacity is %lld rows (recv_capacity); "
                   "rows past the capacity were dropped; the communicator is unusable, destroy it",
                   phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->counter, rec->expected);
-    result = ncclInvalidUsage;
-  } else if (code == kErrInconsistent) {
-    std::snprintf(message, sizeof(message),
-                  "phase %s on rank %d: source rank %d announced %lld rows for a local expert but its messages hold "
-                  "%lld (its top-k ids changed during the call, or the buffer was overwritten); rows of that source "
-                  "past its announced count were dropped; the communicator is unusable, destroy it",
-                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->peer, rec->expected, rec->counter);
     result = ncclInvalidUsage;
   } else {
     std::snprintf(message, sizeof(message), "phase %s on rank %d: unknown device error code %d (peer %d, counter %lld)",

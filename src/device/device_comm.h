@@ -27,7 +27,7 @@ const char* phaseName(Phase phase);
 // atomics, read by the host without synchronising). `code` goes 0 -> non-zero once; the other fields are
 // written by the winner before it publishes `code` with release ordering.
 struct ErrorRecord {
-  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded, 4 = inconsistent (ErrorCode)
+  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded (ErrorCode)
   int phase;           // Phase
   int rank;            // rank that observed the failure
   int peer;            // peer it was waiting for (-1 = none/local)
@@ -35,7 +35,7 @@ struct ErrorRecord {
   long long expected;  // value waited for
 };
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3, kErrInconsistent = 4 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3 };
 
 struct DeviceComm {
   int rank;
@@ -43,8 +43,8 @@ struct DeviceComm {
   // Base of every rank's communication buffer as mapped in this process (own rank included). Offsets
   // inside come from BufferLayout (src/mem/buffer_layout.h) only.
   uint8_t* peer_buffer[kMaxRanks];
-  ErrorRecord* error;   // host-mapped, this rank's record
-  uint64_t timeout_ns;  // bound of every device wait (NCCL_MOE_TIMEOUT_S)
+  ErrorRecord* error;       // host-mapped, this rank's record
+  uint64_t timeout_ns;      // bound of every device wait (NCCL_MOE_TIMEOUT_S)
 };
 
 }  // namespace nccl_moe

@@ -50,9 +50,6 @@ __device__ __forceinline__ void red_add_release_sys(int* p, int v) {
 __device__ __forceinline__ void red_add_release_sys(long long* p, long long v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
-__device__ __forceinline__ void red_add_release_gpu(long long* p, long long v) {
-  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 __device__ __forceinline__ void red_add_relaxed_sys(long long* p, long long v) {
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

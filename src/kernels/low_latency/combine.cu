@@ -100,8 +100,7 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, cons
   }
 }
 
-__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
-    llCombineKernel(const __grid_constant__ LlCombineParams p) {
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKernel(const __grid_constant__ LlCombineParams p) {
   __shared__ int s_first[kLlMaxRanks + 1];
   __shared__ int s_src, s_tok;
   __shared__ long long s_rows[kLlMaxTopk];

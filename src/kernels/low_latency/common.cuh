@@ -4,15 +4,14 @@
 #pragma once
 
 #include <cuda_bf16.h>
-#include <cuda_fp8.h>
 #include <cuda_runtime.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
 #include "device/device_comm.h"
 #include "device/ptx.cuh"
 #include "device/wait.cuh"
-#include "kernels/low_latency/send_roles.h"
 #include "mem/ll_layout.h"
 
 namespace nccl_moe {
@@ -64,6 +63,16 @@ __device__ __forceinline__ bool arrive_last_block(int* counter, bool sys) {
   }
   __syncthreads();
   return s_last != 0;
+}
+
+// Share of kLlArrivalUnits of block b among n arriving blocks (0 <= b < n <= 4095): the n shares sum to
+// kLlArrivalUnits, whatever n, so the counter's target does not depend on the peer's grid. 32-bit math (a
+// 64-bit division is a call that makes the kernels spill).
+__device__ __forceinline__ long long arrival_share(int b, int n) {
+  static_assert(kLlArrivalUnits * 4095 <= 0xffffffffll, "32-bit share math");
+  const uint32_t u = static_cast<uint32_t>(kLlArrivalUnits), nn = static_cast<uint32_t>(n);
+  const uint32_t bb = static_cast<uint32_t>(b);
+  return static_cast<long long>((bb + 1) * u / nn - bb * u / nn);
 }
 
 // Inclusive warp scan of v.

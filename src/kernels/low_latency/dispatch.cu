@@ -29,8 +29,8 @@
 //          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
 //          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
 //          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
-//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d]
-//          (relaxed) and to the half's dispatch epoch.
+//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d] (relaxed)
+//          and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
@@ -65,12 +65,12 @@ struct LlDispatchParams {
   int idx_int32;
   int num_tokens, hidden, topk;
   int use_fp8, scale_format;
-  void* recv_x;               // [E_l, R*max, H] bf16 or fp8
-  void* recv_scales;          // [E_l, R*max, G] float or [E_l, R*max, P] int32
-  int* recv_count;            // [E_l]
-  int* cumulative_stats;      // [E_l] or null
-  int* recv_src_info;         // [E_l, R*max]
-  int* recv_row;              // [R, max, max_topk]
+  void* recv_x;           // [E_l, R*max, H] bf16 or fp8
+  void* recv_scales;      // [E_l, R*max, G] float or [E_l, R*max, P] int32
+  int* recv_count;        // [E_l]
+  int* cumulative_stats;  // [E_l] or null
+  int* recv_src_info;     // [E_l, R*max]
+  int* recv_row;          // [R, max, max_topk]
   const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
   int do_send, do_recv;
   unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
@@ -112,13 +112,12 @@ __device__ __forceinline__ void load_token(const LlDispatchParams& p, int t, Tok
   }
 }
 
-// Sends token t, whose first row loads are in `tl`, to the ranks of `dest_mask` that hold one of its experts. With
-// `ack` (the block's first token), warp 1 waits for
+// Sends token t, whose first row loads are in `tl`. With `ack` (the block's first token), warp 1 waits for
 // every peer's ack of `ack_tag` (it consumed the previous messages of this half; normally long there) while
 // warp 0 resolves the routing; nothing is stored into a peer before. Returns false when that wait failed.
 template <bool kFp8>
-__device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, int dest_mask,
-                                           const long long* ack, long long ack_tag, const TokenLoads& tl) {
+__device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
+                                           long long ack_tag, const TokenLoads& tl) {
   __shared__ int s_rank[kLlMaxTopk];
   __shared__ int s_lid[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
@@ -158,7 +157,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   if (ack != nullptr && warp == 1 && lane < R)
     ok = dev::wait_geq(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
   if (__syncthreads_or(!ok)) return false;
-  const int mask = s_mask & dest_mask;
+  const int mask = s_mask;
 
   // Header, one thread per destination.
   if (tid < R && ((mask >> tid) & 1)) {
@@ -276,86 +275,28 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
   return m & ((1u << K) - 1u);
 }
 
-constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
+constexpr int kMaskCache = 4;    // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
-constexpr int kHistChunk = 2048;  // experts counted per pass of count_experts (shared-memory histogram)
 
-// Send part, one block: counts this rank's valid slots per expert (a shared-memory histogram over all T x K ids,
-// kHistChunk experts per pass) and stores (tag << 32) | count into expert_count[me][j] of every rank d, for every
-// local expert j of d, zeros included. The caller has waited for every rank's ack of the previous dispatch of this
-// half (their receive blocks have read the words this overwrites).
-__device__ __forceinline__ void count_experts(const LlDispatchParams& p, long long tag) {
-  __shared__ int s_hist[kHistChunk];
-  const LlLayout& L = p.layout;
-  const int tid = threadIdx.x, me = p.comm.rank, R = p.comm.num_ranks, El = L.num_local_experts;
-  const int E = R * El, n = p.num_tokens * p.topk;
-  for (int e0 = 0; e0 < E; e0 += kHistChunk) {
-    const int chunk = E - e0 < kHistChunk ? E - e0 : kHistChunk;
-    for (int i = tid; i < chunk; i += ll::kThreads) s_hist[i] = 0;
-    __syncthreads();
-    for (int i = tid; i < n; i += ll::kThreads) {
-      const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(i));
-      if (e >= e0 && e < e0 + chunk) atomicAdd(&s_hist[static_cast<int>(e) - e0], 1);
-    }
-    __syncthreads();
-    for (int i = tid; i < chunk; i += ll::kThreads) {
-      const int e = e0 + i, d = e / El, j = e - d * El;
-      long long* word = L.expert_count(ll::half_of(p.comm, d, p.half_offset), me, j);
-      *reinterpret_cast<volatile long long*>(word) = (tag << 32) | static_cast<long long>(s_hist[i]);
-    }
-    __syncthreads();  // s_hist is cleared by the next pass
-  }
-}
-
-// Receive: waits until the messages of every source in `sources` (bit s = source s) are complete (warp 0, acquire;
-// the block barrier extends it to the block). Returns false when a wait failed.
-__device__ __forceinline__ bool wait_sources(const LlDispatchParams& p, LlControl* ctrl, unsigned sources,
-                                             long long epoch_tag) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  bool ok = true;
-  if (warp == 0 && lane < p.comm.num_ranks && ((sources >> lane) & 1))
-    ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
-  return __syncthreads_or(!ok) == 0;
-}
-
-// Receive, local expert j, the sources in `batch` (complete): scans their headers (warp per 32-token segment; the
-// slot masks stay in registers), gives every row its position — source s's rows are [s_off[s], s_off[s + 1]), the
-// counts s announced, in (t, k) order inside — records provenance, then warps copy the rows item by item (a row =
-// its payload units and then its scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of
-// a lane's loads in flight) into the caller's slab. A source whose messages hold another number of rows for j than
-// it announced is an error (kErrInconsistent); its rows are then not copied.
 template <bool kFp8>
-__device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
-                                               unsigned batch, const int* s_tokens, const int* s_seg_first,
-                                               const int* s_off, int* s_seg_base, int num_segments) {
+__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
+                                            const int* s_tokens, const int* s_seg_first, int* s_seg_base,
+                                            int num_segments) {
+  __shared__ int s_total;
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
-  __shared__ int s_bad;
-  __shared__ int s_lo, s_n, s_x0, s_skip;  // the batch's rows: [s_lo, ...) without [s_x0, s_x0 + s_skip), s_n rows
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int slab_rows = L.slab_rows();
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
-  const bool first_expert = j == static_cast<int>(blockIdx.x);
-  if (tid == 0) {  // the batch is all sources, this rank alone, or all but this rank
-    const int me = p.comm.rank;
-    const auto clamp = [slab_rows](int v) { return v < slab_rows ? v : slab_rows; };
-    const bool own = (batch >> me) & 1u, others = (batch & ~(1u << me)) != 0;
-    s_lo = own && !others ? clamp(s_off[me]) : 0;
-    s_x0 = own ? slab_rows : clamp(s_off[me]);
-    s_skip = own ? 0 : clamp(s_off[me + 1]) - s_x0;
-    s_n = (own && !others ? clamp(s_off[me + 1]) : clamp(s_off[R]) - s_skip) - s_lo;
-  }
 
-  // Pass 1: rows per 32-token segment of the batch's sources (the first kMaskCache masks of a lane stay in
-  // registers for pass 2).
+  // Pass 1: rows per 32-token segment (the first kMaskCache masks of a lane stay in registers for pass 2).
   uint32_t cached[kMaskCache];
   {
     int i = 0;
     for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
       int s = 0;
       while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
-      if (!((batch >> s) & 1)) continue;
       const int t = (seg - s_seg_first[s]) * 32 + lane;
       const uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
 #pragma unroll
@@ -366,30 +307,19 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
     }
   }
   __syncthreads();
-  // Exclusive prefix over each source's segments, from the source's first row; the total must be its count.
+  // Exclusive prefix over segments (their order is (s, t) order).
   if (warp == 0) {
-    int bad = 0;
-    for (int s = 0; s < R; ++s) {
-      if (!((batch >> s) & 1)) continue;
-      int carry = s_off[s];
-      for (int base = s_seg_first[s]; base < s_seg_first[s + 1]; base += 32) {
-        const int seg = base + lane;
-        const bool in = seg < s_seg_first[s + 1];
-        const int v = in ? s_seg_base[seg] : 0;
-        const int inc = ll::warp_inclusive_scan(v);
-        if (in) s_seg_base[seg] = carry + inc - v;
-        carry += __shfl_sync(0xffffffffu, inc, 31);
-      }
-      if (carry != s_off[s + 1]) {
-        bad = 1;
-        if (lane == 0)
-          dev::record_error(p.comm, kErrInconsistent, Phase::kLlDispatchRecv, s, carry - s_off[s],
-                            s_off[s + 1] - s_off[s]);
-      }
+    int carry = 0;
+    for (int base = 0; base < num_segments; base += 32) {
+      const int v = base + lane < num_segments ? s_seg_base[base + lane] : 0;
+      const int inc = ll::warp_inclusive_scan(v);
+      if (base + lane < num_segments) s_seg_base[base + lane] = carry + inc - v;
+      carry += __shfl_sync(0xffffffffu, inc, 31);
     }
-    if (lane == 0) s_bad = bad;
+    if (lane == 0) s_total = carry;
   }
   __syncthreads();
+  const bool first_expert = j == static_cast<int>(blockIdx.x);
   if (first_expert) trace_at(p, kLlTraceRecvScanned);
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
   {
@@ -397,7 +327,6 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
     for (int seg = warp; seg < num_segments; seg += ll::kWarps, ++i) {
       int s = 0;
       while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
-      if (!((batch >> s) & 1)) continue;
       const int t = (seg - s_seg_first[s]) * 32 + lane;
       uint32_t m = 0;
       if (i < kMaskCache) {
@@ -409,11 +338,10 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
       }
       const int cnt = __popc(m);
       int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
-      const int end = s_off[s + 1] < slab_rows ? s_off[s + 1] : slab_rows;  // a token naming one expert several
-      while (m) {                                                           // times could overflow the slab
+      while (m) {
         const int k = __ffs(m) - 1;
         m &= m - 1;
-        if (row < end) {
+        if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
           src_info[row] = (s << 24) | t;
           if (row < kInfoCache) s_msg[row] = s * L.tokens + t;
           p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
@@ -424,8 +352,7 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
   }
   __syncthreads();  // s_msg / src_info rows written above are read by other threads below
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
-  if (s_bad) return;
-  const int n = s_n, lo = s_lo, x0 = s_x0, skip = s_skip;
+  const int n = s_total < slab_rows ? s_total : slab_rows;
 
   // Pass 3: warp-per-item copy. A row is a run of 16-byte units: its payload chunks, then (fp8) its scales, four
   // float scales per unit. Items = (row, piece of 32 * kCopyBatch units) go to the warps in turn, every lane
@@ -445,8 +372,7 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
   uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
   uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
   for (int item = warp; item < n * pieces; item += ll::kWarps) {
-    const int r = item / pieces, piece = item - r * pieces;
-    const int i = lo + r < x0 ? lo + r : lo + r + skip;  // the batch's r-th row
+    const int i = item / pieces, piece = item - i * pieces;
     int slot;
     if (i < kInfoCache) {
       slot = s_msg[i];
@@ -491,62 +417,22 @@ __device__ __forceinline__ void place_and_copy(const LlDispatchParams& p, uint8_
       }
     }
   }
-  if (first_expert) trace_at(p, kLlTraceRecvCopied);
-}
-
-// Receive: warp-collective. Loads every source's announced row count for local expert j (expert_count[s][j],
-// waiting for this dispatch's tag) into s_off as an exclusive prefix in rank order (s_off[R] = all rows). Returns
-// false in the lanes whose wait failed.
-__device__ __forceinline__ bool load_counts(const LlDispatchParams& p, uint8_t* my_half, int j, long long epoch_tag,
-                                            int* s_off) {
-  const int lane = threadIdx.x % 32, R = p.comm.num_ranks;
-  bool ok = true;
-  int c = 0;
-  if (lane < R) {
-    const long long* word = p.layout.expert_count(my_half, lane, j);
-    ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, lane);
-    c = static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll);
-  }
-  const int inc = ll::warp_inclusive_scan(c);
-  if (lane < R) s_off[lane] = inc - c;
-  if (lane == R - 1) s_off[R] = inc;
-  return ok;
-}
-
-// Receive, one local expert j whose counts are in s_off and whose own source is complete: with `split` (some other
-// source was not complete yet) this rank's own rows first, then the others once they are complete; otherwise all
-// sources in one batch. Returns false when a wait failed.
-template <bool kFp8>
-__device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* my_half, LlControl* ctrl, int j,
-                                            long long epoch_tag, bool split, const int* s_off, const int* s_tokens,
-                                            const int* s_seg_first, int* s_seg_base, int num_segments) {
-  const int me = p.comm.rank, R = p.comm.num_ranks;
-  const unsigned all = (1u << R) - 1u, own = 1u << me;
-  for (int round = 0; round < (split ? 2 : 1); ++round) {
-    if (round == 1 && !wait_sources(p, ctrl, all & ~own, epoch_tag)) return false;
-    const unsigned batch = !split ? all : round == 0 ? own : all & ~own;
-    place_and_copy<kFp8>(p, my_half, j, static_cast<int>(epoch_tag), batch, s_tokens, s_seg_first, s_off, s_seg_base,
-                         num_segments);
-  }
-  if (threadIdx.x == 0) {
-    const int n = s_off[R] < p.layout.slab_rows() ? s_off[R] : p.layout.slab_rows();
+  if (tid == 0) {
     p.recv_count[j] = n;
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
   }
-  __syncthreads();  // s_seg_base / s_off / s_msg are reused by the next expert
-  return true;
+  __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
+  if (first_expert) trace_at(p, kLlTraceRecvCopied);
 }
 
 template <bool kFp8>
-__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
-    llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
   __shared__ int s_tokens[kLlMaxRanks];
   __shared__ int s_seg_first[kLlMaxRanks + 1];
   __shared__ int s_seg_base[kMaxSegments];
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks;
-  const int b = blockIdx.x, grid = gridDim.x;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
   LlControl* ctrl = L.control(my_half);
   trace_at(p, kLlTraceEntry);
@@ -557,92 +443,62 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   trace_at(p, kLlTraceTag);
 
   if (p.do_send) {
-    // Items and arrival: send_roles.h (local item t on block t % grid, remote item t on block grid - 1 - t % grid).
-    const int T = p.num_tokens;
-    const ll::SendRoles roles = ll::send_roles(b, grid, T, R);
-    const int senders = roles.senders, remote_index = roles.remote_index, count_block = roles.count_block;
-    const bool local_arrives = roles.local_arrives, remote_arrives = roles.remote_arrives;
-    const bool has_items = roles.has_items;
-    if (local_arrives || remote_arrives || b == count_block) {
-      // Peers must have consumed what this rank sent them in the previous dispatch on this half before it is
-      // overwritten. Block 0 (it rewrites the peers' dispatch_flag[me] first, so that they learn T early), the
-      // count block and blocks without items wait here; the others in their first item (overlapped with its
-      // loads and routing).
-      const bool wait_first = b == 0 || b == count_block || !has_items;
-      if (wait_first) {
-        bool ok = true;
-        if (tid < R)
-          ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
-                             Phase::kLlDispatchRecv, tid);
-        if (__syncthreads_or(!ok)) return;
-        if (b == 0 && tid < R)
-          L.control(ll::half_of(p.comm, tid, p.half_offset))->dispatch_flag[me] =
-              (epoch_tag << 32) | static_cast<long long>(T);
-        if (b == count_block) count_experts(p, epoch_tag);
-      }
-      const long long* ack = wait_first ? nullptr : ctrl->dispatch_ack;
-      // Remote items first (the NVLink transfer is the critical path), then local ones; one call site.
-      bool remote = R > 1 && remote_index < T;
-      for (int t = remote ? remote_index : b; t < T;) {
-        TokenLoads tl;
-        load_token<kFp8>(p, t, tl);
-        if (!send_token<kFp8>(p, t, tag, remote ? ~(1 << me) : 1 << me, ack, epoch_tag - 1, tl)) return;
-        ack = nullptr;
-        t += grid;
-        if (remote && t >= T) {
-          remote = false;
-          t = b;
-        }
-      }
-      // Per-block arrival: the release add (after the block barrier) publishes this block's stores; no grid-wide
-      // counter, no last block.
+    // Peers must have consumed what this rank sent them in the previous dispatch on this half before it is
+    // overwritten: the first token of a block waits for that inside send_token (overlapped with its loads).
+    // Only blocks with tokens arrive, and block 0 always (it also rewrites the peers' dispatch_flag[me], so it
+    // waits here when it has no token; so do the token-less blocks of a Both kernel, on their way to the
+    // receive part). Token-less blocks of a send-only kernel return at once.
+    if (static_cast<int>(blockIdx.x) >= p.num_tokens) {
+      if (blockIdx.x > 0 && !p.do_recv) return;
+      bool ok = true;
+      if (tid < R)
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
+                           Phase::kLlDispatchRecv, tid);
+      if (__syncthreads_or(!ok)) return;
+    }
+    for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+      const bool first = t == static_cast<int>(blockIdx.x);
+      TokenLoads tl;
+      load_token<kFp8>(p, t, tl);
+      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1, tl)) return;
+    }
+    // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
+    // stores; no grid-wide counter, no last block. Block 0 stores the token count before its add.
+    const int b = blockIdx.x, grid = gridDim.x;
+    if (b < p.num_tokens || b == 0) {
+      const int senders = p.num_tokens < grid ? (p.num_tokens > 0 ? p.num_tokens : 1) : grid;
       trace_at(p, kLlTraceSendStored);
       __syncthreads();
-      // The own rank's counter is released at gpu scope (its readers are this GPU's blocks): a system-scope
-      // release waited as long as the remote blocks' NVLink stores (trace: ~3.3 us) even in blocks that stored
-      // only locally.
-      if (tid < R && (tid == me ? local_arrives : remote_arrives)) {
+      if (tid < R) {
         LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-        if (tid == me)
-          dev::red_add_release_gpu(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
-        else
-          dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(remote_index, senders));
+        if (b == 0) peer_ctrl->dispatch_flag[me] = (epoch_tag << 32) | static_cast<long long>(p.num_tokens);
+        dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
       }
       trace_at(p, kLlTraceSendArrived);
-    } else if (!p.do_recv) {
-      return;
     }
   }
 
   if (p.do_recv) {
+    const int b = blockIdx.x, grid = gridDim.x;
     // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
     // return at once.
     const int E_l = L.num_local_experts;
     const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
     if (b >= receivers) return;
     if (b < E_l) {
-      // At once, one round trip when the data is already there: warp 0 waits for every source's token count (its
-      // block 0 stores it first thing), warp 1 for every source's row count of the first expert, warp 2 for this
-      // rank's own messages (its local send blocks) and looks, without waiting, whether the others are complete.
-      __shared__ int s_off[kLlMaxRanks + 1];
-      bool ok = true, pending = false;
-      if (warp == 0) {
-        if (lane < R) {
-          ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
-          const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
-          s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
-        }
-      } else if (warp == 1) {
-        ok = load_counts(p, my_half, b, epoch_tag, s_off);
-      } else if (warp == 2 && lane < R) {
-        if (lane == me)
-          ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
-                             lane);
-        else
-          pending = dev::ld_acquire_sys(&ctrl->dispatch_count[lane]) < epoch_tag * kLlArrivalUnits;
+      // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
+      // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
+      // stores it before its share, so it is this dispatch's once its tag is there).
+      bool ok = true;
+      if (warp == 0 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
+                           lane);
+      } else if (warp == 1 && lane < R) {
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+        const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+        s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
       }
       if (__syncthreads_or(!ok)) return;
-      bool split = __syncthreads_or(pending) != 0;
       trace_at(p, kLlTraceRecvReady);
       if (tid == 0) {
         int first = 0;
@@ -654,17 +510,12 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       }
       __syncthreads();
       const int num_segments = s_seg_first[R];
-      for (int j = b; j < E_l; j += grid) {
-        if (j != b && __syncthreads_or(warp == 0 && !load_counts(p, my_half, j, epoch_tag, s_off))) return;
-        if (!recv_expert<kFp8>(p, my_half, ctrl, j, epoch_tag, split, s_off, s_tokens, s_seg_first, s_seg_base,
-                               num_segments))
-          return;
-        split = false;  // every source is complete after the first expert
-      }
+      for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
+        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
-    // its messages and counts. They are relaxed, not release: what they must follow is the block's READS, and
-    // every one of those has returned its value before the barrier (each loaded value was handed to a store
+    // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
+    // and every one of those has returned its value before the barrier (each loaded value was handed to a store
     // issued before it), so a source's later overwrite cannot reach them. A release would also wait for the
     // block's ~50 KB of slab writes to complete at system scope, which nobody on the peers needs (the trace put
     // that wait at ~2-3 us at 128 tokens). The epoch share (local, relaxed) is read by later kernels only (a

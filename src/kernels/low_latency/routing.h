@@ -14,7 +14,7 @@ struct LlRouting {
   int hidden = 0;
   int use_fp8 = 0;
   int scale_format = 0;
-  int idx_int32 = 0;              // topk_idx type of the dispatch (the combine's topk_idx has the same type)
+  int idx_int32 = 0;  // topk_idx type of the dispatch (the combine's topk_idx has the same type)
   bool dispatch_weights = false;  // the dispatch carried topk_weights in its message headers
   // Device arrays:
   int* recv_src_info = nullptr;  // [E_l, R * ll_max_tokens]: (rank << 24) | token per received row
