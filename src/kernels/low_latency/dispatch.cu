@@ -29,8 +29,8 @@
 //          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
 //          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
 //          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
-//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d] (relaxed)
-//          and to the half's dispatch epoch.
+//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d]
+//          (relaxed) and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
@@ -65,12 +65,12 @@ struct LlDispatchParams {
   int idx_int32;
   int num_tokens, hidden, topk;
   int use_fp8, scale_format;
-  void* recv_x;           // [E_l, R*max, H] bf16 or fp8
-  void* recv_scales;      // [E_l, R*max, G] float or [E_l, R*max, P] int32
-  int* recv_count;        // [E_l]
-  int* cumulative_stats;  // [E_l] or null
-  int* recv_src_info;     // [E_l, R*max]
-  int* recv_row;          // [R, max, max_topk]
+  void* recv_x;               // [E_l, R*max, H] bf16 or fp8
+  void* recv_scales;          // [E_l, R*max, G] float or [E_l, R*max, P] int32
+  int* recv_count;            // [E_l]
+  int* cumulative_stats;      // [E_l] or null
+  int* recv_src_info;         // [E_l, R*max]
+  int* recv_row;              // [R, max, max_topk]
   const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
   int do_send, do_recv;
   unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
@@ -88,36 +88,14 @@ __device__ __forceinline__ void trace_at(const LlDispatchParams& p, int point) {
 
 constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
 
-// The first loads of token t, issued before its routing is resolved (two round trips overlap): this thread's
-// first chunk(s) of the row. (Issuing them before the kernel reads the epoch was tried: the loads then stay
-// live across the kernel's prologue and both kernels spill.)
-struct TokenLoads {
-  int4 pre[2];
-};
-
-template <bool kFp8>
-__device__ __forceinline__ void load_token(const LlDispatchParams& p, int t, TokenLoads& tl) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = p.hidden;
-  const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
-  if constexpr (kFp8) {
-    const int c = warp * 32 + lane;
-    if (c < H / 16) {
-      tl.pre[0] = dev::ld_nc_v4(xrow + 2 * c);
-      tl.pre[1] = dev::ld_nc_v4(xrow + 2 * c + 1);
-    }
-  } else {
-#pragma unroll
-    for (int u = 0; u < kSendUnroll; ++u)
-      if (tid + u * ll::kThreads < H / 8) tl.pre[u] = dev::ld_nc_v4(xrow + tid + u * ll::kThreads);
-  }
-}
-
-// Sends token t, whose first row loads are in `tl`. With `ack` (the block's first token), warp 1 waits for
+// Sends token t. Its first row loads (this thread's first chunk(s)) are issued before its routing is resolved, so
+// the two round trips overlap. (Issuing them before the kernel reads the epoch was tried: the loads then stay live
+// across the kernel's prologue and both kernels spill.) With `ack` (the block's first token), warp 1 waits for
 // every peer's ack of `ack_tag` (it consumed the previous messages of this half; normally long there) while
 // warp 0 resolves the routing; nothing is stored into a peer before. Returns false when that wait failed.
 template <bool kFp8>
 __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
-                                           long long ack_tag, const TokenLoads& tl) {
+                                           long long ack_tag) {
   __shared__ int s_rank[kLlMaxTopk];
   __shared__ int s_lid[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
@@ -127,7 +105,18 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
   constexpr int kUnroll = kSendUnroll;
-  const int4(&pre)[2] = tl.pre;
+  int4 pre[2];
+  if constexpr (kFp8) {
+    const int c = warp * 32 + lane;
+    if (c < H / 16) {
+      pre[0] = dev::ld_nc_v4(xrow + 2 * c);
+      pre[1] = dev::ld_nc_v4(xrow + 2 * c + 1);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (tid + u * ll::kThreads < H / 8) pre[u] = dev::ld_nc_v4(xrow + tid + u * ll::kThreads);
+  }
 
   if (warp == 0) {
     // 32-bit routing math (a 64-bit division is a call); an id outside [0, R * E_l) is dropped like -1.
@@ -275,7 +264,7 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
   return m & ((1u << K) - 1u);
 }
 
-constexpr int kMaskCache = 4;    // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
+constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
 
 template <bool kFp8>
@@ -426,7 +415,8 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
 }
 
 template <bool kFp8>
-__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
+    llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
   __shared__ int s_tokens[kLlMaxRanks];
   __shared__ int s_seg_first[kLlMaxRanks + 1];
   __shared__ int s_seg_base[kMaxSegments];
@@ -452,15 +442,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llDispatchKern
       if (blockIdx.x > 0 && !p.do_recv) return;
       bool ok = true;
       if (tid < R)
-        ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
-                           Phase::kLlDispatchRecv, tid);
+        ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits, Phase::kLlDispatchRecv,
+                           tid);
       if (__syncthreads_or(!ok)) return;
     }
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
       const bool first = t == static_cast<int>(blockIdx.x);
-      TokenLoads tl;
-      load_token<kFp8>(p, t, tl);
-      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1, tl)) return;
+      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
     }
     // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
     // stores; no grid-wide counter, no last block. Block 0 stores the token count before its add.
