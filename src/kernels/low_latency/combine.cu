@@ -112,10 +112,17 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
   const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
   LlControl* ctrl = L.control(my_half);
-  const long long tag = ctrl->combine_epoch + 1;
+  // Thread 0 loads the epochs for the block (all warps of all blocks loading the same words queue at one L2 slice).
+  __shared__ long long s_epochs[2];
+  if (tid == 0) {
+    s_epochs[0] = *reinterpret_cast<volatile long long*>(&ctrl->combine_epoch);
+    s_epochs[1] = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch);
+  }
+  __syncthreads();
+  const long long tag = s_epochs[0] + 1;
 
   if (p.do_send) {
-    const int dispatch_tag = static_cast<int>(ctrl->dispatch_epoch / kLlArrivalUnits);
+    const int dispatch_tag = static_cast<int>(s_epochs[1] / kLlArrivalUnits);
     const bool push = p.topk_weights != nullptr;
     // Weights given to the combine go to every rank (they reduce this rank's tokens per rank before sending
     // them back); without them the dispatch headers' weights are used and nothing is exchanged here.

@@ -428,7 +428,12 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   trace_at(p, kLlTraceEntry);
   // The epoch counts receive blocks' arrival shares; a block of an earlier receive kernel that has not added
   // its share yet leaves it below the next multiple, and a kernel reads it before its own blocks add theirs.
-  const long long epoch_tag = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch) / kLlArrivalUnits + 1;
+  // Thread 0 loads it for the block: every warp of every block loading the same word queued at one L2 slice
+  // (~4000 requests; the trace had the median block's epoch 1 us after the kernel's start).
+  __shared__ long long s_epoch;
+  if (tid == 0) s_epoch = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch);
+  __syncthreads();
+  const long long epoch_tag = s_epoch / kLlArrivalUnits + 1;
   const int tag = static_cast<int>(epoch_tag);
   trace_at(p, kLlTraceTag);
 
