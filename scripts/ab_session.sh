@@ -47,7 +47,7 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "== run $r variant $n: rc=$?"
   done
 done
-python3 - "$OUT" "$ROUNDS" "$ROWS" "${names[@]}" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$ROWS" "${names[@]}" <<'PY' | tee "$OUT/ab_table.txt"
 import json, sys
 out, rounds, rows, names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
 print("variant " + " ".join(f"{r:>16}" for r in rows) + "   (median_us per round)")
@@ -63,3 +63,5 @@ for n in names:
             pass
     print(f"{n:>7} " + " ".join(f"{'/'.join(cells[r]):>16}" for r in rows))
 PY
+# The device tool returns few files: logs and rows travel packed.
+tar czf "$OUT/ab_logs.tgz" -C "$OUT" --remove-files $(cd "$OUT" && ls ab_*_*.json ab_*_*.log configure_*.log build_*.log)

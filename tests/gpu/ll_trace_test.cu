@@ -38,7 +38,8 @@ __global__ void holdKernel(unsigned long long ns) {
 }
 
 const char* const kPointNames[nccl_moe::kLlTracePoints] = {
-    "entry", "tag", "send stored", "send arrived", "recv ready", "recv scanned", "recv placed", "recv copied", "exit"};
+    "entry",        "tag",         "send stored", "send arrived", "recv ready",
+    "recv scanned", "recv placed", "recv copied", "exit",         "sm"};
 
 // stats[point] = {earliest, median, latest block} for one call, us after the earliest entry; -1 = no block.
 using CallStats = std::vector<std::vector<double>>;
@@ -51,6 +52,7 @@ CallStats summarise(const std::vector<unsigned long long>& tr, int blocks) {
   }
   CallStats s(nccl_moe::kLlTracePoints, std::vector<double>(3, -1.0));
   for (int pt = 0; pt < nccl_moe::kLlTracePoints; ++pt) {
+    if (pt == nccl_moe::kLlTraceSm) continue;
     std::vector<double> v;
     for (int b = 0; b < blocks; ++b) {
       const unsigned long long t = tr[static_cast<size_t>(b) * nccl_moe::kLlTracePoints + pt];
@@ -137,6 +139,23 @@ TEST(LlTrace, DispatchTimeline) {
         ASSERT_EQ(ncclSuccess, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, comm->nccl, stream));
         holdKernel<<<1, 1, 0, stream>>>(20000);
       };
+      // Both calls: per block, its SM and its "send stored" time after the call's first entry (us).
+      std::vector<int> block_sm(kMaxBlocks, -1);
+      std::vector<std::vector<double>> stored(kMaxBlocks);
+      auto keepBlocks = [&] {
+        unsigned long long t0 = ~0ull;
+        for (int b = 0; b < kMaxBlocks; ++b) {
+          const unsigned long long e = host[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
+          if (e != 0) t0 = std::min(t0, e);
+        }
+        for (int b = 0; b < kMaxBlocks; ++b) {
+          const unsigned long long* row = &host[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
+          if (row[nccl_moe::kLlTraceEntry] == 0) continue;
+          block_sm[static_cast<size_t>(b)] = static_cast<int>(row[nccl_moe::kLlTraceSm]);
+          const unsigned long long st = row[nccl_moe::kLlTraceSendStored];
+          if (st >= t0) stored[static_cast<size_t>(b)].push_back(static_cast<double>(st - t0) * 1e-3);
+        }
+      };
       auto traced = [&](ncclMoePhase_t ph, std::vector<CallStats>* calls, bool keep) {
         cudaMemsetAsync(trace, 0, trace_words * 8, stream);
         if (ph != ncclMoePhaseRecv) align();
@@ -147,6 +166,7 @@ TEST(LlTrace, DispatchTimeline) {
         cudaMemcpyAsync(host.data(), trace, trace_words * 8, cudaMemcpyDeviceToHost, stream);
         cudaStreamSynchronize(stream);
         if (keep) calls->push_back(summarise(host, kMaxBlocks));
+        if (keep && ph == ncclMoePhaseBoth) keepBlocks();
       };
       std::vector<CallStats> both, send, recv;
       for (int i = 0; i < kWarmup + kCalls; ++i) {
@@ -183,6 +203,30 @@ TEST(LlTrace, DispatchTimeline) {
                         kPointNames[pt], st[0], st[1], st[2]);
           text += buf;
         }
+      }
+      // The slowest send blocks of the Both calls, with what else runs on their SM (b < T: sends token b;
+      // otherwise a receiver of expert b when b < E_l, which polls from the start, or idle).
+      std::vector<std::pair<double, int>> slow;
+      for (int b = 0; b < kMaxBlocks; ++b)
+        if (!stored[static_cast<size_t>(b)].empty()) slow.emplace_back(medianOf(stored[static_cast<size_t>(b)]), b);
+      std::sort(slow.rbegin(), slow.rend());
+      auto role = [&](int b) { return b < T ? "sender" : b < El ? "poller" : "idle"; };
+      for (size_t i = 0; i < slow.size() && i < 8; ++i) {
+        const int b = slow[i].second, sm = block_sm[static_cast<size_t>(b)];
+        std::string mates;
+        for (int o = 0; o < kMaxBlocks; ++o)
+          if (o != b && block_sm[static_cast<size_t>(o)] == sm) mates += " " + std::to_string(o) + ":" + role(o);
+        char buf[200];
+        std::snprintf(buf, sizeof(buf),
+                      "[ll trace] T=%-4d rank %d both  slow sender %3d (%s) sm %3d stored %6.2f  with%s\n", T, r, b,
+                      role(b), sm, slow[i].first, mates.c_str());
+        text += buf;
+      }
+      if (!slow.empty()) {
+        char buf[120];
+        std::snprintf(buf, sizeof(buf), "[ll trace] T=%-4d rank %d both  sender stored median %6.2f over %zu blocks\n",
+                      T, r, slow[slow.size() / 2].first, slow.size());
+        text += buf;
       }
       text_of[static_cast<size_t>(ci) * n + r] = text;
     }

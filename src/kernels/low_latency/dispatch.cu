@@ -426,6 +426,11 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
   LlControl* ctrl = L.control(my_half);
   trace_at(p, kLlTraceEntry);
+  if (p.trace != nullptr && tid == 0) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    p.trace[static_cast<size_t>(blockIdx.x) * kLlTracePoints + kLlTraceSm] = sm;
+  }
   // The epoch counts receive blocks' arrival shares; a block of an earlier receive kernel that has not added
   // its share yet leaves it below the next multiple, and a kernel reads it before its own blocks add theirs.
   // Thread 0 loads it for the block: every warp of every block loading the same word queued at one L2 slice

@@ -8,15 +8,16 @@
 namespace nccl_moe {
 
 enum LlTracePoint {
-  kLlTraceEntry = 0,      // block started
-  kLlTraceTag,            // epoch loaded (tag known)
-  kLlTraceSendStored,     // send: all of the block's tokens stored (before the arrival barrier)
-  kLlTraceSendArrived,    // send: the block's arrival adds issued
-  kLlTraceRecvReady,      // receive: every source's count and token flag seen
-  kLlTraceRecvScanned,    // receive, first expert: headers scanned, block prefix done
-  kLlTraceRecvPlaced,     // receive, first expert: rows assigned, provenance written
-  kLlTraceRecvCopied,     // receive, first expert: payload and scales copied
-  kLlTraceExit,           // block done (after its receive arrival)
+  kLlTraceEntry = 0,    // block started
+  kLlTraceTag,          // epoch loaded (tag known)
+  kLlTraceSendStored,   // send: all of the block's tokens stored (before the arrival barrier)
+  kLlTraceSendArrived,  // send: the block's arrival adds issued
+  kLlTraceRecvReady,    // receive: every source's count and token flag seen
+  kLlTraceRecvScanned,  // receive, first expert: headers scanned, block prefix done
+  kLlTraceRecvPlaced,   // receive, first expert: rows assigned, provenance written
+  kLlTraceRecvCopied,   // receive, first expert: payload and scales copied
+  kLlTraceExit,         // block done (after its receive arrival)
+  kLlTraceSm,           // not a time: the SM the block runs on (%smid)
   kLlTracePoints
 };
 
