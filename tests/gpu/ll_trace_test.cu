@@ -204,13 +204,15 @@ TEST(LlTrace, DispatchTimeline) {
           text += buf;
         }
       }
-      // The slowest send blocks of the Both calls, with what else runs on their SM (b < T: sends token b;
-      // otherwise a receiver of expert b when b < E_l, which polls from the start, or idle).
+      // The slowest send blocks of the Both calls, with what else runs on their SM (a send block; otherwise a
+      // receiver of expert b when b < E_l, which polls from the start, or idle).
       std::vector<std::pair<double, int>> slow;
       for (int b = 0; b < kMaxBlocks; ++b)
         if (!stored[static_cast<size_t>(b)].empty()) slow.emplace_back(medianOf(stored[static_cast<size_t>(b)]), b);
       std::sort(slow.rbegin(), slow.rend());
-      auto role = [&](int b) { return b < T ? "sender" : b < El ? "poller" : "idle"; };
+      auto role = [&](int b) {
+        return !stored[static_cast<size_t>(b)].empty() ? "sender" : b < El ? "poller" : "idle";
+      };
       for (size_t i = 0; i < slow.size() && i < 8; ++i) {
         const int b = slow[i].second, sm = block_sm[static_cast<size_t>(b)];
         std::string mates;
