@@ -132,6 +132,7 @@ class Collective {
       int pid;
       int device;
       long long* ptr;
+      int ipc_ok;  // `ipc` is valid (needed only by peers in other processes)
       cudaIpcMemHandle_t ipc;
     };
     gate_flags_.allocate(sz(rd_.num_ranks));
@@ -143,7 +144,9 @@ class Collective {
     mine.pid = static_cast<int>(::getpid());
     mine.device = rd_.device;
     mine.ptr = gate_flags_.get();
-    bool ok = cudaIpcGetMemHandle(&mine.ipc, mine.ptr) == cudaSuccess;
+    mine.ipc_ok = cudaIpcGetMemHandle(&mine.ipc, mine.ptr) == cudaSuccess;
+    if (!mine.ipc_ok) (void)cudaGetLastError();
+    bool ok = true;
     std::vector<char> bytes(sizeof(Entry));
     std::memcpy(bytes.data(), &mine, sizeof(Entry));
     const std::vector<char> all = allGather(bytes);
@@ -166,7 +169,7 @@ class Collective {
         peers[sz(r)] = e.ptr;
       } else {
         void* p = nullptr;
-        ok = cudaIpcOpenMemHandle(&p, e.ipc, cudaIpcMemLazyEnablePeerAccess) == cudaSuccess;
+        ok = e.ipc_ok && cudaIpcOpenMemHandle(&p, e.ipc, cudaIpcMemLazyEnablePeerAccess) == cudaSuccess;
         if (ok) gate_opened_.push_back(static_cast<long long*>(p));
         peers[sz(r)] = static_cast<long long*>(p);
       }

@@ -102,16 +102,15 @@ void printTableNotes(Mode mode, bool cpu, bool kernel_timer) {
   } else {
     if (kernel_timer) {
       out("# time_us = max over ranks of each rank's median kernel time (timer: kernel = CUPTI kernel records of\n"
-          "#   the call, first kernel start to last kernel end, as DeepEP's kineto-based tests measure; start gate\n"
-          "#   before each call, see above); baseline_us is timed the same way. notify_dispatch (MoE and baseline) "
-          "includes a\n"
-          "#   host wait and stays event-timed (CUDA events around the call). JSON event_median_us has the CUDA-event\n"
-          "#   median of every row; rows marked [event-timed: ...] had no complete kernel records and use events\n"
-          "#   for the MoE op and its baseline alike.\n");
+          "#   the call, first kernel start to last kernel end, as DeepEP's kineto-based tests measure; NCCL barrier,\n"
+          "#   hold and start gate (if on, see above) before each call); baseline_us is timed the same way.\n"
+          "#   notify_dispatch (MoE and baseline) includes a host wait and stays event-timed (CUDA events around the\n"
+          "#   call). JSON event_median_us has the CUDA-event median of every row; rows marked [event-timed: ...] had\n"
+          "#   no complete kernel records and use events for the MoE op and its baseline alike.\n");
     } else {
       out("# time_us = max over ranks of each rank's median (timer: event = CUDA events around each call, which\n"
-          "#   include the GPU-side launch gap; start gate before each call, see above); baseline_us is timed the\n"
-          "#   same way.\n");
+          "#   include the GPU-side launch gap; NCCL barrier, hold and start gate (if on, see above) before each\n"
+          "#   call); baseline_us is timed the same way.\n");
     }
     out("# baseline = gather into per-destination order + grouped ncclSend/ncclRecv + un-permutation (scatter\n"
         "#   into expert slabs for LL dispatch, FP32 reduction into [T, H] for combines), same routing, same run;\n"

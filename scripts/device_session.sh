@@ -78,7 +78,7 @@ if has trace; then
   # The LL dispatch timeline (tests/gpu/ll_trace_test.cu), raw output kept.
   NCCL_MOE_LL_TRACE=1 timeout 120 build/tests/nccl_moe_gpu_tests --gtest_filter='LlTrace.*' > "$OUT/ll_trace.log" 2>&1
   note "ll trace: rc=$?"
-  grep -vE '^\[' "$OUT/ll_trace.log" | tail -30
+  grep -E '^\[ll trace\]' "$OUT/ll_trace.log" | tail -40
 fi
 
 if has procs; then

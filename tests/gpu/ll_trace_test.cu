@@ -204,8 +204,9 @@ TEST(LlTrace, DispatchTimeline) {
           text += buf;
         }
       }
-      // The slowest send blocks of the Both calls, with what else runs on their SM (a send block; otherwise a
-      // receiver of expert b when b < E_l, which polls from the start, or idle).
+      // The slowest send blocks of the Both calls (median over calls), with what else ran on their SM in the last
+      // call (placement can change between calls): a send block; otherwise a receiver of expert b when b < E_l,
+      // which polls from the start, or idle.
       std::vector<std::pair<double, int>> slow;
       for (int b = 0; b < kMaxBlocks; ++b)
         if (!stored[static_cast<size_t>(b)].empty()) slow.emplace_back(medianOf(stored[static_cast<size_t>(b)]), b);
