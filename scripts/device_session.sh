@@ -6,7 +6,8 @@
 #   (default: build tests perf)
 # Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
-#              ./build), NCCL_MOE_GIT_SHA.
+#              ./build), NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 400), PERF_TIMEOUT_S (each moe-perf
+#              run of the perf stage, default 300 for HT / 200 for LL), PERF_LL_EXTRA (a second LL run's args).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs are written to $LOG and packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files);
@@ -45,23 +46,30 @@ fi
 if has tests; then
   timeout 120 build/tests/nccl_moe_unit_tests --gtest_brief=1 > "$OUT/unit.log" 2>&1
   note "unit tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/unit.log" | tr '\n' ' ')"
-  timeout 400 build/tests/nccl_moe_gpu_tests --gtest_filter="${GPU_TEST_FILTER:-*}" > "$OUT/gpu_tests.log" 2>&1
+  timeout "${TEST_TIMEOUT_S:-400}" build/tests/nccl_moe_gpu_tests --gtest_filter="${GPU_TEST_FILTER:-*}" > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   note "gpu tests: rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gpu_tests.log" | tr '\n' ' ')"
   grep -E '^\[  FAILED  \]' "$OUT/gpu_tests.log" | head -20
 fi
 
 if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ht "* ]]; then
-  timeout 300 build/perf/moe-perf --mode ht -g "$NGPU" -J "$OUT/perf_ht.json" ${PERF_HT_ARGS:-} \
+  timeout "${PERF_TIMEOUT_S:-300}" build/perf/moe-perf --mode ht -g "$NGPU" -J "$OUT/perf_ht.json" ${PERF_HT_ARGS:-} \
     > "$OUT/perf_ht.log" 2>&1
   note "moe-perf ht: rc=$?"
   grep -vE '^#  ' "$OUT/perf_ht.log" | tail -22
 fi
 if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ll "* ]]; then
-  timeout 200 build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll.json" ${PERF_LL_ARGS:-} \
+  timeout "${PERF_TIMEOUT_S:-200}" build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll.json" ${PERF_LL_ARGS:-} \
     > "$OUT/perf_ll.log" 2>&1
   note "moe-perf ll: rc=$?"
   grep -vE '^#  ' "$OUT/perf_ll.log" | tail -30
+  if [ -n "${PERF_LL_EXTRA:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout "${PERF_TIMEOUT_S:-200}" build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll_extra.json" \
+      $PERF_LL_EXTRA > "$OUT/perf_ll_extra.log" 2>&1
+    note "moe-perf ll ($PERF_LL_EXTRA): rc=$?"
+    grep -vE '^#  ' "$OUT/perf_ll_extra.log" | tail -12
+  fi
 fi
 
 if has llrep; then
