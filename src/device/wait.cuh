@@ -12,8 +12,8 @@
 namespace nccl_moe {
 namespace dev {
 
-__device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer,
-                                             long long counter, long long expected) {
+__device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer, long long counter,
+                                             long long expected) {
   ErrorRecord* rec = comm.error;
   // Claim the record once; later failures keep the first cause.
   if (atom_cas_acq_rel_sys(&rec->code, 0, -1) == 0) {
@@ -31,14 +31,17 @@ __device__ __forceinline__ bool error_recorded(const DeviceComm& comm) {
   return ld_relaxed_sys(&comm.error->code) != 0;
 }
 
-// Waits until *flag >= target (signed compare). Returns true on success.
+// Waits until *flag >= target (signed compare). Returns true on success. With sleep_ns the poll pauses about that
+// long between loads (for waits that are known to be long, so that the poll does not crowd the memory system).
 template <typename T>
-__device__ __forceinline__ bool wait_geq(const DeviceComm& comm, const T* flag, T target, Phase phase, int peer) {
+__device__ __forceinline__ bool wait_geq(const DeviceComm& comm, const T* flag, T target, Phase phase, int peer,
+                                         unsigned sleep_ns = 0) {
   T seen = ld_acquire_sys(flag);
   if (seen >= target) return true;
   const uint64_t start = globaltimer_ns();
   uint32_t spins = 0;
   while (true) {
+    if (sleep_ns != 0) __nanosleep(sleep_ns);
     seen = ld_acquire_sys(flag);
     if (seen >= target) return true;
     if ((++spins & 255u) == 0) {

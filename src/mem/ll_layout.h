@@ -7,6 +7,8 @@
 //   persist     LlPersist: reset barrier counters. Never zeroed (only half 0's copy is used).
 //   control     LlControl: this rank's epochs and arrival counters (local), then flags written by peers
 //               (dispatch_flag / dispatch_ack / combine_weight_flag / combine_flag, indexed by the writer).
+//   ready       [E_l] int64: (tag << 32) | rows of local expert j, published by the block that placed expert j's rows
+//               of dispatch `tag` for the helper blocks that copy part of them (receive teams, dispatch.cu).
 //   dispatch    [R src][tokens] messages, slot (s, t) = token t of source rank s. A token is sent once per
 //               destination RANK (not once per expert). Message = LlMsgHeader (128 B: tag, token, local expert
 //               and top-k weight of every slot) | payload (H fp8 bytes or 2H bf16 bytes; room for 2*hidden) |
@@ -27,8 +29,8 @@
 
 namespace nccl_moe {
 
-constexpr int kLlMaxRanks = 8;         // == NCCL_MOE_MAX_RANKS (checked in the kernels)
-constexpr int kLlMaxTopk = 16;         // == NCCL_MOE_MAX_TOPK
+constexpr int kLlMaxRanks = 8;          // == NCCL_MOE_MAX_RANKS (checked in the kernels)
+constexpr int kLlMaxTopk = 16;          // == NCCL_MOE_MAX_TOPK
 constexpr size_t kLlHeaderBytes = 128;  // sizeof(LlMsgHeader)
 // Per-block arrival: every block of a grid adds its share of kLlArrivalUnits (the shares of one grid sum to
 // exactly this, whatever the grid size), so a counter is complete for call `tag` at tag * kLlArrivalUnits.
@@ -81,8 +83,8 @@ struct LlLayout {
   int num_ranks = 0, tokens = 0, hidden = 0, topk = 0, num_local_experts = 0, num_scale_groups = 0;
   size_t msg_bytes = 0;         // one dispatch message
   size_t msg_scale_offset = 0;  // offset of the scales inside a message
-  size_t persist_offset = 0, control_offset = 0, dispatch_offset = 0, weights_offset = 0, comb_recv_offset = 0,
-         comb_buffer_offset = 0, total_bytes = 0;
+  size_t persist_offset = 0, control_offset = 0, ready_offset = 0, dispatch_offset = 0, weights_offset = 0,
+         comb_recv_offset = 0, comb_buffer_offset = 0, total_bytes = 0;
 
   __host__ __device__ static LlLayout make(const LayoutParams& p) {
     LlLayout l;
@@ -100,6 +102,8 @@ struct LlLayout {
     off = align_up(off + sizeof(LlPersist), kRegionAlign);
     l.control_offset = off;
     off = align_up(off + sizeof(LlControl), kRegionAlign);
+    l.ready_offset = off;
+    off = align_up(off + static_cast<size_t>(l.num_local_experts) * sizeof(long long), kRegionAlign);
     l.dispatch_offset = off;
     off = align_up(off + slots * l.msg_bytes, kRegionAlign);
     l.weights_offset = off;
@@ -121,6 +125,9 @@ struct LlLayout {
   }
   __host__ __device__ LlControl* control(uint8_t* half) const {
     return reinterpret_cast<LlControl*>(half + control_offset);
+  }
+  __host__ __device__ long long* expert_ready(uint8_t* half, int local_expert) const {
+    return reinterpret_cast<long long*>(half + ready_offset) + local_expert;
   }
   __host__ __device__ uint8_t* dispatch_msg(uint8_t* half, int src_rank, int token) const {
     return half + dispatch_offset + (static_cast<size_t>(src_rank) * tokens + token) * msg_bytes;

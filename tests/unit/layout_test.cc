@@ -18,8 +18,8 @@ struct Shape {
 };
 
 const Shape kShapes[] = {
-    {256, 7168, 8, 4096, 128}, {288, 7168, 8, 0, 128}, {64, 136, 16, 100, 0}, {1024, 2048, 1, 17, 3},
-    {16, 8, 2, 1, 0},          {8, 128, 4, 0, 1},
+    {256, 7168, 8, 4096, 128}, {288, 7168, 8, 0, 128}, {64, 136, 16, 100, 0},
+    {1024, 2048, 1, 17, 3},    {16, 8, 2, 1, 0},       {8, 128, 4, 0, 1},
 };
 
 TEST(Layout, RegionsAreOrderedAlignedAndDisjointForEveryRankCount) {
@@ -61,6 +61,9 @@ TEST(Layout, RegionsAreOrderedAlignedAndDisjointForEveryRankCount) {
                       static_cast<size_t>(s.experts / R) * l.slab_rows() * 2 * static_cast<size_t>(s.hidden),
                   b.ll_half_bytes);
         EXPECT_EQ(0u, l.msg_bytes % 16);
+        EXPECT_GE(l.ready_offset, l.control_offset + sizeof(nccl_moe::LlControl));
+        EXPECT_LE(off(l.expert_ready(half, s.experts / R - 1)) + sizeof(long long), l.dispatch_offset);
+        EXPECT_LT(l.ready_offset, l.comb_buffer_offset) << "the ready words are zeroed by ncclMoeLowLatencyReset";
       }
 
       ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;

@@ -266,9 +266,90 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
 
 constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
+// Receive teams: when the grid has at least two blocks per local expert (few local experts: 4 or more ranks at 288
+// experts), local expert j is received by blocks j + k * E_l, k < team <= kMaxTeam. Block j waits for the peers,
+// scans and places as alone, then publishes the placement (expert_ready[j], after src_info is written); the other
+// members wait on that local word only (not on the peers' counters: extra pollers there were measured slower) and
+// every member copies its share of the rows. On 4 ranks only 72 of 264 blocks received, with up to ~25 rows each.
+constexpr int kMaxTeam = 8;
+
+// Receive: copies rows [0, n) of local expert j from the messages into the caller's slab, work items (row, piece)
+// first_item, first_item + stride, ... (one warp each); a row's message slot comes from s_msg (the placing block's
+// shared memory, rows < kInfoCache) or from recv_src_info.
+template <bool kFp8>
+__device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my_half, int j, int n, int first_item,
+                                          int stride, const int* s_msg) {
+  const LlLayout& L = p.layout;
+  const int lane = threadIdx.x % 32, H = p.hidden;
+  const int slab_rows = L.slab_rows();
+  const int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
+  // Warp-per-item copy (pass 3 of the receive). A row is a run of 16-byte units: its payload chunks, then (fp8) its
+  // scales, four float scales per unit. Items = (row, piece of 32 * kCopyBatch units) go to the warps in turn, every
+  // lane with all its loads in flight before its stores, so an expert with up to kWarps / 2 fp8 rows of H 7168 (462
+  // units = 2 pieces) is copied in one round trip per warp, up to kWarps rows in two. (A block-wide flattened
+  // chunk loop took ~0.5 us per row: its time grew with the expert's row count, and the expert with the most
+  // rows set the kernel's end. Scale words as separate items added a third round for ~15 rows.)
+  constexpr int kCopyBatch = kFp8 ? 8 : 7;  // fp8 H 7168: 462 units = 256 + 206; bf16: 896 chunks = 4 x 224
+  constexpr int kItemUnits = 32 * kCopyBatch;
+  const int G = H / kScaleGroupElems;
+  const bool packed = kFp8 && p.scale_format == 2;
+  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per output row
+  const int pay_units = kFp8 ? H / 16 : H / 8;
+  const int row_units = pay_units + (kFp8 ? (G + 3) / 4 : 0);
+  const int pieces = (row_units + kItemUnits - 1) / kItemUnits;
+  const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
+  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
+  uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
+  for (int item = first_item; item < n * pieces; item += stride) {
+    const int i = item / pieces, piece = item - i * pieces;
+    int slot;
+    if (s_msg != nullptr && i < kInfoCache) {
+      slot = s_msg[i];
+    } else {
+      const int info = src_info[i];
+      slot = (info >> 24) * L.tokens + (info & 0xffffff);
+    }
+    const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
+    const int4* pay = reinterpret_cast<const int4*>(msg + kLlHeaderBytes);
+    // Unit q >= pay_units: float scales 4q'..4q'+3 (q' = q - pay_units; in bounds: messages are padded to 16 B).
+    const int4* sc = reinterpret_cast<const int4*>(msg + L.msg_scale_offset) - pay_units;
+    int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
+    const int u0 = piece * kItemUnits + lane;
+    int4 v[kCopyBatch];
+#pragma unroll
+    for (int u = 0; u < kCopyBatch; ++u) {
+      const int q = u0 + 32 * u;
+      if (q < row_units) v[u] = dev::ld_v4((kFp8 && q >= pay_units ? sc : pay) + q);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyBatch; ++u) {
+      const int q = u0 + 32 * u;
+      if (q >= row_units) continue;
+      if (!kFp8 || q < pay_units) {
+        dev::st_na_v4(dst + q, v[u]);
+      } else {
+        const int g0 = 4 * (q - pay_units);  // first scale group of this unit
+        const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
+                               static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
+        uint32_t* srow = out_scales + static_cast<size_t>(i) * scale_words;
+        if (packed) {  // one word: the exponent bytes of groups g0..g0+3 (absent groups 0)
+          uint32_t e = 0;
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+            if (g0 + b < G) e |= ((f[b] >> 23) & 0xffu) << (8 * b);
+          srow[g0 / 4] = e;
+        } else {
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+            if (g0 + b < G) srow[g0 + b] = f[b];
+        }
+      }
+    }
+  }
+}
 
 template <bool kFp8>
-__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag,
+__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag, int team,
                                             const int* s_tokens, const int* s_seg_first, int* s_seg_base,
                                             int num_segments) {
   __shared__ int s_total;
@@ -343,69 +424,9 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
-  // Pass 3: warp-per-item copy. A row is a run of 16-byte units: its payload chunks, then (fp8) its scales, four
-  // float scales per unit. Items = (row, piece of 32 * kCopyBatch units) go to the warps in turn, every lane
-  // with all its loads in flight before its stores, so an expert with up to kWarps / 2 fp8 rows of H 7168 (462
-  // units = 2 pieces) is copied in one round trip per warp, up to kWarps rows in two. (A block-wide flattened
-  // chunk loop took ~0.5 us per row: its time grew with the expert's row count, and the expert with the most
-  // rows set the kernel's end. Scale words as separate items added a third round for ~15 rows.)
-  constexpr int kCopyBatch = kFp8 ? 8 : 7;  // fp8 H 7168: 462 units = 256 + 206; bf16: 896 chunks = 4 x 224
-  constexpr int kItemUnits = 32 * kCopyBatch;
-  const int G = H / kScaleGroupElems;
-  const bool packed = kFp8 && p.scale_format == 2;
-  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per output row
-  const int pay_units = kFp8 ? H / 16 : H / 8;
-  const int row_units = pay_units + (kFp8 ? (G + 3) / 4 : 0);
-  const int pieces = (row_units + kItemUnits - 1) / kItemUnits;
-  const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
-  uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
-  uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
-  for (int item = warp; item < n * pieces; item += ll::kWarps) {
-    const int i = item / pieces, piece = item - i * pieces;
-    int slot;
-    if (i < kInfoCache) {
-      slot = s_msg[i];
-    } else {
-      const int info = src_info[i];
-      slot = (info >> 24) * L.tokens + (info & 0xffffff);
-    }
-    const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
-    const int4* pay = reinterpret_cast<const int4*>(msg + kLlHeaderBytes);
-    // Unit q >= pay_units: float scales 4q'..4q'+3 (q' = q - pay_units; in bounds: messages are padded to 16 B).
-    const int4* sc = reinterpret_cast<const int4*>(msg + L.msg_scale_offset) - pay_units;
-    int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
-    const int u0 = piece * kItemUnits + lane;
-    int4 v[kCopyBatch];
-#pragma unroll
-    for (int u = 0; u < kCopyBatch; ++u) {
-      const int q = u0 + 32 * u;
-      if (q < row_units) v[u] = dev::ld_v4((kFp8 && q >= pay_units ? sc : pay) + q);
-    }
-#pragma unroll
-    for (int u = 0; u < kCopyBatch; ++u) {
-      const int q = u0 + 32 * u;
-      if (q >= row_units) continue;
-      if (!kFp8 || q < pay_units) {
-        dev::st_na_v4(dst + q, v[u]);
-      } else {
-        const int g0 = 4 * (q - pay_units);  // first scale group of this unit
-        const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
-                               static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
-        uint32_t* srow = out_scales + static_cast<size_t>(i) * scale_words;
-        if (packed) {  // one word: the exponent bytes of groups g0..g0+3 (absent groups 0)
-          uint32_t e = 0;
-#pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (g0 + b < G) e |= ((f[b] >> 23) & 0xffu) << (8 * b);
-          srow[g0 / 4] = e;
-        } else {
-#pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (g0 + b < G) srow[g0 + b] = f[b];
-        }
-      }
-    }
-  }
+  if (team > 1 && tid == 0)  // the team's other blocks copy part of the rows (src_info is written above)
+    dev::st_release_sys(L.expert_ready(my_half, j), (static_cast<long long>(tag) << 32) | n);
+  copy_rows<kFp8>(p, my_half, j, n, warp, team * ll::kWarps, s_msg);
   if (tid == 0) {
     p.recv_count[j] = n;
     if (p.cumulative_stats != nullptr) p.cumulative_stats[j] += n;
@@ -481,9 +502,24 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
     // return at once.
     const int E_l = L.num_local_experts;
-    const int receivers = E_l < grid ? (E_l > 0 ? E_l : 1) : grid;
+    int team = E_l > 0 ? grid / E_l : 1;
+    team = team < 2 ? 1 : (team > kMaxTeam ? kMaxTeam : team);
+    const int receivers = team > 1 ? team * E_l : (E_l < grid ? (E_l > 0 ? E_l : 1) : grid);
     if (b >= receivers) return;
-    if (b < E_l) {
+    if (team > 1 && b >= E_l) {
+      // A team member: waits for block j's placement, then copies its share of expert j's rows.
+      __shared__ int s_rows;
+      const int member = b / E_l, j = b - member * E_l;
+      if (tid == 0) {
+        const long long* word = L.expert_ready(my_half, j);
+        // Long by construction (the peers' data, then block j's scan and placement): polls every ~200 ns.
+        const bool ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, -1, 200u);
+        s_rows = ok ? static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll) : -1;
+      }
+      __syncthreads();
+      if (s_rows < 0) return;
+      copy_rows<kFp8>(p, my_half, j, s_rows, member * ll::kWarps + warp, team * ll::kWarps, nullptr);
+    } else if (b < E_l) {
       // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
       // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
       // stores it before its share, so it is this dispatch's once its tag is there).
@@ -509,7 +545,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       __syncthreads();
       const int num_segments = s_seg_first[R];
       for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
-        recv_expert<kFp8>(p, my_half, j, tag, s_tokens, s_seg_first, s_seg_base, num_segments);
+        recv_expert<kFp8>(p, my_half, j, tag, team, s_tokens, s_seg_first, s_seg_base, num_segments);
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
