@@ -29,8 +29,9 @@
 //          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
 //          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
 //          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
-//          flight) into the caller's slab. Every receiving block adds its share to every source's s.dispatch_ack[d]
-//          (relaxed) and to the half's dispatch epoch.
+//          flight) into the caller's slab. With at least two blocks per local expert, blocks j + k * E_l (k <
+//          team) help block j copy (receive teams, see kMaxTeam). Every receiving block adds its share to every
+//          source's s.dispatch_ack[d] (relaxed) and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
