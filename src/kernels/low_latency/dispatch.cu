@@ -30,7 +30,7 @@
 //          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
 //          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
 //          flight) into the caller's slab. With at least two blocks per local expert, blocks j + k * E_l (k <
-//          team) help block j copy (receive teams, see kMaxTeam). Every receiving block adds its share to every
+//          team) help block j copy (receive_teams.h). Every receiving block adds its share to every
 //          source's s.dispatch_ack[d] (relaxed) and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
@@ -50,6 +50,7 @@
 #include "core/handle.h"
 #include "core/ops.h"
 #include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency/receive_teams.h"
 #include "kernels/low_latency/trace.h"
 
 namespace nccl_moe {
@@ -267,12 +268,6 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
 
 constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
-// Receive teams: when the grid has at least two blocks per local expert (few local experts: 4 or more ranks at 288
-// experts), local expert j is received by blocks j + k * E_l, k < team <= kMaxTeam. Block j waits for the peers,
-// scans and places as alone, then publishes the placement (expert_ready[j], after src_info is written); the other
-// members wait on that local word only (not on the peers' counters: extra pollers there were measured slower) and
-// every member copies its share of the rows. On 4 ranks only 72 of 264 blocks received, with up to ~25 rows each.
-constexpr int kMaxTeam = 8;
 
 // Receive: copies rows [0, n) of local expert j from the messages into the caller's slab, work items (row, piece)
 // first_item, first_item + stride, ... (one warp each); a row's message slot comes from s_msg (the placing block's
@@ -503,9 +498,9 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
     // return at once.
     const int E_l = L.num_local_experts;
-    int team = E_l > 0 ? grid / E_l : 1;
-    team = team < 2 ? 1 : (team > kMaxTeam ? kMaxTeam : team);
-    const int receivers = team > 1 ? team * E_l : (E_l < grid ? (E_l > 0 ? E_l : 1) : grid);
+    // Receive teams (receive_teams.h): on 4 ranks only 72 of 264 blocks received, with up to ~25 rows each.
+    const ll::ReceiveTeams rt = ll::receive_teams(E_l, grid);
+    const int team = rt.team, receivers = rt.receivers;
     if (b >= receivers) return;
     if (team > 1 && b >= E_l) {
       // A team member: waits for block j's placement, then copies its share of expert j's rows.
