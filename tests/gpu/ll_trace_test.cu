@@ -44,12 +44,18 @@ const char* const kPointNames[nccl_moe::kLlTracePoints] = {
 // stats[point] = {earliest, median, latest block} for one call, us after the earliest entry; -1 = no block.
 using CallStats = std::vector<std::vector<double>>;
 
-CallStats summarise(const std::vector<unsigned long long>& tr, int blocks) {
+// The call's earliest block entry (ns), the origin of every time printed.
+unsigned long long firstEntry(const std::vector<unsigned long long>& tr, int blocks) {
   unsigned long long t0 = ~0ull;
   for (int b = 0; b < blocks; ++b) {
     const unsigned long long e = tr[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
     if (e != 0) t0 = std::min(t0, e);
   }
+  return t0;
+}
+
+CallStats summarise(const std::vector<unsigned long long>& tr, int blocks) {
+  const unsigned long long t0 = firstEntry(tr, blocks);
   CallStats s(nccl_moe::kLlTracePoints, std::vector<double>(3, -1.0));
   for (int pt = 0; pt < nccl_moe::kLlTracePoints; ++pt) {
     if (pt == nccl_moe::kLlTraceSm) continue;
@@ -143,11 +149,7 @@ TEST(LlTrace, DispatchTimeline) {
       std::vector<int> block_sm(kMaxBlocks, -1);
       std::vector<std::vector<double>> stored(kMaxBlocks);
       auto keepBlocks = [&] {
-        unsigned long long t0 = ~0ull;
-        for (int b = 0; b < kMaxBlocks; ++b) {
-          const unsigned long long e = host[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
-          if (e != 0) t0 = std::min(t0, e);
-        }
+        const unsigned long long t0 = firstEntry(host, kMaxBlocks);
         for (int b = 0; b < kMaxBlocks; ++b) {
           const unsigned long long* row = &host[static_cast<size_t>(b) * nccl_moe::kLlTracePoints];
           if (row[nccl_moe::kLlTraceEntry] == 0) continue;
