@@ -390,10 +390,15 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
   char message[512];
   ncclResult_t result = ncclSystemError;
   if (code == kErrTimeout) {
+    char whom[32];
+    if (rec->peer >= 0)
+      std::snprintf(whom, sizeof(whom), "peer %d", rec->peer);
+    else
+      std::snprintf(whom, sizeof(whom), "a block of its own");
     std::snprintf(message, sizeof(message),
-                  "device wait timed out in phase %s: rank %d waited for peer %d, counter %lld (expected %lld) "
+                  "device wait timed out in phase %s: rank %d waited for %s, counter %lld (expected %lld) "
                   "after NCCL_MOE_TIMEOUT_S=%llds; the communicator is unusable, destroy it",
-                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->peer, rec->counter, rec->expected,
+                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, whom, rec->counter, rec->expected,
                   static_cast<long long>(comm->timeout_ns / 1000000000ull));
     result = ncclRemoteError;
   } else if (code == kErrCapacity) {

@@ -59,7 +59,8 @@ struct ncclMoeComm {
 namespace nccl_moe {
 
 // Checks the host-mapped error record; if a device wait failed, formats "phase X: rank r waited for peer p,
-// counter c (expected e)" into the comm's last error and returns the matching error.
+// counter c (expected e)" ("... for a block of its own" when the wait was local) into the comm's last error and
+// returns the matching error.
 ncclResult_t checkAsyncError(ncclMoeComm* comm);
 // Waits (bounded by comm->timeout_ns) until *flag >= target, polling host-mapped memory.
 ncclResult_t hostWaitGeq(ncclMoeComm* comm, const volatile int* flag, int target, const char* what);

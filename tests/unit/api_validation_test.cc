@@ -344,4 +344,24 @@ TEST(ApiMisc, FailedCommunicatorRejectsEveryLaterCall) {
   fake.comm.host_error = nullptr;
 }
 
+TEST(ApiMisc, TimeoutOfALocalWaitSaysSo) {
+  // A wait on a word of the rank's own blocks (the LL receive teams' placement word) records peer -1.
+  FakeComm fake;
+  nccl_moe::ErrorRecord record{};
+  record.code = nccl_moe::kErrTimeout;
+  record.phase = static_cast<int>(nccl_moe::Phase::kLlDispatchRecv);
+  record.rank = 2;
+  record.peer = -1;
+  record.counter = 0;
+  record.expected = 4294967296ll;
+  fake.comm.host_error = &record;
+  fake.comm.timeout_ns = 5000000000ull;
+  auto a = goodDispatch();
+  EXPECT_EQ(ncclRemoteError, ncclMoeDispatch(&fake.comm, &fake.handle, &a, nullptr));
+  const std::string message = ncclMoeGetLastError(&fake.comm);
+  EXPECT_NE(std::string::npos, message.find("ll-dispatch-recv: rank 2 waited for a block of its own")) << message;
+  EXPECT_EQ(std::string::npos, message.find("peer -1")) << message;
+  fake.comm.host_error = nullptr;
+}
+
 }  // namespace
