@@ -32,6 +32,7 @@ namespace nccl_moe {
 constexpr int kLlMaxRanks = 8;          // == NCCL_MOE_MAX_RANKS (checked in the kernels)
 constexpr int kLlMaxTopk = 16;          // == NCCL_MOE_MAX_TOPK
 constexpr size_t kLlHeaderBytes = 128;  // sizeof(LlMsgHeader)
+constexpr size_t kLlMsgAlign = 128;     // dispatch message slots are whole 128-byte lines
 // Per-block arrival: every block of a grid adds its share of kLlArrivalUnits (the shares of one grid sum to
 // exactly this, whatever the grid size), so a counter is complete for call `tag` at tag * kLlArrivalUnits.
 constexpr long long kLlArrivalUnits = 1ll << 20;
@@ -95,7 +96,9 @@ struct LlLayout {
     l.num_local_experts = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 0;
     l.num_scale_groups = ceil_div(p.hidden, kScaleGroupElems);
     l.msg_scale_offset = kLlHeaderBytes + 2 * static_cast<size_t>(p.hidden);
-    l.msg_bytes = align_up(l.msg_scale_offset + 4 * static_cast<size_t>(l.num_scale_groups), 16);
+    // Whole 128-byte lines: a message slot then starts on a line in every rank's buffer, so a warp's 512-byte
+    // store of a row is four full-line NVLink writes rather than five with two partial ones.
+    l.msg_bytes = align_up(l.msg_scale_offset + 4 * static_cast<size_t>(l.num_scale_groups), kLlMsgAlign);
     const size_t slots = static_cast<size_t>(p.num_ranks) * p.ll_tokens;
     size_t off = 0;
     l.persist_offset = off;

@@ -60,7 +60,8 @@ TEST(Layout, RegionsAreOrderedAlignedAndDisjointForEveryRankCount) {
         EXPECT_LE(off(l.combine_buffer(half)) +
                       static_cast<size_t>(s.experts / R) * l.slab_rows() * 2 * static_cast<size_t>(s.hidden),
                   b.ll_half_bytes);
-        EXPECT_EQ(0u, l.msg_bytes % 16);
+        EXPECT_EQ(0u, off(l.dispatch_msg(half, R - 1, s.ll_tokens - 1)) % nccl_moe::kLlMsgAlign)
+            << "every message slot starts on a 128-byte line";
         EXPECT_GE(l.ready_offset, l.control_offset + sizeof(nccl_moe::LlControl));
         EXPECT_LE(off(l.expert_ready(half, s.experts / R - 1)) + sizeof(long long), l.dispatch_offset);
         EXPECT_LT(l.ready_offset, l.comb_buffer_offset) << "the ready words are zeroed by ncclMoeLowLatencyReset";

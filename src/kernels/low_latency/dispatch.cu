@@ -352,7 +352,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int R = p.comm.num_ranks, K = p.topk, H = p.hidden;
+  const int R = p.comm.num_ranks, K = p.topk;
   const int slab_rows = L.slab_rows();
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
 
