@@ -269,6 +269,30 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
 constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
 
+// Stores scale unit q (float scales of groups 4q..4q+3, as the message holds them) of row i of expert j into
+// recv_scales: as floats, or (ue8m0) as one word of their exponent bytes; groups past H / 128 are not stored.
+__device__ __forceinline__ void store_scale_unit(const LlDispatchParams& p, int j, int i, int q, int4 v) {
+  const int G = p.hidden / kScaleGroupElems;
+  const bool packed = p.scale_format == 2;
+  const int scale_words = packed ? (G + 3) / 4 : G;
+  uint32_t* srow = static_cast<uint32_t*>(p.recv_scales) +
+                   (static_cast<size_t>(j) * p.layout.slab_rows() + i) * scale_words;
+  const uint32_t f[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+  const int g0 = 4 * q;
+  if (packed) {  // absent groups give 0 bytes
+    uint32_t e = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      if (g0 + b < G) e |= ((f[b] >> 23) & 0xffu) << (8 * b);
+    srow[q] = e;
+  } else {
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      if (g0 + b < G) srow[g0 + b] = f[b];
+  }
+}
+
 // Receive: copies rows [0, n) of local expert j from the messages into the caller's slab, work items (row, piece)
 // first_item, first_item + stride, ... (one warp each); a row's message slot comes from s_msg (the placing block's
 // shared memory, rows < kInfoCache) or from recv_src_info.
@@ -288,14 +312,16 @@ __device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my
   constexpr int kCopyBatch = kFp8 ? 8 : 7;  // fp8 H 7168: 462 units = 256 + 206; bf16: 896 chunks = 4 x 224
   constexpr int kItemUnits = 32 * kCopyBatch;
   const int G = H / kScaleGroupElems;
-  const bool packed = kFp8 && p.scale_format == 2;
-  const int scale_words = kFp8 ? (packed ? (G + 3) / 4 : G) : 0;  // per output row
   const int pay_units = kFp8 ? H / 16 : H / 8;
   const int row_units = pay_units + (kFp8 ? (G + 3) / 4 : 0);
   const int pieces = (row_units + kItemUnits - 1) / kItemUnits;
+  // Unit q of a row is message unit q (payload) or q + scale_shift (q >= pay_units: float scales 4q'..4q'+3 of
+  // q' = q - pay_units; in bounds: messages are whole lines). Few values live across the loop: the kernel is
+  // capped at 64 registers and the eight loads in flight take 32 of them.
+  const int scale_shift = kFp8 ? static_cast<int>((L.msg_scale_offset - kLlHeaderBytes) / 16) - pay_units : 0;
+  const uint8_t* msgs = my_half + L.dispatch_offset + kLlHeaderBytes;
   const size_t row_bytes = kFp8 ? static_cast<size_t>(H) : 2 * static_cast<size_t>(H);
   uint8_t* out_base = static_cast<uint8_t*>(p.recv_x) + static_cast<size_t>(j) * slab_rows * row_bytes;
-  uint32_t* out_scales = static_cast<uint32_t*>(p.recv_scales) + static_cast<size_t>(j) * slab_rows * scale_words;
   for (int item = first_item; item < n * pieces; item += stride) {
     const int i = item / pieces, piece = item - i * pieces;
     int slot;
@@ -305,41 +331,23 @@ __device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my
       const int info = src_info[i];
       slot = (info >> 24) * L.tokens + (info & 0xffffff);
     }
-    const uint8_t* msg = my_half + L.dispatch_offset + static_cast<size_t>(slot) * L.msg_bytes;
-    const int4* pay = reinterpret_cast<const int4*>(msg + kLlHeaderBytes);
-    // Unit q >= pay_units: float scales 4q'..4q'+3 (q' = q - pay_units; in bounds: messages are padded to 16 B).
-    const int4* sc = reinterpret_cast<const int4*>(msg + L.msg_scale_offset) - pay_units;
-    int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
+    const int4* src = reinterpret_cast<const int4*>(msgs + static_cast<size_t>(slot) * L.msg_bytes);
     const int u0 = piece * kItemUnits + lane;
     int4 v[kCopyBatch];
 #pragma unroll
     for (int u = 0; u < kCopyBatch; ++u) {
       const int q = u0 + 32 * u;
-      if (q < row_units) v[u] = dev::ld_v4((kFp8 && q >= pay_units ? sc : pay) + q);
+      if (q < row_units) v[u] = dev::ld_v4(src + q + (kFp8 && q >= pay_units ? scale_shift : 0));
     }
+    int4* dst = reinterpret_cast<int4*>(out_base + static_cast<size_t>(i) * row_bytes);
 #pragma unroll
     for (int u = 0; u < kCopyBatch; ++u) {
       const int q = u0 + 32 * u;
       if (q >= row_units) continue;
-      if (!kFp8 || q < pay_units) {
+      if (!kFp8 || q < pay_units)
         dev::st_na_v4(dst + q, v[u]);
-      } else {
-        const int g0 = 4 * (q - pay_units);  // first scale group of this unit
-        const uint32_t f[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
-                               static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
-        uint32_t* srow = out_scales + static_cast<size_t>(i) * scale_words;
-        if (packed) {  // one word: the exponent bytes of groups g0..g0+3 (absent groups 0)
-          uint32_t e = 0;
-#pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (g0 + b < G) e |= ((f[b] >> 23) & 0xffu) << (8 * b);
-          srow[g0 / 4] = e;
-        } else {
-#pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (g0 + b < G) srow[g0 + b] = f[b];
-        }
-      }
+      else
+        store_scale_unit(p, j, i, q - pay_units, v[u]);
     }
   }
 }
