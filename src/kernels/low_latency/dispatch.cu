@@ -21,7 +21,8 @@
 //   send:  block b casts/copies tokens t = b, b + grid, ... (all threads on one row, 16 channels a thread for
 //          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
 //          warp 1 waits for the peers' acks) and stores 16-byte chunks into every destination rank holding one
-//          of the token's experts. Each block with tokens (and block 0) then adds its arrival share to
+//          of the token's experts (whole 128-byte lines where it can: the header by eight lanes at once, the fp8
+//          scales staged in shared memory and stored by one warp per destination). Each block with tokens (and block 0) then adds its arrival share to
 //          d.dispatch_count[s] of every peer d with a release; block 0 first stores d.dispatch_flag[s] =
 //          (tag << 32) | T.
 //   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's count and flag, scans
@@ -98,9 +99,9 @@ constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
 template <bool kFp8>
 __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
                                            long long ack_tag) {
-  __shared__ int s_rank[kLlMaxTopk];
-  __shared__ int s_lid[kLlMaxTopk];
-  __shared__ float s_w[kLlMaxTopk];
+  __shared__ __align__(16) int16_t s_ids[kLlMaxRanks][kLlMaxTopk];  // header local_expert[] per destination
+  __shared__ __align__(16) float s_w[kLlMaxTopk];
+  __shared__ __align__(16) float s_scale[65536 / kScaleGroupElems];  // fp8: the row's scales (H <= 65536)
   __shared__ int s_mask;
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -138,8 +139,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     for (int d = 0; d < R; ++d)
       if (__ballot_sync(0xffffffffu, r == d)) mask |= 1 << d;
     if (lane < kLlMaxTopk) {
-      s_rank[lane] = r;
-      s_lid[lane] = lid;
+      for (int d = 0; d < R; ++d) s_ids[d][lane] = static_cast<int16_t>(r == d ? lid : -1);
       s_w[lane] = w;
     }
     if (lane == 0) s_mask = mask;
@@ -150,26 +150,20 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   if (__syncthreads_or(!ok)) return false;
   const int mask = s_mask;
 
-  // Header, one thread per destination.
-  if (tid < R && ((mask >> tid) & 1)) {
-    uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, tid, p.half_offset), me, t);
-    uint32_t ids[kLlMaxTopk / 2];
-#pragma unroll
-    for (int i = 0; i < kLlMaxTopk / 2; ++i) {
-      const int a = s_rank[2 * i] == tid ? s_lid[2 * i] : -1;
-      const int b = s_rank[2 * i + 1] == tid ? s_lid[2 * i + 1] : -1;
-      ids[i] = (static_cast<uint32_t>(a) & 0xffffu) | (static_cast<uint32_t>(b) << 16);
-    }
-    const int has_w = p.topk_weights != nullptr;
-    dev::st_na_v4(reinterpret_cast<int4*>(msg), make_int4(tag, t, has_w, 0));
-    dev::st_na_v4(reinterpret_cast<int4*>(msg + 16), make_int4(ids[0], ids[1], ids[2], ids[3]));
-    dev::st_na_v4(reinterpret_cast<int4*>(msg + 32), make_int4(ids[4], ids[5], ids[6], ids[7]));
-    if (has_w) {
-      int4* wdst = reinterpret_cast<int4*>(msg + offsetof(LlMsgHeader, weight));
-      for (int i = 0; i < (K + 3) / 4; ++i)
-        dev::st_na_v4(wdst + i, make_int4(__float_as_int(s_w[4 * i]), __float_as_int(s_w[4 * i + 1]),
-                                          __float_as_int(s_w[4 * i + 2]), __float_as_int(s_w[4 * i + 3])));
-    }
+  // Header: eight lanes per destination store its 128 bytes in one instruction (one full-line NVLink write;
+  // one thread storing 3-7 vectors was 3-7 partial writes). int4 i of LlMsgHeader: 0 tag / token / has_weights,
+  // 1-2 the local expert of slots 8(i-1).., 3 padding, 4-7 the weights of slots 4(i-4)...
+  if (tid < 8 * R && ((mask >> (tid / 8)) & 1)) {
+    const int d = tid / 8, i = tid % 8;
+    int4 v = make_int4(0, 0, 0, 0);
+    if (i == 0)
+      v = make_int4(tag, t, p.topk_weights != nullptr, 0);
+    else if (i < 3)
+      v = reinterpret_cast<const int4*>(s_ids[d])[i - 1];
+    else if (i > 3)
+      v = reinterpret_cast<const int4*>(s_w)[i - 4];
+    uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
+    dev::st_na_v4(reinterpret_cast<int4*>(msg) + i, v);
   }
 
   if constexpr (kFp8) {
@@ -207,13 +201,24 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
         const float scale = ll::fp8_group_scale(amax, p.scale_format);
         const float inv = __fdiv_rn(1.0f, scale);
         const int4 q = ll::cast_16_to_fp8(f, inv);
+        if ((lane & 7) == 0) s_scale[c / 8] = scale;
         for (int d = 0; d < R; ++d) {
           if (!((mask >> d) & 1)) continue;
           uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
           dev::st_na_v4(reinterpret_cast<int4*>(msg + kLlHeaderBytes) + c, q);
-          if ((lane & 7) == 0) reinterpret_cast<float*>(msg + L.msg_scale_offset)[c / 8] = scale;
         }
       }
+    }
+    // The scales: staged in shared memory, then warp d stores destination d's in 16-byte vectors (two lines for
+    // H 7168; a float store per 8 lanes was one 16-byte partial write per warp and destination). A last vector
+    // past the final group is padded with zeros (messages are whole lines).
+    const int G = H / kScaleGroupElems, n4 = (G + 3) / 4;
+    if (tid < 4 * n4 - G) s_scale[G + tid] = 0.0f;
+    __syncthreads();
+    if (warp < R && ((mask >> warp) & 1)) {
+      int4* dst = reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, warp, p.half_offset), me, t) +
+                                          L.msg_scale_offset);
+      for (int i = lane; i < n4; i += 32) dev::st_na_v4(dst + i, reinterpret_cast<const int4*>(s_scale)[i]);
     }
   } else {
     const int n8 = H / 8;
@@ -236,7 +241,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
       }
     }
   }
-  __syncthreads();  // s_mask / s_rank / s_lid / s_w are rewritten by the next token
+  __syncthreads();  // s_mask / s_ids / s_w / s_scale are rewritten by the next token
   return true;
 }
 
