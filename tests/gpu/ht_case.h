@@ -25,7 +25,7 @@ struct HtCase {
   int zero_ranks = 0;
   bool weights = true;
   int num_sms = 0;
-  int biases = 0;              // combine: 0, 1 or 2 biases
+  int biases = 0;  // combine: 0, 1 or 2 biases
   bool combine_weights = true;
   uint64_t seed = 1;
   nccl_moe::HtTuning tuning{};  // warp roles of the kernels (process-wide while the case runs)
@@ -38,15 +38,15 @@ struct Expected {
   ref::Routing routing;
   std::vector<ref::Rows> x1, x2;  // dispatch data, cached re-dispatch data
   ref::HtDispatch d1, d2;
-  std::vector<std::vector<uint16_t>> y;     // combine input per rank [N_d, H]
-  std::vector<std::vector<float>> yw;       // combine weights per rank [N_d, K]
+  std::vector<std::vector<uint16_t>> y;  // combine input per rank [N_d, H]
+  std::vector<std::vector<float>> yw;    // combine weights per rank [N_d, K]
   std::vector<std::vector<uint16_t>> b0, b1;
   ref::HtCombineResult c;
   int capacity = 0;  // max_tokens_per_rank of the communicator
 };
 
 inline std::vector<ref::Rows> makeRows(const ref::Routing& routing, uint64_t seed, int hidden, ref::DType dtype,
-                                ref::ScaleFormat format) {
+                                       ref::ScaleFormat format) {
   auto bf16 = ref::make_bf16_rows_all(routing, seed, hidden, ref::ValueKind::kWide);
   std::vector<ref::Rows> rows;
   for (int s = 0; s < routing.num_ranks; ++s) {
@@ -146,7 +146,7 @@ struct DispatchOutputs {
 // Every dispatch output field against the reference, bitwise; in worst-case mode rows past N_recv must carry
 // ids -1 and weights 0.
 inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
-                   const char* what) {
+                          const char* what) {
   SCOPED_TRACE(std::string(what) + " rank " + std::to_string(rank));
   const int N = want.num_recv, K = c.topk, H = c.hidden;
   ASSERT_LE(N, out.rows);
@@ -197,6 +197,157 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
     }
   }
 }
+
+// ---- One rank's run of a case: communicator, handle, stream, call arguments and the combine check. ----
+
+// The communicator (config from the case), handle and stream of one rank. Checks are non-fatal, so every rank
+// reaches the collective destroy; after a failed step ok() is false and the caller skips what follows.
+class RankSession {
+ public:
+  RankSession(const HtCase& c, int capacity, World& world, int rank) : rank_(rank) {
+    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+    config.num_experts = c.num_experts;
+    config.hidden = c.hidden;
+    config.max_topk = c.topk;
+    config.max_tokens_per_rank = capacity;
+    config.num_sms = c.num_sms;
+    ok_ = ncclMoeCommInit(&comm_, world.nccl(rank), &config) == ncclSuccess;
+    EXPECT_TRUE(ok_) << "rank " << rank << " comm init: " << ncclMoeGetLastError(nullptr);
+    if (!ok_) return;
+    ok_ = ncclMoeHandleCreate(comm_, &handle_) == ncclSuccess;
+    EXPECT_TRUE(ok_) << "rank " << rank << " handle: " << ncclMoeGetLastError(comm_);
+    cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking);
+  }
+  ~RankSession() {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (handle_ != nullptr) ncclMoeHandleDestroy(handle_);
+    if (comm_ != nullptr) EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm_)) << ncclMoeGetLastError(nullptr);
+  }
+  RankSession(const RankSession&) = delete;
+  RankSession& operator=(const RankSession&) = delete;
+
+  // Waits for an enqueued call; checks its return value and the communicator's async error.
+  void finish(ncclResult_t res, const char* what) {
+    if (!ok_) return;
+    if (res == ncclSuccess && cudaStreamSynchronize(stream_) != cudaSuccess) res = ncclUnhandledCudaError;
+    ncclResult_t async = ncclSuccess;
+    if (res == ncclSuccess) ncclMoeCommGetAsyncError(comm_, &async);
+    if (res != ncclSuccess || async != ncclSuccess) {
+      ADD_FAILURE() << "rank " << rank_ << " " << what << ": " << ncclMoeGetLastError(comm_);
+      ok_ = false;
+    }
+  }
+  bool ok() const { return ok_; }
+  ncclMoeComm_t comm() const { return comm_; }
+  ncclMoeHandle_t handle() const { return handle_; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  int rank_;
+  bool ok_ = false;
+  ncclMoeComm_t comm_ = nullptr;
+  ncclMoeHandle_t handle_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
+// The rank's top-k ids on the device, as int64 or int32 per the case.
+inline DevBuf uploadIds(const HtCase& c, const ref::RankRouting& rr) {
+  DevBuf idx(rr.topk_idx.size() * 8 + 16);
+  if (c.idx64)
+    idx.upload(rr.topk_idx);
+  else
+    idx.upload(toInt32(rr.topk_idx));
+  return idx;
+}
+
+// Scale words per received row: 0 for bf16.
+inline int scaleWords(const HtCase& c) {
+  if (c.dtype != ref::DType::kFp8E4M3) return 0;
+  return c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(c.hidden) : ref::num_scale_groups(c.hidden);
+}
+
+// Notify arguments of the case; the host counts go to *num_recv and *per_expert (sized to the local experts).
+inline ncclMoeNotifyArgs_t notifyArgs(const HtCase& c, int capacity, int num_ranks, const DevBuf& idx, int T,
+                                      int* num_recv, std::vector<int>* per_expert) {
+  ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+  na.topk_idx = idx.get();
+  na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
+  na.num_tokens = T;
+  na.topk = c.topk;
+  na.expert_alignment = c.alignment;
+  na.recv_capacity = c.worst_case ? num_ranks * capacity : 0;
+  per_expert->assign(c.num_experts / num_ranks, -1);
+  na.num_recv_tokens = num_recv;
+  na.num_recv_tokens_per_expert = per_expert->data();
+  return na;
+}
+
+// Dispatch arguments of the case from one rank's device inputs and outputs.
+inline ncclMoeDispatchArgs_t dispatchArgs(const HtCase& c, const DispatchInputs& in, const DispatchOutputs& out) {
+  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
+  ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+  da.x = in.x.get();
+  da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
+  da.hidden = c.hidden;
+  if (fp8) {
+    da.x_scales = in.scales.get();
+    da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
+    da.x_scales_token_stride = in.token_stride;
+    da.x_scales_channel_stride = in.word_stride;
+    da.recv_x_scales = out.scales.get();
+  }
+  da.topk_weights = c.weights ? in.weights.get<float>() : nullptr;
+  da.recv_x = out.x.get();
+  da.recv_topk_idx = out.idx.get();
+  da.recv_topk_weights = c.weights ? out.weights.get<float>() : nullptr;
+  da.num_sms = c.num_sms;
+  return da;
+}
+
+// One rank's combine: its inputs (expert outputs y of `rows` received rows, weights, biases) on the device, the
+// outputs, and the arguments that name them.
+struct CombineCall {
+  DevBuf y, yw, b0, b1, out, out_w;
+  ncclMoeCombineArgs_t args = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
+  int tokens = 0;
+
+  CombineCall(const HtCase& c, const Expected& e, int rank, int rows) : tokens(e.routing.ranks[rank].num_tokens) {
+    const size_t yrows = rows > 0 ? rows : 1, T = tokens, H = c.hidden, K = c.topk;
+    y.alloc(yrows * H * 2);
+    yw.alloc(yrows * K * 4);
+    b0.alloc(T * H * 2 + 16);
+    b1.alloc(T * H * 2 + 16);
+    out.alloc(T * H * 2 + 16);
+    out_w.alloc(T * K * 4 + 16);
+    y.upload(e.y[rank]);
+    yw.upload(e.yw[rank]);
+    b0.upload(e.b0[rank]);
+    b1.upload(e.b1[rank]);
+    args.x = y.get();
+    args.hidden = c.hidden;
+    args.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
+    args.combined_topk_weights = c.combine_weights ? out_w.get<float>() : nullptr;
+    args.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
+    args.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
+    args.combined_x = out.get();
+    args.num_sms = c.num_sms;
+  }
+
+  // The combined rows (and weights) against the reference, bitwise.
+  void check(const HtCase& c, const Expected& e, int rank) const {
+    const size_t H = c.hidden;
+    auto got = out.download<uint16_t>(tokens * H);
+    const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
+    EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / static_cast<long long>(H))
+                     << " channel " << (i < 0 ? -1 : i % static_cast<long long>(H)) << ": " << (i < 0 ? 0 : got[i])
+                     << " != " << (i < 0 ? 0 : e.c.x[rank][i]);
+    if (c.combine_weights) {
+      auto gw = out_w.download<float>(static_cast<size_t>(tokens) * c.topk);
+      EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size()))
+          << "rank " << rank << " combined weights";
+    }
+  }
+};
 
 // Worst-case mode with a capacity 5 rows short on rank 0: the overflow is reported on rank 0 only and no row past
 // the capacity is written. Runs whichever kernels NCCL_MOE_HT_KERNEL selects.

@@ -22,61 +22,21 @@ namespace {
 // The whole flow of one case on one rank. Non-fatal checks, so every rank reaches the collective destroy.
 void runRank(const HtCase& c, const Expected& e, World& world, int rank) {
   const int R = world.size();
-  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-  config.num_experts = c.num_experts;
-  config.hidden = c.hidden;
-  config.max_topk = c.topk;
-  config.max_tokens_per_rank = e.capacity;
-  config.num_sms = c.num_sms;
-  ncclMoeComm_t comm = nullptr;
-  ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
-  ncclMoeHandle_t handle = nullptr;
-  bool ok = ncclMoeHandleCreate(comm, &handle) == ncclSuccess;
-  EXPECT_TRUE(ok) << ncclMoeGetLastError(comm);
-  cudaStream_t stream;
-  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  auto step = [&](ncclResult_t res, const char* what) {
-    if (!ok) return;
-    if (res == ncclSuccess && cudaStreamSynchronize(stream) != cudaSuccess) res = ncclUnhandledCudaError;
-    ncclResult_t async = ncclSuccess;
-    if (res == ncclSuccess) ncclMoeCommGetAsyncError(comm, &async);
-    if (res != ncclSuccess || async != ncclSuccess) {
-      ADD_FAILURE() << "rank " << rank << " " << what << ": " << ncclMoeGetLastError(comm);
-      ok = false;
-    }
-  };
-
+  RankSession session(c, e.capacity, world, rank);
   const ref::RankRouting& rr = e.routing.ranks[rank];
   const int T = rr.num_tokens, K = c.topk, H = c.hidden;
-  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
-  const int scale_words = !fp8 ? 0
-                          : c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(H)
-                                                                  : ref::num_scale_groups(H);
-  DevBuf idx(rr.topk_idx.size() * 8 + 16);
-  if (c.idx64)
-    idx.upload(rr.topk_idx);
-  else
-    idx.upload(toInt32(rr.topk_idx));
-
-  ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
-  na.topk_idx = idx.get();
-  na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
-  na.num_tokens = T;
-  na.topk = K;
-  na.expert_alignment = c.alignment;
-  na.recv_capacity = c.worst_case ? R * e.capacity : 0;
+  const DevBuf idx = uploadIds(c, rr);
   int num_recv = -1;
-  const int El = c.num_experts / R;
-  std::vector<int> per_expert(El, -1);
-  na.num_recv_tokens = &num_recv;
-  na.num_recv_tokens_per_expert = per_expert.data();
-  step(ncclMoeDispatchNotify(comm, handle, &na, stream), "notify");
+  std::vector<int> per_expert;
+  ncclMoeNotifyArgs_t na = notifyArgs(c, e.capacity, R, idx, T, &num_recv, &per_expert);
+  if (session.ok())
+    session.finish(ncclMoeDispatchNotify(session.comm(), session.handle(), &na, session.stream()), "notify");
   const ref::HtRankRecv& want = e.d1.recv[rank];
   const int* d_count = nullptr;
   const int* d_per_expert = nullptr;
   const int* d_src_info = nullptr;
-  ncclMoeHandleRecvCountDevice(handle, &d_count, &d_per_expert, &d_src_info);
-  if (ok) {
+  if (session.ok()) {
+    ncclMoeHandleRecvCountDevice(session.handle(), &d_count, &d_per_expert, &d_src_info);
     if (!c.worst_case) {
       EXPECT_EQ(want.num_recv, num_recv) << "rank " << rank;
       EXPECT_EQ(want.num_recv_per_expert, per_expert) << "rank " << rank;
@@ -84,8 +44,8 @@ void runRank(const HtCase& c, const Expected& e, World& world, int rank) {
     int dev_count = -1;
     cudaMemcpy(&dev_count, d_count, 4, cudaMemcpyDeviceToHost);
     EXPECT_EQ(want.num_recv, dev_count) << "rank " << rank;
-    std::vector<int> dev_pe(El);
-    cudaMemcpy(dev_pe.data(), d_per_expert, 4 * El, cudaMemcpyDeviceToHost);
+    std::vector<int> dev_pe(per_expert.size());
+    cudaMemcpy(dev_pe.data(), d_per_expert, 4 * dev_pe.size(), cudaMemcpyDeviceToHost);
     EXPECT_EQ(want.num_recv_per_expert, dev_pe) << "rank " << rank;
     std::vector<int32_t> src(want.num_recv);
     if (want.num_recv > 0) cudaMemcpy(src.data(), d_src_info, 4 * src.size(), cudaMemcpyDeviceToHost);
@@ -94,65 +54,23 @@ void runRank(const HtCase& c, const Expected& e, World& world, int rank) {
   const int rows = c.worst_case ? R * e.capacity : (num_recv > 0 ? num_recv : 0);
 
   // Dispatch, then a cached re-dispatch of new data with the same handle.
-  for (int pass = 0; pass < 2 && ok; ++pass) {
+  for (int pass = 0; pass < 2 && session.ok(); ++pass) {
+    const char* what = pass == 0 ? "dispatch" : "cached dispatch";
     DispatchInputs in;
     uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, c.scale_layout, &in);
     DispatchOutputs out;
-    out.alloc(rows, H, K, fp8, c.idx64, scale_words);
-    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
-    da.x = in.x.get();
-    da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
-    da.hidden = H;
-    if (fp8) {
-      da.x_scales = in.scales.get();
-      da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
-      da.x_scales_token_stride = in.token_stride;
-      da.x_scales_channel_stride = in.word_stride;
-      da.recv_x_scales = out.scales.get();
-    }
-    da.topk_weights = c.weights ? in.weights.get<float>() : nullptr;
-    da.recv_x = out.x.get();
-    da.recv_topk_idx = out.idx.get();
-    da.recv_topk_weights = c.weights ? out.weights.get<float>() : nullptr;
-    da.num_sms = c.num_sms;
-    step(ncclMoeDispatch(comm, handle, &da, stream), pass == 0 ? "dispatch" : "cached dispatch");
-    if (ok) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, pass == 0 ? "dispatch" : "cached");
+    out.alloc(rows, H, K, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
+    ncclMoeDispatchArgs_t da = dispatchArgs(c, in, out);
+    session.finish(ncclMoeDispatch(session.comm(), session.handle(), &da, session.stream()), what);
+    if (session.ok()) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, what);
   }
 
   // Combine of the expert outputs y (in dispatch order).
-  if (ok) {
-    DevBuf y(static_cast<size_t>(rows > 0 ? rows : 1) * H * 2), yw(static_cast<size_t>(rows > 0 ? rows : 1) * K * 4);
-    y.upload(e.y[rank]);
-    yw.upload(e.yw[rank]);
-    DevBuf b0(static_cast<size_t>(T) * H * 2 + 16), b1(static_cast<size_t>(T) * H * 2 + 16);
-    b0.upload(e.b0[rank]);
-    b1.upload(e.b1[rank]);
-    DevBuf out(static_cast<size_t>(T) * H * 2 + 16), out_w(static_cast<size_t>(T) * K * 4 + 16);
-    ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
-    ca.x = y.get();
-    ca.hidden = H;
-    ca.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
-    ca.combined_topk_weights = c.combine_weights ? out_w.get<float>() : nullptr;
-    ca.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
-    ca.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
-    ca.combined_x = out.get();
-    ca.num_sms = c.num_sms;
-    step(ncclMoeCombine(comm, handle, &ca, stream), "combine");
-    if (ok) {
-      auto got = out.download<uint16_t>(static_cast<size_t>(T) * H);
-      const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
-      EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / H) << " channel "
-                       << (i < 0 ? -1 : i % H) << ": " << (i < 0 ? 0 : got[i]) << " != "
-                       << (i < 0 ? 0 : e.c.x[rank][i]);
-      if (c.combine_weights) {
-        auto gw = out_w.download<float>(static_cast<size_t>(T) * K);
-        EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size())) << "rank " << rank << " combined weights";
-      }
-    }
+  if (session.ok()) {
+    CombineCall cc(c, e, rank, rows);
+    session.finish(ncclMoeCombine(session.comm(), session.handle(), &cc.args, session.stream()), "combine");
+    if (session.ok()) cc.check(c, e, rank);
   }
-  cudaStreamDestroy(stream);
-  ncclMoeHandleDestroy(handle);
-  EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm)) << ncclMoeGetLastError(nullptr);
 }
 
 std::vector<HtCase> allCases() {

@@ -72,137 +72,51 @@ void enqueueInTurn(World& world, int rank, bool educational, Fn enqueue) {
 
 void runRank(const EduCase& c, const Expected& e, World& world, int rank) {
   const int R = world.size();
-  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-  config.num_experts = c.num_experts;
-  config.hidden = c.hidden;
-  config.max_topk = c.topk;
-  config.max_tokens_per_rank = e.capacity;
-  config.num_sms = c.num_sms;
-  ncclMoeComm_t comm = nullptr;
-  ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
-  ncclMoeHandle_t handle = nullptr;
-  bool ok = ncclMoeHandleCreate(comm, &handle) == ncclSuccess;
-  EXPECT_TRUE(ok) << ncclMoeGetLastError(comm);
-  cudaStream_t stream;
-  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  // Waits for an enqueued call and checks both its return value and the communicator's async error.
-  auto finish = [&](ncclResult_t res, const char* what) {
-    if (!ok) return;
-    if (res == ncclSuccess && cudaStreamSynchronize(stream) != cudaSuccess) res = ncclUnhandledCudaError;
-    ncclResult_t async = ncclSuccess;
-    if (res == ncclSuccess) ncclMoeCommGetAsyncError(comm, &async);
-    if (res != ncclSuccess || async != ncclSuccess) {
-      ADD_FAILURE() << "rank " << rank << " " << what << ": " << ncclMoeGetLastError(comm);
-      ok = false;
-    }
-  };
-
+  RankSession session(c, e.capacity, world, rank);
   const ref::RankRouting& rr = e.routing.ranks[rank];
   const int T = rr.num_tokens, K = c.topk, H = c.hidden;
-  const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
-  const int scale_words = !fp8                                   ? 0
-                          : c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(H)
-                                                                 : ref::num_scale_groups(H);
-  DevBuf idx(rr.topk_idx.size() * 8 + 16);
-  if (c.idx64)
-    idx.upload(rr.topk_idx);
-  else
-    idx.upload(toInt32(rr.topk_idx));
+  const DevBuf idx = uploadIds(c, rr);
 
   // Notify has one version; it fills the handle both dispatch versions read.
-  ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
-  na.topk_idx = idx.get();
-  na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
-  na.num_tokens = T;
-  na.topk = K;
-  na.expert_alignment = c.alignment;
-  na.recv_capacity = c.worst_case ? R * e.capacity : 0;
   int num_recv = -1;
-  const int El = c.num_experts / R;
-  std::vector<int> per_expert(El, -1);
-  na.num_recv_tokens = &num_recv;
-  na.num_recv_tokens_per_expert = per_expert.data();
-  if (ok) finish(ncclMoeDispatchNotify(comm, handle, &na, stream), "notify");
+  std::vector<int> per_expert;
+  ncclMoeNotifyArgs_t na = notifyArgs(c, e.capacity, R, idx, T, &num_recv, &per_expert);
+  if (session.ok())
+    session.finish(ncclMoeDispatchNotify(session.comm(), session.handle(), &na, session.stream()), "notify");
   const ref::HtRankRecv& want = e.d1.recv[rank];
-  if (ok && !c.worst_case) {
+  if (session.ok() && !c.worst_case) {
     EXPECT_EQ(want.num_recv, num_recv) << "rank " << rank;
     EXPECT_EQ(want.num_recv_per_expert, per_expert) << "rank " << rank;
   }
   const int rows = c.worst_case ? R * e.capacity : (num_recv > 0 ? num_recv : 0);
 
-  // Dispatch, then a cached re-dispatch of new data with the same handle.
+  // Dispatch, then a cached re-dispatch of new data with the same handle. Every rank takes its turns, failed or
+  // not (enqueueInTurn's barriers).
   for (int pass = 0; pass < 2; ++pass) {
     const char* what = pass == 0 ? "dispatch" : "cached dispatch";
     DispatchInputs in;
     DispatchOutputs out;
     ncclResult_t res = ncclSuccess;
-    if (ok) {
+    if (session.ok()) {
       uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, c.scale_layout, &in);
-      out.alloc(rows, H, K, fp8, c.idx64, scale_words);
+      out.alloc(rows, H, K, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
     }
-    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
-    da.x = in.x.get();
-    da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
-    da.hidden = H;
-    if (fp8) {
-      da.x_scales = in.scales.get();
-      da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
-      da.x_scales_token_stride = in.token_stride;
-      da.x_scales_channel_stride = in.word_stride;
-      da.recv_x_scales = out.scales.get();
-    }
-    da.topk_weights = c.weights ? in.weights.get<float>() : nullptr;
-    da.recv_x = out.x.get();
-    da.recv_topk_idx = out.idx.get();
-    da.recv_topk_weights = c.weights ? out.weights.get<float>() : nullptr;
-    da.num_sms = c.num_sms;
+    ncclMoeDispatchArgs_t da = dispatchArgs(c, in, out);
     enqueueInTurn(world, rank, educationalAt(c, pass, rank), [&] {
-      if (ok) res = ncclMoeDispatch(comm, handle, &da, stream);
+      if (session.ok()) res = ncclMoeDispatch(session.comm(), session.handle(), &da, session.stream());
     });
-    finish(res, what);
-    if (ok) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, what);
+    session.finish(res, what);
+    if (session.ok()) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, what);
   }
 
   // Combine of the expert outputs y (in dispatch order).
-  {
-    const size_t yrows = rows > 0 ? rows : 1;
-    DevBuf y(yrows * H * 2), yw(yrows * K * 4);
-    DevBuf b0(static_cast<size_t>(T) * H * 2 + 16), b1(static_cast<size_t>(T) * H * 2 + 16);
-    DevBuf out(static_cast<size_t>(T) * H * 2 + 16), out_w(static_cast<size_t>(T) * K * 4 + 16);
-    y.upload(e.y[rank]);
-    yw.upload(e.yw[rank]);
-    b0.upload(e.b0[rank]);
-    b1.upload(e.b1[rank]);
-    ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
-    ca.x = y.get();
-    ca.hidden = H;
-    ca.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
-    ca.combined_topk_weights = c.combine_weights ? out_w.get<float>() : nullptr;
-    ca.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
-    ca.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
-    ca.combined_x = out.get();
-    ca.num_sms = c.num_sms;
-    ncclResult_t res = ncclSuccess;
-    enqueueInTurn(world, rank, educationalAt(c, 2, rank), [&] {
-      if (ok) res = ncclMoeCombine(comm, handle, &ca, stream);
-    });
-    finish(res, "combine");
-    if (ok) {
-      auto got = out.download<uint16_t>(static_cast<size_t>(T) * H);
-      const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
-      EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / H) << " channel "
-                       << (i < 0 ? -1 : i % H) << ": " << (i < 0 ? 0 : got[i])
-                       << " != " << (i < 0 ? 0 : e.c.x[rank][i]);
-      if (c.combine_weights) {
-        auto gw = out_w.download<float>(static_cast<size_t>(T) * K);
-        EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size()))
-            << "rank " << rank << " combined weights";
-      }
-    }
-  }
-  cudaStreamDestroy(stream);
-  ncclMoeHandleDestroy(handle);
-  EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm)) << ncclMoeGetLastError(nullptr);
+  CombineCall cc(c, e, rank, rows);
+  ncclResult_t res = ncclSuccess;
+  enqueueInTurn(world, rank, educationalAt(c, 2, rank), [&] {
+    if (session.ok()) res = ncclMoeCombine(session.comm(), session.handle(), &cc.args, session.stream());
+  });
+  session.finish(res, "combine");
+  if (session.ok()) cc.check(c, e, rank);
 }
 
 std::vector<EduCase> allCases() {
