@@ -24,7 +24,9 @@
 
 namespace {
 
-constexpr int kExperts = 288, kHidden = 7168, kTopk = 8, kMaxTokens = 256, kIters = 200, kWarmup = 20;
+using Shape = ll_test::TargetShapeRank;
+constexpr int kExperts = Shape::kExperts, kHidden = Shape::kHidden, kTopk = Shape::kTopk;
+constexpr int kIters = 200, kWarmup = 20;
 
 struct Timing {
   int tokens = 0;
@@ -44,70 +46,24 @@ void runPerf(ll_test::World world, int n) {
   const int num_cases = 4;
   std::vector<std::vector<Timing>> results(n, std::vector<Timing>(num_cases));
   std::vector<int> sms(n);
-  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-  config.num_experts = kExperts;
-  config.hidden = kHidden;
-  config.max_topk = kTopk;
-  config.ll_max_tokens_per_rank = kMaxTokens;
   ll_test::Barrier barrier(n);
-  ll_test::forEachRankIn(world, n, config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+  ll_test::forEachRankIn(world, n, Shape::config(), [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
     sms[r] = comm->num_device_sms;
+    const int El = kExperts / n;
+    Shape shape(r, n, 1234 + static_cast<uint64_t>(r));
+    ASSERT_TRUE(shape.ok()) << "rank " << r << ": device buffers";
     ncclMoeHandle_t handle = nullptr;
     ASSERT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
-    const int El = kExperts / n;
-    const size_t RM = static_cast<size_t>(n) * kMaxTokens;
-    void *x, *idx, *w, *recv_x, *recv_scales, *recv_count, *y, *out;
-    cudaMalloc(&x, static_cast<size_t>(kMaxTokens) * kHidden * 2);
-    cudaMalloc(&idx, static_cast<size_t>(kMaxTokens) * kTopk * 8);
-    cudaMalloc(&w, static_cast<size_t>(kMaxTokens) * kTopk * 4);
-    cudaMalloc(&recv_x, El * RM * kHidden);
-    cudaMalloc(&recv_scales, El * RM * (kHidden / 128) * 4);
-    cudaMalloc(&recv_count, El * 4);
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&y, El * RM * kHidden * 2));
-    cudaMemset(y, 0, El * RM * kHidden * 2);
-    cudaMalloc(&out, static_cast<size_t>(kMaxTokens) * kHidden * 2);
-    // Activations: bf16 of +-(1 + m/8) * 2^e, e in [-4, 3].
-    nccl_moe::ref::Rng rng(1234 + static_cast<uint64_t>(r));
-    std::vector<uint16_t> hx(static_cast<size_t>(kMaxTokens) * kHidden);
-    for (auto& v : hx) {
-      const uint64_t h = rng.next();
-      v = static_cast<uint16_t>(((h & 1) << 15) | ((127 - 4 + ((h >> 1) % 8)) << 7) | ((h >> 8) & 0x70));
-    }
-    cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
-    std::vector<float> hw(static_cast<size_t>(kMaxTokens) * kTopk, 0.125f);
-    cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice);
 
     for (int ci = 0; ci < num_cases; ++ci) {
       const int T = token_counts[ci];
-      // Uniform routing: kTopk distinct experts per token (the reference's generator).
-      const std::vector<int64_t> hidx =
-          ll_test::uniformRouting(r, n, kExperts, kTopk, T, 1234 + static_cast<uint64_t>(T));
-      cudaMemcpyAsync(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice, stream);
-      cudaStreamSynchronize(stream);
+      shape.route(T, 1234 + static_cast<uint64_t>(T));
       std::vector<cudaEvent_t> ev(5 * kIters + 2);
       for (auto& e : ev) cudaEventCreate(&e);
       barrier.wait();  // every rank done allocating before any kernel waits on a peer
 
-      ncclMoeLLDispatchArgs_t da = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
-      da.x = x;
-      da.topk_idx = idx;
-      da.num_tokens = T;
-      da.hidden = kHidden;
-      da.topk = kTopk;
-      da.use_fp8 = 1;
-      da.scale_format = ncclMoeScaleFloat;
-      da.recv_x = recv_x;
-      da.recv_x_scales = recv_scales;
-      da.recv_count = static_cast<int*>(recv_count);
-      da.topk_weights = static_cast<const float*>(w);  // carried with the tokens: no weight exchange in combine
-      ncclMoeLLCombineArgs_t ca = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
-      ca.x = y;
-      ca.topk_idx = idx;
-      ca.topk_weights = nullptr;  // the dispatch's
-      ca.num_tokens = T;
-      ca.hidden = kHidden;
-      ca.topk = kTopk;
-      ca.out = out;
+      ncclMoeLLDispatchArgs_t da = shape.dispatchArgs(T);
+      ncclMoeLLCombineArgs_t ca = shape.combineArgs(T);
       auto D = [&](ncclMoePhase_t ph) {
         da.phase = ph;
         EXPECT_EQ(ncclSuccess, ncclMoeLowLatencyDispatch(comm, handle, &da, stream)) << ncclMoeGetLastError(comm);
@@ -124,7 +80,7 @@ void runPerf(ll_test::World world, int n) {
       // Received selections must add up (sum over experts of recv_count) -- a cheap sanity check.
       {
         std::vector<int> cnt(El);
-        cudaMemcpyAsync(cnt.data(), recv_count, El * 4, cudaMemcpyDeviceToHost, stream);
+        cudaMemcpyAsync(cnt.data(), shape.recvCount(), El * 4, cudaMemcpyDeviceToHost, stream);
         cudaStreamSynchronize(stream);
         long long got = 0;
         for (int c : cnt) got += c;
@@ -189,7 +145,6 @@ void runPerf(ll_test::World world, int n) {
       EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comm);
     }
     ncclMoeHandleDestroy(handle);
-    for (void* p : {x, idx, w, recv_x, recv_scales, recv_count, y, out}) cudaFree(p);
   });
 
   std::printf(

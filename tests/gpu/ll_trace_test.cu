@@ -24,7 +24,8 @@
 
 namespace {
 
-constexpr int kExperts = 288, kHidden = 7168, kTopk = 8, kMaxTokens = 256, kCalls = 30, kWarmup = 10;
+using Shape = ll_test::TargetShapeRank;
+constexpr int kCalls = 30, kWarmup = 10;
 constexpr int kMaxBlocks = 1024;
 
 __global__ void holdKernel(unsigned long long ns) {
@@ -80,67 +81,31 @@ TEST(LlTrace, DispatchTimeline) {
   if (std::getenv("NCCL_MOE_LL_TRACE") == nullptr) GTEST_SKIP() << "set NCCL_MOE_LL_TRACE=1 to run";
   const int n = ll_test::gpuRanks();
   if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-  config.num_experts = kExperts;
-  config.hidden = kHidden;
-  config.max_topk = kTopk;
-  config.ll_max_tokens_per_rank = kMaxTokens;
   const int token_counts[] = {1, 128};
   std::vector<std::string> text_of(2 * static_cast<size_t>(n));  // [case * n + rank]
   ll_test::Barrier barrier(n);
+  const ncclMoeConfig_t config = Shape::config();
   ll_test::forEachRankIn(ll_test::World::kGpus, n, config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    const int El = Shape::kExperts / n;
+    Shape shape(r, n, 77);
+    ASSERT_TRUE(shape.ok()) << "rank " << r << ": device buffers";
     ncclMoeHandle_t handle = nullptr;
     ASSERT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
-    const int El = kExperts / n;
-    const size_t RM = static_cast<size_t>(n) * kMaxTokens;
-    void *x, *idx, *w, *recv_x, *recv_scales, *recv_count, *y, *out, *one;
-    unsigned long long* trace;
+    void* one = nullptr;
+    unsigned long long* trace = nullptr;
     const size_t trace_words = static_cast<size_t>(kMaxBlocks) * nccl_moe::kLlTracePoints;
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&x, static_cast<size_t>(kMaxTokens) * kHidden * 2));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&idx, static_cast<size_t>(kMaxTokens) * kTopk * 8));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&w, static_cast<size_t>(kMaxTokens) * kTopk * 4));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_x, El * RM * kHidden));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_scales, El * RM * (kHidden / 128) * 4));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&recv_count, El * 4));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&y, El * RM * kHidden * 2));
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&out, static_cast<size_t>(kMaxTokens) * kHidden * 2));
     ASSERT_EQ(cudaSuccess, cudaMalloc(&one, sizeof(float)));
     ASSERT_EQ(cudaSuccess, cudaMalloc(&trace, trace_words * 8));
-    cudaMemset(y, 0, El * RM * kHidden * 2);
     cudaMemset(one, 0, sizeof(float));
-    const std::vector<uint16_t> hx =
-        nccl_moe::ref::make_bf16_rows(77, r, kMaxTokens, kHidden, nccl_moe::ref::ValueKind::kWide);
-    cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
-    std::vector<float> hw(static_cast<size_t>(kMaxTokens) * kTopk, 0.125f);
-    cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice);
     std::vector<unsigned long long> host(trace_words);
 
     for (int ci = 0; ci < 2; ++ci) {
       const int T = token_counts[ci];
-      const std::vector<int64_t> hidx =
-          ll_test::uniformRouting(r, n, kExperts, kTopk, T, 77 + static_cast<uint64_t>(T));
-      cudaMemcpy(idx, hidx.data(), hidx.size() * 8, cudaMemcpyHostToDevice);
+      shape.route(T, 77 + static_cast<uint64_t>(T));
       barrier.wait();
 
-      ncclMoeLLDispatchArgs_t da = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
-      da.x = x;
-      da.topk_idx = idx;
-      da.num_tokens = T;
-      da.hidden = kHidden;
-      da.topk = kTopk;
-      da.use_fp8 = 1;
-      da.scale_format = ncclMoeScaleFloat;
-      da.recv_x = recv_x;
-      da.recv_x_scales = recv_scales;
-      da.recv_count = static_cast<int*>(recv_count);
-      da.topk_weights = static_cast<const float*>(w);
-      ncclMoeLLCombineArgs_t ca = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
-      ca.x = y;
-      ca.topk_idx = idx;
-      ca.num_tokens = T;
-      ca.hidden = kHidden;
-      ca.topk = kTopk;
-      ca.out = out;
+      ncclMoeLLDispatchArgs_t da = shape.dispatchArgs(T);
+      ncclMoeLLCombineArgs_t ca = shape.combineArgs(T);
       auto align = [&] {
         ASSERT_EQ(ncclSuccess, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, comm->nccl, stream));
         holdKernel<<<1, 1, 0, stream>>>(20000);
@@ -236,7 +201,7 @@ TEST(LlTrace, DispatchTimeline) {
       text_of[static_cast<size_t>(ci) * n + r] = text;
     }
     ncclMoeHandleDestroy(handle);
-    for (void* p : {x, idx, w, recv_x, recv_scales, recv_count, y, out, one}) cudaFree(p);
+    cudaFree(one);
     cudaFree(trace);
   });
   for (const std::string& s : text_of) std::fputs(s.c_str(), stdout);

@@ -169,6 +169,87 @@ void forEachRankIn(World world, int n, const ncclMoeConfig_t& config, Fn fn) {
   }
 }
 
+// One rank's buffers and call arguments at the DeepEP-comparable decode shape (anchors.md) that the LL perf and
+// trace tests time: hidden 7168, top-8 of 288 experts, up to 256 tokens per rank, FP8 dispatch (float scales)
+// carrying top-k weights of 1/8, BF16 combine with the dispatch's weights. Activations: ref::make_bf16_rows.
+class TargetShapeRank {
+ public:
+  static constexpr int kExperts = 288, kHidden = 7168, kTopk = 8, kMaxTokens = 256;
+
+  static ncclMoeConfig_t config() {
+    ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
+    c.num_experts = kExperts;
+    c.hidden = kHidden;
+    c.max_topk = kTopk;
+    c.ll_max_tokens_per_rank = kMaxTokens;
+    return c;
+  }
+
+  TargetShapeRank(int rank, int num_ranks, uint64_t seed) : rank_(rank), num_ranks_(num_ranks) {
+    const size_t El = kExperts / num_ranks, RM = static_cast<size_t>(num_ranks) * kMaxTokens;
+    const size_t T = kMaxTokens, H = kHidden;
+    ok_ = alloc(&x_, T * H * 2) && alloc(&idx_, T * kTopk * 8) && alloc(&w_, T * kTopk * 4) &&
+          alloc(&recv_x_, El * RM * H) && alloc(&recv_scales_, El * RM * (H / 128) * 4) &&
+          alloc(&recv_count_, El * 4) && alloc(&y_, El * RM * H * 2) && alloc(&out_, T * H * 2);
+    if (!ok_) return;
+    cudaMemset(y_, 0, El * RM * H * 2);
+    const std::vector<uint16_t> hx =
+        nccl_moe::ref::make_bf16_rows(seed, rank, kMaxTokens, kHidden, nccl_moe::ref::ValueKind::kWide);
+    cudaMemcpy(x_, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
+    const std::vector<float> hw(T * kTopk, 0.125f);
+    cudaMemcpy(w_, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice);
+  }
+  ~TargetShapeRank() {
+    for (void* p : {x_, idx_, w_, recv_x_, recv_scales_, recv_count_, y_, out_})
+      if (p != nullptr) cudaFree(p);
+  }
+  TargetShapeRank(const TargetShapeRank&) = delete;
+  TargetShapeRank& operator=(const TargetShapeRank&) = delete;
+
+  bool ok() const { return ok_; }  // every buffer was allocated
+  int* recvCount() const { return static_cast<int*>(recv_count_); }
+
+  // Uploads the routing of T tokens: kTopk distinct experts per token, uniform (the reference's generator).
+  void route(int T, uint64_t seed) {
+    const std::vector<int64_t> h = uniformRouting(rank_, num_ranks_, kExperts, kTopk, T, seed);
+    cudaMemcpy(idx_, h.data(), h.size() * 8, cudaMemcpyHostToDevice);
+  }
+
+  ncclMoeLLDispatchArgs_t dispatchArgs(int T) const {
+    ncclMoeLLDispatchArgs_t a = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
+    a.x = x_;
+    a.topk_idx = idx_;
+    a.num_tokens = T;
+    a.hidden = kHidden;
+    a.topk = kTopk;
+    a.use_fp8 = 1;
+    a.scale_format = ncclMoeScaleFloat;
+    a.recv_x = recv_x_;
+    a.recv_x_scales = recv_scales_;
+    a.recv_count = recvCount();
+    a.topk_weights = static_cast<const float*>(w_);  // carried with the tokens: no weight exchange in combine
+    return a;
+  }
+  ncclMoeLLCombineArgs_t combineArgs(int T) const {
+    ncclMoeLLCombineArgs_t a = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
+    a.x = y_;
+    a.topk_idx = idx_;
+    a.topk_weights = nullptr;  // the dispatch's
+    a.num_tokens = T;
+    a.hidden = kHidden;
+    a.topk = kTopk;
+    a.out = out_;
+    return a;
+  }
+
+ private:
+  static bool alloc(void** p, size_t bytes) { return cudaMalloc(p, bytes) == cudaSuccess; }
+  int rank_, num_ranks_;
+  bool ok_ = false;
+  void *x_ = nullptr, *idx_ = nullptr, *w_ = nullptr, *recv_x_ = nullptr, *recv_scales_ = nullptr,
+       *recv_count_ = nullptr, *y_ = nullptr, *out_ = nullptr;
+};
+
 }  // namespace ll_test
 
 // Defines LlGpu.Name (one rank per GPU, needs 2) and LlEmulated.Name (emulatedRanks() ranks on GPU 0,
