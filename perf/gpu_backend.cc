@@ -123,14 +123,18 @@ class Collective {
       PERF_CUDA(holdStream(kHoldUs, rd_.stream));
     }
   }
+  // Where a rank runs (gathered once by the caller).
+  struct Place {
+    std::string host;
+    int pid;
+    int device;
+  };
   // Collective. Sets up the device start gate when every rank's GPU can reach every other's memory (same host:
   // peer access within the process, CUDA IPC across processes); otherwise barrier() keeps the plain hold.
-  // Returns whether the gate is on (the same on every rank).
-  bool setupGate() {
+  // `places` [rank]: every rank's host, process and device. Returns whether the gate is on (the same on every
+  // rank).
+  bool setupGate(const std::vector<Place>& places) {
     struct Entry {
-      char host[64];
-      int pid;
-      int device;
       long long* ptr;
       int ipc_ok;  // `ipc` is valid (needed only by peers in other processes)
       cudaIpcMemHandle_t ipc;
@@ -140,9 +144,6 @@ class Collective {
     gate_timed_out_.allocate(1);
     gate_timed_out_.zero(rd_.stream);
     Entry mine{};
-    ::gethostname(mine.host, sizeof(mine.host) - 1);
-    mine.pid = static_cast<int>(::getpid());
-    mine.device = rd_.device;
     mine.ptr = gate_flags_.get();
     mine.ipc_ok = cudaIpcGetMemHandle(&mine.ipc, mine.ptr) == cudaSuccess;
     if (!mine.ipc_ok) (void)cudaGetLastError();
@@ -150,18 +151,20 @@ class Collective {
     std::vector<char> bytes(sizeof(Entry));
     std::memcpy(bytes.data(), &mine, sizeof(Entry));
     const std::vector<char> all = allGather(bytes);
+    const Place& me = places[sz(rd_.rank)];
     std::vector<long long*> peers(sz(rd_.num_ranks), nullptr);
     for (int r = 0; r < rd_.num_ranks && ok; ++r) {
       Entry e;
       std::memcpy(&e, all.data() + sz(r) * sizeof(Entry), sizeof(Entry));
-      if (std::strncmp(e.host, mine.host, sizeof(e.host)) != 0) {
+      const Place& pl = places[sz(r)];
+      if (pl.host != me.host) {
         ok = false;
-      } else if (e.pid == mine.pid) {
+      } else if (pl.pid == me.pid) {
         int can = 0;
-        if (e.device != rd_.device) {
-          ok = cudaDeviceCanAccessPeer(&can, rd_.device, e.device) == cudaSuccess && can != 0;
+        if (pl.device != rd_.device) {
+          ok = cudaDeviceCanAccessPeer(&can, rd_.device, pl.device) == cudaSuccess && can != 0;
           if (ok) {
-            const cudaError_t err = cudaDeviceEnablePeerAccess(e.device, 0);
+            const cudaError_t err = cudaDeviceEnablePeerAccess(pl.device, 0);
             if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
             ok = err == cudaSuccess || err == cudaErrorPeerAccessAlreadyEnabled;
           }
@@ -1024,7 +1027,9 @@ void rankMain(Shared& sh, int local) {
   if (printer) printRankList(infos);
   const std::string gpu_name = infos[0].name;
   prog.set("start gate setup");
-  const bool gate = col.setupGate();
+  std::vector<Collective::Place> places;
+  for (const RankInfo& i : infos) places.push_back({i.host, i.pid, i.device});
+  const bool gate = col.setupGate(places);
   if (printer) {
     out(gate ? "# start gate: on (each timed call follows an NCCL barrier, a %d us hold and a device-side meeting "
                "of all ranks)\n"
