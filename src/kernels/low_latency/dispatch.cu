@@ -22,9 +22,9 @@
 //          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
 //          warp 1 waits for the peers' acks) and stores 16-byte chunks into every destination rank holding one
 //          of the token's experts (whole 128-byte lines where it can: the header by eight lanes at once, the fp8
-//          scales staged in shared memory and stored by one warp per destination). Each block with tokens (and block 0) then adds its arrival share to
-//          d.dispatch_count[s] of every peer d with a release; block 0 first stores d.dispatch_flag[s] =
-//          (tag << 32) | T.
+//          scales staged in shared memory and stored by one warp per destination). Each block with tokens (and
+//          block 0) then adds its arrival share to d.dispatch_count[s] of every peer d with a release; block 0
+//          first stores d.dispatch_flag[s] = (tag << 32) | T.
 //   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's count and flag, scans
 //          the headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in
 //          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
@@ -216,8 +216,8 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     if (tid < 4 * n4 - G) s_scale[G + tid] = 0.0f;
     __syncthreads();
     if (warp < R && ((mask >> warp) & 1)) {
-      int4* dst = reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, warp, p.half_offset), me, t) +
-                                          L.msg_scale_offset);
+      int4* dst =
+          reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, warp, p.half_offset), me, t) + L.msg_scale_offset);
       for (int i = lane; i < n4; i += 32) dev::st_na_v4(dst + i, reinterpret_cast<const int4*>(s_scale)[i]);
     }
   } else {
@@ -271,7 +271,7 @@ __device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, 
   return m & ((1u << K) - 1u);
 }
 
-constexpr int kMaskCache = 4;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
+constexpr int kMaskCache = 2;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
 
 // Stores scale unit q (float scales of groups 4q..4q+3, as the message holds them) of row i of expert j into
@@ -280,8 +280,8 @@ __device__ __forceinline__ void store_scale_unit(const LlDispatchParams& p, int 
   const int G = p.hidden / kScaleGroupElems;
   const bool packed = p.scale_format == 2;
   const int scale_words = packed ? (G + 3) / 4 : G;
-  uint32_t* srow = static_cast<uint32_t*>(p.recv_scales) +
-                   (static_cast<size_t>(j) * p.layout.slab_rows() + i) * scale_words;
+  uint32_t* srow =
+      static_cast<uint32_t*>(p.recv_scales) + (static_cast<size_t>(j) * p.layout.slab_rows() + i) * scale_words;
   const uint32_t f[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
                          static_cast<uint32_t>(v.w)};
   const int g0 = 4 * q;
