@@ -10,7 +10,7 @@
 //   ready       [E_l] int64: (tag << 32) | rows of local expert j, published by the block that placed expert j's rows
 //               of dispatch `tag` for the helper blocks that copy part of them (receive teams, dispatch.cu).
 //   dispatch    [R src][tokens] messages, slot (s, t) = token t of source rank s. A token is sent once per
-//               destination RANK (not once per expert). Message = LlMsgHeader (128 B: tag, token, local expert
+//               destination RANK (not once per expert). Message = LlMsgHeader (128 B: tagged local expert
 //               and top-k weight of every slot) | payload (H fp8 bytes or 2H bf16 bytes; room for 2*hidden) |
 //               scales (G floats, fp8 only).
 //   weights     [R src][tokens * topk] float32: top-k weights source s pushed at the start of its combine
@@ -37,19 +37,26 @@ constexpr size_t kLlMsgAlign = 128;     // dispatch message slots are whole 128-
 // exactly this, whatever the grid size), so a counter is complete for call `tag` at tag * kLlArrivalUnits.
 constexpr long long kLlArrivalUnits = 1ll << 20;
 
-// First 128 bytes of a dispatch message. local_expert[k] = local id on the destination rank of slot k's
-// expert, or -1 when slot k is unused or its expert lives elsewhere. `tag` = low 32 bits of the dispatch
-// epoch: a slot whose tag is not the current one was not sent in this dispatch. weight[k] = topk_weights[t, k]
-// when the dispatch was given weights (has_weights = 1), read by the combine's send half.
+// First 128 bytes of a dispatch message. slot_word[i] = tag (bits 0..31) | local expert of slot 2i on the
+// destination rank (bits 32..47) | of slot 2i + 1 (bits 48..63), each -1 when the slot is unused or its expert
+// lives elsewhere (ll_slot_word / ll_slot_tag / ll_slot_expert). `tag` = low 32 bits of the dispatch epoch.
+// Every word carries the tag and is stored and loaded as one 64-bit element (single-copy atomic), so a receiver
+// may read the words while they are being written: a word with this dispatch's tag is this dispatch's. A sender
+// writes the header of every token to every rank (the words of a rank holding none of its slots are all -1),
+// so a receiver that knows the source's token count knows which headers to wait for. weight[k] =
+// topk_weights[t, k] when the dispatch was given weights (read by the combine's send half, after the dispatch).
 struct LlMsgHeader {
-  int32_t tag;
-  int32_t src_token;
-  int32_t has_weights;
-  int32_t reserved;
-  int16_t local_expert[kLlMaxTopk];
-  int32_t pad[4];
+  uint64_t slot_word[kLlMaxTopk / 2];
   float weight[kLlMaxTopk];
 };
+__host__ __device__ inline uint64_t ll_slot_word(uint32_t tag, uint32_t expert_pair) {
+  return static_cast<uint64_t>(tag) | (static_cast<uint64_t>(expert_pair) << 32);
+}
+__host__ __device__ inline uint32_t ll_slot_tag(uint64_t word) { return static_cast<uint32_t>(word); }
+// Local expert of slot 2i + odd of word i (-1: none here).
+__host__ __device__ inline int ll_slot_expert(uint64_t word, int odd) {
+  return static_cast<int16_t>(static_cast<uint16_t>(word >> (32 + 16 * odd)));
+}
 static_assert(sizeof(LlMsgHeader) == kLlHeaderBytes, "header size");
 
 // Reset barrier: reset_flag[s] counts the resets rank s has reached (written by s); reset_count = own resets.

@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
       int msg_tag = 0, lid = -1, row = 0;
       float w = 0.0f;
       if (lane < K) {
-        msg_tag = *reinterpret_cast<const volatile int*>(msg);
-        lid = reinterpret_cast<const int16_t*>(msg + offsetof(LlMsgHeader, local_expert))[lane];
+        const uint64_t word = reinterpret_cast<const volatile LlMsgHeader*>(msg)->slot_word[lane / 2];
+        msg_tag = static_cast<int>(ll_slot_tag(word));
+        lid = ll_slot_expert(word, lane & 1);
         row = p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + lane];
         w = push ? L.combine_weights(my_half, s)[t * K + lane]
                  : reinterpret_cast<const float*>(msg + offsetof(LlMsgHeader, weight))[lane];

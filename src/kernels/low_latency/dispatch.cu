@@ -9,37 +9,44 @@
 // and records in the handle recv_src_info[j][i] = (s << 24) | t and recv_row[s][t][k] = i (for combine).
 //
 // Regions (src/mem/ll_layout.h, one LL half chosen by the host, alternating per dispatch):
-//   sender s writes into each destination d: dispatch message slot (s, t) (header + payload + scales) and
-//   d.control.dispatch_flag[s]; receiver d writes back s.control.dispatch_ack[d]. With args.topk_weights the
-//   header also carries the token's K weights (read by the combine's send half: no weight exchange there).
+//   sender s writes into each destination d: dispatch message slot (s, t) (header + payload + scales),
+//   d.control.dispatch_flag[s] and d.control.dispatch_count[s]; receiver d writes back s.control.dispatch_ack[d]. With
+//   args.topk_weights the header also carries the token's K weights (read by the combine's send half: no weight
+//   exchange there).
 //
 // Deduplication: a token is sent ONCE per destination rank (its header lists the local expert of every slot
 // that lives there); the receiver expands it into one row per (expert, slot). Bytes over NVLink per token
-// and peer: 128 + H (fp8) + 4*H/128, or 128 + 2H (bf16).
+// and peer: 128 + H (fp8) + 4*H/128, or 128 + 2H (bf16); 128 (the header alone) to a peer holding none of its
+// experts.
 //
 // Roles (grid = kBlocksPerSm blocks on every SM, kThreads per block):
 //   send:  block b casts/copies tokens t = b, b + grid, ... (all threads on one row, 16 channels a thread for
 //          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
-//          warp 1 waits for the peers' acks) and stores 16-byte chunks into every destination rank holding one
-//          of the token's experts (whole 128-byte lines where it can: the header by eight lanes at once, the fp8
-//          scales staged in shared memory and stored by one warp per destination). Each block with tokens (and
-//          block 0) then adds its arrival share to d.dispatch_count[s] of every peer d with a release; block 0
-//          first stores d.dispatch_flag[s] = (tag << 32) | T.
-//   recv:  block b owns local experts j = b, b + grid, ...: waits for every source's count and flag, scans
-//          the headers of all R * T_s slots once (warp per 32-token segment; the slot masks stay in
-//          registers), block prefix, which gives every row's position in (s, t, k) order (row -> message index
-//          kept in shared memory), then warps copy the rows item by item (a row = its payload units and then its
-//          scale units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
-//          flight) into the caller's slab. With at least two blocks per local expert, blocks j + k * E_l (k <
-//          team) help block j copy (receive_teams.h). Every receiving block adds its share to every
+//          warp 1 waits for the peers' acks). Block 0 then stores d.dispatch_flag[s] = (tag << 32) | T into every
+//          rank d. The token's header goes to EVERY rank (its slot words name the local experts there, all -1
+//          where it has none); its payload and scales go to the ranks holding one of its experts, in whole
+//          128-byte lines where it can (the header by eight lanes at once, the fp8 scales staged in shared
+//          memory and stored by one warp per destination). Each block with tokens (and block 0) then adds its
+//          arrival share to d.dispatch_count[s] of every peer d with a release.
+//   recv:  receive index b (receive_index: from the grid's last block in a Both kernel) owns local experts
+//          j = b, b + grid, ...: waits for every source's token flag, scans the headers of all R * T_s slots
+//          AS THEY ARRIVE (warp per 32-token segment, each lane polling its message's tagged slot words; the
+//          slot masks stay in registers), block prefix, which gives every row's position in (s, t, k) order
+//          (row -> message index kept in shared memory); only then waits for every source's count shares (the
+//          rows complete), and warps copy the rows item by item (a row = its payload units and then its scale
+//          units, 16 bytes each, in pieces of 32 x 8 for fp8 / 32 x 7 for bf16; all of a lane's loads in
+//          flight) into the caller's slab. With at least two receive indices per local expert, indices
+//          j + k * E_l (k < team) help j copy (receive_teams.h). Every receiving block adds its share to every
 //          source's s.dispatch_ack[d] (relaxed) and to the half's dispatch epoch.
 //
 // Signalling: tag = control.dispatch_epoch + 1 of this half, read from device memory (so a captured graph
 // stays valid across replays; every rank runs the same sequence of LL calls, so every rank's epoch of a half
-// agrees). Message headers carry the tag, so slots not written in this dispatch are recognised without
-// clearing anything. Before writing into d, a sender waits for d's ack of tag - 1 (d finished reading the
-// previous messages of this half). Every wait is bounded (wait.cuh); a failed wait leaves the kernel (its
-// block does not arrive, so no later flag is published and peers fail in turn).
+// agrees). Every slot word of a header carries the tag and is a single-copy-atomic 64-bit element
+// (LlMsgHeader), so a receiver may read a header while it is being written, and slots of earlier dispatches
+// are recognised without clearing anything. Before writing into d, a sender waits for d's ack of tag - 1 (d
+// finished reading the previous messages of this half). Every wait is bounded (wait.cuh; the header polls
+// too); a failed wait leaves the kernel (its block does not arrive, so no later flag is published and peers
+// fail in turn).
 //
 // Launch constraints: H % 128 == 0 with fp8 (H % 8 == 0 for bf16), T <= tokens of the layout (<= 4096),
 // K <= 16, E_l <= 32767. Phase split: the send half (do_send) returns after the last block's flag stores;
@@ -79,6 +86,14 @@ struct LlDispatchParams {
   unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
 };
 
+// The block's index in the receive roles (experts, teams, arrival shares). In a Both kernel it counts from the
+// grid's last block: with T <= grid / 2 the blocks that scan and place headers are not the ones waiting for the
+// release of their own sends (2 H200, 128 tokens: dispatch 16.2 -> 15.5 us; 4 H200: 21.2 us). A receive-only
+// kernel counts from block 0, the first blocks to start.
+__device__ __forceinline__ int receive_index(const LlDispatchParams& p) {
+  return p.do_send ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+}
+
 // Stores the time of `point` for this block when tracing (thread 0 only).
 __device__ __forceinline__ void trace_at(const LlDispatchParams& p, int point) {
   if (p.trace != nullptr && threadIdx.x == 0)
@@ -99,7 +114,7 @@ constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
 template <bool kFp8>
 __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
                                            long long ack_tag) {
-  __shared__ __align__(16) int16_t s_ids[kLlMaxRanks][kLlMaxTopk];  // header local_expert[] per destination
+  __shared__ __align__(16) int16_t s_ids[kLlMaxRanks][kLlMaxTopk];  // per destination: slot k's local expert
   __shared__ __align__(16) float s_w[kLlMaxTopk];
   __shared__ __align__(16) float s_scale[65536 / kScaleGroupElems];  // fp8: the row's scales (H <= 65536)
   __shared__ int s_mask;
@@ -149,21 +164,27 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     ok = dev::wait_geq(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
   if (__syncthreads_or(!ok)) return false;
   const int mask = s_mask;
+  // Block 0 publishes the token count as soon as the peers have consumed the previous messages of this half:
+  // receivers then know which headers to wait for and scan them as they arrive (the data is complete only at
+  // the senders' count shares).
+  if (ack != nullptr && blockIdx.x == 0 && tid < R)
+    dev::st_relaxed_sys(&L.control(ll::half_of(p.comm, tid, p.half_offset))->dispatch_flag[me],
+                        (static_cast<long long>(tag) << 32) | static_cast<long long>(p.num_tokens));
 
-  // Header: eight lanes per destination store its 128 bytes in one instruction (one full-line NVLink write;
-  // one thread storing 3-7 vectors was 3-7 partial writes). int4 i of LlMsgHeader: 0 tag / token / has_weights,
-  // 1-2 the local expert of slots 8(i-1).., 3 padding, 4-7 the weights of slots 4(i-4)...
-  if (tid < 8 * R && ((mask >> (tid / 8)) & 1)) {
+  // Header, to EVERY rank (receivers wait for the header of each of the source's tokens): eight lanes per
+  // destination store its 128 bytes in one instruction (one full-line NVLink write). Lanes 0-3: the tagged slot
+  // words 2i, 2i + 1 (local experts of slots 4i..4i+3) as 64-bit elements; lanes 4-7: the weights of slots
+  // 4(i-4)...
+  if (tid < 8 * R) {
     const int d = tid / 8, i = tid % 8;
-    int4 v = make_int4(0, 0, 0, 0);
-    if (i == 0)
-      v = make_int4(tag, t, p.topk_weights != nullptr, 0);
-    else if (i < 3)
-      v = reinterpret_cast<const int4*>(s_ids[d])[i - 1];
-    else if (i > 3)
-      v = reinterpret_cast<const int4*>(s_w)[i - 4];
     uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
-    dev::st_na_v4(reinterpret_cast<int4*>(msg) + i, v);
+    if (i < 4) {
+      const uint2 ids = reinterpret_cast<const uint2*>(s_ids[d])[i];
+      dev::st_relaxed_sys_v2(reinterpret_cast<uint64_t*>(msg) + 2 * i, ll_slot_word(tag, ids.x),
+                             ll_slot_word(tag, ids.y));
+    } else {
+      dev::st_na_v4(reinterpret_cast<int4*>(msg) + i, reinterpret_cast<const int4*>(s_w)[i - 4]);
+    }
   }
 
   if constexpr (kFp8) {
@@ -249,26 +270,51 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
 // Receive
 // ---------------------------------------------------------------------------------------------------------
 
-// Bit k set when slot k of message (s, t) of this dispatch names local expert j.
-__device__ __forceinline__ uint32_t slot_mask(const LlLayout& L, uint8_t* half, int s, int t, int tokens_s, int tag,
-                                              int j, int K) {
-  if (t >= tokens_s) return 0;
-  // All header words are loaded before the tag is checked: one round trip instead of two.
-  const uint8_t* msg = L.dispatch_msg(half, s, t);
-  const int4 h = dev::ld_v4(reinterpret_cast<const int4*>(msg));
-  const int4 a = dev::ld_v4(reinterpret_cast<const int4*>(msg + 16));
-  const int4 b = K > 8 ? dev::ld_v4(reinterpret_cast<const int4*>(msg + 32)) : make_int4(-1, -1, -1, -1);
-  if (h.x != tag) return 0;
-  const uint32_t w[8] = {static_cast<uint32_t>(a.x), static_cast<uint32_t>(a.y), static_cast<uint32_t>(a.z),
-                         static_cast<uint32_t>(a.w), static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y),
-                         static_cast<uint32_t>(b.z), static_cast<uint32_t>(b.w)};
+// Loads the slot words of message (s, t) that cover slots < K: slots 0-7 in one round trip, 8-15 in a second
+// (K > 8; fewer live registers). Returns whether every one carries `tag` (this dispatch's header is here);
+// *mask = bit k set when slot k names local expert j.
+__device__ __forceinline__ bool header_mask(const LlLayout& L, uint8_t* half, int s, int t, uint32_t tag, int j, int K,
+                                            uint32_t* mask) {
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(L.dispatch_msg(half, s, t));
+  bool here = true;
   uint32_t m = 0;
+  for (int h = 0; 8 * h < K; ++h) {
+    uint64_t w[4];
+    dev::ld_relaxed_sys_v2(words + 4 * h, &w[0], &w[1]);
+    if (8 * h + 4 < K)
+      dev::ld_relaxed_sys_v2(words + 4 * h + 2, &w[2], &w[3]);
+    else
+      w[2] = w[3] = ll_slot_word(tag, 0xffffffffu);  // slots past K: nothing to wait for
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    if (static_cast<int16_t>(w[i] & 0xffffu) == j) m |= 1u << (2 * i);
-    if (static_cast<int16_t>(w[i] >> 16) == j) m |= 1u << (2 * i + 1);
+    for (int i = 0; i < 4; ++i) {
+      here = here && ll_slot_tag(w[i]) == tag;
+      if (ll_slot_expert(w[i], 0) == j) m |= 1u << (8 * h + 2 * i);
+      if (ll_slot_expert(w[i], 1) == j) m |= 1u << (8 * h + 2 * i + 1);
+    }
   }
-  return m & ((1u << K) - 1u);
+  *mask = m & ((1u << K) - 1u);
+  return here;
+}
+
+constexpr unsigned kHeaderPollNs = 200;  // pause between polls of a header that has not arrived
+
+// header_mask until the header of message (s, t) is this dispatch's; bounded like every wait (wait.cuh).
+__device__ __forceinline__ bool wait_header(const LlDispatchParams& p, uint8_t* half, int s, int t, uint32_t tag, int j,
+                                            uint32_t* mask) {
+  const uint64_t start = dev::globaltimer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    __nanosleep(kHeaderPollNs);
+    if (header_mask(p.layout, half, s, t, tag, j, p.topk, mask)) return true;
+    if ((spins & 63u) == 0) {
+      if (dev::error_recorded(p.comm)) return false;
+      if (dev::globaltimer_ns() - start > p.comm.timeout_ns) {
+        const uint64_t w0 = reinterpret_cast<const volatile uint64_t*>(p.layout.dispatch_msg(half, s, t))[0];
+        dev::record_error(p.comm, kErrTimeout, Phase::kLlDispatchRecv, s, static_cast<long long>(ll_slot_tag(w0)),
+                          static_cast<long long>(tag));
+        return false;
+      }
+    }
+  }
 }
 
 constexpr int kMaskCache = 2;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
@@ -358,10 +404,11 @@ __device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my
 }
 
 template <bool kFp8>
-__device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag, int team,
-                                            const int* s_tokens, const int* s_seg_first, int* s_seg_base,
-                                            int num_segments) {
+__device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag, int team,
+                                            bool rows_here, const int* s_tokens, const int* s_seg_first,
+                                            int* s_seg_base, int num_segments) {
   __shared__ int s_total;
+  __shared__ int s_failed;
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -369,7 +416,10 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   const int slab_rows = L.slab_rows();
   int* src_info = p.recv_src_info + static_cast<size_t>(j) * slab_rows;
 
-  // Pass 1: rows per 32-token segment (the first kMaskCache masks of a lane stay in registers for pass 2).
+  // Pass 1: rows per 32-token segment, each lane waiting for its message's header (they arrive before the rows;
+  // the first kMaskCache masks of a lane stay in registers for pass 2).
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
   uint32_t cached[kMaskCache];
   {
     int i = 0;
@@ -377,7 +427,10 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
       int s = 0;
       while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
       const int t = (seg - s_seg_first[s]) * 32 + lane;
-      const uint32_t m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
+      uint32_t m = 0;
+      if (t < s_tokens[s] && !header_mask(L, my_half, s, t, tag, j, K, &m) &&
+          !wait_header(p, my_half, s, t, tag, j, &m))
+        s_failed = 1;
 #pragma unroll
       for (int c = 0; c < kMaskCache; ++c)
         if (c == i) cached[c] = m;
@@ -386,6 +439,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     }
   }
   __syncthreads();
+  if (s_failed) return false;
   // Exclusive prefix over segments (their order is (s, t) order).
   if (warp == 0) {
     int carry = 0;
@@ -398,7 +452,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
     if (lane == 0) s_total = carry;
   }
   __syncthreads();
-  const bool first_expert = j == static_cast<int>(blockIdx.x);
+  const bool first_expert = j == receive_index(p);
   if (first_expert) trace_at(p, kLlTraceRecvScanned);
   // Pass 2: every (s, t, k) gets its row; record provenance for the caller and for combine.
   {
@@ -412,8 +466,8 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
 #pragma unroll
         for (int c = 0; c < kMaskCache; ++c)
           if (c == i) m = cached[c];
-      } else {
-        m = slot_mask(L, my_half, s, t, s_tokens[s], tag, j, K);
+      } else if (t < s_tokens[s]) {
+        header_mask(L, my_half, s, t, tag, j, K, &m);  // here since pass 1
       }
       const int cnt = __popc(m);
       int row = s_seg_base[seg] + ll::warp_inclusive_scan(cnt) - cnt;
@@ -429,8 +483,15 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
       }
     }
   }
-  __syncthreads();  // s_msg / src_info rows written above are read by other threads below
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
+  // The rows: complete once every send block of every source has added its share (acquire; the block barrier
+  // hands them to the other warps and, through the release of `ready`, to the team).
+  bool ok = true;
+  if (!rows_here && warp == 0 && lane < R)
+    ok = dev::wait_geq(p.comm, &L.control(my_half)->dispatch_count[lane], static_cast<long long>(tag) * kLlArrivalUnits,
+                       Phase::kLlDispatchRecv, lane);
+  if (__syncthreads_or(!ok)) return false;  // also: s_msg / src_info rows written above are read below
+  if (first_expert) trace_at(p, kLlTraceRecvReady);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
   if (team > 1 && tid == 0)  // the team's other blocks copy part of the rows (src_info is written above)
@@ -442,6 +503,7 @@ __device__ __forceinline__ void recv_expert(const LlDispatchParams& p, uint8_t* 
   }
   __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
   if (first_expert) trace_at(p, kLlTraceRecvCopied);
+  return true;
 }
 
 template <bool kFp8>
@@ -491,7 +553,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
     }
     // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
-    // stores; no grid-wide counter, no last block. Block 0 stores the token count before its add.
+    // stores; no grid-wide counter, no last block. Block 0 without tokens stores the count (0) before its add.
     const int b = blockIdx.x, grid = gridDim.x;
     if (b < p.num_tokens || b == 0) {
       const int senders = p.num_tokens < grid ? (p.num_tokens > 0 ? p.num_tokens : 1) : grid;
@@ -499,7 +561,8 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       __syncthreads();
       if (tid < R) {
         LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
-        if (b == 0) peer_ctrl->dispatch_flag[me] = (epoch_tag << 32) | static_cast<long long>(p.num_tokens);
+        if (b == 0 && p.num_tokens == 0)  // (with tokens, send_token published it before the rows)
+          peer_ctrl->dispatch_flag[me] = epoch_tag << 32;
         dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
       }
       trace_at(p, kLlTraceSendArrived);
@@ -507,7 +570,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   }
 
   if (p.do_recv) {
-    const int b = blockIdx.x, grid = gridDim.x;
+    const int b = receive_index(p), grid = gridDim.x;
     // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
     // return at once.
     const int E_l = L.num_local_experts;
@@ -529,20 +592,23 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       if (s_rows < 0) return;
       copy_rows<kFp8>(p, my_half, j, s_rows, member * ll::kWarps + warp, team * ll::kWarps, nullptr);
     } else if (b < E_l) {
-      // Warp 0: completion of every send block of source `lane` (acquire: their messages are visible after
-      // the block barrier). Warp 1, at the same time: the source's token count (block 0 of the source
-      // stores it before its share, so it is this dispatch's once its tag is there).
+      // Every source's token count (block 0 of the source publishes it before its rows, so it is this
+      // dispatch's once its tag is there). recv_expert scans the headers as they arrive and waits for the
+      // sources' count shares (the rows complete) only before its copy.
+      // Warp 1 meanwhile looks (acquire) whether the rows are complete already, as for a receive-only kernel
+      // after its send half: then recv_expert does not wait for them a second time.
+      __shared__ int s_rows_here;
       bool ok = true;
       if (warp == 0 && lane < R) {
-        ok = dev::wait_geq(p.comm, &ctrl->dispatch_count[lane], epoch_tag * kLlArrivalUnits, Phase::kLlDispatchRecv,
-                           lane);
-      } else if (warp == 1 && lane < R) {
         ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
         const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
         s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
+      } else if (warp == 1) {
+        const bool here = lane >= R || dev::ld_acquire_sys(&ctrl->dispatch_count[lane]) >= epoch_tag * kLlArrivalUnits;
+        const bool all_here = __all_sync(0xffffffffu, here);
+        if (lane == 0) s_rows_here = all_here;
       }
       if (__syncthreads_or(!ok)) return;
-      trace_at(p, kLlTraceRecvReady);
       if (tid == 0) {
         int first = 0;
         for (int s = 0; s < R; ++s) {
@@ -553,8 +619,10 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       }
       __syncthreads();
       const int num_segments = s_seg_first[R];
-      for (int j = blockIdx.x; j < L.num_local_experts; j += gridDim.x)
-        recv_expert<kFp8>(p, my_half, j, tag, team, s_tokens, s_seg_first, s_seg_base, num_segments);
+      for (int j = b; j < L.num_local_experts; j += gridDim.x)
+        if (!recv_expert<kFp8>(p, my_half, j, tag, team, s_rows_here != 0, s_tokens, s_seg_first, s_seg_base,
+                               num_segments))
+          return;
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,

@@ -12,8 +12,8 @@ enum LlTracePoint {
   kLlTraceTag,          // epoch loaded (tag known)
   kLlTraceSendStored,   // send: all of the block's tokens stored (before the arrival barrier)
   kLlTraceSendArrived,  // send: the block's arrival adds issued
-  kLlTraceRecvReady,    // receive: every source's count and token flag seen
-  kLlTraceRecvScanned,  // receive, first expert: headers scanned, block prefix done
+  kLlTraceRecvReady,    // receive, first expert: every source's count shares seen (after the placement)
+  kLlTraceRecvScanned,  // receive, first expert: headers scanned as they arrived, block prefix done
   kLlTraceRecvPlaced,   // receive, first expert: rows assigned, provenance written
   kLlTraceRecvCopied,   // receive, first expert: payload and scales copied
   kLlTraceExit,         // block done (after its receive arrival)
