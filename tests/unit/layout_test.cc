@@ -3,7 +3,9 @@
 // every rank count the kernels support (1..8, so the 8-rank layout is checked without 8 GPUs).
 #include <gtest/gtest.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "mem/buffer_layout.h"
 #include "nccl_moe.h"
@@ -87,6 +89,38 @@ TEST(Layout, HtRegionGrowsLinearlyWithCapacity) {
   // Doubling the capacity doubles the per-row arrays: at least R * 1024 more rows of 2*H bytes.
   EXPECT_GE(b - a, 4ull * 1024 * 2 * 7168);
   EXPECT_LT(b, 2 * a + 2 * nccl_moe::kRegionAlign * 8);
+}
+
+// The LL header's slot words (ll_layout.h): each 64-bit word carries the dispatch tag and the local experts of two
+// slots, as the send kernel builds them from a pair of int16 ids in shared memory and the receivers decode them.
+TEST(Layout, LlSlotWordsCarryTagAndTwoExperts) {
+  using nccl_moe::ll_slot_expert;
+  using nccl_moe::ll_slot_tag;
+  using nccl_moe::ll_slot_word;
+  const uint32_t tags[] = {1u, 2u, 0x7fffffffu, 0xfffffffeu};
+  const int16_t ids[] = {-1, 0, 1, 143, 32767};
+  for (uint32_t tag : tags) {
+    for (int16_t a : ids) {
+      for (int16_t b : ids) {
+        const int16_t pair_ids[2] = {a, b};  // slot 2i, slot 2i + 1, as in the kernel's s_ids row
+        uint32_t pair = 0;
+        std::memcpy(&pair, pair_ids, sizeof(pair));
+        const uint64_t w = ll_slot_word(tag, pair);
+        EXPECT_EQ(tag, ll_slot_tag(w));
+        EXPECT_EQ(a, ll_slot_expert(w, 0)) << "tag " << tag << " slots " << a << "," << b;
+        EXPECT_EQ(b, ll_slot_expert(w, 1)) << "tag " << tag << " slots " << a << "," << b;
+        EXPECT_NE(tag, ll_slot_tag(ll_slot_word(tag - 1, pair))) << "an earlier dispatch's word is not this one's";
+      }
+    }
+  }
+  // Zeroed messages (ncclMoeLowLatencyReset) carry tag 0, which no dispatch uses (tags start at 1).
+  EXPECT_EQ(0u, ll_slot_tag(0));
+  // The receivers' stand-in for slots past K: tagged, no expert.
+  EXPECT_EQ(-1, ll_slot_expert(ll_slot_word(5, 0xffffffffu), 0));
+  EXPECT_EQ(-1, ll_slot_expert(ll_slot_word(5, 0xffffffffu), 1));
+  // Eight words for the 16 slots, then the 16 weights: 128 bytes, the weights where the combine reads them.
+  EXPECT_EQ(64u, offsetof(nccl_moe::LlMsgHeader, weight));
+  EXPECT_EQ(nccl_moe::kLlHeaderBytes, sizeof(nccl_moe::LlMsgHeader));
 }
 
 }  // namespace
