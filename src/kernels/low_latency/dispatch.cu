@@ -49,7 +49,7 @@
 // fail in turn).
 //
 // Launch constraints: H % 128 == 0 with fp8 (H % 8 == 0 for bf16), T <= tokens of the layout (<= 4096),
-// K <= 16, E_l <= 32767. Phase split: the send half (do_send) returns after the last block's flag stores;
+// K <= 16, E_l <= 32767. Phase split: the send half (do_send) returns after the last block's count-share adds;
 // the receive half (do_recv) is a separate launch; phase Both runs both in one kernel.
 #include <cuda_runtime.h>
 
@@ -571,8 +571,8 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 
   if (p.do_recv) {
     const int b = receive_index(p), grid = gridDim.x;
-    // Blocks with local experts wait, expand and arrive (block 0 arrives even without experts); the others
-    // return at once.
+    // Receive indices b (receive_index) with local experts wait, expand and arrive (index 0 arrives even without
+    // experts); the others return at once.
     const int E_l = L.num_local_experts;
     // Receive teams (receive_teams.h): on 4 ranks only 72 of 264 blocks received, with up to ~25 rows each.
     const ll::ReceiveTeams rt = ll::receive_teams(E_l, grid);

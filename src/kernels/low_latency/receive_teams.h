@@ -1,12 +1,15 @@
-// Receive teams of the low-latency dispatch (dispatch.cu): which blocks receive, and how a team shares one local
-// expert's copy. Pure arithmetic, host and device (unit-tested in tests/unit/ll_teams_test.cc).
+// Receive teams of the low-latency dispatch (dispatch.cu): which receive indices receive, and how a team shares
+// one local expert's copy. Pure arithmetic, host and device (unit-tested in tests/unit/ll_teams_test.cc). A receive
+// index is a block's place in the receive roles (dispatch.cu receive_index: counted from the grid's last block in
+// a kernel that also sends, from block 0 in a receive-only kernel).
 //
-// When the grid has at least two blocks per local expert (few local experts: 4 or more ranks at 288 experts),
-// local expert j is received by blocks j + k * E_l, k < team <= kMaxTeam. Block j waits for the peers, scans and
-// places as it would alone, then publishes the placement (expert_ready[j], after src_info is written); the other
-// members wait on that local word only (not on the peers' counters: extra pollers there were measured slower), and
-// member k's warp w copies the (row, piece) items k * kWarps + w, + team * kWarps, ... Otherwise (team 1) block b
-// receives local experts b, b + grid, ... Every receiving block acks (its share of `receivers`).
+// When the grid has at least two receive indices per local expert (few local experts: 4 or more ranks at 288
+// experts), local expert j is received by indices j + k * E_l, k < team <= kMaxTeam. Index j waits for the token
+// counts, scans and places as it would alone, waits for the rows, then publishes the placement (expert_ready[j],
+// after src_info is written); the other members wait on that local word only (not on the peers' counters: extra
+// pollers there were measured slower), and member k's warp w copies the (row, piece) items k * kWarps + w,
+// + team * kWarps, ... Otherwise (team 1) index b receives local experts b, b + grid, ... Every receiving index
+// acks (its share of `receivers`).
 #pragma once
 
 #include <cuda_runtime.h>  // __host__ __device__ for host compilers too
@@ -17,8 +20,8 @@ namespace ll {
 constexpr int kMaxTeam = 8;
 
 struct ReceiveTeams {
-  int team;       // blocks per local expert (1: no teams)
-  int receivers;  // blocks that receive and ack: [0, receivers)
+  int team;       // receive indices per local expert (1: no teams)
+  int receivers;  // receive indices that receive and ack: [0, receivers)
 };
 
 __host__ __device__ __forceinline__ ReceiveTeams receive_teams(int num_local_experts, int grid) {
