@@ -25,8 +25,8 @@
 //          warp 1 waits for the peers' acks). Block 0 then stores d.dispatch_flag[s] = (tag << 32) | T into every
 //          rank d. The token's header goes to EVERY rank (its slot words name the local experts there, all -1
 //          where it has none); its payload and scales go to the ranks holding one of its experts, in whole
-//          128-byte lines where it can (the header by eight lanes at once, the fp8 scales staged in shared
-//          memory and stored by one warp per destination). Each block with tokens (and block 0) then adds its
+//          writes where it can (the header by eight lanes, the fp8 scales staged in shared memory and stored
+//          by one warp per destination). Each block with tokens (and block 0) then adds its
 //          arrival share to d.dispatch_count[s] of every peer d with a release.
 //   recv:  receive index b (receive_index: from the grid's last block in a Both kernel) owns local experts
 //          j = b, b + grid, ...: waits for every source's token flag, scans the headers of all R * T_s slots
@@ -172,9 +172,8 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
                         (static_cast<long long>(tag) << 32) | static_cast<long long>(p.num_tokens));
 
   // Header, to EVERY rank (receivers wait for the header of each of the source's tokens): eight lanes per
-  // destination store its 128 bytes in one instruction (one full-line NVLink write). Lanes 0-3: the tagged slot
-  // words 2i, 2i + 1 (local experts of slots 4i..4i+3) as 64-bit elements; lanes 4-7: the weights of slots
-  // 4(i-4)...
+  // destination, in two instructions (two 64-byte writes). Lanes 0-3: the tagged slot words 2i, 2i + 1 (local
+  // experts of slots 4i..4i+3) as 64-bit elements; lanes 4-7: the weights of slots 4(i-4)...
   if (tid < 8 * R) {
     const int d = tid / 8, i = tid % 8;
     uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
