@@ -24,10 +24,10 @@
 //          fp8: 8 lanes = one 128-channel scale group; the row is loaded while warp 0 resolves the routing and
 //          warp 1 waits for the peers' acks). Block 0 then stores d.dispatch_flag[s] = (tag << 32) | T into every
 //          rank d. The token's header goes to EVERY rank (its slot words name the local experts there, all -1
-//          where it has none); its payload and scales go to the ranks holding one of its experts, in whole
-//          writes where it can (the header by eight lanes, the fp8 scales staged in shared memory and stored
-//          by one warp per destination). Each block with tokens (and block 0) then adds its
-//          arrival share to d.dispatch_count[s] of every peer d with a release.
+//          where it has none); its payload and scales go to the ranks holding one of its experts (the header by
+//          eight lanes, the fp8 scales staged in shared memory and stored by one warp per destination, in
+//          whole 16-byte vectors). Each block with tokens (and block 0) then adds its arrival share to
+//          d.dispatch_count[s] of every peer d with a release.
 //   recv:  receive index b (receive_index: from the grid's last block in a Both kernel) owns local experts
 //          j = b, b + grid, ...: waits for every source's token flag, scans the headers of all R * T_s slots
 //          AS THEY ARRIVE (warp per 32-token segment, each lane polling its message's tagged slot words; the
