@@ -335,25 +335,11 @@ TEST(HtStress, RandomBackToBackCalls) {
       const HtCase& c = iters[i].c;
       const Expected& e = iters[i].e;
       const ref::RankRouting& rr = e.routing.ranks[rank];
-      const int T = rr.num_tokens, K = c.topk, H = c.hidden;
-      const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
-      const int scale_words = !fp8 ? 0
-                              : c.format == ref::ScaleFormat::kUe8m0 ? ref::num_packed_scales(H)
-                                                                      : ref::num_scale_groups(H);
-      DevBuf idx(rr.topk_idx.size() * 8 + 16);
-      if (c.idx64)
-        idx.upload(rr.topk_idx);
-      else
-        idx.upload(toInt32(rr.topk_idx));
-      ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
-      na.topk_idx = idx.get();
-      na.topk_idx_type = c.idx64 ? ncclMoeIndexInt64 : ncclMoeIndexInt32;
-      na.num_tokens = T;
-      na.topk = K;
-      na.expert_alignment = c.alignment;
-      na.recv_capacity = c.worst_case ? n * cap : 0;
+      const int T = rr.num_tokens;
+      const DevBuf idx = uploadIds(c, rr);
       int num_recv = -1;
-      na.num_recv_tokens = &num_recv;
+      std::vector<int> per_expert;
+      ncclMoeNotifyArgs_t na = notifyArgs(c, cap, n, idx, T, &num_recv, &per_expert);
       if (ncclMoeDispatchNotify(comm, handle, &na, stream) != ncclSuccess) {
         ADD_FAILURE() << "rank " << rank << " iter " << i << " notify: " << ncclMoeGetLastError(comm);
         ok = false;
@@ -364,50 +350,17 @@ TEST(HtStress, RandomBackToBackCalls) {
       DispatchOutputs out[2];
       for (int pass = 0; pass < 2 && ok; ++pass) {
         uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, static_cast<int>(i % 3), &in[pass]);
-        out[pass].alloc(rows, H, K, fp8, c.idx64, scale_words);
-        ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
-        da.x = in[pass].x.get();
-        da.dtype = fp8 ? ncclMoeFp8E4M3 : ncclMoeBfloat16;
-        da.hidden = H;
-        if (fp8) {
-          da.x_scales = in[pass].scales.get();
-          da.scale_format = c.format == ref::ScaleFormat::kUe8m0 ? ncclMoeScaleUe8m0 : ncclMoeScaleFloat;
-          da.x_scales_token_stride = in[pass].token_stride;
-          da.x_scales_channel_stride = in[pass].word_stride;
-          da.recv_x_scales = out[pass].scales.get();
-        }
-        da.topk_weights = c.weights ? in[pass].weights.get<float>() : nullptr;
-        da.recv_x = out[pass].x.get();
-        da.recv_topk_idx = out[pass].idx.get();
-        da.recv_topk_weights = c.weights ? out[pass].weights.get<float>() : nullptr;
-        da.num_sms = c.num_sms;
+        out[pass].alloc(rows, c.hidden, c.topk, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
+        ncclMoeDispatchArgs_t da = dispatchArgs(c, in[pass], out[pass]);
         if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
           ADD_FAILURE() << "rank " << rank << " iter " << i << " dispatch: " << ncclMoeGetLastError(comm);
           ok = false;
         }
       }
-      const size_t yrows = rows > 0 ? rows : 1;
-      DevBuf y(yrows * H * 2), yw(yrows * K * 4), b0(static_cast<size_t>(T) * H * 2 + 16),
-          b1(static_cast<size_t>(T) * H * 2 + 16), cout(static_cast<size_t>(T) * H * 2 + 16),
-          cw(static_cast<size_t>(T) * K * 4 + 16);
-      y.upload(e.y[rank]);
-      yw.upload(e.yw[rank]);
-      b0.upload(e.b0[rank]);
-      b1.upload(e.b1[rank]);
-      if (ok) {
-        ncclMoeCombineArgs_t ca = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
-        ca.x = y.get();
-        ca.hidden = H;
-        ca.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
-        ca.combined_topk_weights = c.combine_weights ? cw.get<float>() : nullptr;
-        ca.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
-        ca.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
-        ca.combined_x = cout.get();
-        ca.num_sms = c.num_sms;
-        if (ncclMoeCombine(comm, handle, &ca, stream) != ncclSuccess) {
-          ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
-          ok = false;
-        }
+      CombineCall cc(c, e, rank, rows);
+      if (ok && ncclMoeCombine(comm, handle, &cc.args, stream) != ncclSuccess) {
+        ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
+        ok = false;
       }
       if (!ok) break;
       EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
@@ -419,14 +372,10 @@ TEST(HtStress, RandomBackToBackCalls) {
         break;
       }
       const std::string tag = "iter " + std::to_string(i);
+      SCOPED_TRACE(tag);
       checkDispatch(c, e.d1.recv[rank], out[0], rank, (tag + " dispatch").c_str());
       checkDispatch(c, e.d2.recv[rank], out[1], rank, (tag + " cached").c_str());
-      auto got = cout.download<uint16_t>(static_cast<size_t>(T) * H);
-      EXPECT_EQ(-1, firstDiff(got.data(), e.c.x[rank].data(), got.size())) << tag << " combine rank " << rank;
-      if (c.combine_weights) {
-        auto gw = cw.download<float>(static_cast<size_t>(T) * K);
-        EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size())) << tag << " weights";
-      }
+      cc.check(c, e, rank);
       if (::testing::Test::HasFailure()) ok = false;
     }
     cudaStreamDestroy(stream);
