@@ -33,9 +33,14 @@ extern "C" {
 #define NCCL_MOE_PATCH 0
 #define NCCL_MOE_VERSION_CODE (NCCL_MOE_MAJOR * 10000 + NCCL_MOE_MINOR * 100 + NCCL_MOE_PATCH)
 
-/* Largest supported values; inputs beyond them are rejected with ncclInvalidArgument. */
-#define NCCL_MOE_MAX_RANKS 8  /* ranks of one NVLink domain driven by the intranode kernels */
+/* Largest supported values; inputs beyond them are rejected with ncclInvalidArgument.
+ * A communicator's ranks are grouped into nodes (ranks with the same host identity: NCCL_MOE_HOSTID, else
+ * NCCL_HOSTID, else the host name). Inside a node ranks talk over NVLink (or share a GPU); across nodes they
+ * need the scale-out transport, which this build does not have yet (multi-node communicators are refused). */
+#define NCCL_MOE_MAX_RANKS 256     /* ranks of one communicator, over all its nodes */
+#define NCCL_MOE_MAX_NVL_PEERS 8   /* ranks of one node (NVLink domain), the rank itself included */
 #define NCCL_MOE_MAX_TOPK 16
+#define NCCL_MOE_MAX_EXPERTS 4096
 
 typedef struct ncclMoeComm* ncclMoeComm_t;
 /* Routing state of one dispatch, reused by combine and by cached re-dispatch. Not thread-safe. */
@@ -84,7 +89,7 @@ const char* ncclMoeGetLastError(ncclMoeComm_t comm);
 typedef struct {
   size_t size;           /* sizeof(ncclMoeConfig_t) */
   unsigned int version;  /* NCCL_MOE_VERSION_CODE */
-  int num_experts;       /* E: total experts, E % R == 0, E >= R. Required. */
+  int num_experts;       /* E: total experts, E % R == 0, E >= R, E <= NCCL_MOE_MAX_EXPERTS. Required. */
   int hidden;            /* largest H any call will use (elements, H % 8 == 0). Required. */
   int max_topk;          /* largest K any call will use, 1..NCCL_MOE_MAX_TOPK. Default 8. */
   int max_tokens_per_rank;    /* high-throughput capacity: largest T of a HT call on any rank; 0 = no HT. */
@@ -95,22 +100,43 @@ typedef struct {
 #define NCCL_MOE_CONFIG_INITIALIZER \
   { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0 }
 
-/* Bytes of device memory one rank's communication buffer needs for `config` on `num_ranks` ranks
- * (what ncclMoeCommInit allocates per rank). Pure host arithmetic, callable before init. */
+/* Bytes of device memory one rank's communication buffer needs for `config` on `num_ranks` ranks of one node
+ * (what ncclMoeCommInit allocates per rank; 1 <= num_ranks <= NCCL_MOE_MAX_NVL_PEERS). Pure host arithmetic,
+ * callable before init. */
 ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, size_t* bytes);
 
 /* Collective over every rank of `nccl_comm`: learns rank, size and CUDA device from it, allocates this
  * rank's communication buffer on that device and exchanges access to it with every peer through NCCL
  * collectives on `nccl_comm` (CUDA IPC for peers in other processes, peer access for peers in this
- * process). All ranks must pass equal configs (checked). The calling thread's current device must be
- * the communicator's device (checked; the caller's current device is left as it was). A rank whose config
- * or local setup fails still takes part in the collective exchange: every other rank then returns
- * ncclRemoteError and none hangs. Only NULL comm / nccl_comm / config return at once on that rank.
- * `nccl_comm` must outlive the MoE communicator; the library never destroys it
- * and uses it only inside ncclMoeCommInit/Destroy. Intranode only for now: all ranks must be peers
- * with NVLink/P2P access to each other, R <= NCCL_MOE_MAX_RANKS. */
+ * process, plain pointers for ranks that share this GPU). All ranks must pass equal configs (checked). The
+ * calling thread's current device must be the communicator's device (checked; the caller's current device is
+ * left as it was). A rank whose config or local setup fails still takes part in the collective exchange: every
+ * other rank then returns ncclRemoteError and none hangs. Only NULL comm / nccl_comm / config return at once
+ * on that rank. `nccl_comm` must outlive the MoE communicator; the library never destroys it and uses it only
+ * inside ncclMoeCommInit/Destroy.
+ * Nodes: ranks with the same host identity (NCCL_MOE_HOSTID, else NCCL_HOSTID, else the host name and boot
+ * id) form a node; at most NCCL_MOE_MAX_NVL_PEERS ranks per node, every pair with NVLink/P2P access or on the
+ * same GPU. A communicator of several nodes is refused (the scale-out transport does not exist yet).
+ * Ranks that share a GPU (several processes on one GPU, e.g. under MPS) split its SMs: each rank's kernels
+ * use at most SMs / (ranks on that GPU), so that every rank's blocks can be resident at once. */
 ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);
-/* Collective: waits for outstanding work, then frees everything the communicator owns. */
+/* Single-process world, in the spirit of ncclCommInitAll: creates num_ranks communicators in one call, rank r
+ * on CUDA device devices[r] (NULL: rank r on device r). Devices may repeat: ranks on one device share that GPU.
+ * No NCCL communicator is involved: the ranks bootstrap through this process's memory. Every rank of the world
+ * is one node. comms[r] is then driven from its own host thread (the ranks' calls wait for each other on the
+ * device, so one thread cannot enqueue for all ranks), with the contract of every other communicator.
+ * Ranks that share a GPU split its SMs (see ncclMoeCommInit): HT calls accept num_sms up to SMs / (ranks on
+ * that GPU), LL kernels use that many SMs. Such worlds are for functional runs and tests: their timings say
+ * nothing about NVLink. Set CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the process first uses
+ * CUDA: with the default of 8 hardware queues, the streams of two ranks may share a queue, and a kernel that
+ * waits for its peer queued behind that peer's kernel times out (NCCL_MOE_TIMEOUT_S).
+ * On failure no communicator is returned (comms[] all NULL) and ncclMoeGetLastError(NULL) says why. */
+ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices,
+                                const ncclMoeConfig_t* config);
+/* Waits for outstanding work, then frees everything the communicator owns. Collective for communicators made
+ * by ncclMoeCommInit (a barrier over nccl_comm before the buffer goes). Not collective for those made by
+ * ncclMoeCommInitAll: they may be destroyed in any order from any thread; the world's buffers are released
+ * with its last communicator. */
 ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 ncclResult_t ncclMoeCommRank(ncclMoeComm_t comm, int* rank);
 ncclResult_t ncclMoeCommCount(ncclMoeComm_t comm, int* num_ranks);

@@ -1,17 +1,23 @@
 // The public entry points (include/nccl_moe.h). Every argument is validated here, once, before anything is
 // enqueued or sent; a rejected argument returns ncclInvalidArgument (or ncclInvalidUsage for a call that does
 // not fit the communicator's state) with a message naming the argument and the expected value. Then the
-// internal op (src/core/ops.h) launches the work.
+// host operation (src/ops/ops.h) prepares and launches the work. The path of a call: api.cc (validation, once)
+// -> ops/ (routing and state, the choice of kernels, Args) -> kernels/ (launch) -> device/ primitives.
+#include <cstdlib>
 #include <cstring>
 #include <new>
+#include <string>
+#include <thread>
+#include <vector>
 
+#include "core/bootstrap.h"
 #include "core/comm.h"
-#include "core/comm_init.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "core/handle.h"
 #include "core/log.h"
-#include "core/ops.h"
 #include "nccl_moe.h"
+#include "ops/ops.h"
 
 #define NCCL_MOE_API extern "C" __attribute__((visibility("default")))
 
@@ -85,6 +91,12 @@ ncclResult_t checkStream(cudaStream_t stream, bool may_capture, const char* api)
 }
 
 ncclResult_t checkSms(const ncclMoeComm* comm, int num_sms, const char* api) {
+  if (comm->ranks_on_device > 1) {
+    MOE_ARG_CHECK(num_sms >= 0 && num_sms <= comm->rank_sms,
+                  "%s: args->num_sms is %d, expected 0 (communicator default, %d) .. %d: %d ranks share this GPU of %d "
+                  "SMs, and every rank's blocks must be resident at once (they wait for each other)",
+                  api, num_sms, comm->default_num_sms, comm->rank_sms, comm->ranks_on_device, comm->num_device_sms);
+  }
   MOE_ARG_CHECK(num_sms >= 0 && num_sms <= comm->num_device_sms,
                 "%s: args->num_sms is %d, expected 0 (communicator default, %d) .. %d (SMs of this GPU)", api,
                 num_sms, comm->default_num_sms, comm->num_device_sms);
@@ -94,9 +106,9 @@ ncclResult_t checkSms(const ncclMoeComm* comm, int num_sms, const char* api) {
 ncclResult_t checkConfig(const ncclMoeConfig_t* config, const char* api) {
   MOE_ARG_CHECK(config != nullptr, "%s: config is NULL", api);
   MOE_CHECK(checkHeader(config, api, "ncclMoeConfig_t", "NCCL_MOE_CONFIG_INITIALIZER"));
-  MOE_ARG_CHECK(config->num_experts >= 1 && config->num_experts <= 4096,
-                "%s: config->num_experts is %d, expected 1..4096 (and a multiple of the rank count)", api,
-                config->num_experts);
+  MOE_ARG_CHECK(config->num_experts >= 1 && config->num_experts <= NCCL_MOE_MAX_EXPERTS,
+                "%s: config->num_experts is %d, expected 1..%d (and a multiple of the rank count)", api,
+                config->num_experts, NCCL_MOE_MAX_EXPERTS);
   MOE_ARG_CHECK(config->hidden > 0 && config->hidden % 8 == 0 && config->hidden <= 65536,
                 "%s: config->hidden is %d, expected a positive multiple of 8 (16-byte bf16 rows) up to 65536", api,
                 config->hidden);
@@ -244,7 +256,7 @@ ncclResult_t checkPhase(ncclMoePhase_t phase, const char* api) {
   return ncclSuccess;
 }
 
-ncclResult_t checkLlDispatchArgs(ncclMoeComm* comm, const ncclMoeLLDispatchArgs_t* args) {
+ncclResult_t checkLlDispatchArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLDispatchArgs_t* args) {
   const char* api = "ncclMoeLowLatencyDispatch";
   MOE_CHECK(checkHeader(args, api, "ncclMoeLLDispatchArgs_t", "NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER"));
   MOE_CHECK(checkLlCapacity(comm, api));
@@ -278,6 +290,29 @@ ncclResult_t checkLlDispatchArgs(ncclMoeComm* comm, const ncclMoeLLDispatchArgs_
     MOE_ARG_CHECK(!args->use_fp8 || args->recv_x_scales != nullptr, "%s: args->recv_x_scales is NULL with use_fp8",
                   api);
   }
+  // The handle's phase state (after the arguments themselves are known to be valid).
+  const LlRouting& r = handle->ll;
+  const bool do_send = (args->phase & ncclMoePhaseSend) != 0;
+  if (!do_send && !r.recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: phase is ncclMoePhaseRecv but this handle has no send half waiting for its receive "
+                        "half (call it with ncclMoePhaseSend first)",
+                        api);
+  }
+  if (do_send && r.recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: this handle's previous send half (ncclMoePhaseSend) has not been received yet; call "
+                        "it with ncclMoePhaseRecv first",
+                        api);
+  }
+  if (!do_send && (args->hidden != r.hidden || args->use_fp8 != r.use_fp8 || args->topk != r.topk ||
+                   (args->use_fp8 && static_cast<int>(args->scale_format) != r.scale_format))) {
+    return setLastError(ncclInvalidArgument,
+                        "%s: the receive half's hidden/topk/use_fp8/scale_format (%d/%d/%d/%d) differ from its send "
+                        "half's (%d/%d/%d/%d)",
+                        api, args->hidden, args->topk, args->use_fp8, static_cast<int>(args->scale_format), r.hidden,
+                        r.topk, r.use_fp8, r.scale_format);
+  }
   return ncclSuccess;
 }
 
@@ -286,7 +321,8 @@ ncclResult_t checkLlCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const 
   MOE_CHECK(checkHeader(args, api, "ncclMoeLLCombineArgs_t", "NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER"));
   MOE_CHECK(checkLlCapacity(comm, api));
   MOE_CHECK(checkPhase(args->phase, api));
-  if (!handle->ll.valid) {
+  const LlRouting& r = handle->ll;
+  if (!r.valid) {
     return setLastError(ncclInvalidUsage,
                         "%s: handle holds no low-latency routing; combine reverses a low-latency dispatch made with "
                         "this handle",
@@ -316,6 +352,31 @@ ncclResult_t checkLlCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const 
                   "%s: args->topk_idx is NULL but args->num_tokens is %d", api, args->num_tokens);
     MOE_ARG_CHECK(args->num_tokens == 0 || args->out != nullptr, "%s: args->out is NULL (expected [%d, %d] bf16)",
                   api, args->num_tokens, args->hidden);
+  }
+  // The handle's phase state (after the arguments themselves are known to be valid).
+  if (r.recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: the handle's dispatch has not been received yet (call ncclMoeLowLatencyDispatch with "
+                        "ncclMoePhaseRecv first)",
+                        api);
+  }
+  const bool do_send = (args->phase & ncclMoePhaseSend) != 0;
+  if (!do_send && !r.combine_recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: phase is ncclMoePhaseRecv but this handle has no combine send half waiting for its "
+                        "receive half",
+                        api);
+  }
+  if (do_send && r.combine_recv_pending) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: this handle's previous combine send half has not been received yet; call it with "
+                        "ncclMoePhaseRecv first",
+                        api);
+  }
+  if (args->num_tokens != r.num_tokens || args->topk != r.topk || args->hidden != r.hidden) {
+    return setLastError(ncclInvalidArgument,
+                        "%s: args->num_tokens/topk/hidden are %d/%d/%d, expected the dispatch's %d/%d/%d", api,
+                        args->num_tokens, args->topk, args->hidden, r.num_tokens, r.topk, r.hidden);
   }
   return ncclSuccess;
 }
@@ -355,8 +416,10 @@ NCCL_MOE_API const char* ncclMoeGetLastError(ncclMoeComm_t comm) {
 NCCL_MOE_API ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, size_t* bytes) {
   clearThreadLastError();
   MOE_CHECK(checkConfig(config, "ncclMoeGetBufferSize"));
-  MOE_ARG_CHECK(num_ranks >= 1 && num_ranks <= NCCL_MOE_MAX_RANKS,
-                "ncclMoeGetBufferSize: num_ranks is %d, expected 1..%d", num_ranks, NCCL_MOE_MAX_RANKS);
+  MOE_ARG_CHECK(num_ranks >= 1 && num_ranks <= NCCL_MOE_MAX_NVL_PEERS,
+                "ncclMoeGetBufferSize: num_ranks is %d, expected 1..%d (NCCL_MOE_MAX_NVL_PEERS: the ranks of one node; "
+                "buffers of several nodes need the scale-out transport, not in this build)",
+                num_ranks, NCCL_MOE_MAX_NVL_PEERS);
   MOE_ARG_CHECK(config->num_experts % num_ranks == 0,
                 "ncclMoeGetBufferSize: config->num_experts = %d is not a multiple of num_ranks = %d",
                 config->num_experts, num_ranks);
@@ -379,9 +442,14 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_c
   const ncclResult_t args_status = checkConfig(config, "ncclMoeCommInit");
   ncclMoeConfig_t usable{};
   if (config->size == sizeof(ncclMoeConfig_t)) usable = *config;
+  int device = -1;
+  MOE_NCCL_CHECK(ncclCommCuDevice(nccl_comm, &device));
+  std::unique_ptr<Bootstrap> bootstrap;
+  ncclResult_t res = makeNcclBootstrap(nccl_comm, device, &bootstrap);
+  if (res != ncclSuccess) return res;
   auto* c = new (std::nothrow) ncclMoeComm();
   if (c == nullptr) return setLastError(ncclSystemError, "ncclMoeCommInit: out of host memory");
-  const ncclResult_t res = commInit(c, nccl_comm, usable, args_status);
+  res = commInit(c, std::move(bootstrap), device, usable, args_status);
   if (res != ncclSuccess) {
     releaseCommResources(c);
     delete c;
@@ -392,12 +460,89 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_c
   return ncclSuccess;
 }
 
+NCCL_MOE_API ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices,
+                                             const ncclMoeConfig_t* config) {
+  clearThreadLastError();
+  const char* api = "ncclMoeCommInitAll";
+  MOE_ARG_CHECK(comms != nullptr, "%s: comms is NULL", api);
+  MOE_ARG_CHECK(num_ranks >= 1 && num_ranks <= NCCL_MOE_MAX_RANKS, "%s: num_ranks is %d, expected 1..%d", api,
+                num_ranks, NCCL_MOE_MAX_RANKS);
+  for (int r = 0; r < num_ranks; ++r) comms[r] = nullptr;
+  // One process: a bad argument fails here, before any rank starts (nobody waits for a missing rank).
+  MOE_CHECK(checkConfig(config, api));
+  int count = 0;
+  MOE_CUDA_CHECK(cudaGetDeviceCount(&count));
+  std::vector<int> dev(num_ranks);
+  for (int r = 0; r < num_ranks; ++r) {
+    dev[r] = devices != nullptr ? devices[r] : r;
+    MOE_ARG_CHECK(dev[r] >= 0 && dev[r] < count, "%s: %s[%d] is %d, expected 0..%d (CUDA devices of this process)",
+                  api, devices != nullptr ? "devices" : "rank (devices is NULL: rank r on device r)", r, dev[r],
+                  count - 1);
+  }
+  const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
+  std::vector<std::unique_ptr<Bootstrap>> bootstraps(num_ranks);
+  MOE_CHECK(makeWorldBootstraps(num_ranks, static_cast<unsigned long long>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull,
+                                bootstraps.data()));
+  // Every rank's init on its own thread: the exchanges of the ranks meet in the world.
+  std::vector<ncclMoeComm*> made(num_ranks, nullptr);
+  std::vector<ncclResult_t> results(num_ranks, ncclSuccess);
+  std::vector<std::string> errors(num_ranks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < num_ranks; ++r) {
+    threads.emplace_back([&, r] {
+      clearThreadLastError();
+      auto* c = new (std::nothrow) ncclMoeComm();
+      if (c == nullptr) {
+        results[r] = setLastError(ncclSystemError, "%s: out of host memory", api);
+      } else {
+        // The init's current-device check is about the caller's thread; this thread makes the rank's device
+        // current itself.
+        results[r] = cudaSetDevice(dev[r]) == cudaSuccess
+                         ? commInit(c, std::move(bootstraps[r]), dev[r], *config, ncclSuccess)
+                         : setLastError(ncclUnhandledCudaError, "%s: cudaSetDevice(%d) failed for rank %d", api,
+                                        dev[r], r);
+        if (results[r] == ncclSuccess) {
+          made[r] = c;
+        } else {
+          releaseCommResources(c);
+          delete c;
+        }
+      }
+      if (results[r] != ncclSuccess) errors[r] = threadLastError();
+    });
+  }
+  for (auto& t : threads) t.join();
+  int failed = -1;  // the first rank that failed by itself (not because another did)
+  for (int r = 0; r < num_ranks; ++r)
+    if (results[r] != ncclSuccess && (failed < 0 || results[failed] == ncclRemoteError)) failed = r;
+  if (failed >= 0) {
+    // No rank has run a kernel: release the others directly (the world never completes its retirement).
+    for (ncclMoeComm* c : made) {
+      if (c == nullptr) continue;
+      releaseCommResources(c);
+      delete c;
+    }
+    return setLastError(results[failed], "%s: rank %d (device %d): %s", api, failed, dev[failed],
+                        errors[failed].c_str());
+  }
+  int max_shared = 1;
+  for (ncclMoeComm* c : made) max_shared = c->ranks_on_device > max_shared ? c->ranks_on_device : max_shared;
+  const char* conn = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  const int wanted = 4 * max_shared < 32 ? 4 * max_shared : 32;
+  if (max_shared > 1 && (conn == nullptr || std::atoi(conn) < wanted)) {
+    MOE_WARN("%s: up to %d ranks share one GPU and CUDA_DEVICE_MAX_CONNECTIONS is %s: if two ranks' streams share "
+             "a hardware queue, a kernel that waits for its peer can queue behind that peer's kernel and time out; "
+             "set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA",
+             api, max_shared, conn != nullptr ? conn : "unset (8)");
+  }
+  for (int r = 0; r < num_ranks; ++r) comms[r] = made[r];
+  return ncclSuccess;
+}
+
 NCCL_MOE_API ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm) {
   clearThreadLastError();
   if (comm == nullptr) return ncclSuccess;
-  const ncclResult_t res = commDestroy(comm);
-  delete comm;
-  return res;
+  return commDestroy(comm);
 }
 
 NCCL_MOE_API ncclResult_t ncclMoeCommRank(ncclMoeComm_t comm, int* rank) {
@@ -507,7 +652,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeH
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyDispatch");
-  if (res == ncclSuccess) res = checkLlDispatchArgs(comm, args);
+  if (res == ncclSuccess) res = checkLlDispatchArgs(comm, handle, args);
   if (res == ncclSuccess) res = opLlDispatch(comm, handle, *args, stream);
   return finish(comm, res);
 }

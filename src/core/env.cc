@@ -24,6 +24,9 @@ const std::vector<EnvVar>& envRegistry() {
       {"NCCL_MOE_HT_KERNEL", EnvType::kString, "fast",
        "High-throughput dispatch/combine kernels: fast (dispatch.cu, combine.cu) or educational (educational.cu, "
        "the plain one-role version; same results, slower). Read on every call."},
+      {"NCCL_MOE_HOSTID", EnvType::kString, "",
+       "Host identity of this process for NCCL-MoE's node map (ranks with one identity form a node). Empty: "
+       "NCCL_HOSTID if set, else the host name and boot id."},
   };
   return registry;
 }

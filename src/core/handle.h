@@ -1,8 +1,7 @@
 // The host object behind ncclMoeHandle_t: routing of one dispatch (HT or LL), reused by combine.
 #pragma once
 
-#include "kernels/intranode/routing.h"
-#include "kernels/low_latency/routing.h"
+#include "core/routing.h"
 
 struct ncclMoeComm;
 

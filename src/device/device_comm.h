@@ -1,15 +1,21 @@
 // The small, trivially copyable view of a communicator that kernels receive by value. Host objects
 // (src/core/comm.h) own the resources; kernels see only this.
+//
+// Peers come in two parts:
+//   scaleup   the ranks of this rank's own node, by local index: their communication buffers as mapped here
+//             (NVLink peer access, CUDA IPC, or the same GPU). Kernels store into them directly.
+//   scaleout  the ranks of other nodes: reachable only through the scale-out transport (QP handles, filled by
+//             the transport), never by pointer, so a stray direct store faults instead of working by accident.
+//             Empty until the transport exists: communicators of several nodes are refused at init.
+// The intranode kernels (src/kernels/{intranode,low_latency}) run on single-node communicators, where the local
+// index of a rank is its rank.
 #pragma once
 
 #include <cstdint>
 
-#include "nccl_moe.h"
+#include "device/limits.h"
 
 namespace nccl_moe {
-
-constexpr int kMaxRanks = NCCL_MOE_MAX_RANKS;
-constexpr int kMaxTopk = NCCL_MOE_MAX_TOPK;
 
 // Where a bounded device wait was stuck when it expired. Stable numbers: they appear in error messages.
 enum class Phase : int {
@@ -37,12 +43,26 @@ struct ErrorRecord {
 
 enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3 };
 
+// The ranks of this rank's node.
+struct ScaleupPeers {
+  int local_rank;       // this rank's index on its node
+  int num_local_ranks;  // ranks of the node
+  // Base of every local rank's communication buffer as mapped in this process (own included). Offsets inside
+  // come from BufferLayout (src/mem/buffer_layout.h) only.
+  uint8_t* buffer[kMaxNvlPeers];
+};
+
+// The ranks of other nodes (the scale-out transport's part; only the node indices until it exists).
+struct ScaleoutPeers {
+  int node;       // this rank's node
+  int num_nodes;  // nodes of the communicator
+};
+
 struct DeviceComm {
   int rank;
   int num_ranks;
-  // Base of every rank's communication buffer as mapped in this process (own rank included). Offsets
-  // inside come from BufferLayout (src/mem/buffer_layout.h) only.
-  uint8_t* peer_buffer[kMaxRanks];
+  ScaleupPeers scaleup;
+  ScaleoutPeers scaleout;
   ErrorRecord* error;       // host-mapped, this rank's record
   uint64_t timeout_ns;      // bound of every device wait (NCCL_MOE_TIMEOUT_S)
 };

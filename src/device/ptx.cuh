@@ -107,6 +107,13 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
   return t;
 }
 
+// The SM this thread runs on (diagnostics: which blocks shared an SM).
+__device__ __forceinline__ unsigned sm_id() {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  return sm;
+}
+
 __device__ __forceinline__ int lane_id() {
   int lane;
   asm("mov.s32 %0, %%laneid;" : "=r"(lane));

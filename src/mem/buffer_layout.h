@@ -35,10 +35,9 @@ struct BufferLayout {
     return b;
   }
 
-  __host__ __device__ uint8_t* ht_region(uint8_t* base) const { return base + ht_offset; }
-  __host__ __device__ uint8_t* ll_region(uint8_t* base, int half) const {
-    return base + ll_offset + static_cast<size_t>(half) * ll_half_bytes;
-  }
+  // Offsets from the start of a rank's buffer (the layout hands out offsets only).
+  __host__ __device__ size_t ht_region() const { return ht_offset; }
+  __host__ __device__ size_t ll_half(int half) const { return ll_offset + static_cast<size_t>(half) * ll_half_bytes; }
 };
 
 }  // namespace nccl_moe

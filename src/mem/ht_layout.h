@@ -16,15 +16,14 @@
 // Every flag only grows (epoch-tagged), so nothing is reset between calls and CUDA-graph replays stay valid.
 #pragma once
 
+#include "device/limits.h"
 #include "mem/layout_params.h"
 
 namespace nccl_moe {
 
-constexpr int kMaxRanksInLayout = 8;
-
 // Synchronisation words at the start of every rank's HT region.
 struct HtSync {
-  long long arrive[kMaxRanksInLayout];  // arrive[s]: epoch of the HT call rank s has entered (written by s)
+  long long arrive[kMaxNvlPeers];        // arrive[s]: epoch of the HT call rank s has entered (written by s)
   long long epoch;                      // epoch of this rank's last HT collective call (own)
   int blocks_done;                      // blocks of the running HT kernel that finished (own, reset to 0)
   int reserved;

@@ -25,12 +25,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "device/limits.h"
 #include "mem/layout_params.h"
 
 namespace nccl_moe {
 
-constexpr int kLlMaxRanks = 8;          // == NCCL_MOE_MAX_RANKS (checked in the kernels)
-constexpr int kLlMaxTopk = 16;          // == NCCL_MOE_MAX_TOPK
 constexpr size_t kLlHeaderBytes = 128;  // sizeof(LlMsgHeader)
 constexpr size_t kLlMsgAlign = 128;     // dispatch message slots are whole 128-byte lines
 // Per-block arrival: every block of a grid adds its share of kLlArrivalUnits (the shares of one grid sum to
@@ -46,8 +45,8 @@ constexpr long long kLlArrivalUnits = 1ll << 20;
 // so a receiver that knows the source's token count knows which headers to wait for. weight[k] =
 // topk_weights[t, k] when the dispatch was given weights (read by the combine's send half, after the dispatch).
 struct LlMsgHeader {
-  uint64_t slot_word[kLlMaxTopk / 2];
-  float weight[kLlMaxTopk];
+  uint64_t slot_word[kMaxTopk / 2];
+  float weight[kMaxTopk];
 };
 __host__ __device__ inline uint64_t ll_slot_word(uint32_t tag, uint32_t expert_pair) {
   return static_cast<uint64_t>(tag) | (static_cast<uint64_t>(expert_pair) << 32);
@@ -61,7 +60,7 @@ static_assert(sizeof(LlMsgHeader) == kLlHeaderBytes, "header size");
 
 // Reset barrier: reset_flag[s] counts the resets rank s has reached (written by s); reset_count = own resets.
 struct LlPersist {
-  long long reset_flag[kLlMaxRanks];
+  long long reset_flag[kMaxNvlPeers];
   long long reset_count;
 };
 
@@ -77,13 +76,13 @@ struct LlControl {
   int combine_recv_arrived;
   long long pad0[12];
   // ---- written by peers; [s] is written by rank s ----
-  long long dispatch_flag[kLlMaxRanks];        // (tag << 32) | T_s, written by s's send block 0
-  long long dispatch_ack[kLlMaxRanks];         // s's receive blocks' shares: s consumed the messages of tag
+  long long dispatch_flag[kMaxNvlPeers];        // (tag << 32) | T_s, written by s's send block 0
+  long long dispatch_ack[kMaxNvlPeers];         // s's receive blocks' shares: s consumed the messages of tag
                                                // once >= tag * kLlArrivalUnits
-  long long combine_weight_flag[kLlMaxRanks];  // s pushed its top-k weights of combine `tag`
-  long long combine_flag[kLlMaxRanks];         // all partial sums of combine `tag` from s are here
-  long long combine_ack[kLlMaxRanks];          // s finished reading the partials of its combine `tag` of this half
-  long long dispatch_count[kLlMaxRanks];       // s's send blocks' shares: all of s's messages of `tag` are
+  long long combine_weight_flag[kMaxNvlPeers];  // s pushed its top-k weights of combine `tag`
+  long long combine_flag[kMaxNvlPeers];         // all partial sums of combine `tag` from s are here
+  long long combine_ack[kMaxNvlPeers];          // s finished reading the partials of its combine `tag` of this half
+  long long dispatch_count[kMaxNvlPeers];       // s's send blocks' shares: all of s's messages of `tag` are
                                                // here once >= tag * kLlArrivalUnits
 };
 
@@ -129,26 +128,23 @@ struct LlLayout {
   // Rows of one expert slab: R * tokens.
   __host__ __device__ int slab_rows() const { return num_ranks * tokens; }
 
-  // `half` is the base of one LL half (BufferLayout::ll_region) of some rank, as mapped here.
-  __host__ __device__ LlPersist* persist(uint8_t* half) const {
-    return reinterpret_cast<LlPersist*>(half + persist_offset);
+  // Offsets relative to the start of one LL half (BufferLayout::ll_half). RDMA needs (offset, key), so the layout
+  // hands out offsets only; kernels add them to a half's base as mapped in their process.
+  __host__ __device__ size_t persist() const { return persist_offset; }
+  __host__ __device__ size_t control() const { return control_offset; }
+  __host__ __device__ size_t expert_ready(int local_expert) const {
+    return ready_offset + static_cast<size_t>(local_expert) * sizeof(long long);
   }
-  __host__ __device__ LlControl* control(uint8_t* half) const {
-    return reinterpret_cast<LlControl*>(half + control_offset);
+  __host__ __device__ size_t dispatch_msg(int src_rank, int token) const {
+    return dispatch_offset + (static_cast<size_t>(src_rank) * tokens + token) * msg_bytes;
   }
-  __host__ __device__ long long* expert_ready(uint8_t* half, int local_expert) const {
-    return reinterpret_cast<long long*>(half + ready_offset) + local_expert;
+  __host__ __device__ size_t combine_weights(int src_rank) const {
+    return weights_offset + static_cast<size_t>(src_rank) * tokens * topk * sizeof(float);
   }
-  __host__ __device__ uint8_t* dispatch_msg(uint8_t* half, int src_rank, int token) const {
-    return half + dispatch_offset + (static_cast<size_t>(src_rank) * tokens + token) * msg_bytes;
+  __host__ __device__ size_t combine_recv_row(int expert_rank, int token) const {
+    return comb_recv_offset + (static_cast<size_t>(expert_rank) * tokens + token) * 2 * hidden;
   }
-  __host__ __device__ float* combine_weights(uint8_t* half, int src_rank) const {
-    return reinterpret_cast<float*>(half + weights_offset) + static_cast<size_t>(src_rank) * tokens * topk;
-  }
-  __host__ __device__ uint8_t* combine_recv_row(uint8_t* half, int expert_rank, int token) const {
-    return half + comb_recv_offset + (static_cast<size_t>(expert_rank) * tokens + token) * 2 * hidden;
-  }
-  __host__ __device__ uint8_t* combine_buffer(uint8_t* half) const { return half + comb_buffer_offset; }
+  __host__ __device__ size_t combine_buffer() const { return comb_buffer_offset; }
   // Bytes ncclMoeLowLatencyReset zeroes, starting at control_offset.
   __host__ __device__ size_t reset_bytes() const { return comb_buffer_offset - control_offset; }
 };

@@ -42,7 +42,7 @@ ncclMoeConfig_t smallConfig() {
 // after a barrier each rank checks what every peer wrote into its own buffer.
 __global__ void writePeers(nccl_moe::DeviceComm comm, size_t window_offset, int words) {
   for (int peer = 0; peer < comm.num_ranks; ++peer) {
-    int* dst = reinterpret_cast<int*>(comm.peer_buffer[peer] + window_offset) + comm.rank * words;
+    int* dst = reinterpret_cast<int*>(comm.scaleup.buffer[peer] + window_offset) + comm.rank * words;
     for (int i = threadIdx.x; i < words; i += blockDim.x) dst[i] = (comm.rank + 1) * 1000 + i;
   }
   __threadfence_system();
@@ -259,7 +259,7 @@ TEST(CommGpuChild, IpcChild) {
   ncclMoeComm_t comm = nullptr;
   NCCL_OK(ncclMoeCommInit(&comm, nccl, &config));
   for (int r = 0; r < n; ++r) {
-    if (r != rank) EXPECT_TRUE(comm->peer_via_ipc[r]) << "peer " << r << " should be mapped through CUDA IPC";
+    if (r != rank) EXPECT_TRUE(comm->nvl.via_ipc[r]) << "peer " << r << " should be mapped through CUDA IPC";
   }
   runPeerStoreCheck(comm, n, nccl);
   NCCL_OK(ncclMoeCommDestroy(comm));

@@ -91,12 +91,9 @@ TEST(LlTrace, DispatchTimeline) {
     ASSERT_TRUE(shape.ok()) << "rank " << r << ": device buffers";
     ncclMoeHandle_t handle = nullptr;
     ASSERT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
-    void* one = nullptr;
     unsigned long long* trace = nullptr;
     const size_t trace_words = static_cast<size_t>(kMaxBlocks) * nccl_moe::kLlTracePoints;
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&one, sizeof(float)));
     ASSERT_EQ(cudaSuccess, cudaMalloc(&trace, trace_words * 8));
-    cudaMemset(one, 0, sizeof(float));
     std::vector<unsigned long long> host(trace_words);
 
     for (int ci = 0; ci < 2; ++ci) {
@@ -107,7 +104,10 @@ TEST(LlTrace, DispatchTimeline) {
       ncclMoeLLDispatchArgs_t da = shape.dispatchArgs(T);
       ncclMoeLLCombineArgs_t ca = shape.combineArgs(T);
       auto align = [&] {
-        ASSERT_EQ(ncclSuccess, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, comm->nccl, stream));
+        // Host-aligned start: every rank's stream is idle at the barrier, then a hold long enough for every rank
+        // to enqueue the traced call behind it.
+        ASSERT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
+        barrier.wait();
         holdKernel<<<1, 1, 0, stream>>>(20000);
       };
       // Both calls: per block, its SM and its "send stored" time after the call's first entry (us).
@@ -201,7 +201,6 @@ TEST(LlTrace, DispatchTimeline) {
       text_of[static_cast<size_t>(ci) * n + r] = text;
     }
     ncclMoeHandleDestroy(handle);
-    cudaFree(one);
     cudaFree(trace);
   });
   for (const std::string& s : text_of) std::fputs(s.c_str(), stdout);

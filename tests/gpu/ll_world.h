@@ -113,60 +113,23 @@ void forEachRankIn(World world, int n, const ncclMoeConfig_t& config, Fn fn) {
     return;
   }
 
-  ASSERT_EQ(cudaSuccess, cudaSetDevice(0));
-  int sms = 0;
-  ASSERT_EQ(cudaSuccess, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const char* env = std::getenv("NCCL_MOE_TIMEOUT_S");
-  long long timeout_s = env ? std::atoll(env) : 100;
-  if (timeout_s <= 0) timeout_s = 1;
-  std::vector<std::unique_ptr<ncclMoeComm>> comms;
-  for (int r = 0; r < n; ++r) {
-    auto c = std::make_unique<ncclMoeComm>();
-    c->rank = r;
-    c->num_ranks = n;
-    c->device = 0;
-    c->num_device_sms = sms / n;
-    c->default_num_sms = sms / n;
-    c->config = config;
-    c->params = nccl_moe::LayoutParams{n,
-                                       config.num_experts,
-                                       config.hidden,
-                                       config.max_topk,
-                                       config.max_tokens_per_rank,
-                                       config.ll_max_tokens_per_rank};
-    c->layout = nccl_moe::BufferLayout::make(c->params);
-    ASSERT_EQ(cudaSuccess, cudaMalloc(&c->buffer, c->layout.total_bytes));
-    ASSERT_EQ(cudaSuccess, cudaMemset(c->buffer, 0, c->layout.total_bytes));
-    ASSERT_EQ(cudaSuccess, cudaHostAlloc(reinterpret_cast<void**>(&c->host_error), sizeof(nccl_moe::ErrorRecord),
-                                         cudaHostAllocMapped | cudaHostAllocPortable));
-    std::memset(c->host_error, 0, sizeof(nccl_moe::ErrorRecord));
-    ASSERT_EQ(cudaSuccess, cudaHostGetDevicePointer(reinterpret_cast<void**>(&c->dev_error), c->host_error, 0));
-    c->timeout_ns = static_cast<uint64_t>(timeout_s) * 1000000000ull;
-    comms.push_back(std::move(c));
-  }
-  for (int r = 0; r < n; ++r)
-    for (int i = 0; i < n; ++i) {
-      comms[r]->peer_buffer[i] = comms[i]->buffer;
-      comms[r]->peer_same_process[i] = true;
-    }
-  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
+  std::vector<ncclMoeComm_t> comms(n, nullptr);
+  const std::vector<int> devs(n, 0);
+  ncclMoeConfig_t c = config;
+  ASSERT_EQ(ncclSuccess, ncclMoeCommInitAll(comms.data(), n, devs.data(), &c)) << ncclMoeGetLastError(nullptr);
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) {
     threads.emplace_back([&, r] {
       ASSERT_EQ(cudaSuccess, cudaSetDevice(0));
       cudaStream_t stream = nullptr;
       ASSERT_EQ(cudaSuccess, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      fn(r, comms[r].get(), stream);
+      fn(r, comms[r], stream);
       cudaStreamSynchronize(stream);
       cudaStreamDestroy(stream);
     });
   }
   for (auto& t : threads) t.join();
-  cudaDeviceSynchronize();
-  for (auto& c : comms) {
-    cudaFree(c->buffer);
-    cudaFreeHost(c->host_error);
-  }
+  for (ncclMoeComm_t comm : comms) ncclMoeCommDestroy(comm);
 }
 
 // One rank's buffers and call arguments at the DeepEP-comparable decode shape (anchors.md) that the LL perf and

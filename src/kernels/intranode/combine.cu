@@ -24,10 +24,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "core/ops.h"
-#include "kernels/intranode/args.cuh"
-#include "kernels/intranode/educational.h"
-#include "kernels/intranode/host.cuh"
+#include "kernels/intranode/args.h"
+#include "kernels/intranode/common.cuh"
 #include "kernels/intranode/tuning.h"
 
 namespace nccl_moe {
@@ -206,34 +204,30 @@ __global__ void __launch_bounds__(kHtThreads, 1) combine_kernel(const __grid_con
   end_call(a.ht, epoch);
 }
 
+// The rank count is a template parameter (register arrays over the ranks of a token).
 template <int kRanks>
-void launchCombine(const CombineArgs& a, bool bias, int sms, cudaStream_t stream) {
-  if (bias)
-    combine_kernel<kRanks, true><<<sms, kHtThreads, 0, stream>>>(a);
+void launchFor(const CombineArgs& a, cudaStream_t stream) {
+  if (a.bias0 != nullptr || a.bias1 != nullptr)
+    combine_kernel<kRanks, true><<<a.num_sms, kHtThreads, 0, stream>>>(a);
   else
-    combine_kernel<kRanks, false><<<sms, kHtThreads, 0, stream>>>(a);
+    combine_kernel<kRanks, false><<<a.num_sms, kHtThreads, 0, stream>>>(a);
 }
 
 }  // namespace
-}  // namespace ht
 
-ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
-                         cudaStream_t stream) {
-  if (htUseEducationalKernels()) return opHtCombineEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
-  ht::DeviceGuard guard(comm->device);
-  ht::CombineArgs a = ht::makeCombineArgs(comm, handle->ht, args);
-  const int sms = ht::resolveSms(comm, args.num_sms);
-  a.send_warps = htCombineSendWarps(comm->num_ranks);
-  a.send_blocks = htCombineSendBlocks(comm->num_ranks, sms);
-  const bool bias = args.bias_0 != nullptr || args.bias_1 != nullptr;
-  if (comm->num_ranks <= 2)
-    ht::launchCombine<2>(a, bias, sms, stream);
-  else if (comm->num_ranks <= 4)
-    ht::launchCombine<4>(a, bias, sms, stream);
+cudaError_t launchCombine(const CombineArgs& args, cudaStream_t stream) {
+  CombineArgs a = args;
+  const int R = a.ht.comm.num_ranks;
+  a.send_warps = htCombineSendWarps(R);
+  a.send_blocks = htCombineSendBlocks(R, a.num_sms);
+  if (R <= 2)
+    launchFor<2>(a, stream);
+  else if (R <= 4)
+    launchFor<4>(a, stream);
   else
-    ht::launchCombine<8>(a, bias, sms, stream);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  return ncclSuccess;
+    launchFor<8>(a, stream);
+  return cudaGetLastError();
 }
 
+}  // namespace ht
 }  // namespace nccl_moe

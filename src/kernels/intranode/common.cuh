@@ -19,38 +19,13 @@
 #include "device/device_comm.h"
 #include "device/ptx.cuh"
 #include "device/wait.cuh"
+#include "kernels/intranode/args.h"
 #include "mem/ht_layout.h"
 
 namespace nccl_moe {
 namespace ht {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Every rank's HT region as mapped in this process, plus the layout: the device handle of HT kernels.
-struct HtDevice {
-  DeviceComm comm;
-  HtLayout layout;
-  uint8_t* region[kMaxRanks];  // region[p] = peer_buffer[p] + ht_offset
-
-  __device__ __forceinline__ HtSync* sync(int rank) const {
-    return reinterpret_cast<HtSync*>(region[rank] + layout.sync());
-  }
-  __device__ __forceinline__ long long* row_flag(int rank, int src, int pos) const {
-    return reinterpret_cast<long long*>(region[rank] + layout.row_flag(src, pos));
-  }
-  __device__ __forceinline__ uint8_t* x(int rank, int src, int pos, size_t row_bytes) const {
-    return region[rank] + layout.x(src, pos, row_bytes);
-  }
-  __device__ __forceinline__ int* meta(int rank, int src, int pos) const {
-    return reinterpret_cast<int*>(region[rank] + layout.meta(src, pos));
-  }
-  __device__ __forceinline__ HtNotifySlot* notify(int rank, int src) const {
-    return reinterpret_cast<HtNotifySlot*>(region[rank] + layout.notify(src));
-  }
-  __device__ __forceinline__ int* src_idx(int rank, int src, int pos) const {
-    return reinterpret_cast<int*>(region[rank] + layout.src_idx(src, pos));
-  }
-};
 
 // Epoch of the call this kernel runs (same in every block): the last call's epoch + 1 (see begin_call).
 __device__ __forceinline__ long long read_call_epoch(const HtDevice& ht) {

@@ -32,10 +32,8 @@
 //   whose wait fails stops (it consumes nothing more) and the kernel ends normally with the error recorded.
 #include <cuda_runtime.h>
 
-#include "core/ops.h"
-#include "kernels/intranode/args.cuh"
-#include "kernels/intranode/educational.h"
-#include "kernels/intranode/host.cuh"
+#include "kernels/intranode/args.h"
+#include "kernels/intranode/common.cuh"
 #include "kernels/intranode/tuning.h"
 
 namespace nccl_moe {
@@ -223,19 +221,14 @@ __global__ void __launch_bounds__(kHtThreads, 1) dispatch_kernel(const __grid_co
 }
 
 }  // namespace
-}  // namespace ht
 
-ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
-                          cudaStream_t stream) {
-  if (htUseEducationalKernels()) return opHtDispatchEducational(comm, handle, args, stream);  // NCCL_MOE_HT_KERNEL
-  ht::DeviceGuard guard(comm->device);
-  ht::DispatchArgs a = ht::makeDispatchArgs(comm, handle->ht, args);
-  const int sms = ht::resolveSms(comm, args.num_sms);
-  a.send_warps = htDispatchSendWarps(comm->num_ranks);
-  a.send_blocks = htDispatchSendBlocks(comm->num_ranks, sms);
-  ht::dispatch_kernel<<<sms, kHtThreads, 0, stream>>>(a);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  return ncclSuccess;
+cudaError_t launchDispatch(const DispatchArgs& args, cudaStream_t stream) {
+  DispatchArgs a = args;
+  a.send_warps = htDispatchSendWarps(a.ht.comm.num_ranks);
+  a.send_blocks = htDispatchSendBlocks(a.ht.comm.num_ranks, a.num_sms);
+  dispatch_kernel<<<a.num_sms, kHtThreads, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
+}  // namespace ht
 }  // namespace nccl_moe

@@ -1,11 +1,11 @@
 // Educational high-throughput intranode dispatch and combine: the executable spec of dispatch.cu and
 // combine.cu. Start reading here. Same contract, same buffer protocol, same handle arrays, bitwise the same
 // results; what is left out is only speed (no role split between warps, no look-ahead over flags, no
-// unrolled loads, no relaxed pre-polling). Selected with NCCL_MOE_HT_KERNEL=educational (educational.h);
+// unrolled loads, no relaxed pre-polling). Selected with NCCL_MOE_HT_KERNEL=educational (src/ops/ht.cc);
 // because the protocol is the same, any call may use either version, on any rank, next to the other.
 //
 // Notation: R ranks, this rank r, E_l = num_experts / R local experts per rank, K = topk, H = hidden.
-// The handle (routing.h) holds what notify.cu computed for this rank's tokens t < T:
+// The handle (src/core/routing.h) holds what notify.cu computed for this rank's tokens t < T:
 //   send_count[d]       tokens of r sent to rank d (a token goes to d once if any of its experts is on d)
 //   send_list[d][i]     the i-th of them (ascending token index)
 //   send_pos[t][d]      index of t in send_list[d], or -1
@@ -69,15 +69,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
-#include <string>
-
-#include "core/env.h"
-#include "core/log.h"
-#include "kernels/intranode/args.cuh"
-#include "kernels/intranode/educational.h"
-#include "kernels/intranode/host.cuh"
-#include "kernels/intranode/tuning.h"
+#include "kernels/intranode/args.h"
+#include "kernels/intranode/common.cuh"
 
 namespace nccl_moe {
 namespace ht {
@@ -323,7 +316,7 @@ __device__ bool combine_reduce_phase(const CombineArgs& a, long long epoch, int 
   const int R = ht.comm.num_ranks, rank = ht.comm.rank, K = a.topk;
   const int num_16b = a.row_bytes / 16;
   for (int t = warp; t < a.num_tokens; t += num_warps) {
-    int pos[kMaxRanks];  // pos[d] >= 0: rank d holds a contribution to t
+    int pos[kMaxNvlPeers];  // pos[d] >= 0: rank d holds a contribution to t
     for (int d = 0; d < R; ++d) {
       pos[d] = a.send_pos[static_cast<size_t>(t) * R + d];
       if (pos[d] < 0) continue;
@@ -367,38 +360,17 @@ __global__ void __launch_bounds__(kHtThreads, 1) educational_combine_kernel(cons
 }
 
 }  // namespace
+
+// At most one block per SM and no more blocks than SMs: the whole grid is resident (see the contract).
+cudaError_t launchEducationalDispatch(const DispatchArgs& a, cudaStream_t stream) {
+  educational_dispatch_kernel<<<a.num_sms, kHtThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t launchEducationalCombine(const CombineArgs& a, cudaStream_t stream) {
+  educational_combine_kernel<<<a.num_sms, kHtThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace ht
-
-bool htUseEducationalKernels() {
-  const std::string kind = envString("NCCL_MOE_HT_KERNEL");
-  if (kind == "educational") return true;
-  if (!kind.empty() && kind != "fast") {
-    static std::atomic<bool> warned{false};
-    if (!warned.exchange(true))
-      MOE_WARN("NCCL_MOE_HT_KERNEL=\"%s\" is not \"fast\" or \"educational\"; using the fast kernels", kind.c_str());
-  }
-  return false;
-}
-
-ncclResult_t opHtDispatchEducational(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
-                                     cudaStream_t stream) {
-  ht::DeviceGuard guard(comm->device);
-  const ht::DispatchArgs a = ht::makeDispatchArgs(comm, handle->ht, args);
-  // At most one block per SM and no more blocks than SMs: the whole grid is resident (see the contract).
-  const int sms = ht::resolveSms(comm, args.num_sms);
-  ht::educational_dispatch_kernel<<<sms, kHtThreads, 0, stream>>>(a);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  return ncclSuccess;
-}
-
-ncclResult_t opHtCombineEducational(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
-                                    cudaStream_t stream) {
-  ht::DeviceGuard guard(comm->device);
-  const ht::CombineArgs a = ht::makeCombineArgs(comm, handle->ht, args);
-  const int sms = ht::resolveSms(comm, args.num_sms);
-  ht::educational_combine_kernel<<<sms, kHtThreads, 0, stream>>>(a);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  return ncclSuccess;
-}
-
 }  // namespace nccl_moe

@@ -20,51 +20,23 @@
 // s waits for its own notify[s] flag >= epoch. A failed wait skips the rest (nothing is consumed).
 #include <cuda_runtime.h>
 
-#include <cstring>
-
-#include "core/ops.h"
-#include "kernels/intranode/host.cuh"
+#include "device/routing.cuh"
+#include "kernels/intranode/args.h"
+#include "kernels/intranode/common.cuh"
 
 namespace nccl_moe {
 namespace ht {
 namespace {
 
 constexpr int kNotifyThreads = 1024;
-constexpr int kMaxExpertsInNotify = 4096;  // ncclMoeConfig_t num_experts limit (api.cc)
-
-struct NotifyArgs {
-  HtDevice ht;
-  const void* topk_idx;
-  int topk_idx_is_int64;
-  int num_tokens;
-  int topk;
-  int num_local_experts;
-  int expert_alignment;
-  int capacity;  // handle array capacity (max_tokens_per_rank)
-  int* send_count;
-  int* recv_prefix;
-  int* send_list;
-  int* send_pos;
-  int* topk_idx32;
-  int* recv_count;
-  int* recv_count_per_expert;
-  int* recv_src_info;
-  int* host_scratch;  // host-count mode: device view of the host-mapped ints; nullptr in worst-case mode
-  int host_seq;
-};
-
-__device__ __forceinline__ int load_expert(const NotifyArgs& a, size_t i) {
-  if (a.topk_idx_is_int64) return static_cast<int>(static_cast<const long long*>(a.topk_idx)[i]);
-  return static_cast<const int*>(a.topk_idx)[i];
-}
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_constant__ NotifyArgs a) {
-  __shared__ int s_expert_count[kMaxExpertsInNotify];
-  __shared__ int s_warp_total[kNotifyThreads / 32][kMaxRanks];
-  __shared__ int s_total[kMaxRanks];
-  __shared__ int s_prefix[kMaxRanks + 1];
+  __shared__ int s_expert_count[kMaxExperts];
+  __shared__ int s_warp_total[kNotifyThreads / 32][kMaxNvlPeers];
+  __shared__ int s_total[kMaxNvlPeers];
+  __shared__ int s_prefix[kMaxNvlPeers + 1];
   __shared__ int s_ok;
 
   const HtDevice& ht = a.ht;
@@ -80,14 +52,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   // Pass 1: a contiguous token range per thread; per-rank token counts and per-expert slot counts.
   const int per_thread = (T + kNotifyThreads - 1) / kNotifyThreads;
   const int t0 = min(T, tid * per_thread), t1 = min(T, t0 + per_thread);
-  int count[kMaxRanks];
+  int count[kMaxNvlPeers];
 #pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) count[d] = 0;
+  for (int d = 0; d < kMaxNvlPeers; ++d) count[d] = 0;
   for (int t = t0; t < t1; ++t) {
     unsigned mask = 0;
     for (int k = 0; k < K; ++k) {
-      int e = load_expert(a, static_cast<size_t>(t) * K + k);
-      if (e < 0 || e >= E) e = -1;
+      const int e = dev::load_topk_id(a.topk_idx, !a.topk_idx_is_int64, static_cast<size_t>(t) * K + k, E);
       a.topk_idx32[static_cast<size_t>(t) * K + k] = e;
       if (e >= 0) {
         mask |= 1u << (e / El);
@@ -95,13 +66,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
       }
     }
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) count[d] += (mask >> d) & 1u;
+    for (int d = 0; d < kMaxNvlPeers; ++d) count[d] += (mask >> d) & 1u;
   }
 
   // Block-wide exclusive scan of count[d] in thread order (= token order).
-  int inclusive[kMaxRanks];
+  int inclusive[kMaxNvlPeers];
 #pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) {
+  for (int d = 0; d < kMaxNvlPeers; ++d) {
     int v = count[d];
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -112,7 +83,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
     if (lane == 31) s_warp_total[warp][d] = v;
   }
   __syncthreads();
-  if (tid < kMaxRanks) {
+  if (tid < kMaxNvlPeers) {
     int running = 0;
     for (int w = 0; w < kNotifyThreads / 32; ++w) {
       const int v = s_warp_total[w][tid];
@@ -124,9 +95,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   __syncthreads();
 
   // Pass 2: positions. The thread re-reads the int32 copy it wrote itself in pass 1.
-  int next[kMaxRanks];
+  int next[kMaxNvlPeers];
 #pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) next[d] = s_warp_total[warp][d] + inclusive[d] - count[d];
+  for (int d = 0; d < kMaxNvlPeers; ++d) next[d] = s_warp_total[warp][d] + inclusive[d] - count[d];
   for (int t = t0; t < t1; ++t) {
     unsigned mask = 0;
     for (int k = 0; k < K; ++k) {
@@ -134,7 +105,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
       if (e >= 0) mask |= 1u << (e / El);
     }
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
+    for (int d = 0; d < kMaxNvlPeers; ++d) {
       if (d >= R) break;
       int pos = -1;
       if ((mask >> d) & 1u) {
@@ -190,7 +161,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
       const int base = s_prefix[s], n = s_prefix[s + 1] - s_prefix[s];
       const int* src = ht.src_idx(rank, s, 0);
       for (int i = tid; i < n; i += kNotifyThreads)
-        a.recv_src_info[base + i] = static_cast<int>((static_cast<unsigned>(s) << 24) | ld_volatile(src + i));
+        a.recv_src_info[base + i] = pack_src_info(s, ld_volatile(src + i));
     }
     __syncthreads();
     if (a.host_scratch != nullptr && tid == 0) {
@@ -201,119 +172,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   end_call(ht, epoch);
 }
 
-// Offsets (in ints) of the handle's arrays inside its one device allocation.
-struct RoutingBlock {
-  size_t recv_count, recv_count_per_expert, recv_src_info, send_count, recv_prefix, send_list, send_pos, topk_idx,
-      total;
-  static RoutingBlock make(int num_ranks, int capacity, int max_topk, int num_local_experts) {
-    auto up = [](size_t v) { return (v + 63) / 64 * 64; };  // 256-byte aligned arrays
-    RoutingBlock b{};
-    size_t off = 0;
-    b.recv_count = off;
-    off = up(off + 1);
-    b.recv_count_per_expert = off;
-    off = up(off + static_cast<size_t>(num_local_experts));
-    b.recv_src_info = off;
-    off = up(off + static_cast<size_t>(num_ranks) * capacity);
-    b.send_count = off;
-    off = up(off + kMaxRanks);
-    b.recv_prefix = off;
-    off = up(off + kMaxRanks + 1);
-    b.send_list = off;
-    off = up(off + static_cast<size_t>(num_ranks) * capacity);
-    b.send_pos = off;
-    off = up(off + static_cast<size_t>(num_ranks) * capacity);
-    b.topk_idx = off;
-    off = up(off + static_cast<size_t>(capacity) * max_topk);
-    b.total = off;
-    return b;
-  }
-};
-
 }  // namespace
+
+cudaError_t launchNotify(const NotifyArgs& a, cudaStream_t stream) {
+  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace ht
-
-ncclResult_t htRoutingAlloc(ncclMoeComm* comm, HtRouting* routing) {
-  ht::DeviceGuard guard(comm->device);
-  HtRouting r{};
-  r.num_ranks = comm->num_ranks;
-  r.capacity = comm->config.max_tokens_per_rank;
-  r.max_topk = comm->config.max_topk;
-  r.num_local_experts = comm->config.num_experts / comm->num_ranks;
-  const ht::RoutingBlock b = ht::RoutingBlock::make(r.num_ranks, r.capacity, r.max_topk, r.num_local_experts);
-  void* block = nullptr;
-  MOE_CUDA_CHECK(cudaMalloc(&block, b.total * sizeof(int)));
-  if (cudaMemset(block, 0, b.total * sizeof(int)) != cudaSuccess) {
-    cudaFree(block);
-    return setLastError(ncclUnhandledCudaError, "htRoutingAlloc: cudaMemset of %zu bytes failed",
-                        b.total * sizeof(int));
-  }
-  int* base = static_cast<int*>(block);
-  r.device_block = block;
-  r.recv_count = base + b.recv_count;
-  r.recv_count_per_expert = base + b.recv_count_per_expert;
-  r.recv_src_info = base + b.recv_src_info;
-  r.send_count = base + b.send_count;
-  r.recv_prefix = base + b.recv_prefix;
-  r.send_list = base + b.send_list;
-  r.send_pos = base + b.send_pos;
-  r.topk_idx = base + b.topk_idx;
-  *routing = r;
-  return ncclSuccess;
-}
-
-void htRoutingFree(HtRouting* routing) {
-  if (routing->device_block != nullptr) cudaFree(routing->device_block);
-  *routing = HtRouting{};
-}
-
-ncclResult_t opHtNotify(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeNotifyArgs_t& args,
-                        cudaStream_t stream) {
-  ht::DeviceGuard guard(comm->device);
-  HtRouting& r = handle->ht;
-  const bool host_mode = args.recv_capacity == 0;
-  ht::NotifyArgs a{};
-  a.ht = ht::makeHtDevice(comm);
-  a.topk_idx = args.topk_idx;
-  a.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
-  a.num_tokens = args.num_tokens;
-  a.topk = args.topk;
-  a.num_local_experts = r.num_local_experts;
-  a.expert_alignment = args.expert_alignment;
-  a.capacity = r.capacity;
-  a.send_count = r.send_count;
-  a.recv_prefix = r.recv_prefix;
-  a.send_list = r.send_list;
-  a.send_pos = r.send_pos;
-  a.topk_idx32 = r.topk_idx;
-  a.recv_count = r.recv_count;
-  a.recv_count_per_expert = r.recv_count_per_expert;
-  a.recv_src_info = r.recv_src_info;
-  if (host_mode) {
-    a.host_scratch = comm->dev_scratch;
-    a.host_seq = ++comm->ht_host_seq;
-  }
-  ht::notify_kernel<<<1, ht::kNotifyThreads, 0, stream>>>(a);
-  MOE_CUDA_CHECK(cudaGetLastError());
-
-  r.valid = true;
-  r.num_tokens = args.num_tokens;
-  r.topk = args.topk;
-  r.topk_idx_is_int64 = a.topk_idx_is_int64;
-  r.expert_alignment = args.expert_alignment;
-  r.recv_capacity = args.recv_capacity;
-  r.num_recv_tokens = -1;
-  if (!host_mode) return ncclSuccess;
-
-  // The one documented host synchronisation: wait (bounded) for this rank's receive count.
-  MOE_CHECK(hostWaitGeq(comm, comm->host_scratch, a.host_seq, "ncclMoeDispatchNotify (receive count)"));
-  const volatile int* scratch = comm->host_scratch;
-  r.num_recv_tokens = scratch[1];
-  *args.num_recv_tokens = r.num_recv_tokens;
-  if (args.num_recv_tokens_per_expert != nullptr) {
-    for (int j = 0; j < r.num_local_experts; ++j) args.num_recv_tokens_per_expert[j] = scratch[2 + j];
-  }
-  return ncclSuccess;
-}
-
 }  // namespace nccl_moe

@@ -1,6 +1,8 @@
 // Warp-role defaults of the high-throughput kernels (see tuning.h).
 #include "kernels/intranode/tuning.h"
 
+#include "kernels/intranode/args.h"
+
 namespace nccl_moe {
 
 HtTuning& htTuning() {
@@ -10,7 +12,7 @@ HtTuning& htTuning() {
 
 namespace {
 int clampWarps(int warps) {
-  constexpr int kWarps = kHtThreads / 32;
+  constexpr int kWarps = ht::kHtThreads / 32;
   return warps < 1 ? 1 : (warps > kWarps - 1 ? kWarps - 1 : warps);
 }
 }  // namespace

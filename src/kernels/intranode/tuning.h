@@ -25,7 +25,4 @@ int htCombineSendWarps(int num_ranks);
 int htDispatchSendBlocks(int num_ranks, int num_sms);
 int htCombineSendBlocks(int num_ranks, int num_sms);
 
-// Threads per block of the dispatch and combine kernels.
-constexpr int kHtThreads = 1024;
-
 }  // namespace nccl_moe

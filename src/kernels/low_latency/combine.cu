@@ -1,4 +1,4 @@
-// Low-latency combine (decode): ncclMoeLowLatencyCombine and ncclMoeLowLatencyCombineBuffer.
+// Low-latency combine (decode): ncclMoeLowLatencyCombine (the zero-copy buffer is in src/ops/ll.cc).
 //
 // Computes, on every rank s and for every token t < T_s, bit for bit as ref::ll_combine:
 //   P_d(t) = bf16_rne(acc), acc = 0.0f, then for each valid slot k of t on rank d, k ascending:
@@ -33,34 +33,19 @@
 // The send half needs topk_weights or a dispatch that carried them; the receive half needs topk_idx.
 #include <cuda_runtime.h>
 
-#include "core/comm.h"
-#include "core/error.h"
-#include "core/handle.h"
-#include "core/ops.h"
+#include <cstddef>
+
+#include "kernels/low_latency/args.h"
 #include "kernels/low_latency/common.cuh"
 
 namespace nccl_moe {
 namespace {
 
-struct LlCombineParams {
-  DeviceComm comm;
-  LlLayout layout;
-  size_t half_offset;
-  const uint16_t* y;     // [E_l, R*max, H] bf16
-  const void* topk_idx;  // [T, K]
-  int idx_int32;
-  const float* topk_weights;  // [T, K], or null: the weights the dispatch carried in its message headers
-  int num_tokens, hidden, topk;
-  uint16_t* out;        // [T, H] bf16
-  const int* recv_row;  // handle: [R, max, max_topk]
-  int do_send, do_recv;
-};
-
 constexpr int kRowBatch = 6;     // rows loaded before accumulating (6: no spills at 64 registers)
 constexpr int kChunkUnroll = 1;  // 8-channel chunks per thread in flight (64 registers: 2 blocks per SM)
 constexpr int kRankGroup = 4;    // receive: partial rows loaded before accumulating
 
-__device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, const long long* rows, const float* w,
+__device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const long long* rows, const float* w,
                                                   int n, uint8_t* dst) {
   const int H = p.hidden;
   const int n8 = H / 8;
@@ -86,7 +71,7 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, cons
 #pragma unroll
         for (int u = 0; u < kChunkUnroll; ++u) {
           float f[8];
-          ll::bf16x8_to_float(v[b][u], f);
+          dev::bf16x8_to_float(v[b][u], f);
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[u][e] = __fmaf_rn(wb, f[e], acc[u][e]);  // the contract's FMA
         }
@@ -95,23 +80,23 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineParams& p, cons
 #pragma unroll
     for (int u = 0; u < kChunkUnroll; ++u) {
       const int c = c0 + u * ll::kThreads;
-      if (c < n8) dev::st_na_v4(reinterpret_cast<int4*>(dst) + c, ll::float8_to_bf16x8(acc[u]));
+      if (c < n8) dev::st_na_v4(reinterpret_cast<int4*>(dst) + c, dev::float8_to_bf16x8(acc[u]));
     }
   }
 }
 
-__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKernel(const __grid_constant__ LlCombineParams p) {
-  __shared__ int s_first[kLlMaxRanks + 1];
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKernel(const __grid_constant__ LlCombineArgs p) {
+  __shared__ int s_first[kMaxNvlPeers + 1];
   __shared__ int s_src, s_tok;
-  __shared__ long long s_rows[kLlMaxTopk];
-  __shared__ float s_w[kLlMaxTopk];
+  __shared__ long long s_rows[kMaxTopk];
+  __shared__ float s_w[kMaxTopk];
   __shared__ int s_n;
   __shared__ int s_mask;
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks, K = p.topk, H = p.hidden;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
-  LlControl* ctrl = L.control(my_half);
+  LlControl* ctrl = ll::control(L, my_half);
   // Thread 0 loads the epochs for the block (all warps of all blocks loading the same words queue at one L2 slice).
   __shared__ long long s_epochs[2];
   if (tid == 0) {
@@ -128,13 +113,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
     // them back); without them the dispatch headers' weights are used and nothing is exchanged here.
     if (push && blockIdx.x == 0 && warp < R) {
       uint8_t* peer_half = ll::half_of(p.comm, warp, p.half_offset);
-      float* dst = L.combine_weights(peer_half, me);
+      float* dst = ll::combine_weights(L, peer_half, me);
       const int n = p.num_tokens * K;
       for (int i = lane; i < n; i += 32) dst[i] = p.topk_weights[i];
       __syncwarp();
       if (lane == 0) {
         dev::fence_acq_rel_sys();
-        dev::st_release_sys(&L.control(peer_half)->combine_weight_flag[me], tag);
+        dev::st_release_sys(&ll::control(L, peer_half)->combine_weight_flag[me], tag);
       }
     }
     // Slots of received token g (flattened over sources): rows, weights and count into shared memory. Every
@@ -143,7 +128,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
       int s = 0;
       while (s + 1 < R && s_first[s + 1] <= g) ++s;
       const int t = g - s_first[s];
-      const uint8_t* msg = L.dispatch_msg(my_half, s, t);
+      const uint8_t* msg = ll::dispatch_msg(L, my_half, s, t);
       int msg_tag = 0, lid = -1, row = 0;
       float w = 0.0f;
       if (lane < K) {
@@ -151,7 +136,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
         msg_tag = static_cast<int>(ll_slot_tag(word));
         lid = ll_slot_expert(word, lane & 1);
         row = p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + lane];
-        w = push ? L.combine_weights(my_half, s)[t * K + lane]
+        w = push ? ll::combine_weights(L, my_half, s)[t * K + lane]
                  : reinterpret_cast<const float*>(msg + offsetof(LlMsgHeader, weight))[lane];
       }
       const bool slot_valid = lane < K && msg_tag == dispatch_tag && lid >= 0;
@@ -195,13 +180,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
         __syncthreads();
       }
       if (s_n > 0) {
-        uint8_t* dst = L.combine_recv_row(ll::half_of(p.comm, s_src, p.half_offset), me, s_tok);
+        uint8_t* dst = ll::combine_recv_row(L, ll::half_of(p.comm, s_src, p.half_offset), me, s_tok);
         reduce_token_rows(p, s_rows, s_w, s_n, dst);
       }
       __syncthreads();  // s_rows / s_w / s_n are rewritten by the next token
     }
     if (ll::arrive_last_block(&ctrl->combine_send_arrived, true) && tid < R) {
-      LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+      LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
       dev::st_release_sys(&peer_ctrl->combine_flag[me], tag);
     }
   }
@@ -211,8 +196,9 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
     auto token_mask = [&](int t) {
       int r = -1;
       if (lane < K) {
-        const int64_t e = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
-        if (e >= 0) r = static_cast<int>(e / L.num_local_experts);
+        const int e = dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane,
+                                        R * L.num_local_experts);
+        if (e >= 0) r = e / L.num_local_experts;
       }
       int mask = 0;
       for (int d = 0; d < R; ++d)
@@ -249,20 +235,20 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
           for (int i = 0; i < kRankGroup; ++i) {
             const int d = d0 + i;
             if (d < R && ((mask >> d) & 1))
-              v[i] = dev::ld_v4(reinterpret_cast<const int4*>(L.combine_recv_row(my_half, d, t)) + c);
+              v[i] = dev::ld_v4(reinterpret_cast<const int4*>(ll::combine_recv_row(L, my_half, d, t)) + c);
           }
 #pragma unroll
           for (int i = 0; i < kRankGroup; ++i) {
             const int d = d0 + i;
             if (d < R && ((mask >> d) & 1)) {
               float f[8];
-              ll::bf16x8_to_float(v[i], f);
+              dev::bf16x8_to_float(v[i], f);
 #pragma unroll
               for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], f[e]);  // plain FP32 adds, d ascending
             }
           }
         }
-        dev::st_na_v4(out_row + c, ll::float8_to_bf16x8(acc));
+        dev::st_na_v4(out_row + c, dev::float8_to_bf16x8(acc));
       }
       __syncthreads();  // s_mask is rewritten by the next token
     }
@@ -270,78 +256,16 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
     if (ll::arrive_last_block(&ctrl->combine_recv_arrived, false)) {
       if (tid == 0) ctrl->combine_epoch = tag;
       // Every rank may now overwrite its partials of this half in this rank's buffer.
-      if (tid < R) dev::st_release_sys(&L.control(ll::half_of(p.comm, tid, p.half_offset))->combine_ack[me], tag);
+      if (tid < R) dev::st_release_sys(&ll::control(L, ll::half_of(p.comm, tid, p.half_offset))->combine_ack[me], tag);
     }
   }
 }
 
 }  // namespace
 
-ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLCombineArgs_t& args,
-                         cudaStream_t stream) {
-  LlRouting& r = handle->ll;
-  const char* api = "ncclMoeLowLatencyCombine";
-  const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
-  const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
-  if (r.recv_pending) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: the handle's dispatch has not been received yet (call ncclMoeLowLatencyDispatch with "
-                        "ncclMoePhaseRecv first)",
-                        api);
-  }
-  if (!do_send && !r.combine_recv_pending) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: phase is ncclMoePhaseRecv but this handle has no combine send half waiting for its "
-                        "receive half",
-                        api);
-  }
-  if (do_send && r.combine_recv_pending) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: this handle's previous combine send half has not been received yet; call it with "
-                        "ncclMoePhaseRecv first",
-                        api);
-  }
-  if (args.num_tokens != r.num_tokens || args.topk != r.topk || args.hidden != r.hidden) {
-    return setLastError(ncclInvalidArgument,
-                        "%s: num_tokens/topk/hidden are %d/%d/%d, expected the dispatch's %d/%d/%d", api,
-                        args.num_tokens, args.topk, args.hidden, r.num_tokens, r.topk, r.hidden);
-  }
-  if (do_send && args.num_tokens > 0 && args.topk_weights == nullptr && !r.dispatch_weights) {
-    return setLastError(ncclInvalidArgument,
-                        "%s: args->topk_weights is NULL and the dispatch carried no weights; the send half needs "
-                        "them (expert ranks reduce per rank)",
-                        api);
-  }
-
-  const LlLayout& L = comm->layout.ll;
-  LlCombineParams p{};
-  p.comm = comm->deviceComm();
-  p.layout = L;
-  p.half_offset = comm->layout.ll_offset + static_cast<size_t>(r.half) * comm->layout.ll_half_bytes;
-  p.y = static_cast<const uint16_t*>(
-      args.zero_copy ? static_cast<const void*>(L.combine_buffer(comm->layout.ll_region(comm->buffer, r.half)))
-                     : args.x);
-  p.topk_idx = args.topk_idx;
-  // The index type is not part of the combine args: the dispatch's is used (recorded in the handle).
-  p.idx_int32 = r.idx_int32;
-  // Weights given here win; otherwise the dispatch's (in its message headers: no weight exchange).
-  p.topk_weights = args.topk_weights;
-  p.num_tokens = args.num_tokens;
-  p.hidden = args.hidden;
-  p.topk = args.topk;
-  p.out = static_cast<uint16_t*>(args.out);
-  p.recv_row = r.recv_row;
-  p.do_send = do_send;
-  p.do_recv = do_recv;
-  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(comm->num_device_sms)), dim3(ll::kThreads), 0, stream>>>(p);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  r.combine_recv_pending = do_send && !do_recv;
-  return ncclSuccess;
-}
-
-ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** buffer) {
-  *buffer = comm->layout.ll.combine_buffer(comm->layout.ll_region(comm->buffer, handle->ll.half));
-  return ncclSuccess;
+cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream) {
+  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(a.num_sms)), dim3(ll::kThreads), 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace nccl_moe

@@ -1,16 +1,16 @@
-// Device helpers shared by the low-latency dispatch and combine kernels: launch shape, the last-block
-// arrival used to publish flags once every block of a grid is done, warp scans, bf16 packing, and the
-// in-kernel FP8 cast of one 16-channel chunk (bit-identical to ref::cast_row_to_fp8).
+// Device helpers shared by the low-latency dispatch and combine kernels: launch shape, the views of one LL half,
+// the last-block arrival used to publish flags once every block of a grid is done, and warp scans. Numerics
+// (bf16 packing, the FP8 cast) are in src/device/numerics.cuh, the top-k decode in src/device/routing.cuh.
 #pragma once
 
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <cuda_fp8.h>
 
 #include <cstdint>
 
 #include "device/device_comm.h"
+#include "device/numerics.cuh"
 #include "device/ptx.cuh"
+#include "device/routing.cuh"
 #include "device/wait.cuh"
 #include "mem/ll_layout.h"
 
@@ -35,12 +35,30 @@ inline int grid_blocks(int num_sms) {
   }();
   return num_sms * per_sm;
 }
-static_assert(kLlMaxRanks >= kMaxRanks, "LL control arrays must hold every rank");
-static_assert(kLlMaxTopk >= kMaxTopk, "LL header must hold every top-k slot");
-
-// Where one rank's half `half_offset` bytes into its buffer lives, as mapped in this process.
+// Where one rank's half `half_offset` bytes into its buffer lives, as mapped in this process (the LL kernels run
+// on single-node communicators: a rank's local index is its rank).
 __device__ __forceinline__ uint8_t* half_of(const DeviceComm& comm, int rank, size_t half_offset) {
-  return comm.peer_buffer[rank] + half_offset;
+  return comm.scaleup.buffer[rank] + half_offset;
+}
+
+// The regions of the LL half at `half` (LlLayout gives offsets; these give this process's pointers).
+__device__ __forceinline__ LlPersist* persist(const LlLayout& L, uint8_t* half) {
+  return reinterpret_cast<LlPersist*>(half + L.persist());
+}
+__device__ __forceinline__ LlControl* control(const LlLayout& L, uint8_t* half) {
+  return reinterpret_cast<LlControl*>(half + L.control());
+}
+__device__ __forceinline__ long long* expert_ready(const LlLayout& L, uint8_t* half, int local_expert) {
+  return reinterpret_cast<long long*>(half + L.expert_ready(local_expert));
+}
+__device__ __forceinline__ uint8_t* dispatch_msg(const LlLayout& L, uint8_t* half, int src_rank, int token) {
+  return half + L.dispatch_msg(src_rank, token);
+}
+__device__ __forceinline__ float* combine_weights(const LlLayout& L, uint8_t* half, int src_rank) {
+  return reinterpret_cast<float*>(half + L.combine_weights(src_rank));
+}
+__device__ __forceinline__ uint8_t* combine_recv_row(const LlLayout& L, uint8_t* half, int expert_rank, int token) {
+  return half + L.combine_recv_row(expert_rank, token);
 }
 
 // Called by every thread of every block once the block's work (stores included) is done. Returns true in
@@ -84,55 +102,6 @@ __device__ __forceinline__ int warp_inclusive_scan(int v) {
     if (lane >= d) v += u;
   }
   return v;
-}
-
-__device__ __forceinline__ void bf16x8_to_float(const int4& v, float (&f)[8]) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ int4 float8_to_bf16x8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);  // .x = low half
-    w[i] = *reinterpret_cast<const uint32_t*>(&h);
-  }
-  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
-}
-
-// Scale of one 128-channel group (ref::fp8_group_scale): max(amax, 1e-4) / 448, rounded up to a power of two
-// for the pow2 / ue8m0 formats (format != 0).
-__device__ __forceinline__ float fp8_group_scale(float amax, int format) {
-  const float scale = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
-  if (format == 0) return scale;
-  uint32_t bits = __float_as_uint(scale);
-  if (bits & 0x7fffffu) bits = (bits & 0xff800000u) + 0x800000u;
-  return __uint_as_float(bits);
-}
-
-// Casts 16 consecutive bf16 channels (two int4) with `inv` = 1 / scale: q = e4m3_satfinite_rne(x * inv).
-__device__ __forceinline__ int4 cast_16_to_fp8(const float (&f)[16], float inv) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fmul_rn(f[4 * i], inv), __fmul_rn(f[4 * i + 1], inv)), __NV_SATFINITE, __NV_E4M3);
-    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fmul_rn(f[4 * i + 2], inv), __fmul_rn(f[4 * i + 3], inv)), __NV_SATFINITE, __NV_E4M3);
-    w[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
-  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
-}
-
-__device__ __forceinline__ int64_t load_expert_id(const void* topk_idx, int idx_int32, size_t i) {
-  return idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
-                   : static_cast<const int64_t*>(topk_idx)[i];
 }
 
 }  // namespace ll

@@ -8,7 +8,7 @@
 //   power of two for pow2 / ue8m0), q = e4m3_satfinite_rne(x * (1 / scale)) -- bit-identical to ref::.
 // and records in the handle recv_src_info[j][i] = (s << 24) | t and recv_row[s][t][k] = i (for combine).
 //
-// Regions (src/mem/ll_layout.h, one LL half chosen by the host, alternating per dispatch):
+// Regions (src/mem/ll_layout.h, one LL half chosen by the host (src/ops/ll.cc), alternating per dispatch):
 //   sender s writes into each destination d: dispatch message slot (s, t) (header + payload + scales),
 //   d.control.dispatch_flag[s] and d.control.dispatch_count[s]; receiver d writes back s.control.dispatch_ack[d]. With
 //   args.topk_weights the header also carries the token's K weights (read by the combine's send half: no weight
@@ -53,10 +53,7 @@
 // the receive half (do_recv) is a separate launch; phase Both runs both in one kernel.
 #include <cuda_runtime.h>
 
-#include "core/comm.h"
-#include "core/error.h"
-#include "core/handle.h"
-#include "core/ops.h"
+#include "kernels/low_latency/args.h"
 #include "kernels/low_latency/common.cuh"
 #include "kernels/low_latency/receive_teams.h"
 #include "kernels/low_latency/trace.h"
@@ -64,38 +61,18 @@
 namespace nccl_moe {
 namespace {
 
-constexpr int kMaxSegments = kLlMaxRanks * (4096 / 32);  // 32-token segments over all sources
-
-struct LlDispatchParams {
-  DeviceComm comm;
-  LlLayout layout;
-  size_t half_offset;    // offset of the LL half inside every rank's buffer
-  const void* x;         // [T, H] bf16
-  const void* topk_idx;  // [T, K]
-  int idx_int32;
-  int num_tokens, hidden, topk;
-  int use_fp8, scale_format;
-  void* recv_x;               // [E_l, R*max, H] bf16 or fp8
-  void* recv_scales;          // [E_l, R*max, G] float or [E_l, R*max, P] int32
-  int* recv_count;            // [E_l]
-  int* cumulative_stats;      // [E_l] or null
-  int* recv_src_info;         // [E_l, R*max]
-  int* recv_row;              // [R, max, max_topk]
-  const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
-  int do_send, do_recv;
-  unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
-};
+constexpr int kMaxSegments = kMaxNvlPeers * (4096 / 32);  // 32-token segments over all sources
 
 // The block's index in the receive roles (experts, teams, arrival shares). In a Both kernel it counts from the
 // grid's last block: with T <= grid / 2 the blocks that scan and place headers are not the ones waiting for the
 // release of their own sends (2 H200, 128 tokens: dispatch 16.2 -> 15.5 us; 4 H200: 21.2 us). A receive-only
 // kernel counts from block 0, the first blocks to start.
-__device__ __forceinline__ int receive_index(const LlDispatchParams& p) {
+__device__ __forceinline__ int receive_index(const LlDispatchArgs& p) {
   return p.do_send ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
 }
 
 // Stores the time of `point` for this block when tracing (thread 0 only).
-__device__ __forceinline__ void trace_at(const LlDispatchParams& p, int point) {
+__device__ __forceinline__ void trace_at(const LlDispatchArgs& p, int point) {
   if (p.trace != nullptr && threadIdx.x == 0)
     p.trace[static_cast<size_t>(blockIdx.x) * kLlTracePoints + point] = dev::globaltimer_ns();
 }
@@ -112,10 +89,10 @@ constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
 // every peer's ack of `ack_tag` (it consumed the previous messages of this half; normally long there) while
 // warp 0 resolves the routing; nothing is stored into a peer before. Returns false when that wait failed.
 template <bool kFp8>
-__device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int tag, const long long* ack,
+__device__ __forceinline__ bool send_token(const LlDispatchArgs& p, int t, int tag, const long long* ack,
                                            long long ack_tag) {
-  __shared__ __align__(16) int16_t s_ids[kLlMaxRanks][kLlMaxTopk];  // per destination: slot k's local expert
-  __shared__ __align__(16) float s_w[kLlMaxTopk];
+  __shared__ __align__(16) int16_t s_ids[kMaxNvlPeers][kMaxTopk];  // per destination: slot k's local expert
+  __shared__ __align__(16) float s_w[kMaxTopk];
   __shared__ __align__(16) float s_scale[65536 / kScaleGroupElems];  // fp8: the row's scales (H <= 65536)
   __shared__ int s_mask;
   const LlLayout& L = p.layout;
@@ -142,10 +119,9 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     float w = 0.0f;
     const int El = L.num_local_experts;
     if (lane < K) {
-      const int64_t e64 = ll::load_expert_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane);
+      const int e = dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane, R * El);
       if (p.topk_weights != nullptr) w = p.topk_weights[static_cast<size_t>(t) * K + lane];
-      if (e64 >= 0 && e64 < static_cast<int64_t>(R) * El) {
-        const int e = static_cast<int>(e64);
+      if (e >= 0) {
         r = e / El;
         lid = e - r * El;
       }
@@ -153,7 +129,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     int mask = 0;
     for (int d = 0; d < R; ++d)
       if (__ballot_sync(0xffffffffu, r == d)) mask |= 1 << d;
-    if (lane < kLlMaxTopk) {
+    if (lane < kMaxTopk) {
       for (int d = 0; d < R; ++d) s_ids[d][lane] = static_cast<int16_t>(r == d ? lid : -1);
       s_w[lane] = w;
     }
@@ -168,7 +144,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   // receivers then know which headers to wait for and scan them as they arrive (the data is complete only at
   // the senders' count shares).
   if (ack != nullptr && blockIdx.x == 0 && tid < R)
-    dev::st_relaxed_sys(&L.control(ll::half_of(p.comm, tid, p.half_offset))->dispatch_flag[me],
+    dev::st_relaxed_sys(&ll::control(L, ll::half_of(p.comm, tid, p.half_offset))->dispatch_flag[me],
                         (static_cast<long long>(tag) << 32) | static_cast<long long>(p.num_tokens));
 
   // Header, to EVERY rank (receivers wait for the header of each of the source's tokens): eight lanes per
@@ -176,7 +152,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
   // experts of slots 4i..4i+3) as 64-bit elements; lanes 4-7: the weights of slots 4(i-4)...
   if (tid < 8 * R) {
     const int d = tid / 8, i = tid % 8;
-    uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
+    uint8_t* msg = ll::dispatch_msg(L, ll::half_of(p.comm, d, p.half_offset), me, t);
     if (i < 4) {
       const uint2 ids = reinterpret_cast<const uint2*>(s_ids[d])[i];
       dev::st_relaxed_sys_v2(reinterpret_cast<uint64_t*>(msg) + 2 * i, ll_slot_word(tag, ids.x),
@@ -204,8 +180,8 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
           b = dev::ld_nc_v4(xrow + 2 * c + 1);
         }
         float fa[8], fb[8];
-        ll::bf16x8_to_float(a, fa);
-        ll::bf16x8_to_float(b, fb);
+        dev::bf16x8_to_float(a, fa);
+        dev::bf16x8_to_float(b, fb);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           f[i] = fa[i];
@@ -218,13 +194,13 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
       if (active) {
-        const float scale = ll::fp8_group_scale(amax, p.scale_format);
-        const float inv = __fdiv_rn(1.0f, scale);
-        const int4 q = ll::cast_16_to_fp8(f, inv);
+        const float scale = dev::fp8_group_scale(amax, p.scale_format);
+        const float inv = dev::fp8_inv_scale(scale);
+        const int4 q = dev::cast16_to_fp8(f, inv);
         if ((lane & 7) == 0) s_scale[c / 8] = scale;
         for (int d = 0; d < R; ++d) {
           if (!((mask >> d) & 1)) continue;
-          uint8_t* msg = L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t);
+          uint8_t* msg = ll::dispatch_msg(L, ll::half_of(p.comm, d, p.half_offset), me, t);
           dev::st_na_v4(reinterpret_cast<int4*>(msg + kLlHeaderBytes) + c, q);
         }
       }
@@ -237,7 +213,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
     __syncthreads();
     if (warp < R && ((mask >> warp) & 1)) {
       int4* dst =
-          reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, warp, p.half_offset), me, t) + L.msg_scale_offset);
+          reinterpret_cast<int4*>(ll::dispatch_msg(L, ll::half_of(p.comm, warp, p.half_offset), me, t) + L.msg_scale_offset);
       for (int i = lane; i < n4; i += 32) dev::st_na_v4(dst + i, reinterpret_cast<const int4*>(s_scale)[i]);
     }
   } else {
@@ -252,7 +228,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
       for (int d = 0; d < R; ++d) {
         if (!((mask >> d) & 1)) continue;
         int4* dst =
-            reinterpret_cast<int4*>(L.dispatch_msg(ll::half_of(p.comm, d, p.half_offset), me, t) + kLlHeaderBytes);
+            reinterpret_cast<int4*>(ll::dispatch_msg(L, ll::half_of(p.comm, d, p.half_offset), me, t) + kLlHeaderBytes);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int c = c0 + u * ll::kThreads;
@@ -274,7 +250,7 @@ __device__ __forceinline__ bool send_token(const LlDispatchParams& p, int t, int
 // *mask = bit k set when slot k names local expert j.
 __device__ __forceinline__ bool header_mask(const LlLayout& L, uint8_t* half, int s, int t, uint32_t tag, int j, int K,
                                             uint32_t* mask) {
-  const uint64_t* words = reinterpret_cast<const uint64_t*>(L.dispatch_msg(half, s, t));
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(ll::dispatch_msg(L, half, s, t));
   bool here = true;
   uint32_t m = 0;
   for (int h = 0; 8 * h < K; ++h) {
@@ -298,7 +274,7 @@ __device__ __forceinline__ bool header_mask(const LlLayout& L, uint8_t* half, in
 constexpr unsigned kHeaderPollNs = 200;  // pause between polls of a header that has not arrived
 
 // header_mask until the header of message (s, t) is this dispatch's; bounded like every wait (wait.cuh).
-__device__ __forceinline__ bool wait_header(const LlDispatchParams& p, uint8_t* half, int s, int t, uint32_t tag, int j,
+__device__ __forceinline__ bool wait_header(const LlDispatchArgs& p, uint8_t* half, int s, int t, uint32_t tag, int j,
                                             uint32_t* mask) {
   const uint64_t start = dev::globaltimer_ns();
   for (uint32_t spins = 1;; ++spins) {
@@ -307,7 +283,7 @@ __device__ __forceinline__ bool wait_header(const LlDispatchParams& p, uint8_t* 
     if ((spins & 63u) == 0) {
       if (dev::error_recorded(p.comm)) return false;
       if (dev::globaltimer_ns() - start > p.comm.timeout_ns) {
-        const uint64_t w0 = reinterpret_cast<const volatile uint64_t*>(p.layout.dispatch_msg(half, s, t))[0];
+        const uint64_t w0 = reinterpret_cast<const volatile uint64_t*>(ll::dispatch_msg(p.layout, half, s, t))[0];
         dev::record_error(p.comm, kErrTimeout, Phase::kLlDispatchRecv, s, static_cast<long long>(ll_slot_tag(w0)),
                           static_cast<long long>(tag));
         return false;
@@ -321,7 +297,7 @@ constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared 
 
 // Stores scale unit q (float scales of groups 4q..4q+3, as the message holds them) of row i of expert j into
 // recv_scales: as floats, or (ue8m0) as one word of their exponent bytes; groups past H / 128 are not stored.
-__device__ __forceinline__ void store_scale_unit(const LlDispatchParams& p, int j, int i, int q, int4 v) {
+__device__ __forceinline__ void store_scale_unit(const LlDispatchArgs& p, int j, int i, int q, int4 v) {
   const int G = p.hidden / kScaleGroupElems;
   const bool packed = p.scale_format == 2;
   const int scale_words = packed ? (G + 3) / 4 : G;
@@ -347,7 +323,7 @@ __device__ __forceinline__ void store_scale_unit(const LlDispatchParams& p, int 
 // first_item, first_item + stride, ... (one warp each); a row's message slot comes from s_msg (the placing block's
 // shared memory, rows < kInfoCache) or from recv_src_info.
 template <bool kFp8>
-__device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my_half, int j, int n, int first_item,
+__device__ __forceinline__ void copy_rows(const LlDispatchArgs& p, uint8_t* my_half, int j, int n, int first_item,
                                           int stride, const int* s_msg) {
   const LlLayout& L = p.layout;
   const int lane = threadIdx.x % 32, H = p.hidden;
@@ -379,7 +355,7 @@ __device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my
       slot = s_msg[i];
     } else {
       const int info = src_info[i];
-      slot = (info >> 24) * L.tokens + (info & 0xffffff);
+      slot = src_info_rank(info) * L.tokens + src_info_token(info);
     }
     const int4* src = reinterpret_cast<const int4*>(msgs + static_cast<size_t>(slot) * L.msg_bytes);
     const int u0 = piece * kItemUnits + lane;
@@ -403,7 +379,7 @@ __device__ __forceinline__ void copy_rows(const LlDispatchParams& p, uint8_t* my
 }
 
 template <bool kFp8>
-__device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* my_half, int j, int tag, int team,
+__device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my_half, int j, int tag, int team,
                                             bool rows_here, const int* s_tokens, const int* s_seg_first,
                                             int* s_seg_base, int num_segments) {
   __shared__ int s_total;
@@ -474,7 +450,7 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* 
         const int k = __ffs(m) - 1;
         m &= m - 1;
         if (row < slab_rows) {  // only a token naming one expert several times could overflow the slab
-          src_info[row] = (s << 24) | t;
+          src_info[row] = pack_src_info(s, t);
           if (row < kInfoCache) s_msg[row] = s * L.tokens + t;
           p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = row;
         }
@@ -487,14 +463,14 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* 
   // hands them to the other warps and, through the release of `ready`, to the team).
   bool ok = true;
   if (!rows_here && warp == 0 && lane < R)
-    ok = dev::wait_geq(p.comm, &L.control(my_half)->dispatch_count[lane], static_cast<long long>(tag) * kLlArrivalUnits,
+    ok = dev::wait_geq(p.comm, &ll::control(L, my_half)->dispatch_count[lane], static_cast<long long>(tag) * kLlArrivalUnits,
                        Phase::kLlDispatchRecv, lane);
   if (__syncthreads_or(!ok)) return false;  // also: s_msg / src_info rows written above are read below
   if (first_expert) trace_at(p, kLlTraceRecvReady);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
   if (team > 1 && tid == 0)  // the team's other blocks copy part of the rows (src_info is written above)
-    dev::st_release_sys(L.expert_ready(my_half, j), (static_cast<long long>(tag) << 32) | n);
+    dev::st_release_sys(ll::expert_ready(L, my_half, j), (static_cast<long long>(tag) << 32) | n);
   copy_rows<kFp8>(p, my_half, j, n, warp, team * ll::kWarps, s_msg);
   if (tid == 0) {
     p.recv_count[j] = n;
@@ -507,20 +483,18 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchParams& p, uint8_t* 
 
 template <bool kFp8>
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
-    llDispatchKernel(const __grid_constant__ LlDispatchParams p) {
-  __shared__ int s_tokens[kLlMaxRanks];
-  __shared__ int s_seg_first[kLlMaxRanks + 1];
+    llDispatchKernel(const __grid_constant__ LlDispatchArgs p) {
+  __shared__ int s_tokens[kMaxNvlPeers];
+  __shared__ int s_seg_first[kMaxNvlPeers + 1];
   __shared__ int s_seg_base[kMaxSegments];
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int me = p.comm.rank, R = p.comm.num_ranks;
   uint8_t* my_half = ll::half_of(p.comm, me, p.half_offset);
-  LlControl* ctrl = L.control(my_half);
+  LlControl* ctrl = ll::control(L, my_half);
   trace_at(p, kLlTraceEntry);
   if (p.trace != nullptr && tid == 0) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    p.trace[static_cast<size_t>(blockIdx.x) * kLlTracePoints + kLlTraceSm] = sm;
+    p.trace[static_cast<size_t>(blockIdx.x) * kLlTracePoints + kLlTraceSm] = dev::sm_id();
   }
   // The epoch counts receive blocks' arrival shares; a block of an earlier receive kernel that has not added
   // its share yet leaves it below the next multiple, and a kernel reads it before its own blocks add theirs.
@@ -559,7 +533,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       trace_at(p, kLlTraceSendStored);
       __syncthreads();
       if (tid < R) {
-        LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+        LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
         if (b == 0 && p.num_tokens == 0)  // (with tokens, send_token published it before the rows)
           peer_ctrl->dispatch_flag[me] = epoch_tag << 32;
         dev::red_add_release_sys(&peer_ctrl->dispatch_count[me], ll::arrival_share(b, senders));
@@ -582,7 +556,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       __shared__ int s_rows;
       const int member = b / E_l, j = b - member * E_l;
       if (tid == 0) {
-        const long long* word = L.expert_ready(my_half, j);
+        const long long* word = ll::expert_ready(L, my_half, j);
         // Long by construction (the peers' data, then block j's scan and placement): polls every ~200 ns.
         const bool ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, -1, 200u);
         s_rows = ok ? static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll) : -1;
@@ -634,7 +608,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     const long long share = ll::arrival_share(b, receivers);
     __syncthreads();
     if (tid < R) {
-      LlControl* peer_ctrl = L.control(ll::half_of(p.comm, tid, p.half_offset));
+      LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
       dev::red_add_relaxed_sys(&peer_ctrl->dispatch_ack[me], share);
     }
     if (tid == 0)
@@ -645,80 +619,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 
 }  // namespace
 
-ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLDispatchArgs_t& args,
-                          cudaStream_t stream) {
-  LlRouting& r = handle->ll;
-  const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
-  const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
-  const char* api = "ncclMoeLowLatencyDispatch";
-  if (!do_send && !r.recv_pending) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: phase is ncclMoePhaseRecv but this handle has no send half waiting for its receive "
-                        "half (call it with ncclMoePhaseSend first)",
-                        api);
-  }
-  if (do_send && r.recv_pending) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: this handle's previous send half (ncclMoePhaseSend) has not been received yet; call "
-                        "it with ncclMoePhaseRecv first",
-                        api);
-  }
-  const LlLayout& L = comm->layout.ll;
-  if (L.num_local_experts > 32767) {
-    return setLastError(ncclInvalidArgument, "%s: %d local experts; the low-latency kernels support at most 32767", api,
-                        L.num_local_experts);
-  }
-  if (do_send) {
-    r.half = comm->ll_next_half;
-    comm->ll_next_half ^= 1;
-    r.num_tokens = args.num_tokens;
-    r.topk = args.topk;
-    r.hidden = args.hidden;
-    r.use_fp8 = args.use_fp8;
-    r.scale_format = static_cast<int>(args.scale_format);
-    r.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
-    r.dispatch_weights = args.topk_weights != nullptr;
-    r.valid = true;
-  } else if (args.hidden != r.hidden || args.use_fp8 != r.use_fp8 || args.topk != r.topk ||
-             (args.use_fp8 && static_cast<int>(args.scale_format) != r.scale_format)) {
-    return setLastError(ncclInvalidArgument,
-                        "%s: the receive half's hidden/topk/use_fp8/scale_format (%d/%d/%d/%d) differ from its send "
-                        "half's (%d/%d/%d/%d)",
-                        api, args.hidden, args.topk, args.use_fp8, static_cast<int>(args.scale_format), r.hidden,
-                        r.topk, r.use_fp8, r.scale_format);
-  }
-
-  LlDispatchParams p{};
-  p.comm = comm->deviceComm();
-  p.layout = L;
-  p.half_offset = comm->layout.ll_offset + static_cast<size_t>(r.half) * comm->layout.ll_half_bytes;
-  p.x = args.x;
-  p.topk_idx = args.topk_idx;
-  p.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
-  p.num_tokens = r.num_tokens;
-  p.hidden = r.hidden;
-  p.topk = r.topk;
-  p.use_fp8 = r.use_fp8;
-  p.scale_format = r.scale_format;
-  p.recv_x = args.recv_x;
-  p.recv_scales = args.recv_x_scales;
-  p.recv_count = args.recv_count;
-  p.cumulative_stats = args.cumulative_recv_stats;
-  p.recv_src_info = r.recv_src_info;
-  p.recv_row = r.recv_row;
-  p.topk_weights = do_send ? args.topk_weights : nullptr;
-  p.do_send = do_send;
-  p.do_recv = do_recv;
-  p.trace = comm->ll_dispatch_trace;
-
+cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream) {
   const dim3 block(ll::kThreads);
-  if (r.use_fp8)
-    llDispatchKernel<true><<<ll::grid_blocks<llDispatchKernel<true>>(comm->num_device_sms), block, 0, stream>>>(p);
+  if (a.use_fp8)
+    llDispatchKernel<true><<<ll::grid_blocks<llDispatchKernel<true>>(a.num_sms), block, 0, stream>>>(a);
   else
-    llDispatchKernel<false><<<ll::grid_blocks<llDispatchKernel<false>>(comm->num_device_sms), block, 0, stream>>>(p);
-  MOE_CUDA_CHECK(cudaGetLastError());
-  r.recv_pending = do_send && !do_recv;
-  return ncclSuccess;
+    llDispatchKernel<false><<<ll::grid_blocks<llDispatchKernel<false>>(a.num_sms), block, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace nccl_moe

@@ -1,5 +1,8 @@
-// Internal operations behind the public entry points. src/core/api.cc validates every argument (once, at
-// the API boundary) and then calls these; they assume valid input and only launch work.
+// Host operations behind the public entry points. src/core/api.cc validates every argument and the handle's
+// phase state (once, at the API boundary) and then calls these; they assume valid input. An operation owns
+// every change of communicator or handle state (routing records, LL half alternation, HT host sequence),
+// decides which kernels run (intranode today; the transport choice is made per peer at init), fills the
+// kernels' Args and launches them. Kernels never see a host object.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,10 +13,11 @@
 
 namespace nccl_moe {
 
-// src/kernels/layout/
+// layout.cc
 ncclResult_t opDispatchLayout(ncclMoeComm* comm, const ncclMoeLayoutArgs_t& args, cudaStream_t stream);
 
-// src/kernels/intranode/
+// ht.cc: the handle's HT routing arrays, notify (with the documented host wait in host-count mode), dispatch and
+// combine (fast kernels, or the educational ones with NCCL_MOE_HT_KERNEL=educational).
 ncclResult_t htRoutingAlloc(ncclMoeComm* comm, HtRouting* routing);
 void htRoutingFree(HtRouting* routing);
 ncclResult_t opHtNotify(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeNotifyArgs_t& args, cudaStream_t stream);
@@ -21,8 +25,11 @@ ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
                           cudaStream_t stream);
 ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
                          cudaStream_t stream);
+// True when NCCL_MOE_HT_KERNEL is "educational"; "fast" (the default) or empty selects the fast kernels; any
+// other value warns once and selects them too. Read from the environment on every call.
+bool htUseEducationalKernels();
 
-// src/kernels/low_latency/
+// ll.cc
 ncclResult_t llRoutingAlloc(ncclMoeComm* comm, LlRouting* routing);
 void llRoutingFree(LlRouting* routing);
 ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLDispatchArgs_t& args,
@@ -32,7 +39,7 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
 ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** buffer);
 ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream);
 
-// src/kernels/cast/
+// cast.cc
 ncclResult_t opCastToFp8(const void* x, int num_tokens, int hidden, ncclMoeScaleFormat_t format, void* out_fp8,
                          void* out_scales, cudaStream_t stream);
 

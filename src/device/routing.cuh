@@ -1,0 +1,32 @@
+// How kernels read routing: the top-k id decode (int32 or int64 tensors) and the source-info word of a received
+// row. One definition each, used by the layout, notify and low-latency kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nccl_moe {
+namespace dev {
+
+// Global expert of slot i of a [T, K] top-k tensor (int32 when idx_int32, else int64), or -1 when the slot is
+// unused (-1) or names no expert of the communicator (outside [0, num_experts); compared in 64 bits, so an int64
+// id is never truncated into range).
+__device__ __forceinline__ int load_topk_id(const void* topk_idx, int idx_int32, size_t i, int num_experts) {
+  const int64_t e = idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
+                              : static_cast<const int64_t*>(topk_idx)[i];
+  return e >= 0 && e < num_experts ? static_cast<int>(e) : -1;
+}
+
+}  // namespace dev
+
+// Source of a received row, as the handles keep it (ncclMoeHandleRecvCountDevice documents it): source rank in
+// bits 24..31, source token in bits 0..23 (max_tokens_per_rank < 2^24, ranks < 128).
+__host__ __device__ __forceinline__ int pack_src_info(int rank, int token) {
+  return static_cast<int>((static_cast<unsigned>(rank) << 24) | static_cast<unsigned>(token));
+}
+__host__ __device__ __forceinline__ int src_info_rank(int info) { return static_cast<int>(static_cast<unsigned>(info) >> 24); }
+__host__ __device__ __forceinline__ int src_info_token(int info) { return info & 0xffffff; }
+
+}  // namespace nccl_moe

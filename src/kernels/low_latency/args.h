@@ -1,0 +1,64 @@
+// Kernel arguments of the low-latency kernels (dispatch.cu, combine.cu, reset.cu) and their launch functions.
+// Plain, trivially copyable structs passed by value (__grid_constant__); the host operations (src/ops/ll.cc)
+// fill them from the communicator, the handle's routing and the validated call arguments.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "device/device_comm.h"
+#include "mem/ll_layout.h"
+
+namespace nccl_moe {
+
+struct LlDispatchArgs {
+  DeviceComm comm;
+  LlLayout layout;
+  size_t half_offset;    // offset of the LL half inside every rank's buffer
+  int num_sms;           // SMs this rank may occupy: the grid fills them (every block resident at once)
+  const void* x;         // [T, H] bf16
+  const void* topk_idx;  // [T, K]
+  int idx_int32;
+  int num_tokens, hidden, topk;
+  int use_fp8, scale_format;
+  void* recv_x;               // [E_l, R*max, H] bf16 or fp8
+  void* recv_scales;          // [E_l, R*max, G] float or [E_l, R*max, P] int32
+  int* recv_count;            // [E_l]
+  int* cumulative_stats;      // [E_l] or null
+  int* recv_src_info;         // [E_l, R*max]
+  int* recv_row;              // [R, max, max_topk]
+  const float* topk_weights;  // [T, K] or null: copied into the message headers for the combine
+  int do_send, do_recv;
+  unsigned long long* trace;  // [grid][kLlTracePoints] or null (diagnostics, trace.h)
+};
+
+struct LlCombineArgs {
+  DeviceComm comm;
+  LlLayout layout;
+  size_t half_offset;
+  int num_sms;           // SMs this rank may occupy: the grid fills them (every block resident at once)
+  const uint16_t* y;     // [E_l, R*max, H] bf16
+  const void* topk_idx;  // [T, K]
+  int idx_int32;
+  const float* topk_weights;  // [T, K], or null: the weights the dispatch carried in its message headers
+  int num_tokens, hidden, topk;
+  uint16_t* out;        // [T, H] bf16
+  const int* recv_row;  // handle: [R, max, max_topk]
+  int do_send, do_recv;
+};
+
+struct LlResetArgs {
+  DeviceComm comm;
+  LlLayout layout;
+  size_t half0_offset;  // offset of LL half 0 (its persist block holds the reset barrier's counters)
+};
+
+// Launch on `stream`, return cudaGetLastError(). Dispatch and combine: kBlocksPerSm blocks (as many as the
+// kernel's occupancy allows) on each of num_sms SMs. The reset barrier: one warp.
+cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream);
+cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream);
+cudaError_t launchLlResetBarrier(const LlResetArgs& a, cudaStream_t stream);
+
+}  // namespace nccl_moe

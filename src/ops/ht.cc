@@ -1,0 +1,229 @@
+// High-throughput host operations: the handle's routing arrays, notify, dispatch and combine. They fill the
+// kernels' Args (src/kernels/intranode/args.h) from the communicator, the handle and the validated arguments,
+// own the state changes (the handle's routing record, the host-count sequence) and the one documented host
+// synchronisation (host-count notify).
+#include <atomic>
+#include <string>
+
+#include "core/device_guard.h"
+#include "core/env.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "kernels/intranode/args.h"
+#include "ops/ops.h"
+
+namespace nccl_moe {
+namespace {
+
+// Offsets (in ints) of the handle's arrays inside its one device allocation.
+struct RoutingBlock {
+  size_t recv_count, recv_count_per_expert, recv_src_info, send_count, recv_prefix, send_list, send_pos, topk_idx,
+      total;
+  static RoutingBlock make(int num_ranks, int capacity, int max_topk, int num_local_experts) {
+    auto up = [](size_t v) { return (v + 63) / 64 * 64; };  // 256-byte aligned arrays
+    RoutingBlock b{};
+    size_t off = 0;
+    b.recv_count = off;
+    off = up(off + 1);
+    b.recv_count_per_expert = off;
+    off = up(off + static_cast<size_t>(num_local_experts));
+    b.recv_src_info = off;
+    off = up(off + static_cast<size_t>(num_ranks) * capacity);
+    b.send_count = off;
+    off = up(off + kMaxNvlPeers);
+    b.recv_prefix = off;
+    off = up(off + kMaxNvlPeers + 1);
+    b.send_list = off;
+    off = up(off + static_cast<size_t>(num_ranks) * capacity);
+    b.send_pos = off;
+    off = up(off + static_cast<size_t>(num_ranks) * capacity);
+    b.topk_idx = off;
+    off = up(off + static_cast<size_t>(capacity) * max_topk);
+    b.total = off;
+    return b;
+  }
+};
+
+// The device view of every rank's HT region (intranode: a rank's local index is its rank).
+ht::HtDevice makeHtDevice(const ncclMoeComm* comm) {
+  ht::HtDevice d{};
+  d.comm = comm->deviceComm();
+  d.layout = comm->layout.ht;
+  for (int r = 0; r < kMaxNvlPeers; ++r)
+    d.region[r] = d.comm.scaleup.buffer[r] != nullptr ? d.comm.scaleup.buffer[r] + comm->layout.ht_region() : nullptr;
+  return d;
+}
+
+int resolveSms(const ncclMoeComm* comm, int num_sms) {
+  int sms = num_sms > 0 ? num_sms : comm->default_num_sms;
+  if (sms <= 0) sms = 24;
+  if (comm->rank_sms > 0 && sms > comm->rank_sms) sms = comm->rank_sms;
+  return sms;
+}
+
+// Everything but the role split (the kernel's launch sets it), from the handle (filled by notify) and the
+// validated call arguments.
+ht::DispatchArgs makeDispatchArgs(const ncclMoeComm* comm, const HtRouting& r, const ncclMoeDispatchArgs_t& args) {
+  ht::DispatchArgs a{};
+  a.ht = makeHtDevice(comm);
+  a.num_sms = resolveSms(comm, args.num_sms);
+  a.send_count = r.send_count;
+  a.recv_prefix = r.recv_prefix;
+  a.send_list = r.send_list;
+  a.topk_idx32 = r.topk_idx;
+  a.capacity = r.capacity;
+  a.num_tokens = r.num_tokens;
+  a.topk = r.topk;
+  a.num_local_experts = r.num_local_experts;
+  a.worst_case = r.recv_capacity > 0 ? 1 : 0;
+  a.out_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
+  const bool fp8 = args.dtype == ncclMoeFp8E4M3;
+  a.x = static_cast<const uint8_t*>(args.x);
+  a.row_bytes = fp8 ? args.hidden : 2 * args.hidden;
+  if (fp8) {
+    const int groups = (args.hidden + 127) / 128;  // one float scale per 128 channels; ue8m0 packs 4 per word
+    a.num_scale_words = args.scale_format == ncclMoeScaleUe8m0 ? (groups + 3) / 4 : groups;
+    a.x_scales = static_cast<const int*>(args.x_scales);
+    a.scale_token_stride = args.x_scales_token_stride > 0 ? args.x_scales_token_stride : a.num_scale_words;
+    a.scale_word_stride = args.x_scales_channel_stride > 0 ? args.x_scales_channel_stride : 1;
+    a.recv_x_scales = static_cast<int*>(args.recv_x_scales);
+  }
+  a.topk_weights = args.topk_weights;
+  a.recv_x = static_cast<uint8_t*>(args.recv_x);
+  a.recv_topk_idx = args.recv_topk_idx;
+  a.recv_idx_int64 = r.topk_idx_is_int64;
+  a.recv_topk_weights = args.topk_weights != nullptr ? args.recv_topk_weights : nullptr;
+  return a;
+}
+
+ht::CombineArgs makeCombineArgs(const ncclMoeComm* comm, const HtRouting& r, const ncclMoeCombineArgs_t& args) {
+  ht::CombineArgs a{};
+  a.ht = makeHtDevice(comm);
+  a.num_sms = resolveSms(comm, args.num_sms);
+  a.recv_prefix = r.recv_prefix;
+  a.send_pos = r.send_pos;
+  a.num_tokens = r.num_tokens;
+  a.topk = r.topk;
+  a.row_bytes = 2 * args.hidden;
+  a.in_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
+  a.x = static_cast<const uint8_t*>(args.x);
+  a.topk_weights = args.combined_topk_weights != nullptr ? args.topk_weights : nullptr;
+  a.bias0 = static_cast<const uint8_t*>(args.bias_0);
+  a.bias1 = static_cast<const uint8_t*>(args.bias_1);
+  a.out = static_cast<uint8_t*>(args.combined_x);
+  a.out_weights = a.topk_weights != nullptr ? args.combined_topk_weights : nullptr;
+  return a;
+}
+
+}  // namespace
+
+bool htUseEducationalKernels() {
+  const std::string kind = envString("NCCL_MOE_HT_KERNEL");
+  if (kind == "educational") return true;
+  if (!kind.empty() && kind != "fast") {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true))
+      MOE_WARN("NCCL_MOE_HT_KERNEL=\"%s\" is not \"fast\" or \"educational\"; using the fast kernels", kind.c_str());
+  }
+  return false;
+}
+
+ncclResult_t htRoutingAlloc(ncclMoeComm* comm, HtRouting* routing) {
+  const DeviceGuard guard(comm->device);
+  HtRouting r{};
+  r.num_ranks = comm->num_ranks;
+  r.capacity = comm->config.max_tokens_per_rank;
+  r.max_topk = comm->config.max_topk;
+  r.num_local_experts = comm->config.num_experts / comm->num_ranks;
+  const RoutingBlock b = RoutingBlock::make(r.num_ranks, r.capacity, r.max_topk, r.num_local_experts);
+  void* block = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&block, b.total * sizeof(int)));
+  if (cudaMemset(block, 0, b.total * sizeof(int)) != cudaSuccess) {
+    cudaFree(block);
+    return setLastError(ncclUnhandledCudaError, "htRoutingAlloc: cudaMemset of %zu bytes failed",
+                        b.total * sizeof(int));
+  }
+  int* base = static_cast<int*>(block);
+  r.device_block = block;
+  r.recv_count = base + b.recv_count;
+  r.recv_count_per_expert = base + b.recv_count_per_expert;
+  r.recv_src_info = base + b.recv_src_info;
+  r.send_count = base + b.send_count;
+  r.recv_prefix = base + b.recv_prefix;
+  r.send_list = base + b.send_list;
+  r.send_pos = base + b.send_pos;
+  r.topk_idx = base + b.topk_idx;
+  *routing = r;
+  return ncclSuccess;
+}
+
+void htRoutingFree(HtRouting* routing) {
+  if (routing->device_block != nullptr) cudaFree(routing->device_block);
+  *routing = HtRouting{};
+}
+
+ncclResult_t opHtNotify(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeNotifyArgs_t& args,
+                        cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  HtRouting& r = handle->ht;
+  const bool host_mode = args.recv_capacity == 0;
+  ht::NotifyArgs a{};
+  a.ht = makeHtDevice(comm);
+  a.topk_idx = args.topk_idx;
+  a.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
+  a.num_tokens = args.num_tokens;
+  a.topk = args.topk;
+  a.num_local_experts = r.num_local_experts;
+  a.expert_alignment = args.expert_alignment;
+  a.capacity = r.capacity;
+  a.send_count = r.send_count;
+  a.recv_prefix = r.recv_prefix;
+  a.send_list = r.send_list;
+  a.send_pos = r.send_pos;
+  a.topk_idx32 = r.topk_idx;
+  a.recv_count = r.recv_count;
+  a.recv_count_per_expert = r.recv_count_per_expert;
+  a.recv_src_info = r.recv_src_info;
+  if (host_mode) {
+    a.host_scratch = comm->dev_scratch;
+    a.host_seq = ++comm->ht_host_seq;
+  }
+  MOE_CUDA_CHECK(ht::launchNotify(a, stream));
+
+  r.valid = true;
+  r.num_tokens = args.num_tokens;
+  r.topk = args.topk;
+  r.topk_idx_is_int64 = a.topk_idx_is_int64;
+  r.expert_alignment = args.expert_alignment;
+  r.recv_capacity = args.recv_capacity;
+  r.num_recv_tokens = -1;
+  if (!host_mode) return ncclSuccess;
+
+  // The one documented host synchronisation: wait (bounded) for this rank's receive count.
+  MOE_CHECK(hostWaitGeq(comm, comm->host_scratch, a.host_seq, "ncclMoeDispatchNotify (receive count)"));
+  const volatile int* scratch = comm->host_scratch;
+  r.num_recv_tokens = scratch[1];
+  *args.num_recv_tokens = r.num_recv_tokens;
+  if (args.num_recv_tokens_per_expert != nullptr) {
+    for (int j = 0; j < r.num_local_experts; ++j) args.num_recv_tokens_per_expert[j] = scratch[2 + j];
+  }
+  return ncclSuccess;
+}
+
+ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
+                          cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  const ht::DispatchArgs a = makeDispatchArgs(comm, handle->ht, args);
+  MOE_CUDA_CHECK(htUseEducationalKernels() ? ht::launchEducationalDispatch(a, stream) : ht::launchDispatch(a, stream));
+  return ncclSuccess;
+}
+
+ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
+                         cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  const ht::CombineArgs a = makeCombineArgs(comm, handle->ht, args);
+  MOE_CUDA_CHECK(htUseEducationalKernels() ? ht::launchEducationalCombine(a, stream) : ht::launchCombine(a, stream));
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe

@@ -1,0 +1,136 @@
+// Low-latency host operations: the handle's routing arrays, dispatch and combine (send/receive halves), the
+// zero-copy combine buffer and the reset. They own the LL state changes: the alternation of the two buffer halves
+// (one per dispatch) and the handle's record of its dispatch and of the halves in flight. The API has validated
+// the phase state (src/core/api.cc) before any of these runs.
+#include "core/device_guard.h"
+#include "core/error.h"
+#include "kernels/low_latency/args.h"
+#include "ops/ops.h"
+
+namespace nccl_moe {
+namespace {
+
+size_t halfOffset(const ncclMoeComm* comm, int half) { return comm->layout.ll_half(half); }
+
+}  // namespace
+
+ncclResult_t llRoutingAlloc(ncclMoeComm* comm, LlRouting* routing) {
+  const DeviceGuard guard(comm->device);
+  const LlLayout& L = comm->layout.ll;
+  const size_t src_info = static_cast<size_t>(L.num_local_experts) * L.slab_rows();
+  const size_t rows = static_cast<size_t>(L.slab_rows()) * L.topk;
+  MOE_CUDA_CHECK(cudaMalloc(&routing->recv_src_info, src_info * sizeof(int)));
+  MOE_CUDA_CHECK(cudaMalloc(&routing->recv_row, rows * sizeof(int)));
+  MOE_CUDA_CHECK(cudaMemset(routing->recv_src_info, 0xff, src_info * sizeof(int)));
+  MOE_CUDA_CHECK(cudaMemset(routing->recv_row, 0xff, rows * sizeof(int)));
+  return ncclSuccess;
+}
+
+void llRoutingFree(LlRouting* routing) {
+  if (routing->recv_src_info != nullptr) cudaFree(routing->recv_src_info);
+  if (routing->recv_row != nullptr) cudaFree(routing->recv_row);
+  routing->recv_src_info = nullptr;
+  routing->recv_row = nullptr;
+  routing->valid = false;
+}
+
+ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLDispatchArgs_t& args,
+                          cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  LlRouting& r = handle->ll;
+  const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
+  const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
+  if (do_send) {
+    // A new dispatch: the next half, and the record the receive half and the combine follow.
+    r.half = comm->ll_next_half;
+    comm->ll_next_half ^= 1;
+    r.num_tokens = args.num_tokens;
+    r.topk = args.topk;
+    r.hidden = args.hidden;
+    r.use_fp8 = args.use_fp8;
+    r.scale_format = static_cast<int>(args.scale_format);
+    r.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
+    r.dispatch_weights = args.topk_weights != nullptr;
+    r.valid = true;
+  }
+  LlDispatchArgs a{};
+  a.comm = comm->deviceComm();
+  a.layout = comm->layout.ll;
+  a.half_offset = halfOffset(comm, r.half);
+  a.num_sms = comm->rank_sms;
+  a.x = args.x;
+  a.topk_idx = args.topk_idx;
+  a.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
+  a.num_tokens = r.num_tokens;
+  a.hidden = r.hidden;
+  a.topk = r.topk;
+  a.use_fp8 = r.use_fp8;
+  a.scale_format = r.scale_format;
+  a.recv_x = args.recv_x;
+  a.recv_scales = args.recv_x_scales;
+  a.recv_count = args.recv_count;
+  a.cumulative_stats = args.cumulative_recv_stats;
+  a.recv_src_info = r.recv_src_info;
+  a.recv_row = r.recv_row;
+  a.topk_weights = do_send ? args.topk_weights : nullptr;
+  a.do_send = do_send;
+  a.do_recv = do_recv;
+  a.trace = comm->ll_dispatch_trace;
+  MOE_CUDA_CHECK(launchLlDispatch(a, stream));
+  r.recv_pending = do_send && !do_recv;
+  return ncclSuccess;
+}
+
+ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeLLCombineArgs_t& args,
+                         cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  LlRouting& r = handle->ll;
+  const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
+  const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
+  const LlLayout& L = comm->layout.ll;
+  LlCombineArgs a{};
+  a.comm = comm->deviceComm();
+  a.layout = L;
+  a.half_offset = halfOffset(comm, r.half);
+  a.num_sms = comm->rank_sms;
+  a.y = static_cast<const uint16_t*>(
+      args.zero_copy ? static_cast<const void*>(comm->buffer + a.half_offset + L.combine_buffer()) : args.x);
+  a.topk_idx = args.topk_idx;
+  // The index type is not part of the combine args: the dispatch's is used (recorded in the handle).
+  a.idx_int32 = r.idx_int32;
+  // Weights given here win; otherwise the dispatch's (in its message headers: no weight exchange).
+  a.topk_weights = args.topk_weights;
+  a.num_tokens = args.num_tokens;
+  a.hidden = args.hidden;
+  a.topk = args.topk;
+  a.out = static_cast<uint16_t*>(args.out);
+  a.recv_row = r.recv_row;
+  a.do_send = do_send;
+  a.do_recv = do_recv;
+  MOE_CUDA_CHECK(launchLlCombine(a, stream));
+  r.combine_recv_pending = do_send && !do_recv;
+  return ncclSuccess;
+}
+
+ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** buffer) {
+  *buffer = comm->buffer + halfOffset(comm, handle->ll.half) + comm->layout.ll.combine_buffer();
+  return ncclSuccess;
+}
+
+ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  const LlLayout& L = comm->layout.ll;
+  const LlResetArgs a{comm->deviceComm(), L, halfOffset(comm, 0)};
+  // Barrier first: every rank's earlier LL kernels have ended (and with them any ack or flag they add to this
+  // rank's control region) before the zeroing; without it a peer's late receive ack could land after the
+  // memset and survive the reset.
+  MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
+  for (int half = 0; half < 2; ++half)
+    MOE_CUDA_CHECK(cudaMemsetAsync(comm->buffer + halfOffset(comm, half) + L.control(), 0, L.reset_bytes(), stream));
+  // Second barrier: no peer writes into this rank's LL region before its zeroing is complete.
+  MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
+  comm->ll_next_half = 0;
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe
