@@ -21,7 +21,13 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "reference/detail.h"
+
 namespace nccl_moe::ref {
+
+using detail::fail;
+using detail::require;
+using detail::sz;
 
 namespace {
 
@@ -36,14 +42,6 @@ float bits_float(uint32_t u) {
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("nccl_moe::ref: " + what); }
-
-void require(bool ok, const std::string& what) {
-  if (!ok) fail(what);
-}
-
-size_t sz(int64_t v) { return static_cast<size_t>(v); }
 
 int round_up(int v, int align) { return (v + align - 1) / align * align; }
 
@@ -469,7 +467,8 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------
 
-namespace {
+// Shared with the brute-force model (reference/testing/brute.cc) through reference/detail.h.
+namespace detail {
 
 void check_ll(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
               bool use_fp8, ScaleFormat format) {
@@ -529,7 +528,6 @@ LlDispatch ll_empty(const Routing& routing, int hidden, int max_tokens, bool wit
   return out;
 }
 
-// Writes token t of rank s (already cast when fp8) into slab row `slab_row` (global row index in [E_l*R*max]).
 void ll_store_row(LlDispatch& out, LlRankRecv& rv, size_t slab_row, int s, int t, const uint16_t* x_bf16,
                   const uint8_t* q, const float* scales, const int32_t* packed) {
   rv.src_rank[slab_row] = s;
@@ -551,18 +549,18 @@ void ll_store_row(LlDispatch& out, LlRankRecv& rv, size_t slab_row, int s, int t
   }
 }
 
-}  // namespace
+}  // namespace detail
 
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8, ScaleFormat format, std::vector<std::vector<int>>* cumulative_stats) {
-  check_ll(routing, hidden, max_tokens, x, use_fp8, format);
+  detail::check_ll(routing, hidden, max_tokens, x, use_fp8, format);
   const int R = routing.num_ranks, K = routing.topk, E = routing.num_experts, El = routing.num_local_experts();
   if (cumulative_stats) {
     require(cumulative_stats->size() == sz(R), "ll_dispatch: cumulative_stats->size() must be num_ranks");
     for (const auto& v : *cumulative_stats)
       require(v.size() == sz(El), "ll_dispatch: cumulative_stats[d].size() must be num_local_experts");
   }
-  LlDispatch out = ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
+  LlDispatch out = detail::ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
   const size_t slab = sz(out.slab_rows());
 
   // Per (source rank, global expert) counts, then for every expert a prefix over source ranks: the base row
@@ -597,7 +595,7 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
         const int row = base[sz(s) * E + e] + next[sz(e)]++;
         out.send_row[s][sz(t) * K + k] = row;
         const int d = static_cast<int>(e / El), j = static_cast<int>(e % El);
-        ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
+        detail::ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
       }
     }
   }
@@ -818,9 +816,9 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
 
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8, ScaleFormat format) {
-  check_ll(routing, hidden, max_tokens, x, use_fp8, format);
+  detail::check_ll(routing, hidden, max_tokens, x, use_fp8, format);
   const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts();
-  LlDispatch out = ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
+  LlDispatch out = detail::ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
   const size_t slab = sz(out.slab_rows());
   std::vector<uint8_t> q(sz(hidden));
   std::vector<float> scales(sz(num_scale_groups(hidden)));
@@ -835,7 +833,8 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
             if (routing.ranks[s].topk_idx[sz(t) * K + k] != e) continue;
             const uint16_t* xr = x ? &(*x)[s][sz(t) * hidden] : nullptr;
             if (xr && use_fp8) cast_row_to_fp8(xr, hidden, format, q.data(), scales.data(), packed.data());
-            ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
+            detail::ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(),
+                                 packed.data());
             out.send_row[s][sz(t) * K + k] = row;
             ++row;
           }
