@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "reference/testing/compare.h"
+
 namespace nccl_moe::ref {
 namespace {
 
