@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include "reference/testing/generators.h"
+
 namespace nccl_moe::perf {
 
 namespace {

@@ -35,6 +35,7 @@
 #include "nccl_moe.h"
 #include "reference/reference.h"
 #include "reference/testing/compare.h"
+#include "reference/testing/generators.h"
 
 namespace {
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "reference/testing/compare.h"
+#include "reference/testing/generators.h"
 
 namespace nccl_moe::ref {
 namespace {
