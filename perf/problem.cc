@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "reference/testing/generators.h"
+#include "reference/testing/traffic.h"
 
 namespace nccl_moe::perf {
 

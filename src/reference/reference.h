@@ -261,13 +261,4 @@ std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDi
                                               const std::vector<std::vector<uint16_t>>& y);
 }  // namespace brute
 
-// ------------------------------------------------------------------------------------------------
-// Traffic matrices
-// ------------------------------------------------------------------------------------------------
-
-// Traffic of a HT dispatch: m[s * R + d] = tokens of s sent to d (deduplicated per rank; s == d included).
-std::vector<int64_t> traffic_matrix(const Routing& routing);
-// Traffic of a LL dispatch: m[s * R + d] = valid (token, slot) pairs of s whose expert lives on d.
-std::vector<int64_t> ll_traffic_matrix(const Routing& routing);
-
 }  // namespace nccl_moe::ref

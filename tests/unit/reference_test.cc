@@ -13,6 +13,7 @@
 
 #include "reference/testing/compare.h"
 #include "reference/testing/generators.h"
+#include "reference/testing/traffic.h"
 
 namespace nccl_moe::ref {
 namespace {
