@@ -243,22 +243,4 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
                                               const std::vector<std::vector<uint16_t>>& y);
 
-// ------------------------------------------------------------------------------------------------
-// Brute-force per-token model (tests only): the same results written the simplest way, independent of the
-// functions above (pull per receiving rank, linear searches). Outputs have exactly the same shapes, so tests
-// compare them field by field.
-// ------------------------------------------------------------------------------------------------
-namespace brute {
-DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int topk, int num_experts, int num_ranks);
-HtDispatch ht_dispatch(const Routing& routing, int expert_alignment, const std::vector<Rows>* x = nullptr);
-HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::vector<uint16_t>>& x, int hidden,
-                           const std::vector<std::vector<float>>* weights = nullptr,
-                           const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
-                           const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
-LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
-                       bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat);
-std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
-                                              const std::vector<std::vector<uint16_t>>& y);
-}  // namespace brute
-
 }  // namespace nccl_moe::ref
