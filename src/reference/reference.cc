@@ -1,7 +1,8 @@
 // CPU reference of every NCCL-MoE operation (see reference.h for the contract, docs/reference.md for the
-// ordering and accumulation rules). Everything of the module lives in this one file: numerics, the
-// reference operations (written the way the GPU computes them: per-sender positions, prefix sums, scatter),
-// the brute-force model (written the simplest way: pull per receiver, linear searches), generators, hashes.
+// ordering and accumulation rules): numerics, rows, routing checks, and the operations, written the way the GPU
+// computes them (per-sender positions, prefix sums, scatter). The brute-force model that cross-checks them
+// (written the simplest way: pull per receiver, linear searches), the generators and the hashes are test code in
+// reference/testing/.
 //
 // FP32 contraction is disabled for this file so that "p = w * y; acc = acc + p" stays two roundings even
 // when the compiler is allowed FMA instructions (-march=native etc.); where a contract fuses (LL combine),
@@ -18,7 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <stdexcept>
+#include <string>
 
 #include "reference/detail.h"
 

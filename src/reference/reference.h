@@ -3,20 +3,22 @@
 // Contract (docs/reference.md has the full text; this header is the authoritative list of functions):
 //   - Host data only, all R ranks simulated in one process, plain std::vector, row-major tensors.
 //   - Depends on nothing but the C++17 standard library (no nccl_moe.h, no CUDA headers).
-//   - Deterministic: same inputs give bitwise-identical outputs on every run and platform (no std::
-//     distributions, no unordered containers, no threads). FP32 accumulation orders are written on each
-//     function; the GPU kernels implement the same orders so tests can demand bitwise equality.
+//   - Deterministic: same inputs give bitwise-identical outputs on every run and platform (no unordered
+//     containers, no threads). FP32 accumulation orders are written on each function; the GPU kernels implement
+//     the same orders so tests can demand bitwise equality.
 //   - Invalid inputs (expert id < -1 or >= E, E % R != 0, sizes that disagree, T > max_tokens, ...) throw
 //     std::invalid_argument with a message naming the argument.
+//
+// What exists only to test and benchmark lives beside it in reference/testing/: generators.h (seeded routings and
+// rows), brute.h (the brute-force model that cross-checks these functions), traffic.h (per rank-pair row counts),
+// compare.h (hashes, diff()).
 //
 // Notation: R ranks, s source rank, d destination (receiving) rank, T_s tokens on rank s, H hidden size,
 // K top-k, E experts, E_l = E / R local experts, expert e lives on rank e / E_l with local id e % E_l,
 // G = ceil(H / 128) scale groups per row, P = ceil(G / 4) packed UE8M0 words per row.
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace nccl_moe::ref {
