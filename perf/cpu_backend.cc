@@ -7,6 +7,7 @@
 #include <exception>
 
 #include "cpu_baseline.h"
+#include "reference/testing/brute.h"
 #include "verify.h"
 
 namespace nccl_moe::perf {

@@ -7,6 +7,9 @@
 #include <stdexcept>
 #include <thread>
 
+#include "reference/testing/generators.h"
+#include "reference/testing/traffic.h"
+
 namespace nccl_moe::perf {
 
 namespace {

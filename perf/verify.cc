@@ -5,6 +5,8 @@
 #include <cstring>
 #include <map>
 
+#include "reference/testing/compare.h"
+
 namespace nccl_moe::perf {
 
 namespace {

@@ -1,7 +1,8 @@
 // CPU reference of every NCCL-MoE operation (see reference.h for the contract, docs/reference.md for the
-// ordering and accumulation rules). Everything of the module lives in this one file: numerics, the
-// reference operations (written the way the GPU computes them: per-sender positions, prefix sums, scatter),
-// the brute-force model (written the simplest way: pull per receiver, linear searches), generators, hashes.
+// ordering and accumulation rules): numerics, rows, routing checks, and the operations, written the way the GPU
+// computes them (per-sender positions, prefix sums, scatter). The brute-force model that cross-checks them
+// (written the simplest way: pull per receiver, linear searches), the generators and the hashes are test code in
+// reference/testing/.
 //
 // FP32 contraction is disabled for this file so that "p = w * y; acc = acc + p" stays two roundings even
 // when the compiler is allowed FMA instructions (-march=native etc.); where a contract fuses (LL combine),
@@ -18,10 +19,15 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <sstream>
-#include <stdexcept>
+#include <string>
+
+#include "reference/detail.h"
 
 namespace nccl_moe::ref {
+
+using detail::fail;
+using detail::require;
+using detail::sz;
 
 namespace {
 
@@ -36,14 +42,6 @@ float bits_float(uint32_t u) {
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("nccl_moe::ref: " + what); }
-
-void require(bool ok, const std::string& what) {
-  if (!ok) fail(what);
-}
-
-size_t sz(int64_t v) { return static_cast<size_t>(v); }
 
 int round_up(int v, int align) { return (v + align - 1) / align * align; }
 
@@ -469,7 +467,8 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------
 
-namespace {
+// Shared with the brute-force model (reference/testing/brute.cc) through reference/detail.h.
+namespace detail {
 
 void check_ll(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
               bool use_fp8, ScaleFormat format) {
@@ -529,7 +528,6 @@ LlDispatch ll_empty(const Routing& routing, int hidden, int max_tokens, bool wit
   return out;
 }
 
-// Writes token t of rank s (already cast when fp8) into slab row `slab_row` (global row index in [E_l*R*max]).
 void ll_store_row(LlDispatch& out, LlRankRecv& rv, size_t slab_row, int s, int t, const uint16_t* x_bf16,
                   const uint8_t* q, const float* scales, const int32_t* packed) {
   rv.src_rank[slab_row] = s;
@@ -551,18 +549,18 @@ void ll_store_row(LlDispatch& out, LlRankRecv& rv, size_t slab_row, int s, int t
   }
 }
 
-}  // namespace
+}  // namespace detail
 
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8, ScaleFormat format, std::vector<std::vector<int>>* cumulative_stats) {
-  check_ll(routing, hidden, max_tokens, x, use_fp8, format);
+  detail::check_ll(routing, hidden, max_tokens, x, use_fp8, format);
   const int R = routing.num_ranks, K = routing.topk, E = routing.num_experts, El = routing.num_local_experts();
   if (cumulative_stats) {
     require(cumulative_stats->size() == sz(R), "ll_dispatch: cumulative_stats->size() must be num_ranks");
     for (const auto& v : *cumulative_stats)
       require(v.size() == sz(El), "ll_dispatch: cumulative_stats[d].size() must be num_local_experts");
   }
-  LlDispatch out = ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
+  LlDispatch out = detail::ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
   const size_t slab = sz(out.slab_rows());
 
   // Per (source rank, global expert) counts, then for every expert a prefix over source ranks: the base row
@@ -597,7 +595,7 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
         const int row = base[sz(s) * E + e] + next[sz(e)]++;
         out.send_row[s][sz(t) * K + k] = row;
         const int d = static_cast<int>(e / El), j = static_cast<int>(e % El);
-        ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
+        detail::ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
       }
     }
   }
@@ -662,573 +660,6 @@ std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDi
     }
   }
   return out;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Brute-force model
-// ------------------------------------------------------------------------------------------------
-
-namespace brute {
-
-namespace {
-bool token_goes_to(const Routing& routing, int s, int t, int d) {
-  for (int k = 0; k < routing.topk; ++k) {
-    const int64_t e = routing.ranks[s].topk_idx[sz(t) * routing.topk + k];
-    if (e >= 0 && e / routing.num_local_experts() == d) return true;
-  }
-  return false;
-}
-}  // namespace
-
-DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int topk, int num_experts, int num_ranks) {
-  const int per_rank = num_experts / num_ranks;
-  DispatchLayout l;
-  l.num_tokens_per_rank.assign(sz(num_ranks), 0);
-  l.num_tokens_per_expert.assign(sz(num_experts), 0);
-  l.is_token_in_rank.assign(sz(num_tokens) * num_ranks, 0);
-  for (int e = 0; e < num_experts; ++e)
-    for (int i = 0; i < num_tokens * topk; ++i)
-      if (topk_idx[i] == e) ++l.num_tokens_per_expert[e];
-  for (int d = 0; d < num_ranks; ++d) {
-    for (int t = 0; t < num_tokens; ++t) {
-      bool any = false;
-      for (int k = 0; k < topk; ++k) {
-        const int64_t e = topk_idx[sz(t) * topk + k];
-        if (e >= static_cast<int64_t>(d) * per_rank && e < static_cast<int64_t>(d + 1) * per_rank) any = true;
-      }
-      l.is_token_in_rank[sz(t) * num_ranks + d] = any ? 1 : 0;
-      if (any) ++l.num_tokens_per_rank[d];
-    }
-  }
-  return l;
-}
-
-HtDispatch ht_dispatch(const Routing& routing, int expert_alignment, const std::vector<Rows>* x) {
-  routing.validate();
-  const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts();
-  HtDispatch out;
-  out.num_ranks = R;
-  out.num_experts = routing.num_experts;
-  out.topk = K;
-  out.expert_alignment = expert_alignment;
-  for (int s = 0; s < R; ++s) out.num_tokens.push_back(routing.ranks[s].num_tokens);
-  const bool has_w = routing.has_weights();
-  for (int d = 0; d < R; ++d) {
-    HtRankRecv rv;
-    rv.num_recv_per_expert_unaligned.assign(sz(El), 0);
-    rv.rank_prefix.push_back(0);
-    std::vector<std::pair<int, int>> order;  // (s, t) pulled in order
-    for (int s = 0; s < R; ++s) {
-      for (int t = 0; t < routing.ranks[s].num_tokens; ++t) {
-        if (!token_goes_to(routing, s, t, d)) continue;
-        order.emplace_back(s, t);
-        rv.src_rank.push_back(s);
-        rv.src_token.push_back(t);
-        rv.src_info.push_back(s * (1 << 24) + t);
-        for (int k = 0; k < K; ++k) {
-          const int64_t e = routing.ranks[s].topk_idx[sz(t) * K + k];
-          const bool local = e >= 0 && e / El == d;
-          rv.topk_idx.push_back(local ? e % El : -1);
-          if (has_w) rv.topk_weights.push_back(local ? routing.ranks[s].topk_weights[sz(t) * K + k] : 0.0f);
-          if (local) rv.num_recv_per_expert_unaligned[sz(e % El)] += 1;
-        }
-      }
-      rv.rank_prefix.push_back(static_cast<int>(rv.src_rank.size()));
-    }
-    rv.num_recv = static_cast<int>(rv.src_rank.size());
-    for (int j = 0; j < El; ++j) {
-      int v = rv.num_recv_per_expert_unaligned[j];
-      while (v % expert_alignment != 0) ++v;
-      rv.num_recv_per_expert.push_back(v);
-    }
-    if (x) {
-      const Rows& x0 = (*x)[0];
-      rv.x.dtype = x0.dtype;
-      rv.x.scale_format = x0.scale_format;
-      rv.x.num_rows = rv.num_recv;
-      rv.x.hidden = x0.hidden;
-      for (const auto& [s, t] : order) {
-        const Rows& src = (*x)[s];
-        const int H = src.hidden, G = num_scale_groups(H), P = num_packed_scales(H);
-        if (src.dtype == DType::kBf16) {
-          for (int c = 0; c < H; ++c) rv.x.bf16.push_back(src.bf16[sz(t) * H + c]);
-        } else {
-          for (int c = 0; c < H; ++c) rv.x.fp8.push_back(src.fp8[sz(t) * H + c]);
-          if (src.scale_format == ScaleFormat::kUe8m0)
-            for (int i = 0; i < P; ++i) rv.x.packed_scales.push_back(src.packed_scales[sz(t) * P + i]);
-          else
-            for (int g = 0; g < G; ++g) rv.x.scales.push_back(src.scales[sz(t) * G + g]);
-        }
-      }
-    }
-    out.recv.push_back(std::move(rv));
-  }
-  // send_pos: how many earlier tokens of s also go to d.
-  for (int s = 0; s < R; ++s) {
-    std::vector<int> pos;
-    for (int t = 0; t < routing.ranks[s].num_tokens; ++t) {
-      for (int d = 0; d < R; ++d) {
-        if (!token_goes_to(routing, s, t, d)) {
-          pos.push_back(-1);
-          continue;
-        }
-        int earlier = 0;
-        for (int u = 0; u < t; ++u) earlier += token_goes_to(routing, s, u, d) ? 1 : 0;
-        pos.push_back(earlier);
-      }
-    }
-    out.send_pos.push_back(pos);
-  }
-  return out;
-}
-
-HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::vector<uint16_t>>& x, int hidden,
-                           const std::vector<std::vector<float>>* weights,
-                           const std::vector<std::vector<uint16_t>>* bias0,
-                           const std::vector<std::vector<uint16_t>>* bias1) {
-  const int R = dispatch.num_ranks, K = dispatch.topk;
-  HtCombineResult out;
-  out.x.resize(sz(R));
-  out.topk_weights.resize(sz(R));
-  for (int s = 0; s < R; ++s) {
-    for (int t = 0; t < dispatch.num_tokens[s]; ++t) {
-      // Rows holding (s, t), one per receiving rank, found by search.
-      std::vector<std::pair<int, int>> holders;  // (d, row), d ascending
-      for (int d = 0; d < R; ++d)
-        for (int i = 0; i < dispatch.recv[d].num_recv; ++i)
-          if (dispatch.recv[d].src_rank[i] == s && dispatch.recv[d].src_token[i] == t) holders.emplace_back(d, i);
-      for (int c = 0; c < hidden; ++c) {
-        float sum = 0.0f;
-        for (const auto& [d, i] : holders) sum += bf16_to_float(x[d][sz(i) * hidden + c]);
-        if (bias0) sum += bf16_to_float((*bias0)[s][sz(t) * hidden + c]);
-        if (bias1) sum += bf16_to_float((*bias1)[s][sz(t) * hidden + c]);
-        out.x[s].push_back(float_to_bf16(sum));
-      }
-      if (weights) {
-        for (int k = 0; k < K; ++k) {
-          float sum = 0.0f;
-          for (const auto& [d, i] : holders) sum += (*weights)[d][sz(i) * K + k];
-          out.topk_weights[s].push_back(sum);
-        }
-      }
-    }
-  }
-  return out;
-}
-
-LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
-                       bool use_fp8, ScaleFormat format) {
-  check_ll(routing, hidden, max_tokens, x, use_fp8, format);
-  const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts();
-  LlDispatch out = ll_empty(routing, hidden, max_tokens, x != nullptr, use_fp8, format);
-  const size_t slab = sz(out.slab_rows());
-  std::vector<uint8_t> q(sz(hidden));
-  std::vector<float> scales(sz(num_scale_groups(hidden)));
-  std::vector<int32_t> packed(sz(num_packed_scales(hidden)));
-  for (int d = 0; d < R; ++d) {
-    for (int j = 0; j < El; ++j) {
-      const int64_t e = static_cast<int64_t>(d) * El + j;
-      int row = 0;
-      for (int s = 0; s < R; ++s) {
-        for (int t = 0; t < routing.ranks[s].num_tokens; ++t) {
-          for (int k = 0; k < K; ++k) {
-            if (routing.ranks[s].topk_idx[sz(t) * K + k] != e) continue;
-            const uint16_t* xr = x ? &(*x)[s][sz(t) * hidden] : nullptr;
-            if (xr && use_fp8) cast_row_to_fp8(xr, hidden, format, q.data(), scales.data(), packed.data());
-            ll_store_row(out, out.recv[d], sz(j) * slab + row, s, t, xr, q.data(), scales.data(), packed.data());
-            out.send_row[s][sz(t) * K + k] = row;
-            ++row;
-          }
-        }
-      }
-      out.recv[d].recv_count[j] = row;
-    }
-  }
-  return out;
-}
-
-std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
-                                              const std::vector<std::vector<uint16_t>>& y) {
-  const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts(), H = dispatch.hidden;
-  const int slab = dispatch.slab_rows();
-  std::vector<std::vector<uint16_t>> out(sz(R));
-  for (int s = 0; s < R; ++s) {
-    const RankRouting& rr = routing.ranks[s];
-    for (int t = 0; t < rr.num_tokens; ++t) {
-      // For every valid slot, find its row by searching the expert's slab for the (occurrence)-th (s, t) row.
-      std::vector<const uint16_t*> rows(sz(K), nullptr);
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = rr.topk_idx[sz(t) * K + k];
-        if (e < 0) continue;
-        int occurrence = 0;
-        for (int k2 = 0; k2 < k; ++k2) occurrence += rr.topk_idx[sz(t) * K + k2] == e ? 1 : 0;
-        const int d = static_cast<int>(e / El), j = static_cast<int>(e % El);
-        const LlRankRecv& rv = dispatch.recv[d];
-        for (int i = 0; i < rv.recv_count[j]; ++i) {
-          const size_t g = sz(j) * slab + i;
-          if (rv.src_rank[g] == s && rv.src_token[g] == t && occurrence-- == 0) {
-            rows[k] = &y[d][g * H];
-            break;
-          }
-        }
-      }
-      for (int c = 0; c < H; ++c) {
-        float sum = 0.0f;
-        for (int d = 0; d < R; ++d) {
-          float part = 0.0f;
-          bool any = false;
-          for (int k = 0; k < K; ++k) {
-            if (!rows[k] || rr.topk_idx[sz(t) * K + k] / El != d) continue;
-            part = std::fmaf(rr.topk_weights[sz(t) * K + k], bf16_to_float(rows[k][c]), part);
-            any = true;
-          }
-          if (any) sum += bf16_to_float(float_to_bf16(part));
-        }
-        out[s].push_back(float_to_bf16(sum));
-      }
-    }
-  }
-  return out;
-}
-
-}  // namespace brute
-
-// ------------------------------------------------------------------------------------------------
-// Generators
-// ------------------------------------------------------------------------------------------------
-
-uint64_t Rng::next() {
-  state_ += 0x9e3779b97f4a7c15ull;
-  uint64_t z = state_;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-uint32_t Rng::below(uint32_t n) { return static_cast<uint32_t>(((next() >> 32) * static_cast<uint64_t>(n)) >> 32); }
-
-double Rng::uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }
-
-uint64_t mix_seed(uint64_t a, uint64_t b) {
-  Rng r(a ^ (b * 0xd6e8feb86659fd93ull + 0x632be59bd9b4e019ull));
-  return r.next();
-}
-
-RankRouting make_rank_routing(const RoutingSpec& spec, int rank) {
-  require(spec.num_ranks >= 1 && spec.num_experts >= spec.num_ranks && spec.num_experts % spec.num_ranks == 0,
-          "make_routing: num_experts must be a positive multiple of num_ranks");
-  require(spec.topk >= 1 && spec.topk <= spec.num_experts, "make_routing: topk must be in [1, num_experts]");
-  require(spec.skew >= 1.0, "make_routing: skew must be >= 1");
-  require(spec.tokens_per_rank.empty() || spec.tokens_per_rank.size() == sz(spec.num_ranks),
-          "make_routing: tokens_per_rank must be empty or have num_ranks entries");
-  require(rank >= 0 && rank < spec.num_ranks, "make_routing: rank out of range");
-  const int E = spec.num_experts, K = spec.topk, El = E / spec.num_ranks;
-
-  RankRouting rr;
-  rr.num_tokens = spec.tokens_per_rank.empty() ? spec.num_tokens : spec.tokens_per_rank[rank];
-  if (rank >= spec.num_ranks - spec.num_zero_token_ranks) rr.num_tokens = 0;
-  require(rr.num_tokens >= 0, "make_routing: token counts must be >= 0");
-  rr.topk_idx.assign(sz(rr.num_tokens) * K, -1);
-  if (spec.with_weights) rr.topk_weights.assign(sz(rr.num_tokens) * K, 0.0f);
-
-  // Cumulative expert weights (skew^-rank_of_expert); uniform when skew == 1.
-  const bool uniform = spec.skew == 1.0;
-  std::vector<double> cdf;
-  if (!uniform) {
-    cdf.resize(sz(E));
-    double run = 0.0;
-    for (int e = 0; e < E; ++e) {
-      run += std::pow(spec.skew, -static_cast<double>(e / El));
-      cdf[e] = run;
-    }
-  }
-  Rng rng(mix_seed(spec.seed, static_cast<uint64_t>(rank)));
-  std::vector<int64_t> chosen;
-  for (int t = 0; t < rr.num_tokens; ++t) {
-    const bool empty = rng.uniform() < spec.empty_token_fraction;
-    chosen.clear();
-    for (int k = 0; k < K; ++k) {
-      int64_t e = -1;
-      for (int attempt = 0; attempt < 64 && e < 0; ++attempt) {
-        int64_t c;
-        if (uniform) {
-          c = rng.below(static_cast<uint32_t>(E));
-        } else {
-          const double u = rng.uniform() * cdf.back();
-          c = std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin();
-          if (c >= E) c = E - 1;
-        }
-        if (std::find(chosen.begin(), chosen.end(), c) == chosen.end()) e = c;
-      }
-      if (e < 0) {  // heavy skew exhausted the likely experts: take the next unused one from a random start
-        int64_t c = rng.below(static_cast<uint32_t>(E));
-        while (std::find(chosen.begin(), chosen.end(), c) != chosen.end()) c = (c + 1) % E;
-        e = c;
-      }
-      chosen.push_back(e);
-    }
-    for (int k = 0; k < K; ++k) {
-      const bool masked = rng.uniform() < spec.masked_fraction;
-      rr.topk_idx[sz(t) * K + k] = (empty || masked) ? -1 : chosen[k];
-      // Masked slots get a weight too: correct consumers ignore it.
-      if (spec.with_weights) rr.topk_weights[sz(t) * K + k] = static_cast<float>(1 + rng.below(64)) / 64.0f;
-    }
-  }
-  return rr;
-}
-
-Routing make_routing(const RoutingSpec& spec) {
-  Routing r;
-  r.num_ranks = spec.num_ranks;
-  r.num_experts = spec.num_experts;
-  r.topk = spec.topk;
-  for (int s = 0; s < spec.num_ranks; ++s) r.ranks.push_back(make_rank_routing(spec, s));
-  r.validate();
-  return r;
-}
-
-uint16_t pattern_bf16(uint64_t seed, int rank, int token, int channel, ValueKind kind) {
-  const uint64_t h = mix_seed(mix_seed(mix_seed(seed, static_cast<uint64_t>(rank)), static_cast<uint64_t>(token)),
-                              static_cast<uint64_t>(channel));
-  const bool neg = (h >> 63) != 0;
-  if (kind == ValueKind::kExact) {
-    const float v = static_cast<float>(1 + (h & 0xffff) % 15) / 16.0f;
-    return float_to_bf16(neg ? -v : v);
-  }
-  const int m = static_cast<int>(h & 0x7f);
-  const int e = static_cast<int>((h >> 8) % 20) - 10;
-  const float v = std::ldexp(1.0f + static_cast<float>(m) / 128.0f, e);
-  return float_to_bf16(neg ? -v : v);
-}
-
-std::vector<uint16_t> make_bf16_rows(uint64_t seed, int rank, int num_tokens, int hidden, ValueKind kind) {
-  std::vector<uint16_t> v(sz(num_tokens) * hidden);
-  for (int t = 0; t < num_tokens; ++t)
-    for (int c = 0; c < hidden; ++c) v[sz(t) * hidden + c] = pattern_bf16(seed, rank, t, c, kind);
-  return v;
-}
-
-std::vector<std::vector<uint16_t>> make_bf16_rows_all(const Routing& routing, uint64_t seed, int hidden,
-                                                      ValueKind kind) {
-  std::vector<std::vector<uint16_t>> out;
-  for (int s = 0; s < routing.num_ranks; ++s)
-    out.push_back(make_bf16_rows(seed, s, routing.ranks[s].num_tokens, hidden, kind));
-  return out;
-}
-
-std::vector<int64_t> traffic_matrix(const Routing& routing) {
-  routing.validate();
-  const int R = routing.num_ranks;
-  std::vector<int64_t> m(sz(R) * R, 0);
-  for (int s = 0; s < R; ++s) {
-    const RankRouting& rr = routing.ranks[s];
-    const DispatchLayout l =
-        get_dispatch_layout(rr.topk_idx.data(), rr.num_tokens, routing.topk, routing.num_experts, R);
-    for (int d = 0; d < R; ++d) m[sz(s) * R + d] = l.num_tokens_per_rank[d];
-  }
-  return m;
-}
-
-std::vector<int64_t> ll_traffic_matrix(const Routing& routing) {
-  routing.validate();
-  const int R = routing.num_ranks;
-  std::vector<int64_t> m(sz(R) * R, 0);
-  for (int s = 0; s < R; ++s)
-    for (int64_t e : routing.ranks[s].topk_idx)
-      if (e >= 0) ++m[sz(s) * R + routing.expert_rank(e)];
-  return m;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Hashes and diffs
-// ------------------------------------------------------------------------------------------------
-
-uint64_t fnv1a64(const void* data, size_t bytes, uint64_t hash) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < bytes; ++i) {
-    hash ^= p[i];
-    hash *= kFnvPrime;
-  }
-  return hash;
-}
-
-namespace {
-template <typename T>
-uint64_t hash_value(const T& v, uint64_t h) {
-  return fnv1a64(&v, sizeof(v), h);
-}
-
-uint64_t hash_rows(const Rows& r, uint64_t h) {
-  h = hash_value(static_cast<int>(r.dtype), h);
-  h = hash_value(static_cast<int>(r.scale_format), h);
-  h = hash_value(r.num_rows, h);
-  h = hash_value(r.hidden, h);
-  h = fnv1a64(r.bf16, h);
-  h = fnv1a64(r.fp8, h);
-  h = fnv1a64(r.scales, h);
-  return fnv1a64(r.packed_scales, h);
-}
-}  // namespace
-
-uint64_t hash(const HtDispatch& d) {
-  uint64_t h = kFnvOffset;
-  h = hash_value(d.num_ranks, h);
-  h = hash_value(d.num_experts, h);
-  h = hash_value(d.topk, h);
-  h = hash_value(d.expert_alignment, h);
-  h = fnv1a64(d.num_tokens, h);
-  for (const HtRankRecv& r : d.recv) {
-    h = hash_value(r.num_recv, h);
-    h = fnv1a64(r.src_rank, h);
-    h = fnv1a64(r.src_token, h);
-    h = fnv1a64(r.src_info, h);
-    h = fnv1a64(r.rank_prefix, h);
-    h = fnv1a64(r.topk_idx, h);
-    h = fnv1a64(r.topk_weights, h);
-    h = fnv1a64(r.num_recv_per_expert, h);
-    h = fnv1a64(r.num_recv_per_expert_unaligned, h);
-    h = hash_rows(r.x, h);
-  }
-  for (const auto& p : d.send_pos) h = fnv1a64(p, h);
-  return h;
-}
-
-uint64_t hash(const HtCombineResult& c) {
-  uint64_t h = kFnvOffset;
-  for (const auto& x : c.x) h = fnv1a64(x, h);
-  for (const auto& w : c.topk_weights) h = fnv1a64(w, h);
-  return h;
-}
-
-uint64_t hash(const LlDispatch& d) {
-  uint64_t h = kFnvOffset;
-  h = hash_value(d.num_ranks, h);
-  h = hash_value(d.num_experts, h);
-  h = hash_value(d.topk, h);
-  h = hash_value(d.max_tokens, h);
-  h = hash_value(d.hidden, h);
-  h = hash_value(static_cast<int>(d.use_fp8), h);
-  h = hash_value(static_cast<int>(d.scale_format), h);
-  h = fnv1a64(d.num_tokens, h);
-  for (const LlRankRecv& r : d.recv) {
-    h = fnv1a64(r.bf16, h);
-    h = fnv1a64(r.fp8, h);
-    h = fnv1a64(r.scales, h);
-    h = fnv1a64(r.packed_scales, h);
-    h = fnv1a64(r.recv_count, h);
-    h = fnv1a64(r.src_rank, h);
-    h = fnv1a64(r.src_token, h);
-    h = fnv1a64(r.src_info, h);
-  }
-  for (const auto& p : d.send_row) h = fnv1a64(p, h);
-  return h;
-}
-
-uint64_t hash(const std::vector<std::vector<uint16_t>>& per_rank_bf16) {
-  uint64_t h = kFnvOffset;
-  for (const auto& v : per_rank_bf16) h = fnv1a64(v, h);
-  return h;
-}
-
-namespace {
-
-// Compares bitwise (floats by their bits, so NaN == NaN and 0.0 != -0.0).
-template <typename T>
-bool first_diff(const std::vector<T>& a, const std::vector<T>& b, const std::string& name, std::string* msg) {
-  if (a.size() != b.size()) {
-    *msg = name + ": size " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
-    return true;
-  }
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::memcmp(&a[i], &b[i], sizeof(T)) != 0) {
-      std::ostringstream os;
-      os << name << "[" << i << "]: " << +a[i] << " vs " << +b[i];
-      *msg = os.str();
-      return true;
-    }
-  }
-  return false;
-}
-
-bool scalar_diff(int64_t a, int64_t b, const std::string& name, std::string* msg) {
-  if (a == b) return false;
-  *msg = name + ": " + std::to_string(a) + " vs " + std::to_string(b);
-  return true;
-}
-
-}  // namespace
-
-std::string diff(const DispatchLayout& a, const DispatchLayout& b) {
-  std::string m;
-  if (first_diff(a.num_tokens_per_rank, b.num_tokens_per_rank, "num_tokens_per_rank", &m) ||
-      first_diff(a.num_tokens_per_expert, b.num_tokens_per_expert, "num_tokens_per_expert", &m) ||
-      first_diff(a.is_token_in_rank, b.is_token_in_rank, "is_token_in_rank", &m))
-    return m;
-  return "";
-}
-
-std::string diff(const HtDispatch& a, const HtDispatch& b) {
-  std::string m;
-  if (scalar_diff(a.num_ranks, b.num_ranks, "num_ranks", &m) ||
-      scalar_diff(a.num_experts, b.num_experts, "num_experts", &m) || scalar_diff(a.topk, b.topk, "topk", &m) ||
-      scalar_diff(a.expert_alignment, b.expert_alignment, "expert_alignment", &m) ||
-      first_diff(a.num_tokens, b.num_tokens, "num_tokens", &m) ||
-      scalar_diff(static_cast<int64_t>(a.recv.size()), static_cast<int64_t>(b.recv.size()), "recv.size()", &m) ||
-      scalar_diff(static_cast<int64_t>(a.send_pos.size()), static_cast<int64_t>(b.send_pos.size()), "send_pos.size()",
-                  &m))
-    return m;
-  for (size_t d = 0; d < a.recv.size(); ++d) {
-    const HtRankRecv &x = a.recv[d], &y = b.recv[d];
-    const std::string p = "recv[" + std::to_string(d) + "].";
-    if (scalar_diff(x.num_recv, y.num_recv, p + "num_recv", &m) ||
-        first_diff(x.src_rank, y.src_rank, p + "src_rank", &m) ||
-        first_diff(x.src_token, y.src_token, p + "src_token", &m) ||
-        first_diff(x.src_info, y.src_info, p + "src_info", &m) ||
-        first_diff(x.rank_prefix, y.rank_prefix, p + "rank_prefix", &m) ||
-        first_diff(x.topk_idx, y.topk_idx, p + "topk_idx", &m) ||
-        first_diff(x.topk_weights, y.topk_weights, p + "topk_weights", &m) ||
-        first_diff(x.num_recv_per_expert, y.num_recv_per_expert, p + "num_recv_per_expert", &m) ||
-        first_diff(x.num_recv_per_expert_unaligned, y.num_recv_per_expert_unaligned,
-                   p + "num_recv_per_expert_unaligned", &m) ||
-        scalar_diff(static_cast<int>(x.x.dtype), static_cast<int>(y.x.dtype), p + "x.dtype", &m) ||
-        scalar_diff(static_cast<int>(x.x.scale_format), static_cast<int>(y.x.scale_format), p + "x.scale_format", &m) ||
-        scalar_diff(x.x.num_rows, y.x.num_rows, p + "x.num_rows", &m) ||
-        scalar_diff(x.x.hidden, y.x.hidden, p + "x.hidden", &m) || first_diff(x.x.bf16, y.x.bf16, p + "x.bf16", &m) ||
-        first_diff(x.x.fp8, y.x.fp8, p + "x.fp8", &m) || first_diff(x.x.scales, y.x.scales, p + "x.scales", &m) ||
-        first_diff(x.x.packed_scales, y.x.packed_scales, p + "x.packed_scales", &m))
-      return m;
-  }
-  for (size_t s = 0; s < a.send_pos.size(); ++s)
-    if (first_diff(a.send_pos[s], b.send_pos[s], "send_pos[" + std::to_string(s) + "]", &m)) return m;
-  return "";
-}
-
-std::string diff(const LlDispatch& a, const LlDispatch& b) {
-  std::string m;
-  if (scalar_diff(a.num_ranks, b.num_ranks, "num_ranks", &m) ||
-      scalar_diff(a.num_experts, b.num_experts, "num_experts", &m) || scalar_diff(a.topk, b.topk, "topk", &m) ||
-      scalar_diff(a.max_tokens, b.max_tokens, "max_tokens", &m) || scalar_diff(a.hidden, b.hidden, "hidden", &m) ||
-      scalar_diff(a.use_fp8, b.use_fp8, "use_fp8", &m) ||
-      scalar_diff(static_cast<int>(a.scale_format), static_cast<int>(b.scale_format), "scale_format", &m) ||
-      first_diff(a.num_tokens, b.num_tokens, "num_tokens", &m) ||
-      scalar_diff(static_cast<int64_t>(a.recv.size()), static_cast<int64_t>(b.recv.size()), "recv.size()", &m) ||
-      scalar_diff(static_cast<int64_t>(a.send_row.size()), static_cast<int64_t>(b.send_row.size()), "send_row.size()",
-                  &m))
-    return m;
-  for (size_t d = 0; d < a.recv.size(); ++d) {
-    const LlRankRecv &x = a.recv[d], &y = b.recv[d];
-    const std::string p = "recv[" + std::to_string(d) + "].";
-    if (first_diff(x.recv_count, y.recv_count, p + "recv_count", &m) ||
-        first_diff(x.src_rank, y.src_rank, p + "src_rank", &m) ||
-        first_diff(x.src_token, y.src_token, p + "src_token", &m) ||
-        first_diff(x.src_info, y.src_info, p + "src_info", &m) || first_diff(x.bf16, y.bf16, p + "bf16", &m) ||
-        first_diff(x.fp8, y.fp8, p + "fp8", &m) || first_diff(x.scales, y.scales, p + "scales", &m) ||
-        first_diff(x.packed_scales, y.packed_scales, p + "packed_scales", &m))
-      return m;
-  }
-  for (size_t s = 0; s < a.send_row.size(); ++s)
-    if (first_diff(a.send_row[s], b.send_row[s], "send_row[" + std::to_string(s) + "]", &m)) return m;
-  return "";
 }
 
 }  // namespace nccl_moe::ref

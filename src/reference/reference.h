@@ -3,20 +3,22 @@
 // Contract (docs/reference.md has the full text; this header is the authoritative list of functions):
 //   - Host data only, all R ranks simulated in one process, plain std::vector, row-major tensors.
 //   - Depends on nothing but the C++17 standard library (no nccl_moe.h, no CUDA headers).
-//   - Deterministic: same inputs give bitwise-identical outputs on every run and platform (no std::
-//     distributions, no unordered containers, no threads). FP32 accumulation orders are written on each
-//     function; the GPU kernels implement the same orders so tests can demand bitwise equality.
+//   - Deterministic: same inputs give bitwise-identical outputs on every run and platform (no unordered
+//     containers, no threads). FP32 accumulation orders are written on each function; the GPU kernels implement
+//     the same orders so tests can demand bitwise equality.
 //   - Invalid inputs (expert id < -1 or >= E, E % R != 0, sizes that disagree, T > max_tokens, ...) throw
 //     std::invalid_argument with a message naming the argument.
+//
+// What exists only to test and benchmark lives beside it in reference/testing/: generators.h (seeded routings and
+// rows), brute.h (the brute-force model that cross-checks these functions), traffic.h (per rank-pair row counts),
+// compare.h (hashes, diff()).
 //
 // Notation: R ranks, s source rank, d destination (receiving) rank, T_s tokens on rank s, H hidden size,
 // K top-k, E experts, E_l = E / R local experts, expert e lives on rank e / E_l with local id e % E_l,
 // G = ceil(H / 128) scale groups per row, P = ceil(G / 4) packed UE8M0 words per row.
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace nccl_moe::ref {
@@ -242,94 +244,5 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
 //   out[s][t] = float_to_bf16(sum).   A token with no valid slot gives +0.
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
                                               const std::vector<std::vector<uint16_t>>& y);
-
-// ------------------------------------------------------------------------------------------------
-// Brute-force per-token model (tests only): the same results written the simplest way, independent of the
-// functions above (pull per receiving rank, linear searches). Outputs have exactly the same shapes, so tests
-// compare them field by field.
-// ------------------------------------------------------------------------------------------------
-namespace brute {
-DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int topk, int num_experts, int num_ranks);
-HtDispatch ht_dispatch(const Routing& routing, int expert_alignment, const std::vector<Rows>* x = nullptr);
-HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::vector<uint16_t>>& x, int hidden,
-                           const std::vector<std::vector<float>>* weights = nullptr,
-                           const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
-                           const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
-LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
-                       bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat);
-std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
-                                              const std::vector<std::vector<uint16_t>>& y);
-}  // namespace brute
-
-// ------------------------------------------------------------------------------------------------
-// Deterministic generators (seeded; every rank can regenerate any rank's data)
-// ------------------------------------------------------------------------------------------------
-
-// splitmix64: the only random source, portable and stable across platforms and compilers.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next();
-  uint32_t below(uint32_t n);  // uniform-ish in [0, n), n >= 1 (multiply-shift, no rejection)
-  double uniform();            // [0, 1) with 53 random bits
- private:
-  uint64_t state_;
-};
-// Mixes values into a seed (used to derive per-rank / per-element streams).
-uint64_t mix_seed(uint64_t a, uint64_t b);
-
-struct RoutingSpec {
-  int num_ranks = 1, num_experts = 1, topk = 1;  // K <= E
-  int num_tokens = 0;                            // T_s for every rank ...
-  std::vector<int> tokens_per_rank;              // ... unless this is non-empty ([R], overrides num_tokens)
-  double skew = 1.0;                  // >= 1: an expert on rank r is picked with weight skew^-r (1 = uniform)
-  double masked_fraction = 0.0;       // probability that a slot is -1 (random slots, not only at the end)
-  double empty_token_fraction = 0.0;  // probability that a token has every slot -1
-  int num_zero_token_ranks = 0;       // the last this-many ranks get T_s = 0
-  bool with_weights = true;           // weights (1 + u % 64) / 64: exact in bf16/float products
-  uint64_t seed = 1;
-};
-// Routing of every rank; rank s uses the stream mix_seed(seed, s). Experts of one token are distinct.
-Routing make_routing(const RoutingSpec& spec);
-RankRouting make_rank_routing(const RoutingSpec& spec, int rank);
-
-enum class ValueKind : int {
-  kExact = 0,  // multiples of 1/16 in [-15/16, 15/16], never 0: sums of <= 16 such values (plus two
-               // biases) are exact in FP32 and in bf16, so combine results are order-independent
-  kWide = 1,   // +-(1 + m/128) * 2^e, m in [0,128), e in [-10, 9]: exercises the fp8 cast across groups
-};
-// bf16 value of (seed, rank, token, channel): a pure function, so receivers check provenance by recomputing.
-uint16_t pattern_bf16(uint64_t seed, int rank, int token, int channel, ValueKind kind);
-// [num_tokens, H] rows of pattern_bf16(seed, rank, t, c, kind).
-std::vector<uint16_t> make_bf16_rows(uint64_t seed, int rank, int num_tokens, int hidden, ValueKind kind);
-// make_bf16_rows for every rank of `routing` (T_s rows each).
-std::vector<std::vector<uint16_t>> make_bf16_rows_all(const Routing& routing, uint64_t seed, int hidden,
-                                                      ValueKind kind);
-
-// Traffic of a HT dispatch: m[s * R + d] = tokens of s sent to d (deduplicated per rank; s == d included).
-std::vector<int64_t> traffic_matrix(const Routing& routing);
-// Traffic of a LL dispatch: m[s * R + d] = valid (token, slot) pairs of s whose expert lives on d.
-std::vector<int64_t> ll_traffic_matrix(const Routing& routing);
-
-// ------------------------------------------------------------------------------------------------
-// Hashes for determinism checks (FNV-1a 64-bit over bytes)
-// ------------------------------------------------------------------------------------------------
-constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull;
-constexpr uint64_t kFnvPrime = 0x100000001b3ull;
-uint64_t fnv1a64(const void* data, size_t bytes, uint64_t hash = kFnvOffset);
-template <typename T>
-uint64_t fnv1a64(const std::vector<T>& v, uint64_t hash = kFnvOffset) {
-  return fnv1a64(v.data(), v.size() * sizeof(T), hash);
-}
-// Hash of every output field of a result (all ranks, in rank order, fields in declaration order).
-uint64_t hash(const HtDispatch& d);
-uint64_t hash(const HtCombineResult& c);
-uint64_t hash(const LlDispatch& d);
-uint64_t hash(const std::vector<std::vector<uint16_t>>& per_rank_bf16);
-
-// Human-readable first difference between two results, or "" if they are equal (tests use it).
-std::string diff(const HtDispatch& a, const HtDispatch& b);
-std::string diff(const LlDispatch& a, const LlDispatch& b);
-std::string diff(const DispatchLayout& a, const DispatchLayout& b);
 
 }  // namespace nccl_moe::ref

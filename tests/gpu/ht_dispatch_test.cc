@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "ht_case.h"
+#include "reference/testing/generators.h"
 
 namespace ht_test {
 namespace {

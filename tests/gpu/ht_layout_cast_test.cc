@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "ht_harness.h"
+#include "reference/testing/generators.h"
 
 namespace ht_test {
 namespace {

@@ -15,6 +15,7 @@
 
 #include "ht_harness.h"
 #include "kernels/intranode/tuning.h"
+#include "reference/testing/generators.h"
 
 namespace ht_test {
 namespace {

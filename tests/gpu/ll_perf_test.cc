@@ -20,7 +20,6 @@
 
 #include "ll_world.h"
 #include "nccl_moe.h"
-#include "reference/reference.h"
 
 namespace {
 

@@ -34,6 +34,8 @@
 #include "ll_world.h"
 #include "nccl_moe.h"
 #include "reference/reference.h"
+#include "reference/testing/compare.h"
+#include "reference/testing/generators.h"
 
 namespace {
 

@@ -20,7 +20,6 @@
 #include "kernels/low_latency/trace.h"
 #include "ll_world.h"
 #include "nccl_moe.h"
-#include "reference/reference.h"
 
 namespace {
 

@@ -21,7 +21,7 @@
 
 #include "core/comm.h"
 #include "nccl_moe.h"
-#include "reference/reference.h"
+#include "reference/testing/generators.h"
 
 namespace ll_test {
 

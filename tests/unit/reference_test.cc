@@ -11,6 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "reference/testing/brute.h"
+#include "reference/testing/compare.h"
+#include "reference/testing/generators.h"
+#include "reference/testing/traffic.h"
+
 namespace nccl_moe::ref {
 namespace {
 
