@@ -24,6 +24,14 @@ const std::vector<EnvVar>& envRegistry() {
       {"NCCL_MOE_HT_KERNEL", EnvType::kString, "fast",
        "High-throughput dispatch/combine kernels: fast (dispatch.cu, combine.cu) or educational (educational.cu, "
        "the plain one-role version; same results, slower). Read on every call."},
+      {"NCCL_MOE_IB_SL", EnvType::kInt, "",
+       "InfiniBand service level (0..15) of the scale-out QPs. Unset: NCCL_IB_SL, else 0."},
+      {"NCCL_MOE_IB_TC", EnvType::kInt, "",
+       "Traffic class (0..255) of the scale-out QPs (GRH: RoCE, IB across subnets). Unset: NCCL_IB_TC, else 0."},
+      {"NCCL_MOE_IB_LL_SL", EnvType::kInt, "",
+       "Service level (0..15) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_SL."},
+      {"NCCL_MOE_IB_LL_TC", EnvType::kInt, "",
+       "Traffic class (0..255) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_TC."},
   };
   return registry;
 }
