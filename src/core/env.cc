@@ -27,6 +27,14 @@ const std::vector<EnvVar>& envRegistry() {
       {"NCCL_MOE_HOSTID", EnvType::kString, "",
        "Host identity of this process for NCCL-MoE's node map (ranks with one identity form a node). Empty: "
        "NCCL_HOSTID if set, else the host name and boot id."},
+      {"NCCL_MOE_IB_SL", EnvType::kInt, "",
+       "InfiniBand service level (0..15) of the scale-out QPs. Unset: NCCL_IB_SL, else 0."},
+      {"NCCL_MOE_IB_TC", EnvType::kInt, "",
+       "Traffic class (0..255) of the scale-out QPs (GRH: RoCE, IB across subnets). Unset: NCCL_IB_TC, else 0."},
+      {"NCCL_MOE_IB_LL_SL", EnvType::kInt, "",
+       "Service level (0..15) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_SL."},
+      {"NCCL_MOE_IB_LL_TC", EnvType::kInt, "",
+       "Traffic class (0..255) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_TC."},
   };
   return registry;
 }
