@@ -56,7 +56,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="moe-perf JSON Lines files, or directories (their *.jsonl)")
     p.add_argument("-o", "--out", default="moe-plot-out", help="output directory (created; default %(default)s)")
-    p.add_argument("--markdown", metavar="FILE", help="where the captions go (default OUT/charts.md)")
+    p.add_argument("--markdown", metavar="FILE|-",
+                   help="where the captions go besides stdout (default OUT/charts.md; '-': stdout only)")
     p.add_argument("--md-prefix", metavar="PREFIX",
                    help="path of OUT as seen from the Markdown file's folder (default: computed from the two paths)")
     p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="FILE|none",
@@ -243,7 +244,8 @@ def main(argv=None):
     if args.md_prefix is not None:
         prefix = args.md_prefix
     else:
-        rel = os.path.relpath(os.path.abspath(args.out), os.path.dirname(os.path.abspath(markdown)))
+        md_dir = os.getcwd() if markdown == "-" else os.path.dirname(os.path.abspath(markdown))
+        rel = os.path.relpath(os.path.abspath(args.out), md_dir)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
     parts = []
     for chart in charts:
@@ -252,9 +254,10 @@ def main(argv=None):
         print("moe-plot: wrote %s" % ", ".join(written), file=sys.stderr)
         parts.append(caption_markdown(chart, prefix, anchors.path if anchors else ""))
     text = "\n".join(parts)
-    os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
-    with open(markdown, "w", encoding="utf-8") as f:
-        f.write(text)
-    print("moe-plot: wrote %s (%d captions)" % (markdown, len(parts)), file=sys.stderr)
+    if markdown != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
+        with open(markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+        print("moe-plot: wrote %s (%d captions)" % (markdown, len(parts)), file=sys.stderr)
     sys.stdout.write(text)
     return 0

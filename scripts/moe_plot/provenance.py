@@ -5,7 +5,8 @@ command is looked up in docs/performance.md: every backticked `moe-perf ...` com
 with its PERF_*_ARGS) in the paragraphs that cite the rows' file, then in those paragraphs' sections, is parsed with
 moe-perf's own defaults (perf/options.cc) and kept only when it would have produced exactly these rows (mode, GPUs,
 token sweep, shape, dtypes, SM list, iterations, warm-ups, routing, seed). When no single command fits, the caption
-says so and names the section that describes the run instead of guessing.
+says so and names the section that describes the run instead of guessing. Text between `<!-- moe-plot begin -->`
+and `<!-- moe-plot end -->` (the embedded captions themselves) is skipped.
 """
 
 import json
@@ -257,7 +258,10 @@ class PerfDoc:
         self.sections = []
         if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                self.sections = split_sections(f.read())
+                text = f.read()
+            # moe-plot's own captions, embedded between these markers, are not a source of commands
+            text = re.sub(r"<!-- moe-plot begin -->.*?<!-- moe-plot end -->", "", text, flags=re.S)
+            self.sections = split_sections(text)
 
     def find_command(self, file_name, rows):
         """(command or None, section title or None) for the rows of one file."""
