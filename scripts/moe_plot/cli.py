@@ -77,7 +77,8 @@ def display_path(path):
     full = os.path.abspath(path)
     if full.startswith(REPO + os.sep):
         return os.path.relpath(full, REPO)
-    return os.path.relpath(full)
+    rel = os.path.relpath(full)
+    return full if rel.startswith("..") else rel
 
 
 def plain(text):
