@@ -210,7 +210,7 @@ class Rules(unittest.TestCase):
         check_png(self, os.path.join(self.out, png))
         svg = check_svg(self, os.path.join(self.out, png[:-4] + ".svg"))
         self.assertIn("UNVERIFIED row (not in lines)", svg)  # legend
-        self.assertIn("includes 1 UNVERIFIED rows", svg)  # subtitle
+        self.assertIn("includes 1 UNVERIFIED rows (red X)", svg)  # under the title
 
     def test_shared_gpu_and_software_nic_rows_never_drawn(self):
         cases = [

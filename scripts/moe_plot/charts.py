@@ -204,8 +204,9 @@ def draw_ll(fig, chart, anchors):
             label = "%s, its own tests on the same machines" % chart["anchor_label"]
             _anchor(ax, point["tokens"], point, "#bbbbbb", label, "median_us")
             xs_all.add(point["tokens"])
-            # the NCCL-MoE value at the anchor's token count, written next to it
-            for x, y, _ in _series(both, x_of, us):
+            # the NCCL-MoE value at the anchor's token count, written next to it (short series have all values)
+            both_series = _series(both, x_of, us)
+            for x, y, _ in both_series if len(both_series) > 2 else []:
                 if x == point["tokens"]:
                     ax.annotate("%.1f" % y, (x, y), textcoords="offset points", xytext=(-6, 6), ha="right",
                                 fontsize=7.5, color=LL_STYLE["both"]["color"], fontweight="bold")
@@ -224,8 +225,8 @@ def draw_ll(fig, chart, anchors):
             if l not in handles:
                 handles[l] = h
                 labels.append(l)
-    fig.legend([handles[l] for l in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.905), ncol=3,
-               frameon=False)
+    fig.legend([handles[l] for l in labels], labels, loc="upper center",
+               bbox_to_anchor=(0.5, 0.905 - chart.get("header_extra", 0)), ncol=3, frameon=False)
     axes[0].set_ylabel("\u00b5s per call (log scale)")
     ticks = sorted(xs_all) or [128]
     for ax in axes:
@@ -257,16 +258,19 @@ def _save_png(fig, path, dpi):
 def render(chart, anchors, out_base, auto_sms=24, dpi=100):
     """Draws one chart and writes out_base.png and out_base.svg."""
     fig = plt.figure(figsize=(11.5, 5.6))
+    chart = dict(chart, header_extra=0.03 if chart["unverified"] else 0.0)
     try:
         if chart["mode"] == "ht":
             draw_ht(fig, chart, anchors, auto_sms)
-            top = 0.86
+            top = 0.86 - chart["header_extra"]
         else:
             draw_ll(fig, chart, anchors)
-            top = 0.80
+            top = 0.80 - chart["header_extra"]
         fig.suptitle(chart["title"], fontsize=11, fontweight="bold", y=0.985)
-        fig.text(0.5, 0.925, chart["subtitle"], ha="center", fontsize=8.5,
-                 color="red" if chart["unverified"] else "#333333")
+        fig.text(0.5, 0.925, chart["subtitle"], ha="center", fontsize=8.5, color="#333333")
+        if chart["unverified"]:
+            fig.text(0.5, 0.895, "includes %d UNVERIFIED rows (red X): not checked against the reference, or wrong"
+                     % len(chart["unverified"]), ha="center", fontsize=8.5, color="red", fontweight="bold")
         footer = "\n".join(textwrap.wrap(chart["footer"], 190))
         fig.text(0.01, 0.012, footer, fontsize=7, color="#444444", va="bottom")
         lines = footer.count("\n") + 1

@@ -166,8 +166,6 @@ def build_charts(sel, anchors, perf_doc, auto_sms=24):
         if mode == "ht" and any(not r.get("sms") for r in drawn):
             counts += "; sms 0 (the library default) drawn at %d SMs" % auto_sms
         subtitle = "%s \u00b7 %s \u00b7 %s \u00b7 %s" % (shape_text(mode, drawn), sha, date, timer_text(drawn))
-        if n_unv:
-            subtitle += " \u00b7 includes %d UNVERIFIED rows (red X)" % n_unv
         footer = "rows: %s%s (%s). command: %s%s." % (
             display_path(path), " (machine %s)" % machine if machine else "", counts,
             "%s (%s)" % (command, command_note) if command else "", "" if command else command_note)
