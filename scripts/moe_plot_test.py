@@ -287,7 +287,8 @@ class Rules(unittest.TestCase):
         self.assertEqual(code, 0, err)
         prefix = os.path.relpath(self.out).replace(os.sep, "/")  # the images as seen from the working directory
         self.assertIn("](%s/2026-12-01_h200x4_ll_test.png)" % prefix, md)
-        self.assertEqual(sorted(os.listdir(self.out)), ["2026-12-01_h200x4_ll_test.png", "2026-12-01_h200x4_ll_test.svg"])
+        self.assertEqual(sorted(os.listdir(self.out)),
+                         ["2026-12-01_h200x4_ll_test.png", "2026-12-01_h200x4_ll_test.svg"])  # no charts.md
 
     def test_bad_input(self):
         code, _, err = run_main([os.path.join(self.dir, "missing.jsonl"), "-o", self.out])

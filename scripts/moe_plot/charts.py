@@ -139,10 +139,13 @@ def draw_ht(fig, chart, anchors, auto_sms):
                 continue
             if op == "dispatch" and point.get("dtype") not in op_dtypes:
                 continue  # no NCCL-MoE line of that dtype to compare with
-            color = DTYPE_STYLE.get(point.get("dtype"), {"color": "#9467bd"})["color"] if op == "dispatch" else "#bbbbbb"
-            label = "%s %s (its tests, same machines)" % (chart["anchor_label"],
-                                                          dtype_name(point.get("dtype")) if op == "dispatch" else "combine")
-            handles, labels = ax.get_legend_handles_labels()
+            if op == "dispatch":
+                color = DTYPE_STYLE.get(point.get("dtype"), {"color": "#9467bd"})["color"]
+                what = dtype_name(point.get("dtype"))
+            else:
+                color, what = "#bbbbbb", "combine"
+            label = "%s %s (its tests, same machines)" % (chart["anchor_label"], what)
+            _, labels = ax.get_legend_handles_labels()
             _anchor(ax, point["sms"], point, color, None if label in labels else label, "logical_gbps")
             xs_all.add(point["sms"])
         ax.set_title("dispatch (cached handle)" if op == "dispatch" else "combine (BF16)")

@@ -54,7 +54,8 @@ examples:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="moe-plot", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="moe-perf JSON Lines files, or directories (their *.jsonl)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="moe-perf JSON Lines files, or directories (their *.jsonl)")
     p.add_argument("-o", "--out", default="moe-plot-out", help="output directory (created; default %(default)s)")
     p.add_argument("--markdown", metavar="FILE|-",
                    help="where the captions go besides stdout (default OUT/charts.md; '-': stdout only)")
