@@ -1,32 +1,34 @@
-// Communicator tests on real GPUs: collective init over ncclCommInitAll (one thread per GPU, peer access)
-// and over separate processes (CUDA IPC, spawned copies of this binary rendezvousing through NCCL_COMM_ID),
-// stores through every peer pointer, init -> destroy 100x without leaking device memory, config mismatch.
+// Communicator tests on GPUs. Worlds of R = 2, 4 and 8 ranks (tests/gpu/gpu_world.h): threads with one rank per
+// GPU over ncclCommInitAll + ncclMoeCommInit, or all ranks on GPU 0 through ncclMoeCommInitAll; and processes
+// (copies of this binary rendezvousing through NCCL_COMM_ID), one per GPU, or all on GPU 0 with a distinct
+// NCCL_HOSTID each (NCCL then accepts them) and one NCCL_MOE_HOSTID (NCCL-MoE sees one node and maps the peers
+// through CUDA IPC on the same device). Checked: stores through every peer pointer, init -> destroy 100x without
+// leaking device memory, a config mismatch or a bad config on one rank agreed by all (nobody hangs), several nodes
+// refused with a message naming the missing scale-out transport, and ncclMoeCommInitAll's own arguments and SM
+// split.
 #include <gtest/gtest.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "core/comm.h"
+#include "gpu_world.h"
 #include "nccl_moe.h"
 
 extern char** environ;
 
 namespace {
 
-#define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
-#define NCCL_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
+using gpu_test::Placement;
+using gpu_test::World;
 
-int gpuCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
-}
+#define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
+#define MOE_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
 
 ncclMoeConfig_t smallConfig() {
   ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
@@ -38,8 +40,7 @@ ncclMoeConfig_t smallConfig() {
   return c;
 }
 
-// Each rank writes (source rank + 1) * 1000 + word into a window of every peer's buffer reserved for it;
-// after a barrier each rank checks what every peer wrote into its own buffer.
+// Each rank writes (source rank + 1) * 1000 + word into a window of every peer's buffer reserved for it.
 __global__ void writePeers(nccl_moe::DeviceComm comm, size_t window_offset, int words) {
   for (int peer = 0; peer < comm.num_ranks; ++peer) {
     int* dst = reinterpret_cast<int*>(comm.scaleup.buffer[peer] + window_offset) + comm.rank * words;
@@ -48,18 +49,16 @@ __global__ void writePeers(nccl_moe::DeviceComm comm, size_t window_offset, int 
   __threadfence_system();
 }
 
-void runPeerStoreCheck(ncclMoeComm_t comm, int num_ranks, ncclComm_t nccl) {
+// The window at the end of the buffer (unused by any op here): rank r writes its words into every peer, then
+// `all_written()` (a barrier over the ranks) and every rank checks what every peer wrote into its own buffer.
+template <typename Barrier>
+void runPeerStoreCheck(ncclMoeComm_t comm, int num_ranks, cudaStream_t stream, Barrier all_written) {
   const int words = 256;
-  // The last bytes of the buffer: unused by any op in this test.
   const size_t window = comm->layout.total_bytes - static_cast<size_t>(num_ranks) * words * sizeof(int);
-  writePeers<<<1, 256>>>(comm->deviceComm(), window, words);
+  writePeers<<<1, 256, 0, stream>>>(comm->deviceComm(), window, words);
   CUDA_OK(cudaGetLastError());
-  CUDA_OK(cudaDeviceSynchronize());
-  int* flag = nullptr;
-  CUDA_OK(cudaMalloc(&flag, sizeof(int)));
-  ASSERT_EQ(ncclSuccess, ncclAllReduce(flag, flag, 1, ncclInt32, ncclSum, nccl, 0));
-  CUDA_OK(cudaDeviceSynchronize());
-  cudaFree(flag);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  all_written();
   std::vector<int> host(static_cast<size_t>(num_ranks) * words);
   CUDA_OK(cudaMemcpy(host.data(), comm->buffer + window, host.size() * sizeof(int), cudaMemcpyDeviceToHost));
   for (int src = 0; src < num_ranks; ++src)
@@ -67,66 +66,79 @@ void runPeerStoreCheck(ncclMoeComm_t comm, int num_ranks, ncclComm_t nccl) {
       ASSERT_EQ((src + 1) * 1000 + i, host[src * words + i]) << "rank " << comm->rank << " from " << src;
 }
 
-template <typename Fn>
-void forEachRank(int n, Fn fn) {
-  std::vector<ncclComm_t> nccl(n);
-  std::vector<int> devs(n);
-  for (int i = 0; i < n; ++i) devs[i] = i;
-  ASSERT_EQ(ncclSuccess, ncclCommInitAll(nccl.data(), n, devs.data()));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      cudaSetDevice(r);
-      fn(r, nccl[r]);
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto c : nccl) ncclCommDestroy(c);
-}
+// ---- Threads ----
 
-TEST(CommGpu, ThreadsInitStoresThroughEveryPeerPointer) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
-    ncclMoeConfig_t config = smallConfig();
-    ncclMoeComm_t comm = nullptr;
-    NCCL_OK(ncclMoeCommInit(&comm, nccl, &config));
+class CommWorld : public ::testing::TestWithParam<int> {};
+
+TEST_P(CommWorld, InitStoresThroughEveryPeerPointer) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  World world(n, placement);
+  ASSERT_TRUE(world.ok());
+  const ncclMoeConfig_t config = smallConfig();
+  world.runWithComms(config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
     int rank = -1, count = 0, dev = -1;
-    NCCL_OK(ncclMoeCommRank(comm, &rank));
-    NCCL_OK(ncclMoeCommCount(comm, &count));
-    NCCL_OK(ncclMoeCommCuDevice(comm, &dev));
+    MOE_OK(ncclMoeCommRank(comm, &rank));
+    MOE_OK(ncclMoeCommCount(comm, &count));
+    MOE_OK(ncclMoeCommCuDevice(comm, &dev));
     EXPECT_EQ(r, rank);
     EXPECT_EQ(n, count);
-    EXPECT_EQ(r, dev);
+    EXPECT_EQ(world.device(r), dev);
     size_t bytes = 0;
-    NCCL_OK(ncclMoeGetBufferSize(&config, n, &bytes));
+    ncclMoeConfig_t c = config;
+    MOE_OK(ncclMoeGetBufferSize(&c, n, &bytes));
     EXPECT_EQ(bytes, comm->layout.total_bytes);
-    runPeerStoreCheck(comm, n, nccl);
-    NCCL_OK(ncclMoeCommDestroy(comm));
+    // One node; every peer reached over the nvlink transport; ranks sharing GPU 0 split its SMs.
+    EXPECT_EQ(1, comm->nodes.num_nodes);
+    EXPECT_EQ(r, comm->localRank());
+    for (int p = 0; p < n; ++p)
+      EXPECT_EQ(p == r ? nccl_moe::Transport::kSelf : nccl_moe::Transport::kNvlink, comm->transport[p]);
+    EXPECT_EQ(world.sharedGpu() ? n : 1, comm->ranks_on_device);
+    EXPECT_EQ(world.rankSms(), comm->rank_sms);
+    world.barrier().wait();  // every rank's buffer is mapped and idle before anyone writes
+    runPeerStoreCheck(comm, n, stream, [&] { world.barrier().wait(); });
+    world.barrier().wait();  // nobody destroys while a peer still reads
   });
 }
 
-TEST(CommGpu, InitDestroyHundredTimesLeaksNothing) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+TEST_P(CommWorld, InitDestroyHundredTimesLeaksNothing) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  World world(n, placement);
+  ASSERT_TRUE(world.ok());
+  ncclMoeConfig_t config = smallConfig();
   std::vector<size_t> free_before(n), free_after(n);
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
-    ncclMoeConfig_t config = smallConfig();
-    // Warm-up: the first init pays one-time allocations (peer mappings, NCCL buffers).
-    ncclMoeComm_t comm = nullptr;
-    NCCL_OK(ncclMoeCommInit(&comm, nccl, &config));
-    NCCL_OK(ncclMoeCommDestroy(comm));
+  auto cycle = [&](int r) {
+    if (world.sharedGpu()) {
+      if (r != 0) return;  // one InitAll creates every rank; destroy is not collective
+      std::vector<ncclMoeComm_t> comms(n);
+      const std::vector<int> devs(n, 0);
+      MOE_OK(ncclMoeCommInitAll(comms.data(), n, devs.data(), &config));
+      ncclMoeHandle_t handle = nullptr;
+      MOE_OK(ncclMoeHandleCreate(comms[0], &handle));
+      MOE_OK(ncclMoeHandleDestroy(handle));
+      for (int i = n - 1; i >= 0; --i) MOE_OK(ncclMoeCommDestroy(comms[i]));  // any order
+    } else {
+      ncclMoeComm_t comm = nullptr;
+      MOE_OK(ncclMoeCommInit(&comm, world.nccl(r), &config));
+      ncclMoeHandle_t handle = nullptr;
+      MOE_OK(ncclMoeHandleCreate(comm, &handle));
+      MOE_OK(ncclMoeHandleDestroy(handle));
+      MOE_OK(ncclMoeCommDestroy(comm));
+    }
+  };
+  world.run([&](int r) {
+    cycle(r);  // warm-up: the first init pays one-time allocations (peer mappings, NCCL buffers)
     size_t total = 0;
     CUDA_OK(cudaDeviceSynchronize());
+    world.barrier().wait();
     CUDA_OK(cudaMemGetInfo(&free_before[r], &total));
-    for (int i = 0; i < 100; ++i) {
-      NCCL_OK(ncclMoeCommInit(&comm, nccl, &config));
-      ncclMoeHandle_t handle = nullptr;
-      NCCL_OK(ncclMoeHandleCreate(comm, &handle));
-      NCCL_OK(ncclMoeHandleDestroy(handle));
-      NCCL_OK(ncclMoeCommDestroy(comm));
-    }
+    world.barrier().wait();
+    for (int i = 0; i < 100; ++i) cycle(r);
     CUDA_OK(cudaDeviceSynchronize());
+    world.barrier().wait();
     CUDA_OK(cudaMemGetInfo(&free_after[r], &total));
   });
   for (int r = 0; r < n; ++r) {
@@ -135,27 +147,37 @@ TEST(CommGpu, InitDestroyHundredTimesLeaksNothing) {
   }
 }
 
-TEST(CommGpu, MismatchedConfigIsRejectedOnEveryRank) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+// A rank whose thread has the wrong current device: it fails its local checks, still joins the identity exchange,
+// and every other rank fails naming it (two GPUs needed: on one GPU every rank's device is the current one).
+TEST(CommGpu, LocalFailureOnOneRankIsAgreedNotHung) {
+  const int n = std::min(gpu_test::gpuCount(), NCCL_MOE_MAX_NVL_PEERS);
+  if (n < 2) GTEST_SKIP() << "needs 2 GPUs (a wrong current device), found " << n;
+  World world(n, Placement::kOnePerGpu);
+  ASSERT_TRUE(world.ok());
   std::vector<ncclResult_t> results(n);
   std::vector<std::string> messages(n);
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
+  int device_after = -1;
+  world.run([&](int r) {
+    if (r == 1) CUDA_OK(cudaSetDevice(0));
     ncclMoeConfig_t config = smallConfig();
-    if (r == 1) config.hidden = 512;
     ncclMoeComm_t comm = nullptr;
-    results[r] = ncclMoeCommInit(&comm, nccl, &config);
+    results[r] = ncclMoeCommInit(&comm, world.nccl(r), &config);
     messages[r] = ncclMoeGetLastError(nullptr);
     EXPECT_EQ(nullptr, comm);
+    if (r == 1) cudaGetDevice(&device_after);
   });
+  EXPECT_EQ(ncclInvalidUsage, results[1]);
+  EXPECT_NE(std::string::npos, messages[1].find("cudaSetDevice(1)")) << messages[1];
   for (int r = 0; r < n; ++r) {
-    EXPECT_EQ(ncclInvalidArgument, results[r]);
-    EXPECT_NE(std::string::npos, messages[r].find("config differs")) << messages[r];
+    if (r == 1) continue;
+    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
+    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
   }
+  EXPECT_EQ(0, device_after) << "init must leave the caller's current device as it found it";
 }
 
 TEST(CommGpu, WrongCurrentDeviceIsRejected) {
-  const int n = gpuCount();
+  const int n = gpu_test::gpuCount();
   if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
   ncclComm_t nccl = nullptr;
   int dev = 0;
@@ -169,101 +191,249 @@ TEST(CommGpu, WrongCurrentDeviceIsRejected) {
   ncclCommDestroy(nccl);
 }
 
-// Init where rank 1 alone is broken by `breakRank1(&config)` (which may also change the thread's current device):
-// rank 1 must return `expected` with `needle` in its message, every other rank ncclRemoteError naming rank 1, and
-// nobody may hang (the failed rank still joins the identity exchange). Returns rank 1's current device afterwards.
-template <typename Break>
-int initWithRank1Broken(int n, Break breakRank1, ncclResult_t expected, const char* needle) {
-  std::vector<ncclResult_t> results(n);
-  std::vector<std::string> messages(n);
-  int device_after = -1;
-  forEachRank(n, [&](int r, ncclComm_t nccl) {
-    ncclMoeConfig_t config = smallConfig();
-    if (r == 1) breakRank1(&config);
-    ncclMoeComm_t comm = nullptr;
-    results[r] = ncclMoeCommInit(&comm, nccl, &config);
-    messages[r] = ncclMoeGetLastError(nullptr);
-    EXPECT_EQ(nullptr, comm);
-    if (r == 1) cudaGetDevice(&device_after);
+// ---- ncclMoeCommInitAll's own arguments and the SM split of ranks sharing a GPU ----
+
+TEST(CommInitAll, RejectsBadArgumentsBeforeAnyRankStarts) {
+  if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+  ncclMoeConfig_t config = smallConfig();
+  std::vector<ncclMoeComm_t> comms(2, reinterpret_cast<ncclMoeComm_t>(0x1));
+  const int bad_devices[2] = {0, 999};
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(comms.data(), 2, bad_devices, &config));
+  EXPECT_NE(std::string::npos, std::string(ncclMoeGetLastError(nullptr)).find("devices[1] is 999"))
+      << ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(nullptr, comms[0]);
+  EXPECT_EQ(nullptr, comms[1]);
+  const int devices[2] = {0, 0};
+  ncclMoeConfig_t odd = config;
+  odd.num_experts = 15;  // not a multiple of 2 ranks: every rank's local check fails
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(comms.data(), 2, devices, &odd));
+  EXPECT_NE(std::string::npos, std::string(ncclMoeGetLastError(nullptr)).find("num_experts = 15"))
+      << ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(comms.data(), 0, devices, &config));
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(comms.data(), 2, devices, nullptr));
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(nullptr, 2, devices, &config));
+  ncclMoeConfig_t too_many_per_node = config;
+  too_many_per_node.num_experts = 2 * (NCCL_MOE_MAX_NVL_PEERS + 1);
+  std::vector<ncclMoeComm_t> many(NCCL_MOE_MAX_NVL_PEERS + 1);
+  const std::vector<int> zeros(many.size(), 0);
+  EXPECT_EQ(ncclInvalidUsage,
+            ncclMoeCommInitAll(many.data(), static_cast<int>(many.size()), zeros.data(), &too_many_per_node));
+  EXPECT_NE(std::string::npos, std::string(ncclMoeGetLastError(nullptr)).find("NCCL_MOE_MAX_NVL_PEERS"))
+      << ncclMoeGetLastError(nullptr);
+}
+
+// Four ranks on GPU 0: each rank's HT calls accept at most SMs/4; a larger budget is refused before anything is
+// sent, with a message saying why, on every rank.
+TEST(CommInitAll, RanksSharingAGpuSplitItsSms) {
+  if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+  const int n = 4;
+  World world(n, Placement::kOneGpu);
+  const int sms = world.rankSms();
+  ncclMoeConfig_t config = smallConfig();
+  world.runWithComms(config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    EXPECT_EQ(n, comm->ranks_on_device);
+    EXPECT_EQ(sms, comm->rank_sms);
+    EXPECT_LE(comm->default_num_sms, sms);
+    ncclMoeHandle_t handle = nullptr;
+    MOE_OK(ncclMoeHandleCreate(comm, &handle));
+    harness::DeviceArray<int64_t> idx(8);
+    idx.fill(0xff);  // all slots -1: nothing is routed
+    int num_recv = -1;
+    ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
+    na.topk_idx = idx.get();
+    na.num_tokens = 2;
+    na.topk = 4;
+    na.num_recv_tokens = &num_recv;
+    world.barrier().wait();
+    EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, stream)) << ncclMoeGetLastError(comm);
+    EXPECT_EQ(0, num_recv);
+    harness::DeviceBytes x(4096), rx(4096);
+    ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
+    da.x = x.get();
+    da.hidden = 256;
+    da.recv_x = rx.get();
+    da.num_sms = sms + 1;
+    EXPECT_EQ(ncclInvalidArgument, ncclMoeDispatch(comm, handle, &da, stream));
+    const std::string msg = ncclMoeGetLastError(comm);
+    EXPECT_NE(std::string::npos, msg.find("4 ranks share this GPU")) << msg;
+    world.barrier().wait();
+    MOE_OK(ncclMoeHandleDestroy(handle));
   });
-  EXPECT_EQ(expected, results[1]);
-  EXPECT_NE(std::string::npos, messages[1].find(needle)) << messages[1];
-  for (int r = 0; r < n; ++r) {
-    if (r == 1) continue;
-    EXPECT_EQ(ncclRemoteError, results[r]) << "rank " << r;
-    EXPECT_NE(std::string::npos, messages[r].find("rank 1 failed its local setup")) << messages[r];
-  }
-  return device_after;
 }
 
-// A failure of one rank's local setup (here: its thread's current device is wrong).
-TEST(CommGpu, LocalFailureOnOneRankIsAgreedNotHung) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  const int device_after = initWithRank1Broken(
-      n, [](ncclMoeConfig_t*) { CUDA_OK(cudaSetDevice(0)); }, ncclInvalidUsage, "cudaSetDevice(1)");
-  EXPECT_EQ(0, device_after) << "init must leave the caller's current device as it found it";
-}
+// ---- Processes: the parent spawns copies of this binary, each running one of the (disabled) child tests ----
 
-// A config that fails the argument check on one rank only (num_sms < 0).
-TEST(CommGpu, BadConfigOnOneRankIsAgreedNotHung) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  initWithRank1Broken(
-      n, [](ncclMoeConfig_t* c) { c->num_sms = -1; }, ncclInvalidArgument, "num_sms");
-}
-
-// ---- Processes: the parent spawns one copy of this binary per GPU; each child runs IpcChild below. ----
-
-TEST(CommGpu, ProcessesShareBuffersThroughCudaIpc) {
-  const int n = gpuCount();
-  if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  if (std::getenv("NCCL_MOE_TEST_CHILD_RANK") != nullptr) GTEST_SKIP() << "child process";
+// Spawns n copies of this binary running `child_test`, with rank/size in the environment and NCCL_COMM_ID; rank r
+// uses GPU r when there are n GPUs, else GPU 0 with NCCL_HOSTID=vnode<r> (NCCL accepts several ranks on one GPU
+// only from distinct hosts) and one NCCL_MOE_HOSTID for all. `extra(r)` adds variables. Returns each exit status.
+template <typename Extra>
+std::vector<int> spawnRanks(int n, const char* child_test, Extra extra) {
   char self[4096] = {0};
-  ASSERT_GT(readlink("/proc/self/exe", self, sizeof(self) - 1), 0);
+  if (readlink("/proc/self/exe", self, sizeof(self) - 1) <= 0) return {};
   const std::string port = std::to_string(20000 + (getpid() % 20000));
+  const bool one_gpu = gpu_test::gpuCount() < n;
   std::vector<pid_t> children;
   for (int r = 0; r < n; ++r) {
     std::vector<std::string> env_strings;
     for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
     env_strings.push_back("NCCL_MOE_TEST_CHILD_RANK=" + std::to_string(r));
     env_strings.push_back("NCCL_MOE_TEST_CHILD_SIZE=" + std::to_string(n));
+    env_strings.push_back("NCCL_MOE_TEST_CHILD_DEVICE=" + std::to_string(one_gpu ? 0 : r));
     env_strings.push_back("NCCL_COMM_ID=127.0.0.1:" + port);
+    if (one_gpu) {
+      env_strings.push_back("NCCL_HOSTID=vnode" + std::to_string(r));
+      env_strings.push_back("NCCL_MOE_HOSTID=one-gpu-test");
+    }
+    for (const std::string& v : extra(r)) env_strings.push_back(v);
     std::vector<char*> envp;
     for (auto& s : env_strings) envp.push_back(s.data());
     envp.push_back(nullptr);
-    std::string filter = "--gtest_filter=CommGpuChild.IpcChild";
-    char* argv[] = {self, filter.data(), nullptr};
+    std::string filter = std::string("--gtest_filter=") + child_test;
+    std::string disabled = "--gtest_also_run_disabled_tests";
+    char* argv[] = {self, filter.data(), disabled.data(), nullptr};
     pid_t pid = 0;
-    ASSERT_EQ(0, posix_spawn(&pid, self, nullptr, nullptr, argv, envp.data()));
+    if (posix_spawn(&pid, self, nullptr, nullptr, argv, envp.data()) != 0) break;
     children.push_back(pid);
   }
+  std::vector<int> statuses;
   for (pid_t pid : children) {
-    int status = 0;
-    ASSERT_EQ(pid, waitpid(pid, &status, 0));
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child exit status " << status;
+    int status = -1;
+    waitpid(pid, &status, 0);
+    statuses.push_back(status);
+  }
+  return statuses;
+}
+
+bool allExitedZero(const std::vector<int>& statuses, int n) {
+  if (static_cast<int>(statuses.size()) != n) return false;
+  for (int s : statuses)
+    if (!WIFEXITED(s) || WEXITSTATUS(s) != 0) return false;
+  return true;
+}
+
+std::vector<std::string> noExtra(int) { return {}; }
+
+// A child's rank, size and NCCL communicator (over NCCL_COMM_ID).
+struct ChildRank {
+  int rank = -1, size = 0;
+  ncclComm_t nccl = nullptr;
+  bool init() {
+    const char* rank_env = std::getenv("NCCL_MOE_TEST_CHILD_RANK");
+    if (rank_env == nullptr) return false;
+    rank = std::atoi(rank_env);
+    size = std::atoi(std::getenv("NCCL_MOE_TEST_CHILD_SIZE"));
+    if (cudaSetDevice(std::atoi(std::getenv("NCCL_MOE_TEST_CHILD_DEVICE"))) != cudaSuccess) return false;
+    ncclUniqueId id;
+    if (ncclGetUniqueId(&id) != ncclSuccess) return false;  // with NCCL_COMM_ID every process derives the same id
+    return ncclCommInitRank(&nccl, size, id, rank) == ncclSuccess;
+  }
+  // A barrier over the NCCL communicator.
+  void barrier() {
+    int* flag = nullptr;
+    cudaMalloc(&flag, sizeof(int));
+    ncclAllReduce(flag, flag, 1, ncclInt32, ncclSum, nccl, 0);
+    cudaStreamSynchronize(0);
+    cudaFree(flag);
+  }
+  ~ChildRank() {
+    if (nccl != nullptr) ncclCommDestroy(nccl);
+  }
+};
+
+TEST_P(CommWorld, ProcessesShareBuffersThroughCudaIpc) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_IpcChild", noExtra), n));
+}
+
+TEST(CommGpuChild, DISABLED_IpcChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init()) << "runs as a child of CommWorld.ProcessesShareBuffersThroughCudaIpc";
+  ncclMoeConfig_t config = smallConfig();
+  ncclMoeComm_t comm = nullptr;
+  MOE_OK(ncclMoeCommInit(&comm, child.nccl, &config));
+  for (int r = 0; r < child.size; ++r) {
+    if (r != child.rank) EXPECT_TRUE(comm->nvl.via_ipc[r]) << "peer " << r << " should be mapped through CUDA IPC";
+  }
+  EXPECT_EQ(1, comm->nodes.num_nodes);
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  runPeerStoreCheck(comm, child.size, stream, [&] { child.barrier(); });
+  cudaStreamDestroy(stream);
+  MOE_OK(ncclMoeCommDestroy(comm));
+}
+
+// Rank 1's config differs: every rank returns ncclInvalidArgument naming the difference.
+TEST_P(CommWorld, MismatchedConfigIsRejectedOnEveryRank) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_MismatchChild", noExtra), n));
+}
+
+TEST(CommGpuChild, DISABLED_MismatchChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init());
+  ncclMoeConfig_t config = smallConfig();
+  if (child.rank == 1) config.hidden = 512;
+  ncclMoeComm_t comm = nullptr;
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInit(&comm, child.nccl, &config));
+  EXPECT_NE(std::string::npos, std::string(ncclMoeGetLastError(nullptr)).find("config differs"))
+      << ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(nullptr, comm);
+}
+
+// Rank 1's config fails the argument check (num_sms < 0): it still joins the exchange; the others fail naming it.
+TEST_P(CommWorld, BadConfigOnOneRankIsAgreedNotHung) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_BadConfigChild", noExtra), n));
+}
+
+TEST(CommGpuChild, DISABLED_BadConfigChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init());
+  ncclMoeConfig_t config = smallConfig();
+  if (child.rank == 1) config.num_sms = -1;
+  ncclMoeComm_t comm = nullptr;
+  const ncclResult_t res = ncclMoeCommInit(&comm, child.nccl, &config);
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(nullptr, comm);
+  if (child.rank == 1) {
+    EXPECT_EQ(ncclInvalidArgument, res);
+    EXPECT_NE(std::string::npos, msg.find("num_sms")) << msg;
+  } else {
+    EXPECT_EQ(ncclRemoteError, res);
+    EXPECT_NE(std::string::npos, msg.find("rank 1 failed its local setup")) << msg;
   }
 }
 
-TEST(CommGpuChild, IpcChild) {
-  const char* rank_env = std::getenv("NCCL_MOE_TEST_CHILD_RANK");
-  if (rank_env == nullptr) GTEST_SKIP() << "runs only as a child of ProcessesShareBuffersThroughCudaIpc";
-  const int rank = std::atoi(rank_env);
-  const int n = std::atoi(std::getenv("NCCL_MOE_TEST_CHILD_SIZE"));
-  CUDA_OK(cudaSetDevice(rank));
-  ncclUniqueId id;
-  NCCL_OK(ncclGetUniqueId(&id));  // with NCCL_COMM_ID set every process derives the same id
-  ncclComm_t nccl = nullptr;
-  NCCL_OK(ncclCommInitRank(&nccl, n, id, rank));
+// Every process its own node (NCCL_MOE_HOSTID empty, distinct NCCL_HOSTID): several nodes need the scale-out
+// transport, which does not exist yet; every rank refuses with a message that says so.
+TEST_P(CommWorld, SeveralNodesAreRefusedNamingTheScaleOutTransport) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  const auto own_node = [](int r) {
+    return std::vector<std::string>{"NCCL_MOE_HOSTID=", "NCCL_HOSTID=vnode" + std::to_string(r)};
+  };
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_SeveralNodesChild", own_node), n));
+}
+
+TEST(CommGpuChild, DISABLED_SeveralNodesChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init());
   ncclMoeConfig_t config = smallConfig();
   ncclMoeComm_t comm = nullptr;
-  NCCL_OK(ncclMoeCommInit(&comm, nccl, &config));
-  for (int r = 0; r < n; ++r) {
-    if (r != rank) EXPECT_TRUE(comm->nvl.via_ipc[r]) << "peer " << r << " should be mapped through CUDA IPC";
-  }
-  runPeerStoreCheck(comm, n, nccl);
-  NCCL_OK(ncclMoeCommDestroy(comm));
-  ncclCommDestroy(nccl);
+  EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInit(&comm, child.nccl, &config));
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  EXPECT_NE(std::string::npos, msg.find("form " + std::to_string(child.size) + " nodes")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+  EXPECT_EQ(nullptr, comm);
 }
+
+INSTANTIATE_TEST_SUITE_P(Ranks, CommWorld, ::testing::ValuesIn(gpu_test::rankCounts()), gpu_test::ranksName);
 
 }  // namespace

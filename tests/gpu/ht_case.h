@@ -25,7 +25,7 @@ struct HtCase {
   double skew = 1.0, masked = 0.0, empty = 0.0;
   int zero_ranks = 0;
   bool weights = true;
-  int num_sms = 0;
+  int num_sms = 0;  // clamped to the world's SMs per rank before the case runs (World::clampSms)
   int biases = 0;  // combine: 0, 1 or 2 biases
   bool combine_weights = true;
   uint64_t seed = 1;
@@ -99,17 +99,17 @@ inline Expected makeExpected(const HtCase& c, int num_ranks) {
 
 // Device copies of one rank's dispatch inputs.
 struct DispatchInputs {
-  DevBuf x, scales, weights;
+  DeviceBytes x, scales, weights;
   int64_t token_stride = 0, word_stride = 0;
 };
 
 inline void uploadInputs(const ref::Rows& rows, const ref::RankRouting& rr, int scale_layout, DispatchInputs* in) {
   const size_t row_bytes = rows.dtype == ref::DType::kBf16 ? 2 * static_cast<size_t>(rows.hidden) : rows.hidden;
-  in->x.alloc(rows.num_rows * row_bytes + 16);
+  in->x.allocate(rows.num_rows * row_bytes + 16);
   if (rows.dtype == ref::DType::kBf16)
-    in->x.upload(rows.bf16);
+    in->x.uploadBytes(rows.bf16);
   else
-    in->x.upload(rows.fp8);
+    in->x.uploadBytes(rows.fp8);
   if (rows.dtype == ref::DType::kFp8E4M3) {
     const bool ue8m0 = rows.scale_format == ref::ScaleFormat::kUe8m0;
     const int words = ue8m0 ? ref::num_packed_scales(rows.hidden) : ref::num_scale_groups(rows.hidden);
@@ -121,24 +121,24 @@ inline void uploadInputs(const ref::Rows& rows, const ref::RankRouting& rr, int 
       in->word_stride = rows.num_rows > 0 ? rows.num_rows : 1;
     }
     auto s = stridedScales(rows, in->token_stride, in->word_stride);
-    in->scales.alloc(s.size() * 4 + 16);
-    in->scales.upload(s);
+    in->scales.allocate(s.size() * 4 + 16);
+    in->scales.uploadBytes(s);
   }
-  in->weights.alloc(rr.topk_weights.size() * 4 + 16);
-  in->weights.upload(rr.topk_weights);
+  in->weights.allocate(rr.topk_weights.size() * 4 + 16);
+  in->weights.uploadBytes(rr.topk_weights);
 }
 
 // Outputs of one dispatch on one rank.
 struct DispatchOutputs {
-  DevBuf x, scales, idx, weights;
+  DeviceBytes x, scales, idx, weights;
   int rows = 0;
-  void alloc(int rows_, int hidden, int topk, bool fp8, bool idx64, int scale_words) {
+  void allocate(int rows_, int hidden, int topk, bool fp8, bool idx64, int scale_words) {
     rows = rows_;
     const size_t r = rows > 0 ? rows : 1;
-    x.alloc(r * (fp8 ? hidden : 2 * hidden));
-    scales.alloc(r * scale_words * 4 + 4);
-    idx.alloc(r * topk * (idx64 ? 8 : 4));
-    weights.alloc(r * topk * 4);
+    x.allocate(r * (fp8 ? hidden : 2 * hidden));
+    scales.allocate(r * scale_words * 4 + 4);
+    idx.allocate(r * topk * (idx64 ? 8 : 4));
+    weights.allocate(r * topk * 4);
     idx.fill(0x55);  // sentinel: every id the dispatch owes must be written
     weights.fill(0x55);
   }
@@ -201,32 +201,41 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
 
 // ---- One rank's run of a case: communicator, handle, stream, call arguments and the combine check. ----
 
-// The communicator (config from the case), handle and stream of one rank. Checks are non-fatal, so every rank
-// reaches the collective destroy; after a failed step ok() is false and the caller skips what follows.
+// The communicator config of a case (capacity = max_tokens_per_rank).
+inline ncclMoeConfig_t caseConfig(const HtCase& c, int capacity) {
+  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+  config.num_experts = c.num_experts;
+  config.hidden = c.hidden;
+  config.max_topk = c.topk;
+  config.max_tokens_per_rank = capacity;
+  config.num_sms = c.num_sms;
+  return config;
+}
+
+// One rank's handle on its communicator and stream (World::runWithComms). Checks are non-fatal, so every rank
+// reaches the end; after a failed step ok() is false and the caller skips what follows. Every collective call goes
+// through call(): a host barrier first (no rank allocates or frees while a peer's kernel waits for it: with ranks
+// sharing a GPU, cudaFree waits for the whole device), then the call, then its completion.
 class RankSession {
  public:
-  RankSession(const HtCase& c, int capacity, World& world, int rank) : rank_(rank) {
-    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-    config.num_experts = c.num_experts;
-    config.hidden = c.hidden;
-    config.max_topk = c.topk;
-    config.max_tokens_per_rank = capacity;
-    config.num_sms = c.num_sms;
-    ok_ = ncclMoeCommInit(&comm_, world.nccl(rank), &config) == ncclSuccess;
-    EXPECT_TRUE(ok_) << "rank " << rank << " comm init: " << ncclMoeGetLastError(nullptr);
-    if (!ok_) return;
+  RankSession(World& world, int rank, ncclMoeComm_t comm, cudaStream_t stream)
+      : world_(world), rank_(rank), comm_(comm), stream_(stream) {
     ok_ = ncclMoeHandleCreate(comm_, &handle_) == ncclSuccess;
     EXPECT_TRUE(ok_) << "rank " << rank << " handle: " << ncclMoeGetLastError(comm_);
-    cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking);
   }
   ~RankSession() {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
     if (handle_ != nullptr) ncclMoeHandleDestroy(handle_);
-    if (comm_ != nullptr) EXPECT_EQ(ncclSuccess, ncclMoeCommDestroy(comm_)) << ncclMoeGetLastError(nullptr);
   }
   RankSession(const RankSession&) = delete;
   RankSession& operator=(const RankSession&) = delete;
 
+  // Barrier, then `enqueue()` (an ncclMoe* call on stream()), then finish(). Ranks whose session failed still take
+  // part in the barrier (so the others do not wait for them) but enqueue nothing.
+  template <typename Enqueue>
+  void call(const char* what, Enqueue enqueue) {
+    world_.barrier().wait();
+    if (ok_) finish(enqueue(), what);
+  }
   // Waits for an enqueued call; checks its return value and the communicator's async error.
   void finish(ncclResult_t res, const char* what) {
     if (!ok_) return;
@@ -244,6 +253,7 @@ class RankSession {
   cudaStream_t stream() const { return stream_; }
 
  private:
+  World& world_;
   int rank_;
   bool ok_ = false;
   ncclMoeComm_t comm_ = nullptr;
@@ -252,12 +262,12 @@ class RankSession {
 };
 
 // The rank's top-k ids on the device, as int64 or int32 per the case.
-inline DevBuf uploadIds(const HtCase& c, const ref::RankRouting& rr) {
-  DevBuf idx(rr.topk_idx.size() * 8 + 16);
+inline DeviceBytes uploadIds(const HtCase& c, const ref::RankRouting& rr) {
+  DeviceBytes idx(rr.topk_idx.size() * 8 + 16);
   if (c.idx64)
-    idx.upload(rr.topk_idx);
+    idx.uploadBytes(rr.topk_idx);
   else
-    idx.upload(toInt32(rr.topk_idx));
+    idx.uploadBytes(toInt32(rr.topk_idx));
   return idx;
 }
 
@@ -268,7 +278,7 @@ inline int scaleWords(const HtCase& c) {
 }
 
 // Notify arguments of the case; the host counts go to *num_recv and *per_expert (sized to the local experts).
-inline ncclMoeNotifyArgs_t notifyArgs(const HtCase& c, int capacity, int num_ranks, const DevBuf& idx, int T,
+inline ncclMoeNotifyArgs_t notifyArgs(const HtCase& c, int capacity, int num_ranks, const DeviceBytes& idx, int T,
                                       int* num_recv, std::vector<int>* per_expert) {
   ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
   na.topk_idx = idx.get();
@@ -297,10 +307,10 @@ inline ncclMoeDispatchArgs_t dispatchArgs(const HtCase& c, const DispatchInputs&
     da.x_scales_channel_stride = in.word_stride;
     da.recv_x_scales = out.scales.get();
   }
-  da.topk_weights = c.weights ? in.weights.get<float>() : nullptr;
+  da.topk_weights = c.weights ? in.weights.as<float>() : nullptr;
   da.recv_x = out.x.get();
   da.recv_topk_idx = out.idx.get();
-  da.recv_topk_weights = c.weights ? out.weights.get<float>() : nullptr;
+  da.recv_topk_weights = c.weights ? out.weights.as<float>() : nullptr;
   da.num_sms = c.num_sms;
   return da;
 }
@@ -308,26 +318,26 @@ inline ncclMoeDispatchArgs_t dispatchArgs(const HtCase& c, const DispatchInputs&
 // One rank's combine: its inputs (expert outputs y of `rows` received rows, weights, biases) on the device, the
 // outputs, and the arguments that name them.
 struct CombineCall {
-  DevBuf y, yw, b0, b1, out, out_w;
+  DeviceBytes y, yw, b0, b1, out, out_w;
   ncclMoeCombineArgs_t args = NCCL_MOE_COMBINE_ARGS_INITIALIZER;
   int tokens = 0;
 
   CombineCall(const HtCase& c, const Expected& e, int rank, int rows) : tokens(e.routing.ranks[rank].num_tokens) {
     const size_t yrows = rows > 0 ? rows : 1, T = tokens, H = c.hidden, K = c.topk;
-    y.alloc(yrows * H * 2);
-    yw.alloc(yrows * K * 4);
-    b0.alloc(T * H * 2 + 16);
-    b1.alloc(T * H * 2 + 16);
-    out.alloc(T * H * 2 + 16);
-    out_w.alloc(T * K * 4 + 16);
-    y.upload(e.y[rank]);
-    yw.upload(e.yw[rank]);
-    b0.upload(e.b0[rank]);
-    b1.upload(e.b1[rank]);
+    y.allocate(yrows * H * 2);
+    yw.allocate(yrows * K * 4);
+    b0.allocate(T * H * 2 + 16);
+    b1.allocate(T * H * 2 + 16);
+    out.allocate(T * H * 2 + 16);
+    out_w.allocate(T * K * 4 + 16);
+    y.uploadBytes(e.y[rank]);
+    yw.uploadBytes(e.yw[rank]);
+    b0.uploadBytes(e.b0[rank]);
+    b1.uploadBytes(e.b1[rank]);
     args.x = y.get();
     args.hidden = c.hidden;
-    args.topk_weights = c.combine_weights ? yw.get<float>() : nullptr;
-    args.combined_topk_weights = c.combine_weights ? out_w.get<float>() : nullptr;
+    args.topk_weights = c.combine_weights ? yw.as<float>() : nullptr;
+    args.combined_topk_weights = c.combine_weights ? out_w.as<float>() : nullptr;
     args.bias_0 = c.biases >= 1 ? b0.get() : nullptr;
     args.bias_1 = c.biases >= 2 ? b1.get() : nullptr;
     args.combined_x = out.get();
@@ -352,9 +362,7 @@ struct CombineCall {
 
 // Worst-case mode with a capacity 5 rows short on rank 0: the overflow is reported on rank 0 only and no row past
 // the capacity is written. Runs whichever kernels NCCL_MOE_HT_KERNEL selects.
-inline void checkCapacityOverflow() {
-  const int n = worldSize();
-  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
+inline void checkCapacityOverflow(int n, Placement placement) {
   HtCase c;
   c.tokens = 64;
   c.num_experts = 32;
@@ -364,39 +372,32 @@ inline void checkCapacityOverflow() {
   const Expected e = makeExpected(c, n);
   const int short_capacity = e.d1.recv[0].num_recv - 5;
   ASSERT_GT(short_capacity, 0);
-  World world(n);
+  World world(n, placement);
   ASSERT_TRUE(world.ok());
-  world.run([&](int rank) {
-    ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-    config.num_experts = c.num_experts;
-    config.hidden = c.hidden;
-    config.max_topk = c.topk;
-    config.max_tokens_per_rank = c.tokens;
-    ncclMoeComm_t comm = nullptr;
-    ASSERT_EQ(ncclSuccess, ncclMoeCommInit(&comm, world.nccl(rank), &config)) << ncclMoeGetLastError(nullptr);
-    ncclMoeHandle_t handle = nullptr;
-    EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
+  world.runWithComms(caseConfig(c, c.tokens), [&](int rank, ncclMoeComm_t comm, cudaStream_t stream) {
+    RankSession session(world, rank, comm, stream);
     const ref::RankRouting& rr = e.routing.ranks[rank];
     const int capacity = rank == 0 ? short_capacity : n * c.tokens;
     const int H = c.hidden, K = c.topk, extra = 8;
-    DevBuf idx(rr.topk_idx.size() * 8 + 16), x(static_cast<size_t>(rr.num_tokens) * H * 2 + 16);
-    idx.upload(rr.topk_idx);
-    x.upload(e.x1[rank].bf16);
-    DevBuf rx(static_cast<size_t>(capacity + extra) * H * 2), ridx(static_cast<size_t>(capacity + extra) * K * 8);
+    DeviceBytes idx(rr.topk_idx.size() * 8 + 16), x(static_cast<size_t>(rr.num_tokens) * H * 2 + 16);
+    idx.uploadBytes(rr.topk_idx);
+    x.uploadBytes(e.x1[rank].bf16);
+    DeviceBytes rx(static_cast<size_t>(capacity + extra) * H * 2), ridx(static_cast<size_t>(capacity + extra) * K * 8);
     rx.fill(0x7b);
     ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
     na.topk_idx = idx.get();
     na.num_tokens = rr.num_tokens;
     na.topk = K;
     na.recv_capacity = capacity;
-    EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, nullptr)) << ncclMoeGetLastError(comm);
+    session.call("notify", [&] { return ncclMoeDispatchNotify(comm, session.handle(), &na, stream); });
     ncclMoeDispatchArgs_t da = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
     da.x = x.get();
     da.hidden = H;
     da.recv_x = rx.get();
     da.recv_topk_idx = ridx.get();
-    EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, nullptr)) << ncclMoeGetLastError(comm);
-    EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
+    world.barrier().wait();
+    EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, session.handle(), &da, stream)) << ncclMoeGetLastError(comm);
+    EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
     ncclResult_t async = ncclSuccess;
     ncclMoeCommGetAsyncError(comm, &async);
     if (rank == 0) {
@@ -415,8 +416,7 @@ inline void checkCapacityOverflow() {
     } else {
       EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comm);
     }
-    ncclMoeHandleDestroy(handle);
-    ncclMoeCommDestroy(comm);
+    world.barrier().wait();  // nobody frees its buffers while a peer may still read them
   });
 }
 

@@ -1,7 +1,7 @@
 // The educational high-throughput kernels (src/kernels/intranode/educational.cu, NCCL_MOE_HT_KERNEL=educational)
 // on real GPUs against the CPU reference, bitwise, like tests/gpu/ht_dispatch_test.cc tests the fast ones.
 //
-// Every case runs on all GPUs of the machine (one thread per rank): notify, dispatch, cached re-dispatch of new
+// Every case runs with R = 2, 4 and 8 ranks (threads; one per GPU, or all on one GPU: tests/gpu/gpu_world.h): notify, dispatch, cached re-dispatch of new
 // data, combine, each output field compared with ref::ht_dispatch / ref::ht_combine. The kernel selection is
 // read on every call, so each call step is enqueued rank by rank (a host barrier between ranks) with the
 // variable set for that rank and step: cases run everything educational, or mix the two versions between
@@ -70,19 +70,18 @@ void enqueueInTurn(World& world, int rank, bool educational, Fn enqueue) {
   }
 }
 
-void runRank(const EduCase& c, const Expected& e, World& world, int rank) {
+void runRank(const EduCase& c, const Expected& e, World& world, int rank, ncclMoeComm_t comm, cudaStream_t stream) {
   const int R = world.size();
-  RankSession session(c, e.capacity, world, rank);
+  RankSession session(world, rank, comm, stream);
   const ref::RankRouting& rr = e.routing.ranks[rank];
   const int T = rr.num_tokens, K = c.topk, H = c.hidden;
-  const DevBuf idx = uploadIds(c, rr);
+  const DeviceBytes idx = uploadIds(c, rr);
 
   // Notify has one version; it fills the handle both dispatch versions read.
   int num_recv = -1;
   std::vector<int> per_expert;
   ncclMoeNotifyArgs_t na = notifyArgs(c, e.capacity, R, idx, T, &num_recv, &per_expert);
-  if (session.ok())
-    session.finish(ncclMoeDispatchNotify(session.comm(), session.handle(), &na, session.stream()), "notify");
+  session.call("notify", [&] { return ncclMoeDispatchNotify(comm, session.handle(), &na, stream); });
   const ref::HtRankRecv& want = e.d1.recv[rank];
   if (session.ok() && !c.worst_case) {
     EXPECT_EQ(want.num_recv, num_recv) << "rank " << rank;
@@ -99,11 +98,11 @@ void runRank(const EduCase& c, const Expected& e, World& world, int rank) {
     ncclResult_t res = ncclSuccess;
     if (session.ok()) {
       uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, c.scale_layout, &in);
-      out.alloc(rows, H, K, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
+      out.allocate(rows, H, K, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
     }
     ncclMoeDispatchArgs_t da = dispatchArgs(c, in, out);
     enqueueInTurn(world, rank, educationalAt(c, pass, rank), [&] {
-      if (session.ok()) res = ncclMoeDispatch(session.comm(), session.handle(), &da, session.stream());
+      if (session.ok()) res = ncclMoeDispatch(comm, session.handle(), &da, stream);
     });
     session.finish(res, what);
     if (session.ok()) checkDispatch(c, pass == 0 ? e.d1.recv[rank] : e.d2.recv[rank], out, rank, what);
@@ -113,7 +112,7 @@ void runRank(const EduCase& c, const Expected& e, World& world, int rank) {
   CombineCall cc(c, e, rank, rows);
   ncclResult_t res = ncclSuccess;
   enqueueInTurn(world, rank, educationalAt(c, 2, rank), [&] {
-    if (session.ok()) res = ncclMoeCombine(session.comm(), session.handle(), &cc.args, session.stream());
+    if (session.ok()) res = ncclMoeCombine(comm, session.handle(), &cc.args, stream);
   });
   session.finish(res, "combine");
   if (session.ok()) cc.check(c, e, rank);
@@ -226,29 +225,44 @@ std::vector<EduCase> allCases() {
   return v;
 }
 
-class HtEducational : public ::testing::TestWithParam<EduCase> {};
+class HtEducational : public ::testing::TestWithParam<std::tuple<EduCase, int>> {};
 
 TEST_P(HtEducational, MatchesReference) {
-  const int n = worldSize();
-  if (n < minRanks()) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  const EduCase& c = GetParam();
+  const int n = std::get<1>(GetParam());
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  World world(n, placement);
+  ASSERT_TRUE(world.ok());
+  EduCase c = std::get<0>(GetParam());
+  c.num_sms = world.clampSms(c.num_sms);
   const Expected e = makeExpected(c, n);
   KernelVarGuard guard;
-  World world(n);
-  ASSERT_TRUE(world.ok());
-  world.run([&](int r) { runRank(c, e, world, r); });
+  world.runWithComms(caseConfig(c, e.capacity), [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    runRank(c, e, world, r, comm, stream);
+  });
 }
 
-INSTANTIATE_TEST_SUITE_P(Ht, HtEducational, ::testing::ValuesIn(allCases()),
-                         [](const ::testing::TestParamInfo<EduCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Ht, HtEducational,
+                         ::testing::Combine(::testing::ValuesIn(allCases()),
+                                            ::testing::ValuesIn(gpu_test::rankCounts())),
+                         [](const ::testing::TestParamInfo<std::tuple<EduCase, int>>& info) {
+                           return std::get<0>(info.param).name + "_R" + std::to_string(std::get<1>(info.param));
+                         });
 
 // Worst-case capacity below N_recv on rank 0: the educational dispatch reports it like the fast one and writes
 // nothing past the capacity; the other ranks are unaffected.
-TEST(HtEducationalErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) {
+class HtEducationalErrors : public ::testing::TestWithParam<int> {};
+
+TEST_P(HtEducationalErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) {
+  Placement placement;
+  GPU_WORLD_OR_SKIP(GetParam(), &placement);
   KernelVarGuard guard;
   setenv(kKernelVar, "educational", 1);
-  checkCapacityOverflow();
+  checkCapacityOverflow(GetParam(), placement);
 }
+
+INSTANTIATE_TEST_SUITE_P(Ranks, HtEducationalErrors, ::testing::ValuesIn(gpu_test::rankCounts()),
+                         gpu_test::ranksName);
 
 }  // namespace
 }  // namespace ht_test

@@ -1,8 +1,8 @@
 // Timing of the low-latency kernels at the DeepEP-comparable decode shape (anchors.md): hidden 7168, top-8 of
 // 288 experts, FP8 dispatch + BF16 weighted combine, every GPU of the machine as one rank (threads).
 // Skipped unless NCCL_MOE_LL_PERF is set (it allocates ~4 GB per rank and takes a few seconds).
-// LlPerf.TargetShape: one rank per GPU (the real numbers). LlPerf.EmulatedTargetShape: 2 ranks on one GPU
-// with half the SMs each and local memory instead of NVLink (kernel-internal costs only).
+// LlPerf.TargetShape: one rank per GPU (the real numbers). LlPerf.EmulatedTargetShape: 2 ranks sharing one GPU
+// (ncclMoeCommInitAll) with half the SMs each and local memory instead of NVLink (kernel-internal costs only).
 //
 // Reports, per token count and rank, the median over kIters of the time between CUDA events recorded right
 // before and after each call on a busy stream (kernels queued back to back, so this is kernel time plus the
@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/comm.h"
 #include "ll_world.h"
 #include "nccl_moe.h"
 
@@ -40,14 +41,14 @@ double median(std::vector<float> v) {
   return v.empty() ? 0.0 : 1000.0 * v[v.size() / 2];  // ms -> us
 }
 
-void runPerf(ll_test::World world, int n) {
+void runPerf(ll_test::Placement world, int n) {
   const int token_counts[] = {1, 32, 128, 256};
   const int num_cases = 4;
   std::vector<std::vector<Timing>> results(n, std::vector<Timing>(num_cases));
   std::vector<int> sms(n);
   ll_test::Barrier barrier(n);
   ll_test::forEachRankIn(world, n, Shape::config(), [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
-    sms[r] = comm->num_device_sms;
+    sms[r] = comm->rank_sms;
     const int El = kExperts / n;
     Shape shape(r, n, 1234 + static_cast<uint64_t>(r));
     ASSERT_TRUE(shape.ok()) << "rank " << r << ": device buffers";
@@ -149,7 +150,7 @@ void runPerf(ll_test::World world, int n) {
   std::printf(
       "[ll perf] %s: %d ranks, %d SMs per rank, hidden %d, top-%d of %d experts, fp8 dispatch (float scales) + bf16 "
       "combine, median of %d (us)\n",
-      world == ll_test::World::kGpus ? "one rank per GPU" : "EMULATED, all ranks on GPU 0", n, sms[0], kHidden, kTopk,
+      world == ll_test::Placement::kOnePerGpu ? "one rank per GPU" : "RANKS SHARE GPU 0 (not NVLink numbers)", n, sms[0], kHidden, kTopk,
       kExperts, kIters);
   std::printf("[ll perf] %6s %4s %9s %9s %9s %9s %9s %9s %9s %10s %10s %8s\n", "tokens", "rank", "dispatch", "combine",
               "d.send", "d.recv", "c.send", "c.recv", "pair", "disp GB/s", "comb GB/s", "recv sel");
@@ -168,13 +169,13 @@ TEST(LlPerf, TargetShape) {
   if (std::getenv("NCCL_MOE_LL_PERF") == nullptr) GTEST_SKIP() << "set NCCL_MOE_LL_PERF=1 to run";
   const int n = ll_test::gpuRanks();
   if (n < 2) GTEST_SKIP() << "needs 2 GPUs, found " << n;
-  runPerf(ll_test::World::kGpus, n);
+  runPerf(ll_test::Placement::kOnePerGpu, n);
 }
 
 TEST(LlPerf, EmulatedTargetShape) {
   if (std::getenv("NCCL_MOE_LL_PERF") == nullptr) GTEST_SKIP() << "set NCCL_MOE_LL_PERF=1 to run";
   if (ll_test::deviceCount() < 1) GTEST_SKIP() << "needs a GPU";
-  runPerf(ll_test::World::kEmulated, 2);
+  runPerf(ll_test::Placement::kOneGpu, 2);
 }
 
 }  // namespace

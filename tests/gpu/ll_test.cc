@@ -1,8 +1,8 @@
 // Low-latency dispatch/combine on real GPUs against the CPU reference (src/reference/reference.h).
 //
-// Ranks are threads of this process calling the public API: LlGpu.* put one rank on each GPU (ncclCommInitAll
-// + ncclMoeCommInit; skipped below 2 GPUs), LlEmulated.* put NCCL_MOE_LL_EMULATED_RANKS ranks (default 2) on
-// GPU 0 with hand-built communicators (tests/gpu/ll_world.h). Every thread regenerates the whole seeded problem
+// Ranks are threads of this process calling the public API; every LlWorld.* test runs with R = 2, 4 and 8 ranks,
+// one per GPU (ncclCommInitAll + ncclMoeCommInit) when the machine has R GPUs, else all on GPU 0
+// (ncclMoeCommInitAll; tests/gpu/gpu_world.h). Every thread regenerates the whole seeded problem
 // (routing, activations, expert outputs) and runs the reference itself, so each rank checks its own outputs without
 // host-side exchange:
 //   dispatch: recv_count exactly, and for every row below the count the bytes (bf16 or fp8), the scales
@@ -42,7 +42,6 @@ namespace {
 namespace ref = nccl_moe::ref;
 using ll_test::Barrier;
 using ll_test::forEachRankIn;
-using ll_test::World;
 
 #define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
 #define MOE_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
@@ -127,22 +126,14 @@ Expected makeExpected(Problem pb) {
 // Per-rank device buffers of one LL result (sized for the communicator's maxima).
 // ---------------------------------------------------------------------------------------------------------
 
-struct DevBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  void alloc(size_t n) {
-    bytes = std::max<size_t>(n, 16);
-    if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
-    cudaMemset(p, 0, bytes);
-  }
-  ~DevBuf() {
-    if (p) cudaFree(p);
-  }
-};
+using harness::DeviceBytes;
+
+// At least 16 bytes, so that no buffer of an empty tensor is a 1-byte allocation.
+size_t atLeast16(size_t n) { return std::max<size_t>(n, 16); }
 
 struct RankResult {
   ncclMoeHandle_t handle = nullptr;
-  DevBuf x, topk_idx, weights, recv_x, recv_scales, recv_count, y, out;
+  DeviceBytes x, topk_idx, weights, recv_x, recv_scales, recv_count, y, out;
 };
 
 // Like CUDA_OK, for functions returning a value.
@@ -175,14 +166,14 @@ struct Rank {
     const size_t T = static_cast<size_t>(config.ll_max_tokens_per_rank), H = static_cast<size_t>(config.hidden),
                  K = static_cast<size_t>(config.max_topk);
     ASSERT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &res.handle));
-    res.x.alloc(T * H * 2);
-    res.topk_idx.alloc(T * K * 8);
-    res.weights.alloc(T * K * 4);
-    res.recv_x.alloc(static_cast<size_t>(El) * RM * H * 2);
-    res.recv_scales.alloc(static_cast<size_t>(El) * RM * (H / 128 + 1) * 4);
-    res.recv_count.alloc(static_cast<size_t>(El) * 4);
-    res.y.alloc(static_cast<size_t>(El) * RM * H * 2);
-    res.out.alloc(T * H * 2);
+    res.x.allocate(atLeast16(T * H * 2));
+    res.topk_idx.allocate(atLeast16(T * K * 8));
+    res.weights.allocate(atLeast16(T * K * 4));
+    res.recv_x.allocate(atLeast16(static_cast<size_t>(El) * RM * H * 2));
+    res.recv_scales.allocate(atLeast16(static_cast<size_t>(El) * RM * (H / 128 + 1) * 4));
+    res.recv_count.allocate(atLeast16(static_cast<size_t>(El) * 4));
+    res.y.allocate(atLeast16(static_cast<size_t>(El) * RM * H * 2));
+    res.out.allocate(atLeast16(T * H * 2));
   }
   void freeResult(RankResult& res) {
     if (res.handle) ncclMoeHandleDestroy(res.handle);
@@ -194,21 +185,21 @@ struct Rank {
     const ref::RankRouting& rr = ex.routing.ranks[rank];
     const int T = rr.num_tokens;
     if (T == 0) return;
-    CUDA_OK(cudaMemcpyAsync(res.x.p, ex.x[rank].data(), ex.x[rank].size() * 2, cudaMemcpyHostToDevice, stream));
+    CUDA_OK(cudaMemcpyAsync(res.x.get(), ex.x[rank].data(), ex.x[rank].size() * 2, cudaMemcpyHostToDevice, stream));
     if (ex.pb.idx32) {
       std::vector<int32_t> idx(rr.topk_idx.begin(), rr.topk_idx.end());
-      CUDA_OK(cudaMemcpyAsync(res.topk_idx.p, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice, stream));
+      CUDA_OK(cudaMemcpyAsync(res.topk_idx.get(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice, stream));
       CUDA_OK(cudaStreamSynchronize(stream));
     } else {
       CUDA_OK(
-          cudaMemcpyAsync(res.topk_idx.p, rr.topk_idx.data(), rr.topk_idx.size() * 8, cudaMemcpyHostToDevice, stream));
+          cudaMemcpyAsync(res.topk_idx.get(), rr.topk_idx.data(), rr.topk_idx.size() * 8, cudaMemcpyHostToDevice, stream));
     }
-    CUDA_OK(cudaMemcpyAsync(res.weights.p, rr.topk_weights.data(), rr.topk_weights.size() * 4, cudaMemcpyHostToDevice,
+    CUDA_OK(cudaMemcpyAsync(res.weights.get(), rr.topk_weights.data(), rr.topk_weights.size() * 4, cudaMemcpyHostToDevice,
                             stream));
   }
   // Expert outputs into res.y, or into the library's combine buffer (zero copy).
   void uploadExpertOutputs(const Expected& ex, RankResult& res, bool zero_copy) {
-    void* dst = res.y.p;
+    void* dst = res.y.get();
     if (zero_copy) {
       ASSERT_EQ(ncclSuccess, ncclMoeLowLatencyCombineBuffer(comm, res.handle, &dst)) << ncclMoeGetLastError(comm);
     }
@@ -218,32 +209,32 @@ struct Rank {
   ncclMoeLLDispatchArgs_t dispatchArgs(const Expected& ex, RankResult& res, ncclMoePhase_t phase,
                                        int* cumulative = nullptr) {
     ncclMoeLLDispatchArgs_t a = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
-    a.x = res.x.p;
-    a.topk_idx = res.topk_idx.p;
+    a.x = res.x.get();
+    a.topk_idx = res.topk_idx.get();
     a.topk_idx_type = ex.pb.idx32 ? ncclMoeIndexInt32 : ncclMoeIndexInt64;
     a.num_tokens = ex.routing.ranks[rank].num_tokens;
     a.hidden = ex.pb.hidden;
     a.topk = ex.pb.topk;
     a.use_fp8 = ex.pb.fp8 ? 1 : 0;
     a.scale_format = static_cast<ncclMoeScaleFormat_t>(ex.pb.format);
-    a.recv_x = res.recv_x.p;
-    a.recv_x_scales = res.recv_scales.p;
-    a.recv_count = static_cast<int*>(res.recv_count.p);
+    a.recv_x = res.recv_x.get();
+    a.recv_x_scales = res.recv_scales.get();
+    a.recv_count = res.recv_count.as<int>();
     a.cumulative_recv_stats = cumulative;
     a.phase = phase;
-    a.topk_weights = ex.pb.weights != 0 ? static_cast<const float*>(res.weights.p) : nullptr;
+    a.topk_weights = ex.pb.weights != 0 ? res.weights.as<float>() : nullptr;
     return a;
   }
   ncclMoeLLCombineArgs_t combineArgs(const Expected& ex, RankResult& res, ncclMoePhase_t phase, bool zero_copy) {
     ncclMoeLLCombineArgs_t a = NCCL_MOE_LL_COMBINE_ARGS_INITIALIZER;
-    a.x = zero_copy ? nullptr : res.y.p;
+    a.x = zero_copy ? nullptr : res.y.get();
     a.zero_copy = zero_copy ? 1 : 0;
-    a.topk_idx = res.topk_idx.p;
-    a.topk_weights = ex.pb.weights != 1 ? static_cast<const float*>(res.weights.p) : nullptr;
+    a.topk_idx = res.topk_idx.get();
+    a.topk_weights = ex.pb.weights != 1 ? res.weights.as<float>() : nullptr;
     a.num_tokens = ex.routing.ranks[rank].num_tokens;
     a.hidden = ex.pb.hidden;
     a.topk = ex.pb.topk;
-    a.out = res.out.p;
+    a.out = res.out.get();
     a.phase = phase;
     return a;
   }
@@ -268,10 +259,10 @@ struct Rank {
     const bool packed = ex.pb.format == ref::ScaleFormat::kUe8m0;
     const int scale_words = packed ? P : G;
     std::vector<uint32_t> sc(static_cast<size_t>(El) * RM * scale_words);
-    cudaMemcpyAsync(count.data(), res.recv_count.p, El * 4, cudaMemcpyDeviceToHost, stream);
-    cudaMemcpyAsync(rx.data(), res.recv_x.p, rx.size(), cudaMemcpyDeviceToHost, stream);
+    cudaMemcpyAsync(count.data(), res.recv_count.get(), El * 4, cudaMemcpyDeviceToHost, stream);
+    cudaMemcpyAsync(rx.data(), res.recv_x.get(), rx.size(), cudaMemcpyDeviceToHost, stream);
     cudaMemcpyAsync(info.data(), res.handle->ll.recv_src_info, info.size() * 4, cudaMemcpyDeviceToHost, stream);
-    if (ex.pb.fp8) cudaMemcpyAsync(sc.data(), res.recv_scales.p, sc.size() * 4, cudaMemcpyDeviceToHost, stream);
+    if (ex.pb.fp8) cudaMemcpyAsync(sc.data(), res.recv_scales.get(), sc.size() * 4, cudaMemcpyDeviceToHost, stream);
     CUDA_OK_RET(cudaStreamSynchronize(stream));
     uint64_t h = ref::kFnvOffset;
     int errors = 0;
@@ -318,7 +309,7 @@ struct Rank {
     CUDA_OK_RET(cudaStreamSynchronize(stream));
     const int T = ex.routing.ranks[rank].num_tokens, H = ex.pb.hidden;
     std::vector<uint16_t> out(static_cast<size_t>(T) * H);
-    cudaMemcpyAsync(out.data(), res.out.p, out.size() * 2, cudaMemcpyDeviceToHost, stream);
+    cudaMemcpyAsync(out.data(), res.out.get(), out.size() * 2, cudaMemcpyDeviceToHost, stream);
     CUDA_OK_RET(cudaStreamSynchronize(stream));
     int errors = 0;
     for (size_t i = 0; i < out.size() && errors < 5; ++i) {
@@ -416,14 +407,14 @@ LL_WORLD_TEST(DispatchCombineSweep) {
     rk.init(r, comm, stream, testConfig(n));
     RankResult res;
     rk.allocResult(res);
-    DevBuf cumulative;
-    cumulative.alloc(rk.El * 4);
+    DeviceBytes cumulative;
+    cumulative.allocate(atLeast16(rk.El * 4));
     std::vector<int> want_cumulative(rk.El, 0);
     barrier.wait();
     for (const Problem& pb : problems) {
       const Expected ex = makeExpected(pb);
       rk.uploadInputs(ex, res);
-      rk.dispatch(ex, res, ncclMoePhaseBoth, static_cast<int*>(cumulative.p));
+      rk.dispatch(ex, res, ncclMoePhaseBoth, cumulative.as<int>());
       rk.checkDispatch(ex, res, describe(pb));
       rk.uploadExpertOutputs(ex, res, false);
       rk.combine(ex, res, ncclMoePhaseBoth, false);
@@ -431,7 +422,7 @@ LL_WORLD_TEST(DispatchCombineSweep) {
       for (int j = 0; j < rk.El; ++j) want_cumulative[j] += ex.dispatch.recv[r].recv_count[j];
     }
     std::vector<int> got(rk.El);
-    cudaMemcpyAsync(got.data(), cumulative.p, rk.El * 4, cudaMemcpyDeviceToHost, stream);
+    cudaMemcpyAsync(got.data(), cumulative.get(), rk.El * 4, cudaMemcpyDeviceToHost, stream);
     cudaStreamSynchronize(stream);
     EXPECT_EQ(want_cumulative, got) << "cumulative stats, rank " << r;
     rk.freeResult(res);
@@ -448,8 +439,8 @@ LL_WORLD_TEST(SplitPhasesTwoResultsAliveZeroCopy) {
     RankResult a, b;
     rk.allocResult(a);
     rk.allocResult(b);
-    DevBuf other;  // "compute" between the halves: a large memset
-    other.alloc(256u << 20);
+    DeviceBytes other;  // "compute" between the halves: a large memset
+    other.allocate(atLeast16(256u << 20));
     barrier.wait();
     for (int round = 0; round < 4; ++round) {
       Problem pa = testProblem(n, 500 + round), pbb = testProblem(n, 600 + round);
@@ -463,9 +454,9 @@ LL_WORLD_TEST(SplitPhasesTwoResultsAliveZeroCopy) {
       rk.uploadInputs(ea, a);
       rk.uploadInputs(eb, b);
       rk.dispatch(ea, a, ncclMoePhaseSend);
-      CUDA_OK(cudaMemsetAsync(other.p, round, other.bytes, stream));
+      CUDA_OK(cudaMemsetAsync(other.get(), round, other.bytes(), stream));
       rk.dispatch(eb, b, ncclMoePhaseSend);
-      CUDA_OK(cudaMemsetAsync(other.p, round + 1, other.bytes, stream));
+      CUDA_OK(cudaMemsetAsync(other.get(), round + 1, other.bytes(), stream));
       rk.dispatch(ea, a, ncclMoePhaseRecv);
       rk.dispatch(eb, b, ncclMoePhaseRecv);
       rk.checkDispatch(ea, a, "split A " + describe(pa));
@@ -473,10 +464,10 @@ LL_WORLD_TEST(SplitPhasesTwoResultsAliveZeroCopy) {
       rk.uploadExpertOutputs(ea, a, /*zero_copy=*/true);
       rk.uploadExpertOutputs(eb, b, false);
       rk.combine(ea, a, ncclMoePhaseSend, true);
-      CUDA_OK(cudaMemsetAsync(other.p, round + 2, other.bytes, stream));
+      CUDA_OK(cudaMemsetAsync(other.get(), round + 2, other.bytes(), stream));
       rk.combine(eb, b, ncclMoePhaseSend, false);
       rk.combine(ea, a, ncclMoePhaseRecv, true);
-      CUDA_OK(cudaMemsetAsync(other.p, round + 3, other.bytes, stream));
+      CUDA_OK(cudaMemsetAsync(other.get(), round + 3, other.bytes(), stream));
       rk.combine(eb, b, ncclMoePhaseRecv, false);
       rk.checkCombine(ea, a, "split A " + describe(pa));
       rk.checkCombine(eb, b, "split B " + describe(pbb));
@@ -690,3 +681,5 @@ LL_WORLD_TEST(TimeoutNamesPhaseRankPeer) {
 }
 
 }  // namespace
+
+INSTANTIATE_TEST_SUITE_P(Ranks, LlWorld, ::testing::ValuesIn(gpu_test::rankCounts()), gpu_test::ranksName);

@@ -84,7 +84,7 @@ TEST(LlTrace, DispatchTimeline) {
   std::vector<std::string> text_of(2 * static_cast<size_t>(n));  // [case * n + rank]
   ll_test::Barrier barrier(n);
   const ncclMoeConfig_t config = Shape::config();
-  ll_test::forEachRankIn(ll_test::World::kGpus, n, config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+  ll_test::forEachRankIn(ll_test::Placement::kOnePerGpu, n, config, [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
     const int El = Shape::kExperts / n;
     Shape shape(r, n, 77);
     ASSERT_TRUE(shape.ok()) << "rank " << r << ": device buffers";
