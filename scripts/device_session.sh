@@ -2,9 +2,13 @@
 # One full device session on a GPU machine: configure + build with all cores, GPU tests, moe-perf (HT and LL,
 # JSON rows), optionally compute-sanitizer; logs go to $OUT (or ./device-out). Prints a short summary last.
 #
-#   scripts/device_session.sh [all|build|tests|perf|llrep|trace|procs|overlap|sanitize ...]
+#   scripts/device_session.sh [all|build|tests|perf|shared|llrep|trace|procs|overlap|sanitize ...]
 #   (default: build tests perf)
-# Environment: GPU_TEST_FILTER (gtest filter for the GPU tests, default '*'), PERF_MODES (default "ht ll"),
+#   tests:    ctest -L gpu, one entry per GPU test (multi-rank tests at R = 2, 4, 8: one rank per GPU when there are
+#             R GPUs, else all on GPU 0); GPU_TEST_REGEX narrows it (ctest -R), TEST_TIMEOUT_S bounds the whole run
+#   shared:   moe-perf with 2 and 4 ranks sharing GPU 0 (correctness: every call verified; not NVLink timings)
+#   sanitize: compute-sanitizer memcheck + racecheck on SANITIZE_FILTER (default: a 2-rank HT and a 2-rank LL case)
+# Environment: GPU_TEST_REGEX, PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
 #              ./build), NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 400), PERF_TIMEOUT_S (each moe-perf
 #              run of the perf stage, default 300 for HT / 200 for LL), PERF_LL_EXTRA (a second LL run's args).
@@ -46,10 +50,15 @@ fi
 if has tests; then
   timeout 120 build/tests/nccl_moe_unit_tests --gtest_brief=1 > "$OUT/unit.log" 2>&1
   note "unit tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/unit.log" | tr '\n' ' ')"
-  timeout "${TEST_TIMEOUT_S:-400}" build/tests/nccl_moe_gpu_tests --gtest_filter="${GPU_TEST_FILTER:-*}" > "$OUT/gpu_tests.log" 2>&1
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT_S:-480}" ctest --test-dir build -L gpu --output-on-failure --timeout 300 \
+    ${GPU_TEST_REGEX:+-R "$GPU_TEST_REGEX"} > "$OUT/gpu_tests.log" 2>&1
   rc=$?
-  note "gpu tests: rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gpu_tests.log" | tr '\n' ' ')"
-  grep -E '^\[  FAILED  \]' "$OUT/gpu_tests.log" | head -20
+  note "gpu tests: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'tests passed|tests failed' "$OUT/gpu_tests.log" | tail -1); \
+skipped $(grep -c '(Skipped)' "$OUT/gpu_tests.log"), passed $(grep -cE 'Test +#[0-9]+: .* Passed' "$OUT/gpu_tests.log")"
+  grep -E '\*\*\*Failed|\*\*\*Timeout|Exception' "$OUT/gpu_tests.log" | head -20
+  grep -E 'Test +#[0-9]+: ' "$OUT/gpu_tests.log" | awk '{print $NF, $0}' | sort -rn | head -8 | cut -c1-160
 fi
 
 if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ht "* ]]; then
@@ -70,6 +79,21 @@ if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ll "* ]]; then
     note "moe-perf ll ($PERF_LL_EXTRA): rc=$?"
     grep -vE '^#  ' "$OUT/perf_ll_extra.log" | tail -12
   fi
+fi
+
+if has shared; then
+  # Ranks sharing GPU 0 in one process (ncclMoeCommInitAll): every call verified against the reference. Correctness
+  # only: these timings say nothing about NVLink.
+  for r in 2 4; do
+    # shellcheck disable=SC2086
+    timeout 240 build/perf/moe-perf --mode ht -g "$r" --ranks-per-gpu "$r" --tokens 1024 --dtype bf16,fp8 -n 5 -w 2 \
+      -J "$OUT/perf_shared_ht_r$r.json" > "$OUT/perf_shared_ht_r$r.log" 2>&1
+    note "moe-perf ht, $r ranks on one GPU: rc=$? $(grep -E 'all checks passed|errors:' "$OUT/perf_shared_ht_r$r.log" | tail -1)"
+    timeout 240 build/perf/moe-perf --mode ll -g "$r" --ranks-per-gpu "$r" -b 1 -e 128 -f 8 -n 5 -w 2 \
+      -J "$OUT/perf_shared_ll_r$r.json" > "$OUT/perf_shared_ll_r$r.log" 2>&1
+    note "moe-perf ll, $r ranks on one GPU: rc=$? $(grep -E 'all checks passed|errors:' "$OUT/perf_shared_ll_r$r.log" | tail -1)"
+  done
+  grep -vE '^#  ' "$OUT/perf_shared_ll_r4.log" | tail -14
 fi
 
 if has llrep; then
@@ -108,14 +132,22 @@ fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
-    NCCL_MOE_TIMEOUT_S=300 timeout 150 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+    NCCL_MOE_TIMEOUT_S=300 timeout "${SANITIZE_TIMEOUT_S:-200}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
       build/tests/nccl_moe_gpu_tests \
-      --gtest_filter="${SANITIZE_FILTER:-*Small*}" > "$OUT/sanitize_${tool}.log" 2>&1
-    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_${tool}.log" | tail -1)"
+      --gtest_filter="${SANITIZE_FILTER:-Ht/HtDispatchCombine.MatchesReference/Fp8Float_R2:Ranks/LlWorld.SplitPhasesTwoResultsAliveZeroCopy/R2}" \
+      > "$OUT/sanitize_${tool}.log" 2>&1
+    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_${tool}.log" | tail -1) \
+$(grep -cE '^\[       OK \]' "$OUT/sanitize_${tool}.log") tests OK, $(grep -cE '^\[  (FAILED|SKIPPED) ' "$OUT/sanitize_${tool}.log") failed/skipped"
   done
 fi
 
 echo "================ summary"
 printf '%s\n' "${summary[@]}" | tee "$LOG/summary.txt"
-cp "$LOG"/summary.txt "$LOG"/perf_*.json "$RESULT_DIR"/ 2>/dev/null
+# The device tool returns at most 8 files: the summary, the GPU test log, the logs archive, and the JSON rows (packed
+# into one archive when there are more than four).
+cp "$LOG"/summary.txt "$LOG"/gpu_tests.log "$RESULT_DIR"/ 2>/dev/null
+jsons=("$LOG"/perf_*.json)
+if [ -e "${jsons[0]}" ]; then
+  if [ ${#jsons[@]} -le 4 ]; then cp "${jsons[@]}" "$RESULT_DIR"/; else tar czf "$RESULT_DIR/perf_json.tgz" -C "$LOG" $(cd "$LOG" && ls perf_*.json); fi
+fi
 tar czf "$RESULT_DIR/logs.tgz" -C "$LOG" .
