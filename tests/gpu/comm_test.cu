@@ -274,17 +274,34 @@ std::vector<int> spawnRanks(int n, const char* child_test, Extra extra) {
   const bool one_gpu = gpu_test::gpuCount() < n;
   std::vector<pid_t> children;
   for (int r = 0; r < n; ++r) {
+    // The parent's environment without the variables set below (getenv would return the first of two entries).
+    const std::vector<std::string> extras = extra(r);
+    auto overridden = [&](const std::string& entry) {
+      const std::string name = entry.substr(0, entry.find('=') + 1);
+      if (name == "NCCL_COMM_ID=" || name == "NCCL_HOSTID=" || name == "NCCL_MOE_HOSTID=" ||
+          name.rfind("NCCL_MOE_TEST_CHILD_", 0) == 0)
+        return true;
+      for (const std::string& x : extras)
+        if (x.rfind(name, 0) == 0) return true;
+      return false;
+    };
     std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
+    for (char** e = environ; *e != nullptr; ++e)
+      if (!overridden(*e)) env_strings.emplace_back(*e);
     env_strings.push_back("NCCL_MOE_TEST_CHILD_RANK=" + std::to_string(r));
     env_strings.push_back("NCCL_MOE_TEST_CHILD_SIZE=" + std::to_string(n));
     env_strings.push_back("NCCL_MOE_TEST_CHILD_DEVICE=" + std::to_string(one_gpu ? 0 : r));
     env_strings.push_back("NCCL_COMM_ID=127.0.0.1:" + port);
+    std::vector<std::string> vars = extras;  // the caller's values win over the one-GPU defaults
     if (one_gpu) {
-      env_strings.push_back("NCCL_HOSTID=vnode" + std::to_string(r));
-      env_strings.push_back("NCCL_MOE_HOSTID=one-gpu-test");
+      vars.push_back("NCCL_HOSTID=vnode" + std::to_string(r));
+      vars.push_back("NCCL_MOE_HOSTID=one-gpu-test");
     }
-    for (const std::string& v : extra(r)) env_strings.push_back(v);
+    for (const std::string& v : vars) {
+      bool set = false;
+      for (const std::string& e : env_strings) set = set || e.rfind(v.substr(0, v.find('=') + 1), 0) == 0;
+      if (!set) env_strings.push_back(v);
+    }
     std::vector<char*> envp;
     for (auto& s : env_strings) envp.push_back(s.data());
     envp.push_back(nullptr);
