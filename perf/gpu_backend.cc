@@ -25,11 +25,11 @@
 #include "baseline_kernels.h"
 #include "core/error.h"
 #include "cpu_baseline.h"
-#include "cuda_util.h"
 #include "gpu_baseline.h"
-#include "host_sync.h"
+#include "harness/barrier.h"
 #include "kernel_timer.h"
 #include "nccl_moe.h"
+#include "rank_device.h"
 #include "topo/topo.h"
 #include "verify.h"
 
@@ -45,6 +45,13 @@ int64_t nowNs() {
 }
 
 const char* const kOtherRank = "failed on another rank";
+
+// The rank threads of this process meet at `barrier`; one that does not arrive within timeout_s fails the run.
+void meet(harness::HostBarrier& barrier, double timeout_s, const char* what) {
+  if (!barrier.wait(timeout_s))
+    throw harness::Error(std::string("host barrier (") + what + "): another rank thread of this process did not " +
+                         "arrive within " + std::to_string(static_cast<long long>(timeout_s)) + " s");
+}
 
 // ------------------------------------------------------------------------------------------------
 // Process-wide state
@@ -64,7 +71,8 @@ struct Shared {
   RunInfo& run;
   RankLayout layout;
   ncclUniqueId id{};
-  HostBarrier barrier;
+  harness::HostBarrier barrier;      // the rank threads of this process
+  double host_wait_s;                // bound of every wait at `barrier`
   std::unique_ptr<Problem> problem;  // built by local rank 0 for every size, shared by the process's ranks
   std::string problem_error;
   std::unique_ptr<Progress[]> progress;
@@ -74,7 +82,11 @@ struct Shared {
   bool kernel_timer = false;  // the CUPTI kernel timer is on in this process (decided once, before the rank threads)
 
   Shared(RunInfo& r, const RankLayout& l)
-      : run(r), layout(l), barrier(l.ranksPerProc()), progress(new Progress[sz(l.ranksPerProc())]) {}
+      : run(r),
+        layout(l),
+        barrier(l.ranksPerProc()),
+        host_wait_s(hostWaitSeconds(r.options)),
+        progress(new Progress[sz(l.ranksPerProc())]) {}
   void fail(int code) {
     int cur = exit_code.load();
     while (code > cur && !exit_code.compare_exchange_weak(cur, code)) {
@@ -98,8 +110,8 @@ class Collective {
         doubles_(kMaxDoubles),
         gather_send_(kMaxGatherBytes),
         gather_recv_(kMaxGatherBytes * sz(rd.num_ranks)) {
-    token_.zero(rd.stream);
-    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+    token_.zeroAsync(rd.stream);
+    HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
   }
   ~Collective() {
     for (long long* p : gate_opened_) cudaIpcCloseMemHandle(p);
@@ -117,10 +129,10 @@ class Collective {
   void barrier() {
     PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream));
     if (gate_) {
-      PERF_CUDA(holdAndMeet(kHoldUs, gate_peers_.get(), gate_flags_.get(), rd_.rank, rd_.num_ranks, ++gate_epoch_,
-                            kGateTimeoutS, gate_timed_out_.get(), rd_.stream));
+      HARNESS_CUDA(holdAndMeet(kHoldUs, gate_peers_.get(), gate_flags_.get(), rd_.rank, rd_.num_ranks, ++gate_epoch_,
+                               kGateTimeoutS, gate_timed_out_.get(), rd_.stream));
     } else {
-      PERF_CUDA(holdStream(kHoldUs, rd_.stream));
+      HARNESS_CUDA(holdStream(kHoldUs, rd_.stream));
     }
   }
   // Where a rank runs (gathered once by the caller).
@@ -140,9 +152,9 @@ class Collective {
       cudaIpcMemHandle_t ipc;
     };
     gate_flags_.allocate(sz(rd_.num_ranks));
-    gate_flags_.zero(rd_.stream);
+    gate_flags_.zeroAsync(rd_.stream);
     gate_timed_out_.allocate(1);
-    gate_timed_out_.zero(rd_.stream);
+    gate_timed_out_.zeroAsync(rd_.stream);
     Entry mine{};
     mine.ptr = gate_flags_.get();
     mine.ipc_ok = cudaIpcGetMemHandle(&mine.ipc, mine.ptr) == cudaSuccess;
@@ -190,7 +202,7 @@ class Collective {
   static constexpr int kHoldUs = 100;
   static constexpr double kGateTimeoutS = 30.0;
   std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op) {
-    if (v.size() > kMaxDoubles) throw PerfError("Collective::allReduce: too many values");
+    if (v.size() > kMaxDoubles) throw harness::Error("Collective::allReduce: too many values");
     doubles_.upload(v.data(), v.size(), rd_.stream);
     PERF_NCCL(ncclAllReduce(doubles_.get(), doubles_.get(), v.size(), ncclFloat64, op, rd_.comm, rd_.stream));
     return doubles_.download(v.size(), rd_.stream);
@@ -198,7 +210,7 @@ class Collective {
   bool agree(bool ok) { return allReduce({ok ? 1.0 : 0.0}, ncclMin)[0] > 0.5; }
   // [R * mine.size()]: every rank's bytes, in rank order.
   std::vector<char> allGather(const std::vector<char>& mine) {
-    if (mine.size() > kMaxGatherBytes) throw PerfError("Collective::allGather: too many bytes");
+    if (mine.size() > kMaxGatherBytes) throw harness::Error("Collective::allGather: too many bytes");
     gather_send_.upload(mine.data(), mine.size(), rd_.stream);
     PERF_NCCL(ncclAllGather(gather_send_.get(), gather_recv_.get(), mine.size(), ncclChar, rd_.comm, rd_.stream));
     return gather_recv_.download(mine.size() * sz(rd_.num_ranks), rd_.stream);
@@ -220,17 +232,17 @@ class Collective {
 class Events {
  public:
   explicit Events(int n) : ev_(sz(n)) {
-    for (auto& e : ev_) PERF_CUDA(cudaEventCreate(&e));
+    for (auto& e : ev_) HARNESS_CUDA(cudaEventCreate(&e));
   }
   ~Events() {
     for (auto& e : ev_) cudaEventDestroy(e);
   }
   Events(const Events&) = delete;
   Events& operator=(const Events&) = delete;
-  void record(int i, cudaStream_t s) { PERF_CUDA(cudaEventRecord(ev_[sz(i)], s)); }
+  void record(int i, cudaStream_t s) { HARNESS_CUDA(cudaEventRecord(ev_[sz(i)], s)); }
   double us(int a, int b) const {
     float ms = 0;
-    PERF_CUDA(cudaEventElapsedTime(&ms, ev_[sz(a)], ev_[sz(b)]));
+    HARNESS_CUDA(cudaEventElapsedTime(&ms, ev_[sz(a)], ev_[sz(b)]));
     return static_cast<double>(ms) * 1e3;
   }
 
@@ -407,8 +419,9 @@ std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResu
 // ------------------------------------------------------------------------------------------------
 
 struct Timing {
-  KernelTimer* kernel = nullptr;  // null: CUDA events only
-  HostBarrier* local = nullptr;   // the rank threads of this process
+  KernelTimer* kernel = nullptr;          // null: CUDA events only
+  harness::HostBarrier* local = nullptr;  // the rank threads of this process
+  double local_wait_s = 0;                // bound of a wait at `local`
   // Where a timed call's kernel-timer id goes: null (no bracketing) for warm-up calls and without the kernel timer.
   std::vector<uint64_t>* ids(OpResult& op, bool timed) const {
     return kernel != nullptr && timed ? &op.kernel_ids : nullptr;
@@ -424,7 +437,7 @@ void collectKernelTimes(const Timing& t, std::initializer_list<OpResult*> ops) {
     for (OpResult* o : ops) o->kernel_error = "the kernel timer is off in this process";
     return;
   }
-  t.local->wait();
+  meet(*t.local, t.local_wait_s, "before the kernel timer's flush");
   std::vector<uint64_t> ids;
   for (const OpResult* o : ops) ids.insert(ids.end(), o->kernel_ids.begin(), o->kernel_ids.end());
   std::vector<double> spans;
@@ -447,7 +460,7 @@ void collectKernelTimes(const Timing& t, std::initializer_list<OpResult*> ops) {
     }
     o->kernel_ids.clear();
   }
-  t.local->wait();
+  meet(*t.local, t.local_wait_s, "after the kernel timer's flush");
 }
 
 // The timed dispatch-then-combine loop of HT and LL: a barrier before each call, CUDA events around it and a
@@ -480,7 +493,7 @@ void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, c
       }
       ev.record(3, st);
     }
-    PERF_CUDA(cudaStreamSynchronize(st));
+    HARNESS_CUDA(cudaStreamSynchronize(st));
     if (timed) {
       d->us.push_back(ev.us(0, 1));
       if (with_combine) c->us.push_back(ev.us(2, 3));
@@ -518,11 +531,11 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
   col.barrier();
   bl.countExchange();
   bl.dispatch();
-  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
   if (check) res->dispatch.wrong = res->first.wrong = bl.dispatchWrong();
   col.barrier();
   bl.combine();
-  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
   if (check) res->combine.wrong = bl.combineWrong();
 
   Events ev(4);
@@ -543,7 +556,7 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
       bl.combine();
     }
     ev.record(3, rd.stream);
-    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+    HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
     if (timed) {
       res->dispatch.us.push_back(ev.us(0, 1));
       res->combine.us.push_back(ev.us(2, 3));
@@ -558,7 +571,7 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
     bl.countExchange();
     bl.dispatch();
     ev.record(1, rd.stream);
-    PERF_CUDA(cudaStreamSynchronize(rd.stream));
+    HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
     if (i >= run.warmup) res->first.us.push_back(ev.us(0, 1));
   }
   res->dispatch.available = res->combine.available = res->first.available = true;
@@ -605,7 +618,7 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   DeviceArray<int64_t> recv_idx(cap_rows * sz(K));
   DeviceArray<float> recv_w(cap_rows * sz(K));
   DeviceArray<uint16_t> y(cap_rows * sz(H));
-  y.zero(st);
+  y.zeroAsync(st);
   y.upload(p.ht_y[sz(r)].data(), p.ht_y[sz(r)].size(), st);
   DeviceArray<uint16_t> out(sz(T) * sz(H));
 
@@ -655,7 +668,7 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   }
   prog.set("ht: dispatch (verification)");
   ok = call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &err);
-  PERF_CUDA(cudaStreamSynchronize(st));
+  HARNESS_CUDA(cudaStreamSynchronize(st));
   if (!col.agree(ok)) {
     res->dispatch.fail(err);
     res->first.fail(err);
@@ -679,7 +692,7 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   std::string comb_err;
   col.barrier();
   ok = call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), &comb_err);
-  PERF_CUDA(cudaStreamSynchronize(st));
+  HARNESS_CUDA(cudaStreamSynchronize(st));
   if (!col.agree(ok)) {
     res->combine.fail(comb_err);
   } else {
@@ -710,7 +723,7 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
       fail_f = !call("ncclMoeDispatchNotify", ncclMoeDispatchNotify(moe.comm, moe.handle, &na, st), &ef) ||
                !call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), &ef);
     ev.record(1, st);
-    PERF_CUDA(cudaStreamSynchronize(st));
+    HARNESS_CUDA(cudaStreamSynchronize(st));
     if (i >= run.warmup) res->first.us.push_back(ev.us(0, 1));
   }
   if (!col.agree(!fail_f)) res->first.fail(ef);
@@ -806,7 +819,7 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
     bool ok = split ? dispatchCall(ncclMoePhaseSend, &result.dispatch_err) &&
                           dispatchCall(ncclMoePhaseRecv, &result.dispatch_err)
                     : dispatchCall(ncclMoePhaseBoth, &result.dispatch_err);
-    PERF_CUDA(cudaStreamSynchronize(st));
+    HARNESS_CUDA(cudaStreamSynchronize(st));
     result.dispatch_ok = col.agree(ok);
     if (!result.dispatch_ok) return result;
     if (check) {
@@ -819,14 +832,14 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
       const std::vector<uint16_t> yh = llExpertOutputsFor(p, r, identity);
       y.upload(yh.data(), yh.size(), st);
     } else {
-      y.zero(st);
+      y.zeroAsync(st);
     }
     prog.set(split ? "ll: split combine (verification)" : "ll: combine (verification)");
     col.barrier();
     ok = split
              ? combineCall(ncclMoePhaseSend, &result.combine_err) && combineCall(ncclMoePhaseRecv, &result.combine_err)
              : combineCall(ncclMoePhaseBoth, &result.combine_err);
-    PERF_CUDA(cudaStreamSynchronize(st));
+    HARNESS_CUDA(cudaStreamSynchronize(st));
     result.combine_ok = col.agree(ok);
     if (result.combine_ok && check)
       result.combine_wrong = bf16Wrong(out.download(out.size(), st).data(), p.ll_expected_combine[sz(r)]);
@@ -907,7 +920,7 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
       fail_cs = !combineCall(ncclMoePhaseRecv, &ecs);
     }
     ev.record(5, st);
-    PERF_CUDA(cudaStreamSynchronize(st));
+    HARNESS_CUDA(cudaStreamSynchronize(st));
     if (timed) {
       res->dispatch_send.us.push_back(ev.us(0, 1));
       res->dispatch_recv.us.push_back(ev.us(1, 2));
@@ -1000,9 +1013,10 @@ void rankMain(Shared& sh, int local) {
   Timing tm;
   tm.kernel = sh.kernel_timer ? &KernelTimer::instance() : nullptr;
   tm.local = &sh.barrier;
+  tm.local_wait_s = sh.host_wait_s;
   prog.set("cudaSetDevice");
-  PERF_CUDA(cudaSetDevice(rd.device));
-  PERF_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
+  HARNESS_CUDA(cudaSetDevice(rd.device));
+  HARNESS_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
   prog.set("ncclCommInitRank");
   PERF_NCCL(ncclCommInitRank(&rd.comm, rd.num_ranks, sh.id, rd.rank));
   Collective col(rd);
@@ -1010,14 +1024,14 @@ void rankMain(Shared& sh, int local) {
   // Who is where.
   RankInfo info{};
   cudaDeviceProp prop{};
-  PERF_CUDA(cudaGetDeviceProperties(&prop, rd.device));
+  HARNESS_CUDA(cudaGetDeviceProperties(&prop, rd.device));
   info.rank = rd.rank;
   info.local = local;
   info.pid = static_cast<int>(::getpid());
   info.device = rd.device;
   info.sms = prop.multiProcessorCount;
   ::gethostname(info.host, sizeof(info.host) - 1);
-  PERF_CUDA(cudaDeviceGetPCIBusId(info.bus_id, sizeof(info.bus_id), rd.device));
+  HARNESS_CUDA(cudaDeviceGetPCIBusId(info.bus_id, sizeof(info.bus_id), rd.device));
   std::snprintf(info.name, sizeof(info.name), "%.95s", prop.name);
   std::vector<char> mine(sizeof(RankInfo));
   std::memcpy(mine.data(), &info, sizeof(RankInfo));
@@ -1094,13 +1108,13 @@ void rankMain(Shared& sh, int local) {
           }
         }
         prog.set("waiting for the problem");
-        sh.barrier.wait();
+        meet(sh.barrier, sh.host_wait_s, "problem built");
         if (!sh.problem) {
           if (printer)
             out("# %s %s %lld tokens: error: %s\n", modeName(mode), dtypeName(dtype), static_cast<long long>(tokens),
                 sh.problem_error.c_str());
           sh.fail(1);
-          sh.barrier.wait();
+          meet(sh.barrier, sh.host_wait_s, "problem failed");
           continue;
         }
         const Problem& p = *sh.problem;
@@ -1158,7 +1172,7 @@ void rankMain(Shared& sh, int local) {
           }
         }
         prog.set("end of size");
-        sh.barrier.wait();
+        meet(sh.barrier, sh.host_wait_s, "end of size");
         if (local == 0) sh.problem.reset();
       }
     }
@@ -1168,7 +1182,7 @@ void rankMain(Shared& sh, int local) {
   }
   prog.set("ncclCommDestroy");
   col.barrier();
-  PERF_CUDA(cudaStreamSynchronize(rd.stream));
+  HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
   if (col.gateTimedOut()) {
     std::fprintf(stderr,
                  "moe-perf: rank %d: a start-gate meeting gave up after %.0f s waiting for a peer; the ranks' "

@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#include "cuda_util.h"
+#include "rank_device.h"
 #include "plan.h"
 #include "problem.h"
 

@@ -6,6 +6,8 @@
 
 namespace nccl_moe::perf {
 
+double hostWaitSeconds(const Options& options) { return options.timeout_s > 0 ? options.timeout_s : 3600.0; }
+
 void out(const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);

@@ -20,6 +20,10 @@ struct RunInfo {
   JsonLinesWriter* json = nullptr;
 };
 
+// How long a host wait between the ranks of a process (a barrier of rank threads) may last before it gives up and
+// fails the run: --timeout seconds, or one hour with --timeout 0 (the watchdog is off then, host waits stay bounded).
+double hostWaitSeconds(const Options& options);
+
 // Prints to stdout and flushes (progress must be visible while a long run is going).
 void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
