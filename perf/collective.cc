@@ -1,5 +1,6 @@
-// Host-visible collectives on the rank's NCCL communicator, the start gate and the process's host barrier
-// (contract in collective.h).
+// What both implementations of the collectives share: the barrier's hold and start gate, agree(), and the
+// process's host barrier (contract in collective.h; the implementations are collective_nccl.cc and
+// collective_host.cc).
 #include "collective.h"
 
 #include <cstring>
@@ -18,22 +19,12 @@ void meet(harness::HostBarrier& barrier, double timeout_s, const char* what) {
                          "arrive within " + std::to_string(static_cast<long long>(timeout_s)) + " s");
 }
 
-Collective::Collective(const RankDevice& rd)
-    : rd_(rd),
-      token_(1),
-      doubles_(kMaxDoubles),
-      gather_send_(kMaxGatherBytes),
-      gather_recv_(kMaxGatherBytes * sz(rd.num_ranks)) {
-  token_.zeroAsync(rd.stream);
-  HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
-}
-
 Collective::~Collective() {
   for (long long* p : gate_opened_) cudaIpcCloseMemHandle(p);
 }
 
 void Collective::barrier() {
-  PERF_NCCL(ncclAllReduce(token_.get(), token_.get(), 1, ncclInt32, ncclSum, rd_.comm, rd_.stream));
+  rendezvous();
   if (gate_) {
     HARNESS_CUDA(holdAndMeet(kHoldUs, gate_peers_.get(), gate_flags_.get(), rd_.rank, rd_.num_ranks, ++gate_epoch_,
                              kGateTimeoutS, gate_timed_out_.get(), rd_.stream));
@@ -94,20 +85,6 @@ bool Collective::setupGate(const std::vector<Place>& places) {
 
 bool Collective::gateTimedOut() const { return gate_ && gate_timed_out_.download(1, rd_.stream)[0] != 0; }
 
-std::vector<double> Collective::allReduce(const std::vector<double>& v, ncclRedOp_t op) {
-  if (v.size() > kMaxDoubles) throw harness::Error("Collective::allReduce: too many values");
-  doubles_.upload(v.data(), v.size(), rd_.stream);
-  PERF_NCCL(ncclAllReduce(doubles_.get(), doubles_.get(), v.size(), ncclFloat64, op, rd_.comm, rd_.stream));
-  return doubles_.download(v.size(), rd_.stream);
-}
-
-bool Collective::agree(bool ok) { return allReduce({ok ? 1.0 : 0.0}, ncclMin)[0] > 0.5; }
-
-std::vector<char> Collective::allGather(const std::vector<char>& mine) {
-  if (mine.size() > kMaxGatherBytes) throw harness::Error("Collective::allGather: too many bytes");
-  gather_send_.upload(mine.data(), mine.size(), rd_.stream);
-  PERF_NCCL(ncclAllGather(gather_send_.get(), gather_recv_.get(), mine.size(), ncclChar, rd_.comm, rd_.stream));
-  return gather_recv_.download(mine.size() * sz(rd_.num_ranks), rd_.stream);
-}
+bool Collective::agree(bool ok) { return allReduce({ok ? 1.0 : 0.0}, ReduceOp::kMin)[0] > 0.5; }
 
 }  // namespace nccl_moe::perf

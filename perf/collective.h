@@ -1,10 +1,31 @@
-// Host-visible collectives of moe-perf's GPU backend over the ranks of a run: a stream-ordered barrier with the
-// device start gate, an all-reduce of doubles, an all-gather of bytes and the agreement on a flag that keeps every
-// rank's control flow identical (the lockstep rule of gpu_rank.cc), all on the rank's NCCL communicator; and the
-// bounded host barrier of the rank threads of one process.
+// Host-visible collectives of moe-perf's GPU backend over the ranks of a run: one small interface, two
+// implementations.
+//
+//   barrier()     stream-ordered: everything the rank enqueues after it starts once every rank has reached it; then
+//                 a hold and (when set up) the device start gate, so that timed calls measure GPU execution and start
+//                 together on every rank
+//   allReduce()   of doubles (min, max, sum), result on the host of every rank
+//   allGather()   of bytes, every rank's in rank order
+//   agree()       true when a flag is true on every rank: after every step that may fail on one rank only, so the
+//                 ranks' control flow never diverges (the lockstep rule of gpu_run.h)
+//   quiesce()     every rank's stream is drained and every rank is here, for ranks that share a GPU; see below
+//
+// NCCL (makeNcclCollective): one rank per GPU, the rank's ncclComm_t; barrier = ncclAllReduce of one int on the
+// rank's stream. quiesce() does nothing: an allocation on one GPU never waits for another GPU's kernels.
+// Host (makeHostCollective): the rank threads of one process exchange through shared memory (HostExchange) and meet
+// at a harness::HostBarrier; no NCCL call at all, which is what ranks sharing a GPU need (NCCL refuses two ranks of
+// one communicator on one GPU). barrier = quiesce(): the rank drains its stream, then the threads meet. quiesce() is
+// needed around every allocation and free when ranks share a GPU: cudaMalloc/cudaFree may wait for the whole device,
+// and a rank that allocates while a peer's kernel spins waiting for it would deadlock until a device wait times out.
+//
+// Start gate (setupGate, both implementations): a device-side meeting of all ranks after the hold. Each rank stores an
+// epoch into every rank's flag word and waits for every rank's (bounded, kGateTimeoutS); the flags are reached with
+// plain pointers on the same GPU, peer access between GPUs of one process, CUDA IPC between processes.
+// Every wait is bounded: host waits by the exchange's timeout (harness::Error), gate meetings by kGateTimeoutS.
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,31 +41,37 @@ inline const char* const kOtherRank = "failed on another rank";
 // (harness::Error naming `what`).
 void meet(harness::HostBarrier& barrier, double timeout_s, const char* what);
 
-// Scratch buffers are allocated once: cudaFree synchronises the device, which must never happen while a collective
-// of this rank is in flight.
+enum class ReduceOp : int { kMin, kMax, kSum };
+
 class Collective {
  public:
-  static constexpr size_t kMaxDoubles = 256;
-  static constexpr size_t kMaxGatherBytes = 4096;  // per rank
   // 100 us: with the kernel timer CUPTI also traces every runtime/driver call, and the host's enqueue of a timed
   // call (event, correlation push, launch) then took longer than a 30 us hold on some calls; the rank whose GPU
   // went idle started late and its peer's kernel waited for it (erratic small-size medians).
   static constexpr int kHoldUs = 100;
   static constexpr double kGateTimeoutS = 30.0;
 
-  explicit Collective(const RankDevice& rd);
-  ~Collective();
+  virtual ~Collective();
   Collective(const Collective&) = delete;
   Collective& operator=(const Collective&) = delete;
 
-  // Stream-ordered: everything enqueued after it starts once every rank has reached it. The hold that follows
-  // the all-reduce keeps the stream busy while the host enqueues the timed call, so timing events measure GPU
-  // execution (kernel time, as DeepEP's profiler-based figures do) and not the host's launch latency. With the
-  // start gate (setupGate) the hold ends in a meeting of all ranks on the device, so the timed calls of all
-  // ranks start within about one flag trip of each other: a rank's host that enqueued the hold late (after its
-  // NCCL all-reduce had finished on the GPU) no longer starts its calls late, which a call that waits for its
-  // peers (a Both LL dispatch) would otherwise count on the early rank.
+  // Stream-ordered: everything enqueued after it starts once every rank has reached it. The hold that follows the
+  // rendezvous keeps the stream busy while the host enqueues the timed call, so timing events measure GPU execution
+  // (kernel time, as DeepEP's profiler-based figures do) and not the host's launch latency. With the start gate
+  // (setupGate) the hold ends in a meeting of all ranks on the device, so the timed calls of all ranks start within
+  // about one flag trip of each other: a rank's host that enqueued the hold late (after its rendezvous had finished
+  // on the GPU) no longer starts its calls late, which a call that waits for its peers (a Both LL dispatch) would
+  // otherwise count on the early rank.
   void barrier();
+  // Every rank's stream drained and every rank here (host implementation); nothing (NCCL). Call it before and after
+  // a rank allocates or frees device memory while ranks may share a GPU.
+  virtual void quiesce() = 0;
+
+  virtual std::vector<double> allReduce(const std::vector<double>& v, ReduceOp op) = 0;
+  // True when `ok` on every rank.
+  bool agree(bool ok);
+  // [R * mine.size()]: every rank's bytes, in rank order (every rank passes the same size).
+  virtual std::vector<char> allGather(const std::vector<char>& mine) = 0;
 
   // Where a rank runs (gathered once by the caller).
   struct Place {
@@ -52,25 +79,21 @@ class Collective {
     int pid;
     int device;
   };
-  // Collective. Sets up the device start gate when every rank's GPU can reach every other's memory (same host:
-  // peer access within the process, CUDA IPC across processes); otherwise barrier() keeps the plain hold.
-  // `places` [rank]: every rank's host, process and device. Returns whether the gate is on (the same on every
-  // rank).
+  // Collective. Sets up the device start gate when every rank's GPU can reach every other's memory (same host: the
+  // same GPU, peer access within the process, CUDA IPC across processes); otherwise barrier() keeps the plain hold.
+  // `places` [rank]: every rank's host, process and device. Returns whether the gate is on (the same on every rank).
   bool setupGate(const std::vector<Place>& places);
   // Whether a gate meeting gave up waiting (a peer never arrived: the timing of the rows since is not aligned).
   bool gateTimedOut() const;
 
-  std::vector<double> allReduce(const std::vector<double>& v, ncclRedOp_t op);
-  // True when `ok` on every rank.
-  bool agree(bool ok);
-  // [R * mine.size()]: every rank's bytes, in rank order.
-  std::vector<char> allGather(const std::vector<char>& mine);
+ protected:
+  explicit Collective(const RankDevice& rd) : rd_(rd) {}
+  // The stream-ordered part of barrier(): work enqueued after it starts once every rank's stream has reached it.
+  virtual void rendezvous() = 0;
+
+  const RankDevice rd_;
 
  private:
-  RankDevice rd_;
-  DeviceArray<int> token_;
-  DeviceArray<double> doubles_;
-  DeviceArray<char> gather_send_, gather_recv_;
   bool gate_ = false;
   long long gate_epoch_ = 0;
   DeviceArray<long long> gate_flags_;   // [R]: word r = rank r's latest meeting
@@ -78,5 +101,29 @@ class Collective {
   DeviceArray<int> gate_timed_out_;
   std::vector<long long*> gate_opened_;  // IPC mappings to close
 };
+
+// The rank's NCCL communicator (rd.comm). Allocates its scratch buffers once: cudaFree synchronises the device,
+// which must never happen while a collective of this rank is in flight.
+std::unique_ptr<Collective> makeNcclCollective(const RankDevice& rd);
+
+// Shared memory of the rank threads of one process: one slot per rank and a bounded barrier.
+class HostExchange {
+ public:
+  // `timeout_s`: how long a rank waits for the others at each step before it fails the run.
+  HostExchange(int num_ranks, double timeout_s);
+  int size() const { return static_cast<int>(slots_.size()); }
+  // Every rank calls it with its bytes; returns every rank's, in rank order.
+  std::vector<std::vector<char>> exchange(int rank, const std::vector<char>& mine);
+  // Every rank calls it; returns once all have (harness::Error naming `what` after the timeout).
+  void meet(const char* what);
+
+ private:
+  harness::HostBarrier barrier_;
+  double timeout_s_;
+  std::vector<std::vector<char>> slots_;  // [rank]: this step's bytes
+};
+
+// Collectives over the rank threads of this process (every rank of the run is one of them): no NCCL call.
+std::unique_ptr<Collective> makeHostCollective(const RankDevice& rd, HostExchange* exchange);
 
 }  // namespace nccl_moe::perf

@@ -30,9 +30,9 @@ std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResu
     stats(o.kernel_us, have_kernel, 3 * n + i);
     sums[i] = static_cast<double>(o.wrong);
   }
-  mins = col.allReduce(mins, ncclMin);
-  maxs = col.allReduce(maxs, ncclMax);
-  sums = col.allReduce(sums, ncclSum);
+  mins = col.allReduce(mins, ReduceOp::kMin);
+  maxs = col.allReduce(maxs, ReduceOp::kMax);
+  sums = col.allReduce(sums, ReduceOp::kSum);
   // Per rank and op: the error text, then the kernel timer's.
   constexpr size_t kText = 256;
   std::vector<char> mine(2 * n * kText, '\0');

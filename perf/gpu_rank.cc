@@ -69,7 +69,8 @@ void rankMain(ProcessState& sh, int local) {
   HARNESS_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
   prog.set("ncclCommInitRank");
   PERF_NCCL(ncclCommInitRank(&rd.comm, rd.num_ranks, sh.id, rd.rank));
-  Collective col(rd);
+  const std::unique_ptr<Collective> collective = makeNcclCollective(rd);
+  Collective& col = *collective;
 
   // Who is where.
   RankInfo info{};
