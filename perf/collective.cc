@@ -1,6 +1,5 @@
-// What both implementations of the collectives share: the barrier's hold and start gate, agree(), and the
-// process's host barrier (contract in collective.h; the implementations are collective_nccl.cc and
-// collective_host.cc).
+// What both implementations of the collectives share: the barrier's hold and start gate, and agree() (contract in
+// collective.h; the implementations are collective_nccl.cc and collective_host.cc).
 #include "collective.h"
 
 #include <cstring>
@@ -12,12 +11,6 @@ namespace nccl_moe::perf {
 namespace {
 size_t sz(int64_t v) { return static_cast<size_t>(v); }
 }  // namespace
-
-void meet(harness::HostBarrier& barrier, double timeout_s, const char* what) {
-  if (!barrier.wait(timeout_s))
-    throw harness::Error(std::string("host barrier (") + what + "): another rank thread of this process did not " +
-                         "arrive within " + std::to_string(static_cast<long long>(timeout_s)) + " s");
-}
 
 Collective::~Collective() {
   for (long long* p : gate_opened_) cudaIpcCloseMemHandle(p);

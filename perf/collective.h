@@ -12,16 +12,17 @@
 //
 // NCCL (makeNcclCollective): one rank per GPU, the rank's ncclComm_t; barrier = ncclAllReduce of one int on the
 // rank's stream. quiesce() does nothing: an allocation on one GPU never waits for another GPU's kernels.
-// Host (makeHostCollective): the rank threads of one process exchange through shared memory (HostExchange) and meet
-// at a harness::HostBarrier; no NCCL call at all, which is what ranks sharing a GPU need (NCCL refuses two ranks of
-// one communicator on one GPU). barrier = quiesce(): the rank drains its stream, then the threads meet. quiesce() is
-// needed around every allocation and free when ranks share a GPU: cudaMalloc/cudaFree may wait for the whole device,
-// and a rank that allocates while a peer's kernel spins waiting for it would deadlock until a device wait times out.
+// Host (makeHostCollective): the rank threads of one process exchange through shared memory (HostExchange,
+// host_exchange.h) and meet at a bounded harness::HostBarrier; no NCCL call at all, which is what ranks sharing a
+// GPU need (NCCL refuses two ranks of one communicator on one GPU). barrier = quiesce(): the rank drains its stream,
+// then the threads meet. quiesce() is needed around every allocation and free when ranks share a GPU:
+// cudaMalloc/cudaFree may wait for the whole device, and a rank that allocates while a peer's kernel spins waiting
+// for it would deadlock until a device wait times out.
 //
 // Start gate (setupGate, both implementations): a device-side meeting of all ranks after the hold. Each rank stores an
 // epoch into every rank's flag word and waits for every rank's (bounded, kGateTimeoutS); the flags are reached with
 // plain pointers on the same GPU, peer access between GPUs of one process, CUDA IPC between processes.
-// Every wait is bounded: host waits by the exchange's timeout (harness::Error), gate meetings by kGateTimeoutS.
+// Every wait is bounded: host waits by the exchange's timeout (std::runtime_error), gate meetings by kGateTimeoutS.
 #pragma once
 
 #include <cstddef>
@@ -29,19 +30,13 @@
 #include <string>
 #include <vector>
 
-#include "harness/barrier.h"
+#include "host_exchange.h"
 #include "rank_device.h"
 
 namespace nccl_moe::perf {
 
 // The error text of a rank whose own call succeeded while another rank's failed.
 inline const char* const kOtherRank = "failed on another rank";
-
-// The rank threads of this process meet at `barrier`; one that does not arrive within timeout_s fails the run
-// (harness::Error naming `what`).
-void meet(harness::HostBarrier& barrier, double timeout_s, const char* what);
-
-enum class ReduceOp : int { kMin, kMax, kSum };
 
 class Collective {
  public:
@@ -105,23 +100,6 @@ class Collective {
 // The rank's NCCL communicator (rd.comm). Allocates its scratch buffers once: cudaFree synchronises the device,
 // which must never happen while a collective of this rank is in flight.
 std::unique_ptr<Collective> makeNcclCollective(const RankDevice& rd);
-
-// Shared memory of the rank threads of one process: one slot per rank and a bounded barrier.
-class HostExchange {
- public:
-  // `timeout_s`: how long a rank waits for the others at each step before it fails the run.
-  HostExchange(int num_ranks, double timeout_s);
-  int size() const { return static_cast<int>(slots_.size()); }
-  // Every rank calls it with its bytes; returns every rank's, in rank order.
-  std::vector<std::vector<char>> exchange(int rank, const std::vector<char>& mine);
-  // Every rank calls it; returns once all have (harness::Error naming `what` after the timeout).
-  void meet(const char* what);
-
- private:
-  harness::HostBarrier barrier_;
-  double timeout_s_;
-  std::vector<std::vector<char>> slots_;  // [rank]: this step's bytes
-};
 
 // Collectives over the rank threads of this process (every rank of the run is one of them): no NCCL call.
 std::unique_ptr<Collective> makeHostCollective(const RankDevice& rd, HostExchange* exchange);
