@@ -25,11 +25,14 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
     std::fprintf(stderr, "moe-perf: %s\n", rv.c_str());
     return 1;
   }
-  const ncclResult_t idr = ncclGetUniqueId(&sh.id);
-  if (idr != ncclSuccess) {
-    std::fprintf(stderr, "moe-perf: ncclGetUniqueId failed: %s (%s)\n", ncclGetErrorString(idr),
-                 ncclGetLastError(nullptr));
-    return 1;
+  // Ranks sharing a GPU have no NCCL communicator (host collectives, ncclMoeCommInitAll): no NCCL call at all.
+  if (!layout.sharedGpu()) {
+    const ncclResult_t idr = ncclGetUniqueId(&sh.id);
+    if (idr != ncclSuccess) {
+      std::fprintf(stderr, "moe-perf: ncclGetUniqueId failed: %s (%s)\n", ncclGetErrorString(idr),
+                   ncclGetLastError(nullptr));
+      return 1;
+    }
   }
   if (layout.proc_rank == 0)
     out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, run.options.check,

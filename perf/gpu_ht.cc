@@ -1,6 +1,9 @@
 // The high-throughput MoE run of one rank for one size (contract in gpu_run.h): uploads the rank's inputs, runs a
 // verification pass (notify + dispatch + combine, checked bitwise against the reference), then times the cached
 // dispatch + combine loop and the full first call (notify + dispatch, which includes the notify's host wait).
+// The rank's device buffers are allocated and freed between Collective::quiesce() calls (ranks sharing a GPU).
+#include <optional>
+
 #include "gpu_run.h"
 #include "verify.h"
 
@@ -11,49 +14,71 @@ namespace {
 size_t sz(int64_t v) { return static_cast<size_t>(v); }
 
 template <typename T>
-void uploadBytes(DeviceArray<uint8_t>* dst, const std::vector<T>& src, cudaStream_t stream) {
-  dst->allocate(src.size() * sizeof(T));
-  dst->upload(reinterpret_cast<const uint8_t*>(src.data()), src.size() * sizeof(T), stream);
+size_t bytesOf(const std::vector<T>& v) {
+  return v.size() * sizeof(T);
 }
 
-}  // namespace
+// Rows no rank can exceed: every rank's tokens.
+size_t capRows(const Problem& p) { return std::max<size_t>(1, sz(p.spec.num_ranks) * sz(p.spec.tokens)); }
 
-void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
-              const Timing& tm, Progress& prog, HtResult* res) {
-  OpResult* all[3] = {&res->dispatch, &res->combine, &res->first};
-  if (!moe.usable) {
-    for (OpResult* o : all) o->fail(moe.error);
-    return;
+// One rank's inputs (uploaded) and outputs of the HT calls.
+struct HtBuffers {
+  DeviceArray<uint8_t> x;  // [T, H] bf16 or fp8
+  DeviceArray<float> xs;   // fp8: [T, H/128] scales
+  DeviceArray<int64_t> idx;
+  DeviceArray<float> w;
+  DeviceArray<uint8_t> recv_x;
+  DeviceArray<float> recv_xs;
+  DeviceArray<int64_t> recv_idx;
+  DeviceArray<float> recv_w;
+  DeviceArray<uint16_t> y;  // the expert outputs the combine sends back: [cap rows, H] bf16
+  DeviceArray<uint16_t> out;
+
+  HtBuffers(const Problem& p, int r, cudaStream_t st) {
+    const bool fp8 = p.spec.dtype == DType::kFp8;
+    const RowFormat& f = p.fmt;
+    const size_t cap_rows = capRows(p);
+    if (fp8) {
+      x.allocate(bytesOf(p.x_fp8[sz(r)].fp8));
+      x.uploadBytes(p.x_fp8[sz(r)].fp8, st);
+      xs.assign(p.x_fp8[sz(r)].scales, st);
+    } else {
+      x.allocate(bytesOf(p.x_bf16[sz(r)]));
+      x.uploadBytes(p.x_bf16[sz(r)], st);
+    }
+    idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
+    w.assign(p.routing.ranks[sz(r)].topk_weights, st);
+    recv_x.allocate(cap_rows * f.data_bytes);
+    recv_xs.allocate(cap_rows * sz(std::max(1, f.groups)));
+    recv_idx.allocate(cap_rows * sz(p.spec.topk));
+    recv_w.allocate(cap_rows * sz(p.spec.topk));
+    y.allocate(cap_rows * sz(p.spec.hidden));
+    y.upload(p.ht_y[sz(r)].data(), p.ht_y[sz(r)].size(), st);
+    out.allocate(sz(p.spec.tokens) * sz(p.spec.hidden));
   }
+};
+
+// The calls of runMoeHt on buffers that exist on every rank.
+void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
+                const Timing& tm, Progress& prog, HtBuffers& b, HtResult* res) {
+  OpResult* all[3] = {&res->dispatch, &res->combine, &res->first};
   const bool check = run.options.check != 0;
   const bool fp8 = p.spec.dtype == DType::kFp8;
-  const int r = rd.rank, R = rd.num_ranks, T = p.spec.tokens, H = p.spec.hidden, K = p.spec.topk;
+  const int r = rd.rank, T = p.spec.tokens, H = p.spec.hidden, K = p.spec.topk;
   const int El = p.numLocalExperts();
   const RowFormat& f = p.fmt;
   const cudaStream_t st = rd.stream;
-  const size_t cap_rows = std::max<size_t>(1, sz(R) * sz(T));  // no rank can receive more
-
-  prog.set("ht: setup");
-  DeviceArray<uint8_t> x;
-  DeviceArray<float> xs;
-  if (fp8) {
-    uploadBytes(&x, p.x_fp8[sz(r)].fp8, st);
-    xs.assign(p.x_fp8[sz(r)].scales, st);
-  } else {
-    uploadBytes(&x, p.x_bf16[sz(r)], st);
-  }
-  DeviceArray<int64_t> idx;
-  idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
-  DeviceArray<float> w;
-  w.assign(p.routing.ranks[sz(r)].topk_weights, st);
-  DeviceArray<uint8_t> recv_x(cap_rows * f.data_bytes);
-  DeviceArray<float> recv_xs(cap_rows * sz(std::max(1, f.groups)));
-  DeviceArray<int64_t> recv_idx(cap_rows * sz(K));
-  DeviceArray<float> recv_w(cap_rows * sz(K));
-  DeviceArray<uint16_t> y(cap_rows * sz(H));
-  y.zeroAsync(st);
-  y.upload(p.ht_y[sz(r)].data(), p.ht_y[sz(r)].size(), st);
-  DeviceArray<uint16_t> out(sz(T) * sz(H));
+  const size_t cap_rows = capRows(p);
+  DeviceArray<uint8_t>& x = b.x;
+  DeviceArray<float>& xs = b.xs;
+  DeviceArray<int64_t>& idx = b.idx;
+  DeviceArray<float>& w = b.w;
+  DeviceArray<uint8_t>& recv_x = b.recv_x;
+  DeviceArray<float>& recv_xs = b.recv_xs;
+  DeviceArray<int64_t>& recv_idx = b.recv_idx;
+  DeviceArray<float>& recv_w = b.recv_w;
+  DeviceArray<uint16_t>& y = b.y;
+  DeviceArray<uint16_t>& out = b.out;
 
   int num_recv = -1;
   std::vector<int> per_expert(sz(El), 0);
@@ -162,6 +187,25 @@ void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   if (!col.agree(!fail_f)) res->first.fail(ef);
   if (!moe.checkAsync(col, &err))
     for (OpResult* o : all) o->fail(err);
+}
+
+}  // namespace
+
+void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
+              const Timing& tm, Progress& prog, HtResult* res) {
+  if (!moe.usable) {  // the same on every rank (agreed): nobody allocates
+    for (OpResult* o : {&res->dispatch, &res->combine, &res->first}) o->fail(moe.error);
+    return;
+  }
+  std::optional<HtBuffers> buffers;
+  col.quiesce();  // ranks sharing a GPU: no rank allocates or frees while a peer's kernel waits for it
+  prog.set("ht: setup");
+  buffers.emplace(p, rd.rank, rd.stream);
+  col.quiesce();
+  runHtCalls(p, rd, col, moe, sms, run, tm, prog, *buffers, res);
+  col.quiesce();
+  buffers.reset();
+  col.quiesce();
 }
 
 }  // namespace nccl_moe::perf

@@ -1,23 +1,47 @@
 // The low-latency MoE run of one rank for one size (contract in gpu_run.h): uploads the rank's inputs, runs two
 // verification rounds (both phases per call, then the send and receive halves as separate calls; slabs compared as
 // sets per expert, the combine against the reference), then times dispatch + combine and the four halves.
+// The rank's device buffers are allocated and freed between Collective::quiesce() calls (ranks sharing a GPU).
+#include <optional>
+
 #include "gpu_run.h"
 #include "verify.h"
 
 namespace nccl_moe::perf {
 
 namespace {
-size_t sz(int64_t v) { return static_cast<size_t>(v); }
-}  // namespace
 
-void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
-              const Timing& tm, Progress& prog, LlResult* res) {
+size_t sz(int64_t v) { return static_cast<size_t>(v); }
+
+// One rank's inputs (uploaded) and outputs of the LL calls.
+struct LlBuffers {
+  DeviceArray<uint16_t> x;  // [T, H] bf16
+  DeviceArray<int64_t> idx;
+  DeviceArray<float> w;
+  DeviceArray<uint8_t> recv_x;  // [E_l, slab, row]
+  DeviceArray<float> recv_xs;
+  DeviceArray<int> recv_count;
+  DeviceArray<uint16_t> y;  // the expert outputs the combine sends back: [E_l, slab, H] bf16
+  DeviceArray<uint16_t> out;
+
+  LlBuffers(const Problem& p, int r, cudaStream_t st) {
+    const size_t slab_total = sz(p.numLocalExperts()) * sz(p.slabRows());
+    x.assign(p.x_bf16[sz(r)], st);
+    idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
+    w.assign(p.routing.ranks[sz(r)].topk_weights, st);
+    recv_x.allocate(slab_total * p.fmt.data_bytes);
+    recv_xs.allocate(slab_total * sz(std::max(1, p.fmt.groups)));
+    recv_count.allocate(sz(p.numLocalExperts()));
+    y.allocate(slab_total * sz(p.spec.hidden));
+    out.allocate(sz(p.spec.tokens) * sz(p.spec.hidden));
+  }
+};
+
+// The calls of runMoeLl on buffers that exist on every rank.
+void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
+                const Timing& tm, Progress& prog, LlBuffers& b, LlResult* res) {
   OpResult* all[6] = {&res->dispatch,      &res->combine,      &res->dispatch_send,
                       &res->dispatch_recv, &res->combine_send, &res->combine_recv};
-  if (!moe.usable) {
-    for (OpResult* o : all) o->fail(moe.error);
-    return;
-  }
   const bool check = run.options.check != 0;
   const bool fp8 = p.spec.dtype == DType::kFp8;
   const int r = rd.rank, T = p.spec.tokens, H = p.spec.hidden, K = p.spec.topk;
@@ -25,19 +49,14 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
   const RowFormat& f = p.fmt;
   const cudaStream_t st = rd.stream;
   const size_t slab_total = sz(El) * sz(slab);
-
-  prog.set("ll: setup");
-  DeviceArray<uint16_t> x;
-  x.assign(p.x_bf16[sz(r)], st);
-  DeviceArray<int64_t> idx;
-  idx.assign(p.routing.ranks[sz(r)].topk_idx, st);
-  DeviceArray<float> w;
-  w.assign(p.routing.ranks[sz(r)].topk_weights, st);
-  DeviceArray<uint8_t> recv_x(slab_total * f.data_bytes);
-  DeviceArray<float> recv_xs(slab_total * sz(std::max(1, f.groups)));
-  DeviceArray<int> recv_count(sz(El));
-  DeviceArray<uint16_t> y(slab_total * sz(H));
-  DeviceArray<uint16_t> out(sz(T) * sz(H));
+  DeviceArray<uint16_t>& x = b.x;
+  DeviceArray<int64_t>& idx = b.idx;
+  DeviceArray<float>& w = b.w;
+  DeviceArray<uint8_t>& recv_x = b.recv_x;
+  DeviceArray<float>& recv_xs = b.recv_xs;
+  DeviceArray<int>& recv_count = b.recv_count;
+  DeviceArray<uint16_t>& y = b.y;
+  DeviceArray<uint16_t>& out = b.out;
 
   ncclMoeLLDispatchArgs_t la = NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER;
   la.x = x.get();
@@ -206,6 +225,27 @@ void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSessio
     for (OpResult* o : combine_halves) o->fail(ecs.empty() ? eds : ecs);
   if (!moe.checkAsync(col, &err))
     for (OpResult* o : all) o->fail(err);
+}
+
+}  // namespace
+
+void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
+              const Timing& tm, Progress& prog, LlResult* res) {
+  if (!moe.usable) {  // the same on every rank (agreed): nobody allocates
+    for (OpResult* o : {&res->dispatch, &res->combine, &res->dispatch_send, &res->dispatch_recv, &res->combine_send,
+                        &res->combine_recv})
+      o->fail(moe.error);
+    return;
+  }
+  std::optional<LlBuffers> buffers;
+  col.quiesce();  // ranks sharing a GPU: no rank allocates or frees while a peer's kernel waits for it
+  prog.set("ll: setup");
+  buffers.emplace(p, rd.rank, rd.stream);
+  col.quiesce();
+  runLlCalls(p, rd, col, moe, run, tm, prog, *buffers, res);
+  col.quiesce();
+  buffers.reset();
+  col.quiesce();
 }
 
 }  // namespace nccl_moe::perf

@@ -28,9 +28,10 @@ struct RankInfo {
 
 // The topology block (nccl_moe::topo, GPUs of rank 0's host), then one line per rank like nccl-tests.
 void printRankList(const std::vector<RankInfo>& infos) {
-  std::vector<std::string> bus_ids;
+  std::vector<std::string> bus_ids;  // each GPU once (ranks may share one)
   for (const RankInfo& i : infos)
-    if (std::strcmp(i.host, infos[0].host) == 0) bus_ids.push_back(i.bus_id);
+    if (std::strcmp(i.host, infos[0].host) == 0 && std::find(bus_ids.begin(), bus_ids.end(), i.bus_id) == bus_ids.end())
+      bus_ids.push_back(i.bus_id);
   topo::Topology t;
   if (topo::discover(bus_ids, &t) == ncclSuccess) {
     const std::string text = topo::formatTopology(t);
@@ -58,8 +59,9 @@ void rankMain(ProcessState& sh, int local) {
   RankDevice rd;
   rd.rank = sh.layout.firstRank() + local;
   rd.num_ranks = sh.layout.numRanks();
-  rd.device = sh.layout.firstDevice() + local;
+  rd.device = sh.layout.deviceOf(local);
   const bool printer = rd.rank == 0;
+  const bool shared = sh.layout.sharedGpu();  // ranks share GPUs: host collectives, no NCCL call at all
   Timing tm;
   tm.kernel = sh.kernel_timer ? &KernelTimer::instance() : nullptr;
   tm.local = &sh.barrier;
@@ -67,9 +69,14 @@ void rankMain(ProcessState& sh, int local) {
   prog.set("cudaSetDevice");
   HARNESS_CUDA(cudaSetDevice(rd.device));
   HARNESS_CUDA(cudaStreamCreateWithFlags(&rd.stream, cudaStreamNonBlocking));
-  prog.set("ncclCommInitRank");
-  PERF_NCCL(ncclCommInitRank(&rd.comm, rd.num_ranks, sh.id, rd.rank));
-  const std::unique_ptr<Collective> collective = makeNcclCollective(rd);
+  std::unique_ptr<Collective> collective;
+  if (shared) {
+    collective = makeHostCollective(rd, sh.exchange.get());
+  } else {
+    prog.set("ncclCommInitRank");
+    PERF_NCCL(ncclCommInitRank(&rd.comm, rd.num_ranks, sh.id, rd.rank));
+    collective = makeNcclCollective(rd);
+  }
   Collective& col = *collective;
 
   // Who is where.
@@ -94,13 +101,20 @@ void rankMain(ProcessState& sh, int local) {
   prog.set("start gate setup");
   std::vector<Collective::Place> places;
   for (const RankInfo& i : infos) places.push_back({i.host, i.pid, i.device});
+  col.quiesce();  // ranks sharing a GPU: the gate's allocations happen while every rank is idle
   const bool gate = col.setupGate(places);
+  col.quiesce();
   if (printer) {
-    out(gate ? "# start gate: on (each timed call follows an NCCL barrier, a %d us hold and a device-side meeting "
-               "of all ranks)\n"
-             : "# start gate: off, some rank cannot reach another's memory (each timed call follows an NCCL "
-               "barrier and a %d us hold)\n",
-        Collective::kHoldUs);
+    const char* rendezvous =
+        shared ? "a host barrier of the rank threads (every rank's stream drained)" : "an NCCL barrier";
+    if (gate) {
+      out("# start gate: on (each timed call follows %s, a %d us hold and a device-side meeting of all ranks)\n",
+          rendezvous, Collective::kHoldUs);
+    } else {
+      out("# start gate: off, some rank cannot reach another's memory (each timed call follows %s and a %d us "
+          "hold)\n",
+          rendezvous, Collective::kHoldUs);
+    }
   }
 
   for (Mode mode : resolveModes(o)) {
@@ -108,11 +122,11 @@ void rankMain(ProcessState& sh, int local) {
     const int cap = static_cast<int>(*std::max_element(cfg.tokens.begin(), cfg.tokens.end()));
     prog.set("ncclMoeCommInit");
     MoeSession moe;
-    moe.init(rd, col, cfg, cap);
+    moe.init(rd, col, cfg, cap, shared ? sh.world.get() : nullptr);
     if (printer) {
-      out("#\n# %s mode: %d GPUs, capacity %d tokens per rank, hidden %d, top-%d of %d experts\n",
-          mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, cap, cfg.hidden, cfg.topk,
-          cfg.experts);
+      out("#\n# %s mode: %d ranks on %d GPUs%s, capacity %d tokens per rank, hidden %d, top-%d of %d experts\n",
+          mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, sh.layout.numGpus(),
+          shared ? " (ranks share GPUs)" : "", cap, cfg.hidden, cfg.topk, cfg.experts);
       if (moe.usable) {
         out("# MoE communicator: %.1f MiB of communication buffer per rank\n",
             static_cast<double>(moe.buffer_bytes) / (1 << 20));
@@ -174,12 +188,28 @@ void rankMain(ProcessState& sh, int local) {
           if (!header) out("%s", tableHeader().c_str());
           header = true;
         }
-        if (printer) out("# [gpu] NCCL baseline: verification pass + %d timed calls per op\n", run.warmup + run.iters);
-        BaselineResult bl;
-        runBaseline(p, rd, col, run, tm, prog, &bl);
-        const std::vector<Aggregate> bla = aggregate(col, {&bl.dispatch, &bl.combine, &bl.first}, rd.num_ranks);
-        for (const Aggregate& a : bla)
-          if (a.wrong != 0) sh.fail(1);
+        // The NCCL baseline: [dispatch, combine, first], empty when ranks share a GPU (NCCL cannot run there).
+        std::vector<Aggregate> bla;
+        if (shared) {
+          if (printer) out("# [gpu] NCCL baseline: n/a (ranks share a GPU; NCCL refuses two ranks on one GPU)\n");
+        } else {
+          if (printer)
+            out("# [gpu] NCCL baseline: verification pass + %d timed calls per op\n", run.warmup + run.iters);
+          BaselineResult bl;
+          runBaseline(p, rd, col, run, tm, prog, &bl);
+          bla = aggregate(col, {&bl.dispatch, &bl.combine, &bl.first}, rd.num_ranks);
+          for (const Aggregate& a : bla)
+            if (a.wrong != 0) sh.fail(1);
+        }
+        // Op i's baseline (HT: all three ops, LL: dispatch and combine), or null with the reason in the row.
+        auto baselineOf = [&](ResultRow* row, int i, bool has_one) -> const Aggregate* {
+          if (!has_one) return nullptr;
+          if (bla.empty()) {
+            row->baseline_note = "ranks share a GPU";
+            return nullptr;
+          }
+          return &bla[sz(i)];
+        };
 
         for (int sms : cfg.sms) {
           if (printer && moe.usable)
@@ -193,7 +223,8 @@ void rankMain(ProcessState& sh, int local) {
             const char* names[3] = {"dispatch", "combine", "notify_dispatch"};
             for (int i = 0; i < 3; ++i) {
               ResultRow row = makeRow(run, p, names[i], sms, false);
-              fillRow(&row, a[sz(i)], &bla[sz(i)], sh.kernel_timer && i != 2);  // notify_dispatch: events
+              const Aggregate* baseline = baselineOf(&row, i, true);
+              fillRow(&row, a[sz(i)], baseline, sh.kernel_timer && i != 2);  // notify_dispatch: events
               rows.push_back(row);
             }
           } else {
@@ -207,7 +238,8 @@ void rankMain(ProcessState& sh, int local) {
                                     "dispatch_recv", "combine_send", "combine_recv"};
             for (int i = 0; i < 6; ++i) {
               ResultRow row = makeRow(run, p, names[i], 0, false);
-              fillRow(&row, a[sz(i)], i < 2 ? &bla[sz(i)] : nullptr, sh.kernel_timer);
+              const Aggregate* baseline = baselineOf(&row, i, i < 2);
+              fillRow(&row, a[sz(i)], baseline, sh.kernel_timer);
               rows.push_back(row);
             }
           }
@@ -228,10 +260,13 @@ void rankMain(ProcessState& sh, int local) {
       }
     }
     prog.set("ncclMoeCommDestroy");
-    moe.destroy();
-    if (printer && header) printTableNotes(mode, false, sh.kernel_timer);
+    moe.destroy(col);
+    if (printer && header) {
+      printTableNotes(mode, false, sh.kernel_timer, shared);
+      if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
+    }
   }
-  prog.set("ncclCommDestroy");
+  prog.set(shared ? "teardown" : "ncclCommDestroy");
   col.barrier();
   HARNESS_CUDA(cudaStreamSynchronize(rd.stream));
   if (col.gateTimedOut()) {
@@ -241,7 +276,9 @@ void rankMain(ProcessState& sh, int local) {
                  rd.rank, Collective::kGateTimeoutS);
     sh.fail(1);
   }
-  ncclCommDestroy(rd.comm);
+  if (!shared) ncclCommDestroy(rd.comm);
+  col.quiesce();  // ranks sharing a GPU: the collective's buffers are freed while every rank is idle
+  collective.reset();
   cudaStreamDestroy(rd.stream);
   prog.set("done");
   prog.finished.store(true);

@@ -10,7 +10,8 @@ std::string apiError(const char* fn, ncclResult_t r, ncclMoeComm_t comm) {
   return s;
 }
 
-void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& cfg, int capacity) {
+void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& cfg, int capacity,
+                      SharedGpuWorld* world) {
   ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
   c.num_experts = cfg.experts;
   c.hidden = cfg.hidden;
@@ -21,25 +22,44 @@ void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& c
     c.ll_max_tokens_per_rank = capacity;
   }
   if (ncclMoeGetBufferSize(&c, rd.num_ranks, &buffer_bytes) != ncclSuccess) buffer_bytes = 0;
-  ncclResult_t r = ncclMoeCommInit(&comm, rd.comm, &c);
-  std::string err = r == ncclSuccess ? "" : apiError("ncclMoeCommInit", r, nullptr);
+  ncclResult_t r = ncclSuccess;
+  std::string err;
+  col.quiesce();  // ranks sharing a GPU: nobody allocates while a peer's kernel waits for it
+  if (world == nullptr) {
+    r = ncclMoeCommInit(&comm, rd.comm, &c);
+    if (r != ncclSuccess) err = apiError("ncclMoeCommInit", r, nullptr);
+  } else {
+    if (rd.rank == 0) {
+      world->comms.assign(world->devices.size(), nullptr);
+      world->result =
+          ncclMoeCommInitAll(world->comms.data(), static_cast<int>(world->devices.size()), world->devices.data(), &c);
+      world->error = world->result == ncclSuccess ? "" : apiError("ncclMoeCommInitAll", world->result, nullptr);
+    }
+    col.quiesce();  // rank 0's writes to `world` are visible to every rank after this meeting
+    r = world->result;
+    err = world->error;
+    comm = r == ncclSuccess ? world->comms[static_cast<size_t>(rd.rank)] : nullptr;
+  }
   if (!col.agree(r == ncclSuccess)) {
-    // A rank that succeeded while another failed cannot destroy collectively: leave its communicator alone.
+    // A rank that succeeded while another failed cannot destroy collectively: leave its communicator alone. (An
+    // ncclMoeCommInitAll world fails as a whole: no rank has a communicator then.)
     comm = nullptr;
     error = err.empty() ? kOtherRank : err;
+    col.quiesce();
     return;
   }
   r = ncclMoeHandleCreate(comm, &handle);
   err = r == ncclSuccess ? "" : apiError("ncclMoeHandleCreate", r, comm);
-  if (!col.agree(r == ncclSuccess)) {
+  const bool handles_ok = col.agree(r == ncclSuccess);
+  if (!handles_ok) {
     if (handle != nullptr) ncclMoeHandleDestroy(handle);
     handle = nullptr;
     ncclMoeCommDestroy(comm);
     comm = nullptr;
     error = err.empty() ? kOtherRank : err;
-    return;
   }
-  usable = true;
+  col.quiesce();  // every rank's allocations are done before any rank launches a kernel that waits for its peers
+  usable = handles_ok;
 }
 
 bool MoeSession::checkAsync(Collective& col, std::string* err) {
@@ -56,11 +76,13 @@ bool MoeSession::checkAsync(Collective& col, std::string* err) {
   return false;
 }
 
-void MoeSession::destroy() {
+void MoeSession::destroy(Collective& col) {
+  col.quiesce();  // ranks sharing a GPU: no peer's kernel is left waiting while this rank frees
   if (handle != nullptr) ncclMoeHandleDestroy(handle);
   if (comm != nullptr) ncclMoeCommDestroy(comm);
   handle = nullptr;
   comm = nullptr;
+  col.quiesce();
 }
 
 }  // namespace nccl_moe::perf
