@@ -230,8 +230,7 @@ double CpuBaseline::combine() {
             for (int c = 0; c < H; ++c) part[sz(c)] = std::fmaf(wk, ref::bf16_to_float(src[c]), part[sz(c)]);
           }
           if (!any) continue;
-          for (int c = 0; c < H; ++c)
-            acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(ref::float_to_bf16(part[sz(c)]));
+          for (int c = 0; c < H; ++c) acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(ref::float_to_bf16(part[sz(c)]));
         }
       }
       for (int c = 0; c < H; ++c) out[sz(t) * sz(H) + sz(c)] = ref::float_to_bf16(acc[sz(c)]);
