@@ -223,7 +223,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
   out("# %s: running the CPU reference with %d threads as ranks\n", reason.c_str(), num_ranks);
   out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, o.check,
       o.routing.text.c_str(), static_cast<unsigned long long>(o.seed));
-  RankTeam team(num_ranks);
+  RankTeam team(num_ranks, hostWaitSeconds(o));
   int exit_code = 0;
   for (Mode mode : resolveModes(o)) {
     const ModeConfig cfg = resolveMode(o, mode);

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "verify.h"
 
@@ -26,7 +28,8 @@ double nowUs() {
 // RankTeam
 // ------------------------------------------------------------------------------------------------
 
-RankTeam::RankTeam(int num_ranks) : num_ranks_(num_ranks), barrier_(num_ranks) {
+RankTeam::RankTeam(int num_ranks, double barrier_timeout_s)
+    : num_ranks_(num_ranks), barrier_timeout_s_(barrier_timeout_s), barrier_(num_ranks) {
   for (int r = 0; r < num_ranks; ++r) threads_.emplace_back([this, r] { worker(r); });
 }
 
@@ -50,9 +53,15 @@ void RankTeam::worker(int rank) {
       seen = job_generation_;
       job = job_;
     }
-    (*job)(rank);
+    std::exception_ptr error;
+    try {
+      (*job)(rank);
+    } catch (...) {
+      error = std::current_exception();
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      if (error && !error_) error_ = error;
       --running_;
     }
     cv_.notify_all();
@@ -61,15 +70,26 @@ void RankTeam::worker(int rank) {
 
 void RankTeam::run(const std::function<void(int)>& fn) {
   std::unique_lock<std::mutex> lock(mutex_);
+  // A failed run may have left the barrier with a rank that gave up (harness::HostBarrier is not reusable then).
+  if (broken_) throw std::runtime_error("CPU baseline: the rank threads are unusable after an earlier failure");
   job_ = &fn;
   running_ = num_ranks_;
+  error_ = nullptr;
   ++job_generation_;
   cv_.notify_all();
   cv_.wait(lock, [&] { return running_ == 0; });
   job_ = nullptr;
+  if (error_) {
+    broken_ = true;
+    std::rethrow_exception(error_);
+  }
 }
 
-void RankTeam::barrier() { barrier_.wait(); }
+void RankTeam::barrier() {
+  if (!barrier_.wait(barrier_timeout_s_))
+    throw std::runtime_error("CPU baseline: a rank thread did not reach the barrier within " +
+                             std::to_string(static_cast<long long>(barrier_timeout_s_)) + " s");
+}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0.0;
@@ -210,8 +230,7 @@ double CpuBaseline::combine() {
             for (int c = 0; c < H; ++c) part[sz(c)] = std::fmaf(wk, ref::bf16_to_float(src[c]), part[sz(c)]);
           }
           if (!any) continue;
-          for (int c = 0; c < H; ++c)
-            acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(ref::float_to_bf16(part[sz(c)]));
+          for (int c = 0; c < H; ++c) acc[sz(c)] = acc[sz(c)] + ref::bf16_to_float(ref::float_to_bf16(part[sz(c)]));
         }
       }
       for (int c = 0; c < H; ++c) out[sz(t) * sz(H) + sz(c)] = ref::float_to_bf16(acc[sz(c)]);

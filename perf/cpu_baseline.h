@@ -2,7 +2,9 @@
 // plans (plan.h) as the NCCL baseline on the GPU. Used by CPU mode (and by unit tests to check the plans).
 //
 // Contract
-//   - RankTeam runs one function on R persistent threads (thread r = rank r) and offers a barrier among them.
+//   - RankTeam runs one function on R persistent threads (thread r = rank r) and offers a barrier among them
+//     (harness::HostBarrier, bounded: a rank that does not arrive within the team's timeout makes barrier() throw
+//     std::runtime_error on the others; run() rethrows the first exception any rank thread threw).
 //   - Each op is: permutation into per-destination order (gather), barrier, every rank pulls its groups from the
 //     peers' send buffers (the all-to-all), un-permutation (scatter into slabs for LL dispatch, FP32 reduction into
 //     [T, H] bf16 for the combines, in the reference's order), barrier. Times are measured by rank 0 between the
@@ -12,12 +14,13 @@
 #pragma once
 
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
 
-#include "host_sync.h"
+#include "harness/barrier.h"
 #include "plan.h"
 #include "problem.h"
 
@@ -25,14 +28,15 @@ namespace nccl_moe::perf {
 
 class RankTeam {
  public:
-  explicit RankTeam(int num_ranks);
+  // `barrier_timeout_s`: how long barrier() waits for the other ranks before it gives up.
+  explicit RankTeam(int num_ranks, double barrier_timeout_s = 600.0);
   ~RankTeam();
   RankTeam(const RankTeam&) = delete;
   RankTeam& operator=(const RankTeam&) = delete;
   int size() const { return num_ranks_; }
-  // Runs fn(rank) on every rank thread; returns when all have returned.
+  // Runs fn(rank) on every rank thread; returns when all have returned, rethrowing the first exception of any.
   void run(const std::function<void(int)>& fn);
-  // Called from inside fn by every rank.
+  // Called from inside fn by every rank. Throws std::runtime_error when another rank does not arrive in time.
   void barrier();
 
  private:
@@ -45,7 +49,10 @@ class RankTeam {
   uint64_t job_generation_ = 0;
   int running_ = 0;
   bool stop_ = false;
-  HostBarrier barrier_;
+  std::exception_ptr error_;  // the first exception of the current run()
+  bool broken_ = false;       // a run() failed: the barrier may be out of step, later runs are refused
+  double barrier_timeout_s_;
+  harness::HostBarrier barrier_;
 };
 
 // Median of the values (0 for none).

@@ -35,7 +35,7 @@ GpuBaseline::GpuBaseline(const Problem& p, const RankDevice& rd)
     recv_.allocate(sz(pl.recv_offsets.back()) * row_bytes_);
     slab_rows_.assign(pl.recv_slab_rows, st);
     slab_.allocate(sz(p.numLocalExperts()) * sz(p.slabRows()) * row_bytes_);
-    slab_.zero(st);
+    slab_.zeroAsync(st);
     y_.assign(p.ll_y[sz(r)], st);
     csend_.allocate(sz(pl.recv_offsets.back()) * sz(H));
     crecv_.allocate(sz(pl.send_offsets.back()) * sz(H));
@@ -51,7 +51,7 @@ GpuBaseline::GpuBaseline(const Problem& p, const RankDevice& rd)
   counts_send_.assign(send_counts, st);
   counts_recv_.allocate(sz(rd.num_ranks));
   counts_host_.assign(sz(rd.num_ranks), 0);
-  PERF_CUDA(cudaStreamSynchronize(st));
+  HARNESS_CUDA(cudaStreamSynchronize(st));
 }
 
 void GpuBaseline::allToAll(const void* send, const std::vector<int>& send_counts, const std::vector<int>& send_offsets,
@@ -76,9 +76,10 @@ void GpuBaseline::dispatch() {
   const std::vector<int>& so = ht_ ? ht_plan_.send_offsets : ll_plan_.send_offsets;
   const std::vector<int>& rc = ht_ ? ht_plan_.recv_counts : ll_plan_.recv_counts;
   const std::vector<int>& ro = ht_ ? ht_plan_.recv_offsets : ll_plan_.recv_offsets;
-  PERF_CUDA(copyRows(send_.get(), nullptr, in_.get(), send_tokens_.get(), so.back(), row_bytes_, rd_.stream));
+  HARNESS_CUDA(copyRows(send_.get(), nullptr, in_.get(), send_tokens_.get(), so.back(), row_bytes_, rd_.stream));
   allToAll(send_.get(), sc, so, recv_.get(), rc, ro, row_bytes_);
-  if (!ht_) PERF_CUDA(copyRows(slab_.get(), slab_rows_.get(), recv_.get(), nullptr, ro.back(), row_bytes_, rd_.stream));
+  if (!ht_)
+    HARNESS_CUDA(copyRows(slab_.get(), slab_rows_.get(), recv_.get(), nullptr, ro.back(), row_bytes_, rd_.stream));
 }
 
 void GpuBaseline::combine() {
@@ -88,14 +89,13 @@ void GpuBaseline::combine() {
     const HtPlan& pl = ht_plan_;
     // The received rows are already grouped by source rank: send group s back to s as it is.
     allToAll(y_.get(), pl.recv_counts, pl.recv_offsets, crecv_.get(), pl.send_counts, pl.send_offsets, rb);
-    PERF_CUDA(reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), nullptr, T, rd_.num_ranks, H, rd_.stream));
+    HARNESS_CUDA(reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), nullptr, T, rd_.num_ranks, H, rd_.stream));
   } else {
     const LlPlan& pl = ll_plan_;
-    PERF_CUDA(copyRows(csend_.get(), nullptr, y_.get(), slab_rows_.get(), pl.recv_offsets.back(), rb, rd_.stream));
+    HARNESS_CUDA(copyRows(csend_.get(), nullptr, y_.get(), slab_rows_.get(), pl.recv_offsets.back(), rb, rd_.stream));
     allToAll(csend_.get(), pl.recv_counts, pl.recv_offsets, crecv_.get(), pl.send_counts, pl.send_offsets, rb);
-    PERF_CUDA(
-        reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), weights_.get(), T, p_.spec.topk, H, rd_.stream,
-                   slot_rank_.get(), rd_.num_ranks));
+    HARNESS_CUDA(reduceRows(out_.get(), crecv_.get(), combine_rows_.get(), weights_.get(), T, p_.spec.topk, H,
+                            rd_.stream, slot_rank_.get(), rd_.num_ranks));
   }
 }
 
@@ -106,9 +106,9 @@ void GpuBaseline::countExchange() {
     PERF_NCCL(ncclRecv(counts_recv_.get() + peer, 1, ncclInt32, peer, rd_.comm, rd_.stream));
   }
   PERF_NCCL(ncclGroupEnd());
-  PERF_CUDA(cudaMemcpyAsync(counts_host_.data(), counts_recv_.get(), counts_host_.size() * sizeof(int),
-                            cudaMemcpyDeviceToHost, rd_.stream));
-  PERF_CUDA(cudaStreamSynchronize(rd_.stream));
+  HARNESS_CUDA(cudaMemcpyAsync(counts_host_.data(), counts_recv_.get(), counts_host_.size() * sizeof(int),
+                               cudaMemcpyDeviceToHost, rd_.stream));
+  HARNESS_CUDA(cudaStreamSynchronize(rd_.stream));
   counts_exchanged_ = true;
 }
 

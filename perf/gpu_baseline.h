@@ -10,9 +10,9 @@
 
 #include <vector>
 
-#include "cuda_util.h"
 #include "plan.h"
 #include "problem.h"
+#include "rank_device.h"
 
 namespace nccl_moe::perf {
 

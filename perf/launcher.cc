@@ -72,10 +72,42 @@ int freeLocalPort() {
   return port;
 }
 
+std::string resolveSharedGpuLayout(const Options& o, int num_devices, RankLayout l, RankLayout* layout) {
+  const int n = o.ranks_per_gpu;
+  std::ostringstream os;
+  if (l.num_procs > 1 || l.mpi || l.spawned) {
+    os << "--ranks-per-gpu " << n << " runs every rank in this one process (ncclMoeCommInitAll, no NCCL); it "
+       << "cannot be combined with --procs or an MPI launcher (" << l.num_procs << " processes)";
+    return os.str();
+  }
+  l.ranks_per_gpu = n;
+  l.gpus_per_thread = o.gpus > 0 ? o.gpus : std::max(1, n / l.threads);
+  const int ranks = l.numRanks();
+  if (ranks % n != 0) {
+    os << "--ranks-per-gpu " << n << ": the rank count " << ranks << " (-t " << l.threads << " x -g "
+       << l.gpus_per_thread << ") must be a multiple of " << n << " (every GPU holds " << n << " ranks)";
+  } else if (ranks > kMaxSharedGpuRanks) {
+    os << "--ranks-per-gpu " << n << ": " << ranks << " ranks, but one process (one node) holds at most "
+       << kMaxSharedGpuRanks << " ranks";
+  } else if (l.numGpus() > num_devices) {
+    os << "--ranks-per-gpu " << n << ": " << ranks << " ranks need " << l.numGpus() << " GPUs (rank i on GPU i / " << n
+       << ") but only " << num_devices << " are visible";
+  }
+  if (!os.str().empty()) return os.str();
+  *layout = l;
+  return "";
+}
+
 }  // namespace
 
 std::string RankLayout::describe() const {
   std::ostringstream os;
+  if (sharedGpu()) {
+    os << numRanks() << " ranks = 1 process x " << threads << " threads x " << gpus_per_thread
+       << " ranks per thread on " << numGpus() << (numGpus() == 1 ? " GPU" : " GPUs") << " (" << ranks_per_gpu
+       << " ranks per GPU, one host thread per rank)";
+    return os.str();
+  }
   os << numRanks() << " ranks = " << num_procs << " processes x " << threads << " threads x " << gpus_per_thread
      << " GPUs per thread";
   if (gpus_per_thread > 1) os << " (one host thread per GPU)";
@@ -112,6 +144,7 @@ std::string resolveGpuLayout(const Options& o, int num_devices, RankLayout* layo
   }
   if (l.proc_rank >= l.num_procs) return "process rank out of range";
   l.threads = o.threads > 0 ? o.threads : 1;
+  if (o.ranks_per_gpu > 1) return resolveSharedGpuLayout(o, num_devices, l, layout);
   if (o.gpus > 0) {
     l.gpus_per_thread = o.gpus;
   } else if (l.num_procs > 1) {

@@ -11,6 +11,10 @@
 //     127.0.0.1:<free port> unless already set; under MPI it must be set by the user, except on a single host with a
 //     launcher job id (OMPI_MCA_ess_base_jobid / PMIX_NAMESPACE / SLURM_JOB_ID), where a port is derived from it.
 //   - GPU of local rank i: (local process index * ranks per process + i); more than the visible count is an error.
+//   - Ranks sharing a GPU (--ranks-per-gpu N > 1): one process, no NCCL; ranks = threads (-t) x ranks per thread
+//     (-g, default N), a multiple of N and at most kMaxSharedGpuRanks (one node); rank i runs on GPU i / N, so the run
+//     uses ranks / N GPUs. --procs and MPI launchers are refused (ncclMoeCommInitAll makes every rank's communicator
+//     in one process).
 #pragma once
 
 #include <string>
@@ -20,19 +24,30 @@
 
 namespace nccl_moe::perf {
 
+// Every rank of a shared-GPU world is on one node: NCCL_MOE_MAX_NVL_PEERS (include/nccl_moe.h).
+constexpr int kMaxSharedGpuRanks = 8;
+
 struct RankLayout {
   int num_procs = 1;
   int proc_rank = 0;
   int local_proc_rank = 0;  // this process's index among the processes of its host
   int threads = 1;          // -t
-  int gpus_per_thread = 1;  // -g
+  int gpus_per_thread = 1;  // -g: ranks per thread (one GPU each, unless ranks share GPUs)
+  int ranks_per_gpu = 1;    // --ranks-per-gpu
   bool mpi = false;
   bool spawned = false;  // a child of --procs
   int ranksPerProc() const { return threads * gpus_per_thread; }
   int numRanks() const { return num_procs * ranksPerProc(); }
   int firstRank() const { return proc_rank * ranksPerProc(); }
   int firstDevice() const { return local_proc_rank * ranksPerProc(); }
-  std::string describe() const;  // "4 ranks = 2 processes x 1 threads x 2 GPUs (mpi)"
+  bool sharedGpu() const { return ranks_per_gpu > 1; }
+  // CUDA device of this process's local rank `local`.
+  int deviceOf(int local) const { return sharedGpu() ? (firstRank() + local) / ranks_per_gpu : firstDevice() + local; }
+  // Distinct GPUs of the run (all processes).
+  int numGpus() const { return sharedGpu() ? numRanks() / ranks_per_gpu : numRanks(); }
+  // "4 ranks = 2 processes x 1 threads x 2 GPUs per thread (MPI launcher)", or for ranks sharing GPUs
+  // "4 ranks = 1 process x 1 threads x 4 ranks per thread on 1 GPU (4 ranks per GPU)".
+  std::string describe() const;
 };
 
 // True when this process is a --procs child or runs under an MPI launcher.

@@ -3,14 +3,21 @@
 //
 // main() parses the options, picks the backend (GPU unless --cpu or no GPU is visible), spawns processes for
 // --procs, prints the header (global rank 0 only) and hands over to cpu_backend / gpu_backend.
+//
+// Ranks sharing a GPU (--ranks-per-gpu N > 1): main() sets CUDA_DEVICE_MAX_CONNECTIONS=32 (unless the environment
+// already has a value) before the process's first CUDA call, because with the default of 8 hardware queues the
+// streams of two ranks may share one and a kernel that waits for its peer could queue behind that peer's kernel;
+// it refuses HT --sms values above SMs / N before any rank starts, and prints loudly that the run checks
+// correctness only. Nothing in that mode calls NCCL (not even ncclGetVersion).
 #include <cuda_runtime.h>
-#include <nccl.h>
-
 #include <execinfo.h>
+#include <nccl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -36,14 +43,16 @@ std::string versionText(int code) {
 
 void printHeader(const RunInfo& run, int argc, char** argv) {
   int lib = 0, nccl = 0, rt = 0, drv = 0;
+  const bool shared_gpu = run.options.ranks_per_gpu > 1 && !run.options.cpu;
   if (ncclMoeGetVersion(&lib) != ncclSuccess) lib = 0;
-  if (ncclGetVersion(&nccl) != ncclSuccess) nccl = 0;
+  if (!shared_gpu && ncclGetVersion(&nccl) != ncclSuccess) nccl = 0;
   if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
   if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0;
   out("# moe-perf %s (NCCL-MoE library %s), git %s\n", versionText(NCCL_MOE_VERSION_CODE).c_str(),
       lib ? versionText(lib).c_str() : "unknown", run.git_sha.c_str());
-  out("# NCCL %s, CUDA runtime %d.%d, driver %s\n", nccl ? versionText(nccl).c_str() : "unknown", rt / 1000,
-      rt % 1000 / 10, drv ? (std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10)).c_str() : "none");
+  const std::string nccl_text = shared_gpu ? "not used (ranks share a GPU)" : nccl ? versionText(nccl) : "unknown";
+  out("# NCCL %s, CUDA runtime %d.%d, driver %s\n", nccl_text.c_str(), rt / 1000, rt % 1000 / 10,
+      drv ? (std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10)).c_str() : "none");
   std::string cmd;
   for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);
   out("# command: %s\n", cmd.c_str());
@@ -59,6 +68,33 @@ void onFatalSignal(int sig) {
   backtrace_symbols_fd(frames, backtrace(frames, 64), STDERR_FILENO);
   std::signal(sig, SIG_DFL);
   std::raise(sig);
+}
+
+// Ranks sharing a GPU: the CUDA_DEVICE_MAX_CONNECTIONS line, loud when the value is below what the library wants.
+void printConnections() {
+  const char* v = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  const int n = v != nullptr ? std::atoi(v) : 8;
+  if (n >= 32) {
+    out("# CUDA_DEVICE_MAX_CONNECTIONS=%d (ranks sharing a GPU each get their own hardware queues)\n", n);
+  } else {
+    out("# !!! CUDA_DEVICE_MAX_CONNECTIONS=%s (set before moe-perf started) is below 32: two ranks' streams may\n"
+        "# !!! share a hardware queue, and a kernel waiting for its peer can time out (NCCL_MOE_TIMEOUT_S)\n",
+        v != nullptr ? v : "unset (8)");
+  }
+}
+
+// Ranks sharing a GPU split its SMs: refuse HT SM budgets above a rank's share before any rank starts. "" when fine.
+std::string checkSharedSms(const Options& options, const RankLayout& layout) {
+  const std::vector<Mode> modes = resolveModes(options);
+  if (!layout.sharedGpu() || std::find(modes.begin(), modes.end(), Mode::kHt) == modes.end()) return "";
+  int device_sms = 0;
+  for (int d = 0; d < layout.numGpus(); ++d) {
+    int sms = 0;
+    const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
+    if (e != cudaSuccess) return std::string("cudaDeviceGetAttribute(multiProcessorCount): ") + cudaGetErrorString(e);
+    device_sms = d == 0 ? sms : std::min(device_sms, sms);
+  }
+  return checkSharedGpuSms(options.sms, device_sms, layout.ranks_per_gpu);
 }
 
 bool openJson(RunInfo* run, JsonLinesWriter* json) {
@@ -95,6 +131,8 @@ int main(int argc, char** argv) {
   run.options = options;
   run.git_sha = MOE_PERF_GIT_SHA;
   JsonLinesWriter json;
+  // Before the first CUDA call of the process (the runtime reads it when it creates the context).
+  if (options.ranks_per_gpu > 1 && !options.cpu) ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
 
   // Backend: GPU unless --cpu or no GPU.
   bool cpu = options.cpu;
@@ -117,9 +155,12 @@ int main(int argc, char** argv) {
     int ranks = 2;
     if (options.threads > 0 || options.gpus > 0)
       ranks = (options.threads > 0 ? options.threads : 1) * (options.gpus > 0 ? options.gpus : 1);
+    run.options.ranks_per_gpu = 1;  // no GPU to share
     printHeader(run, argc, argv);
     if (options.procs > 0) out("# --procs is ignored in CPU mode (threads are the ranks)\n");
+    if (options.ranks_per_gpu > 1) out("# --ranks-per-gpu is ignored in CPU mode (no GPU; threads are the ranks)\n");
     if (!detail.empty()) out("# %s\n", detail.c_str());
+    if (ranks == 1) printOneRankNote(true);
     if (!openJson(&run, &json)) return 2;
     return runCpu(run, ranks, reason);
   }
@@ -132,9 +173,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe-perf: %s\n", err.c_str());
     return 2;
   }
+  err = checkSharedSms(options, layout);
+  if (!err.empty()) {
+    std::fprintf(stderr, "moe-perf: %s\n", err.c_str());
+    return 2;
+  }
+  run.num_gpus = layout.numGpus();
+  run.ranks_per_gpu = layout.ranks_per_gpu;
   if (layout.proc_rank == 0) {
     printHeader(run, argc, argv);
     out("# %s, %d GPUs visible to this process\n", layout.describe().c_str(), num_devices);
+    if (layout.sharedGpu()) {
+      printConnections();
+      printSharedGpuBanner(layout.numRanks(), layout.numGpus(), layout.ranks_per_gpu);
+    }
+    if (layout.numRanks() == 1) printOneRankNote(false);
     if (!openJson(&run, &json)) return 2;
   }
   return runGpu(run, layout, num_devices);

@@ -230,6 +230,7 @@ const std::vector<OptionSpec>& optionTable() {
          return true;
        }},
       {0, "procs", true, intOption(&Options::procs, 1, 1024, "--procs")},
+      {0, "ranks-per-gpu", true, intOption(&Options::ranks_per_gpu, 1, 8, "--ranks-per-gpu")},
       {0, "cpu", false, [](Options* o, const std::string&, std::string*) { return o->cpu = true; }},
       {0, "require-moe", false, [](Options* o, const std::string&, std::string*) { return o->require_moe = true; }},
       {0, "allow-missing-moe", false,
@@ -309,6 +310,12 @@ bool parseOptions(const std::vector<std::string>& args, Options* out, std::strin
     *error = "-e/--max-tokens must be >= -b/--min-tokens";
     return false;
   }
+  if (o.ranks_per_gpu > 1 && o.procs > 0) {
+    *error =
+        "--ranks-per-gpu runs every rank in one process (ranks sharing a GPU have no NCCL communicator): it "
+        "cannot be combined with --procs";
+    return false;
+  }
   *out = o;
   return true;
 }
@@ -339,8 +346,12 @@ Runs
   -w, --warmup-iters N    untimed warm-up iterations             (GPU 5, CPU 1)
   -c, --check 0|1         verify against the CPU reference        (default 1)
   -t, --nthreads N        threads per process                     (default 1)
-  -g, --ngpus N           GPUs per thread (each still gets its own thread)
-                          (default: all visible GPUs in a single process, 1 with --procs/MPI; CPU mode: 2 ranks)
+  -g, --ngpus N           GPUs (ranks) per thread (each still gets its own thread)
+                          (default: all visible GPUs in a single process, 1 with --procs/MPI; CPU mode: 2 ranks;
+                          with --ranks-per-gpu N: N / -t, i.e. N ranks on one GPU)
+      --ranks-per-gpu N   N ranks share each GPU (1..8; default 1): one process, rank i on GPU i / N, its kernels
+                          get SMs/N; no NCCL (no baseline). A CORRECTNESS run: timings say nothing about NVLink.
+                          Not with --procs/MPI. Sets CUDA_DEVICE_MAX_CONNECTIONS=32 unless already set.
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
       --require-moe       fail the run when an MoE operation is not available (the default)
@@ -394,6 +405,20 @@ ModeConfig resolveMode(const Options& options, Mode mode) {
 
 std::vector<Mode> resolveModes(const Options& options) {
   return options.modes.empty() ? std::vector<Mode>{Mode::kHt, Mode::kLl} : options.modes;
+}
+
+std::string checkSharedGpuSms(const std::vector<int>& sms, int device_sms, int ranks_per_gpu) {
+  if (ranks_per_gpu <= 1) return "";
+  const int budget = device_sms / ranks_per_gpu;
+  for (int v : sms) {
+    if (v <= budget) continue;
+    std::ostringstream os;
+    os << "--sms " << v << ": " << ranks_per_gpu << " ranks share each GPU of " << device_sms
+       << " SMs, so an HT call of one rank may use at most " << budget << " SMs (SMs / ranks per GPU); use --sms 0 "
+       << "(the library's default share) or a value <= " << budget;
+    return os.str();
+  }
+  return "";
 }
 
 std::string checkShape(const ModeConfig& c, DType dtype, int num_ranks) {

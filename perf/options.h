@@ -62,7 +62,8 @@ struct Options {
   int warmup = -1;             // -w; -1 = backend default
   int check = 1;               // -c 0|1
   int threads = -1;            // -t threads per process; -1 = default
-  int gpus = -1;               // -g GPUs per thread; -1 = default
+  int gpus = -1;               // -g GPUs (ranks) per thread; -1 = default
+  int ranks_per_gpu = 1;       // --ranks-per-gpu N: N ranks share each GPU (one process, no NCCL; correctness only)
   int procs = 0;               // --procs N: spawn N processes; 0 = not given
   bool cpu = false;            // --cpu
   std::string json_path;       // -J / --json
@@ -99,6 +100,10 @@ std::vector<Mode> resolveModes(const Options& options);
 // Token sweep like nccl-tests' size sweep: min, then x factor (or + step) while <= max. Always contains min;
 // contains max when the steps land on it.
 std::vector<int64_t> tokenSweep(int64_t min_tokens, int64_t max_tokens, double factor, int64_t step);
+
+// Ranks sharing a GPU split its SMs: each rank's HT calls may use at most device_sms / ranks_per_gpu SMs. Returns ""
+// when every --sms value fits (0 = the library's default always does), else the reason.
+std::string checkSharedGpuSms(const std::vector<int>& sms, int device_sms, int ranks_per_gpu);
 
 // Checks a resolved shape against a rank count: E % R == 0, E >= R, K <= E, K <= 16, H % 8 == 0 (bf16),
 // H % 16 == 0 (HT fp8), H % 128 == 0 (LL fp8). Returns "" when fine, else the reason.

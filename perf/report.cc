@@ -33,9 +33,9 @@ std::string oneLine(const std::string& text, size_t max_chars) {
 
 std::string tableHeader() {
   char buf[512];
-  std::snprintf(buf, sizeof(buf), "#%7s %7s %5s %8s %6s %5s  %-16s %10s %12s %12s %13s %7s %8s\n", "tokens", "hidden",
-                "topk", "experts", "dtype", "sms", "op", "time_us", "logical_GB/s", "baseline_us", "baseline_GB/s",
-                "#wrong", "bl#wrong");
+  std::snprintf(buf, sizeof(buf), "#%7s %7s %5s %8s %6s %5s %5s %4s  %-16s %10s %12s %12s %13s %7s %8s\n", "tokens",
+                "hidden", "topk", "experts", "dtype", "sms", "ranks", "gpus", "op", "time_us", "logical_GB/s",
+                "baseline_us", "baseline_GB/s", "#wrong", "bl#wrong");
   return buf;
 }
 
@@ -54,14 +54,18 @@ std::string tableRow(const ResultRow& r) {
     bl_bw = r.has_gbps ? fmt("%.2f", r.baselineGbps()) : "-";
     bl_wrong = r.checked ? std::to_string(r.baseline_wrong) : "-";
   }
+  const std::string gpus = r.backend == "cpu" ? "-" : std::to_string(r.gpus);
   char buf[512];
-  std::snprintf(buf, sizeof(buf), " %7lld %7d %5d %8d %6s %5s  %-16s %10s %12s %12s %13s %7s %8s",
-                static_cast<long long>(r.tokens), r.hidden, r.topk, r.experts, dtypeName(r.dtype), sms.c_str(),
-                r.op.c_str(), time.c_str(), bw.c_str(), bl_time.c_str(), bl_bw.c_str(), wrong.c_str(),
+  std::snprintf(buf, sizeof(buf), " %7lld %7d %5d %8d %6s %5s %5d %4s  %-16s %10s %12s %12s %13s %7s %8s",
+                static_cast<long long>(r.tokens), r.hidden, r.topk, r.experts, dtypeName(r.dtype), sms.c_str(), r.ranks,
+                gpus.c_str(), r.op.c_str(), time.c_str(), bw.c_str(), bl_time.c_str(), bl_bw.c_str(), wrong.c_str(),
                 bl_wrong.c_str());
   std::string line = buf;
   if (!r.available) line += "  not available: " + oneLine(r.error, 160);
   if (!r.timer_note.empty()) line += "  [event-timed: " + oneLine(r.timer_note, 120) + "]";
+  if (!r.has_baseline && !r.baseline_note.empty()) line += "  baseline: n/a (" + oneLine(r.baseline_note, 80) + ")";
+  if (r.shared_gpu) line += "  [shared GPU: correctness only]";
+  if (r.ranks == 1) line += "  [1 rank: everything local]";
   return line + "\n";
 }
 
@@ -101,10 +105,10 @@ std::string toJson(const ResultRow& r) {
   std::ostringstream os;
   os << "{\"mode\":" << jsonString(modeName(r.mode)) << ",\"op\":" << jsonString(r.op)
      << ",\"dtype\":" << jsonString(dtypeName(r.dtype)) << ",\"backend\":" << jsonString(r.backend)
-     << ",\"gpus\":" << r.gpus << ",\"ranks\":" << r.ranks << ",\"sms\":" << r.sms << ",\"tokens\":" << r.tokens
-     << ",\"hidden\":" << r.hidden << ",\"topk\":" << r.topk << ",\"experts\":" << r.experts
-     << ",\"routing\":" << jsonString(r.routing) << ",\"seed\":" << r.seed << ",\"iters\":" << r.iters
-     << ",\"warmup\":" << r.warmup << ",\"available\":" << (r.available ? "true" : "false");
+     << ",\"gpus\":" << r.gpus << ",\"ranks\":" << r.ranks << ",\"shared_gpu\":" << (r.shared_gpu ? "true" : "false")
+     << ",\"sms\":" << r.sms << ",\"tokens\":" << r.tokens << ",\"hidden\":" << r.hidden << ",\"topk\":" << r.topk
+     << ",\"experts\":" << r.experts << ",\"routing\":" << jsonString(r.routing) << ",\"seed\":" << r.seed
+     << ",\"iters\":" << r.iters << ",\"warmup\":" << r.warmup << ",\"available\":" << (r.available ? "true" : "false");
   os << ",\"median_us\":" << (r.available ? jsonNumber(r.median_us, 3) : "null");
   os << ",\"min_us\":" << (r.available ? jsonNumber(r.min_us, 3) : "null");
   os << ",\"max_us\":" << (r.available ? jsonNumber(r.max_us, 3) : "null");
@@ -112,6 +116,7 @@ std::string toJson(const ResultRow& r) {
   os << ",\"bytes_per_rank\":" << jsonNumber(r.bytes_per_rank, 0);
   os << ",\"baseline_median_us\":" << (r.has_baseline ? jsonNumber(r.baseline_median_us, 3) : "null");
   os << ",\"baseline_gbps\":" << (r.has_baseline && r.has_gbps ? jsonNumber(r.baselineGbps(), 3) : "null");
+  os << ",\"baseline_note\":" << (r.has_baseline || r.baseline_note.empty() ? "null" : jsonString(r.baseline_note));
   os << ",\"timer\":" << jsonString(r.timer);
   os << ",\"event_median_us\":" << (r.available && r.event_median_us >= 0 ? jsonNumber(r.event_median_us, 3) : "null");
   os << ",\"baseline_event_median_us\":"

@@ -10,6 +10,10 @@
 //     "event": CUDA events, "host": CPU mode); event_median_us / baseline_event_median_us are the CUDA-event medians
 //     of the same calls (GPU rows), so both timers are in every GPU row. A row that the kernel timer should have
 //     timed but could not carries the reason in timer_note (table: "[event-timed: ...]").
+//   - Honest labels: `ranks` is the rank count and `gpus` the distinct GPUs they used (0 in CPU mode); ranks that
+//     share a GPU set `shared_gpu` (table: "[shared GPU: correctness only]"), and a row whose baseline could not run
+//     says why in baseline_note (table: "baseline: n/a (<note>)", JSON baseline fields null). A row of one rank
+//     moved nothing between GPUs (table: "[1 rank: everything local]").
 #pragma once
 
 #include <cstdint>
@@ -26,8 +30,9 @@ struct ResultRow {
   std::string op;  // dispatch | combine | notify_dispatch | dispatch_send | dispatch_recv | ...
   DType dtype = DType::kBf16;
   int ranks = 0;
-  int gpus = 0;  // GPUs used (0 in CPU mode)
-  int sms = 0;   // requested SM budget, 0 = library default ("auto")
+  int gpus = 0;             // distinct GPUs the ranks used (0 in CPU mode)
+  bool shared_gpu = false;  // ranks shared GPUs (--ranks-per-gpu > 1): a correctness run, not NVLink timings
+  int sms = 0;              // requested SM budget, 0 = library default ("auto")
   int64_t tokens = 0;
   int hidden = 0, topk = 0, experts = 0;
   std::string routing = "uniform";
@@ -43,6 +48,7 @@ struct ResultRow {
 
   bool has_baseline = false;
   double baseline_median_us = 0;
+  std::string baseline_note;  // why an op that has a baseline shows none ("" = it has one, or the op has none)
 
   std::string timer = "event";           // "kernel" | "event" (GPU), "host" (CPU mode)
   double event_median_us = -1;           // CUDA-event median of the MoE calls; < 0 = none (null in JSON)

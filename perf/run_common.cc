@@ -6,6 +6,8 @@
 
 namespace nccl_moe::perf {
 
+double hostWaitSeconds(const Options& options) { return options.timeout_s > 0 ? options.timeout_s : 3600.0; }
+
 void out(const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
@@ -82,7 +84,7 @@ void printRoutingSummary(const Problem& p, bool full_experts) {
   }
 }
 
-void printTableNotes(Mode mode, bool cpu, bool kernel_timer) {
+void printTableNotes(Mode mode, bool cpu, bool kernel_timer, bool shared_gpu) {
   if (mode == Mode::kHt) {
     out("# bytes per rank (averaged over ranks): dispatch = N_recv*H*2 (bf16) or N_recv*H*(1+4/128) (fp8 + float\n"
         "#   scales); combine = N_recv*H*2 (bf16); notify_dispatch counts the dispatch bytes. N_recv = rows the rank\n"
@@ -99,23 +101,50 @@ void printTableNotes(Mode mode, bool cpu, bool kernel_timer) {
         "#   baseline_us = the ranks as threads: gather into per-destination order, memcpy all-to-all,\n"
         "#   un-permutation. #wrong = reference vs its brute-force model and vs the problem's expected rows;\n"
         "#   bl#wrong = CPU baseline vs the reference. Not comparable with GPU numbers.\n");
+    return;
+  }
+  const char* barrier = shared_gpu ? "host barrier (every rank's stream drained)" : "NCCL barrier";
+  if (kernel_timer) {
+    out("# time_us = max over ranks of each rank's median kernel time (timer: kernel = CUPTI kernel records of\n"
+        "#   the call, first kernel start to last kernel end, as DeepEP's kineto-based tests measure; %s,\n"
+        "#   hold and start gate (if on, see above) before each call); baseline_us is timed the same way.\n"
+        "#   notify_dispatch (MoE and baseline) includes a host wait and stays event-timed (CUDA events around the\n"
+        "#   call). JSON event_median_us has the CUDA-event median of every row; rows marked [event-timed: ...] had\n"
+        "#   no complete kernel records and use events for the MoE op and its baseline alike.\n",
+        barrier);
   } else {
-    if (kernel_timer) {
-      out("# time_us = max over ranks of each rank's median kernel time (timer: kernel = CUPTI kernel records of\n"
-          "#   the call, first kernel start to last kernel end, as DeepEP's kineto-based tests measure; NCCL barrier,\n"
-          "#   hold and start gate (if on, see above) before each call); baseline_us is timed the same way.\n"
-          "#   notify_dispatch (MoE and baseline) includes a host wait and stays event-timed (CUDA events around the\n"
-          "#   call). JSON event_median_us has the CUDA-event median of every row; rows marked [event-timed: ...] had\n"
-          "#   no complete kernel records and use events for the MoE op and its baseline alike.\n");
-    } else {
-      out("# time_us = max over ranks of each rank's median (timer: event = CUDA events around each call, which\n"
-          "#   include the GPU-side launch gap; NCCL barrier, hold and start gate (if on, see above) before each\n"
-          "#   call); baseline_us is timed the same way.\n");
-    }
+    out("# time_us = max over ranks of each rank's median (timer: event = CUDA events around each call, which\n"
+        "#   include the GPU-side launch gap; %s, hold and start gate (if on, see above) before each\n"
+        "#   call); baseline_us is timed the same way.\n",
+        barrier);
+  }
+  if (shared_gpu) {
+    out("# baseline: n/a (ranks share a GPU): NCCL refuses two ranks of one communicator on one GPU, so there is no\n"
+        "#   NCCL all-to-all to compare with. #wrong = elements that differ from nccl_moe::ref (summed over ranks).\n");
+  } else {
     out("# baseline = gather into per-destination order + grouped ncclSend/ncclRecv + un-permutation (scatter\n"
         "#   into expert slabs for LL dispatch, FP32 reduction into [T, H] for combines), same routing, same run;\n"
         "#   its notify_dispatch adds the per-peer count exchange and a host wait. #wrong / bl#wrong = elements\n"
         "#   that differ from nccl_moe::ref (summed over ranks).\n");
+  }
+}
+
+void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu) {
+  out("# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+      "# !!! RANKS SHARE A GPU: %d ranks on %d GPU%s (%d ranks per GPU, each rank's kernels get SMs/%d).\n"
+      "# !!! CORRECTNESS RUN: every call is verified against the CPU reference, but the times say nothing about\n"
+      "# !!! NVLink or NCCL-MoE's speed, and there is no NCCL baseline (NCCL refuses two ranks on one GPU).\n"
+      "# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
+      num_ranks, num_gpus, num_gpus == 1 ? "" : "s", ranks_per_gpu, ranks_per_gpu);
+}
+
+void printOneRankNote(bool cpu) {
+  if (cpu) {
+    out("# ONE RANK: nothing is exchanged between ranks; dispatch and combine only copy within the rank (rows "
+        "marked [1 rank: everything local])\n");
+  } else {
+    out("# ONE RANK: nothing crosses a GPU boundary; dispatch and combine move data within one GPU (rows marked\n"
+        "#   [1 rank: everything local]). To check several ranks on one GPU: moe-perf -g 4 --ranks-per-gpu 4\n");
   }
 }
 
@@ -141,7 +170,8 @@ ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, i
   row.op = op;
   row.dtype = p.spec.dtype;
   row.ranks = p.spec.num_ranks;
-  row.gpus = cpu ? 0 : p.spec.num_ranks;
+  row.gpus = cpu ? 0 : run.num_gpus;
+  row.shared_gpu = !cpu && run.ranks_per_gpu > 1;
   row.sms = sms;
   row.tokens = p.spec.tokens;
   row.hidden = p.spec.hidden;

@@ -18,7 +18,13 @@ struct RunInfo {
   int iters = 20;
   int warmup = 5;
   JsonLinesWriter* json = nullptr;
+  int num_gpus = 0;       // distinct GPUs the ranks use (0 in CPU mode): the rows' `gpus`
+  int ranks_per_gpu = 1;  // > 1: ranks share GPUs (--ranks-per-gpu), a correctness run: the rows' `shared_gpu`
 };
+
+// How long a host wait between the ranks of a process (a barrier of rank threads) may last before it gives up and
+// fails the run: --timeout seconds, or one hour with --timeout 0 (the watchdog is off then, host waits stay bounded).
+double hostWaitSeconds(const Options& options);
 
 // Prints to stdout and flushes (progress must be visible while a long run is going).
 void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -28,10 +34,18 @@ void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 void printRoutingSummary(const Problem& p, bool full_experts);
 
 // The notes written under a mode's table: byte accounting and what time_us / baseline_us measure. GPU mode:
-// `kernel_timer` = the rows were timed with the CUPTI kernel timer (else CUDA events).
-void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false);
+// `kernel_timer` = the rows were timed with the CUPTI kernel timer (else CUDA events); `shared_gpu` = ranks shared
+// GPUs (host barriers, no baseline).
+void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false, bool shared_gpu = false);
 
-// A row with the shape fields of `p` filled in.
+// The loud lines printed in the header and under every table when ranks share GPUs: the timings are not NVLink
+// numbers and there is no NCCL baseline.
+void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu);
+
+// The header line of a run of one rank: nothing crosses a GPU boundary (GPU mode) / between ranks (CPU mode).
+void printOneRankNote(bool cpu);
+
+// A row with the shape fields of `p` filled in (and `gpus`, `shared_gpu` from `run`).
 ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu);
 
 // Logical bytes of an op, averaged over ranks.

@@ -40,8 +40,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "channel_cap.h"  // plugin/: the tuner's cap rule, for the "expected cap" line
-#include "host_sync.h"    // perf/
+#include "channel_cap.h"      // plugin/: the tuner's cap rule, for the "expected cap" line
+#include "harness/barrier.h"  // tests/: the host barrier of tests and tools
 #include "nccl_moe.h"
 
 namespace nccl_moe {
@@ -232,7 +232,7 @@ std::string ncclText(ncclResult_t r, ncclComm_t comm) {
     if (ov_res_ != ncclSuccess) fatal((rank), #call, moeText(ov_res_, (comm))); \
   } while (0)
 
-using perf::HostBarrier;  // perf/host_sync.h: the rank threads' host barrier
+using harness::HostBarrier;  // the rank threads' host barrier, bounded by --timeout
 
 // ------------------------------------------------------------------------------------------------
 // Results
@@ -324,6 +324,12 @@ class LoopEvents {
 void runRank(Shared& sh, int r) {
   const Options& o = sh.opt;
   auto phase = [&](const char* p) { sh.phase[r].store(p); };
+  auto meet = [&] {
+    if (!sh.barrier.wait(o.timeout_s))
+      fatal(r, "host barrier",
+            "another rank did not arrive within --timeout " + std::to_string(o.timeout_s) + " s (phase " +
+                sh.phase[r].load() + ")");
+  };
   OV_CUDA(r, cudaSetDevice(r));
   ncclComm_t moe_nccl = sh.moe_nccl[r], ar_nccl = sh.ar_nccl[r];
 
@@ -421,12 +427,12 @@ void runRank(Shared& sh, int r) {
   // 1. HT alone on stream A.
   {
     phase("ht alone: warm-up");
-    sh.barrier.wait();
+    meet();
     for (int i = 0; i < o.warmup; ++i) htIter();
     syncBoth("ht alone warm-up");
     phase("ht alone: timed");
     LoopEvents ev(r, o.iters);
-    sh.barrier.wait();
+    meet();
     barrierA();
     OV_CUDA(r, cudaEventRecord(ev[0], sa));
     for (int i = 0; i < o.iters; ++i) {
@@ -441,12 +447,12 @@ void runRank(Shared& sh, int r) {
   // 2. All-reduce alone on stream B.
   {
     phase("allreduce alone: warm-up");
-    sh.barrier.wait();
+    meet();
     for (int i = 0; i < o.warmup; ++i) arIter();
     syncBoth("allreduce alone warm-up");
     phase("allreduce alone: timed");
     LoopEvents ev(r, o.iters);
-    sh.barrier.wait();
+    meet();
     barrierB();
     OV_CUDA(r, cudaEventRecord(ev[0], sb));
     for (int i = 0; i < o.iters; ++i) {
@@ -469,7 +475,7 @@ void runRank(Shared& sh, int r) {
       const bool timed = pass == 1;
       const int n = timed ? o.iters : o.warmup;
       phase(timed ? "overlapped: timed" : "overlapped: warm-up");
-      sh.barrier.wait();
+      meet();
       barrierA();
       OV_CUDA(r, cudaEventRecord(start, sa));
       OV_CUDA(r, cudaStreamWaitEvent(sb, start, 0));
@@ -500,7 +506,7 @@ void runRank(Shared& sh, int r) {
 
   // Teardown (collective: every rank gets here, or the process already ended).
   phase("teardown");
-  sh.barrier.wait();
+  meet();
   for (void* p : {idx, x, out, ar_buf, recv_x, static_cast<void*>(token_a), static_cast<void*>(token_b)})
     OV_CUDA(r, cudaFree(p));
   OV_MOE(r, comm, ncclMoeHandleDestroy(handle));

@@ -1,17 +1,21 @@
-// moe-perf's pure parts on the CPU: option parsing and defaults, token sweeps, shape checks, byte accounting, output
-// formatting, and the baseline index plans + verification (the CPU baseline must reproduce the reference bit for bit,
-// and the checks must catch corrupted or reordered rows).
+// moe-perf's pure parts on the CPU: option parsing and defaults, token sweeps, shape checks, byte accounting, the
+// rank layout (ranks sharing a GPU: validation and device mapping), output formatting (honest labels: ranks, gpus,
+// shared_gpu), and the baseline index plans + verification (the CPU baseline must reproduce the reference bit for
+// bit, and the checks must catch corrupted or reordered rows).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "cpu_baseline.h"
+#include "launcher.h"
 #include "options.h"
 #include "plan.h"
 #include "problem.h"
 #include "report.h"
+#include "run_common.h"
 #include "verify.h"
 
 namespace nccl_moe::perf {
@@ -257,6 +261,183 @@ TEST(PerfReport, JsonAndTable) {
   r.available = true;
   r.wrong = 3;
   EXPECT_FALSE(r.verified());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ranks sharing a GPU (--ranks-per-gpu)
+// ------------------------------------------------------------------------------------------------
+
+RankLayout layoutOf(const std::vector<std::string>& args, int num_devices, std::string* error) {
+  RankLayout l;
+  *error = resolveGpuLayout(parse(args), num_devices, &l);
+  return l;
+}
+
+TEST(PerfRanksPerGpu, Parsing) {
+  EXPECT_EQ(parse({}).ranks_per_gpu, 1);  // one rank per GPU
+  EXPECT_EQ(parse({"--ranks-per-gpu", "4"}).ranks_per_gpu, 4);
+  EXPECT_EQ(parse({"--ranks-per-gpu=8", "-g", "8"}).ranks_per_gpu, 8);
+  for (const char* bad : {"0", "9", "-1", "two", ""})
+    EXPECT_NE(parseError({"--ranks-per-gpu", bad}).find("--ranks-per-gpu: expected an integer in [1, 8]"),
+              std::string::npos)
+        << bad;
+  EXPECT_NE(parseError({"--ranks-per-gpu"}).find("needs a value"), std::string::npos);
+  // One process: spawning processes is refused; --ranks-per-gpu 1 is the ordinary mode and combines with anything.
+  EXPECT_NE(parseError({"--ranks-per-gpu", "2", "--procs", "2"}).find("cannot be combined with --procs"),
+            std::string::npos);
+  EXPECT_NE(parseError({"--procs", "2", "--ranks-per-gpu", "4"}).find("cannot be combined with --procs"),
+            std::string::npos);
+  EXPECT_EQ(parse({"--ranks-per-gpu", "1", "--procs", "2"}).procs, 2);
+  EXPECT_NE(usageText().find("--ranks-per-gpu N"), std::string::npos);
+}
+
+TEST(PerfRanksPerGpu, DeviceMapping) {
+  std::string err;
+  // The example: 4 ranks on one GPU.
+  RankLayout l = layoutOf({"-g", "4", "--ranks-per-gpu", "4"}, 1, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_TRUE(l.sharedGpu());
+  EXPECT_EQ(l.numRanks(), 4);
+  EXPECT_EQ(l.ranksPerProc(), 4);
+  EXPECT_EQ(l.numGpus(), 1);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(l.deviceOf(i), 0) << i;
+  EXPECT_NE(l.describe().find("4 ranks = 1 process"), std::string::npos) << l.describe();
+  EXPECT_NE(l.describe().find("on 1 GPU (4 ranks per GPU"), std::string::npos) << l.describe();
+  // -g defaults to N: N ranks on GPU 0.
+  l = layoutOf({"--ranks-per-gpu", "2"}, 8, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_EQ(l.numRanks(), 2);
+  EXPECT_EQ(l.numGpus(), 1);
+  // Rank i on GPU i / N.
+  l = layoutOf({"-g", "4", "--ranks-per-gpu", "2"}, 2, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_EQ(l.numGpus(), 2);
+  std::vector<int> devices;
+  for (int i = 0; i < l.ranksPerProc(); ++i) devices.push_back(l.deviceOf(i));
+  EXPECT_EQ(devices, (std::vector<int>{0, 0, 1, 1}));
+  // -t counts too: 2 threads x 2 ranks each, 4 per GPU.
+  l = layoutOf({"-t", "2", "-g", "2", "--ranks-per-gpu", "4"}, 1, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_EQ(l.numRanks(), 4);
+  EXPECT_EQ(l.numGpus(), 1);
+  // Without --ranks-per-gpu: one GPU per rank, as before.
+  l = layoutOf({"-g", "2"}, 2, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_FALSE(l.sharedGpu());
+  EXPECT_EQ(l.numGpus(), 2);
+  EXPECT_EQ(l.deviceOf(0), 0);
+  EXPECT_EQ(l.deviceOf(1), 1);
+  l = layoutOf({"-g", "1"}, 1, &err);
+  ASSERT_EQ(err, "");
+  EXPECT_EQ(l.numRanks(), 1);
+  EXPECT_EQ(l.numGpus(), 1);
+}
+
+TEST(PerfRanksPerGpu, LayoutsThatCannotWorkAreRefused) {
+  std::string err;
+  layoutOf({"-g", "3", "--ranks-per-gpu", "2"}, 2, &err);
+  EXPECT_NE(err.find("must be a multiple of 2"), std::string::npos) << err;
+  layoutOf({"-g", "8", "--ranks-per-gpu", "2"}, 2, &err);
+  EXPECT_NE(err.find("need 4 GPUs"), std::string::npos) << err;
+  layoutOf({"-t", "4", "-g", "4", "--ranks-per-gpu", "4"}, 4, &err);
+  EXPECT_NE(err.find("at most 8 ranks"), std::string::npos) << err;
+  layoutOf({"-g", "2", "--ranks-per-gpu", "2"}, 0, &err);
+  EXPECT_NE(err.find("only 0 are visible"), std::string::npos) << err;
+  // Under an MPI launcher (several processes): refused, the ranks must all be threads of one process.
+  ::setenv("OMPI_COMM_WORLD_RANK", "0", 1);
+  ::setenv("OMPI_COMM_WORLD_SIZE", "2", 1);
+  layoutOf({"-g", "2", "--ranks-per-gpu", "2"}, 1, &err);
+  ::unsetenv("OMPI_COMM_WORLD_RANK");
+  ::unsetenv("OMPI_COMM_WORLD_SIZE");
+  EXPECT_NE(err.find("cannot be combined with --procs or an MPI launcher"), std::string::npos) << err;
+}
+
+TEST(PerfRanksPerGpu, HtSmBudgetIsTheRanksShare) {
+  // 132 SMs shared by 4 ranks: at most 33 per rank; 0 (the library's share) always fits.
+  EXPECT_EQ(checkSharedGpuSms({0, 24, 33}, 132, 4), "");
+  const std::string err = checkSharedGpuSms({24, 34}, 132, 4);
+  EXPECT_NE(err.find("--sms 34"), std::string::npos) << err;
+  EXPECT_NE(err.find("at most 33 SMs"), std::string::npos) << err;
+  EXPECT_EQ(checkSharedGpuSms({132}, 132, 1), "");  // not shared: the library checks against the whole GPU
+}
+
+TEST(PerfReport, HonestLabels) {
+  ResultRow r;
+  r.mode = Mode::kHt;
+  r.op = "dispatch";
+  r.tokens = 4096;
+  r.hidden = 7168;
+  r.topk = 8;
+  r.experts = 256;
+  r.available = true;
+  r.median_us = 100;
+  r.bytes_per_rank = 1e8;
+  r.checked = true;
+  // Ranks sharing one GPU: the real GPU count, the rank count, the flag, and no baseline (with the reason).
+  r.ranks = 4;
+  r.gpus = 1;
+  r.shared_gpu = true;
+  r.baseline_note = "ranks share a GPU";
+  std::string j = toJson(r);
+  for (const char* key :
+       {"\"gpus\":1", "\"ranks\":4", "\"shared_gpu\":true", "\"baseline_median_us\":null", "\"baseline_gbps\":null",
+        "\"baseline_wrong\":null", "\"baseline_note\":\"ranks share a GPU\"", "\"verified\":true"})
+    EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
+  std::string t = tableRow(r);
+  EXPECT_NE(t.find("baseline: n/a (ranks share a GPU)"), std::string::npos) << t;
+  EXPECT_NE(t.find("[shared GPU: correctness only]"), std::string::npos) << t;
+  EXPECT_EQ(t.find("[1 rank"), std::string::npos) << t;
+  EXPECT_NE(tableHeader().find("ranks gpus"), std::string::npos) << tableHeader();
+  EXPECT_NE(t.find("     4    1  dispatch"), std::string::npos) << t;  // the ranks and gpus columns
+
+  // One rank: it moved nothing between GPUs, and says so.
+  r.ranks = 1;
+  r.gpus = 1;
+  r.shared_gpu = false;
+  r.baseline_note.clear();
+  r.has_baseline = true;
+  r.baseline_median_us = 50;
+  j = toJson(r);
+  for (const char* key : {"\"gpus\":1", "\"ranks\":1", "\"shared_gpu\":false", "\"baseline_note\":null"})
+    EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
+  t = tableRow(r);
+  EXPECT_NE(t.find("[1 rank: everything local]"), std::string::npos) << t;
+  EXPECT_EQ(t.find("shared GPU"), std::string::npos) << t;
+  EXPECT_EQ(t.find("baseline: n/a"), std::string::npos) << t;
+
+  // Two ranks on two GPUs: no marker at all.
+  r.ranks = r.gpus = 2;
+  t = tableRow(r);
+  EXPECT_EQ(t.find("["), std::string::npos) << t;
+}
+
+ProblemSpec smallSpec(Mode mode, DType dtype);
+
+TEST(PerfReport, RowsCarryRanksAndGpus) {
+  const Problem p = buildProblem(smallSpec(Mode::kHt, DType::kBf16));  // 4 ranks
+  RunInfo run;
+  // CPU mode: ranks are threads, no GPU.
+  ResultRow cpu = makeRow(run, p, "dispatch", 0, true);
+  EXPECT_EQ(cpu.ranks, 4);
+  EXPECT_EQ(cpu.gpus, 0);
+  EXPECT_FALSE(cpu.shared_gpu);
+  EXPECT_NE(toJson(cpu).find("\"gpus\":0,\"ranks\":4,\"shared_gpu\":false"), std::string::npos) << toJson(cpu);
+  EXPECT_NE(tableRow(cpu).find("     4    -  dispatch"), std::string::npos) << tableRow(cpu);
+  // One rank per GPU.
+  run.num_gpus = 4;
+  ResultRow gpu = makeRow(run, p, "dispatch", 0, false);
+  EXPECT_EQ(gpu.ranks, 4);
+  EXPECT_EQ(gpu.gpus, 4);
+  EXPECT_FALSE(gpu.shared_gpu);
+  // Four ranks on one GPU.
+  run.num_gpus = 1;
+  run.ranks_per_gpu = 4;
+  ResultRow shared = makeRow(run, p, "dispatch", 0, false);
+  EXPECT_EQ(shared.ranks, 4);
+  EXPECT_EQ(shared.gpus, 1);
+  EXPECT_TRUE(shared.shared_gpu);
+  // CPU rows never claim a shared GPU.
+  EXPECT_FALSE(makeRow(run, p, "dispatch", 0, true).shared_gpu);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+// What the timed runs of one GPU rank share, and their entry points: the progress record the watchdog reads, the
+// per-rank result of one op, CUDA events, the kernel timer's collection after a timed loop, the timed
+// dispatch-then-combine loop of HT and LL, and the three runs (gpu_baseline_run.cc, gpu_ht.cc, gpu_ll.cc).
+//
+// Lockstep rule: every rank executes the same sequence of collectives (barriers, agreements, reductions). A rank
+// whose MoE call failed keeps taking part in every barrier of a timed loop and skips only the MoE calls;
+// availability is then agreed over all ranks (Collective::agree), so control flow never diverges between ranks.
+//
+// Timing: CUDA events around every timed call; with the kernel timer (--timer kernel, the default when CUPTI works)
+// each timed call is also bracketed by a CUPTI external-correlation id (kernel_timer.h) and the row reports the
+// kernel spans, with the event median next to it. After each timed loop every rank thread of the process drains its
+// stream and meets the others at a host barrier before the CUPTI buffers are flushed (collectKernelTimes).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "collective.h"
+#include "gpu_session.h"
+#include "harness/barrier.h"
+#include "kernel_timer.h"
+#include "problem.h"
+#include "rank_device.h"
+#include "run_common.h"
+
+namespace nccl_moe::perf {
+
+inline int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// What a rank is doing and since when (the watchdog of gpu_backend.cc reads it).
+struct Progress {
+  std::atomic<int64_t> last_ns{0};
+  std::atomic<const char*> phase{"starting"};
+  std::atomic<bool> finished{false};
+  void set(const char* what) {
+    phase.store(what);
+    last_ns.store(nowNs());
+  }
+};
+
+// The result of one op on one rank for one size (reduced over ranks by gpu_aggregate.h).
+struct OpResult {
+  bool available = false;
+  std::string error;
+  std::vector<double> us;  // CUDA-event time of each timed call
+  int64_t wrong = 0;
+  // Kernel timer: one id per timed call (bracketed with push/pop), their spans once collected (-1 = no record).
+  std::vector<uint64_t> kernel_ids;
+  std::vector<double> kernel_us;
+  std::string kernel_error;  // why kernel_us is not usable ("" when it is)
+  bool kernelComplete() const {
+    return kernel_error.empty() && !kernel_us.empty() && kernel_us.size() == us.size() &&
+           std::all_of(kernel_us.begin(), kernel_us.end(), [](double v) { return v >= 0; });
+  }
+  void fail(const std::string& e) {
+    available = false;
+    if (error.empty()) error = e.empty() ? kOtherRank : e;
+  }
+};
+
+class Events {
+ public:
+  explicit Events(int n) : ev_(static_cast<size_t>(n)) {
+    for (auto& e : ev_) HARNESS_CUDA(cudaEventCreate(&e));
+  }
+  ~Events() {
+    for (auto& e : ev_) cudaEventDestroy(e);
+  }
+  Events(const Events&) = delete;
+  Events& operator=(const Events&) = delete;
+  void record(int i, cudaStream_t s) { HARNESS_CUDA(cudaEventRecord(ev_[static_cast<size_t>(i)], s)); }
+  double us(int a, int b) const {
+    float ms = 0;
+    HARNESS_CUDA(cudaEventElapsedTime(&ms, ev_[static_cast<size_t>(a)], ev_[static_cast<size_t>(b)]));
+    return static_cast<double>(ms) * 1e3;
+  }
+
+ private:
+  std::vector<cudaEvent_t> ev_;
+};
+
+struct Timing {
+  KernelTimer* kernel = nullptr;          // null: CUDA events only
+  harness::HostBarrier* local = nullptr;  // the rank threads of this process
+  double local_wait_s = 0;                // bound of a wait at `local`
+  // Where a timed call's kernel-timer id goes: null (no bracketing) for warm-up calls and without the kernel timer.
+  std::vector<uint64_t>* ids(OpResult& op, bool timed) const {
+    return kernel != nullptr && timed ? &op.kernel_ids : nullptr;
+  }
+};
+
+// Called by every rank thread of the process at the same point, after a timed loop whose last iteration drained the
+// rank's stream: once all local ranks are at the barrier no timed kernel runs in the process, so the forced flush
+// delivers complete records only; the second barrier keeps every thread from starting timed work while another
+// one still flushes. Fills each op's kernel_us (or kernel_error).
+void collectKernelTimes(const Timing& t, std::initializer_list<OpResult*> ops);
+
+// The timed dispatch-then-combine loop of HT and LL: a barrier before each call, CUDA events around it and a
+// kernel-timer id on the timed (non-warm-up) calls. `dispatch` / `combine` issue one call and return false with
+// the error in *err. A rank whose call failed skips that op from then on but keeps taking part in every barrier;
+// availability is agreed over all ranks after the loop. The combine is timed only when it is available.
+template <typename Dispatch, typename Combine>
+void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, const Timing& tm, Progress& prog,
+                         const char* label, OpResult* d, OpResult* c, Dispatch dispatch, Combine combine) {
+  Events ev(4);
+  const bool with_combine = c->available;
+  bool fail_d = false, fail_c = false;
+  std::string ed, ec;
+  for (int i = 0; i < run.warmup + run.iters; ++i) {
+    prog.set(label);
+    const bool timed = i >= run.warmup;
+    col.barrier();
+    ev.record(0, st);
+    if (!fail_d) {
+      KernelTimerScope k(tm.kernel, tm.ids(*d, timed));
+      fail_d = !dispatch(&ed);
+    }
+    ev.record(1, st);
+    if (with_combine) {
+      col.barrier();
+      ev.record(2, st);
+      if (!fail_c && !fail_d) {
+        KernelTimerScope k(tm.kernel, tm.ids(*c, timed));
+        fail_c = !combine(&ec);
+      }
+      ev.record(3, st);
+    }
+    HARNESS_CUDA(cudaStreamSynchronize(st));
+    if (timed) {
+      d->us.push_back(ev.us(0, 1));
+      if (with_combine) c->us.push_back(ev.us(2, 3));
+    }
+  }
+  collectKernelTimes(tm, {d, c});
+  if (!col.agree(!fail_d)) d->fail(ed);
+  if (with_combine && !col.agree(!fail_c && !fail_d)) c->fail(ec.empty() ? ed : ec);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The runs of one size (all collective over the ranks)
+// ------------------------------------------------------------------------------------------------
+
+// NCCL all-to-all baseline (gpu_baseline.h): verification pass, timed dispatch/combine, timed count exchange +
+// dispatch.
+struct BaselineResult {
+  OpResult dispatch, combine, first;
+};
+void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const RunInfo& run, const Timing& tm,
+                 Progress& prog, BaselineResult* res);
+
+// High-throughput MoE ops: verification pass, timed cached dispatch + combine, timed notify + dispatch.
+struct HtResult {
+  OpResult dispatch, combine, first;
+};
+void runMoeHt(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, int sms, const RunInfo& run,
+              const Timing& tm, Progress& prog, HtResult* res);
+
+// Low-latency MoE ops: verification passes (both phases per call, then the halves), timed dispatch + combine,
+// timed send/receive halves.
+struct LlResult {
+  OpResult dispatch, combine, dispatch_send, dispatch_recv, combine_send, combine_recv;
+};
+void runMoeLl(const Problem& p, const RankDevice& rd, Collective& col, MoeSession& moe, const RunInfo& run,
+              const Timing& tm, Progress& prog, LlResult* res);
+
+}  // namespace nccl_moe::perf
