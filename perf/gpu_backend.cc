@@ -39,8 +39,13 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
         run.options.routing.text.c_str(), static_cast<unsigned long long>(run.options.seed));
   // The timer, decided once per process before any rank thread launches work.
   std::string why;
-  if (run.options.timer != TimerChoice::kEvent) sh.kernel_timer = KernelTimer::instance().start(&why);
-  if (sh.kernel_timer) {
+  // Ranks sharing a GPU: a correctness run, and CUPTI's buffer flushes can wait for the whole device while a peer's
+  // kernel waits for this rank: CUDA events only.
+  const bool shared = layout.ranks_per_gpu > 1;
+  if (run.options.timer != TimerChoice::kEvent && !shared) sh.kernel_timer = KernelTimer::instance().start(&why);
+  if (shared) {
+    if (layout.proc_rank == 0) out("# timer: event (ranks share a GPU: correctness run, no CUPTI)\n");
+  } else if (sh.kernel_timer) {
     if (layout.proc_rank == 0)
       out("# timer: kernel (CUPTI kernel records, first kernel start to last kernel end of each call; CUDA-event "
           "times in JSON event_median_us)\n");

@@ -101,8 +101,10 @@ void rankMain(ProcessState& sh, int local) {
   prog.set("start gate setup");
   std::vector<Collective::Place> places;
   for (const RankInfo& i : infos) places.push_back({i.host, i.pid, i.device});
+  // Ranks sharing a GPU run for correctness: no device-side start gate there (its meeting kernels would wait for
+  // peers whose threads may be inside a call that waits for the whole device); the host barrier aligns the calls.
   col.quiesce();  // ranks sharing a GPU: the gate's allocations happen while every rank is idle
-  const bool gate = col.setupGate(places);
+  const bool gate = shared ? false : col.setupGate(places);
   col.quiesce();
   if (printer) {
     const char* rendezvous =
@@ -111,9 +113,9 @@ void rankMain(ProcessState& sh, int local) {
       out("# start gate: on (each timed call follows %s, a %d us hold and a device-side meeting of all ranks)\n",
           rendezvous, Collective::kHoldUs);
     } else {
-      out("# start gate: off, some rank cannot reach another's memory (each timed call follows %s and a %d us "
-          "hold)\n",
-          rendezvous, Collective::kHoldUs);
+      out("# start gate: off, %s (each timed call follows %s and a %d us hold)\n",
+          shared ? "ranks share a GPU (correctness run)" : "some rank cannot reach another's memory", rendezvous,
+          Collective::kHoldUs);
     }
   }
 

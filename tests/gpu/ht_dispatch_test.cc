@@ -14,6 +14,7 @@
 #include <memory>
 #include <sstream>
 
+#include "core/comm.h"
 #include "ht_case.h"
 #include "reference/testing/generators.h"
 
@@ -299,7 +300,11 @@ TEST_P(HtStress, RandomBackToBackCalls) {
   World world(n, placement);
   ASSERT_TRUE(world.ok());
   const int E = 32, Hmax = 256, Kmax = 8, cap = 96;
-  const int kIters = 2000;
+  // NCCL_MOE_TEST_STRESS_ITERS: fewer iterations (diagnostics); NCCL_MOE_TEST_STRESS_STEP=1: a barrier and a stream
+  // synchronisation between the calls of an iteration instead of enqueuing them back to back.
+  const char* iters_env = std::getenv("NCCL_MOE_TEST_STRESS_ITERS");
+  const int kIters = iters_env != nullptr ? std::atoi(iters_env) : 2000;
+  const bool step = std::getenv("NCCL_MOE_TEST_STRESS_STEP") != nullptr;
   struct Iter {
     HtCase c;
     Expected e;
@@ -365,7 +370,14 @@ TEST_P(HtStress, RandomBackToBackCalls) {
         ok = false;
         continue;
       }
+      auto stepped = [&] {
+        if (!step) return;
+        cudaStreamSynchronize(stream);
+        world.barrier().wait();
+      };
+      stepped();
       for (int pass = 0; pass < 2 && ok; ++pass) {
+        if (pass == 1) stepped();
         out[pass].rows = c.worst_case ? max_rows : num_recv;
         const ncclMoeDispatchArgs_t da = dispatchArgs(c, in[pass], out[pass]);
         if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
@@ -373,6 +385,7 @@ TEST_P(HtStress, RandomBackToBackCalls) {
           ok = false;
         }
       }
+      stepped();
       if (ok && ncclMoeCombine(comm, handle, &cc.args, stream) != ncclSuccess) {
         ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
         ok = false;
@@ -382,7 +395,15 @@ TEST_P(HtStress, RandomBackToBackCalls) {
       ncclResult_t async = ncclSuccess;
       ncclMoeCommGetAsyncError(comm, &async);
       if (async != ncclSuccess) {
-        ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm);
+        // The HT sync words of this rank (epoch of its last call, arrivals of every rank) for the diagnosis.
+        nccl_moe::HtSync sync{};
+        cudaMemcpy(&sync, comm->buffer + comm->layout.ht_region() + comm->layout.ht.sync(), sizeof(sync),
+                   cudaMemcpyDeviceToHost);
+        std::string arrive;
+        for (int s = 0; s < n; ++s) arrive += " " + std::to_string(sync.arrive[s]);
+        ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm) << " [epoch "
+                      << sync.epoch << ", blocks_done " << sync.blocks_done << ", arrive" << arrive << ", num_sms "
+                      << c.num_sms << "]";
         ok = false;
         continue;
       }
