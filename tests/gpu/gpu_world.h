@@ -28,10 +28,14 @@
 namespace gpu_test {
 
 // Ranks sharing GPU 0 put their streams on one device, and CUDA maps streams onto CUDA_DEVICE_MAX_CONNECTIONS
-// hardware queues (default 8): two ranks whose streams share a queue would serialise a waiting kernel behind the
-// kernel it waits for. Ask for the maximum before the runtime initialises (static initialisation runs before
-// main; a value the user set is kept).
-inline const bool kMaxConnectionsRequested = (setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0), true);
+// hardware queues (default 8): two ranks whose streams share a queue serialise a waiting kernel behind the kernel
+// it waits for (seen: back-to-back HT calls of two ranks timed out). gpu_env.cc asks for the maximum before the
+// runtime initialises; World checks that it is set.
+constexpr int kMaxConnections = 32;
+inline int maxConnections() {
+  const char* v = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  return v != nullptr ? std::atoi(v) : 8;
+}
 
 constexpr int kMinSmsPerRank = 4;
 
@@ -94,7 +98,9 @@ class World {
       for (int i = 0; i < n_; ++i) devs[i] = i;
       ok_ = ncclCommInitAll(nccl_.data(), n_, devs.data()) == ncclSuccess;
     } else {
-      ok_ = true;
+      ok_ = maxConnections() >= kMaxConnections;
+      EXPECT_TRUE(ok_) << "CUDA_DEVICE_MAX_CONNECTIONS is " << maxConnections() << ": ranks sharing a GPU need "
+                       << kMaxConnections << " (set before CUDA initialises; gpu_env.cc does it for this binary)";
     }
     rank_sms_ = deviceSms(0) / (placement_ == Placement::kOneGpu ? n_ : 1);
   }
