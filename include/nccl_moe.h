@@ -129,7 +129,10 @@ ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const nc
  * that GPU), LL kernels use that many SMs. Such worlds are for functional runs and tests: their timings say
  * nothing about NVLink. Set CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the process first uses
  * CUDA: with the default of 8 hardware queues, the streams of two ranks may share a queue, and a kernel that
- * waits for its peer queued behind that peer's kernel times out (NCCL_MOE_TIMEOUT_S).
+ * waits for its peer queued behind that peer's kernel times out (NCCL_MOE_TIMEOUT_S). The library loads its
+ * own kernels at init; kernels of the application that run between collective calls should be loaded early too
+ * (CUDA_MODULE_LOADING=EAGER): a lazily loaded kernel waits for the device at its first launch, where a peer's
+ * kernel may be waiting for this rank's next call.
  * On failure no communicator is returned (comms[] all NULL) and ncclMoeGetLastError(NULL) says why. */
 ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices,
                                 const ncclMoeConfig_t* config);

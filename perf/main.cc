@@ -4,9 +4,10 @@
 // main() parses the options, picks the backend (GPU unless --cpu or no GPU is visible), spawns processes for
 // --procs, prints the header (global rank 0 only) and hands over to cpu_backend / gpu_backend.
 //
-// Ranks sharing a GPU (--ranks-per-gpu N > 1): main() sets CUDA_DEVICE_MAX_CONNECTIONS=32 (unless the environment
-// already has a value) before the process's first CUDA call, because with the default of 8 hardware queues the
-// streams of two ranks may share one and a kernel that waits for its peer could queue behind that peer's kernel;
+// Ranks sharing a GPU (--ranks-per-gpu N > 1): main() sets CUDA_DEVICE_MAX_CONNECTIONS=32 and CUDA_MODULE_LOADING=EAGER
+// (unless the environment already has values) before the process's first CUDA call, because with the default of 8
+// hardware queues the streams of two ranks may share one and a kernel that waits for its peer could queue behind
+// that peer's kernel, and a lazily loaded kernel waits for the device at its first launch;
 // it refuses HT --sms values above SMs / N before any rank starts, and prints loudly that the run checks
 // correctness only. Nothing in that mode calls NCCL (not even ncclGetVersion).
 #include <cuda_runtime.h>
@@ -132,7 +133,12 @@ int main(int argc, char** argv) {
   run.git_sha = MOE_PERF_GIT_SHA;
   JsonLinesWriter json;
   // Before the first CUDA call of the process (the runtime reads it when it creates the context).
-  if (options.ranks_per_gpu > 1 && !options.cpu) ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  if (options.ranks_per_gpu > 1 && !options.cpu) {
+    ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+    // Every kernel loaded at start: a lazily loaded one (moe-perf's own, or a runtime memset) waits for the device at
+    // its first launch, while a peer's kernel may spin until this rank's next call (src/ops/load.cc has the why).
+    ::setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+  }
 
   // Backend: GPU unless --cpu or no GPU.
   bool cpu = options.cpu;

@@ -351,7 +351,7 @@ Runs
                           with --ranks-per-gpu N: N / -t, i.e. N ranks on one GPU)
       --ranks-per-gpu N   N ranks share each GPU (1..8; default 1): one process, rank i on GPU i / N, its kernels
                           get SMs/N; no NCCL (no baseline). A CORRECTNESS run: timings say nothing about NVLink.
-                          Not with --procs/MPI. Sets CUDA_DEVICE_MAX_CONNECTIONS=32 unless already set.
+                          Not with --procs/MPI. Sets CUDA_DEVICE_MAX_CONNECTIONS=32 and CUDA_MODULE_LOADING=EAGER unless already set.
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
       --require-moe       fail the run when an MoE operation is not available (the default)

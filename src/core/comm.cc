@@ -26,6 +26,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/plugin_bridge.h"
+#include "ops/ops.h"
 #include "topo/topo.h"
 
 namespace nccl_moe {
@@ -143,6 +144,9 @@ ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRe
   if (sms <= 0) sms = 24;  // measured sweet spot of the HT kernels on H200 (docs/performance.md)
   comm->default_num_sms = static_cast<int>(sms < comm->rank_sms ? sms : comm->rank_sms);
 
+  // Lazy module loading would otherwise load a kernel at its first launch, waiting for a device where a peer's
+  // kernel may spin until this rank's next call (src/ops/load.cc).
+  MOE_CHECK(loadKernels(comm->device));
   MOE_CUDA_CHECK(cudaMalloc(&comm->buffer, comm->layout.total_bytes));
   MOE_CUDA_CHECK(cudaMemset(comm->buffer, 0, comm->layout.total_bytes));
   MOE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&comm->host_error), sizeof(ErrorRecord),

@@ -13,6 +13,10 @@
 
 namespace nccl_moe {
 
+// load.cc: every kernel of the library (and the runtime's memset kernels) loaded on `device`, once per process and
+// device; called by communicator init before any rank can launch a kernel that waits for a peer.
+ncclResult_t loadKernels(int device);
+
 // layout.cc
 ncclResult_t opDispatchLayout(ncclMoeComm* comm, const ncclMoeLayoutArgs_t& args, cudaStream_t stream);
 

@@ -68,4 +68,9 @@ cudaError_t launchCast(const CastArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadCastKernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, cast_kernel);
+}
+
 }  // namespace nccl_moe

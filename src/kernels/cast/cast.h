@@ -21,5 +21,7 @@ struct CastArgs {
 
 // Returns cudaGetLastError(); nothing is launched for num_tokens == 0.
 cudaError_t launchCast(const CastArgs& a, cudaStream_t stream);
+// Loads the kernel on the current device (src/ops/load.cc).
+cudaError_t loadCastKernels();
 
 }  // namespace nccl_moe

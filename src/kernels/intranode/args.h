@@ -126,5 +126,12 @@ cudaError_t launchCombine(const CombineArgs& a, cudaStream_t stream);
 cudaError_t launchEducationalDispatch(const DispatchArgs& a, cudaStream_t stream);
 cudaError_t launchEducationalCombine(const CombineArgs& a, cudaStream_t stream);
 
+// Load the kernels of each file on the current device (src/ops/load.cc: at communicator init, so that no first
+// launch has to load a module while a peer's kernel spins on this GPU).
+cudaError_t loadNotifyKernels();
+cudaError_t loadDispatchKernels();
+cudaError_t loadCombineKernels();
+cudaError_t loadEducationalKernels();
+
 }  // namespace ht
 }  // namespace nccl_moe

@@ -229,5 +229,14 @@ cudaError_t launchCombine(const CombineArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadCombineKernels() {
+  cudaFuncAttributes attr;
+  for (cudaError_t e : {cudaFuncGetAttributes(&attr, combine_kernel<2, false>), cudaFuncGetAttributes(&attr, combine_kernel<2, true>),
+                        cudaFuncGetAttributes(&attr, combine_kernel<4, false>), cudaFuncGetAttributes(&attr, combine_kernel<4, true>),
+                        cudaFuncGetAttributes(&attr, combine_kernel<8, false>), cudaFuncGetAttributes(&attr, combine_kernel<8, true>)})
+    if (e != cudaSuccess) return e;
+  return cudaSuccess;
+}
+
 }  // namespace ht
 }  // namespace nccl_moe

@@ -230,5 +230,10 @@ cudaError_t launchDispatch(const DispatchArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadDispatchKernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, dispatch_kernel);
+}
+
 }  // namespace ht
 }  // namespace nccl_moe

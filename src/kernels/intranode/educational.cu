@@ -372,5 +372,11 @@ cudaError_t launchEducationalCombine(const CombineArgs& a, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+cudaError_t loadEducationalKernels() {
+  cudaFuncAttributes attr;
+  const cudaError_t e = cudaFuncGetAttributes(&attr, educational_dispatch_kernel);
+  return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, educational_combine_kernel);
+}
+
 }  // namespace ht
 }  // namespace nccl_moe

@@ -179,5 +179,10 @@ cudaError_t launchNotify(const NotifyArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadNotifyKernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, notify_kernel);
+}
+
 }  // namespace ht
 }  // namespace nccl_moe

@@ -57,4 +57,9 @@ cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadLayoutKernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, layout_kernel);
+}
+
 }  // namespace nccl_moe

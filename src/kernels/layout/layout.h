@@ -21,5 +21,7 @@ struct LayoutArgs {
 
 // One token per thread; nothing is launched for num_tokens == 0. Returns cudaGetLastError().
 cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream);
+// Loads the kernel on the current device (src/ops/load.cc).
+cudaError_t loadLayoutKernels();
 
 }  // namespace nccl_moe

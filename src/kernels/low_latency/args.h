@@ -61,4 +61,9 @@ cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream);
 cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream);
 cudaError_t launchLlResetBarrier(const LlResetArgs& a, cudaStream_t stream);
 
+// Load the kernels of each file on the current device (src/ops/load.cc).
+cudaError_t loadLlDispatchKernels();
+cudaError_t loadLlCombineKernels();
+cudaError_t loadLlResetKernels();
+
 }  // namespace nccl_moe

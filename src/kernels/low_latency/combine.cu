@@ -268,4 +268,10 @@ cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadLlCombineKernels() {
+  (void)ll::grid_blocks<llCombineKernel>(1);
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, llCombineKernel);
+}
+
 }  // namespace nccl_moe

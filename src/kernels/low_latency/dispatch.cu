@@ -217,4 +217,13 @@ cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadLlDispatchKernels() {
+  // grid_blocks' occupancy query loads the kernel and fixes its cached blocks per SM.
+  (void)ll::grid_blocks<llDispatchKernel<true>>(1);
+  (void)ll::grid_blocks<llDispatchKernel<false>>(1);
+  cudaFuncAttributes attr;
+  const cudaError_t e = cudaFuncGetAttributes(&attr, llDispatchKernel<true>);
+  return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, llDispatchKernel<false>);
+}
+
 }  // namespace nccl_moe

@@ -44,4 +44,9 @@ cudaError_t launchLlResetBarrier(const LlResetArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t loadLlResetKernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, llResetBarrierKernel);
+}
+
 }  // namespace nccl_moe
