@@ -194,6 +194,25 @@ TEST(Window, DeregisteredKeysStayInvalid) {
   EXPECT_EQ(AccessFault::kNone, r.check(b.rkey, 0x1000, 8, AccessKind::kRemoteWrite));
 }
 
+TEST(Window, AMirrorChecksAnotherRanksWindowsByRkey) {
+  WindowRegistry owner(0x31), mirror(0x32);
+  Window a, b;
+  ASSERT_EQ(ncclSuccess, owner.registerWindow(0x10000, 0x1000, kAccessAllRemote, 0, &a));
+  ASSERT_EQ(ncclSuccess, owner.registerWindow(0x20000, 0x40, kAccessAllRemote, kWindowSignal, &b));
+  // What the connection record carries: address, size, rkey.
+  std::vector<Window> listed(2);
+  listed[0].addr = a.addr, listed[0].bytes = a.bytes, listed[0].rkey = a.rkey;
+  listed[1].addr = b.addr, listed[1].bytes = b.bytes, listed[1].rkey = b.rkey;
+  ASSERT_EQ(ncclSuccess, mirror.mirror(listed, kAccessRemoteWrite | kAccessRemoteAtomic));
+  EXPECT_EQ(AccessFault::kNone, mirror.check(a.rkey, 0x10ff0, 16, AccessKind::kRemoteWrite));
+  EXPECT_EQ(AccessFault::kOutOfWindow, mirror.check(a.rkey, 0x10ff0, 17, AccessKind::kRemoteWrite));
+  EXPECT_EQ(AccessFault::kNone, mirror.check(b.rkey, 0x20008, 8, AccessKind::kRemoteAtomic));
+  EXPECT_EQ(AccessFault::kBadKey, mirror.check(a.lkey, 0x10000, 8, AccessKind::kLocalRead)) << "no lkeys in a mirror";
+  listed.push_back(listed[0]);
+  EXPECT_EQ(ncclInvalidArgument, mirror.mirror(listed, kAccessRemoteWrite));
+  EXPECT_EQ(2u, mirror.size()) << "a rejected mirror leaves the previous contents";
+}
+
 TEST(Window, RegistrationWhileCheckingIsSafe) {
   WindowRegistry r;
   Window base;

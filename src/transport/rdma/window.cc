@@ -49,6 +49,23 @@ ncclResult_t WindowRegistry::deregisterWindow(uint32_t lkey) {
   return setLastError(ncclInvalidArgument, "deregisterWindow: no window with lkey 0x%x", lkey);
 }
 
+ncclResult_t WindowRegistry::mirror(const std::vector<Window>& remote_windows, uint32_t access) {
+  MOE_ARG_CHECK((access & ~kKnownAccess) == 0, "mirror: unknown access bits 0x%x", access & ~kKnownAccess);
+  std::vector<Window> copy;
+  for (const Window& r : remote_windows) {
+    MOE_ARG_CHECK(r.bytes != 0 && r.addr + r.bytes > r.addr,
+                  "mirror: window rkey 0x%x [0x%" PRIx64 ", +%" PRIu64 ") is empty or wraps", r.rkey, r.addr, r.bytes);
+    for (const Window& c : copy) MOE_ARG_CHECK(c.rkey != r.rkey, "mirror: rkey 0x%x listed twice", r.rkey);
+    Window w = r;
+    w.lkey = 0;  // a mirror is only ever addressed by rkey
+    w.access = access;
+    copy.push_back(w);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  windows_.swap(copy);
+  return ncclSuccess;
+}
+
 AccessFault WindowRegistry::check(uint32_t key, uint64_t addr, uint64_t bytes, AccessKind kind) const {
   std::lock_guard<std::mutex> lock(mu_);
   return check_window_access(windows_.data(), static_cast<uint32_t>(windows_.size()), key, addr, bytes, kind);

@@ -163,6 +163,11 @@ class WindowRegistry {
   ncclResult_t registerWindow(uint64_t addr, uint64_t bytes, uint32_t access, uint32_t flags, Window* out);
   // Removes the window whose lkey is `lkey`.
   ncclResult_t deregisterWindow(uint32_t lkey);
+  // Makes this registry a mirror of another rank's windows, as its connection record lists them (ConnWindow:
+  // addr, bytes, rkey; the record carries no rights, so `access` applies to all). The software NIC checks remote
+  // references against a mirror when the responder lives in another process. Replaces the contents; fails on an
+  // empty or wrapping window or a duplicate rkey.
+  ncclResult_t mirror(const std::vector<Window>& remote_windows, uint32_t access);
 
   AccessFault check(uint32_t key, uint64_t addr, uint64_t bytes, AccessKind kind) const;
   // The window `key` names (by rkey when `remote`), if any.
