@@ -5,7 +5,9 @@
 // under chaos are in soft_nic_litmus_test.cc.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <string>
