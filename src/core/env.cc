@@ -35,6 +35,9 @@ const std::vector<EnvVar>& envRegistry() {
        "Service level (0..15) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_SL."},
       {"NCCL_MOE_IB_LL_TC", EnvType::kInt, "",
        "Traffic class (0..255) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_TC."},
+      {"NCCL_MOE_EMU_CHAOS", EnvType::kInt, "0",
+       "Seed of the software NIC's chaos mode (random WRITE chunking and placement order, late source reads, "
+       "QP interleaving, delays); 0 = off. Failure messages name the seed."},
   };
   return registry;
 }
