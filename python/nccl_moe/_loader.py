@@ -74,9 +74,12 @@ def import_torch_first():
     """Imports torch if it is installed (and NCCL_MOE_IMPORT_TORCH is not 0); returns the module or None."""
     if os.environ.get("NCCL_MOE_IMPORT_TORCH", "1") == "0":
         return None
-    if importlib.util.find_spec("torch") is None:
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return None
+        return importlib.import_module("torch")
+    except (ImportError, ValueError):  # absent, or blocked (sys.modules["torch"] = None)
         return None
-    return importlib.import_module("torch")
 
 
 def load():
