@@ -151,7 +151,7 @@ def buffer_size(*args):
 class _World:
     def __init__(self, num_ranks):
         self.num_ranks = num_ranks
-        self.barrier = threading.Barrier(num_ranks, timeout=120)
+        self.barrier = threading.Barrier(num_ranks, timeout=30)
         self.slots = [None] * num_ranks
         self.ll_posts = [[None] * num_ranks, [None] * num_ranks]
         self.combine_posts = [[None] * num_ranks, [None] * num_ranks]

@@ -59,8 +59,6 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
 
 
 def _index_type(topk_idx, what="topk_idx"):
@@ -248,6 +246,10 @@ class Comm:
         self._ll_outputs = {}
         self._zero_copy_views = {}
         self._event_cls = Event
+        # torch gives empty tensors a NULL data_ptr(); the library reads "NULL" as "not given" (and rejects a NULL
+        # output), so a given but empty tensor is passed as this small allocation instead.
+        self._dummy = self._rt.empty((256,), torch.uint8)
+        self._dummy_ptr = self._dummy.data_ptr()
         self.ever_captured = False  # a call of this communicator was captured into a CUDA graph
         # Two handles made now (before any kernel runs): enough for two LL results or an HT + an LL one.
         self._pool = _HandlePool(self, 2)
@@ -332,6 +334,10 @@ class Comm:
     def _alloc_context(self, allocate_on_comm_stream, comm_stream):
         return self._rt.stream_context(comm_stream) if allocate_on_comm_stream else _NO_CONTEXT
 
+    def _p(self, t):
+        """Device address of a given tensor (never 0, even when it is empty), 0 for None."""
+        return 0 if t is None else (t.data_ptr() or self._dummy_ptr)
+
     def _take_handle(self, stream_handle):
         capturing = self._rt.is_capturing(stream_handle)
         if capturing:
@@ -363,8 +369,8 @@ class Comm:
         _check_rows(per_rank, "num_tokens_per_rank", (R,), _I32)
         _check_rows(per_expert, "num_tokens_per_expert", (E,), _I32)
         _check_rows(in_rank, "is_token_in_rank", (T, R), torch.bool)
-        self._lib.layout(self._native, topk_idx.data_ptr(), idx_type, T, K, per_rank.data_ptr(), per_expert.data_ptr(),
-                         in_rank.data_ptr(), s)
+        p = self._p
+        self._lib.layout(self._native, p(topk_idx), idx_type, T, K, p(per_rank), p(per_expert), p(in_rank), s)
         event = None
         if overlap:
             event = self._overlap_end(compute, comm_stream, s, async_finish, allocate_on_comm_stream,
@@ -378,7 +384,7 @@ class Comm:
         _check(topk_idx.is_contiguous(), "topk_idx: must be contiguous")
         handle, pinned = self._take_handle(s)
         routing = HtRouting(self, handle, pinned)
-        num_recv, per_expert = self._lib.ht_notify(self._native, handle, topk_idx.data_ptr(), idx_type, T, K,
+        num_recv, per_expert = self._lib.ht_notify(self._native, handle, self._p(topk_idx), idx_type, T, K,
                                                    int(expert_alignment), int(num_worst_tokens), s)
         routing.num_tokens = T
         routing.topk = K
@@ -487,9 +493,10 @@ class Comm:
             scale_token_stride, scale_channel_stride = x_scales.stride()
         else:
             scale_token_stride = scale_channel_stride = 0
-        self._lib.ht_dispatch(self._native, routing._handle, x.data_ptr(), dtype, H, _ptr(x_scales), scale_format,
-                              scale_token_stride, scale_channel_stride, _ptr(topk_weights), recv_x.data_ptr(),
-                              _ptr(recv_x_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights), int(num_sms), s)
+        p = self._p
+        self._lib.ht_dispatch(self._native, routing._handle, p(x), dtype, H, p(x_scales), scale_format,
+                              scale_token_stride, scale_channel_stride, p(topk_weights), p(recv_x), p(recv_x_scales),
+                              p(recv_topk_idx), p(recv_topk_weights), int(num_sms), s)
         event = None
         if overlap:
             event = self._overlap_end(compute, comm_stream, s, async_finish, allocate_on_comm_stream,
@@ -542,9 +549,9 @@ class Comm:
         _check_rows(combined_x, "combined_x", (T, H), _BF16)
         if combined_w is not None:
             _check_rows(combined_w, "combined_topk_weights", (T, K), _F32)
-        self._lib.ht_combine(self._native, routing._handle, x.data_ptr(), H, _ptr(topk_weights), _ptr(bias_0),
-                             _ptr(bias_1), combined_x.data_ptr(), _ptr(combined_w) if topk_weights is not None else 0,
-                             int(num_sms), s)
+        p = self._p
+        self._lib.ht_combine(self._native, routing._handle, p(x), H, p(topk_weights), p(bias_0), p(bias_1),
+                             p(combined_x), p(combined_w) if topk_weights is not None else 0, int(num_sms), s)
         event = None
         if overlap:
             event = self._overlap_end(compute, comm_stream, s, async_finish, allocate_on_comm_stream,
@@ -631,11 +638,10 @@ class Comm:
         handle, pinned = self._take_handle(s)
         h = LLHandle(self, handle, pinned)
         phase = _PHASE_SEND if return_recv_hook else _PHASE_BOTH
-        self._lib.ll_dispatch(self._native, handle, x.data_ptr(), topk_idx.data_ptr(), idx_type, T, H, K, int(use_fp8),
-                              fmt, recv_x.data_ptr(), 0 if recv_x_scales is None else recv_x_scales.data_ptr(),
-                              recv_count.data_ptr(),
-                              0 if cumulative_recv_stats is None else cumulative_recv_stats.data_ptr(), phase,
-                              0 if topk_weights is None else topk_weights.data_ptr(), s)
+        p = self._p
+        self._lib.ll_dispatch(self._native, handle, p(x), p(topk_idx), idx_type, T, H, K, int(use_fp8), fmt,
+                              recv_x.data_ptr(), p(recv_x_scales), recv_count.data_ptr(), p(cumulative_recv_stats),
+                              phase, p(topk_weights), s)
         self._ll_next_half = half ^ 1
         h.num_tokens = T
         h.hidden = H
@@ -650,16 +656,15 @@ class Comm:
         hook = None
         if return_recv_hook:
             lib, native = self._lib, self._native
-            scales_ptr = 0 if recv_x_scales is None else recv_x_scales.data_ptr()
+            scales_ptr = p(recv_x_scales)
+            stats_ptr = p(cumulative_recv_stats)
             keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
 
             def hook():
                 if not h.recv_pending:
                     raise RuntimeError("ll_dispatch hook: the receive half was already run")
                 lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, int(use_fp8), fmt, keep[3].data_ptr(),
-                                scales_ptr, recv_count.data_ptr(),
-                                0 if cumulative_recv_stats is None else cumulative_recv_stats.data_ptr(), _PHASE_RECV,
-                                0, s)
+                                scales_ptr, recv_count.data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
                 h.recv_pending = False
 
         event = None
@@ -723,9 +728,10 @@ class Comm:
         elif out.dtype != _BF16 or tuple(out.shape) != (T, H) or not out.is_contiguous():
             _check_rows(out, "out", (T, H), _BF16)
         phase = _PHASE_SEND if return_recv_hook else _PHASE_BOTH
-        w_ptr = 0 if topk_weights is None else topk_weights.data_ptr()
-        self._lib.ll_combine(self._native, handle._handle, x_ptr, int(bool(zero_copy)), topk_idx.data_ptr(), w_ptr, T,
-                             H, K, out.data_ptr(), phase, s)
+        p = self._p
+        w_ptr = p(topk_weights)
+        self._lib.ll_combine(self._native, handle._handle, x_ptr, int(bool(zero_copy)), p(topk_idx), w_ptr, T, H, K,
+                             p(out), phase, s)
         hook = None
         if return_recv_hook:
             handle.combine_pending = True
@@ -735,8 +741,7 @@ class Comm:
             def hook():
                 if not handle.combine_pending:
                     raise RuntimeError("ll_combine hook: the receive half was already run")
-                lib.ll_combine(native, handle._handle, 0, 0, keep[1].data_ptr(), w_ptr, T, H, K, keep[3].data_ptr(),
-                               _PHASE_RECV, s)
+                lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
                 handle.combine_pending = False
 
         event = None
