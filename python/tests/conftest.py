@@ -68,7 +68,7 @@ class Backend:
         return LocalWorld(num_ranks, devices=None if self.name == "cuda" else [0] * num_ranks, lib=self.lib)
 
     def to(self, t):
-        return t.to(self.device)
+        return t.to(self.device, copy=True)
 
     def sync(self):
         if self.name == "cuda":

@@ -14,6 +14,7 @@
 
 Environment: NCCL_MOE_REUSE_TORCH_COMM=0 never borrows (like DeepEP V2's EP_REUSE_NCCL_COMM=0).
 """
+import contextlib
 import os
 
 import torch
@@ -105,7 +106,9 @@ def own_nccl_comm(group, device_index, lib, mpi_comm=None) -> int:
         rank, size = group.rank(), group.size()
         box = [lib.nccl_unique_id() if rank == 0 else None]
         src = dist.get_global_rank(group, 0)
-        with torch.cuda.device(device_index):
+        # An NCCL-only group moves the object through the current CUDA device.
+        context = torch.cuda.device(device_index) if _nccl_backend(group) is not None else contextlib.nullcontext()
+        with context:
             dist.broadcast_object_list(box, src=src, group=group)
         uid = box[0]
     return lib.nccl_comm_init_rank(size, uid, rank, device_index)
@@ -125,7 +128,7 @@ def create_native(group, config, device, comm_source, mpi_comm, lib):
             raise RuntimeError("Comm: pass a ProcessGroup (or mpi_comm=, or a LocalWorld group); "
                                "torch.distributed is not initialised")
         group = dist.group.WORLD
-    device_index = _device_index(device)
+    device_index = 0 if device is None and hasattr(lib, "make_runtime") else _device_index(device)
     owned = 0
     if mpi_comm is not None:
         ptr = owned = own_nccl_comm(None, device_index, lib, mpi_comm)

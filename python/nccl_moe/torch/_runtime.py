@@ -7,6 +7,8 @@ Everything the torch layer does with streams goes through a Runtime, so the per-
   - library-owned memory (the zero-copy LL combine buffer, handle arrays) is wrapped once as a tensor through
     __cuda_array_interface__ and cached by the caller.
 """
+import functools
+
 import torch
 
 # torch dtype -> (__cuda_array_interface__ typestr, view dtype): CAI has no bf16/fp8, so those come in as same-size
@@ -81,12 +83,14 @@ class CudaRuntime:
         self.index = int(index)
         self.device = torch.device("cuda", self.index)
         self.lib = lib
-        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._bind()
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            # One C call per use (the method below stays as the documented fallback).
+            self.current_stream = functools.partial(raw, self.index)
 
     # -- streams -------------------------------------------------------------------------------------------------
     def current_stream(self) -> int:
-        if self._raw_stream is not None:
-            return self._raw_stream(self.index)
         return torch.cuda.current_stream(self.index).cuda_stream
 
     def current_torch_stream(self):
@@ -108,6 +112,10 @@ class CudaRuntime:
 
     def is_capturing(self, stream_handle: int) -> bool:
         return self.lib.stream_is_capturing(stream_handle)
+
+    def _bind(self):
+        # The extension's function itself, without a Python frame in between.
+        self.is_capturing = self.lib.stream_is_capturing
 
     # -- events --------------------------------------------------------------------------------------------------
     def new_native_event(self):
@@ -148,7 +156,15 @@ _RUNTIMES = {}
 
 
 def runtime_for(device=None, lib=None):
-    """The (cached) CudaRuntime of a device index / torch.device / None (current device)."""
+    """The (cached) CudaRuntime of a device index / torch.device / None (current device); the stand-in's runtime
+    when the torch layer runs on a stand-in of the extension (tests)."""
+    if lib is None:
+        from ._comm import _Backend
+
+        lib = _Backend.lib
+    make_runtime = getattr(lib, "make_runtime", None)
+    if make_runtime is not None:
+        return make_runtime(0 if device is None or not isinstance(device, int) else device)
     if device is None:
         index = torch.cuda.current_device()
     elif isinstance(device, int):
@@ -159,8 +175,6 @@ def runtime_for(device=None, lib=None):
             index = torch.cuda.current_device()
     rt = _RUNTIMES.get(index)
     if rt is None:
-        if lib is None:
-            from .. import _C as lib
         rt = _RUNTIMES[index] = CudaRuntime(index, lib)
     return rt
 
