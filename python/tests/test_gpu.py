@@ -102,14 +102,16 @@ def test_ht_worst_case_graph_replay(cuda, num_ranks):
             def step():
                 res = comm.ht_dispatch(x, idx, num_worst_tokens=worst)
                 out = comm.ht_combine(res.recv_x, res.routing).combined_x
-                return res.recv_x, res.routing.recv_count, res.routing.recv_src_info, out
+                return res.recv_x, res.routing, out
 
             step()
             torch.cuda.current_stream().synchronize()
             world.barrier()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                recv_x, count, src_info, out = step()
+                recv_x, routing, out = step()
+            # Views of the handle's device arrays (fixed addresses: the captured routing is never reused).
+            count, src_info = routing.recv_count, routing.recv_src_info
             world.barrier()
             got = []
             for p in problems[1:]:

@@ -213,6 +213,12 @@ class Comm:
         config = _group.make_config(config, config_fields)
         native, owned_nccl, lib = _group.create_native(group, config, device, comm_source, mpi_comm, _Backend.lib)
         self._setup(native, lib, config, owned_nccl, group)
+        from ._world import LocalGroup
+
+        if isinstance(group, LocalGroup):
+            # No rank's first collective kernel may start (and wait for us) while another still allocates its
+            # handles: ranks of one process must not cudaMalloc while a peer's kernel waits for them.
+            group.world.barrier()
 
     @classmethod
     def _from_native(cls, native, lib, config, owned_nccl=0, group=None):
