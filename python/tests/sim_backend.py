@@ -21,9 +21,9 @@ from nccl_moe import _C as _REAL
 
 from reference import cast_to_fp8 as _ref_cast  # noqa: E402  (the cast is a pure function of a row)
 
-for _name in dir(_REAL):
-    if _name.isupper():
-        globals()[_name] = getattr(_REAL, _name)
+from nccl_moe._C import (BFLOAT16, FP8_E4M3, INDEX_INT32, INDEX_INT64, MAX_EXPERTS, MAX_NVL_PEERS,  # noqa: E402,F401
+                         MAX_RANKS, MAX_TOPK, PHASE_BOTH, PHASE_RECV, PHASE_SEND, SCALE_FLOAT, SCALE_FLOAT_POW2,
+                         SCALE_UE8M0)
 
 _DTYPES = {0: torch.int64, 1: torch.int32}
 _ELEM = {torch.int64: 8, torch.int32: 4, torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1,
@@ -329,7 +329,7 @@ def ht_dispatch(comm, handle, x, dtype, H, x_scales, scale_format, s_tok, s_ch, 
         scales = _strided(x_scales, (T, cols), (s_tok, s_ch), sdt)
     w = _view(topk_weights, (T, K), torch.float32).clone() if topk_weights else None
     everyone = comm.world.all_gather(comm.rank, (rows_x, scales, w))
-    R, E_l, d = comm.num_ranks, comm.num_experts // comm.num_ranks, comm.rank
+    E_l, d = comm.num_experts // comm.num_ranks, comm.rank
     n_rows = ht["capacity"] if ht["capacity"] > 0 else len(ht["src"])
     out_x = _view(recv_x, (n_rows, H), xdt)
     out_s = _view(recv_x_scales, (n_rows, scales.shape[1]), scales.dtype) if scales is not None else None

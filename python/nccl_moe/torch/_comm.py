@@ -71,11 +71,6 @@ def _index_type(topk_idx, what="topk_idx"):
     return t
 
 
-def _check(cond, message):
-    if not cond:
-        raise ValueError(message)
-
-
 def _check_rows(t, name, shape, dtype):
     """A tensor the library reads or writes with packed rows: exact shape, dtype, contiguous, on the device."""
     if t.dtype != dtype:
@@ -251,6 +246,7 @@ class Comm:
         self.device = self._rt.device
         self._destroyed = False
         self._comm_stream = None
+        self._sync_event = None
         self._ll_next_half = 0
         self._ll_outputs = {}
         self._ll_checked_out = None
@@ -320,10 +316,16 @@ class Comm:
         if previous_event is not None:
             rt.wait_event(previous_event, comm_handle)
         else:
-            ev = rt.new_native_event()
+            ev = self._fork_join_event()
             ev.record(compute)
             ev.wait(comm_handle)
         return compute, comm_stream, comm_handle
+
+    def _fork_join_event(self):
+        # One event serves every fork and join: a wait uses the event's state when it is enqueued.
+        if self._sync_event is None:
+            self._sync_event = self._rt.new_native_event()
+        return self._sync_event
 
     def _overlap_end(self, compute, comm_stream, comm_handle, async_finish, allocate_on_comm_stream, tensors,
                      record_streams=True):
@@ -338,7 +340,7 @@ class Comm:
                             rt.record_stream(t, compute_stream)
             return self._event_cls(rt, comm_handle,
                                    None if record_streams else tuple(t for t in tensors if t is not None))
-        ev = rt.new_native_event()
+        ev = self._fork_join_event()
         ev.record(comm_handle)
         ev.wait(compute)
         return None
@@ -363,7 +365,8 @@ class Comm:
         is_token_in_rank [T, R] bool, event). `out`: a 3-tuple of those tensors (entries may be None)."""
         T, K = topk_idx.shape
         idx_type = _index_type(topk_idx)
-        _check(topk_idx.is_contiguous(), "topk_idx: must be contiguous")
+        if not topk_idx.is_contiguous():
+            raise ValueError("topk_idx: must be contiguous")
         overlap = previous_event is not None or async_finish or allocate_on_comm_stream
         if overlap:
             compute, comm_stream, s = self._overlap_begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -393,7 +396,8 @@ class Comm:
     def _notify(self, topk_idx, expert_alignment, num_worst_tokens, s):
         T, K = topk_idx.shape
         idx_type = _index_type(topk_idx)
-        _check(topk_idx.is_contiguous(), "topk_idx: must be contiguous")
+        if not topk_idx.is_contiguous():
+            raise ValueError("topk_idx: must be contiguous")
         handle, pinned = self._take_handle(s)
         routing = HtRouting(self, handle, pinned)
         num_recv, per_expert = self._lib.ht_notify(self._native, handle, self._p(topk_idx), idx_type, T, K,
@@ -452,11 +456,12 @@ class Comm:
                 scale_format, num_scale_cols = _NATIVE.SCALE_UE8M0, _ceil_div(H, 512)
             else:
                 raise TypeError(f"x_scales: dtype {x_scales.dtype}, expected float32 or packed ue8m0 int32")
-            _check(tuple(x_scales.shape) == (T, num_scale_cols),
-                   f"x_scales: shape {tuple(x_scales.shape)}, expected ({T}, {num_scale_cols})")
+            if tuple(x_scales.shape) != (T, num_scale_cols):
+                raise ValueError(f"x_scales: shape {tuple(x_scales.shape)}, expected ({T}, {num_scale_cols})")
         else:
             raise TypeError(f"x: dtype {x.dtype}, expected torch.bfloat16 or torch.float8_e4m3fn")
-        _check(x.is_contiguous(), "x: must be contiguous ([T, H] rows)")
+        if not x.is_contiguous():
+            raise ValueError("x: must be contiguous ([T, H] rows)")
         if topk_weights is not None:
             _check_rows(topk_weights, "topk_weights", (T, topk_weights.shape[1] if topk_weights.dim() == 2 else -1),
                         _F32)
@@ -471,16 +476,20 @@ class Comm:
         if cached:
             if topk_idx is not None:
                 raise ValueError("topk_idx: must be None with routing= (cached dispatch reuses the routing)")
-            _check(routing._comm is self, "routing: belongs to another communicator")
-            _check(T == routing.num_tokens, f"x: {T} tokens, the routing has {routing.num_tokens}")
+            if routing._comm is not self:
+                raise ValueError("routing: belongs to another communicator")
+            if T != routing.num_tokens:
+                raise ValueError(f"x: {T} tokens, the routing has {routing.num_tokens}")
         else:
             if topk_idx is None:
                 raise ValueError("topk_idx: required without routing=")
-            _check(topk_idx.shape[0] == T, f"topk_idx: {topk_idx.shape[0]} rows, x has {T}")
+            if topk_idx.shape[0] != T:
+                raise ValueError(f"topk_idx: {topk_idx.shape[0]} rows, x has {T}")
             routing = self._notify(topk_idx, expert_alignment, num_worst_tokens, s)
         K = routing.topk
         if topk_weights is not None:
-            _check(topk_weights.shape[1] == K, f"topk_weights: {topk_weights.shape[1]} columns, expected K = {K}")
+            if topk_weights.shape[1] != K:
+                raise ValueError(f"topk_weights: {topk_weights.shape[1]} columns, expected K = {K}")
         rows = routing.rows
 
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out if out is not None else (None,) * 4
@@ -525,7 +534,8 @@ class Comm:
         x: [rows, H] bf16 in the dispatch's output order. bias: None, a [T, H] bf16 tensor, or a 2-tuple of them.
         out: combined_x, or a 2-tuple (combined_x, combined_topk_weights). Returns HtCombineResult.
         """
-        _check(routing._comm is self, "routing: belongs to another communicator")
+        if routing._comm is not self:
+            raise ValueError("routing: belongs to another communicator")
         rows, T, K = routing.rows, routing.num_tokens, routing.topk
         H = x.shape[1]
         _check_rows(x, "x", (rows, H), _BF16)
@@ -673,12 +683,14 @@ class Comm:
             lib, native = self._lib, self._native
             keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
 
-            def hook():
+            def recv_hook():
                 if not h.recv_pending:
                     raise RuntimeError("ll_dispatch hook: the receive half was already run")
                 lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, use_fp8, fmt, keep[3].data_ptr(),
                                 scales_ptr, recv_count.data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
                 h.recv_pending = False
+
+            hook = recv_hook
 
         event = None
         if async_finish:
@@ -778,11 +790,13 @@ class Comm:
             lib, native = self._lib, self._native
             keep = (x, topk_idx, topk_weights, out)
 
-            def hook():
+            def recv_hook():
                 if not handle.combine_pending:
                     raise RuntimeError("ll_combine hook: the receive half was already run")
                 lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
                 handle.combine_pending = False
+
+            hook = recv_hook
 
         event = None
         if async_finish:
