@@ -63,6 +63,20 @@ def intranode_round(buffer, x, topk_idx, topk_weights, num_experts, *, async_mod
     return out
 
 
+def fp8_round(buffer, x_fp8, x_scales, topk_idx, num_experts):
+    """vLLM's HT path: x as a (fp8, scales) tuple; recv_x comes back as a tuple too, cached dispatch likewise."""
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
+        buffer.get_dispatch_layout(topk_idx, num_experts)
+    (recv_x, recv_x_scales), recv_topk_idx, recv_topk_weights, per_expert, handle, event = buffer.dispatch(
+        x=(x_fp8, x_scales), handle=None, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=None, expert_alignment=1)
+    assert recv_topk_weights is None and event.event is None
+    (again, again_scales), *_ = buffer.dispatch((x_fp8, x_scales), handle=handle)
+    return dict(recv_x=recv_x.cpu(), recv_x_scales=recv_x_scales.cpu(), again=again.cpu(),
+                again_scales=again_scales.cpu(), per_expert=per_expert)
+
+
 def worst_case_round(buffer, x, topk_idx, num_experts, num_worst_tokens):
     """Worst-case mode (no CPU sync): rows padded to num_worst_tokens, recv_topk_idx -1 past the real count."""
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx,

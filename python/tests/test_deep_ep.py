@@ -135,6 +135,8 @@ def test_deep_ep_code_in_local_world(backend, num_ranks):
             out["intranode_async"] = style.intranode_round(buffer, x, idx, w, E, async_mode=True,
                                                            x2=backend.to(x2[r]))
             out["worst"] = style.worst_case_round(buffer, x, idx, E, num_worst_tokens=num_ranks * max_tokens)
+            q, scales = ref.cast_to_fp8(p.x[r], "ue8m0")
+            out["fp8"] = style.fp8_round(buffer, backend.to(q), backend.to(scales), idx, E)
             buffer.clean_low_latency_buffer(max_tokens, H, E)  # after HT use, as DeepEP requires
             out["ll_bf16"] = style.low_latency_round(buffer, x, idx, w, max_tokens, E, use_fp8=False, hook_mode=True,
                                                      zero_copy=True, expert=_ll_expert(p, None))
@@ -158,6 +160,14 @@ def test_deep_ep_code_in_local_world(backend, num_ranks):
         assert_same_bits(got[d]["worst"]["recv_x"][:n], want["recv_x"], "worst-case recv_x")
         assert (got[d]["worst"]["recv_topk_idx"][n:] == -1).all()
         assert got[d]["unsupported"]
+        scales = [ref.cast_to_fp8(x, "ue8m0") for x in p.x]
+        if n:
+            q_want = torch.stack([scales[s][0][t] for s, t in want["src"]])
+            s_want = torch.stack([scales[s][1][t] for s, t in want["src"]])
+            for key, skey in (("recv_x", "recv_x_scales"), ("again", "again_scales")):
+                assert_same_bits(got[d]["fp8"][key], q_want, f"rank {d} fp8 {key}")
+                assert_same_bits(got[d]["fp8"][skey], s_want, f"rank {d} fp8 {skey}")
+        assert got[d]["fp8"]["per_expert"] == want["num_recv_per_expert"]
     _check_ll(p, got, "ll_bf16", max_tokens, False, "float")
     _check_ll(p, got, "ll_fp8", max_tokens, True, "float")
     _check_ll(p, got, "ll_ue8m0", max_tokens, True, "ue8m0")

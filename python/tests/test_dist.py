@@ -168,3 +168,43 @@ def test_deep_ep_over_gloo_group(backend, groups):
 @pytest.mark.gpu
 def test_deep_ep_over_nccl_group(groups):
     _deep_ep_single_rank(_CudaBackend(), groups[0])
+
+
+class _FakeMpiComm:
+    """The part of an mpi4py communicator that TensorRT-LLM's Buffer(None, ..., comm=) path uses, for one rank."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def bcast(self, obj, root=0):
+        return obj
+
+
+def test_mpi_comm_argument(backend, groups):
+    """Buffer(None, 0, rdma, low_latency_mode=True, num_qps_per_rank=E_l, comm=mpi_comm): TRT-LLM's construction."""
+    import nccl_moe.deep_ep as deep_ep
+
+    H, E, M = 256, 4, 8
+    rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, 1, E)
+    buffer = deep_ep.Buffer(None, 0, rdma, low_latency_mode=True, num_qps_per_rank=E, comm=_FakeMpiComm())
+    try:
+        assert buffer.runtime is not None and buffer.runtime._owned_nccl != 0  # eager, from the size hint
+        p = Problem(1, E, H, 2, [6], seed=91)
+        x, idx, w = backend.to(p.x[0]), backend.to(p.topk_idx[0]), backend.to(p.weights[0])
+        recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+        assert event.event is None and hook is None
+        out, event, hook = buffer.low_latency_combine(recv_x, idx, w, handle)
+        wl = ref.ll_dispatch(p.topk_idx, E, M, x=p.x)
+        ys = [recv_x.cpu().clone()]
+        for j in range(E):
+            ys[0][j, int(recv_count[j]):] = 0
+        assert_same_bits(out, ref.ll_combine(p.topk_idx, p.weights, wl, ys, E)[0], "combined_x")
+        with pytest.raises(RuntimeError, match="no high-throughput capacity"):
+            buffer.dispatch(x, topk_idx=idx, num_tokens_per_rank=idx, is_token_in_rank=idx, num_tokens_per_expert=
+                            torch.zeros(E, dtype=torch.int32))
+    finally:
+        buffer.explicitly_destroy = True
+        buffer.destroy()
