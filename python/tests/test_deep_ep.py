@@ -45,8 +45,13 @@ def test_surface(deep_ep_alias):
     import nccl_moe
 
     hint = c.get_nvl_buffer_size_hint(7168 * 2, 8)
-    assert hint == nccl_moe.Config(num_experts=256, hidden=7168, max_topk=16,
+    assert hint == nccl_moe.Config(num_experts=4096, hidden=7168, max_topk=16,
                                    max_tokens_per_rank=4096).buffer_size(8)
+    # ... whatever the experts: a Buffer sized with the hint holds 4096 tokens per rank.
+    for experts in (8, 256, 288, 4096):
+        buffer = deep_ep.Buffer.__new__(deep_ep.Buffer)
+        buffer.num_nvl_bytes, buffer.group_size = hint, 8
+        assert buffer._ht_capacity(experts, 7168, 0) >= 4096
     ll = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
     assert ll == nccl_moe.Config(num_experts=256, hidden=7168, max_topk=16, ll_max_tokens_per_rank=128).buffer_size(8)
     assert deep_ep.Buffer.is_sm90_compiled()

@@ -8,13 +8,15 @@ capacity from num_nvl_bytes).
 """
 import os
 
-from .. import MAX_NVL_PEERS, MAX_TOPK
+from .. import MAX_EXPERTS, MAX_NVL_PEERS, MAX_TOPK
 from .. import Config as _MoeConfig
 
 # The shim sizes every communicator for the largest top-k (the buffer grows by about 2 MiB at hidden 7168).
 SHIM_MAX_TOPK = int(os.environ.get("NCCL_MOE_DEEP_EP_MAX_TOPK", MAX_TOPK))
-# Experts assumed by the size hints, which do not know them (the buffer size barely depends on them).
-_HINT_EXPERTS = 256
+# Experts assumed by the size hints, which do not know them: the most there can be, so that a Buffer sized with the
+# hint gets at least NCCL_MOE_DEEP_EP_MAX_TOKENS tokens of capacity whatever its experts (the buffer grows by a few KiB
+# per thousand experts).
+_HINT_EXPERTS = MAX_EXPERTS
 
 
 def default_max_tokens() -> int:
