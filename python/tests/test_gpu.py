@@ -51,7 +51,7 @@ def test_ll_graph_replay_with_new_data(cuda, num_ranks):
             torch.cuda.current_stream().synchronize()
             world.barrier()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            with torch.cuda.graph(g, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 recv_count, out = step()
             assert comm.ever_captured
             world.barrier()
@@ -108,7 +108,7 @@ def test_ht_worst_case_graph_replay(cuda, num_ranks):
             torch.cuda.current_stream().synchronize()
             world.barrier()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            with torch.cuda.graph(g, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 recv_x, routing, out = step()
             # Views of the handle's device arrays (fixed addresses: the captured routing is never reused).
             count, src_info = routing.recv_count, routing.recv_src_info
@@ -152,7 +152,7 @@ def test_host_count_notify_refused_in_capture(cuda):
             torch.cuda.current_stream().synchronize()
             g = torch.cuda.CUDAGraph()
             with pytest.raises(nccl_moe.NcclMoeError, match="recv_capacity > 0"):
-                with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                with torch.cuda.graph(g, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                     comm.ht_dispatch(x, idx)
         finally:
             torch.cuda.synchronize()

@@ -8,7 +8,10 @@ ncclMoeCommInitAll apply:
   - CUDA_DEVICE_MAX_CONNECTIONS=32 must be in the environment before the process first uses CUDA (set here when
     CUDA is not initialised yet);
   - a rank thread should not allocate new device memory (cudaMalloc) while a peer's kernel already waits for it:
-    warm the caching allocator first (LocalWorld.run does a barrier before and after your setup if you ask).
+    warm the caching allocator on the rank's stream first (Comm(group) ends with a barrier of the ranks, after its
+    own allocations);
+  - CUDA graphs: capture each rank on a stream of its own (torch.cuda.graph(g, stream=torch.cuda.Stream(),
+    capture_error_mode="thread_local")); torch's default capture stream is shared by all threads.
 
 LocalGroup is what stands for a ProcessGroup in such a world: `rank()`, `size()`; nccl_moe.torch.Comm(group) and
 nccl_moe.deep_ep.Buffer(group) accept it. Creating the communicators is collective over the rank threads (the first
