@@ -310,6 +310,9 @@ class Comm:
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
         rt = self._rt
+        if previous_event is not None and not isinstance(previous_event, Event) and hasattr(previous_event, "event") \
+                and not isinstance(previous_event, torch.cuda.Event):
+            previous_event = previous_event.event  # DeepEP's EventOverlap; EventOverlap(None) means "none"
         compute = rt.current_stream()
         comm_stream = self.comm_stream
         comm_handle = rt.as_stream_handle(comm_stream)

@@ -124,15 +124,14 @@ class CudaRuntime:
     def wait_event(self, event, stream_handle: int):
         """`event` may be our Event, a DeepEP-style EventOverlap/EventHandle (anything with .event or
         .current_stream_wait), or a torch.cuda.Event."""
-        inner = getattr(event, "event", None)
-        if inner is not None and not isinstance(event, torch.cuda.Event):
-            event = inner
+        if not isinstance(event, (Event, torch.cuda.Event)) and hasattr(event, "event"):
+            event = event.event  # DeepEP's EventOverlap
+            if event is None:
+                return
         if isinstance(event, Event):
             event._event.wait(stream_handle)
         elif isinstance(event, torch.cuda.Event):
             event.wait(torch.cuda.ExternalStream(stream_handle, device=self.device))
-        elif hasattr(event, "_nccl_moe_event"):
-            event._nccl_moe_event._event.wait(stream_handle)
         else:
             raise TypeError(f"previous_event: expected an event (nccl_moe Event, EventOverlap, torch.cuda.Event), "
                             f"got {type(event).__name__}")
