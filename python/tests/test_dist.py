@@ -208,3 +208,23 @@ def test_mpi_comm_argument(backend, groups):
     finally:
         buffer.explicitly_destroy = True
         buffer.destroy()
+
+
+def test_from_nccl_comm(backend, groups):
+    """Comm.from_nccl_comm over an ncclComm_t the caller owns (here one made like the own-communicator path)."""
+    import nccl_moe
+    from nccl_moe.torch import Comm
+    from nccl_moe.torch._comm import _Backend
+
+    lib = _Backend.lib
+    ptr = lib.nccl_comm_init_rank(1, lib.nccl_unique_id(), 0, 0)
+    try:
+        comm = Comm.from_nccl_comm(ptr, nccl_moe.Config(num_experts=4, hidden=256, max_topk=2, max_tokens_per_rank=16,
+                                                        ll_max_tokens_per_rank=16))
+        try:
+            assert comm._owned_nccl == 0
+            _single_rank_round(backend, comm)
+        finally:
+            comm.destroy()
+    finally:
+        lib.nccl_comm_destroy(ptr)

@@ -226,10 +226,12 @@ class Comm:
         """Collective over `nccl_comm` (an ncclComm_t as int, of the libnccl this process loaded); the NCCL
         communicator stays the caller's and must outlive this one."""
         lib = _Backend.lib
+        ptr = int(nccl_comm)
         if device is None:
-            device = lib.nccl_comm_info(int(nccl_comm))[2]
-        native = lib.Comm.init(int(nccl_comm), int(torch.device("cuda", device).index if not isinstance(device, int)
-                                                   else device), *config._args())
+            device = lib.nccl_comm_info(ptr)[2]  # the communicator's own device
+        elif not isinstance(device, int):
+            device = torch.device(device).index
+        native = lib.Comm.init(ptr, int(device), *config._args())
         return cls._from_native(native, lib, config)
 
     def _setup(self, native, lib, config, owned_nccl, group):
