@@ -3,7 +3,7 @@
 
 Exit codes: pytest's; 77 (ctest: skipped) only when pytest itself is not installed; 1 when no test ran (pytest's
 5), so a broken collection never passes. The package comes from PYTHONPATH (ctest: <build>/python, the extension
-built in the tree) or from an installed nccl_moe. Tests that need torch are skipped without it (CI installs it).
+built in the tree) or from an installed nccl_moe. Tests that need torch are skipped without it (CI does not install it: ~3 GB).
 """
 import importlib.util
 import os
