@@ -37,8 +37,8 @@ extern "C" {
  * A communicator's ranks are grouped into nodes (ranks with the same host identity: NCCL_MOE_HOSTID, else
  * NCCL_HOSTID, else the host name). Inside a node ranks talk over NVLink (or share a GPU); across nodes they
  * need the scale-out transport, which this build does not have yet (multi-node communicators are refused). */
-#define NCCL_MOE_MAX_RANKS 256     /* ranks of one communicator, over all its nodes */
-#define NCCL_MOE_MAX_NVL_PEERS 8   /* ranks of one node (NVLink domain), the rank itself included */
+#define NCCL_MOE_MAX_RANKS 256   /* ranks of one communicator, over all its nodes */
+#define NCCL_MOE_MAX_NVL_PEERS 8 /* ranks of one node (NVLink domain), the rank itself included */
 #define NCCL_MOE_MAX_TOPK 16
 #define NCCL_MOE_MAX_EXPERTS 4096
 
@@ -52,9 +52,9 @@ typedef enum {
 } ncclMoeDataType_t;
 
 typedef enum {
-  ncclMoeScaleFloat = 0,    /* float32, one per 128 channels: amax/448 */
+  ncclMoeScaleFloat = 0,     /* float32, one per 128 channels: amax/448 */
   ncclMoeScaleFloatPow2 = 1, /* float32 rounded up to a power of two (low-latency cast only) */
-  ncclMoeScaleUe8m0 = 2     /* power-of-two exponent bytes (value 2^(b-127)), four packed per int32 */
+  ncclMoeScaleUe8m0 = 2      /* power-of-two exponent bytes (value 2^(b-127)), four packed per int32 */
 } ncclMoeScaleFormat_t;
 
 typedef enum {
@@ -64,11 +64,7 @@ typedef enum {
 
 /* Low-latency calls may be split in two: the send half returns once the data is posted; the receive
  * half, called later on any stream ordered after it, waits for arrival and writes the outputs. */
-typedef enum {
-  ncclMoePhaseBoth = 3,
-  ncclMoePhaseSend = 1,
-  ncclMoePhaseRecv = 2
-} ncclMoePhase_t;
+typedef enum { ncclMoePhaseBoth = 3, ncclMoePhaseSend = 1, ncclMoePhaseRecv = 2 } ncclMoePhase_t;
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Version, errors                                                                                  */
@@ -87,14 +83,14 @@ const char* ncclMoeGetLastError(ncclMoeComm_t comm);
 /* ------------------------------------------------------------------------------------------------ */
 
 typedef struct {
-  size_t size;           /* sizeof(ncclMoeConfig_t) */
-  unsigned int version;  /* NCCL_MOE_VERSION_CODE */
-  int num_experts;       /* E: total experts, E % R == 0, E >= R, E <= NCCL_MOE_MAX_EXPERTS. Required. */
-  int hidden;            /* largest H any call will use (elements, H % 8 == 0). Required. */
-  int max_topk;          /* largest K any call will use, 1..NCCL_MOE_MAX_TOPK. Default 8. */
+  size_t size;                /* sizeof(ncclMoeConfig_t) */
+  unsigned int version;       /* NCCL_MOE_VERSION_CODE */
+  int num_experts;            /* E: total experts, E % R == 0, E >= R, E <= NCCL_MOE_MAX_EXPERTS. Required. */
+  int hidden;                 /* largest H any call will use (elements, H % 8 == 0). Required. */
+  int max_topk;               /* largest K any call will use, 1..NCCL_MOE_MAX_TOPK. Default 8. */
   int max_tokens_per_rank;    /* high-throughput capacity: largest T of a HT call on any rank; 0 = no HT. */
   int ll_max_tokens_per_rank; /* low-latency capacity: largest T of a LL call (same on every rank); 0 = no LL. */
-  int num_sms;           /* default SM budget of HT kernels; 0 = chosen from the hardware. */
+  int num_sms;                /* default SM budget of HT kernels; 0 = chosen from the hardware. */
 } ncclMoeConfig_t;
 
 #define NCCL_MOE_CONFIG_INITIALIZER \
@@ -134,8 +130,7 @@ ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const nc
  * (CUDA_MODULE_LOADING=EAGER): a lazily loaded kernel waits for the device at its first launch, where a peer's
  * kernel may be waiting for this rank's next call.
  * On failure no communicator is returned (comms[] all NULL) and ncclMoeGetLastError(NULL) says why. */
-ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices,
-                                const ncclMoeConfig_t* config);
+ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices, const ncclMoeConfig_t* config);
 /* Waits for outstanding work, then frees everything the communicator owns. Collective for communicators made
  * by ncclMoeCommInit (a barrier over nccl_comm before the buffer goes). Not collective for those made by
  * ncclMoeCommInitAll: they may be destroyed in any order from any thread; the world's buffers are released
@@ -160,13 +155,13 @@ ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* topk_idx;           /* [T, K] int64 or int32 (topk_idx_type), -1 = unused slot; device */
+  const void* topk_idx; /* [T, K] int64 or int32 (topk_idx_type), -1 = unused slot; device */
   ncclMoeIndexType_t topk_idx_type;
-  int num_tokens;                 /* T >= 0 */
-  int topk;                       /* K, 1..max_topk */
-  int* num_tokens_per_rank;       /* out: [R] int32, device, caller-owned */
-  int* num_tokens_per_expert;     /* out: [E] int32, device, caller-owned (may be NULL) */
-  uint8_t* is_token_in_rank;      /* out: [T, R] bool bytes, device, caller-owned (may be NULL) */
+  int num_tokens;             /* T >= 0 */
+  int topk;                   /* K, 1..max_topk */
+  int* num_tokens_per_rank;   /* out: [R] int32, device, caller-owned */
+  int* num_tokens_per_expert; /* out: [E] int32, device, caller-owned (may be NULL) */
+  uint8_t* is_token_in_rank;  /* out: [T, R] bool bytes, device, caller-owned (may be NULL) */
 } ncclMoeLayoutArgs_t;
 
 #define NCCL_MOE_LAYOUT_ARGS_INITIALIZER \
@@ -174,8 +169,7 @@ typedef struct {
 
 /* Local, not collective: counts of this rank's tokens per destination rank and expert. A token counts
  * once per rank even when several of its experts live there. */
-ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const ncclMoeLayoutArgs_t* args,
-                                      cudaStream_t stream);
+ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const ncclMoeLayoutArgs_t* args, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* High-throughput dispatch and combine                                                              */
@@ -192,18 +186,18 @@ ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const ncclMoeLayoutArg
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* topk_idx;           /* [T, K] int64 or int32, -1 = unused slot; device */
+  const void* topk_idx; /* [T, K] int64 or int32, -1 = unused slot; device */
   ncclMoeIndexType_t topk_idx_type;
-  int num_tokens;                 /* T, 0..max_tokens_per_rank (may differ between ranks) */
-  int topk;                       /* K, 1..max_topk (same on every rank) */
-  int expert_alignment;           /* per-expert receive counts rounded up to this multiple; >= 1 */
+  int num_tokens;       /* T, 0..max_tokens_per_rank (may differ between ranks) */
+  int topk;             /* K, 1..max_topk (same on every rank) */
+  int expert_alignment; /* per-expert receive counts rounded up to this multiple; >= 1 */
   /* 0: host-count mode: the call waits (host synchronisation) until this rank's receive count is known
    *    and returns it in *num_recv_tokens.
    * >0: worst-case mode: the caller's outputs have room for recv_capacity rows; nothing waits on the
    *    host (CUDA-graph capturable). The real count is in ncclMoeHandleRecvCountDevice(). A count over
    *    recv_capacity becomes an asynchronous error on the device (no row past capacity is written). */
   int recv_capacity;
-  int* num_recv_tokens;           /* out (host, host-count mode only): N_recv */
+  int* num_recv_tokens;            /* out (host, host-count mode only): N_recv */
   int* num_recv_tokens_per_expert; /* out (host, optional, host-count mode only): [E_l] aligned counts */
 } ncclMoeNotifyArgs_t;
 
@@ -225,25 +219,27 @@ ncclResult_t ncclMoeHandleRecvCountDevice(ncclMoeHandle_t handle, const int** re
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* x;                  /* [T, H] bf16 or fp8 e4m3 (dtype), row stride H elements; device */
+  const void* x; /* [T, H] bf16 or fp8 e4m3 (dtype), row stride H elements; device */
   ncclMoeDataType_t dtype;
-  int hidden;                     /* H, H % 8 == 0 (bf16) / H % 16 == 0 (fp8), <= config hidden */
-  const void* x_scales;           /* fp8 only: float [T, ceil(H/128)] or packed ue8m0 int32 [T, ceil(H/512)] */
+  int hidden;                        /* H, H % 8 == 0 (bf16) / H % 16 == 0 (fp8), <= config hidden */
+  const void* x_scales;              /* fp8 only: float [T, ceil(H/128)] or packed ue8m0 int32 [T, ceil(H/512)] */
   ncclMoeScaleFormat_t scale_format; /* ncclMoeScaleFloat or ncclMoeScaleUe8m0 */
-  int64_t x_scales_token_stride;  /* elements (float or int32) between tokens; 0 = packed */
-  int64_t x_scales_channel_stride;/* elements between scale columns; 0 = 1 */
-  const float* topk_weights;      /* [T, K] float32 or NULL; device */
-  void* recv_x;                   /* out: [N_recv or capacity, H] same dtype as x; caller-owned device */
-  void* recv_x_scales;            /* out (fp8): [rows, ceil(H/128)] float or [rows, ceil(H/512)] int32, packed */
-  void* recv_topk_idx;            /* out (optional): [rows, K] local expert ids (same index type as the
-                                     notify's topk_idx), -1 where not local; rows past N_recv all -1 */
-  float* recv_topk_weights;       /* out (optional, needs topk_weights): [rows, K] */
-  int num_sms;                    /* SM budget, 0 = communicator default */
+  int64_t x_scales_token_stride;     /* elements (float or int32) between tokens; 0 = packed */
+  int64_t x_scales_channel_stride;   /* elements between scale columns; 0 = 1 */
+  const float* topk_weights;         /* [T, K] float32 or NULL; device */
+  void* recv_x;                      /* out: [N_recv or capacity, H] same dtype as x; caller-owned device */
+  void* recv_x_scales;               /* out (fp8): [rows, ceil(H/128)] float or [rows, ceil(H/512)] int32, packed */
+  void* recv_topk_idx;               /* out (optional): [rows, K] local expert ids (same index type as the
+                                        notify's topk_idx), -1 where not local; rows past N_recv all -1 */
+  float* recv_topk_weights;          /* out (optional, needs topk_weights): [rows, K] */
+  int num_sms;                       /* SM budget, 0 = communicator default */
 } ncclMoeDispatchArgs_t;
 
-#define NCCL_MOE_DISPATCH_ARGS_INITIALIZER                                                                  \
-  { sizeof(ncclMoeDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, ncclMoeBfloat16, 0, NULL, ncclMoeScaleFloat, \
-    0, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+#define NCCL_MOE_DISPATCH_ARGS_INITIALIZER                                                                         \
+  {                                                                                                                \
+    sizeof(ncclMoeDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, ncclMoeBfloat16, 0, NULL, ncclMoeScaleFloat, 0, 0, \
+        NULL, NULL, NULL, NULL, NULL, 0                                                                            \
+  }
 
 /* Collective. Sends each token's row to every rank holding one of its experts (once per rank) using the
  * routing in `handle`. Receive order: source rank ascending, then source token ascending. Calling it again
@@ -254,14 +250,14 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle, const n
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* x;                  /* [N_recv, H] bf16 in dispatch's output order; device */
-  int hidden;                     /* H, as in the dispatch */
-  const float* topk_weights;      /* optional [N_recv, K] float32 (backward of dispatch) */
-  const void* bias_0;             /* optional [T, H] bf16 added after the sum */
-  const void* bias_1;             /* optional [T, H] bf16 added after bias_0 */
-  void* combined_x;               /* out: [T, H] bf16; caller-owned device */
-  float* combined_topk_weights;   /* out (with topk_weights): [T, K] */
-  int num_sms;                    /* SM budget, 0 = communicator default */
+  const void* x;                /* [N_recv, H] bf16 in dispatch's output order; device */
+  int hidden;                   /* H, as in the dispatch */
+  const float* topk_weights;    /* optional [N_recv, K] float32 (backward of dispatch) */
+  const void* bias_0;           /* optional [T, H] bf16 added after the sum */
+  const void* bias_1;           /* optional [T, H] bf16 added after bias_0 */
+  void* combined_x;             /* out: [T, H] bf16; caller-owned device */
+  float* combined_topk_weights; /* out (with topk_weights): [T, K] */
+  int num_sms;                  /* SM budget, 0 = communicator default */
 } ncclMoeCombineArgs_t;
 
 #define NCCL_MOE_COMBINE_ARGS_INITIALIZER \
@@ -282,43 +278,45 @@ ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, ncclMoeHandle_t handle, const nc
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* x;                  /* [T, H] bf16; device */
-  const void* topk_idx;           /* [T, K] int64 or int32, -1 = unused; device */
+  const void* x;        /* [T, H] bf16; device */
+  const void* topk_idx; /* [T, K] int64 or int32, -1 = unused; device */
   ncclMoeIndexType_t topk_idx_type;
-  int num_tokens;                 /* T, 0..ll_max_tokens_per_rank */
-  int hidden;                     /* H, H % 128 == 0 */
-  int topk;                       /* K */
-  int use_fp8;                    /* 0: recv_x bf16; 1: cast to fp8 e4m3 in the kernel */
+  int num_tokens;                    /* T, 0..ll_max_tokens_per_rank */
+  int hidden;                        /* H, H % 128 == 0 */
+  int topk;                          /* K */
+  int use_fp8;                       /* 0: recv_x bf16; 1: cast to fp8 e4m3 in the kernel */
   ncclMoeScaleFormat_t scale_format; /* with use_fp8: float, float rounded to powers of two, or ue8m0 */
-  void* recv_x;                   /* out: [E_l, R * ll_max_tokens_per_rank, H] bf16 or fp8 */
-  void* recv_x_scales;            /* out (fp8): float [E_l, R*max, H/128] or int32 [E_l, R*max, H/512] */
-  int* recv_count;                /* out: [E_l] int32 rows received per local expert; device */
-  int* cumulative_recv_stats;     /* optional in/out: [E_l] int32, recv counts added to it */
-  ncclMoePhase_t phase;           /* both, or send then (later) recv */
-  const float* topk_weights;      /* optional (send half): [T, K] float32, device. Carried with the tokens so the
-                                   * matching LL combine may pass topk_weights = NULL and skip its weight exchange */
+  void* recv_x;                      /* out: [E_l, R * ll_max_tokens_per_rank, H] bf16 or fp8 */
+  void* recv_x_scales;               /* out (fp8): float [E_l, R*max, H/128] or int32 [E_l, R*max, H/512] */
+  int* recv_count;                   /* out: [E_l] int32 rows received per local expert; device */
+  int* cumulative_recv_stats;        /* optional in/out: [E_l] int32, recv counts added to it */
+  ncclMoePhase_t phase;              /* both, or send then (later) recv */
+  const float* topk_weights;         /* optional (send half): [T, K] float32, device. Carried with the tokens so the
+                                      * matching LL combine may pass topk_weights = NULL and skip its weight exchange */
 } ncclMoeLLDispatchArgs_t;
 
-#define NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER                                                              \
-  { sizeof(ncclMoeLLDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, NULL, ncclMoeIndexInt64, 0, 0, 0, 0, \
-    ncclMoeScaleFloat, NULL, NULL, NULL, NULL, ncclMoePhaseBoth, NULL }
+#define NCCL_MOE_LL_DISPATCH_ARGS_INITIALIZER                                                          \
+  {                                                                                                    \
+    sizeof(ncclMoeLLDispatchArgs_t), NCCL_MOE_VERSION_CODE, NULL, NULL, ncclMoeIndexInt64, 0, 0, 0, 0, \
+        ncclMoeScaleFloat, NULL, NULL, NULL, NULL, ncclMoePhaseBoth, NULL                              \
+  }
 
-ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle,
-                                       const ncclMoeLLDispatchArgs_t* args, cudaStream_t stream);
+ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeLLDispatchArgs_t* args,
+                                       cudaStream_t stream);
 
 typedef struct {
   size_t size;
   unsigned int version;
-  const void* x;                  /* [E_l, R*max, H] bf16 in dispatch's layout, or NULL with zero_copy */
-  int zero_copy;                  /* 1: the expert outputs were written into ncclMoeLowLatencyCombineBuffer() */
-  const void* topk_idx;           /* [T, K] as given to the dispatch */
-  const float* topk_weights;      /* [T, K] float32; NULL = use the weights the dispatch carried (send half) */
-  int num_tokens;                 /* T, as in the dispatch */
+  const void* x;             /* [E_l, R*max, H] bf16 in dispatch's layout, or NULL with zero_copy */
+  int zero_copy;             /* 1: the expert outputs were written into ncclMoeLowLatencyCombineBuffer() */
+  const void* topk_idx;      /* [T, K] as given to the dispatch */
+  const float* topk_weights; /* [T, K] float32; NULL = use the weights the dispatch carried (send half) */
+  int num_tokens;            /* T, as in the dispatch */
   int hidden;
   int topk;
-  void* out;                      /* out: [T, H] bf16, out[t] = sum over expert ranks d ascending of
-                                     bf16(fmaf chain over d's valid slots k ascending of w[t,k] * y(t,k)), in FP32
-                                     (docs/reference.md: bitwise-reproducible order) */
+  void* out; /* out: [T, H] bf16, out[t] = sum over expert ranks d ascending of
+                bf16(fmaf chain over d's valid slots k ascending of w[t,k] * y(t,k)), in FP32
+                (docs/reference.md: bitwise-reproducible order) */
   ncclMoePhase_t phase;
 } ncclMoeLLCombineArgs_t;
 

@@ -8,13 +8,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define CHECK(call)                                                                                 \
-  do {                                                                                              \
-    ncclResult_t r_ = (call);                                                                       \
-    if (r_ != ncclSuccess) {                                                                        \
+#define CHECK(call)                                                                                        \
+  do {                                                                                                     \
+    ncclResult_t r_ = (call);                                                                              \
+    if (r_ != ncclSuccess) {                                                                               \
       fprintf(stderr, "%s failed: %s: %s\n", #call, ncclMoeGetErrorString(r_), ncclMoeGetLastError(NULL)); \
-      return 1;                                                                                     \
-    }                                                                                               \
+      return 1;                                                                                            \
+    }                                                                                                      \
   } while (0)
 
 static int envInt(const char* name, int fallback) {

@@ -213,22 +213,22 @@ std::string ncclText(ncclResult_t r, ncclComm_t comm) {
   return s;
 }
 
-#define OV_CUDA(rank, call)                                                 \
-  do {                                                                      \
-    const cudaError_t ov_err_ = (call);                                     \
+#define OV_CUDA(rank, call)                                                        \
+  do {                                                                             \
+    const cudaError_t ov_err_ = (call);                                            \
     if (ov_err_ != cudaSuccess) fatal((rank), #call, cudaGetErrorString(ov_err_)); \
   } while (0)
 
-#define OV_NCCL(rank, comm, call)                                          \
-  do {                                                                     \
-    const ncclResult_t ov_res_ = (call);                                   \
+#define OV_NCCL(rank, comm, call)                                                \
+  do {                                                                           \
+    const ncclResult_t ov_res_ = (call);                                         \
     if (ov_res_ != ncclSuccess) fatal((rank), #call, ncclText(ov_res_, (comm))); \
   } while (0)
 
 // `comm` may be nullptr (the calling thread's last error, e.g. for ncclMoeCommInit).
-#define OV_MOE(rank, comm, call)                                          \
-  do {                                                                    \
-    const ncclResult_t ov_res_ = (call);                                  \
+#define OV_MOE(rank, comm, call)                                                \
+  do {                                                                          \
+    const ncclResult_t ov_res_ = (call);                                        \
     if (ov_res_ != ncclSuccess) fatal((rank), #call, moeText(ov_res_, (comm))); \
   } while (0)
 
@@ -264,8 +264,7 @@ struct Shared {
   std::atomic<int> finished{0};
 
   Shared(const Options& o, int n)
-      : opt(o), num_ranks(n), moe_nccl(n), ar_nccl(n), barrier(n), results(n),
-        phase(new std::atomic<const char*>[n]) {
+      : opt(o), num_ranks(n), moe_nccl(n), ar_nccl(n), barrier(n), results(n), phase(new std::atomic<const char*>[n]) {
     for (int r = 0; r < n; ++r) phase[r].store("starting");
   }
 };
@@ -568,17 +567,19 @@ void printReport(const Shared& sh, const std::string& tuner, const char* gpu_nam
 
   std::printf("# moe-overlap: %d ranks (%s, %d SMs), NCCL %d, %d iterations after %d warm-up\n", n, gpu_name,
               device_sms, nccl_version, o.iters, o.warmup);
-  std::printf("# ht: cached dispatch + combine, bf16, %d tokens/rank, hidden %d, top-%d of %d experts, %d SMs, "
-              "N_recv %d..%d rows/rank\n",
-              o.tokens, o.hidden, o.topk, o.experts, o.num_sms, recv_min, recv_max);
+  std::printf(
+      "# ht: cached dispatch + combine, bf16, %d tokens/rank, hidden %d, top-%d of %d experts, %d SMs, "
+      "N_recv %d..%d rows/rank\n",
+      o.tokens, o.hidden, o.topk, o.experts, o.num_sms, recv_min, recv_max);
   std::printf("# allreduce: %.1f MiB bf16 sum in place, on its own communicator\n", o.ar_bytes / 1048576.0);
   std::printf("# env: NCCL_TUNER_PLUGIN=%s NCCL_MOE_SM_RESERVE=%s NCCL_NVLS_ENABLE=%s NCCL_MAX_CTAS=%s\n",
               envOr("NCCL_TUNER_PLUGIN", "(unset)"), reserve_env ? reserve_env : "(unset)",
               envOr("NCCL_NVLS_ENABLE", "(unset)"), envOr("NCCL_MAX_CTAS", "(unset)"));
   std::printf("# tuner mapped: %s; channel cap by the plugin's rule: %s\n", tuner.empty() ? "none" : tuner.c_str(),
               cap > 0 ? std::to_string(cap).c_str() : "none");
-  std::printf("# us per iteration; ht_us/allreduce_us: median iteration of that stream, total_us: loop or region "
-              "time / iterations; slowest rank\n");
+  std::printf(
+      "# us per iteration; ht_us/allreduce_us: median iteration of that stream, total_us: loop or region "
+      "time / iterations; slowest rank\n");
 
   const double ht = worst(&RankResult::ht_med), ht_loop = worst(&RankResult::ht_loop);
   const double ar = worst(&RankResult::ar_med), ar_loop = worst(&RankResult::ar_loop);
@@ -590,14 +591,15 @@ void printReport(const Shared& sh, const std::string& tuner, const char* gpu_nam
   std::printf("%-18s %12.1f %14.1f %12.1f\n", "max (ideal)", ht, ar, std::max(ht_loop, ar_loop));
   std::printf("%-18s %12.1f %14.1f %12.1f\n", "overlapped", worst(&RankResult::ov_ht_med),
               worst(&RankResult::ov_ar_med), ov);
-  std::printf("# overlapped stream loops: ht %.1f us, allreduce %.1f us per iteration (stretch vs alone: ht %.2fx, "
-              "allreduce %.2fx)\n",
-              worst(&RankResult::ov_ht_loop), worst(&RankResult::ov_ar_loop),
-              ht_loop > 0 ? worst(&RankResult::ov_ht_loop) / ht_loop : 0.0,
-              ar_loop > 0 ? worst(&RankResult::ov_ar_loop) / ar_loop : 0.0);
+  std::printf(
+      "# overlapped stream loops: ht %.1f us, allreduce %.1f us per iteration (stretch vs alone: ht %.2fx, "
+      "allreduce %.2fx)\n",
+      worst(&RankResult::ov_ht_loop), worst(&RankResult::ov_ar_loop),
+      ht_loop > 0 ? worst(&RankResult::ov_ht_loop) / ht_loop : 0.0,
+      ar_loop > 0 ? worst(&RankResult::ov_ar_loop) / ar_loop : 0.0);
   std::printf("# overlap: sum/overlapped = %.2fx (1.00 = no gain), overlapped/max = %.2fx (1.00 = perfect)\n",
-              ov > 0 ? (ht_loop + ar_loop) / ov : 0.0, std::max(ht_loop, ar_loop) > 0 ? ov / std::max(ht_loop, ar_loop)
-                                                                                        : 0.0);
+              ov > 0 ? (ht_loop + ar_loop) / ov : 0.0,
+              std::max(ht_loop, ar_loop) > 0 ? ov / std::max(ht_loop, ar_loop) : 0.0);
   std::fflush(stdout);
 }
 
@@ -624,8 +626,7 @@ int run(int argc, char** argv) {
     return 2;
   }
   if (o.experts % n != 0) {
-    std::fprintf(stderr, "moe-overlap: %d experts do not divide over %d ranks; use -g or --experts\n", o.experts,
-                 n);
+    std::fprintf(stderr, "moe-overlap: %d experts do not divide over %d ranks; use -g or --experts\n", o.experts, n);
     return 2;
   }
 

@@ -40,12 +40,11 @@ ncclResult_t finish(ncclMoeComm* comm, ncclResult_t result) {
 template <typename T>
 ncclResult_t checkHeader(const T* args, const char* api, const char* type, const char* initializer) {
   MOE_ARG_CHECK(args != nullptr, "%s: args is NULL", api);
-  MOE_ARG_CHECK(args->size == sizeof(T),
-                "%s: args->size is %zu, expected sizeof(%s) = %zu (initialise it with %s)", api, args->size, type,
-                sizeof(T), initializer);
+  MOE_ARG_CHECK(args->size == sizeof(T), "%s: args->size is %zu, expected sizeof(%s) = %zu (initialise it with %s)",
+                api, args->size, type, sizeof(T), initializer);
   MOE_ARG_CHECK(args->version / 100 == NCCL_MOE_VERSION_CODE / 100,
-                "%s: args->version is %u, expected %d (NCCL_MOE_VERSION_CODE of this library; initialise with %s)",
-                api, args->version, NCCL_MOE_VERSION_CODE, initializer);
+                "%s: args->version is %u, expected %d (NCCL_MOE_VERSION_CODE of this library; initialise with %s)", api,
+                args->version, NCCL_MOE_VERSION_CODE, initializer);
   return ncclSuccess;
 }
 
@@ -75,8 +74,8 @@ ncclResult_t checkIndexType(ncclMoeIndexType_t type, const char* api) {
 }
 
 ncclResult_t checkTopk(const ncclMoeComm* comm, int topk, const char* api) {
-  MOE_ARG_CHECK(topk >= 1 && topk <= comm->config.max_topk,
-                "%s: args->topk is %d, expected 1..%d (config max_topk)", api, topk, comm->config.max_topk);
+  MOE_ARG_CHECK(topk >= 1 && topk <= comm->config.max_topk, "%s: args->topk is %d, expected 1..%d (config max_topk)",
+                api, topk, comm->config.max_topk);
   return ncclSuccess;
 }
 
@@ -98,8 +97,8 @@ ncclResult_t checkSms(const ncclMoeComm* comm, int num_sms, const char* api) {
                   api, num_sms, comm->default_num_sms, comm->rank_sms, comm->ranks_on_device, comm->num_device_sms);
   }
   MOE_ARG_CHECK(num_sms >= 0 && num_sms <= comm->num_device_sms,
-                "%s: args->num_sms is %d, expected 0 (communicator default, %d) .. %d (SMs of this GPU)", api,
-                num_sms, comm->default_num_sms, comm->num_device_sms);
+                "%s: args->num_sms is %d, expected 0 (communicator default, %d) .. %d (SMs of this GPU)", api, num_sms,
+                comm->default_num_sms, comm->num_device_sms);
   return ncclSuccess;
 }
 
@@ -125,10 +124,9 @@ ncclResult_t checkConfig(const ncclMoeConfig_t* config, const char* api) {
                 "mode",
                 api);
   MOE_ARG_CHECK(config->ll_max_tokens_per_rank == 0 || config->hidden % 128 == 0,
-                "%s: config->hidden is %d; low-latency mode (ll_max_tokens_per_rank > 0) needs hidden %% 128 == 0",
-                api, config->hidden);
-  MOE_ARG_CHECK(config->num_sms >= 0, "%s: config->num_sms is %d, expected >= 0 (0 = automatic)", api,
-                config->num_sms);
+                "%s: config->hidden is %d; low-latency mode (ll_max_tokens_per_rank > 0) needs hidden %% 128 == 0", api,
+                config->hidden);
+  MOE_ARG_CHECK(config->num_sms >= 0, "%s: config->num_sms is %d, expected >= 0 (0 = automatic)", api, config->num_sms);
   return ncclSuccess;
 }
 
@@ -169,8 +167,8 @@ ncclResult_t checkNotifyArgs(ncclMoeComm* comm, const ncclMoeNotifyArgs_t* args,
                 "%s: args->expert_alignment is %d, expected 1..%d", api, args->expert_alignment, 1 << 20);
   const int max_recv = comm->num_ranks * comm->config.max_tokens_per_rank;
   MOE_ARG_CHECK(args->recv_capacity >= 0 && args->recv_capacity <= max_recv,
-                "%s: args->recv_capacity is %d, expected 0 (host-count mode) .. %d (ranks x max_tokens_per_rank)",
-                api, args->recv_capacity, max_recv);
+                "%s: args->recv_capacity is %d, expected 0 (host-count mode) .. %d (ranks x max_tokens_per_rank)", api,
+                args->recv_capacity, max_recv);
   MOE_ARG_CHECK(args->recv_capacity > 0 || args->num_recv_tokens != nullptr,
                 "%s: args->num_recv_tokens is NULL; host-count mode (recv_capacity = 0) returns the receive count "
                 "there",
@@ -184,8 +182,7 @@ ncclResult_t checkDispatchArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const n
   MOE_CHECK(checkHeader(args, api, "ncclMoeDispatchArgs_t", "NCCL_MOE_DISPATCH_ARGS_INITIALIZER"));
   MOE_CHECK(checkHtCapacity(comm, api));
   if (!handle->ht.valid) {
-    return setLastError(ncclInvalidUsage, "%s: handle holds no routing; call ncclMoeDispatchNotify with it first",
-                        api);
+    return setLastError(ncclInvalidUsage, "%s: handle holds no routing; call ncclMoeDispatchNotify with it first", api);
   }
   MOE_ARG_CHECK(args->dtype == ncclMoeBfloat16 || args->dtype == ncclMoeFp8E4M3,
                 "%s: args->dtype is %d, expected ncclMoeBfloat16 (0) or ncclMoeFp8E4M3 (1)", api,
@@ -226,15 +223,14 @@ ncclResult_t checkCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const nc
                         "%s: handle holds no routing; combine reverses a dispatch made with this handle", api);
   }
   MOE_ARG_CHECK(args->hidden > 0 && args->hidden % 8 == 0 && args->hidden <= comm->config.hidden,
-                "%s: args->hidden is %d, expected a positive multiple of 8 up to %d (config hidden)", api,
-                args->hidden, comm->config.hidden);
+                "%s: args->hidden is %d, expected a positive multiple of 8 up to %d (config hidden)", api, args->hidden,
+                comm->config.hidden);
   MOE_ARG_CHECK(args->x != nullptr || (handle->ht.recv_capacity == 0 && handle->ht.num_recv_tokens == 0),
                 "%s: args->x is NULL (expected [N_recv, %d] bf16)", api, args->hidden);
   MOE_ARG_CHECK(handle->ht.num_tokens == 0 || args->combined_x != nullptr,
                 "%s: args->combined_x is NULL (expected [%d, %d] bf16)", api, handle->ht.num_tokens, args->hidden);
   MOE_ARG_CHECK((args->topk_weights == nullptr) == (args->combined_topk_weights == nullptr),
-                "%s: args->topk_weights and args->combined_topk_weights go together (one is NULL, the other not)",
-                api);
+                "%s: args->topk_weights and args->combined_topk_weights go together (one is NULL, the other not)", api);
   MOE_ARG_CHECK(args->bias_1 == nullptr || args->bias_0 != nullptr,
                 "%s: args->bias_1 is set without args->bias_0; pass a single bias as bias_0", api);
   MOE_CHECK(checkSms(comm, args->num_sms, api));
@@ -276,8 +272,8 @@ ncclResult_t checkLlDispatchArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const
                 "%s: args->scale_format is %d, expected 0 (float), 1 (float pow2) or 2 (ue8m0)", api,
                 static_cast<int>(args->scale_format));
   if (args->phase & ncclMoePhaseSend) {
-    MOE_ARG_CHECK(args->num_tokens == 0 || args->x != nullptr, "%s: args->x is NULL but args->num_tokens is %d",
-                  api, args->num_tokens);
+    MOE_ARG_CHECK(args->num_tokens == 0 || args->x != nullptr, "%s: args->x is NULL but args->num_tokens is %d", api,
+                  args->num_tokens);
     MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_idx != nullptr,
                   "%s: args->topk_idx is NULL but args->num_tokens is %d", api, args->num_tokens);
   }
@@ -350,8 +346,8 @@ ncclResult_t checkLlCombineArgs(ncclMoeComm* comm, ncclMoeHandle* handle, const 
   if (args->phase & ncclMoePhaseRecv) {
     MOE_ARG_CHECK(args->num_tokens == 0 || args->topk_idx != nullptr,
                   "%s: args->topk_idx is NULL but args->num_tokens is %d", api, args->num_tokens);
-    MOE_ARG_CHECK(args->num_tokens == 0 || args->out != nullptr, "%s: args->out is NULL (expected [%d, %d] bf16)",
-                  api, args->num_tokens, args->hidden);
+    MOE_ARG_CHECK(args->num_tokens == 0 || args->out != nullptr, "%s: args->out is NULL (expected [%d, %d] bf16)", api,
+                  args->num_tokens, args->hidden);
   }
   // The handle's phase state (after the arguments themselves are known to be valid).
   if (r.recv_pending) {
@@ -394,15 +390,24 @@ NCCL_MOE_API ncclResult_t ncclMoeGetVersion(int* version) {
 
 NCCL_MOE_API const char* ncclMoeGetErrorString(ncclResult_t result) {
   switch (result) {
-    case ncclSuccess: return "no error";
-    case ncclUnhandledCudaError: return "unhandled cuda error (run with NCCL_MOE_DEBUG=INFO for details)";
-    case ncclSystemError: return "unhandled system error (run with NCCL_MOE_DEBUG=INFO for details)";
-    case ncclInternalError: return "internal error - please report this issue to the NCCL-MoE developers";
-    case ncclInvalidArgument: return "invalid argument (run with NCCL_MOE_DEBUG=WARN for details)";
-    case ncclInvalidUsage: return "invalid usage (run with NCCL_MOE_DEBUG=WARN for details)";
-    case ncclRemoteError: return "remote process exited, timed out or there was a network error";
-    case ncclInProgress: return "NCCL-MoE operation in progress";
-    default: return "unknown result code";
+    case ncclSuccess:
+      return "no error";
+    case ncclUnhandledCudaError:
+      return "unhandled cuda error (run with NCCL_MOE_DEBUG=INFO for details)";
+    case ncclSystemError:
+      return "unhandled system error (run with NCCL_MOE_DEBUG=INFO for details)";
+    case ncclInternalError:
+      return "internal error - please report this issue to the NCCL-MoE developers";
+    case ncclInvalidArgument:
+      return "invalid argument (run with NCCL_MOE_DEBUG=WARN for details)";
+    case ncclInvalidUsage:
+      return "invalid usage (run with NCCL_MOE_DEBUG=WARN for details)";
+    case ncclRemoteError:
+      return "remote process exited, timed out or there was a network error";
+    case ncclInProgress:
+      return "NCCL-MoE operation in progress";
+    default:
+      return "unknown result code";
   }
 }
 
@@ -424,8 +429,8 @@ NCCL_MOE_API ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, in
                 "ncclMoeGetBufferSize: config->num_experts = %d is not a multiple of num_ranks = %d",
                 config->num_experts, num_ranks);
   MOE_ARG_CHECK(bytes != nullptr, "ncclMoeGetBufferSize: bytes is NULL");
-  const LayoutParams params{num_ranks, config->num_experts, config->hidden, config->max_topk,
-                            config->max_tokens_per_rank, config->ll_max_tokens_per_rank};
+  const LayoutParams params{num_ranks,        config->num_experts,         config->hidden,
+                            config->max_topk, config->max_tokens_per_rank, config->ll_max_tokens_per_rank};
   *bytes = BufferLayout::make(params).total_bytes;
   return ncclSuccess;
 }
@@ -475,14 +480,13 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks
   std::vector<int> dev(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
     dev[r] = devices != nullptr ? devices[r] : r;
-    MOE_ARG_CHECK(dev[r] >= 0 && dev[r] < count, "%s: %s[%d] is %d, expected 0..%d (CUDA devices of this process)",
-                  api, devices != nullptr ? "devices" : "rank (devices is NULL: rank r on device r)", r, dev[r],
-                  count - 1);
+    MOE_ARG_CHECK(dev[r] >= 0 && dev[r] < count, "%s: %s[%d] is %d, expected 0..%d (CUDA devices of this process)", api,
+                  devices != nullptr ? "devices" : "rank (devices is NULL: rank r on device r)", r, dev[r], count - 1);
   }
   const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
   std::vector<std::unique_ptr<Bootstrap>> bootstraps(num_ranks);
-  MOE_CHECK(makeWorldBootstraps(num_ranks, static_cast<unsigned long long>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull,
-                                bootstraps.data()));
+  MOE_CHECK(makeWorldBootstraps(
+      num_ranks, static_cast<unsigned long long>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull, bootstraps.data()));
   // Every rank's init on its own thread: the exchanges of the ranks meet in the world.
   std::vector<ncclMoeComm*> made(num_ranks, nullptr);
   std::vector<ncclResult_t> results(num_ranks, ncclSuccess);
@@ -497,10 +501,10 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks
       } else {
         // The init's current-device check is about the caller's thread; this thread makes the rank's device
         // current itself.
-        results[r] = cudaSetDevice(dev[r]) == cudaSuccess
-                         ? commInit(c, std::move(bootstraps[r]), dev[r], *config, ncclSuccess)
-                         : setLastError(ncclUnhandledCudaError, "%s: cudaSetDevice(%d) failed for rank %d", api,
-                                        dev[r], r);
+        results[r] =
+            cudaSetDevice(dev[r]) == cudaSuccess
+                ? commInit(c, std::move(bootstraps[r]), dev[r], *config, ncclSuccess)
+                : setLastError(ncclUnhandledCudaError, "%s: cudaSetDevice(%d) failed for rank %d", api, dev[r], r);
         if (results[r] == ncclSuccess) {
           made[r] = c;
         } else {
@@ -530,10 +534,11 @@ NCCL_MOE_API ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks
   const char* conn = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
   const int wanted = 4 * max_shared < 32 ? 4 * max_shared : 32;
   if (max_shared > 1 && (conn == nullptr || std::atoi(conn) < wanted)) {
-    MOE_WARN("%s: up to %d ranks share one GPU and CUDA_DEVICE_MAX_CONNECTIONS is %s: if two ranks' streams share "
-             "a hardware queue, a kernel that waits for its peer can queue behind that peer's kernel and time out; "
-             "set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA",
-             api, max_shared, conn != nullptr ? conn : "unset (8)");
+    MOE_WARN(
+        "%s: up to %d ranks share one GPU and CUDA_DEVICE_MAX_CONNECTIONS is %s: if two ranks' streams share "
+        "a hardware queue, a kernel that waits for its peer can queue behind that peer's kernel and time out; "
+        "set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA",
+        api, max_shared, conn != nullptr ? conn : "unset (8)");
   }
   for (int r = 0; r < num_ranks; ++r) comms[r] = made[r];
   return ncclSuccess;
@@ -627,8 +632,8 @@ NCCL_MOE_API ncclResult_t ncclMoeDispatchNotify(ncclMoeComm_t comm, ncclMoeHandl
   return finish(comm, res);
 }
 
-NCCL_MOE_API ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle,
-                                          const ncclMoeDispatchArgs_t* args, cudaStream_t stream) {
+NCCL_MOE_API ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t handle, const ncclMoeDispatchArgs_t* args,
+                                          cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeDispatch");
@@ -698,10 +703,9 @@ NCCL_MOE_API ncclResult_t ncclMoeCastToFp8(const void* x, int num_tokens, int hi
   const char* api = "ncclMoeCastToFp8";
   MOE_ARG_CHECK(num_tokens >= 0, "%s: num_tokens is %d, expected >= 0", api, num_tokens);
   MOE_ARG_CHECK(hidden > 0 && hidden % 16 == 0, "%s: hidden is %d, expected a positive multiple of 16", api, hidden);
-  MOE_ARG_CHECK(scale_format == ncclMoeScaleFloat || scale_format == ncclMoeScaleFloatPow2 ||
-                    scale_format == ncclMoeScaleUe8m0,
-                "%s: scale_format is %d, expected 0 (float), 1 (float pow2) or 2 (ue8m0)", api,
-                static_cast<int>(scale_format));
+  MOE_ARG_CHECK(
+      scale_format == ncclMoeScaleFloat || scale_format == ncclMoeScaleFloatPow2 || scale_format == ncclMoeScaleUe8m0,
+      "%s: scale_format is %d, expected 0 (float), 1 (float pow2) or 2 (ue8m0)", api, static_cast<int>(scale_format));
   MOE_ARG_CHECK(num_tokens == 0 || (x != nullptr && out_fp8 != nullptr && out_scales != nullptr),
                 "%s: x, out_fp8 and out_scales must be device pointers (one is NULL)", api);
   if (num_tokens == 0) return ncclSuccess;

@@ -40,8 +40,8 @@ struct World {
       cv.notify_all();
       return true;
     }
-    const bool met = cv.wait_for(lock, std::chrono::nanoseconds(timeout_ns),
-                                 [&] { return generation != gen || broken; });
+    const bool met =
+        cv.wait_for(lock, std::chrono::nanoseconds(timeout_ns), [&] { return generation != gen || broken; });
     if (met && generation != gen) return true;
     broken = true;
     cv.notify_all();

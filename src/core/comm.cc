@@ -33,13 +33,20 @@ namespace nccl_moe {
 
 const char* phaseName(Phase phase) {
   switch (phase) {
-    case Phase::kBarrier: return "barrier";
-    case Phase::kHtNotify: return "ht-notify";
-    case Phase::kHtDispatch: return "ht-dispatch";
-    case Phase::kHtCombine: return "ht-combine";
-    case Phase::kLlDispatchRecv: return "ll-dispatch-recv";
-    case Phase::kLlCombineRecv: return "ll-combine-recv";
-    default: return "none";
+    case Phase::kBarrier:
+      return "barrier";
+    case Phase::kHtNotify:
+      return "ht-notify";
+    case Phase::kHtDispatch:
+      return "ht-dispatch";
+    case Phase::kHtCombine:
+      return "ht-combine";
+    case Phase::kLlDispatchRecv:
+      return "ll-dispatch-recv";
+    case Phase::kLlCombineRecv:
+      return "ll-combine-recv";
+    default:
+      return "none";
   }
 }
 
@@ -76,13 +83,15 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
                         current, comm->rank, comm->device, comm->device);
   }
   if (comm->num_ranks > kMaxRanks) {
-    return setLastError(ncclInvalidArgument, "ncclMoeCommInit: %d ranks; NCCL-MoE supports at most %d (NCCL_MOE_MAX_RANKS)",
-                        comm->num_ranks, kMaxRanks);
+    return setLastError(ncclInvalidArgument,
+                        "ncclMoeCommInit: %d ranks; NCCL-MoE supports at most %d (NCCL_MOE_MAX_RANKS)", comm->num_ranks,
+                        kMaxRanks);
   }
   if (config.num_experts % comm->num_ranks != 0) {
-    return setLastError(ncclInvalidArgument,
-                        "ncclMoeCommInit: config->num_experts = %d is not a multiple of the %d ranks of the communicator",
-                        config.num_experts, comm->num_ranks);
+    return setLastError(
+        ncclInvalidArgument,
+        "ncclMoeCommInit: config->num_experts = %d is not a multiple of the %d ranks of the communicator",
+        config.num_experts, comm->num_ranks);
   }
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&comm->num_device_sms, cudaDevAttrMultiProcessorCount, comm->device));
   mine->pid = getpid();
@@ -135,8 +144,8 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
 
 // This rank's resources, from the decisions above; fills its buffer record.
 ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRecord* mine) {
-  comm->params = LayoutParams{comm->num_ranks, config.num_experts, config.hidden, config.max_topk,
-                              config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
+  comm->params = LayoutParams{comm->num_ranks, config.num_experts,         config.hidden,
+                              config.max_topk, config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
   comm->layout = BufferLayout::make(comm->params);
   const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
   comm->timeout_ns = static_cast<uint64_t>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull;
@@ -187,9 +196,10 @@ ncclResult_t exchange(ncclMoeComm* comm, Record* mine, ncclResult_t local, std::
 
 void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   if (comm->ranks_on_device > 1) {
-    MOE_INFO("ncclMoeCommInit: rank %d shares GPU %s with %d other rank(s): its kernels use %d of its %d SMs; "
-             "timings of ranks sharing a GPU say nothing about NVLink",
-             comm->rank, ids[comm->rank].bus_id, comm->ranks_on_device - 1, comm->rank_sms, comm->num_device_sms);
+    MOE_INFO(
+        "ncclMoeCommInit: rank %d shares GPU %s with %d other rank(s): its kernels use %d of its %d SMs; "
+        "timings of ranks sharing a GPU say nothing about NVLink",
+        comm->rank, ids[comm->rank].bus_id, comm->ranks_on_device - 1, comm->rank_sms, comm->num_device_sms);
   }
   // The tuner plugin (if NCCL loaded it) announced the communicators it saw; NCCL exposes no communicator
   // hash, so match on size and device and say what was found.
@@ -204,9 +214,10 @@ void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
                static_cast<unsigned long long>(registered.comm_hash), registered.num_ranks, registered.num_nodes,
                registered.num_nvl_domains);
       if (registered.num_nodes != comm->nodes.num_nodes) {
-        MOE_INFO("ncclMoeCommInit: NCCL reports %d nodes for this communicator, NCCL-MoE %d (NCCL_MOE_HOSTID "
-                 "groups ranks of several NCCL hosts into one node)",
-                 registered.num_nodes, comm->nodes.num_nodes);
+        MOE_INFO(
+            "ncclMoeCommInit: NCCL reports %d nodes for this communicator, NCCL-MoE %d (NCCL_MOE_HOSTID "
+            "groups ranks of several NCCL hosts into one node)",
+            registered.num_nodes, comm->nodes.num_nodes);
       }
     } else {
       MOE_INFO("ncclMoeCommInit: %d registered %d-rank communicators on device %d; cannot tell which is this one",
@@ -219,11 +230,12 @@ void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
     transports += std::string(p > 0 ? " " : "") + transportName(comm->transport[p]);
   MOE_INFO("ncclMoeCommInit: %d ranks (bootstrap: %s), %d node(s): %s; rank 0's peers: %s", comm->num_ranks,
            comm->bootstrap->name(), comm->nodes.num_nodes, comm->nodes.describe().c_str(), transports.c_str());
-  MOE_INFO("ncclMoeCommInit: %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), default %d SMs, "
-           "timeout %llds",
-           comm->config.num_experts, comm->config.hidden, comm->layout.total_bytes / 1048576.0,
-           comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
-           static_cast<long long>(comm->timeout_ns / 1000000000ull));
+  MOE_INFO(
+      "ncclMoeCommInit: %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), default %d SMs, "
+      "timeout %llds",
+      comm->config.num_experts, comm->config.hidden, comm->layout.total_bytes / 1048576.0,
+      comm->layout.ht_bytes / 1048576.0, comm->layout.ll_half_bytes / 1048576.0, comm->default_num_sms,
+      static_cast<long long>(comm->timeout_ns / 1000000000ull));
   if (logEnabled(LogLevel::kInfo)) {
     std::vector<std::string> bus_ids;
     for (const IdentityRecord& id : ids) bus_ids.emplace_back(id.bus_id);
@@ -280,8 +292,9 @@ ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, i
   MOE_CHECK(comm->bootstrap->agree(mapped != ncclSuccess, &any_failed));
   if (mapped != ncclSuccess) return setLastError(mapped, "%s", map_error.c_str());
   if (any_failed) {
-    return setLastError(ncclRemoteError, "ncclMoeCommInit: another rank failed to map the communication buffers "
-                                         "(see that rank's error)");
+    return setLastError(ncclRemoteError,
+                        "ncclMoeCommInit: another rank failed to map the communication buffers "
+                        "(see that rank's error)");
   }
   logInit(comm, ids);
   return ncclSuccess;

@@ -24,10 +24,10 @@ struct ncclMoeComm {
   int rank = -1;
   int num_ranks = 0;
   int device = -1;
-  int num_device_sms = 0;       // multiprocessors of this rank's GPU
-  int ranks_on_device = 1;      // ranks of this communicator on this rank's GPU (same node, same bus id)
-  int rank_sms = 0;             // SMs this rank's kernels may occupy at once: num_device_sms / ranks_on_device
-  int default_num_sms = 0;      // HT SM budget when a call passes 0
+  int num_device_sms = 0;   // multiprocessors of this rank's GPU
+  int ranks_on_device = 1;  // ranks of this communicator on this rank's GPU (same node, same bus id)
+  int rank_sms = 0;         // SMs this rank's kernels may occupy at once: num_device_sms / ranks_on_device
+  int default_num_sms = 0;  // HT SM budget when a call passes 0
   ncclMoeConfig_t config{};
   nccl_moe::LayoutParams params{};
   nccl_moe::BufferLayout layout{};
@@ -35,8 +35,8 @@ struct ncclMoeComm {
   std::vector<nccl_moe::Transport> transport;      // [peer] chosen at init (src/transport/transport.h)
   std::unique_ptr<nccl_moe::Bootstrap> bootstrap;  // the collective steps of init and destroy
 
-  uint8_t* buffer = nullptr;    // this rank's communication buffer
-  nccl_moe::NvlinkPeers nvl;    // the own node's buffers as mapped here, by local index
+  uint8_t* buffer = nullptr;  // this rank's communication buffer
+  nccl_moe::NvlinkPeers nvl;  // the own node's buffers as mapped here, by local index
 
   nccl_moe::ErrorRecord* host_error = nullptr;  // host-mapped error record: host view
   nccl_moe::ErrorRecord* dev_error = nullptr;   //                           device view
@@ -46,12 +46,12 @@ struct ncclMoeComm {
 
   uint64_t timeout_ns = 0;
   // Operation state (changed by src/ops/ only):
-  int ll_next_half = 0;       // LL double buffering: which half the next LL dispatch uses
-  int ht_host_seq = 0;        // HT host-count notify: sequence the kernel publishes in host_scratch[0]
+  int ll_next_half = 0;  // LL double buffering: which half the next LL dispatch uses
+  int ht_host_seq = 0;   // HT host-count notify: sequence the kernel publishes in host_scratch[0]
   unsigned long long* ll_dispatch_trace = nullptr;  // diagnostics only: see src/kernels/low_latency/trace.h
 
   std::mutex error_mutex;
-  std::string last_error;     // last failure of a call on this communicator
+  std::string last_error;  // last failure of a call on this communicator
   std::atomic<bool> failed{false};
 
   int node() const { return nodes.node_of[rank]; }

@@ -7,6 +7,6 @@ struct ncclMoeComm;
 
 struct ncclMoeHandle {
   ncclMoeComm* comm = nullptr;
-  nccl_moe::HtRouting ht;   // valid after ncclMoeDispatchNotify
-  nccl_moe::LlRouting ll;   // valid after ncclMoeLowLatencyDispatch
+  nccl_moe::HtRouting ht;  // valid after ncclMoeDispatchNotify
+  nccl_moe::LlRouting ll;  // valid after ncclMoeLowLatencyDispatch
 };

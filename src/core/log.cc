@@ -1,5 +1,6 @@
 #include "core/log.h"
 
+#include <cuda_runtime.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -9,8 +10,6 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-
-#include <cuda_runtime.h>
 
 #include "core/env.h"
 #include "core/plugin_bridge.h"
@@ -63,10 +62,14 @@ LogState& state() {
 
 const char* levelName(LogLevel level) {
   switch (level) {
-    case LogLevel::kWarn: return "WARN";
-    case LogLevel::kInfo: return "INFO";
-    case LogLevel::kTrace: return "TRACE";
-    default: return "";
+    case LogLevel::kWarn:
+      return "WARN";
+    case LogLevel::kInfo:
+      return "INFO";
+    case LogLevel::kTrace:
+      return "TRACE";
+    default:
+      return "";
   }
 }
 
@@ -85,8 +88,11 @@ void logLine(LogLevel level, const char* file, int line, const char* fmt, ...) {
   cudaGetDevice(&dev);
   // Through NCCL's logger while the tuner plugin is attached and NCCL logging is on, so the line obeys
   // NCCL_DEBUG_SUBSYS and lands in NCCL_DEBUG_FILE. The message is an argument, never the format.
-  if (ncclMoeNcclLogger_t nccl_logger = pluginLogger(); nccl_logger != nullptr && std::getenv("NCCL_DEBUG") != nullptr) {
-    const int nccl_level = level == LogLevel::kWarn ? kNcclLogWarn : level == LogLevel::kInfo ? kNcclLogInfo : kNcclLogTrace;
+  if (ncclMoeNcclLogger_t nccl_logger = pluginLogger();
+      nccl_logger != nullptr && std::getenv("NCCL_DEBUG") != nullptr) {
+    const int nccl_level = level == LogLevel::kWarn   ? kNcclLogWarn
+                           : level == LogLevel::kInfo ? kNcclLogInfo
+                                                      : kNcclLogTrace;
     nccl_logger(nccl_level, kNcclSubsysInit | kNcclSubsysColl, file, line, "NCCL-MoE %s", message);
     return;
   }

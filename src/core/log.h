@@ -12,8 +12,8 @@ void logLine(LogLevel level, const char* file, int line, const char* fmt, ...) _
 
 }  // namespace nccl_moe
 
-#define MOE_LOG_AT(level, ...)                                                                \
-  do {                                                                                        \
+#define MOE_LOG_AT(level, ...)                                                                      \
+  do {                                                                                              \
     if (::nccl_moe::logEnabled(level)) ::nccl_moe::logLine(level, __FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 #define MOE_WARN(...) MOE_LOG_AT(::nccl_moe::LogLevel::kWarn, __VA_ARGS__)

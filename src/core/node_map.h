@@ -19,9 +19,9 @@ std::string hostIdentityText();
 
 struct NodeMap {
   int num_nodes = 0;
-  std::vector<int> node_of;                 // [rank] node index (nodes numbered by their first rank)
-  std::vector<int> local_of;                // [rank] index among the ranks of its node (rank order)
-  std::vector<std::vector<int>> ranks_of;   // [node] its ranks, ascending
+  std::vector<int> node_of;                // [rank] node index (nodes numbered by their first rank)
+  std::vector<int> local_of;               // [rank] index among the ranks of its node (rank order)
+  std::vector<std::vector<int>> ranks_of;  // [node] its ranks, ascending
   int maxRanksPerNode() const;
   // One line per node: "node 0: ranks 0-3" / "node 1: ranks 4 5 7".
   std::string describe() const;

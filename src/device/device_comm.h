@@ -63,8 +63,8 @@ struct DeviceComm {
   int num_ranks;
   ScaleupPeers scaleup;
   ScaleoutPeers scaleout;
-  ErrorRecord* error;       // host-mapped, this rank's record
-  uint64_t timeout_ns;      // bound of every device wait (NCCL_MOE_TIMEOUT_S)
+  ErrorRecord* error;   // host-mapped, this rank's record
+  uint64_t timeout_ns;  // bound of every device wait (NCCL_MOE_TIMEOUT_S)
 };
 
 }  // namespace nccl_moe

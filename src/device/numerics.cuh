@@ -78,7 +78,8 @@ __device__ __forceinline__ uint32_t cast4_to_fp8(const float (&f)[4], float inv)
 __device__ __forceinline__ int4 cast16_to_fp8(const float (&f)[16], float inv) {
   uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) w[i] = cast2_to_fp8(f[4 * i], f[4 * i + 1], inv) | (cast2_to_fp8(f[4 * i + 2], f[4 * i + 3], inv) << 16);
+  for (int i = 0; i < 4; ++i)
+    w[i] = cast2_to_fp8(f[4 * i], f[4 * i + 1], inv) | (cast2_to_fp8(f[4 * i + 2], f[4 * i + 3], inv) << 16);
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
 }
 

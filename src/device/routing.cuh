@@ -26,7 +26,9 @@ __device__ __forceinline__ int load_topk_id(const void* topk_idx, int idx_int32,
 __host__ __device__ __forceinline__ int pack_src_info(int rank, int token) {
   return static_cast<int>((static_cast<unsigned>(rank) << 24) | static_cast<unsigned>(token));
 }
-__host__ __device__ __forceinline__ int src_info_rank(int info) { return static_cast<int>(static_cast<unsigned>(info) >> 24); }
+__host__ __device__ __forceinline__ int src_info_rank(int info) {
+  return static_cast<int>(static_cast<unsigned>(info) >> 24);
+}
 __host__ __device__ __forceinline__ int src_info_token(int info) { return info & 0xffffff; }
 
 }  // namespace nccl_moe

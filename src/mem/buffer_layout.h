@@ -18,7 +18,7 @@ struct BufferLayout {
   size_t ht_offset;
   size_t ht_bytes;
   size_t ll_offset;
-  size_t ll_half_bytes;   // one of the two LL halves
+  size_t ll_half_bytes;  // one of the two LL halves
   size_t total_bytes;
   HtLayout ht;
   LlLayout ll;

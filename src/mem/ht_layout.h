@@ -23,25 +23,25 @@ namespace nccl_moe {
 
 // Synchronisation words at the start of every rank's HT region.
 struct HtSync {
-  long long arrive[kMaxNvlPeers];        // arrive[s]: epoch of the HT call rank s has entered (written by s)
-  long long epoch;                      // epoch of this rank's last HT collective call (own)
-  int blocks_done;                      // blocks of the running HT kernel that finished (own, reset to 0)
+  long long arrive[kMaxNvlPeers];  // arrive[s]: epoch of the HT call rank s has entered (written by s)
+  long long epoch;                 // epoch of this rank's last HT collective call (own)
+  int blocks_done;                 // blocks of the running HT kernel that finished (own, reset to 0)
   int reserved;
 };
 
 // Written by source rank s into receiving rank d's notify[s].
 struct HtNotifySlot {
-  long long flag;        // epoch of the notify that wrote this slot (stored last, with release)
-  int num_tokens;        // tokens of s sent to d
+  long long flag;  // epoch of the notify that wrote this slot (stored last, with release)
+  int num_tokens;  // tokens of s sent to d
   int reserved;
-  int expert_count[1];   // [E_l] (token, slot) pairs of s naming each of d's local experts (variable length)
+  int expert_count[1];  // [E_l] (token, slot) pairs of s naming each of d's local experts (variable length)
 };
 
 struct HtLayout {
   int num_ranks = 0, capacity = 0, hidden = 0, num_scale_words = 0, topk = 0, num_local_experts = 0;
   size_t notify_slot_bytes = 0, x_slot_bytes = 0, meta_stride_bytes = 0;
-  size_t sync_offset = 0, notify_offset = 0, src_idx_offset = 0, row_flag_offset = 0, x_offset = 0,
-         meta_offset = 0, total_bytes = 0;
+  size_t sync_offset = 0, notify_offset = 0, src_idx_offset = 0, row_flag_offset = 0, x_offset = 0, meta_offset = 0,
+         total_bytes = 0;
 
   __host__ __device__ static HtLayout make(const LayoutParams& p) {
     HtLayout l;

@@ -78,12 +78,12 @@ struct LlControl {
   // ---- written by peers; [s] is written by rank s ----
   long long dispatch_flag[kMaxNvlPeers];        // (tag << 32) | T_s, written by s's send block 0
   long long dispatch_ack[kMaxNvlPeers];         // s's receive blocks' shares: s consumed the messages of tag
-                                               // once >= tag * kLlArrivalUnits
+                                                // once >= tag * kLlArrivalUnits
   long long combine_weight_flag[kMaxNvlPeers];  // s pushed its top-k weights of combine `tag`
   long long combine_flag[kMaxNvlPeers];         // all partial sums of combine `tag` from s are here
   long long combine_ack[kMaxNvlPeers];          // s finished reading the partials of its combine `tag` of this half
   long long dispatch_count[kMaxNvlPeers];       // s's send blocks' shares: all of s's messages of `tag` are
-                                               // here once >= tag * kLlArrivalUnits
+                                                // here once >= tag * kLlArrivalUnits
 };
 
 struct LlLayout {

@@ -1,6 +1,7 @@
 // ncclMoeCastToFp8: local and stream-ordered; no communicator.
-#include "core/error.h"
 #include "kernels/cast/cast.h"
+
+#include "core/error.h"
 #include "ops/ops.h"
 
 namespace nccl_moe {

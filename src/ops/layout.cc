@@ -1,7 +1,8 @@
 // ncclMoeGetDispatchLayout: zero the counters (stream-ordered, capturable), then the layout kernel.
+#include "kernels/layout/layout.h"
+
 #include "core/device_guard.h"
 #include "core/error.h"
-#include "kernels/layout/layout.h"
 #include "ops/ops.h"
 
 namespace nccl_moe {

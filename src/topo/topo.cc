@@ -20,13 +20,13 @@
 
 // Evaluates an hwloc call returning an int (< 0 on failure, errno set); on failure records
 // "<call> failed: <errno text> at file:line" and returns ncclSystemError from the enclosing function.
-#define TOPO_HWLOC_CHECK(call)                                                                               \
-  do {                                                                                                       \
-    if ((call) < 0) {                                                                                        \
-      int topo_errno_ = errno;                                                                               \
-      return ::nccl_moe::setLastError(ncclSystemError, "%s failed: %s at %s:%d", #call,                      \
-                                      std::strerror(topo_errno_), __FILE__, __LINE__);                       \
-    }                                                                                                        \
+#define TOPO_HWLOC_CHECK(call)                                                                                      \
+  do {                                                                                                              \
+    if ((call) < 0) {                                                                                               \
+      int topo_errno_ = errno;                                                                                      \
+      return ::nccl_moe::setLastError(ncclSystemError, "%s failed: %s at %s:%d", #call, std::strerror(topo_errno_), \
+                                      __FILE__, __LINE__);                                                          \
+    }                                                                                                               \
   } while (0)
 
 namespace nccl_moe::topo {
@@ -42,8 +42,7 @@ bool parsePciBusId(const std::string& text, PciBusId* out) {
   // The domain-less form is tried first: "%x:%x:%x.%x" would otherwise swallow it partially.
   if (std::sscanf(s, "%x:%x.%x%n", &bus, &dev, &func, &consumed) == 3 && s[consumed] == '\0') {
     domain = 0;
-  } else if (std::sscanf(s, "%x:%x:%x.%x%n", &domain, &bus, &dev, &func, &consumed) == 4 &&
-             s[consumed] == '\0') {
+  } else if (std::sscanf(s, "%x:%x:%x.%x%n", &domain, &bus, &dev, &func, &consumed) == 4 && s[consumed] == '\0') {
   } else {
     return false;
   }
@@ -64,10 +63,14 @@ std::string formatPciBusId(const PciBusId& id) {
 
 const char* pathTypeName(PathType type) {
   switch (type) {
-    case PathType::kSameSwitch: return "same PCIe switch";
-    case PathType::kSameHostBridge: return "same host bridge";
-    case PathType::kSameNuma: return "same NUMA node";
-    case PathType::kCrossNuma: return "cross NUMA";
+    case PathType::kSameSwitch:
+      return "same PCIe switch";
+    case PathType::kSameHostBridge:
+      return "same host bridge";
+    case PathType::kSameNuma:
+      return "same NUMA node";
+    case PathType::kCrossNuma:
+      return "cross NUMA";
   }
   return "unknown";
 }
@@ -90,9 +93,8 @@ PciDistance pciDistance(const PciLocation& a, const PciLocation& b) {
   if (shares_pci_bridge) {
     d.type = PathType::kSameSwitch;
   } else if (common > 0) {
-    d.type = PathType::kSameHostBridge;   // only host bridges in common
-  } else if (a.locality_id == b.locality_id ||
-             (a.numa_idx >= 0 && b.numa_idx >= 0 && a.numa_idx == b.numa_idx)) {
+    d.type = PathType::kSameHostBridge;  // only host bridges in common
+  } else if (a.locality_id == b.locality_id || (a.numa_idx >= 0 && b.numa_idx >= 0 && a.numa_idx == b.numa_idx)) {
     d.type = PathType::kSameNuma;
   } else {
     d.type = PathType::kCrossNuma;
@@ -130,9 +132,7 @@ void pairGpusWithNics(Topology* topology) {
 
 namespace {
 
-std::string plural(int n, const char* one, const char* many) {
-  return std::to_string(n) + " " + (n == 1 ? one : many);
-}
+std::string plural(int n, const char* one, const char* many) { return std::to_string(n) + " " + (n == 1 ? one : many); }
 
 std::string numaText(int numa_idx) { return numa_idx >= 0 ? std::to_string(numa_idx) : std::string("?"); }
 
@@ -142,9 +142,8 @@ std::string orDash(const std::string& s) { return s.empty() ? std::string("-") :
 
 std::string formatTopology(const Topology& t) {
   std::string out = "topology: " + plural(static_cast<int>(t.numa_nodes.size()), "NUMA node", "NUMA nodes") + ", " +
-                    plural(t.num_cpus, "CPU", "CPUs") + ", " +
-                    plural(static_cast<int>(t.gpus.size()), "GPU", "GPUs") + ", " +
-                    plural(static_cast<int>(t.nics.size()), "RDMA NIC", "RDMA NICs");
+                    plural(t.num_cpus, "CPU", "CPUs") + ", " + plural(static_cast<int>(t.gpus.size()), "GPU", "GPUs") +
+                    ", " + plural(static_cast<int>(t.nics.size()), "RDMA NIC", "RDMA NICs");
   if (t.source != "this machine" && !t.source.empty()) out += " (from " + t.source + ")";
   out += "\n";
   for (const NumaNode& n : t.numa_nodes) {
@@ -297,7 +296,7 @@ ncclResult_t fillFromHwloc(hwloc_topology_t t, const std::vector<std::string>& g
       nic.bus_id = formatPciBusId(PciBusId{a.domain, a.bus, a.dev, a.func});
       nic.location = locationOf(pci, &nic.cpuset);
     } else {
-      nic.location = locationOf(o, &nic.cpuset);   // no PCI parent (e.g. a software device)
+      nic.location = locationOf(o, &nic.cpuset);  // no PCI parent (e.g. a software device)
     }
     out->nics.push_back(nic);
   }
@@ -361,8 +360,7 @@ ncclResult_t bindCallingThread(const std::string& cpuset) {
   HwlocBitmap set;
   if (!set.b) return setLastError(ncclSystemError, "hwloc_bitmap_alloc failed");
   if (cpuset.empty() || hwloc_bitmap_list_sscanf(set.b, cpuset.c_str()) < 0 || hwloc_bitmap_iszero(set.b)) {
-    return setLastError(ncclInvalidArgument, "cannot bind to cpuset \"%s\": not a non-empty CPU list",
-                        cpuset.c_str());
+    return setLastError(ncclInvalidArgument, "cannot bind to cpuset \"%s\": not a non-empty CPU list", cpuset.c_str());
   }
   // A CPU-only topology of this machine (no I/O): enough to bind, and cheap to load.
   HwlocTopology topo;
@@ -370,9 +368,10 @@ ncclResult_t bindCallingThread(const std::string& cpuset) {
   TOPO_HWLOC_CHECK(hwloc_topology_load(topo.t));
   hwloc_bitmap_and(set.b, set.b, hwloc_topology_get_allowed_cpuset(topo.t));
   if (hwloc_bitmap_iszero(set.b)) {
-    return setLastError(ncclInvalidArgument, "cannot bind to cpuset \"%s\": none of these CPUs is available "
-                        "to this process (allowed: %s)", cpuset.c_str(),
-                        listString(hwloc_topology_get_allowed_cpuset(topo.t)).c_str());
+    return setLastError(ncclInvalidArgument,
+                        "cannot bind to cpuset \"%s\": none of these CPUs is available "
+                        "to this process (allowed: %s)",
+                        cpuset.c_str(), listString(hwloc_topology_get_allowed_cpuset(topo.t)).c_str());
   }
   if (hwloc_set_cpubind(topo.t, set.b, HWLOC_CPUBIND_THREAD) < 0) {
     int err = errno;
@@ -389,8 +388,7 @@ ncclResult_t bindCallingThreadNearGpu(const Topology& topology, int gpu_idx) {
   }
   const Gpu& gpu = topology.gpus[gpu_idx];
   if (!gpu.found || gpu.cpuset.empty()) {
-    return setLastError(ncclInvalidArgument, "cannot bind near GPU %s: hwloc does not list it",
-                        gpu.bus_id.c_str());
+    return setLastError(ncclInvalidArgument, "cannot bind near GPU %s: hwloc does not list it", gpu.bus_id.c_str());
   }
   return bindCallingThread(gpu.cpuset);
 }

@@ -45,15 +45,15 @@ std::string formatPciBusId(const PciBusId& id);
 
 // One bridge on the way from the CPU side down to a device.
 struct PciBridge {
-  uint64_t id = 0;             // unique per bridge in one topology (hwloc gp_index; any unique number in tests)
-  bool host_bridge = false;    // the root complex (hwloc upstream type "host"); PCI-to-PCI bridges are false
+  uint64_t id = 0;           // unique per bridge in one topology (hwloc gp_index; any unique number in tests)
+  bool host_bridge = false;  // the root complex (hwloc upstream type "host"); PCI-to-PCI bridges are false
 };
 
 // Where a PCI device sits: the CPU-side object it hangs off and the bridges from there down to its parent.
 struct PciLocation {
-  int numa_idx = -1;                 // OS index of the NUMA node it is local to; -1 unknown or several
-  uint64_t locality_id = 0;          // id of the CPU-side (non-I/O) ancestor; devices under one object share it
-  std::vector<PciBridge> bridges;    // outermost (host bridge) first, the device's direct parent last
+  int numa_idx = -1;               // OS index of the NUMA node it is local to; -1 unknown or several
+  uint64_t locality_id = 0;        // id of the CPU-side (non-I/O) ancestor; devices under one object share it
+  std::vector<PciBridge> bridges;  // outermost (host bridge) first, the device's direct parent last
 };
 
 enum class PathType : int {
@@ -66,7 +66,7 @@ const char* pathTypeName(PathType type);  // "same PCIe switch", "same host brid
 
 struct PciDistance {
   PathType type = PathType::kCrossNuma;
-  int hops = 0;   // bridges on the path between the two devices (the common ancestors counted once)
+  int hops = 0;  // bridges on the path between the two devices (the common ancestors counted once)
   // Strict "nearer than": class first, then hops.
   bool operator<(const PciDistance& o) const {
     return type != o.type ? static_cast<int>(type) < static_cast<int>(o.type) : hops < o.hops;
@@ -82,42 +82,42 @@ int nearestIndex(const PciLocation& from, const std::vector<PciLocation>& candid
 
 struct NumaNode {
   int os_index = -1;
-  std::string cpuset;           // CPUs of this node ("0-15"); empty for a CPU-less (memory-only) node
+  std::string cpuset;  // CPUs of this node ("0-15"); empty for a CPU-less (memory-only) node
   int num_cpus = 0;
-  uint64_t memory_bytes = 0;    // local memory hwloc reports (0 when unknown)
+  uint64_t memory_bytes = 0;  // local memory hwloc reports (0 when unknown)
 };
 
 struct Nic {
-  std::string name;             // verbs device name, e.g. "mlx5_0"
-  std::string bus_id;           // canonical PCI bus id, empty when hwloc does not know it
-  int num_ports = -1;           // ports hwloc reports (from its Port<N>State infos); -1 unknown
+  std::string name;    // verbs device name, e.g. "mlx5_0"
+  std::string bus_id;  // canonical PCI bus id, empty when hwloc does not know it
+  int num_ports = -1;  // ports hwloc reports (from its Port<N>State infos); -1 unknown
   PciLocation location;
-  std::string cpuset;           // CPUs local to the NIC
+  std::string cpuset;  // CPUs local to the NIC
 };
 
 struct Gpu {
-  std::string bus_id;           // as given by the caller
-  bool found = false;           // hwloc lists a PCI device with this bus id
-  std::string canonical_bus_id; // "0000:1b:00.0" when the input parsed, else empty
-  uint16_t vendor_id = 0;       // from hwloc when found (0x10de for NVIDIA)
+  std::string bus_id;            // as given by the caller
+  bool found = false;            // hwloc lists a PCI device with this bus id
+  std::string canonical_bus_id;  // "0000:1b:00.0" when the input parsed, else empty
+  uint16_t vendor_id = 0;        // from hwloc when found (0x10de for NVIDIA)
   uint16_t device_id = 0;
-  uint16_t class_id = 0;        // 0x0302 3D controller, 0x0300 VGA
+  uint16_t class_id = 0;  // 0x0302 3D controller, 0x0300 VGA
   PciLocation location;
-  std::string cpuset;           // CPUs local to the GPU (its CPU-side ancestor's cpuset); empty when not found
-  int nic_idx = -1;             // index into Topology::nics of the nearest NIC; -1 none
-  PciDistance nic_distance;     // valid when nic_idx >= 0
+  std::string cpuset;        // CPUs local to the GPU (its CPU-side ancestor's cpuset); empty when not found
+  int nic_idx = -1;          // index into Topology::nics of the nearest NIC; -1 none
+  PciDistance nic_distance;  // valid when nic_idx >= 0
 };
 
 struct Topology {
-  std::string source;           // "this machine" or "xml"
-  std::string hwloc_version;    // runtime library version, e.g. "2.9.0"
+  std::string source;         // "this machine" or "xml"
+  std::string hwloc_version;  // runtime library version, e.g. "2.9.0"
   int num_packages = 0;
   int num_cores = 0;
-  int num_cpus = 0;             // processing units (hardware threads) this process may use
-  std::string cpuset;           // all of them
+  int num_cpus = 0;    // processing units (hardware threads) this process may use
+  std::string cpuset;  // all of them
   std::vector<NumaNode> numa_nodes;
-  std::vector<Gpu> gpus;        // in the order of the bus ids passed to discover()
-  std::vector<Nic> nics;        // RDMA NICs in hwloc order
+  std::vector<Gpu> gpus;  // in the order of the bus ids passed to discover()
+  std::vector<Nic> nics;  // RDMA NICs in hwloc order
 };
 
 // Sets nic_idx / nic_distance of every found GPU to its nearest NIC (pure; discover() calls it).

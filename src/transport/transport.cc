@@ -4,9 +4,12 @@ namespace nccl_moe {
 
 const char* transportName(Transport t) {
   switch (t) {
-    case Transport::kSelf: return "self";
-    case Transport::kNvlink: return "nvlink";
-    case Transport::kRdma: return "rdma";
+    case Transport::kSelf:
+      return "self";
+    case Transport::kNvlink:
+      return "nvlink";
+    case Transport::kRdma:
+      return "rdma";
   }
   return "unknown";
 }

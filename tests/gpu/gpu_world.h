@@ -81,11 +81,11 @@ inline bool choosePlacement(int ranks, Placement* placement, std::string* why) {
 }
 
 // Skips the calling test (GTEST_SKIP) when R ranks cannot run here; else sets *placement.
-#define GPU_WORLD_OR_SKIP(ranks, placement)                                          \
-  do {                                                                               \
-    std::string gpu_world_why_;                                                      \
-    if (!::gpu_test::choosePlacement((ranks), (placement), &gpu_world_why_))         \
-      GTEST_SKIP() << (ranks) << " ranks: " << gpu_world_why_;                       \
+#define GPU_WORLD_OR_SKIP(ranks, placement)                                  \
+  do {                                                                       \
+    std::string gpu_world_why_;                                              \
+    if (!::gpu_test::choosePlacement((ranks), (placement), &gpu_world_why_)) \
+      GTEST_SKIP() << (ranks) << " ranks: " << gpu_world_why_;               \
   } while (0)
 
 // R ranks as threads of this process.

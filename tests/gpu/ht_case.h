@@ -26,7 +26,7 @@ struct HtCase {
   int zero_ranks = 0;
   bool weights = true;
   int num_sms = 0;  // clamped to the world's SMs per rank before the case runs (World::clampSms)
-  int biases = 0;  // combine: 0, 1 or 2 biases
+  int biases = 0;   // combine: 0, 1 or 2 biases
   bool combine_weights = true;
   uint64_t seed = 1;
   nccl_moe::HtTuning tuning{};  // warp roles of the kernels (process-wide while the case runs)

@@ -2,9 +2,9 @@
 //
 // Every case runs with R = 2, 4 and 8 ranks (threads), one per GPU when the machine has R GPUs, else all on one GPU
 // (tests/gpu/gpu_world.h): notify, dispatch, cached re-dispatch of new data with the same handle, combine (with
-// 0/1/2 biases, with or without weights), and compares each output field with ref::ht_dispatch / ref::ht_combine. The mode space enumerated below
-// covers dtype x fp8 scale format x scale strides x index type x K x masked slots x expert alignment x
-// worst-case capacity x zero-token ranks x skew x odd hidden sizes. Separate tests: CUDA-graph capture and
+// 0/1/2 biases, with or without weights), and compares each output field with ref::ht_dispatch / ref::ht_combine. The
+// mode space enumerated below covers dtype x fp8 scale format x scale strides x index type x K x masked slots x expert
+// alignment x worst-case capacity x zero-token ranks x skew x odd hidden sizes. Separate tests: CUDA-graph capture and
 // replay with new routing, a few hundred random back-to-back calls, capacity overflow, a peer that never
 // arrives (timeout), layout and the fp8 cast helper.
 #include <gtest/gtest.h>
@@ -85,26 +85,95 @@ std::vector<HtCase> allCases() {
   using D = ref::DType;
   using F = ref::ScaleFormat;
   add("Bf16", [](HtCase&) {});
-  add("Bf16Int32Align128Bias1", [](HtCase& c) { c.idx64 = false; c.alignment = 128; c.biases = 1; });
-  add("Fp8Float", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.biases = 2; });
-  add("Fp8FloatPaddedStride", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.scale_layout = 1; });
-  add("Fp8FloatColumnMajor", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.scale_layout = 2; c.combine_weights = false; });
-  add("Fp8Ue8m0", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; });
-  add("Fp8Ue8m0ColumnMajorOddHidden", [](HtCase& c) { c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; c.scale_layout = 2; c.hidden = 2064; });
-  add("Top1", [](HtCase& c) { c.topk = 1; c.biases = 2; });
-  add("Top16Masked", [](HtCase& c) { c.topk = 16; c.masked = 0.3; c.num_experts = 128; });
-  add("Top3MaskedEmptyAlign128", [](HtCase& c) { c.topk = 3; c.masked = 0.2; c.empty = 0.2; c.alignment = 128; c.idx64 = false; });
-  add("ZeroTokenRank", [](HtCase& c) { c.zero_ranks = 1; c.biases = 1; });
-  add("Skewed", [](HtCase& c) { c.skew = 4.0; c.tokens = 700; });
-  add("Hidden136", [](HtCase& c) { c.hidden = 136; c.biases = 2; });
-  add("Hidden2064Fp8", [](HtCase& c) { c.hidden = 2064; c.dtype = D::kFp8E4M3; });  // fp8 needs H % 16
+  add("Bf16Int32Align128Bias1", [](HtCase& c) {
+    c.idx64 = false;
+    c.alignment = 128;
+    c.biases = 1;
+  });
+  add("Fp8Float", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.biases = 2;
+  });
+  add("Fp8FloatPaddedStride", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.scale_layout = 1;
+  });
+  add("Fp8FloatColumnMajor", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.scale_layout = 2;
+    c.combine_weights = false;
+  });
+  add("Fp8Ue8m0", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.format = F::kUe8m0;
+  });
+  add("Fp8Ue8m0ColumnMajorOddHidden", [](HtCase& c) {
+    c.dtype = D::kFp8E4M3;
+    c.format = F::kUe8m0;
+    c.scale_layout = 2;
+    c.hidden = 2064;
+  });
+  add("Top1", [](HtCase& c) {
+    c.topk = 1;
+    c.biases = 2;
+  });
+  add("Top16Masked", [](HtCase& c) {
+    c.topk = 16;
+    c.masked = 0.3;
+    c.num_experts = 128;
+  });
+  add("Top3MaskedEmptyAlign128", [](HtCase& c) {
+    c.topk = 3;
+    c.masked = 0.2;
+    c.empty = 0.2;
+    c.alignment = 128;
+    c.idx64 = false;
+  });
+  add("ZeroTokenRank", [](HtCase& c) {
+    c.zero_ranks = 1;
+    c.biases = 1;
+  });
+  add("Skewed", [](HtCase& c) {
+    c.skew = 4.0;
+    c.tokens = 700;
+  });
+  add("Hidden136", [](HtCase& c) {
+    c.hidden = 136;
+    c.biases = 2;
+  });
+  add("Hidden2064Fp8", [](HtCase& c) {
+    c.hidden = 2064;
+    c.dtype = D::kFp8E4M3;
+  });  // fp8 needs H % 16
   add("Hidden2056", [](HtCase& c) { c.hidden = 2056; });
-  add("NoWeights", [](HtCase& c) { c.weights = false; c.combine_weights = false; });
-  add("WorstCaseBf16", [](HtCase& c) { c.worst_case = true; c.biases = 2; });
-  add("WorstCaseFp8Ue8m0Int32", [](HtCase& c) { c.worst_case = true; c.dtype = D::kFp8E4M3; c.format = F::kUe8m0; c.idx64 = false; });
-  add("OneSm", [](HtCase& c) { c.num_sms = 1; c.tokens = 64; });
-  add("ManySmsFewTokens", [](HtCase& c) { c.num_sms = 64; c.tokens = 7; });
-  add("LargeTokens", [](HtCase& c) { c.tokens = 4096; c.hidden = 512; c.topk = 8; c.num_experts = 256; });
+  add("NoWeights", [](HtCase& c) {
+    c.weights = false;
+    c.combine_weights = false;
+  });
+  add("WorstCaseBf16", [](HtCase& c) {
+    c.worst_case = true;
+    c.biases = 2;
+  });
+  add("WorstCaseFp8Ue8m0Int32", [](HtCase& c) {
+    c.worst_case = true;
+    c.dtype = D::kFp8E4M3;
+    c.format = F::kUe8m0;
+    c.idx64 = false;
+  });
+  add("OneSm", [](HtCase& c) {
+    c.num_sms = 1;
+    c.tokens = 64;
+  });
+  add("ManySmsFewTokens", [](HtCase& c) {
+    c.num_sms = 64;
+    c.tokens = 7;
+  });
+  add("LargeTokens", [](HtCase& c) {
+    c.tokens = 4096;
+    c.hidden = 512;
+    c.topk = 8;
+    c.num_experts = 256;
+  });
   add("BlockSplitFp8", [](HtCase& c) {
     c.dtype = D::kFp8E4M3;
     c.num_sms = 6;
@@ -138,9 +207,8 @@ TEST_P(HtDispatchCombine, MatchesReference) {
   c.num_sms = world.clampSms(c.num_sms);
   const Expected e = makeExpected(c, n);
   nccl_moe::htTuning() = c.tuning;
-  world.runWithComms(caseConfig(c, e.capacity), [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
-    runRank(c, e, world, r, comm, stream);
-  });
+  world.runWithComms(caseConfig(c, e.capacity),
+                     [&](int r, ncclMoeComm_t comm, cudaStream_t stream) { runRank(c, e, world, r, comm, stream); });
   nccl_moe::htTuning() = nccl_moe::HtTuning{};
 }
 
@@ -150,7 +218,6 @@ INSTANTIATE_TEST_SUITE_P(Ht, HtDispatchCombine,
                          [](const ::testing::TestParamInfo<std::tuple<HtCase, int>>& info) {
                            return std::get<0>(info.param).name + "_R" + std::to_string(std::get<1>(info.param));
                          });
-
 
 // ------------------------------------------------------------------------------------------------
 // CUDA graph: notify (worst-case mode) + dispatch + combine captured once, replayed with new routing and data
@@ -203,8 +270,10 @@ TEST_P(HtGraph, NotifyDispatchCombineReplayWithNewRouting) {
     ncclMoeHandle_t handle = nullptr;
     EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
     const int cap = n * T;
-    DeviceBytes idx(static_cast<size_t>(T) * K * 8), wts(static_cast<size_t>(T) * K * 4), x(static_cast<size_t>(T) * H * 2);
-    DeviceBytes rx(static_cast<size_t>(cap) * H * 2), ridx(static_cast<size_t>(cap) * K * 8), rw(static_cast<size_t>(cap) * K * 4);
+    DeviceBytes idx(static_cast<size_t>(T) * K * 8), wts(static_cast<size_t>(T) * K * 4),
+        x(static_cast<size_t>(T) * H * 2);
+    DeviceBytes rx(static_cast<size_t>(cap) * H * 2), ridx(static_cast<size_t>(cap) * K * 8),
+        rw(static_cast<size_t>(cap) * K * 4);
     DeviceBytes out(static_cast<size_t>(T) * H * 2), out_w(static_cast<size_t>(T) * K * 4);
     ncclMoeNotifyArgs_t na = NCCL_MOE_NOTIFY_ARGS_INITIALIZER;
     na.topk_idx = idx.get();
@@ -231,8 +300,7 @@ TEST_P(HtGraph, NotifyDispatchCombineReplayWithNewRouting) {
       EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, stream)) << ncclMoeGetLastError(comm);
       EXPECT_EQ(ncclSuccess, ncclMoeDispatch(comm, handle, &da, stream)) << ncclMoeGetLastError(comm);
       EXPECT_EQ(ncclSuccess, ncclMoeCombine(comm, handle, &ca, stream)) << ncclMoeGetLastError(comm);
-      ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess &&
-           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+      ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
     }
     EXPECT_TRUE(ok) << "capture failed: " << cudaGetErrorString(cudaGetLastError());
     const int* d_count = nullptr;

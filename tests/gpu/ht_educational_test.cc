@@ -1,12 +1,12 @@
 // The educational high-throughput kernels (src/kernels/intranode/educational.cu, NCCL_MOE_HT_KERNEL=educational)
 // on real GPUs against the CPU reference, bitwise, like tests/gpu/ht_dispatch_test.cc tests the fast ones.
 //
-// Every case runs with R = 2, 4 and 8 ranks (threads; one per GPU, or all on one GPU: tests/gpu/gpu_world.h): notify, dispatch, cached re-dispatch of new
-// data, combine, each output field compared with ref::ht_dispatch / ref::ht_combine. The kernel selection is
-// read on every call, so each call step is enqueued rank by rank (a host barrier between ranks) with the
-// variable set for that rank and step: cases run everything educational, or mix the two versions between
-// calls and between ranks of one call (same buffer protocol, so they must interoperate). Also: a worst-case
-// capacity overflow is reported by the educational dispatch exactly as by the fast one.
+// Every case runs with R = 2, 4 and 8 ranks (threads; one per GPU, or all on one GPU: tests/gpu/gpu_world.h): notify,
+// dispatch, cached re-dispatch of new data, combine, each output field compared with ref::ht_dispatch /
+// ref::ht_combine. The kernel selection is read on every call, so each call step is enqueued rank by rank (a host
+// barrier between ranks) with the variable set for that rank and step: cases run everything educational, or mix the two
+// versions between calls and between ranks of one call (same buffer protocol, so they must interoperate). Also: a
+// worst-case capacity overflow is reported by the educational dispatch exactly as by the fast one.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -237,9 +237,8 @@ TEST_P(HtEducational, MatchesReference) {
   c.num_sms = world.clampSms(c.num_sms);
   const Expected e = makeExpected(c, n);
   KernelVarGuard guard;
-  world.runWithComms(caseConfig(c, e.capacity), [&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
-    runRank(c, e, world, r, comm, stream);
-  });
+  world.runWithComms(caseConfig(c, e.capacity),
+                     [&](int r, ncclMoeComm_t comm, cudaStream_t stream) { runRank(c, e, world, r, comm, stream); });
 }
 
 INSTANTIATE_TEST_SUITE_P(Ht, HtEducational,
@@ -261,8 +260,7 @@ TEST_P(HtEducationalErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWr
   checkCapacityOverflow(GetParam(), placement);
 }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, HtEducationalErrors, ::testing::ValuesIn(gpu_test::rankCounts()),
-                         gpu_test::ranksName);
+INSTANTIATE_TEST_SUITE_P(Ranks, HtEducationalErrors, ::testing::ValuesIn(gpu_test::rankCounts()), gpu_test::ranksName);
 
 }  // namespace
 }  // namespace ht_test

@@ -37,7 +37,8 @@ TEST_P(HtLayout, MatchesReference) {
     const int T = rr.num_tokens;
     const ref::DispatchLayout want = ref::get_dispatch_layout(rr.topk_idx.data(), T, K, E, n);
     for (int idx64 = 0; idx64 < 2; ++idx64) {
-      DeviceBytes idx(rr.topk_idx.size() * 8 + 16), per_rank(4 * n), per_expert(4 * E), in_rank(static_cast<size_t>(T) * n + 16);
+      DeviceBytes idx(rr.topk_idx.size() * 8 + 16), per_rank(4 * n), per_expert(4 * E),
+          in_rank(static_cast<size_t>(T) * n + 16);
       if (idx64)
         idx.uploadBytes(rr.topk_idx);
       else
@@ -72,7 +73,8 @@ TEST(HtCast, MatchesReferenceForEveryFormat) {
     for (auto format : {ref::ScaleFormat::kFloat, ref::ScaleFormat::kFloatPow2, ref::ScaleFormat::kUe8m0}) {
       SCOPED_TRACE("hidden " + std::to_string(hidden) + " format " + std::to_string(static_cast<int>(format)));
       const ref::Rows want = ref::cast_to_fp8(x, T, hidden, format);
-      DeviceBytes dx(x.size() * 2), dq(static_cast<size_t>(T) * hidden), ds(static_cast<size_t>(T) * ref::num_scale_groups(hidden) * 4);
+      DeviceBytes dx(x.size() * 2), dq(static_cast<size_t>(T) * hidden),
+          ds(static_cast<size_t>(T) * ref::num_scale_groups(hidden) * 4);
       dx.uploadBytes(x);
       ASSERT_EQ(ncclSuccess, ncclMoeCastToFp8(dx.get(), T, hidden, static_cast<ncclMoeScaleFormat_t>(format), dq.get(),
                                               ds.get(), nullptr))

@@ -53,8 +53,8 @@ TEST(HtPerf, TargetShapeSweep) {
     int warps, blocks;
   };
   auto splits_for = [](int sms) {
-    return std::vector<Split>{{0, 0},         {8, 0},         {12, 0},        {16, 0},           {20, 0},
-                              {24, 0},        {0, sms / 4},   {0, sms / 3},   {0, sms / 2},      {0, 2 * sms / 3}};
+    return std::vector<Split>{{0, 0},  {8, 0},       {12, 0},      {16, 0},      {20, 0},
+                              {24, 0}, {0, sms / 4}, {0, sms / 3}, {0, sms / 2}, {0, 2 * sms / 3}};
   };
   struct Result {
     float bf16_us, fp8_us, combine_us;
@@ -91,8 +91,8 @@ TEST(HtPerf, TargetShapeSweep) {
     na.num_recv_tokens = &N;
     EXPECT_EQ(ncclSuccess, ncclMoeDispatchNotify(comm, handle, &na, stream)) << ncclMoeGetLastError(comm);
     EXPECT_EQ(want.recv[rank].num_recv, N);
-    DeviceBytes rx(static_cast<size_t>(N) * H * 2), rs(static_cast<size_t>(N) * (H / 128) * 4), ridx(static_cast<size_t>(N) * K * 8),
-        rw(static_cast<size_t>(N) * K * 4), out(static_cast<size_t>(T) * H * 2);
+    DeviceBytes rx(static_cast<size_t>(N) * H * 2), rs(static_cast<size_t>(N) * (H / 128) * 4),
+        ridx(static_cast<size_t>(N) * K * 8), rw(static_cast<size_t>(N) * K * 4), out(static_cast<size_t>(T) * H * 2);
     ncclMoeDispatchArgs_t bf = NCCL_MOE_DISPATCH_ARGS_INITIALIZER;
     bf.x = x.get();
     bf.hidden = H;

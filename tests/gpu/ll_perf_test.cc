@@ -150,8 +150,8 @@ void runPerf(ll_test::Placement world, int n) {
   std::printf(
       "[ll perf] %s: %d ranks, %d SMs per rank, hidden %d, top-%d of %d experts, fp8 dispatch (float scales) + bf16 "
       "combine, median of %d (us)\n",
-      world == ll_test::Placement::kOnePerGpu ? "one rank per GPU" : "RANKS SHARE GPU 0 (not NVLink numbers)", n, sms[0], kHidden, kTopk,
-      kExperts, kIters);
+      world == ll_test::Placement::kOnePerGpu ? "one rank per GPU" : "RANKS SHARE GPU 0 (not NVLink numbers)", n,
+      sms[0], kHidden, kTopk, kExperts, kIters);
   std::printf("[ll perf] %6s %4s %9s %9s %9s %9s %9s %9s %9s %10s %10s %8s\n", "tokens", "rank", "dispatch", "combine",
               "d.send", "d.recv", "c.send", "c.recv", "pair", "disp GB/s", "comb GB/s", "recv sel");
   for (int ci = 0; ci < num_cases; ++ci)

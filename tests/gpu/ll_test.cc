@@ -84,8 +84,8 @@ struct Expected {
   ref::Routing routing;
   std::vector<std::vector<uint16_t>> x;  // [R][T_s, H]
   ref::LlDispatch dispatch;
-  std::vector<std::vector<uint16_t>> y;     // [R][E_l, R*max, H], rows past the count are 0
-  std::vector<std::vector<uint16_t>> out;   // [R][T_s, H]
+  std::vector<std::vector<uint16_t>> y;    // [R][E_l, R*max, H], rows past the count are 0
+  std::vector<std::vector<uint16_t>> out;  // [R][T_s, H]
 };
 
 Expected makeExpected(Problem pb) {
@@ -191,11 +191,11 @@ struct Rank {
       CUDA_OK(cudaMemcpyAsync(res.topk_idx.get(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice, stream));
       CUDA_OK(cudaStreamSynchronize(stream));
     } else {
-      CUDA_OK(
-          cudaMemcpyAsync(res.topk_idx.get(), rr.topk_idx.data(), rr.topk_idx.size() * 8, cudaMemcpyHostToDevice, stream));
+      CUDA_OK(cudaMemcpyAsync(res.topk_idx.get(), rr.topk_idx.data(), rr.topk_idx.size() * 8, cudaMemcpyHostToDevice,
+                              stream));
     }
-    CUDA_OK(cudaMemcpyAsync(res.weights.get(), rr.topk_weights.data(), rr.topk_weights.size() * 4, cudaMemcpyHostToDevice,
-                            stream));
+    CUDA_OK(cudaMemcpyAsync(res.weights.get(), rr.topk_weights.data(), rr.topk_weights.size() * 4,
+                            cudaMemcpyHostToDevice, stream));
   }
   // Expert outputs into res.y, or into the library's combine buffer (zero copy).
   void uploadExpertOutputs(const Expected& ex, RankResult& res, bool zero_copy) {
@@ -360,7 +360,9 @@ std::string describe(const Problem& pb) {
                                                                       : "ue8m0")
                        : "",
                 pb.idx32 ? "32" : "64", pb.masked, pb.empty, pb.zero_token_ranks,
-                pb.weights == 0 ? "combine" : pb.weights == 1 ? "dispatch" : "both");
+                pb.weights == 0   ? "combine"
+                : pb.weights == 1 ? "dispatch"
+                                  : "both");
   return buf;
 }
 

@@ -130,11 +130,11 @@ class TargetShapeRank {
 // LL_WORLD_TEST(Name) { body } defines LlWorld.Name, instantiated for R = 2, 4 and 8 ranks; the body sees
 // `Placement world` and `int num_ranks` (the test is skipped when R ranks cannot run on this machine).
 class LlWorld : public ::testing::TestWithParam<int> {};
-#define LL_WORLD_TEST(Name)                                     \
-  void Name##Body(::ll_test::Placement world, int num_ranks);   \
-  TEST_P(LlWorld, Name) {                                       \
-    ::ll_test::Placement placement;                             \
-    GPU_WORLD_OR_SKIP(GetParam(), &placement);                  \
-    Name##Body(placement, GetParam());                          \
-  }                                                             \
+#define LL_WORLD_TEST(Name)                                   \
+  void Name##Body(::ll_test::Placement world, int num_ranks); \
+  TEST_P(LlWorld, Name) {                                     \
+    ::ll_test::Placement placement;                           \
+    GPU_WORLD_OR_SKIP(GetParam(), &placement);                \
+    Name##Body(placement, GetParam());                        \
+  }                                                           \
   void Name##Body(::ll_test::Placement world, int num_ranks)

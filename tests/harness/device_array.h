@@ -27,11 +27,11 @@ inline std::string cudaFailure(const char* call, cudaError_t e, const char* file
 
 }  // namespace harness
 
-#define HARNESS_CUDA(call)                                                                          \
-  do {                                                                                              \
-    const cudaError_t harness_err_ = (call);                                                        \
-    if (harness_err_ != cudaSuccess)                                                                \
-      throw ::harness::Error(::harness::cudaFailure(#call, harness_err_, __FILE__, __LINE__));      \
+#define HARNESS_CUDA(call)                                                                     \
+  do {                                                                                         \
+    const cudaError_t harness_err_ = (call);                                                   \
+    if (harness_err_ != cudaSuccess)                                                           \
+      throw ::harness::Error(::harness::cudaFailure(#call, harness_err_, __FILE__, __LINE__)); \
   } while (0)
 
 namespace harness {

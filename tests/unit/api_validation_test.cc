@@ -160,78 +160,149 @@ std::vector<Case> cases() {
   using LC = ncclMoeLLCombineArgs_t;
   return {
       // layout
-      {"LayoutNullComm", [](FakeComm&) { auto a = goodLayout(); return ncclMoeGetDispatchLayout(nullptr, &a, nullptr); }, kArg, "comm is NULL"},
-      {"LayoutNullArgs", [](FakeComm& f) { return ncclMoeGetDispatchLayout(&f.comm, nullptr, nullptr); }, kArg, "args is NULL"},
+      {"LayoutNullComm",
+       [](FakeComm&) {
+         auto a = goodLayout();
+         return ncclMoeGetDispatchLayout(nullptr, &a, nullptr);
+       },
+       kArg, "comm is NULL"},
+      {"LayoutNullArgs", [](FakeComm& f) { return ncclMoeGetDispatchLayout(&f.comm, nullptr, nullptr); }, kArg,
+       "args is NULL"},
       {"LayoutStructSize", layoutCall(goodLayout, [](L& a, FakeComm&) { a.size = 8; }), kArg, "args->size"},
       {"LayoutVersion", layoutCall(goodLayout, [](L& a, FakeComm&) { a.version = 999999; }), kArg, "args->version"},
-      {"LayoutIndexType", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk_idx_type = (ncclMoeIndexType_t)7; }), kArg, "topk_idx_type"},
+      {"LayoutIndexType", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk_idx_type = (ncclMoeIndexType_t)7; }),
+       kArg, "topk_idx_type"},
       {"LayoutNegativeTokens", layoutCall(goodLayout, [](L& a, FakeComm&) { a.num_tokens = -1; }), kArg, "num_tokens"},
       {"LayoutTopkZero", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk = 0; }), kArg, "args->topk"},
-      {"LayoutTopkOverMax", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk = 9; }), kArg, "args->topk is 9, expected 1..8"},
-      {"LayoutNullTopkIdx", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk_idx = nullptr; }), kArg, "topk_idx is NULL"},
-      {"LayoutNullPerRank", layoutCall(goodLayout, [](L& a, FakeComm&) { a.num_tokens_per_rank = nullptr; }), kArg, "num_tokens_per_rank"},
+      {"LayoutTopkOverMax", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk = 9; }), kArg,
+       "args->topk is 9, expected 1..8"},
+      {"LayoutNullTopkIdx", layoutCall(goodLayout, [](L& a, FakeComm&) { a.topk_idx = nullptr; }), kArg,
+       "topk_idx is NULL"},
+      {"LayoutNullPerRank", layoutCall(goodLayout, [](L& a, FakeComm&) { a.num_tokens_per_rank = nullptr; }), kArg,
+       "num_tokens_per_rank"},
       // notify
-      {"NotifyNullHandle", [](FakeComm& f) { auto a = goodNotify(); return ncclMoeDispatchNotify(&f.comm, nullptr, &a, nullptr); }, kArg, "handle is NULL"},
-      {"NotifyForeignHandle", notifyCall([](N&, FakeComm& f) { f.handle.comm = nullptr; }), kArg, "another communicator"},
-      {"NotifyNoHtCapacity", notifyCall([](N&, FakeComm& f) { f.comm.config.max_tokens_per_rank = 0; }), kUsage, "max_tokens_per_rank = 0"},
-      {"NotifyTooManyTokens", notifyCall([](N& a, FakeComm&) { a.num_tokens = 129; }), kArg, "args->num_tokens is 129, expected 0..128"},
+      {"NotifyNullHandle",
+       [](FakeComm& f) {
+         auto a = goodNotify();
+         return ncclMoeDispatchNotify(&f.comm, nullptr, &a, nullptr);
+       },
+       kArg, "handle is NULL"},
+      {"NotifyForeignHandle", notifyCall([](N&, FakeComm& f) { f.handle.comm = nullptr; }), kArg,
+       "another communicator"},
+      {"NotifyNoHtCapacity", notifyCall([](N&, FakeComm& f) { f.comm.config.max_tokens_per_rank = 0; }), kUsage,
+       "max_tokens_per_rank = 0"},
+      {"NotifyTooManyTokens", notifyCall([](N& a, FakeComm&) { a.num_tokens = 129; }), kArg,
+       "args->num_tokens is 129, expected 0..128"},
       {"NotifyTopk", notifyCall([](N& a, FakeComm&) { a.topk = 17; }), kArg, "args->topk"},
       {"NotifyNullTopkIdx", notifyCall([](N& a, FakeComm&) { a.topk_idx = nullptr; }), kArg, "topk_idx is NULL"},
       {"NotifyAlignment", notifyCall([](N& a, FakeComm&) { a.expert_alignment = 0; }), kArg, "expert_alignment"},
       {"NotifyCapacityNegative", notifyCall([](N& a, FakeComm&) { a.recv_capacity = -1; }), kArg, "recv_capacity"},
-      {"NotifyCapacityTooLarge", notifyCall([](N& a, FakeComm&) { a.recv_capacity = 257; }), kArg, "recv_capacity is 257, expected 0 (host-count mode) .. 256"},
-      {"NotifyHostCountNeedsOutput", notifyCall([](N& a, FakeComm&) { a.recv_capacity = 0; }), kArg, "num_recv_tokens is NULL"},
-      {"NotifyIndexType", notifyCall([](N& a, FakeComm&) { a.topk_idx_type = (ncclMoeIndexType_t)-1; }), kArg, "topk_idx_type"},
+      {"NotifyCapacityTooLarge", notifyCall([](N& a, FakeComm&) { a.recv_capacity = 257; }), kArg,
+       "recv_capacity is 257, expected 0 (host-count mode) .. 256"},
+      {"NotifyHostCountNeedsOutput", notifyCall([](N& a, FakeComm&) { a.recv_capacity = 0; }), kArg,
+       "num_recv_tokens is NULL"},
+      {"NotifyIndexType", notifyCall([](N& a, FakeComm&) { a.topk_idx_type = (ncclMoeIndexType_t)-1; }), kArg,
+       "topk_idx_type"},
       // dispatch
-      {"DispatchWithoutNotify", dispatchCall([](D&, FakeComm& f) { f.handle.ht.valid = false; }), kUsage, "ncclMoeDispatchNotify"},
+      {"DispatchWithoutNotify", dispatchCall([](D&, FakeComm& f) { f.handle.ht.valid = false; }), kUsage,
+       "ncclMoeDispatchNotify"},
       {"DispatchDtype", dispatchCall([](D& a, FakeComm&) { a.dtype = (ncclMoeDataType_t)5; }), kArg, "args->dtype"},
       {"DispatchHiddenNotMultiple", dispatchCall([](D& a, FakeComm&) { a.hidden = 100; }), kArg, "args->hidden is 100"},
       {"DispatchHiddenTooLarge", dispatchCall([](D& a, FakeComm&) { a.hidden = 2048; }), kArg, "up to 1024"},
-      {"DispatchFp8HiddenMultipleOf16", dispatchCall([](D& a, FakeComm&) { a.dtype = ncclMoeFp8E4M3; a.hidden = 520; a.x_scales = fakePtr(); a.recv_x_scales = fakePtr(); }), kArg, "multiple of 16"},
+      {"DispatchFp8HiddenMultipleOf16", dispatchCall([](D& a, FakeComm&) {
+         a.dtype = ncclMoeFp8E4M3;
+         a.hidden = 520;
+         a.x_scales = fakePtr();
+         a.recv_x_scales = fakePtr();
+       }),
+       kArg, "multiple of 16"},
       {"DispatchNullX", dispatchCall([](D& a, FakeComm&) { a.x = nullptr; }), kArg, "args->x is NULL"},
-      {"DispatchFp8NullScales", dispatchCall([](D& a, FakeComm&) { a.dtype = ncclMoeFp8E4M3; a.recv_x_scales = fakePtr(); }), kArg, "x_scales is NULL"},
-      {"DispatchFp8ScaleFormat", dispatchCall([](D& a, FakeComm&) { a.dtype = ncclMoeFp8E4M3; a.x_scales = fakePtr(); a.recv_x_scales = fakePtr(); a.scale_format = ncclMoeScaleFloatPow2; }), kArg, "scale_format"},
-      {"DispatchFp8NegativeStride", dispatchCall([](D& a, FakeComm&) { a.dtype = ncclMoeFp8E4M3; a.x_scales = fakePtr(); a.recv_x_scales = fakePtr(); a.x_scales_token_stride = -4; }), kArg, "x_scales_token_stride"},
-      {"DispatchFp8NullRecvScales", dispatchCall([](D& a, FakeComm&) { a.dtype = ncclMoeFp8E4M3; a.x_scales = fakePtr(); }), kArg, "recv_x_scales is NULL"},
+      {"DispatchFp8NullScales", dispatchCall([](D& a, FakeComm&) {
+         a.dtype = ncclMoeFp8E4M3;
+         a.recv_x_scales = fakePtr();
+       }),
+       kArg, "x_scales is NULL"},
+      {"DispatchFp8ScaleFormat", dispatchCall([](D& a, FakeComm&) {
+         a.dtype = ncclMoeFp8E4M3;
+         a.x_scales = fakePtr();
+         a.recv_x_scales = fakePtr();
+         a.scale_format = ncclMoeScaleFloatPow2;
+       }),
+       kArg, "scale_format"},
+      {"DispatchFp8NegativeStride", dispatchCall([](D& a, FakeComm&) {
+         a.dtype = ncclMoeFp8E4M3;
+         a.x_scales = fakePtr();
+         a.recv_x_scales = fakePtr();
+         a.x_scales_token_stride = -4;
+       }),
+       kArg, "x_scales_token_stride"},
+      {"DispatchFp8NullRecvScales", dispatchCall([](D& a, FakeComm&) {
+         a.dtype = ncclMoeFp8E4M3;
+         a.x_scales = fakePtr();
+       }),
+       kArg, "recv_x_scales is NULL"},
       {"DispatchNullRecvX", dispatchCall([](D& a, FakeComm&) { a.recv_x = nullptr; }), kArg, "recv_x is NULL"},
-      {"DispatchRecvWeightsWithoutWeights", dispatchCall([](D& a, FakeComm&) { a.recv_topk_weights = static_cast<float*>(fakePtr()); }), kArg, "topk_weights is NULL"},
+      {"DispatchRecvWeightsWithoutWeights",
+       dispatchCall([](D& a, FakeComm&) { a.recv_topk_weights = static_cast<float*>(fakePtr()); }), kArg,
+       "topk_weights is NULL"},
       {"DispatchSms", dispatchCall([](D& a, FakeComm&) { a.num_sms = 500; }), kArg, "args->num_sms is 500"},
-      {"DispatchStructSize", dispatchCall([](D& a, FakeComm&) { a.size = sizeof(D) - 8; }), kArg, "NCCL_MOE_DISPATCH_ARGS_INITIALIZER"},
+      {"DispatchStructSize", dispatchCall([](D& a, FakeComm&) { a.size = sizeof(D) - 8; }), kArg,
+       "NCCL_MOE_DISPATCH_ARGS_INITIALIZER"},
       // combine
-      {"CombineWithoutDispatch", combineCall([](C&, FakeComm& f) { f.handle.ht.valid = false; }), kUsage, "handle holds no routing"},
+      {"CombineWithoutDispatch", combineCall([](C&, FakeComm& f) { f.handle.ht.valid = false; }), kUsage,
+       "handle holds no routing"},
       {"CombineHidden", combineCall([](C& a, FakeComm&) { a.hidden = 12; }), kArg, "args->hidden is 12"},
       {"CombineNullOut", combineCall([](C& a, FakeComm&) { a.combined_x = nullptr; }), kArg, "combined_x is NULL"},
-      {"CombineWeightsWithoutOut", combineCall([](C& a, FakeComm&) { a.topk_weights = static_cast<const float*>(fakePtr()); }), kArg, "combined_topk_weights"},
+      {"CombineWeightsWithoutOut",
+       combineCall([](C& a, FakeComm&) { a.topk_weights = static_cast<const float*>(fakePtr()); }), kArg,
+       "combined_topk_weights"},
       {"CombineBias1WithoutBias0", combineCall([](C& a, FakeComm&) { a.bias_1 = fakePtr(); }), kArg, "bias_1"},
       {"CombineSms", combineCall([](C& a, FakeComm&) { a.num_sms = -1; }), kArg, "num_sms"},
       // low-latency dispatch
-      {"LlNoCapacity", llDispatchCall([](LD&, FakeComm& f) { f.comm.config.ll_max_tokens_per_rank = 0; }), kUsage, "ll_max_tokens_per_rank = 0"},
+      {"LlNoCapacity", llDispatchCall([](LD&, FakeComm& f) { f.comm.config.ll_max_tokens_per_rank = 0; }), kUsage,
+       "ll_max_tokens_per_rank = 0"},
       {"LlPhase", llDispatchCall([](LD& a, FakeComm&) { a.phase = (ncclMoePhase_t)0; }), kArg, "args->phase"},
-      {"LlTooManyTokens", llDispatchCall([](LD& a, FakeComm&) { a.num_tokens = 17; }), kArg, "args->num_tokens is 17, expected 0..16"},
+      {"LlTooManyTokens", llDispatchCall([](LD& a, FakeComm&) { a.num_tokens = 17; }), kArg,
+       "args->num_tokens is 17, expected 0..16"},
       {"LlHiddenNot128", llDispatchCall([](LD& a, FakeComm&) { a.hidden = 520; }), kArg, "multiple of 128"},
       {"LlTopk", llDispatchCall([](LD& a, FakeComm&) { a.topk = 0; }), kArg, "args->topk"},
       {"LlUseFp8", llDispatchCall([](LD& a, FakeComm&) { a.use_fp8 = 2; }), kArg, "use_fp8"},
-      {"LlScaleFormat", llDispatchCall([](LD& a, FakeComm&) { a.scale_format = (ncclMoeScaleFormat_t)9; }), kArg, "scale_format"},
+      {"LlScaleFormat", llDispatchCall([](LD& a, FakeComm&) { a.scale_format = (ncclMoeScaleFormat_t)9; }), kArg,
+       "scale_format"},
       {"LlNullX", llDispatchCall([](LD& a, FakeComm&) { a.x = nullptr; }), kArg, "args->x is NULL"},
       {"LlNullTopkIdx", llDispatchCall([](LD& a, FakeComm&) { a.topk_idx = nullptr; }), kArg, "topk_idx is NULL"},
       {"LlNullRecvX", llDispatchCall([](LD& a, FakeComm&) { a.recv_x = nullptr; }), kArg, "recv_x is NULL"},
       {"LlNullRecvCount", llDispatchCall([](LD& a, FakeComm&) { a.recv_count = nullptr; }), kArg, "recv_count is NULL"},
       {"LlFp8NullScales", llDispatchCall([](LD& a, FakeComm&) { a.use_fp8 = 1; }), kArg, "recv_x_scales is NULL"},
       // low-latency combine
-      {"LlCombineWithoutDispatch", llCombineCall([](LC&, FakeComm& f) { f.handle.ll.valid = false; }), kUsage, "no low-latency routing"},
+      {"LlCombineWithoutDispatch", llCombineCall([](LC&, FakeComm& f) { f.handle.ll.valid = false; }), kUsage,
+       "no low-latency routing"},
       {"LlCombineZeroCopyFlag", llCombineCall([](LC& a, FakeComm&) { a.zero_copy = 3; }), kArg, "zero_copy"},
       {"LlCombineNullX", llCombineCall([](LC& a, FakeComm&) { a.x = nullptr; }), kArg, "args->x is NULL"},
-      {"LlCombineNullWeights", llCombineCall([](LC& a, FakeComm&) { a.topk_weights = nullptr; }), kArg, "topk_weights is NULL"},
+      {"LlCombineNullWeights", llCombineCall([](LC& a, FakeComm&) { a.topk_weights = nullptr; }), kArg,
+       "topk_weights is NULL"},
       {"LlCombineNullOut", llCombineCall([](LC& a, FakeComm&) { a.out = nullptr; }), kArg, "args->out is NULL"},
       {"LlCombineHidden", llCombineCall([](LC& a, FakeComm&) { a.hidden = 64; }), kArg, "args->hidden is 64"},
       {"LlCombineTokens", llCombineCall([](LC& a, FakeComm&) { a.num_tokens = -2; }), kArg, "num_tokens"},
       // misc entry points
-      {"CombineBufferNullOut", [](FakeComm& f) { return ncclMoeLowLatencyCombineBuffer(&f.comm, &f.handle, nullptr); }, kArg, "buffer is NULL"},
-      {"CastHidden", [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 100, ncclMoeScaleFloat, fakePtr(), fakePtr(), nullptr); }, kArg, "hidden is 100"},
-      {"CastFormat", [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 128, (ncclMoeScaleFormat_t)4, fakePtr(), fakePtr(), nullptr); }, kArg, "scale_format"},
-      {"CastNullOutput", [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 128, ncclMoeScaleFloat, nullptr, fakePtr(), nullptr); }, kArg, "out_fp8"},
-      {"CastNegativeTokens", [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), -1, 128, ncclMoeScaleFloat, fakePtr(), fakePtr(), nullptr); }, kArg, "num_tokens is -1"},
-      {"HandleCreateNullOut", [](FakeComm& f) { return ncclMoeHandleCreate(&f.comm, nullptr); }, kArg, "handle is NULL"},
+      {"CombineBufferNullOut", [](FakeComm& f) { return ncclMoeLowLatencyCombineBuffer(&f.comm, &f.handle, nullptr); },
+       kArg, "buffer is NULL"},
+      {"CastHidden",
+       [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 100, ncclMoeScaleFloat, fakePtr(), fakePtr(), nullptr); },
+       kArg, "hidden is 100"},
+      {"CastFormat",
+       [](FakeComm&) {
+         return ncclMoeCastToFp8(fakePtr(), 4, 128, (ncclMoeScaleFormat_t)4, fakePtr(), fakePtr(), nullptr);
+       },
+       kArg, "scale_format"},
+      {"CastNullOutput",
+       [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 128, ncclMoeScaleFloat, nullptr, fakePtr(), nullptr); },
+       kArg, "out_fp8"},
+      {"CastNegativeTokens",
+       [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), -1, 128, ncclMoeScaleFloat, fakePtr(), fakePtr(), nullptr); },
+       kArg, "num_tokens is -1"},
+      {"HandleCreateNullOut", [](FakeComm& f) { return ncclMoeHandleCreate(&f.comm, nullptr); }, kArg,
+       "handle is NULL"},
       {"VersionNull", [](FakeComm&) { return ncclMoeGetVersion(nullptr); }, kArg, "version is NULL"},
   };
 }
@@ -286,7 +357,11 @@ TEST(ApiConfig, RejectsEachBadField) {
       {[](ncclMoeConfig_t& c) { c.max_topk = 17; }, "config->max_topk is 17"},
       {[](ncclMoeConfig_t& c) { c.max_tokens_per_rank = -1; }, "config->max_tokens_per_rank is -1"},
       {[](ncclMoeConfig_t& c) { c.ll_max_tokens_per_rank = 5000; }, "config->ll_max_tokens_per_rank is 5000"},
-      {[](ncclMoeConfig_t& c) { c.max_tokens_per_rank = 0; c.ll_max_tokens_per_rank = 0; }, "both 0"},
+      {[](ncclMoeConfig_t& c) {
+         c.max_tokens_per_rank = 0;
+         c.ll_max_tokens_per_rank = 0;
+       },
+       "both 0"},
       {[](ncclMoeConfig_t& c) { c.num_sms = -3; }, "config->num_sms is -3"},
       {[](ncclMoeConfig_t& c) { c.size = 4; }, "NCCL_MOE_CONFIG_INITIALIZER"},
   };

@@ -1,13 +1,13 @@
 // The environment registry is the one list of NCCL_MOE_* knobs: docs/environment.md must list the same names
 // with the same defaults, and values parse as documented.
+#include "core/env.h"
+
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
 #include <fstream>
 #include <sstream>
 #include <string>
-
-#include "core/env.h"
 
 namespace {
 

@@ -56,9 +56,9 @@ TEST(Layout, RegionsAreOrderedAlignedAndDisjointForEveryRankCount) {
         const auto& l = b.ll;
         // The accessors return offsets from the start of a half.
         EXPECT_LE(l.dispatch_msg(R - 1, s.ll_tokens - 1) + l.msg_bytes, b.ll_half_bytes);
-        EXPECT_LE(l.combine_buffer() +
-                      static_cast<size_t>(s.experts / R) * l.slab_rows() * 2 * static_cast<size_t>(s.hidden),
-                  b.ll_half_bytes);
+        EXPECT_LE(
+            l.combine_buffer() + static_cast<size_t>(s.experts / R) * l.slab_rows() * 2 * static_cast<size_t>(s.hidden),
+            b.ll_half_bytes);
         EXPECT_EQ(0u, l.dispatch_msg(R - 1, s.ll_tokens - 1) % nccl_moe::kLlMsgAlign)
             << "every message slot starts on a 128-byte line";
         EXPECT_GE(l.ready_offset, l.control_offset + sizeof(nccl_moe::LlControl));

@@ -613,9 +613,9 @@ TEST(ReferenceOps, LlCombineOrderContract) {
   std::vector<std::vector<uint16_t>> y(2, std::vector<uint16_t>(8, 0));
   // Grouped by rank: p0 = 2^-30, p1 = bf16(1 + -1) = 0, out = 2^-30 (one k-ascending sum would give
   // ((1 + 2^-30) + -1) = 0).
-  y[1][4] = one;   // k = 0
-  y[0][0] = tiny;  // k = 2
-  y[1][0] = m_one; // k = 3
+  y[1][4] = one;    // k = 0
+  y[0][0] = tiny;   // k = 2
+  y[1][0] = m_one;  // k = 3
   EXPECT_EQ(both(y), (std::vector<uint16_t>{tiny}));
   // Each rank's partial is rounded to bf16: p1 = bf16(1 + 2^-8) = 1 (tie to even), p0 = 2^-8, out = bf16(1 + 2^-8)
   // = 1. One FP32 sum (or FP32 partials) would give 1 + 2^-7.

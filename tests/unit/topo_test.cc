@@ -2,6 +2,8 @@
 // hierarchies, discovery of this machine (whatever it has: no GPU and no NIC is a valid answer), an end-to-end
 // GPU<->NIC pairing on a hand-written hwloc XML machine (2 NUMA nodes, 4 GPUs, 2 mlx5 NICs behind PCIe
 // switches), the text summary, and binding the calling thread to a cpuset.
+#include "topo/topo.h"
+
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -10,7 +12,6 @@
 #include <vector>
 
 #include "core/error.h"
-#include "topo/topo.h"
 
 namespace nccl_moe::topo {
 namespace {
@@ -23,17 +24,17 @@ TEST(TopoBusId, ParsesTheFormsCudaAndHwlocUse) {
   PciBusId id;
   ASSERT_TRUE(parsePciBusId("0000:1b:00.0", &id));
   EXPECT_EQ(id, (PciBusId{0, 0x1b, 0, 0}));
-  ASSERT_TRUE(parsePciBusId("00000000:1B:00.0", &id));   // cudaDeviceGetPCIBusId's long form
+  ASSERT_TRUE(parsePciBusId("00000000:1B:00.0", &id));  // cudaDeviceGetPCIBusId's long form
   EXPECT_EQ(formatPciBusId(id), "0000:1b:00.0");
   ASSERT_TRUE(parsePciBusId("0001:C3:1f.7", &id));
   EXPECT_EQ(formatPciBusId(id), "0001:c3:1f.7");
-  ASSERT_TRUE(parsePciBusId("3b:00.1", &id));            // no domain: domain 0
+  ASSERT_TRUE(parsePciBusId("3b:00.1", &id));  // no domain: domain 0
   EXPECT_EQ(formatPciBusId(id), "0000:3b:00.1");
 }
 
 TEST(TopoBusId, RejectsGarbage) {
-  for (const char* bad : {"", "gpu0", "0000:1b:00", "0000:1b:00.0 ", " 0000:1b:00.0", "0000:1b:00.0.0",
-                          "0x0:1b:00.0", "0000:1b:20.0", "0000:1b:00.8", "0000:100:00.0", "-1:1b:00.0"}) {
+  for (const char* bad : {"", "gpu0", "0000:1b:00", "0000:1b:00.0 ", " 0000:1b:00.0", "0000:1b:00.0.0", "0x0:1b:00.0",
+                          "0000:1b:20.0", "0000:1b:00.8", "0000:100:00.0", "-1:1b:00.0"}) {
     EXPECT_FALSE(parsePciBusId(bad, nullptr)) << "'" << bad << "'";
   }
 }
@@ -69,7 +70,7 @@ TEST(TopoDistance, ClassesFromSharedAncestors) {
   EXPECT_EQ(d.hops, 1);
   d = pciDistance(gpu, same_switch);
   EXPECT_EQ(d.type, PathType::kSameSwitch);
-  EXPECT_EQ(d.hops, 3);   // down port 202 -> switch 201 -> down port 203
+  EXPECT_EQ(d.hops, 3);  // down port 202 -> switch 201 -> down port 203
   d = pciDistance(gpu, same_host_bridge);
   EXPECT_EQ(d.type, PathType::kSameHostBridge);
   EXPECT_EQ(d.hops, 5);
@@ -103,10 +104,10 @@ TEST(TopoDistance, UnknownNumaFallsBackToTheCpuSideObject) {
 TEST(TopoPairing, NearestWinsAndTiesGoToTheLowerIndex) {
   PciLocation gpu = at(0, 10, {hb(100), br(200), br(201), br(202)});
   std::vector<PciLocation> nics = {
-      at(1, 11, {hb(110), br(220)}),                      // 0: other NUMA
-      at(0, 10, {hb(100), br(204)}),                      // 1: same host bridge
-      at(0, 10, {hb(100), br(200), br(201), br(203)}),    // 2: same switch, 3 hops
-      at(0, 10, {hb(100), br(200), br(201), br(205)}),    // 3: same switch, 3 hops (tie with 2)
+      at(1, 11, {hb(110), br(220)}),                    // 0: other NUMA
+      at(0, 10, {hb(100), br(204)}),                    // 1: same host bridge
+      at(0, 10, {hb(100), br(200), br(201), br(203)}),  // 2: same switch, 3 hops
+      at(0, 10, {hb(100), br(200), br(201), br(205)}),  // 3: same switch, 3 hops (tie with 2)
   };
   PciDistance d;
   EXPECT_EQ(nearestIndex(gpu, nics, &d), 2);
@@ -135,7 +136,7 @@ TEST(TopoPairing, GpusWithoutNicsOrNotFound) {
   missing.bus_id = "0000:ff:00.0";
   t.gpus = {found, missing};
 
-  pairGpusWithNics(&t);   // no NICs at all
+  pairGpusWithNics(&t);  // no NICs at all
   EXPECT_EQ(t.gpus[0].nic_idx, -1);
   EXPECT_EQ(t.gpus[1].nic_idx, -1);
 
@@ -146,8 +147,8 @@ TEST(TopoPairing, GpusWithoutNicsOrNotFound) {
   pairGpusWithNics(&t);
   EXPECT_EQ(t.gpus[0].nic_idx, 0);
   EXPECT_EQ(t.gpus[0].nic_distance.type, PathType::kCrossNuma);
-  EXPECT_EQ(t.gpus[1].nic_idx, -1);   // a GPU hwloc does not list gets no NIC
-  pairGpusWithNics(nullptr);          // tolerated
+  EXPECT_EQ(t.gpus[1].nic_idx, -1);  // a GPU hwloc does not list gets no NIC
+  pairGpusWithNics(nullptr);         // tolerated
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -171,8 +172,7 @@ TEST(TopoFormat, SummaryNamesEverything) {
   std::string text = formatTopology(t);
   EXPECT_EQ(text.rfind("topology: 2 NUMA nodes, 32 CPUs, 2 GPUs, 0 RDMA NICs\n", 0), 0u) << text;
   EXPECT_NE(text.find("  numa 1 cpus 16-31\n"), std::string::npos) << text;
-  EXPECT_NE(text.find("  GPU 0000:1b:00.0 numa 0 cpus 0-15 nic none (no RDMA NIC found)\n"), std::string::npos)
-      << text;
+  EXPECT_NE(text.find("  GPU 0000:1b:00.0 numa 0 cpus 0-15 nic none (no RDMA NIC found)\n"), std::string::npos) << text;
   EXPECT_NE(text.find("  GPU bogus not found"), std::string::npos) << text;
   EXPECT_NE(text.find("  no RDMA NIC found\n"), std::string::npos) << text;
 
@@ -212,7 +212,7 @@ TEST(TopoDiscover, ThisMachineWithoutGpus) {
   if (t.nics.empty()) {
     EXPECT_NE(text.find("no RDMA NIC found"), std::string::npos) << text;
   }
-  std::printf("%s", text.c_str());   // what hwloc sees here, for the log
+  std::printf("%s", text.c_str());  // what hwloc sees here, for the log
 }
 
 TEST(TopoDiscover, UnknownBusIdsAreReportedNotFailed) {
@@ -266,7 +266,8 @@ std::string nicDev(int gp, const char* busid, const char* name, int ports) {
   }
   return "<object type=\"PCIDev\" gp_index=\"" + std::to_string(gp) + "\" pci_busid=\"" + busid +
          "\" pci_type=\"0207 [15b3:101b] [15b3:0007] 00\" pci_link_speed=\"0.000000\">\n"
-         "<object type=\"OSDev\" gp_index=\"" + std::to_string(gp + 1) + "\" name=\"" + name +
+         "<object type=\"OSDev\" gp_index=\"" +
+         std::to_string(gp + 1) + "\" name=\"" + name +
          "\" osdev_type=\"3\">\n<info name=\"NodeGUID\" value=\"0000:0000:0000:000" + std::to_string(gp % 10) +
          "\"/>\n" + infos + "</object>\n</object>\n";
 }
@@ -294,27 +295,32 @@ std::string fakeMachineXml(bool with_second_nic) {
       "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
       "<!DOCTYPE topology SYSTEM \"hwloc2.dtd\">\n"
       "<topology version=\"2.0\">\n"
-      "<object type=\"Machine\" os_index=\"0\" " + cpusetAttrs("0x000000ff") +
+      "<object type=\"Machine\" os_index=\"0\" " +
+      cpusetAttrs("0x000000ff") +
       " allowed_cpuset=\"0x000000ff\" nodeset=\"0x00000003\" complete_nodeset=\"0x00000003\""
       " allowed_nodeset=\"0x00000003\" gp_index=\"1\">\n"
       // Package 0 / NUMA 0
-      "<object type=\"Package\" os_index=\"0\" " + cpusetAttrs("0x0000000f") +
+      "<object type=\"Package\" os_index=\"0\" " +
+      cpusetAttrs("0x0000000f") +
       " nodeset=\"0x00000001\" complete_nodeset=\"0x00000001\" gp_index=\"2\">\n"
-      "<object type=\"NUMANode\" os_index=\"0\" " + cpusetAttrs("0x0000000f") +
+      "<object type=\"NUMANode\" os_index=\"0\" " +
+      cpusetAttrs("0x0000000f") +
       " nodeset=\"0x00000001\" complete_nodeset=\"0x00000001\" gp_index=\"3\" local_memory=\"68719476736\"/>\n" +
       pus(10, 0, 1) +
       "<object type=\"Bridge\" gp_index=\"30\" bridge_type=\"0-1\" depth=\"0\" bridge_pci=\"0000:[00-0f]\">\n" +
       pciBridge(31, "0000:00:01.0", "01-05", 1,
                 pciBridge(32, "0000:01:00.0", "02-05", 2,
                           pciBridge(33, "0000:02:00.0", "03-03", 3, gpuDev(34, "0000:03:00.0")) +
-                          pciBridge(35, "0000:02:01.0", "04-04", 3, gpuDev(36, "0000:04:00.0")) +
-                          pciBridge(37, "0000:02:02.0", "05-05", 3, nicDev(38, "0000:05:00.0", "mlx5_0", 1)))) +
+                              pciBridge(35, "0000:02:01.0", "04-04", 3, gpuDev(36, "0000:04:00.0")) +
+                              pciBridge(37, "0000:02:02.0", "05-05", 3, nicDev(38, "0000:05:00.0", "mlx5_0", 1)))) +
       "</object>\n"
       "</object>\n"
       // Package 1 / NUMA 1
-      "<object type=\"Package\" os_index=\"1\" " + cpusetAttrs("0x000000f0") +
+      "<object type=\"Package\" os_index=\"1\" " +
+      cpusetAttrs("0x000000f0") +
       " nodeset=\"0x00000002\" complete_nodeset=\"0x00000002\" gp_index=\"4\">\n"
-      "<object type=\"NUMANode\" os_index=\"1\" " + cpusetAttrs("0x000000f0") +
+      "<object type=\"NUMANode\" os_index=\"1\" " +
+      cpusetAttrs("0x000000f0") +
       " nodeset=\"0x00000002\" complete_nodeset=\"0x00000002\" gp_index=\"5\" local_memory=\"68719476736\"/>\n" +
       pus(20, 4, 2) +
       "<object type=\"Bridge\" gp_index=\"50\" bridge_type=\"0-1\" depth=\"0\" bridge_pci=\"0000:[80-8f]\">\n" +
@@ -382,10 +388,8 @@ TEST(TopoXml, PairsFourGpusWithTwoNics) {
   EXPECT_FALSE(t.gpus[0].location.bridges[3].host_bridge);
 
   EXPECT_EQ(text.rfind("topology: 2 NUMA nodes, 8 CPUs, 4 GPUs, 2 RDMA NICs (from xml)\n", 0), 0u);
-  EXPECT_NE(text.find("  GPU 0000:03:00.0 numa 0 cpus 0-3 nic mlx5_0 (same PCIe switch, 3 hops)\n"),
-            std::string::npos);
-  EXPECT_NE(text.find("  GPU 0000:86:00.0 numa 1 cpus 4-7 nic mlx5_1 (same host bridge, 5 hops)\n"),
-            std::string::npos);
+  EXPECT_NE(text.find("  GPU 0000:03:00.0 numa 0 cpus 0-3 nic mlx5_0 (same PCIe switch, 3 hops)\n"), std::string::npos);
+  EXPECT_NE(text.find("  GPU 0000:86:00.0 numa 1 cpus 4-7 nic mlx5_1 (same host bridge, 5 hops)\n"), std::string::npos);
   EXPECT_NE(text.find("  NIC mlx5_1 0000:84:00.0 ports 2 numa 1 cpus 4-7\n"), std::string::npos);
 }
 
@@ -458,7 +462,7 @@ TEST(TopoBind, BadRequestsReturnErrors) {
   std::thread worker([] {
     EXPECT_EQ(bindCallingThread(""), ncclInvalidArgument);
     EXPECT_EQ(bindCallingThread("cpus please"), ncclInvalidArgument);
-    EXPECT_EQ(bindCallingThread("100000"), ncclInvalidArgument);   // no such CPU here
+    EXPECT_EQ(bindCallingThread("100000"), ncclInvalidArgument);  // no such CPU here
     EXPECT_NE(std::string(threadLastError()).find("100000"), std::string::npos) << threadLastError();
     Topology t;
     EXPECT_EQ(bindCallingThreadNearGpu(t, 0), ncclInvalidArgument);

@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kCastThreads) cast_kernel(const __grid_constan
   const int lane = threadIdx.x & 31;
   const long long warps_total = static_cast<long long>(a.num_tokens) * a.num_words;
   const long long stride = static_cast<long long>(gridDim.x) * (kCastThreads / 32);
-  for (long long w = (static_cast<long long>(blockIdx.x) * kCastThreads + threadIdx.x) / 32; w < warps_total; w += stride) {
+  for (long long w = (static_cast<long long>(blockIdx.x) * kCastThreads + threadIdx.x) / 32; w < warps_total;
+       w += stride) {
     const int t = static_cast<int>(w / a.num_words), word = static_cast<int>(w % a.num_words);
     const uint16_t* xr = a.x + static_cast<size_t>(t) * a.hidden;
     uint8_t* qr = a.out + static_cast<size_t>(t) * a.hidden;

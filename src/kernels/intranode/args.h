@@ -66,7 +66,7 @@ struct NotifyArgs {
 
 struct DispatchArgs {
   HtDevice ht;
-  int num_sms;             // grid: one block of kHtThreads per SM
+  int num_sms;  // grid: one block of kHtThreads per SM
   // routing, from the handle (notify.cu)
   const int* send_count;   // [R]
   const int* recv_prefix;  // [R + 1]
@@ -84,10 +84,10 @@ struct DispatchArgs {
   const int* x_scales;  // fp8: scale words (float bits or packed ue8m0) at caller strides; nullptr for bf16
   int num_scale_words;  // 0 for bf16
   long long scale_token_stride, scale_word_stride;  // in 4-byte words
-  const float* topk_weights;  // [T, K] or nullptr
-  uint8_t* recv_x;            // [out_rows, row_bytes]
-  int* recv_x_scales;         // [out_rows, num_scale_words]
-  void* recv_topk_idx;        // [out_rows, K] int64 or int32, or nullptr
+  const float* topk_weights;                        // [T, K] or nullptr
+  uint8_t* recv_x;                                  // [out_rows, row_bytes]
+  int* recv_x_scales;                               // [out_rows, num_scale_words]
+  void* recv_topk_idx;                              // [out_rows, K] int64 or int32, or nullptr
   int recv_idx_int64;
   float* recv_topk_weights;  // [out_rows, K], nullptr when topk_weights is
   // role split of the fast kernel (set by launchDispatch from tuning.h; the educational kernel has none)
@@ -97,7 +97,7 @@ struct DispatchArgs {
 
 struct CombineArgs {
   HtDevice ht;
-  int num_sms;             // grid: one block of kHtThreads per SM
+  int num_sms;  // grid: one block of kHtThreads per SM
   // routing, from the handle (notify.cu)
   const int* recv_prefix;  // [R + 1]
   const int* send_pos;     // [T, R]

@@ -1,9 +1,9 @@
 // High-throughput intranode combine (ncclMoeCombine): the reverse of the dispatch recorded in the handle.
 //
 // Computes, on every home rank s, for every token t < T_s and channel c (FP32, this exact order):
-//   acc = 0.0f;  for d = 0 .. R-1 ascending with p = send_pos[t][d] >= 0:  acc = acc + float(x_d[recv_prefix_d[s] + p][c])
-//   if bias_0: acc = acc + float(bias_0[t][c]);  if bias_1: acc = acc + float(bias_1[t][c])
-//   combined_x[t][c] = bf16_rn(acc)
+//   acc = 0.0f;  for d = 0 .. R-1 ascending with p = send_pos[t][d] >= 0:  acc = acc + float(x_d[recv_prefix_d[s] +
+//   p][c]) if bias_0: acc = acc + float(bias_0[t][c]);  if bias_1: acc = acc + float(bias_1[t][c]) combined_x[t][c] =
+//   bf16_rn(acc)
 // and with topk_weights: combined_topk_weights[t][k] = 0.0f + w_d0[row][k] + w_d1[row][k] + ... (same d order).
 // This is the reference's contract (src/reference/reference.h, ht_combine), so results are bitwise equal.
 //
@@ -103,8 +103,10 @@ __device__ __forceinline__ void reduce_token(const CombineArgs& a, int t, const 
                              : reinterpret_cast<const int4*>(ht.x(rank, d, pos[d], a.row_bytes));
     }
   }
-  const int4* b0 = kBias && a.bias0 != nullptr ? reinterpret_cast<const int4*>(a.bias0) + static_cast<size_t>(t) * n16 : nullptr;
-  const int4* b1 = kBias && a.bias1 != nullptr ? reinterpret_cast<const int4*>(a.bias1) + static_cast<size_t>(t) * n16 : nullptr;
+  const int4* b0 =
+      kBias && a.bias0 != nullptr ? reinterpret_cast<const int4*>(a.bias0) + static_cast<size_t>(t) * n16 : nullptr;
+  const int4* b1 =
+      kBias && a.bias1 != nullptr ? reinterpret_cast<const int4*>(a.bias1) + static_cast<size_t>(t) * n16 : nullptr;
   int4* out = reinterpret_cast<int4*>(a.out) + static_cast<size_t>(t) * n16;
   const int4 zero = make_int4(0, 0, 0, 0);
 
@@ -117,7 +119,8 @@ __device__ __forceinline__ void reduce_token(const CombineArgs& a, int t, const 
       for (int u = 0; u < kCols; ++u) {
         const int c = c0 + u * 32;
         v[d][u] = zero;
-        if (row_ptr[d] != nullptr && c < n16) v[d][u] = d == rank ? dev::ld_nc_v4(row_ptr[d] + c) : dev::ld_v4(row_ptr[d] + c);
+        if (row_ptr[d] != nullptr && c < n16)
+          v[d][u] = d == rank ? dev::ld_nc_v4(row_ptr[d] + c) : dev::ld_v4(row_ptr[d] + c);
       }
     }
 #pragma unroll
@@ -231,9 +234,10 @@ cudaError_t launchCombine(const CombineArgs& args, cudaStream_t stream) {
 
 cudaError_t loadCombineKernels() {
   cudaFuncAttributes attr;
-  for (cudaError_t e : {cudaFuncGetAttributes(&attr, combine_kernel<2, false>), cudaFuncGetAttributes(&attr, combine_kernel<2, true>),
-                        cudaFuncGetAttributes(&attr, combine_kernel<4, false>), cudaFuncGetAttributes(&attr, combine_kernel<4, true>),
-                        cudaFuncGetAttributes(&attr, combine_kernel<8, false>), cudaFuncGetAttributes(&attr, combine_kernel<8, true>)})
+  for (cudaError_t e :
+       {cudaFuncGetAttributes(&attr, combine_kernel<2, false>), cudaFuncGetAttributes(&attr, combine_kernel<2, true>),
+        cudaFuncGetAttributes(&attr, combine_kernel<4, false>), cudaFuncGetAttributes(&attr, combine_kernel<4, true>),
+        cudaFuncGetAttributes(&attr, combine_kernel<8, false>), cudaFuncGetAttributes(&attr, combine_kernel<8, true>)})
     if (e != cudaSuccess) return e;
   return cudaSuccess;
 }

@@ -122,8 +122,7 @@ __device__ __forceinline__ int local_expert_on(int e, int d, int num_local_exper
 }
 
 // What token t tells rank d in slot k: its local expert id, and the weight bits (0 unless the id is local).
-__device__ __forceinline__ void token_slot_for(const DispatchArgs& a, int t, int k, int d, int* id,
-                                               int* weight_bits) {
+__device__ __forceinline__ void token_slot_for(const DispatchArgs& a, int t, int k, int d, int* id, int* weight_bits) {
   *id = local_expert_on(a.topk_idx32[static_cast<size_t>(t) * a.topk + k], d, a.num_local_experts);
   *weight_bits = 0;
   if (*id >= 0 && a.topk_weights != nullptr)
@@ -229,8 +228,7 @@ __device__ void dispatch_fill_phase(const DispatchArgs& a, int warp, int num_war
   for (int row = num_recv + warp; row < a.out_rows; row += num_warps) write_output_slot(a, row, lane, -1, 0);
 }
 
-__global__ void __launch_bounds__(kHtThreads, 1)
-    educational_dispatch_kernel(const __grid_constant__ DispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads, 1) educational_dispatch_kernel(const __grid_constant__ DispatchArgs a) {
   const long long epoch = begin_call(a.ht);
   const int warp = grid_warp_index(), num_warps = grid_warp_count(), lane = dev::lane_id();
   bool ok = dispatch_send_phase(a, epoch, warp, num_warps, lane);

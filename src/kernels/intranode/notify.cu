@@ -160,8 +160,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
     for (int s = 0; s < R; ++s) {
       const int base = s_prefix[s], n = s_prefix[s + 1] - s_prefix[s];
       const int* src = ht.src_idx(rank, s, 0);
-      for (int i = tid; i < n; i += kNotifyThreads)
-        a.recv_src_info[base + i] = pack_src_info(s, ld_volatile(src + i));
+      for (int i = tid; i < n; i += kNotifyThreads) a.recv_src_info[base + i] = pack_src_info(s, ld_volatile(src + i));
     }
     __syncthreads();
     if (a.host_scratch != nullptr && tid == 0) {

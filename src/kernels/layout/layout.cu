@@ -6,8 +6,9 @@
 //   num_tokens_per_rank[d]   = sum_t is_token_in_rank[t][d]     (a token counts once per rank)
 // Same results as ref::get_dispatch_layout. Ids outside [0, E) are treated as unused.
 //
-// Launch: the counters are zeroed with cudaMemsetAsync (capturable, src/ops/layout.cc), then a grid of kLayoutThreads-thread
-// blocks, one token per thread, counts in shared memory and adds the non-zero counts to global memory.
+// Launch: the counters are zeroed with cudaMemsetAsync (capturable, src/ops/layout.cc), then a grid of
+// kLayoutThreads-thread blocks, one token per thread, counts in shared memory and adds the non-zero counts to global
+// memory.
 #include <cuda_runtime.h>
 
 #include "device/limits.h"

@@ -45,8 +45,8 @@ constexpr int kRowBatch = 6;     // rows loaded before accumulating (6: no spill
 constexpr int kChunkUnroll = 1;  // 8-channel chunks per thread in flight (64 registers: 2 blocks per SM)
 constexpr int kRankGroup = 4;    // receive: partial rows loaded before accumulating
 
-__device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const long long* rows, const float* w,
-                                                  int n, uint8_t* dst) {
+__device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const long long* rows, const float* w, int n,
+                                                  uint8_t* dst) {
   const int H = p.hidden;
   const int n8 = H / 8;
   for (int c0 = threadIdx.x; c0 < n8; c0 += kChunkUnroll * ll::kThreads) {
@@ -85,7 +85,8 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const 
   }
 }
 
-__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKernel(const __grid_constant__ LlCombineArgs p) {
+__global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
+    llCombineKernel(const __grid_constant__ LlCombineArgs p) {
   __shared__ int s_first[kMaxNvlPeers + 1];
   __shared__ int s_src, s_tok;
   __shared__ long long s_rows[kMaxTopk];
@@ -196,8 +197,8 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm) llCombineKerne
     auto token_mask = [&](int t) {
       int r = -1;
       if (lane < K) {
-        const int e = dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane,
-                                        R * L.num_local_experts);
+        const int e =
+            dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane, R * L.num_local_experts);
         if (e >= 0) r = e / L.num_local_experts;
       }
       int mask = 0;

@@ -226,8 +226,8 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
   // hands them to the other warps and, through the release of `ready`, to the team).
   bool ok = true;
   if (!rows_here && warp == 0 && lane < R)
-    ok = dev::wait_geq(p.comm, &ll::control(L, my_half)->dispatch_count[lane], static_cast<long long>(tag) * kLlArrivalUnits,
-                       Phase::kLlDispatchRecv, lane);
+    ok = dev::wait_geq(p.comm, &ll::control(L, my_half)->dispatch_count[lane],
+                       static_cast<long long>(tag) * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
   if (__syncthreads_or(!ok)) return false;  // also: s_msg / src_info rows written above are read below
   if (first_expert) trace_at(p, kLlTraceRecvReady);
   const int n = s_total < slab_rows ? s_total : slab_rows;

@@ -138,8 +138,8 @@ __device__ __forceinline__ bool send_token(const LlDispatchArgs& p, int t, int t
     if (tid < 4 * n4 - G) s_scale[G + tid] = 0.0f;
     __syncthreads();
     if (warp < R && ((mask >> warp) & 1)) {
-      int4* dst =
-          reinterpret_cast<int4*>(ll::dispatch_msg(L, ll::half_of(p.comm, warp, p.half_offset), me, t) + L.msg_scale_offset);
+      int4* dst = reinterpret_cast<int4*>(ll::dispatch_msg(L, ll::half_of(p.comm, warp, p.half_offset), me, t) +
+                                          L.msg_scale_offset);
       for (int i = lane; i < n4; i += 32) dev::st_na_v4(dst + i, reinterpret_cast<const int4*>(s_scale)[i]);
     }
   } else {
