@@ -1,12 +1,20 @@
-// rdma-core is reached only at run time (src/transport/rdma/verbs/loader.h): a library that is absent or lacks a
-// symbol is a clear error naming it, and where rdma-core is installed the tables bind and ibv_get_device_list runs
-// through them (no NIC here: an empty list or an error, no crash).
+// rdma-core is reached only at run time (src/transport/rdma/verbs/loader.h): libnccl_moe.so does not link
+// libibverbs or libmlx5 (its dynamic section's NEEDED entries), nothing in src/ calls an ibv_* / mlx5dv_* function
+// itself, a library that is absent or lacks a symbol is a clear error naming it, and where rdma-core is installed
+// the tables bind and ibv_get_device_list runs through them (no NIC here: an empty list or an error, no crash).
 #include <dlfcn.h>
+#include <elf.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <regex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -17,6 +25,115 @@
 
 namespace nccl_moe::verbs {
 namespace {
+
+// DT_NEEDED entries of a 64-bit ELF shared object, read from its SHT_DYNAMIC section and the string table that
+// section links to. Empty with *error set when the file cannot be read as such.
+std::vector<std::string> neededLibraries(const std::string& path, std::string* error) {
+  std::ifstream in(path, std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto read = [&](size_t offset, void* out, size_t n) {
+    if (offset > bytes.size() || bytes.size() - offset < n) return false;
+    std::memcpy(out, bytes.data() + offset, n);
+    return true;
+  };
+  Elf64_Ehdr eh;
+  if (!read(0, &eh, sizeof(eh)) || std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 ||
+      eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_shentsize != sizeof(Elf64_Shdr)) {
+    *error = path + " is not a readable 64-bit ELF file";
+    return {};
+  }
+  std::vector<Elf64_Shdr> sections(eh.e_shnum);
+  for (size_t i = 0; i < sections.size(); ++i) {
+    if (!read(eh.e_shoff + i * sizeof(Elf64_Shdr), &sections[i], sizeof(Elf64_Shdr))) {
+      *error = path + ": section header out of the file";
+      return {};
+    }
+  }
+  std::vector<std::string> needed;
+  bool found_dynamic = false;
+  for (const Elf64_Shdr& s : sections) {
+    if (s.sh_type != SHT_DYNAMIC || s.sh_link >= sections.size()) continue;
+    found_dynamic = true;
+    const Elf64_Shdr& strtab = sections[s.sh_link];
+    for (size_t off = 0; off + sizeof(Elf64_Dyn) <= s.sh_size; off += sizeof(Elf64_Dyn)) {
+      Elf64_Dyn d;
+      if (!read(s.sh_offset + off, &d, sizeof(d)) || d.d_tag == DT_NULL) break;
+      if (d.d_tag != DT_NEEDED) continue;
+      const size_t at = strtab.sh_offset + d.d_un.d_val;
+      if (at >= bytes.size()) continue;
+      needed.emplace_back(bytes.data() + at, strnlen(bytes.data() + at, bytes.size() - at));
+    }
+  }
+  if (!found_dynamic) *error = path + " has no dynamic section";
+  return needed;
+}
+
+TEST(VerbsLinking, LibraryDoesNotLinkLibibverbsOrLibmlx5) {
+  std::string error;
+  const std::vector<std::string> needed = neededLibraries(NCCL_MOE_SHARED_LIB_PATH, &error);
+  ASSERT_TRUE(error.empty()) << error;
+  std::string all;
+  for (const std::string& n : needed) all += n + " ";
+  // The reader works: the C library is always there.
+  EXPECT_NE(std::string::npos, all.find("libc.so")) << "NEEDED of " << NCCL_MOE_SHARED_LIB_PATH << ": " << all;
+  for (const std::string& n : needed) {
+    EXPECT_EQ(std::string::npos, n.find("libibverbs")) << NCCL_MOE_SHARED_LIB_PATH << " links " << n;
+    EXPECT_EQ(std::string::npos, n.find("libmlx5")) << NCCL_MOE_SHARED_LIB_PATH << " links " << n;
+  }
+}
+
+// Source text without comments, string and character literals (so that documentation may name functions).
+std::string codeOnly(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    const char next = i + 1 < text.size() ? text[i + 1] : '\0';
+    if (c == '/' && next == '/') {
+      while (i < text.size() && text[i] != '\n') ++i;
+      out += '\n';
+    } else if (c == '/' && next == '*') {
+      i += 2;
+      while (i + 1 < text.size() && !(text[i] == '*' && text[i + 1] == '/')) {
+        if (text[i] == '\n') out += '\n';
+        ++i;
+      }
+      ++i;
+    } else if (c == '"' || c == '\'') {
+      ++i;
+      while (i < text.size() && text[i] != c) {
+        if (text[i] == '\\') ++i;
+        ++i;
+      }
+      out += "\"\"";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// rdma-core is reached through the loader's tables only: a direct call of an exported function would not even link
+// (--no-undefined without libibverbs), and header-inline ones would bypass the one door.
+TEST(VerbsLinking, NothingInSrcCallsAVerbsFunctionDirectly) {
+  namespace fs = std::filesystem;
+  const std::regex call(R"(\b(ibv|mlx5dv)_[A-Za-z0-9_]*\s*\()");
+  const std::set<std::string> extensions = {".h", ".cc", ".cu", ".cuh"};
+  int files = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(fs::path(NCCL_MOE_SOURCE_DIR) / "src")) {
+    if (!entry.is_regular_file() || extensions.count(entry.path().extension().string()) == 0) continue;
+    ++files;
+    std::ifstream in(entry.path());
+    const std::string code =
+        codeOnly(std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()));
+    for (auto it = std::sregex_iterator(code.begin(), code.end(), call); it != std::sregex_iterator(); ++it) {
+      const size_t line = 1 + std::count(code.begin(), code.begin() + it->position(), '\n');
+      ADD_FAILURE() << entry.path().string() << ":" << line << " calls " << it->str()
+                    << "...: go through the tables of src/transport/rdma/verbs/loader.h";
+    }
+  }
+  EXPECT_GT(files, 50) << "src/ not found under " << NCCL_MOE_SOURCE_DIR;
+}
 
 TEST(VerbsLoader, AMissingLibraryIsAClearErrorAndBindsNothing) {
   IbvApi ibv;
