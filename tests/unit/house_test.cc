@@ -1,7 +1,10 @@
-// The pieces of communicator setup that need no GPU: the node map from host identities, the host identity's
-// precedence (NCCL_MOE_HOSTID, NCCL_HOSTID, host name), the transport chosen per peer, and the in-process bootstrap
+// The pieces of communicator setup that need no GPU: the node map from host identities or NCCL_MOE_EMULATE_NODES
+// (and the refusals of emulation it cannot honour), the process token, the host identity's precedence
+// (NCCL_MOE_HOSTID, NCCL_HOSTID, host name), the transport chosen per peer, and the in-process bootstrap
 // of ncclMoeCommInitAll worlds (all-gather, agreement, bounded waits, deferred retirement).
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -38,6 +41,103 @@ TEST(NodeMap, TransportPerPeerFollowsTheNodes) {
   EXPECT_EQ((std::vector<Transport>{Transport::kRdma, Transport::kRdma, Transport::kNvlink, Transport::kSelf}),
             choosePeerTransports(m, 3));
   EXPECT_STREQ("nvlink", transportName(Transport::kNvlink));
+}
+
+TEST(NodeMap, EmulatedNodesAreConsecutiveRankGroups) {
+  const NodeMap m = buildEmulatedNodeMap(8, 2);
+  EXPECT_EQ(2, m.num_nodes);
+  EXPECT_EQ(2, m.emulated_nodes);
+  EXPECT_EQ((std::vector<int>{0, 0, 0, 0, 1, 1, 1, 1}), m.node_of);
+  EXPECT_EQ((std::vector<int>{0, 1, 2, 3, 0, 1, 2, 3}), m.local_of);
+  EXPECT_EQ("node 0: ranks 0-3; node 1: ranks 4-7", m.describe());
+  EXPECT_EQ(4, m.maxRanksPerNode());
+  // 2 x 2: rank 1 reaches rank 0 over NVLink, the other node only through RDMA.
+  EXPECT_EQ((std::vector<Transport>{Transport::kNvlink, Transport::kSelf, Transport::kRdma, Transport::kRdma}),
+            choosePeerTransports(buildEmulatedNodeMap(4, 2), 1));
+  const NodeMap each = buildEmulatedNodeMap(4, 4);  // 4 x 1: every rank a node
+  EXPECT_EQ((std::vector<int>{0, 1, 2, 3}), each.node_of);
+  EXPECT_EQ((std::vector<int>{0, 0, 0, 0}), each.local_of);
+  EXPECT_EQ(1, buildEmulatedNodeMap(4, 1).num_nodes);
+  EXPECT_EQ(0, buildNodeMap({1, 1}).emulated_nodes);
+}
+
+// R ranks as init publishes them: host identities, one process token per rank, NCCL_MOE_EMULATE_NODES.
+std::vector<NodeIdentity> identities(const std::vector<uint64_t>& hosts, const std::vector<uint64_t>& processes,
+                                     int64_t emulate_nodes) {
+  std::vector<NodeIdentity> ids;
+  for (size_t r = 0; r < hosts.size(); ++r) ids.push_back({hosts[r], processes[r], emulate_nodes});
+  return ids;
+}
+
+TEST(NodeMap, ChooseNodeMapFollowsHostIdentitiesUnlessEmulationIsAsked) {
+  NodeMap m;
+  // Not set: the host identities decide, whatever the processes.
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5, 5, 6, 6}, {1, 1, 2, 2}, 0), &m));
+  EXPECT_EQ(2, m.num_nodes);
+  EXPECT_EQ(0, m.emulated_nodes);
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5, 5, 5, 5}, {1, 1, 1, 1}, 0), &m));
+  EXPECT_EQ(1, m.num_nodes);
+  // One process, NCCL_MOE_EMULATE_NODES=2: consecutive groups (the host identity, equal on every thread, is not
+  // consulted).
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5, 5, 5, 5}, {7, 7, 7, 7}, 2), &m));
+  EXPECT_EQ(2, m.num_nodes);
+  EXPECT_EQ(2, m.emulated_nodes);
+  EXPECT_EQ((std::vector<int>{0, 0, 1, 1}), m.node_of);
+  EXPECT_EQ("node 0: ranks 0 1; node 1: ranks 2 3", m.describe());
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5, 5, 5, 5}, {7, 7, 7, 7}, 4), &m));
+  EXPECT_EQ(4, m.num_nodes);
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5, 5, 5, 5}, {7, 7, 7, 7}, 1), &m));
+  EXPECT_EQ(1, m.num_nodes);
+  ASSERT_EQ(ncclSuccess, chooseNodeMap(identities({5}, {7}, 1), &m));
+  EXPECT_EQ(1, m.num_nodes);
+}
+
+TEST(NodeMap, ChooseNodeMapRefusesEmulationItCannotHonour) {
+  NodeMap m;
+  // R % n != 0.
+  EXPECT_EQ(ncclInvalidArgument, chooseNodeMap(identities({5, 5, 5, 5}, {7, 7, 7, 7}, 3), &m));
+  std::string msg = threadLastError();
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_EMULATE_NODES=3")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("the 4 ranks")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("multiple")) << msg;
+  EXPECT_EQ(ncclInvalidArgument, chooseNodeMap(identities({5, 5}, {7, 7}, 4), &m));  // more nodes than ranks
+  // Negative.
+  EXPECT_EQ(ncclInvalidArgument, chooseNodeMap(identities({5, 5}, {7, 7}, -2), &m));
+  msg = threadLastError();
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_EMULATE_NODES=-2")) << msg;
+  // Several processes: per-process NCCL_HOSTID is the way there.
+  EXPECT_EQ(ncclInvalidUsage, chooseNodeMap(identities({5, 5, 5, 5}, {7, 7, 8, 8}, 2), &m));
+  msg = threadLastError();
+  EXPECT_NE(std::string::npos, msg.find("live in 2 processes")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_HOSTID")) << msg;
+  // Ranks that read different values.
+  std::vector<NodeIdentity> ids = identities({5, 5, 5, 5}, {7, 7, 7, 7}, 2);
+  ids[3].emulate_nodes = 0;
+  EXPECT_EQ(ncclInvalidUsage, chooseNodeMap(ids, &m));
+  msg = threadLastError();
+  EXPECT_NE(std::string::npos, msg.find("rank 0 has 2, rank 3 has 0")) << msg;
+}
+
+TEST(NodeMap, ProcessTokenIsOnePerProcess) {
+  const uint64_t mine = processToken();
+  uint64_t other_thread = 0;
+  std::thread([&] { other_thread = processToken(); }).join();
+  EXPECT_EQ(mine, other_thread) << "threads of one process share it";
+  int fds[2];
+  ASSERT_EQ(0, pipe(fds));
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // the child inherits the parent's seed, not its pid
+    const uint64_t token = processToken();
+    _exit(write(fds[1], &token, sizeof(token)) == sizeof(token) ? 0 : 1);
+  }
+  close(fds[1]);
+  uint64_t child_token = mine;
+  EXPECT_EQ(static_cast<ssize_t>(sizeof(child_token)), read(fds[0], &child_token, sizeof(child_token)));
+  close(fds[0]);
+  int status = 0;
+  waitpid(child, &status, 0);
+  EXPECT_NE(mine, child_token) << "a forked child is another process";
 }
 
 // Restores an environment variable when the scope ends.
