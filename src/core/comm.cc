@@ -4,9 +4,11 @@
 // translation of device errors.
 //
 // Init, on every rank:
-//   1. identity exchange: status of the local checks, host identity, process, device, SMs, config;
-//   2. the same decisions on every rank from the same table: configs agree, node map, transport per peer (a
-//      communicator of several nodes is refused: no scale-out transport yet), ranks sharing each GPU;
+//   1. identity exchange: status of the local checks, host identity, process, NCCL_MOE_EMULATE_NODES, device, SMs,
+//      config;
+//   2. the same decisions on every rank from the same table: configs agree, node map (host identities, or
+//      NCCL_MOE_EMULATE_NODES for ranks of one process), transport per peer (a communicator of several nodes is
+//      refused: no scale-out transport yet), ranks sharing each GPU;
 //   3. local resources (buffer, error record, host scratch) and the buffer exchange;
 //   4. mapping of the own node's buffers, and one agreement on its outcome.
 // A failure on one rank is never returned before the exchange it would miss: the rank enters the exchange with
@@ -19,6 +21,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/device_guard.h"
@@ -59,6 +62,8 @@ struct IdentityRecord {
   int device;
   int num_sms;
   uint64_t host_hash;
+  uint64_t process_token;  // processToken(): equal on the threads of one process
+  int64_t emulate_nodes;   // NCCL_MOE_EMULATE_NODES as this rank read it
   char bus_id[32];
   ncclMoeConfig_t config;
 };
@@ -98,6 +103,8 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
   mine->device = comm->device;
   mine->num_sms = comm->num_device_sms;
   mine->host_hash = hostIdentityHash();
+  mine->process_token = processToken();
+  mine->emulate_nodes = envInt("NCCL_MOE_EMULATE_NODES");
   MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine->bus_id, sizeof(mine->bus_id), comm->device));
   mine->config = config;
   return ncclSuccess;
@@ -117,16 +124,22 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
                           c.hidden, c.max_topk, c.max_tokens_per_rank, c.ll_max_tokens_per_rank);
     }
   }
-  std::vector<uint64_t> hosts;
-  for (const IdentityRecord& id : ids) hosts.push_back(id.host_hash);
-  comm->nodes = buildNodeMap(hosts);
+  std::vector<NodeIdentity> node_ids;
+  for (const IdentityRecord& id : ids) node_ids.push_back({id.host_hash, id.process_token, id.emulate_nodes});
+  MOE_CHECK(chooseNodeMap(node_ids, &comm->nodes));
   comm->transport = choosePeerTransports(comm->nodes, comm->rank);
   if (comm->nodes.num_nodes > 1) {
+    const std::string how =
+        comm->nodes.emulated_nodes > 0
+            ? "nodes emulated by NCCL_MOE_EMULATE_NODES=" + std::to_string(comm->nodes.emulated_nodes) +
+                  ": consecutive ranks of this one process"
+            : "a node = the ranks with one host identity: NCCL_MOE_HOSTID, else NCCL_HOSTID, else the host; this "
+              "rank's is " +
+                  hostIdentityText();
     return setLastError(ncclInvalidUsage,
-                        "ncclMoeCommInit: the %d ranks form %d nodes (%s; a node = the ranks with one host identity: "
-                        "NCCL_MOE_HOSTID, else NCCL_HOSTID, else the host; this rank's is %s). Ranks on other nodes "
-                        "need the scale-out (RDMA) transport, which this build does not have yet",
-                        R, comm->nodes.num_nodes, comm->nodes.describe().c_str(), hostIdentityText().c_str());
+                        "ncclMoeCommInit: the %d ranks form %d nodes (%s; %s). Ranks on other nodes need the scale-out "
+                        "(RDMA) transport, which this build does not have yet",
+                        R, comm->nodes.num_nodes, comm->nodes.describe().c_str(), how.c_str());
   }
   if (comm->nodes.maxRanksPerNode() > kMaxNvlPeers) {
     return setLastError(ncclInvalidUsage,
@@ -214,10 +227,10 @@ void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
                static_cast<unsigned long long>(registered.comm_hash), registered.num_ranks, registered.num_nodes,
                registered.num_nvl_domains);
       if (registered.num_nodes != comm->nodes.num_nodes) {
-        MOE_INFO(
-            "ncclMoeCommInit: NCCL reports %d nodes for this communicator, NCCL-MoE %d (NCCL_MOE_HOSTID "
-            "groups ranks of several NCCL hosts into one node)",
-            registered.num_nodes, comm->nodes.num_nodes);
+        MOE_INFO("ncclMoeCommInit: NCCL reports %d nodes for this communicator, NCCL-MoE %d (%s)", registered.num_nodes,
+                 comm->nodes.num_nodes,
+                 comm->nodes.emulated_nodes > 0 ? "NCCL_MOE_EMULATE_NODES splits the ranks of this process"
+                                                : "NCCL_MOE_HOSTID groups ranks of several NCCL hosts into one node");
       }
     } else {
       MOE_INFO("ncclMoeCommInit: %d registered %d-rank communicators on device %d; cannot tell which is this one",
@@ -228,8 +241,10 @@ void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   std::string transports;
   for (size_t p = 0; p < comm->transport.size(); ++p)
     transports += std::string(p > 0 ? " " : "") + transportName(comm->transport[p]);
-  MOE_INFO("ncclMoeCommInit: %d ranks (bootstrap: %s), %d node(s): %s; rank 0's peers: %s", comm->num_ranks,
-           comm->bootstrap->name(), comm->nodes.num_nodes, comm->nodes.describe().c_str(), transports.c_str());
+  MOE_INFO("ncclMoeCommInit: %d ranks (bootstrap: %s), %d node(s)%s: %s; rank 0's peers: %s", comm->num_ranks,
+           comm->bootstrap->name(), comm->nodes.num_nodes,
+           comm->nodes.emulated_nodes > 0 ? " (NCCL_MOE_EMULATE_NODES)" : "", comm->nodes.describe().c_str(),
+           transports.c_str());
   MOE_INFO(
       "ncclMoeCommInit: %d experts, hidden %d, buffer %.1f MiB per rank (HT %.1f, LL 2x%.1f), default %d SMs, "
       "timeout %llds",

@@ -27,6 +27,10 @@ const std::vector<EnvVar>& envRegistry() {
       {"NCCL_MOE_HOSTID", EnvType::kString, "",
        "Host identity of this process for NCCL-MoE's node map (ranks with one identity form a node). Empty: "
        "NCCL_HOSTID if set, else the host name and boot id."},
+      {"NCCL_MOE_EMULATE_NODES", EnvType::kInt, "0",
+       "Split a communicator whose ranks are threads of one process into this many nodes of consecutive ranks "
+       "(the rank count must be a multiple); 0 = nodes from the host identity. Refused when the ranks live in "
+       "several processes (use NCCL_HOSTID per process there)."},
       {"NCCL_MOE_IB_SL", EnvType::kInt, "",
        "InfiniBand service level (0..15) of the scale-out QPs. Unset: NCCL_IB_SL, else 0."},
       {"NCCL_MOE_IB_TC", EnvType::kInt, "",

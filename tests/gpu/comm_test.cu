@@ -4,19 +4,23 @@
 // NCCL_HOSTID each (NCCL then accepts them) and one NCCL_MOE_HOSTID (NCCL-MoE sees one node and maps the peers
 // through CUDA IPC on the same device). Checked: stores through every peer pointer, init -> destroy 100x without
 // leaking device memory, a config mismatch or a bad config on one rank agreed by all (nobody hangs), several nodes
-// refused with a message naming the missing scale-out transport, and ncclMoeCommInitAll's own arguments and SM
-// split.
+// refused with a message naming the missing scale-out transport (processes with their own NCCL_HOSTID, and threads
+// split into virtual nodes by NCCL_MOE_EMULATE_NODES, which processes refuse), and ncclMoeCommInitAll's own
+// arguments and SM split.
 #include <gtest/gtest.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "core/bootstrap.h"
 #include "core/comm.h"
+#include "core/error.h"
 #include "gpu_world.h"
 #include "nccl_moe.h"
 
@@ -448,6 +452,153 @@ TEST(CommGpuChild, DISABLED_SeveralNodesChild) {
   const std::string msg = ncclMoeGetLastError(nullptr);
   EXPECT_NE(std::string::npos, msg.find("form " + std::to_string(child.size) + " nodes")) << msg;
   EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+  EXPECT_EQ(nullptr, comm);
+}
+
+// ---- Virtual nodes (NCCL_MOE_EMULATE_NODES) ----
+
+// Sets an environment variable for the scope; the previous value (or its absence) comes back at the end.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_, old_.c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
+struct RankOutcome {
+  ncclResult_t result = ncclInternalError;
+  std::string message;
+};
+
+// n ranks as threads on GPU 0 over the in-process world, as ncclMoeCommInitAll runs them, but keeping every rank's
+// own result and message (ncclMoeCommInitAll returns one). For failures only: the communicators are released.
+std::vector<RankOutcome> initFailingWorldOnGpu0(int n, const ncclMoeConfig_t& config) {
+  std::vector<std::unique_ptr<nccl_moe::Bootstrap>> bootstraps(n);
+  EXPECT_EQ(ncclSuccess, nccl_moe::makeWorldBootstraps(n, 30ull * 1000000000ull, bootstraps.data()));
+  std::vector<RankOutcome> out(n);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      if (cudaSetDevice(0) != cudaSuccess) return;
+      nccl_moe::clearThreadLastError();
+      auto* comm = new ncclMoeComm();
+      out[r].result = nccl_moe::commInit(comm, std::move(bootstraps[r]), 0, config, ncclSuccess);
+      out[r].message = nccl_moe::threadLastError();
+      nccl_moe::releaseCommResources(comm);
+      delete comm;
+    });
+  }
+  for (auto& t : threads) t.join();
+  return out;
+}
+
+// 4 ranks on GPU 0 split into 2 virtual nodes need the scale-out transport, which does not exist yet: every rank
+// refuses, naming the nodes and the missing transport. 3 nodes do not divide 4 ranks: every rank refuses naming
+// both. 1 node: init works.
+TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScaleOutTransport) {
+  if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+  const int n = 4;
+  if (gpu_test::deviceSms(0) / n < gpu_test::kMinSmsPerRank) GTEST_SKIP() << "too few SMs for 4 ranks on GPU 0";
+  const ncclMoeConfig_t config = smallConfig();
+  {
+    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+    const std::vector<RankOutcome> outcomes = initFailingWorldOnGpu0(n, config);
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(ncclInvalidUsage, outcomes[r].result) << "rank " << r << ": " << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("form 2 nodes")) << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("node 0: ranks 0 1; node 1: ranks 2 3"))
+          << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("NCCL_MOE_EMULATE_NODES=2")) << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("scale-out")) << outcomes[r].message;
+    }
+    // The public entry point says the same.
+    std::vector<ncclMoeComm_t> comms(n, nullptr);
+    const std::vector<int> devices(n, 0);
+    ncclMoeConfig_t c = config;
+    EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInitAll(comms.data(), n, devices.data(), &c));
+    const std::string msg = ncclMoeGetLastError(nullptr);
+    EXPECT_NE(std::string::npos, msg.find("form 2 nodes")) << msg;
+    EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+    for (ncclMoeComm_t comm : comms) EXPECT_EQ(nullptr, comm);
+  }
+  {
+    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "3");
+    const std::vector<RankOutcome> outcomes = initFailingWorldOnGpu0(n, config);
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(ncclInvalidArgument, outcomes[r].result) << "rank " << r << ": " << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("NCCL_MOE_EMULATE_NODES=3")) << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("the 4 ranks")) << outcomes[r].message;
+    }
+  }
+  {
+    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "1");
+    std::vector<ncclMoeComm_t> comms(n, nullptr);
+    const std::vector<int> devices(n, 0);
+    ncclMoeConfig_t c = config;
+    MOE_OK(ncclMoeCommInitAll(comms.data(), n, devices.data(), &c));
+    for (ncclMoeComm_t comm : comms) {
+      EXPECT_EQ(1, comm->nodes.num_nodes);
+      EXPECT_EQ(1, comm->nodes.emulated_nodes);
+    }
+    for (ncclMoeComm_t comm : comms) MOE_OK(ncclMoeCommDestroy(comm));
+  }
+}
+
+// The same over NCCL communicators whose ranks are threads of this process (ncclCommInitAll, one rank per GPU):
+// they are one process too, so the variable applies.
+TEST(CommEmulatedNodes, NcclCommunicatorOfThreadsIsSplitToo) {
+  const int n = 4;
+  if (gpu_test::gpuCount() < n) GTEST_SKIP() << "needs " << n << " GPUs, found " << gpu_test::gpuCount();
+  ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+  World world(n, Placement::kOnePerGpu);
+  ASSERT_TRUE(world.ok());
+  std::vector<RankOutcome> outcomes(n);
+  world.run([&](int r) {
+    ncclMoeConfig_t config = smallConfig();
+    ncclMoeComm_t comm = nullptr;
+    outcomes[r].result = ncclMoeCommInit(&comm, world.nccl(r), &config);
+    outcomes[r].message = ncclMoeGetLastError(nullptr);
+    EXPECT_EQ(nullptr, comm);
+  });
+  for (int r = 0; r < n; ++r) {
+    EXPECT_EQ(ncclInvalidUsage, outcomes[r].result) << "rank " << r;
+    EXPECT_NE(std::string::npos, outcomes[r].message.find("form 2 nodes")) << outcomes[r].message;
+    EXPECT_NE(std::string::npos, outcomes[r].message.find("scale-out")) << outcomes[r].message;
+  }
+}
+
+// Ranks in several processes: NCCL_MOE_EMULATE_NODES is refused on every rank, pointing at NCCL_HOSTID.
+TEST_P(CommWorld, EmulatedNodesAcrossProcessesAreRefused) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  const auto emulate = [](int) { return std::vector<std::string>{"NCCL_MOE_EMULATE_NODES=2"}; };
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_EmulatedNodesChild", emulate), n));
+}
+
+TEST(CommGpuChild, DISABLED_EmulatedNodesChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init());
+  ncclMoeConfig_t config = smallConfig();
+  ncclMoeComm_t comm = nullptr;
+  EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInit(&comm, child.nccl, &config));
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  EXPECT_NE(std::string::npos, msg.find("live in " + std::to_string(child.size) + " processes")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_HOSTID")) << msg;
   EXPECT_EQ(nullptr, comm);
 }
 
