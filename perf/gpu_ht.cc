@@ -174,7 +174,7 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
   bool fail_f = false;
   std::string ef;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ht: timed notify + dispatch");
+    prog.setCall("ht: timed notify + dispatch", i, run.warmup, run.iters);
     col.barrier();
     ev.record(0, st);
     if (!fail_f)

@@ -184,7 +184,7 @@ void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
   bool fail_ds = !res->dispatch_send.available, fail_cs = !res->combine_send.available;
   std::string eds, ecs;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ll: timed send/recv halves");
+    prog.setCall("ll: timed send/recv halves", i, run.warmup, run.iters);
     const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);

@@ -119,6 +119,8 @@ void rankMain(ProcessState& sh, int local) {
     }
   }
 
+  const int num_problems = countProblems(o);
+  int problem_idx = 0;  // of the progress lines (progress.h)
   for (Mode mode : resolveModes(o)) {
     const ModeConfig cfg = resolveMode(o, mode);
     const int cap = static_cast<int>(*std::max_element(cfg.tokens.begin(), cfg.tokens.end()));
@@ -142,9 +144,11 @@ void rankMain(ProcessState& sh, int local) {
       if (!bad.empty()) {
         if (printer) out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         sh.fail(2);
+        problem_idx += static_cast<int>(cfg.tokens.size());
         continue;
       }
       for (int64_t tokens : cfg.tokens) {
+        prog.enterProblem(mode, dtype, tokens, ++problem_idx, num_problems);
         // One problem per process, built by local rank 0.
         if (local == 0) {
           prog.set("building the problem (CPU reference)");
@@ -214,6 +218,7 @@ void rankMain(ProcessState& sh, int local) {
         };
 
         for (int sms : cfg.sms) {
+          if (mode == Mode::kHt) prog.setSms(sms);
           if (printer && moe.usable)
             out("# [gpu] MoE %s ops (sms %s): verification pass + %d timed calls per op\n", modeName(mode),
                 sms ? std::to_string(sms).c_str() : "auto", run.warmup + run.iters);

@@ -13,8 +13,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -25,26 +23,11 @@
 #include "harness/barrier.h"
 #include "kernel_timer.h"
 #include "problem.h"
+#include "progress.h"
 #include "rank_device.h"
 #include "run_common.h"
 
 namespace nccl_moe::perf {
-
-inline int64_t nowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// What a rank is doing and since when (the watchdog of gpu_backend.cc reads it).
-struct Progress {
-  std::atomic<int64_t> last_ns{0};
-  std::atomic<const char*> phase{"starting"};
-  std::atomic<bool> finished{false};
-  void set(const char* what) {
-    phase.store(what);
-    last_ns.store(nowNs());
-  }
-};
 
 // The result of one op on one rank for one size (reduced over ranks by gpu_aggregate.h).
 struct OpResult {
@@ -115,7 +98,7 @@ void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, c
   bool fail_d = false, fail_c = false;
   std::string ed, ec;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set(label);
+    prog.setCall(label, i, run.warmup, run.iters);
     const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);

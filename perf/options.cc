@@ -160,6 +160,7 @@ const std::vector<OptionSpec>& optionTable() {
          return true;
        }},
       {'h', "help", false, [](Options* o, const std::string&, std::string*) { return o->help = true; }},
+      {'q', "quiet", false, [](Options* o, const std::string&, std::string*) { return o->quiet = true; }},
       {0, "mode", true,
        [](Options* o, const std::string& v, std::string* err) {
          o->modes.clear();
@@ -362,6 +363,8 @@ Runs
                           last kernel end of each call (as DeepEP's kineto-based tests measure); event = CUDA events
                           around each call (includes the launch gap). JSON rows carry both medians.
   -J, --json PATH         write one JSON object per result row (JSON Lines)
+  -q, --quiet             no progress lines on stderr (by default, once a run has taken 3 s, global rank 0
+                          prints where it is at most every 2 s: mode, dtype, tokens, phase, call k/n, elapsed time)
   -h, --help              this text
 Under mpirun (OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/PMI_SIZE) each process is one rank group; set
 NCCL_COMM_ID=<host of rank 0>:<port> for the rendezvous (see docs/moe-perf.md).

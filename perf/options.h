@@ -4,7 +4,7 @@
 //   - parseOptions() accepts nccl-tests letters where they mean the same thing (-b/-e/-f/-i token sweep,
 //     -n iterations, -w warm-up, -c check, -t threads per process, -g GPUs per thread, -J JSON path) plus
 //     the MoE long options (--mode, --tokens, --hidden, --topk, --experts, --dtype, --sms, --routing, --seed,
-//     --procs, --cpu, --timer, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all accepted;
+//     --procs, --cpu, --timer, -q, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all accepted;
 //     token counts take a K suffix (x1024). Errors come back as text, never exit().
 //   - Values the user did not give stay "unset" (-1 / empty) so each backend and each mode can apply its own
 //     default (resolveMode()). Nothing here knows how many ranks there are; rank-dependent checks
@@ -71,6 +71,7 @@ struct Options {
   int expert_alignment = 1;    // --alignment: per-expert receive counts rounded up to this (HT)
   int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
   bool help = false;           // -h / --help
+  bool quiet = false;          // -q / --quiet: no progress lines on stderr
   // --timer kernel|event|auto (auto: kernel when the CUPTI kernel timer works)
   TimerChoice timer = TimerChoice::kAuto;
 };
