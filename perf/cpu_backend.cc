@@ -120,7 +120,7 @@ void fillTiming(ResultRow* row, const Timing& t) {
 }
 
 void emit(const RunInfo& run, const ResultRow& row) {
-  out("%s", tableRow(row).c_str());
+  out("%s", tableRow(row, run.options.metrics).c_str());
   if (run.json) run.json->write(row);
 }
 
@@ -290,7 +290,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
           const Problem p = buildProblem(spec);
           printRoutingSummary(p, true);
           if (!header) {
-            out("%s", tableHeader().c_str());
+            out("%s", tableHeader(o.metrics).c_str());
             header = true;
           }
           if (!runProblem(run, p, team, prog)) exit_code = exit_code ? exit_code : 1;
@@ -301,7 +301,10 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
         }
       }
     }
-    if (header) printTableNotes(mode, true);
+    if (header) {
+      printTableNotes(mode, true);
+      if (o.metrics.any()) printMetricsNotes(o.metrics, true);
+    }
   }
   printer.reset();
   if (exit_code != 0) {
