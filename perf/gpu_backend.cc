@@ -59,6 +59,10 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
     out("# timer: event (CUDA events around each call): kernel timer not available: %s\n", why.c_str());
   }
 
+  if (layout.proc_rank == 0 && run.options.metrics.any())
+    out("# metrics: time_us as below, plus the comparable metrics %s (CUDA events; notes under each table)\n",
+        metricsText(run.options.metrics).c_str());
+
   const int n = layout.ranksPerProc();
   for (int i = 0; i < n; ++i) sh.progress[i].set("starting");
   // Progress lines on stderr: global rank 0's record, in its process only.
