@@ -136,22 +136,21 @@ void printMetricsNotes(const MetricsChoice& m, bool cpu) {
         metricsText(m).c_str());
     return;
   }
-  out("# comparable metrics (--metrics %s; CUDA events, HT/LL dispatch and combine only, each in its own loop of\n"
-      "#   -w + -n iterations after the default one; docs/moe-perf.md \"Comparable metrics\"):\n",
+  out("# comparable metrics (--metrics %s): CUDA events, HT/LL dispatch and combine only,\n"
+      "#   each metric in its own loop of -w + -n dispatch+combine iterations after the default one\n"
+      "#   (docs/moe-perf.md, \"Comparable metrics\"):\n",
       metricsText(m).c_str());
   if (m.boundary)
-    out("#   boundary_us = common-boundary time: before every call all streams drained and all ranks past a host-\n"
-        "#   synchronising rendezvous (GPU idle, no hold, no gate), one event pair around the call (the host's "
-        "enqueue\n"
-        "#   and all kernels); the slowest rank's median\n");
+    out("#   boundary_us = common-boundary time: before every call every stream drained and every rank past a\n"
+        "#   host-synchronising rendezvous (GPU idle, no hold, no gate); one event pair around the call (the host's\n"
+        "#   enqueue and all kernels); the slowest rank's median.\n");
   if (m.fresh)
-    out("#   fresh_p50_us = fresh-entry p50: before every call the stream drained, then the barrier above "
-        "(rendezvous,\n"
+    out("#   fresh_p50_us = fresh-entry p50: before every call the stream drained, then the barrier (rendezvous,\n"
         "#   hold, gate); one event pair around the call; per call the slowest rank's time, then the median over\n"
-        "#   calls\n");
+        "#   the calls.\n");
   if (m.chained)
     out("#   pair_period_us = chained pair period: one barrier, then -n dispatch+combine pairs back to back (no\n"
-        "#   barrier between them), event time / -n; the slowest rank's; on the dispatch and the combine row\n");
+        "#   barrier between them), event time / -n; the slowest rank's; on the dispatch and the combine row.\n");
 }
 
 void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu) {

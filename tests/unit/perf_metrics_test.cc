@@ -12,6 +12,7 @@
 #include "metrics.h"
 #include "options.h"
 #include "report.h"
+#include "run_common.h"
 
 namespace nccl_moe::perf {
 namespace {
@@ -196,6 +197,31 @@ TEST(PerfMetrics, TableColumnsOnlyWhenSelected) {
   r.error = "failed";
   const std::string na = tableRow(r, all);
   EXPECT_LT(na.rfind(" -  not available: failed"), na.size()) << na;
+}
+
+TEST(PerfMetrics, NotesUnderTheTable) {
+  testing::internal::CaptureStdout();
+  printMetricsNotes(parsed("extra"), false);
+  const std::string gpu = testing::internal::GetCapturedStdout();
+  for (const char* text : {"--metrics boundary,fresh,chained", "boundary_us = common-boundary time",
+                           "fresh_p50_us = fresh-entry p50", "pair_period_us = chained pair period"})
+    EXPECT_NE(gpu.find(text), std::string::npos) << text << " in " << gpu;
+  size_t start = 0;
+  while (start < gpu.size()) {  // comment lines of at most 120 columns
+    const size_t end = gpu.find('\n', start);
+    ASSERT_NE(end, std::string::npos);
+    EXPECT_EQ(gpu[start], '#');
+    EXPECT_LE(end - start, 120u) << gpu.substr(start, end - start);
+    start = end + 1;
+  }
+  testing::internal::CaptureStdout();
+  printMetricsNotes(parsed("chained"), false);
+  const std::string one = testing::internal::GetCapturedStdout();
+  EXPECT_EQ(one.find("boundary_us ="), std::string::npos) << one;
+  EXPECT_NE(one.find("pair_period_us ="), std::string::npos) << one;
+  testing::internal::CaptureStdout();
+  printMetricsNotes(parsed("fresh"), true);
+  EXPECT_NE(testing::internal::GetCapturedStdout().find("GPU backend only"), std::string::npos);
 }
 
 }  // namespace
