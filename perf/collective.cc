@@ -26,6 +26,11 @@ void Collective::barrier() {
   }
 }
 
+void Collective::hostBarrier() {
+  rendezvous();
+  HARNESS_CUDA(cudaStreamSynchronize(rd_.stream));
+}
+
 bool Collective::setupGate(const std::vector<Place>& places) {
   struct Entry {
     long long* ptr;

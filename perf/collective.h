@@ -9,6 +9,8 @@
 //   agree()       true when a flag is true on every rank: after every step that may fail on one rank only, so the
 //                 ranks' control flow never diverges (the lockstep rule of gpu_run.h)
 //   quiesce()     every rank's stream is drained and every rank is here, for ranks that share a GPU; see below
+//   hostBarrier() every rank's stream drained up to it and every rank's host past it: the GPU is idle when the
+//                 host goes on (no hold, no gate); the entry of the common-boundary metric (gpu_run.h)
 //
 // NCCL (makeNcclCollective): one rank per GPU, the rank's ncclComm_t; barrier = ncclAllReduce of one int on the
 // rank's stream. quiesce() does nothing: an allocation on one GPU never waits for another GPU's kernels.
@@ -61,7 +63,13 @@ class Collective {
   // Every rank's stream drained and every rank here (host implementation); nothing (NCCL). Call it before and after
   // a rank allocates or frees device memory while ranks may share a GPU.
   virtual void quiesce() = 0;
+  // The rendezvous of barrier() without its hold and gate, then this rank's stream drained: when it returns, every
+  // rank's work enqueued before it is done (each rank's rendezvous is stream-ordered after that work and completes
+  // only once every rank has reached it) and this rank's GPU is idle. The hosts leave it at slightly different
+  // times (each returns from its own stream synchronisation); nothing aligns the ranks further.
+  void hostBarrier();
 
+  // Any length (the NCCL implementation reduces in pieces of its scratch buffer).
   virtual std::vector<double> allReduce(const std::vector<double>& v, ReduceOp op) = 0;
   // True when `ok` on every rank.
   bool agree(bool ok);

@@ -1,5 +1,6 @@
 // The collectives of moe-perf's GPU backend on the rank's NCCL communicator (contract in collective.h): one rank
 // per GPU; results come back to the host through small device buffers allocated once.
+#include <algorithm>
 #include <memory>
 
 #include "collective.h"
@@ -30,11 +31,18 @@ class NcclCollective final : public Collective {
   // One rank per GPU: an allocation on one GPU never waits for another GPU's kernels.
   void quiesce() override {}
 
+  // In pieces of kMaxDoubles (every rank passes the same length, so every rank makes the same NCCL calls).
   std::vector<double> allReduce(const std::vector<double>& v, ReduceOp op) override {
-    if (v.size() > kMaxDoubles) throw harness::Error("Collective::allReduce: too many values");
-    doubles_.upload(v.data(), v.size(), rd_.stream);
-    PERF_NCCL(ncclAllReduce(doubles_.get(), doubles_.get(), v.size(), ncclFloat64, ncclOp(op), rd_.comm, rd_.stream));
-    return doubles_.download(v.size(), rd_.stream);
+    std::vector<double> out;
+    out.reserve(v.size());
+    for (size_t at = 0; at < v.size(); at += kMaxDoubles) {
+      const size_t n = std::min(kMaxDoubles, v.size() - at);
+      doubles_.upload(v.data() + at, n, rd_.stream);
+      PERF_NCCL(ncclAllReduce(doubles_.get(), doubles_.get(), n, ncclFloat64, ncclOp(op), rd_.comm, rd_.stream));
+      const std::vector<double> part = doubles_.download(n, rd_.stream);
+      out.insert(out.end(), part.begin(), part.end());
+    }
+    return out;
   }
 
   std::vector<char> allGather(const std::vector<char>& mine) override {

@@ -5,8 +5,10 @@
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <memory>
 
 #include "cpu_baseline.h"
+#include "progress.h"
 #include "reference/testing/brute.h"
 #include "verify.h"
 
@@ -24,11 +26,16 @@ struct Timing {
   double median_us = 0, min_us = 0, max_us = 0;
 };
 
+// `label` (a literal) names the loop in the progress lines.
 template <typename Fn>
-Timing timeCalls(int warmup, int iters, Fn fn) {
-  for (int i = 0; i < warmup; ++i) fn();
+Timing timeCalls(Progress& prog, const char* label, int warmup, int iters, Fn fn) {
+  for (int i = 0; i < warmup; ++i) {
+    prog.setCall(label, i, warmup, iters);
+    fn();
+  }
   std::vector<double> us;
   for (int i = 0; i < iters; ++i) {
+    prog.setCall(label, warmup + i, warmup, iters);
     const double t0 = nowUs();
     fn();
     us.push_back(nowUs() - t0);
@@ -40,10 +47,18 @@ Timing timeCalls(int warmup, int iters, Fn fn) {
   return t;
 }
 
-Timing timeBaseline(int warmup, int iters, CpuBaseline& bl, bool combine) {
-  for (int i = 0; i < warmup; ++i) combine ? bl.combine() : bl.dispatch();
+Timing timeBaseline(Progress& prog, int warmup, int iters, CpuBaseline& bl, bool combine) {
+  const char* label =
+      combine ? "baseline: timed combine (threads as ranks)" : "baseline: timed dispatch (threads as ranks)";
+  for (int i = 0; i < warmup; ++i) {
+    prog.setCall(label, i, warmup, iters);
+    combine ? bl.combine() : bl.dispatch();
+  }
   std::vector<double> us;
-  for (int i = 0; i < iters; ++i) us.push_back(combine ? bl.combine() : bl.dispatch());
+  for (int i = 0; i < iters; ++i) {
+    prog.setCall(label, warmup + i, warmup, iters);
+    us.push_back(combine ? bl.combine() : bl.dispatch());
+  }
   Timing t;
   t.median_us = median(us);
   t.min_us = *std::min_element(us.begin(), us.end());
@@ -105,22 +120,25 @@ void fillTiming(ResultRow* row, const Timing& t) {
 }
 
 void emit(const RunInfo& run, const ResultRow& row) {
-  out("%s", tableRow(row).c_str());
+  out("%s", tableRow(row, run.options.metrics).c_str());
   if (run.json) run.json->write(row);
 }
 
 // Runs one (mode, dtype, tokens) problem; returns false when a check failed.
-bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
+bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team, Progress& prog) {
   const bool check = run.options.check != 0;
   const int R = p.spec.num_ranks, T = p.spec.tokens, H = p.spec.hidden;
   const int w = run.warmup, n = run.iters;
   bool ok = true;
 
   out("# [cpu] baseline: %d threads as ranks\n", R);
+  prog.set("baseline: setup (threads as ranks)");
   CpuBaseline bl(p, &team);
-  const Timing bl_dispatch = timeBaseline(w, n, bl, false);
+  const Timing bl_dispatch = timeBaseline(prog, w, n, bl, false);
+  prog.set("baseline: dispatch check");
   const int64_t bl_dispatch_wrong = check ? bl.dispatchWrong() : 0;
-  const Timing bl_combine = timeBaseline(w, n, bl, true);
+  const Timing bl_combine = timeBaseline(prog, w, n, bl, true);
+  prog.set("baseline: combine check");
   const int64_t bl_combine_wrong = check ? bl.combineWrong() : 0;
 
   std::vector<ResultRow> rows;
@@ -144,11 +162,13 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
 
     out("# [cpu] timing ref::ht_dispatch / ht_combine (%d + %d calls each)\n", w, n);
     ref::HtDispatch disp;
-    const Timing t_dispatch = timeCalls(w, n, [&] { disp = ref::ht_dispatch(p.routing, align, &x); });
+    const Timing t_dispatch =
+        timeCalls(prog, "timed ref::ht_dispatch", w, n, [&] { disp = ref::ht_dispatch(p.routing, align, &x); });
     ref::HtCombineResult comb;
-    const Timing t_combine = timeCalls(w, n, [&] { comb = ref::ht_combine(p.ht, p.ht_y, H); });
+    const Timing t_combine =
+        timeCalls(prog, "timed ref::ht_combine", w, n, [&] { comb = ref::ht_combine(p.ht, p.ht_y, H); });
     std::vector<ref::DispatchLayout> layouts(sz(R));
-    const Timing t_first = timeCalls(w, n, [&] {
+    const Timing t_first = timeCalls(prog, "timed layouts + ref::ht_dispatch", w, n, [&] {
       for (int s = 0; s < R; ++s) {
         const auto& rr = p.routing.ranks[sz(s)];
         layouts[sz(s)] = ref::get_dispatch_layout(rr.topk_idx.data(), rr.num_tokens, p.spec.topk, p.spec.experts, R);
@@ -159,6 +179,7 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
     int64_t wrong_dispatch = 0, wrong_combine = 0, wrong_layout = 0;
     if (check) {
       out("# [cpu] checking the reference against its brute-force model\n");
+      prog.set("verification: reference vs brute-force model");
       wrong_dispatch = htDiff(disp, ref::brute::ht_dispatch(p.routing, align, &x));
       for (int d = 0; d < R; ++d) {
         const ref::Rows& got = disp.recv[sz(d)].x;
@@ -185,13 +206,16 @@ bool runProblem(const RunInfo& run, const Problem& p, RankTeam& team) {
     const int cap = p.spec.ll_max_tokens;
     out("# [cpu] timing ref::ll_dispatch / ll_combine (%d + %d calls each)\n", w, n);
     ref::LlDispatch disp;
-    const Timing t_dispatch =
-        timeCalls(w, n, [&] { disp = ref::ll_dispatch(p.routing, H, cap, &p.x_bf16, fp8, ref::ScaleFormat::kFloat); });
+    const Timing t_dispatch = timeCalls(prog, "timed ref::ll_dispatch", w, n, [&] {
+      disp = ref::ll_dispatch(p.routing, H, cap, &p.x_bf16, fp8, ref::ScaleFormat::kFloat);
+    });
     std::vector<std::vector<uint16_t>> comb;
-    const Timing t_combine = timeCalls(w, n, [&] { comb = ref::ll_combine(p.routing, p.ll, p.ll_y); });
+    const Timing t_combine =
+        timeCalls(prog, "timed ref::ll_combine", w, n, [&] { comb = ref::ll_combine(p.routing, p.ll, p.ll_y); });
     int64_t wrong_dispatch = 0, wrong_combine = 0;
     if (check) {
       out("# [cpu] checking the reference against its brute-force model\n");
+      prog.set("verification: reference vs brute-force model");
       wrong_dispatch =
           llDiff(disp, ref::brute::ll_dispatch(p.routing, H, cap, &p.x_bf16, fp8, ref::ScaleFormat::kFloat));
       for (int d = 0; d < R; ++d) {
@@ -224,6 +248,11 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
   out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, o.check,
       o.routing.text.c_str(), static_cast<unsigned long long>(o.seed));
   RankTeam team(num_ranks, hostWaitSeconds(o));
+  Progress prog;
+  std::unique_ptr<ProgressPrinter> printer;  // progress lines on stderr
+  if (!o.quiet) printer = std::make_unique<ProgressPrinter>(prog);
+  const int num_problems = countProblems(o);
+  int problem_idx = 0;
   int exit_code = 0;
   for (Mode mode : resolveModes(o)) {
     const ModeConfig cfg = resolveMode(o, mode);
@@ -236,9 +265,11 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
       if (!bad.empty()) {
         out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         exit_code = 2;
+        problem_idx += static_cast<int>(cfg.tokens.size());
         continue;
       }
       for (int64_t tokens : cfg.tokens) {
+        prog.enterProblem(mode, dtype, tokens, ++problem_idx, num_problems);
         ProblemSpec spec;
         spec.mode = mode;
         spec.dtype = dtype;
@@ -255,13 +286,14 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
         try {
           out("# [cpu] building %s %s problem: %lld tokens x %d ranks\n", modeName(mode), dtypeName(dtype),
               static_cast<long long>(tokens), num_ranks);
+          prog.set("building the problem (CPU reference)");
           const Problem p = buildProblem(spec);
           printRoutingSummary(p, true);
           if (!header) {
-            out("%s", tableHeader().c_str());
+            out("%s", tableHeader(o.metrics).c_str());
             header = true;
           }
-          if (!runProblem(run, p, team)) exit_code = exit_code ? exit_code : 1;
+          if (!runProblem(run, p, team, prog)) exit_code = exit_code ? exit_code : 1;
         } catch (const std::exception& e) {
           out("# %s %s %lld tokens: error: %s\n", modeName(mode), dtypeName(dtype), static_cast<long long>(tokens),
               e.what());
@@ -269,8 +301,12 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
         }
       }
     }
-    if (header) printTableNotes(mode, true);
+    if (header) {
+      printTableNotes(mode, true);
+      if (o.metrics.any()) printMetricsNotes(o.metrics, true);
+    }
   }
+  printer.reset();
   if (exit_code != 0) {
     out("# errors: see above\n");
   } else {

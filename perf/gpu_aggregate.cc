@@ -12,7 +12,8 @@ namespace {
 size_t sz(int64_t v) { return static_cast<size_t>(v); }
 }  // namespace
 
-std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResult*>& ops, int num_ranks) {
+std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResult*>& ops, int num_ranks,
+                                 int metric_calls) {
   const size_t n = ops.size();
   std::vector<double> mins(2 * n), maxs(6 * n), sums(n);
   auto stats = [&](const std::vector<double>& us, bool have, size_t at) {
@@ -63,6 +64,20 @@ std::vector<Aggregate> aggregate(Collective& col, const std::vector<const OpResu
     }
     if (!a.available && a.error.empty()) a.error = "no timed calls";
   }
+  if (metric_calls > 0) {  // one element-wise maximum of every op's terms (metrics.h)
+    const size_t per_op = metricsMaxTerms(RankMetrics(), metric_calls).size();
+    std::vector<double> terms;
+    for (const OpResult* o : ops) {
+      const std::vector<double> t = metricsMaxTerms(o->metrics, metric_calls);
+      terms.insert(terms.end(), t.begin(), t.end());
+    }
+    terms = col.allReduce(terms, ReduceOp::kMax);
+    for (size_t i = 0; i < n; ++i)
+      out[i].metrics =
+          metricsFromMax(std::vector<double>(terms.begin() + static_cast<std::ptrdiff_t>(i * per_op),
+                                             terms.begin() + static_cast<std::ptrdiff_t>((i + 1) * per_op)),
+                         metric_calls);
+  }
   return out;
 }
 
@@ -77,6 +92,7 @@ void fillRow(ResultRow* row, const Aggregate& moe, const Aggregate* baseline, bo
   row->min_us = kernel ? moe.kernel_min_us : moe.min_us;
   row->max_us = kernel ? moe.kernel_max_us : moe.max_us;
   row->event_median_us = moe.median_us;
+  row->metrics = moe.metrics;
   row->wrong = moe.wrong;
   if (baseline != nullptr) {
     row->has_baseline = true;

@@ -1,17 +1,19 @@
 // GPU mode of moe-perf (contract in gpu_backend.h): the timer decision, one thread per local rank (gpu_rank.h),
-// the progress watchdog and the run's last line.
+// the progress watchdog, the progress lines on stderr (global rank 0's process) and the run's last line.
 #include "gpu_backend.h"
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "gpu_rank.h"
 #include "kernel_timer.h"
+#include "progress.h"
 
 namespace nccl_moe::perf {
 
@@ -57,8 +59,15 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
     out("# timer: event (CUDA events around each call): kernel timer not available: %s\n", why.c_str());
   }
 
+  if (layout.proc_rank == 0 && run.options.metrics.any())
+    out("# metrics: time_us as below, plus the comparable metrics %s (CUDA events; notes under each table)\n",
+        metricsText(run.options.metrics).c_str());
+
   const int n = layout.ranksPerProc();
   for (int i = 0; i < n; ++i) sh.progress[i].set("starting");
+  // Progress lines on stderr: global rank 0's record, in its process only.
+  std::unique_ptr<ProgressPrinter> printer;
+  if (layout.firstRank() == 0 && !run.options.quiet) printer = std::make_unique<ProgressPrinter>(sh.progress[0]);
   std::vector<std::thread> threads;
   for (int i = 0; i < n; ++i)
     threads.emplace_back([&sh, i] {
@@ -91,6 +100,7 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
   for (auto& t : threads) t.join();
   sh.done.store(true);
   watchdog.join();
+  printer.reset();
   // No CUPTI tracing or buffer callbacks while the process tears down.
   if (sh.kernel_timer) KernelTimer::instance().stop();
   if (layout.proc_rank == 0) {

@@ -24,7 +24,7 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
 
   Events ev(4);
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("baseline: timed dispatch/combine");
+    prog.setCall("baseline: timed dispatch/combine", i, run.warmup, run.iters);
     const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, rd.stream);
@@ -49,7 +49,7 @@ void runBaseline(const Problem& p, const RankDevice& rd, Collective& col, const 
   collectKernelTimes(tm, {&res->dispatch, &res->combine});
   // The count exchange includes a host wait: event-timed, like the MoE notify_dispatch it stands next to.
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("baseline: timed count exchange + dispatch");
+    prog.setCall("baseline: timed count exchange + dispatch", i, run.warmup, run.iters);
     col.barrier();
     ev.record(0, rd.stream);
     bl.countExchange();

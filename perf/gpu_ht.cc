@@ -1,6 +1,7 @@
 // The high-throughput MoE run of one rank for one size (contract in gpu_run.h): uploads the rank's inputs, runs a
 // verification pass (notify + dispatch + combine, checked bitwise against the reference), then times the cached
-// dispatch + combine loop and the full first call (notify + dispatch, which includes the notify's host wait).
+// dispatch + combine loop (with --metrics also the comparable metrics' loops of the same pair, gpu_run.h) and the
+// full first call (notify + dispatch, which includes the notify's host wait).
 // The rank's device buffers are allocated and freed between Collective::quiesce() calls (ranks sharing a GPU).
 #include <optional>
 
@@ -162,11 +163,17 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
     return;
   }
 
-  // Timed: cached-handle dispatch (no notify, no host wait), then combine.
-  timeDispatchCombine(
-      col, st, run, tm, prog, "ht: timed dispatch/combine", &res->dispatch, &res->combine,
-      [&](std::string* e) { return call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), e); },
-      [&](std::string* e) { return call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), e); });
+  // Timed: cached-handle dispatch (no notify, no host wait), then combine; then the same pair in the loops of the
+  // comparable metrics (--metrics; nothing without it).
+  const EnqueueCall dispatch = [&](std::string* e) {
+    return call("ncclMoeDispatch", ncclMoeDispatch(moe.comm, moe.handle, &da, st), e);
+  };
+  const EnqueueCall combine = [&](std::string* e) {
+    return call("ncclMoeCombine", ncclMoeCombine(moe.comm, moe.handle, &ca, st), e);
+  };
+  timeDispatchCombine(col, st, run, tm, prog, "ht: timed dispatch/combine", &res->dispatch, &res->combine, dispatch,
+                      combine);
+  timeComparableMetrics(col, st, run, prog, Mode::kHt, &res->dispatch, &res->combine, dispatch, combine);
 
   // Timed: the full first call, notify (layout + count exchange + host wait) + dispatch. It includes a host wait by
   // definition, so it is always event-timed (no kernel-timer ids).
@@ -174,7 +181,7 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
   bool fail_f = false;
   std::string ef;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ht: timed notify + dispatch");
+    prog.setCall("ht: timed notify + dispatch", i, run.warmup, run.iters);
     col.barrier();
     ev.record(0, st);
     if (!fail_f)

@@ -1,6 +1,7 @@
 // The low-latency MoE run of one rank for one size (contract in gpu_run.h): uploads the rank's inputs, runs two
 // verification rounds (both phases per call, then the send and receive halves as separate calls; slabs compared as
-// sets per expert, the combine against the reference), then times dispatch + combine and the four halves.
+// sets per expert, the combine against the reference), then times dispatch + combine (with --metrics also the
+// comparable metrics' loops of the same pair, gpu_run.h) and the four halves.
 // The rank's device buffers are allocated and freed between Collective::quiesce() calls (ranks sharing a GPU).
 #include <optional>
 
@@ -173,18 +174,20 @@ void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
     return;
   }
 
-  // Timed: dispatch then combine (both phases in one call each), a barrier before each.
-  timeDispatchCombine(
-      col, st, run, tm, prog, "ll: timed dispatch/combine", &res->dispatch, &res->combine,
-      [&](std::string* e) { return dispatchCall(ncclMoePhaseBoth, e); },
-      [&](std::string* e) { return combineCall(ncclMoePhaseBoth, e); });
+  // Timed: dispatch then combine (both phases in one call each), a barrier before each; then the same pair in the
+  // loops of the comparable metrics (--metrics; nothing without it).
+  const EnqueueCall dispatch = [&](std::string* e) { return dispatchCall(ncclMoePhaseBoth, e); };
+  const EnqueueCall combine = [&](std::string* e) { return combineCall(ncclMoePhaseBoth, e); };
+  timeDispatchCombine(col, st, run, tm, prog, "ll: timed dispatch/combine", &res->dispatch, &res->combine, dispatch,
+                      combine);
+  timeComparableMetrics(col, st, run, prog, Mode::kLl, &res->dispatch, &res->combine, dispatch, combine);
 
   Events ev(6);
   // Timed: send and receive halves separately.
   bool fail_ds = !res->dispatch_send.available, fail_cs = !res->combine_send.available;
   std::string eds, ecs;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set("ll: timed send/recv halves");
+    prog.setCall("ll: timed send/recv halves", i, run.warmup, run.iters);
     const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);

@@ -119,6 +119,9 @@ void rankMain(ProcessState& sh, int local) {
     }
   }
 
+  const int num_problems = countProblems(o);
+  const int metric_calls = o.metrics.any() ? run.iters : 0;  // aggregate(): reduce the comparable metrics
+  int problem_idx = 0;                                       // of the progress lines (progress.h)
   for (Mode mode : resolveModes(o)) {
     const ModeConfig cfg = resolveMode(o, mode);
     const int cap = static_cast<int>(*std::max_element(cfg.tokens.begin(), cfg.tokens.end()));
@@ -142,9 +145,11 @@ void rankMain(ProcessState& sh, int local) {
       if (!bad.empty()) {
         if (printer) out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         sh.fail(2);
+        problem_idx += static_cast<int>(cfg.tokens.size());
         continue;
       }
       for (int64_t tokens : cfg.tokens) {
+        prog.enterProblem(mode, dtype, tokens, ++problem_idx, num_problems);
         // One problem per process, built by local rank 0.
         if (local == 0) {
           prog.set("building the problem (CPU reference)");
@@ -187,7 +192,7 @@ void rankMain(ProcessState& sh, int local) {
         const Problem& p = *sh.problem;
         if (printer) {
           printRoutingSummary(p, false);
-          if (!header) out("%s", tableHeader().c_str());
+          if (!header) out("%s", tableHeader(o.metrics).c_str());
           header = true;
         }
         // The NCCL baseline: [dispatch, combine, first], empty when ranks share a GPU (NCCL cannot run there).
@@ -214,6 +219,7 @@ void rankMain(ProcessState& sh, int local) {
         };
 
         for (int sms : cfg.sms) {
+          if (mode == Mode::kHt) prog.setSms(sms);
           if (printer && moe.usable)
             out("# [gpu] MoE %s ops (sms %s): verification pass + %d timed calls per op\n", modeName(mode),
                 sms ? std::to_string(sms).c_str() : "auto", run.warmup + run.iters);
@@ -221,7 +227,8 @@ void rankMain(ProcessState& sh, int local) {
           if (mode == Mode::kHt) {
             HtResult ht;
             runMoeHt(p, rd, col, moe, sms, run, tm, prog, &ht);
-            const std::vector<Aggregate> a = aggregate(col, {&ht.dispatch, &ht.combine, &ht.first}, rd.num_ranks);
+            const std::vector<Aggregate> a =
+                aggregate(col, {&ht.dispatch, &ht.combine, &ht.first}, rd.num_ranks, metric_calls);
             const char* names[3] = {"dispatch", "combine", "notify_dispatch"};
             for (int i = 0; i < 3; ++i) {
               ResultRow row = makeRow(run, p, names[i], sms, false);
@@ -235,7 +242,7 @@ void rankMain(ProcessState& sh, int local) {
             const std::vector<Aggregate> a = aggregate(
                 col,
                 {&ll.dispatch, &ll.combine, &ll.dispatch_send, &ll.dispatch_recv, &ll.combine_send, &ll.combine_recv},
-                rd.num_ranks);
+                rd.num_ranks, metric_calls);
             const char* names[6] = {"dispatch",      "combine",      "dispatch_send",
                                     "dispatch_recv", "combine_send", "combine_recv"};
             for (int i = 0; i < 6; ++i) {
@@ -251,7 +258,7 @@ void rankMain(ProcessState& sh, int local) {
             if (!row.available && o.require_moe) sh.fail(1);
             if (printer) {
               if (!row.available) ++sh.unavailable_rows;
-              out("%s", tableRow(row).c_str());
+              out("%s", tableRow(row, o.metrics).c_str());
               if (run.json) run.json->write(row);
             }
           }
@@ -265,6 +272,7 @@ void rankMain(ProcessState& sh, int local) {
     moe.destroy(col);
     if (printer && header) {
       printTableNotes(mode, false, sh.kernel_timer, shared);
+      if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
     }
   }

@@ -1,6 +1,7 @@
-// What the timed runs of one GPU rank share, and their entry points: the progress record the watchdog reads, the
-// per-rank result of one op, CUDA events, the kernel timer's collection after a timed loop, the timed
-// dispatch-then-combine loop of HT and LL, and the three runs (gpu_baseline_run.cc, gpu_ht.cc, gpu_ll.cc).
+// What the timed runs of one GPU rank share, and their entry points: the per-rank result of one op, CUDA events, the
+// kernel timer's collection after a timed loop, the timed dispatch-then-combine loop of HT and LL, the loops of the
+// comparable metrics (--metrics) and the three runs (gpu_baseline_run.cc, gpu_ht.cc, gpu_ll.cc). The progress
+// record the watchdog and the progress lines read is progress.h.
 //
 // Lockstep rule: every rank executes the same sequence of collectives (barriers, agreements, reductions). A rank
 // whose MoE call failed keeps taking part in every barrier of a timed loop and skips only the MoE calls;
@@ -13,9 +14,8 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -24,27 +24,13 @@
 #include "gpu_session.h"
 #include "harness/barrier.h"
 #include "kernel_timer.h"
+#include "metrics.h"
 #include "problem.h"
+#include "progress.h"
 #include "rank_device.h"
 #include "run_common.h"
 
 namespace nccl_moe::perf {
-
-inline int64_t nowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// What a rank is doing and since when (the watchdog of gpu_backend.cc reads it).
-struct Progress {
-  std::atomic<int64_t> last_ns{0};
-  std::atomic<const char*> phase{"starting"};
-  std::atomic<bool> finished{false};
-  void set(const char* what) {
-    phase.store(what);
-    last_ns.store(nowNs());
-  }
-};
 
 // The result of one op on one rank for one size (reduced over ranks by gpu_aggregate.h).
 struct OpResult {
@@ -56,6 +42,7 @@ struct OpResult {
   std::vector<uint64_t> kernel_ids;
   std::vector<double> kernel_us;
   std::string kernel_error;  // why kernel_us is not usable ("" when it is)
+  RankMetrics metrics;       // --metrics (timeComparableMetrics); empty when not measured
   bool kernelComplete() const {
     return kernel_error.empty() && !kernel_us.empty() && kernel_us.size() == us.size() &&
            std::all_of(kernel_us.begin(), kernel_us.end(), [](double v) { return v >= 0; });
@@ -115,7 +102,7 @@ void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, c
   bool fail_d = false, fail_c = false;
   std::string ed, ec;
   for (int i = 0; i < run.warmup + run.iters; ++i) {
-    prog.set(label);
+    prog.setCall(label, i, run.warmup, run.iters);
     const bool timed = i >= run.warmup;
     col.barrier();
     ev.record(0, st);
@@ -143,6 +130,33 @@ void timeDispatchCombine(Collective& col, cudaStream_t st, const RunInfo& run, c
   if (!col.agree(!fail_d)) d->fail(ed);
   if (with_combine && !col.agree(!fail_c && !fail_d)) c->fail(ec.empty() ? ed : ec);
 }
+
+// One MoE call enqueued on the rank's stream (HT or LL dispatch or combine): false with the error in *err.
+using EnqueueCall = std::function<bool(std::string* err)>;
+
+// The comparable metrics of --metrics (docs/moe-perf.md, "Comparable metrics"; metrics.h reduces them), measured
+// after the default loop (timeDispatchCombine) in loops of their own, with CUDA events only (no kernel-timer ids),
+// for a dispatch/combine pair whose two ops are available (agreed; otherwise nothing is measured). Each selected
+// metric is one loop of warm-up + timed iterations of `dispatch` then `combine`:
+//   boundary  before every call Collective::hostBarrier() (streams drained, hosts past a rendezvous: the GPU is
+//             idle, no hold, no gate), then one event pair around the call: the host's enqueue of the call and
+//             all its kernels are inside. -> d/c->metrics.boundary_us
+//   fresh     before every call the rank's stream drained, then Collective::barrier() (rendezvous, hold, start
+//             gate), then one event pair around the call. -> d/c->metrics.fresh_us
+//   chained   timeChainedPairs with `warmup` pairs (untimed), then with `iters` pairs. -> pair_period_us of both
+// Lockstep: a rank whose call failed skips its calls but takes part in every barrier; after each loop the ranks
+// agree, and a failure fails both ops (their metrics are dropped). Nothing is allocated or freed inside a loop.
+void timeComparableMetrics(Collective& col, cudaStream_t st, const RunInfo& run, Progress& prog, Mode mode, OpResult* d,
+                           OpResult* c, const EnqueueCall& dispatch, const EnqueueCall& combine);
+
+// The chained loop: one Collective::barrier() (rendezvous, hold, start gate), then a CUDA event, `pairs` times
+// `dispatch` then `combine` enqueued back to back (no barrier, no host synchronisation, no allocation between them),
+// a CUDA event, and the stream drained. Returns the event time / pairs in microseconds, or -1 when *failed (set
+// when a call fails on this rank, with the error in *err; a rank that failed before still takes the barrier and
+// enqueues nothing). With ranks sharing a GPU every rank enqueues all its pairs after the one host barrier; their
+// kernels meet on the device.
+double timeChainedPairs(Collective& col, cudaStream_t st, int pairs, const EnqueueCall& dispatch,
+                        const EnqueueCall& combine, bool* failed, std::string* err);
 
 // ------------------------------------------------------------------------------------------------
 // The runs of one size (all collective over the ranks)

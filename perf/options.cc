@@ -67,6 +67,36 @@ bool parseCount(const std::string& text, int64_t* out) {
   return true;
 }
 
+bool parseMetrics(const std::string& text, MetricsChoice* out, std::string* error) {
+  MetricsChoice m;
+  for (const std::string& item : splitList(text, ',')) {
+    if (item == "default") {
+      m = MetricsChoice();
+    } else if (item == "extra" || item == "all") {
+      m.boundary = m.fresh = m.chained = true;
+    } else if (item == "boundary") {
+      m.boundary = true;
+    } else if (item == "fresh") {
+      m.fresh = true;
+    } else if (item == "chained") {
+      m.chained = true;
+    } else {
+      *error = "--metrics: expected default, extra or a comma list of boundary, fresh, chained (got '" + text + "')";
+      return false;
+    }
+  }
+  *out = m;
+  return true;
+}
+
+std::string metricsText(const MetricsChoice& m) {
+  std::string text;
+  if (m.boundary) text += ",boundary";
+  if (m.fresh) text += ",fresh";
+  if (m.chained) text += ",chained";
+  return text.empty() ? "default" : text.substr(1);
+}
+
 bool parseRouting(const std::string& text, RoutingChoice* out, std::string* error) {
   RoutingChoice r;
   std::string canonical;
@@ -160,6 +190,7 @@ const std::vector<OptionSpec>& optionTable() {
          return true;
        }},
       {'h', "help", false, [](Options* o, const std::string&, std::string*) { return o->help = true; }},
+      {'q', "quiet", false, [](Options* o, const std::string&, std::string*) { return o->quiet = true; }},
       {0, "mode", true,
        [](Options* o, const std::string& v, std::string* err) {
          o->modes.clear();
@@ -237,6 +268,8 @@ const std::vector<OptionSpec>& optionTable() {
        [](Options* o, const std::string&, std::string*) { return !(o->require_moe = false); }},
       {0, "alignment", true, intOption(&Options::expert_alignment, 1, 1 << 20, "--alignment")},
       {0, "timeout", true, intOption(&Options::timeout_s, 0, 1 << 24, "--timeout")},
+      {0, "metrics", true,
+       [](Options* o, const std::string& v, std::string* err) { return parseMetrics(v, &o->metrics, err); }},
       {0, "timer", true,
        [](Options* o, const std::string& v, std::string* err) {
          if (v == "kernel") {
@@ -361,7 +394,13 @@ Runs
                           else event; ignored in CPU mode). kernel = CUPTI kernel records, first kernel start to
                           last kernel end of each call (as DeepEP's kineto-based tests measure); event = CUDA events
                           around each call (includes the launch gap). JSON rows carry both medians.
+      --metrics M[,M]     comparable metrics besides the default median (GPU, HT/LL dispatch and combine):
+                          boundary (common-boundary time), fresh (fresh-entry p50), chained (chained pair
+                          period), extra = all three, default = none (the default). JSON keys common_boundary_us,
+                          fresh_p50_us, chained_pair_period_us (null when not measured); extra table columns.
   -J, --json PATH         write one JSON object per result row (JSON Lines)
+  -q, --quiet             no progress lines on stderr (by default, once a run has taken 3 s, global rank 0
+                          prints where it is at most every 2 s: mode, dtype, tokens, phase, call k/n, elapsed time)
   -h, --help              this text
 Under mpirun (OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/PMI_SIZE) each process is one rank group; set
 NCCL_COMM_ID=<host of rank 0>:<port> for the rendezvous (see docs/moe-perf.md).

@@ -4,8 +4,8 @@
 //   - parseOptions() accepts nccl-tests letters where they mean the same thing (-b/-e/-f/-i token sweep,
 //     -n iterations, -w warm-up, -c check, -t threads per process, -g GPUs per thread, -J JSON path) plus
 //     the MoE long options (--mode, --tokens, --hidden, --topk, --experts, --dtype, --sms, --routing, --seed,
-//     --procs, --cpu, --timer, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all accepted;
-//     token counts take a K suffix (x1024). Errors come back as text, never exit().
+//     --procs, --cpu, --timer, --metrics, -q, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all
+//     accepted; token counts take a K suffix (x1024). Errors come back as text, never exit().
 //   - Values the user did not give stay "unset" (-1 / empty) so each backend and each mode can apply its own
 //     default (resolveMode()). Nothing here knows how many ranks there are; rank-dependent checks
 //     (experts % ranks) happen where the rank count is known (checkShape()).
@@ -32,6 +32,19 @@ enum class DType : int { kBf16 = 0, kFp8 = 1 };
 // --timer: how GPU calls are timed (docs/moe-perf.md, "Timers"). kAuto = kernel when the CUPTI kernel timer works,
 // else event. CPU mode ignores it.
 enum class TimerChoice : int { kAuto = 0, kKernel = 1, kEvent = 2 };
+
+// --metrics: the comparable metrics measured besides the default median (docs/moe-perf.md, "Comparable metrics").
+// GPU backend, HT and LL dispatch/combine only; every other row, and CPU mode, reports them as null.
+struct MetricsChoice {
+  bool boundary = false;  // common-boundary time: host-synchronised entry, event pair around the call, slowest rank
+  bool fresh = false;     // fresh-entry p50: drained + barrier before every call, median over calls of the slowest
+  bool chained = false;   // chained pair period: N dispatch+combine pairs back to back after one barrier, total / N
+  bool any() const { return boundary || fresh || chained; }
+};
+// "default" | "extra" (all three) | a comma list of boundary, fresh, chained; items accumulate ("default" clears).
+bool parseMetrics(const std::string& text, MetricsChoice* out, std::string* error);
+// Canonical spelling: "default" or the selected names in the order boundary,fresh,chained.
+std::string metricsText(const MetricsChoice& metrics);
 
 const char* modeName(Mode mode);           // "ht" | "ll"
 const char* dtypeName(DType dtype);        // "bf16" | "fp8"
@@ -71,8 +84,10 @@ struct Options {
   int expert_alignment = 1;    // --alignment: per-expert receive counts rounded up to this (HT)
   int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
   bool help = false;           // -h / --help
+  bool quiet = false;          // -q / --quiet: no progress lines on stderr
   // --timer kernel|event|auto (auto: kernel when the CUPTI kernel timer works)
   TimerChoice timer = TimerChoice::kAuto;
+  MetricsChoice metrics;  // --metrics: comparable metrics besides the default (none by default)
 };
 
 // Parses argv[1..argc-1]. Returns false with *error set on unknown options, missing or malformed values and

@@ -29,17 +29,37 @@ std::string oneLine(const std::string& text, size_t max_chars) {
   return s;
 }
 
-}  // namespace
-
-std::string tableHeader() {
-  char buf[512];
-  std::snprintf(buf, sizeof(buf), "#%7s %7s %5s %8s %6s %5s %5s %4s  %-16s %10s %12s %12s %13s %7s %8s\n", "tokens",
-                "hidden", "topk", "experts", "dtype", "sms", "ranks", "gpus", "op", "time_us", "logical_GB/s",
-                "baseline_us", "baseline_GB/s", "#wrong", "bl#wrong");
-  return buf;
+// The columns of the selected comparable metrics after bl#wrong: their titles (values == null), else the row's
+// values ("-" where it has none).
+std::string metricColumns(const MetricsChoice& m, const ReducedMetrics* values, bool available) {
+  std::string text;
+  auto column = [&](bool selected, const char* title, double v) {
+    if (!selected) return;
+    char buf[64];
+    if (values == nullptr) {
+      std::snprintf(buf, sizeof(buf), " %14s", title);
+    } else {
+      std::snprintf(buf, sizeof(buf), " %14s", available && v >= 0 ? fmt("%.2f", v).c_str() : "-");
+    }
+    text += buf;
+  };
+  column(m.boundary, "boundary_us", values ? values->common_boundary_us : -1);
+  column(m.fresh, "fresh_p50_us", values ? values->fresh_p50_us : -1);
+  column(m.chained, "pair_period_us", values ? values->chained_pair_period_us : -1);
+  return text;
 }
 
-std::string tableRow(const ResultRow& r) {
+}  // namespace
+
+std::string tableHeader(const MetricsChoice& metrics) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), "#%7s %7s %5s %8s %6s %5s %5s %4s  %-16s %10s %12s %12s %13s %7s %8s", "tokens",
+                "hidden", "topk", "experts", "dtype", "sms", "ranks", "gpus", "op", "time_us", "logical_GB/s",
+                "baseline_us", "baseline_GB/s", "#wrong", "bl#wrong");
+  return buf + metricColumns(metrics, nullptr, false) + "\n";
+}
+
+std::string tableRow(const ResultRow& r, const MetricsChoice& metrics) {
   const std::string sms =
       r.mode == Mode::kLl || r.backend == "cpu" ? "-" : (r.sms == 0 ? "auto" : std::to_string(r.sms));
   std::string time = "n/a", bw = "n/a", wrong = "n/a";
@@ -60,7 +80,7 @@ std::string tableRow(const ResultRow& r) {
                 static_cast<long long>(r.tokens), r.hidden, r.topk, r.experts, dtypeName(r.dtype), sms.c_str(), r.ranks,
                 gpus.c_str(), r.op.c_str(), time.c_str(), bw.c_str(), bl_time.c_str(), bl_bw.c_str(), wrong.c_str(),
                 bl_wrong.c_str());
-  std::string line = buf;
+  std::string line = buf + metricColumns(metrics, &r.metrics, r.available);
   if (!r.available) line += "  not available: " + oneLine(r.error, 160);
   if (!r.timer_note.empty()) line += "  [event-timed: " + oneLine(r.timer_note, 120) + "]";
   if (!r.has_baseline && !r.baseline_note.empty()) line += "  baseline: n/a (" + oneLine(r.baseline_note, 80) + ")";
@@ -122,6 +142,10 @@ std::string toJson(const ResultRow& r) {
   os << ",\"baseline_event_median_us\":"
      << (r.has_baseline && r.baseline_event_median_us >= 0 ? jsonNumber(r.baseline_event_median_us, 3) : "null");
   os << ",\"timer_note\":" << (r.timer_note.empty() ? "null" : jsonString(r.timer_note));
+  auto metric = [&](double v) { return r.available && v >= 0 ? jsonNumber(v, 3) : std::string("null"); };
+  os << ",\"common_boundary_us\":" << metric(r.metrics.common_boundary_us);
+  os << ",\"fresh_p50_us\":" << metric(r.metrics.fresh_p50_us);
+  os << ",\"chained_pair_period_us\":" << metric(r.metrics.chained_pair_period_us);
   os << ",\"checked\":" << (r.checked ? "true" : "false") << ",\"verified\":" << (r.verified() ? "true" : "false");
   os << ",\"wrong\":" << (r.checked && r.available ? std::to_string(r.wrong) : "null");
   os << ",\"baseline_wrong\":" << (r.checked && r.has_baseline ? std::to_string(r.baseline_wrong) : "null");

@@ -10,6 +10,9 @@
 //     "event": CUDA events, "host": CPU mode); event_median_us / baseline_event_median_us are the CUDA-event medians
 //     of the same calls (GPU rows), so both timers are in every GPU row. A row that the kernel timer should have
 //     timed but could not carries the reason in timer_note (table: "[event-timed: ...]").
+//   - Comparable metrics (--metrics, metrics.h): JSON always has common_boundary_us, fresh_p50_us and
+//     chained_pair_period_us (null where not measured, and on rows whose MoE op is not available); the table has
+//     their columns only when they are selected.
 //   - Honest labels: `ranks` is the rank count and `gpus` the distinct GPUs they used (0 in CPU mode); ranks that
 //     share a GPU set `shared_gpu` (table: "[shared GPU: correctness only]"), and a row whose baseline could not run
 //     says why in baseline_note (table: "baseline: n/a (<note>)", JSON baseline fields null). A row of one rank
@@ -20,6 +23,7 @@
 #include <cstdio>
 #include <string>
 
+#include "metrics.h"
 #include "options.h"
 
 namespace nccl_moe::perf {
@@ -54,6 +58,7 @@ struct ResultRow {
   double event_median_us = -1;           // CUDA-event median of the MoE calls; < 0 = none (null in JSON)
   double baseline_event_median_us = -1;  // the same for the baseline
   std::string timer_note;                // why a kernel-timed row fell back to events ("" = it did not)
+  ReducedMetrics metrics;                // --metrics (CUDA events); < 0 = not measured (null in JSON)
 
   bool checked = false;
   int64_t wrong = 0;           // MoE elements that differ from the reference
@@ -67,10 +72,11 @@ struct ResultRow {
   bool verified() const { return checked && available && wrong == 0; }
 };
 
-// "#  tokens  hidden ..." column titles, one line ending with '\n'.
-std::string tableHeader();
-// One table line, ends with '\n'.
-std::string tableRow(const ResultRow& row);
+// "#  tokens  hidden ..." column titles, one line ending with '\n'. `metrics`: the selected comparable metrics get a
+// column each after bl#wrong (none by default, so the default table is unchanged).
+std::string tableHeader(const MetricsChoice& metrics = MetricsChoice());
+// One table line, ends with '\n'; the selected metrics' columns print "-" where the row has no value.
+std::string tableRow(const ResultRow& row, const MetricsChoice& metrics = MetricsChoice());
 // One JSON object, no trailing newline.
 std::string toJson(const ResultRow& row);
 // JSON string literal of `text` (quotes included, control characters escaped).

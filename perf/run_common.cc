@@ -129,6 +129,30 @@ void printTableNotes(Mode mode, bool cpu, bool kernel_timer, bool shared_gpu) {
   }
 }
 
+void printMetricsNotes(const MetricsChoice& m, bool cpu) {
+  if (cpu) {
+    out("# --metrics %s: the comparable metrics are measured by the GPU backend only; CPU rows print -\n"
+        "#   (JSON null).\n",
+        metricsText(m).c_str());
+    return;
+  }
+  out("# comparable metrics (--metrics %s): CUDA events, HT/LL dispatch and combine only,\n"
+      "#   each metric in its own loop of -w + -n dispatch+combine iterations after the default one\n"
+      "#   (docs/moe-perf.md, \"Comparable metrics\"):\n",
+      metricsText(m).c_str());
+  if (m.boundary)
+    out("#   boundary_us = common-boundary time: before every call every stream drained and every rank past a\n"
+        "#   host-synchronising rendezvous (GPU idle, no hold, no gate); one event pair around the call (the host's\n"
+        "#   enqueue and all kernels); the slowest rank's median.\n");
+  if (m.fresh)
+    out("#   fresh_p50_us = fresh-entry p50: before every call the stream drained, then the barrier (rendezvous,\n"
+        "#   hold, gate); one event pair around the call; per call the slowest rank's time, then the median over\n"
+        "#   the calls.\n");
+  if (m.chained)
+    out("#   pair_period_us = chained pair period: one barrier, then -n dispatch+combine pairs back to back (no\n"
+        "#   barrier between them), event time / -n; the slowest rank's; on the dispatch and the combine row.\n");
+}
+
 void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu) {
   out("# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
       "# !!! RANKS SHARE A GPU: %d ranks on %d GPU%s (%d ranks per GPU, each rank's kernels get SMs/%d).\n"

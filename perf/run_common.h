@@ -38,6 +38,10 @@ void printRoutingSummary(const Problem& p, bool full_experts);
 // GPUs (host barriers, no baseline).
 void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false, bool shared_gpu = false);
 
+// The notes under a mode's table when --metrics selected comparable metrics: what each selected column measures
+// (docs/moe-perf.md, "Comparable metrics"); CPU mode: that they are GPU-only (null).
+void printMetricsNotes(const MetricsChoice& metrics, bool cpu);
+
 // The loud lines printed in the header and under every table when ranks share GPUs: the timings are not NVLink
 // numbers and there is no NCCL baseline.
 void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu);
