@@ -22,6 +22,7 @@
 #include "core/comm.h"
 #include "core/error.h"
 #include "gpu_world.h"
+#include "harness/scoped_env.h"
 #include "nccl_moe.h"
 
 extern char** environ;
@@ -457,28 +458,6 @@ TEST(CommGpuChild, DISABLED_SeveralNodesChild) {
 
 // ---- Virtual nodes (NCCL_MOE_EMULATE_NODES) ----
 
-// Sets an environment variable for the scope; the previous value (or its absence) comes back at the end.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (had_)
-      setenv(name_, old_.c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
-};
-
 struct RankOutcome {
   ncclResult_t result = ncclInternalError;
   std::string message;
@@ -515,7 +494,7 @@ TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScale
   if (gpu_test::deviceSms(0) / n < gpu_test::kMinSmsPerRank) GTEST_SKIP() << "too few SMs for 4 ranks on GPU 0";
   const ncclMoeConfig_t config = smallConfig();
   {
-    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+    harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
     const std::vector<RankOutcome> outcomes = initFailingWorldOnGpu0(n, config);
     for (int r = 0; r < n; ++r) {
       EXPECT_EQ(ncclInvalidUsage, outcomes[r].result) << "rank " << r << ": " << outcomes[r].message;
@@ -536,7 +515,7 @@ TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScale
     for (ncclMoeComm_t comm : comms) EXPECT_EQ(nullptr, comm);
   }
   {
-    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "3");
+    harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "3");
     const std::vector<RankOutcome> outcomes = initFailingWorldOnGpu0(n, config);
     for (int r = 0; r < n; ++r) {
       EXPECT_EQ(ncclInvalidArgument, outcomes[r].result) << "rank " << r << ": " << outcomes[r].message;
@@ -545,7 +524,7 @@ TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScale
     }
   }
   {
-    ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "1");
+    harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "1");
     std::vector<ncclMoeComm_t> comms(n, nullptr);
     const std::vector<int> devices(n, 0);
     ncclMoeConfig_t c = config;
@@ -563,7 +542,7 @@ TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScale
 TEST(CommEmulatedNodes, NcclCommunicatorOfThreadsIsSplitToo) {
   const int n = 4;
   if (gpu_test::gpuCount() < n) GTEST_SKIP() << "needs " << n << " GPUs, found " << gpu_test::gpuCount();
-  ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+  harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
   World world(n, Placement::kOnePerGpu);
   ASSERT_TRUE(world.ok());
   std::vector<RankOutcome> outcomes(n);

@@ -13,32 +13,13 @@
 #include <functional>
 #include <string>
 
+#include "harness/scoped_env.h"
 #include "ht_case.h"
 
 namespace ht_test {
 namespace {
 
 constexpr const char* kKernelVar = "NCCL_MOE_HT_KERNEL";
-
-// Restores NCCL_MOE_HT_KERNEL when a test ends (the rank threads have joined by then).
-class KernelVarGuard {
- public:
-  KernelVarGuard() {
-    const char* v = std::getenv(kKernelVar);
-    had_ = v != nullptr;
-    if (had_) saved_ = v;
-  }
-  ~KernelVarGuard() {
-    if (had_)
-      setenv(kKernelVar, saved_.c_str(), 1);
-    else
-      unsetenv(kKernelVar);
-  }
-
- private:
-  bool had_ = false;
-  std::string saved_;
-};
 
 // A fast-path case plus which kernel runs each step.
 struct EduCase : HtCase {
@@ -236,7 +217,7 @@ TEST_P(HtEducational, MatchesReference) {
   EduCase c = std::get<0>(GetParam());
   c.num_sms = world.clampSms(c.num_sms);
   const Expected e = makeExpected(c, n);
-  KernelVarGuard guard;
+  harness::ScopedEnv guard(kKernelVar);  // restored when the test ends (the rank threads have joined)
   world.runWithComms(caseConfig(c, e.capacity),
                      [&](int r, ncclMoeComm_t comm, cudaStream_t stream) { runRank(c, e, world, r, comm, stream); });
 }
@@ -255,7 +236,7 @@ class HtEducationalErrors : public ::testing::TestWithParam<int> {};
 TEST_P(HtEducationalErrors, CapacityOverflowIsReportedAndNothingPastCapacityIsWritten) {
   Placement placement;
   GPU_WORLD_OR_SKIP(GetParam(), &placement);
-  KernelVarGuard guard;
+  harness::ScopedEnv guard(kKernelVar);  // restored when the test ends (the rank threads have joined)
   setenv(kKernelVar, "educational", 1);
   checkCapacityOverflow(GetParam(), placement);
 }

@@ -17,6 +17,7 @@
 #include "core/comm.h"
 #include "core/error.h"
 #include "core/node_map.h"
+#include "harness/scoped_env.h"
 #include "transport/transport.h"
 
 namespace nccl_moe {
@@ -140,29 +141,8 @@ TEST(NodeMap, ProcessTokenIsOnePerProcess) {
   EXPECT_NE(mine, child_token) << "a forked child is another process";
 }
 
-// Restores an environment variable when the scope ends.
-class EnvGuard {
- public:
-  explicit EnvGuard(const char* name) : name_(name) {
-    const char* v = std::getenv(name);
-    had_ = v != nullptr;
-    if (had_) value_ = v;
-  }
-  ~EnvGuard() {
-    if (had_)
-      setenv(name_, value_.c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string value_;
-};
-
 TEST(NodeMap, HostIdentityPrefersNcclMoeHostidThenNcclHostidThenTheHost) {
-  EnvGuard g1("NCCL_MOE_HOSTID"), g2("NCCL_HOSTID");
+  harness::ScopedEnv g1("NCCL_MOE_HOSTID"), g2("NCCL_HOSTID");
   setenv("NCCL_MOE_HOSTID", "moe-node", 1);
   setenv("NCCL_HOSTID", "nccl-node", 1);
   EXPECT_EQ("NCCL_MOE_HOSTID=moe-node", hostIdentityText());

@@ -29,6 +29,7 @@
 #include "../../plugin/channel_cap.h"
 #include "../../plugin/nccl_tuner_abi.h"
 #include "core/plugin_bridge.h"
+#include "harness/scoped_env.h"
 
 namespace {
 
@@ -85,30 +86,6 @@ std::vector<LogRecord> logLinesContaining(const std::string& needle) {
 }
 
 // ---- helpers ---------------------------------------------------------------------------------------------
-
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    if (value != nullptr)
-      setenv(name, value, 1);
-    else
-      unsetenv(name);
-  }
-  ~ScopedEnv() {
-    if (had_)
-      setenv(name_.c_str(), old_.c_str(), 1);
-    else
-      unsetenv(name_.c_str());
-  }
-
- private:
-  std::string name_;
-  std::string old_;
-  bool had_ = false;
-};
 
 struct Plugin {
   void* handle = nullptr;
@@ -336,7 +313,7 @@ TEST(PluginLibrary, TablesAreCompleteAndNamed) {
 
 TEST(PluginLibrary, InitCollInfoFinalizeThroughBothTables) {
   REQUIRE_PLUGIN();
-  ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
+  harness::ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
   Plugin p = openPlugin();
   ASSERT_NE(nullptr, p.v5);
   clearLog();
@@ -423,7 +400,7 @@ TEST(PluginLibrary, ReopensAfterDlclose) {
 
 TEST(PluginLibrary, MalformedReserveIsIgnoredWithAnInfoLine) {
   REQUIRE_PLUGIN();
-  ScopedEnv env("NCCL_MOE_SM_RESERVE", "lots");
+  harness::ScopedEnv env("NCCL_MOE_SM_RESERVE", "lots");
   Plugin p = openPlugin();
   clearLog();
   void* ctx = initV5(p, 77);
@@ -438,7 +415,7 @@ TEST(PluginLibrary, MalformedReserveIsIgnoredWithAnInfoLine) {
 
 TEST(PluginLibrary, ManyCommunicatorsAndConcurrentCollInfo) {
   REQUIRE_PLUGIN();
-  ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
+  harness::ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
   Plugin p = openPlugin();
   ASSERT_NE(nullptr, p.v5);
   constexpr int kComms = 256;
@@ -535,7 +512,7 @@ TEST(PluginLibrary, WarnsOnceWhenTwoLibncclCopiesAreLoaded) {
     handles.push_back(h);
   }
   Plugin p = openPlugin();
-  ScopedEnv debug("NCCL_DEBUG", "WARN");  // keep the stderr fallback quiet
+  harness::ScopedEnv debug("NCCL_DEBUG", "WARN");  // keep the stderr fallback quiet
   clearLog();
   void* a = initV5(p, 1);
   void* b = initV5(p, 2);
@@ -738,7 +715,7 @@ TEST(PluginBridge, RegistryAndLoggerFollowCommunicatorLifetime) {
 
 TEST(PluginBridge, ReservationFromTheLibraryCapsChannels) {
   REQUIRE_BRIDGE();
-  ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
+  harness::ScopedEnv env("NCCL_MOE_SM_RESERVE", nullptr);
   // Registered before NCCL created any communicator: replayed into the plugin at attach.
   nccl_moe::setPluginSmReserve(-1, 100, 132);
   Plugin p = openPlugin();
@@ -772,13 +749,13 @@ TEST(PluginBridge, ReservationFromTheLibraryCapsChannels) {
   // The environment overrides the registered value (operator's word).
   nccl_moe::setPluginSmReserve(-1, 100, 132);
   {
-    ScopedEnv reserve("NCCL_MOE_SM_RESERVE", "120");
+    harness::ScopedEnv reserve("NCCL_MOE_SM_RESERVE", "120");
     void* ctx_env = initV5(p, 0x78);
     EXPECT_EQ(12, collChannels(p.v5, ctx_env, size_t{1} << 30, NCCL_MOE_ABI_ALGO_RING));
     EXPECT_EQ(ncclSuccess, p.v5->finalize(ctx_env));
   }
   {
-    ScopedEnv reserve("NCCL_MOE_SM_RESERVE", "0");  // explicit 0: no cap despite the registration
+    harness::ScopedEnv reserve("NCCL_MOE_SM_RESERVE", "0");  // explicit 0: no cap despite the registration
     void* ctx_env = initV5(p, 0x79);
     EXPECT_EQ(0, collChannels(p.v5, ctx_env, size_t{1} << 30, NCCL_MOE_ABI_ALGO_NVLS));
     EXPECT_EQ(ncclSuccess, p.v5->finalize(ctx_env));
@@ -789,7 +766,7 @@ TEST(PluginBridge, ReservationFromTheLibraryCapsChannels) {
 
 TEST(PluginBridge, NonDefaultNcclThreadSettingsAlwaysWriteTheCap) {
   REQUIRE_BRIDGE();
-  ScopedEnv threads("NCCL_NTHREADS", "64");
+  harness::ScopedEnv threads("NCCL_NTHREADS", "64");
   nccl_moe::setPluginSmReserve(-1, 120, 132);
   Plugin p = openPlugin();
   void* ctx = initV5(p, 0x80);
