@@ -80,20 +80,6 @@ class NcclBootstrap : public Bootstrap {
 
 }  // namespace
 
-ncclResult_t Bootstrap::agree(bool local_failed, bool* any_failed) {
-  const int mine = local_failed ? 1 : 0;
-  std::vector<int> all(static_cast<size_t>(size()));
-  MOE_CHECK(allGather(&mine, all.data(), sizeof(int)));
-  *any_failed = false;
-  for (int v : all) *any_failed = *any_failed || v != 0;
-  return ncclSuccess;
-}
-
-ncclResult_t Bootstrap::barrier() {
-  bool any = false;
-  return agree(false, &any);
-}
-
 ncclResult_t makeNcclBootstrap(ncclComm_t nccl, int device, std::unique_ptr<Bootstrap>* out) {
   auto b = std::make_unique<NcclBootstrap>(nccl, device);
   MOE_CHECK(b->init());
