@@ -10,7 +10,10 @@
 namespace nccl_moe {
 namespace {
 
-size_t halfOffset(const ncclMoeComm* comm, int half) { return comm->layout.ll_half(half); }
+// The zero-copy combine input of the dispatch that used LL half `half` (ncclMoeLowLatencyCombineBuffer).
+uint8_t* combineBuffer(const ncclMoeComm* comm, int half) {
+  return comm->buffer + comm->layout.ll_half(half) + comm->layout.ll.combine_buffer();
+}
 
 }  // namespace
 
@@ -56,7 +59,7 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   LlDispatchArgs a{};
   a.comm = comm->deviceComm();
   a.layout = comm->layout.ll;
-  a.half_offset = halfOffset(comm, r.half);
+  a.half_offset = comm->layout.ll_half(r.half);
   a.num_sms = comm->rank_sms;
   a.x = args.x;
   a.topk_idx = args.topk_idx;
@@ -91,10 +94,9 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   LlCombineArgs a{};
   a.comm = comm->deviceComm();
   a.layout = L;
-  a.half_offset = halfOffset(comm, r.half);
+  a.half_offset = comm->layout.ll_half(r.half);
   a.num_sms = comm->rank_sms;
-  a.y = static_cast<const uint16_t*>(
-      args.zero_copy ? static_cast<const void*>(comm->buffer + a.half_offset + L.combine_buffer()) : args.x);
+  a.y = static_cast<const uint16_t*>(args.zero_copy ? static_cast<const void*>(combineBuffer(comm, r.half)) : args.x);
   a.topk_idx = args.topk_idx;
   // The index type is not part of the combine args: the dispatch's is used (recorded in the handle).
   a.idx_int32 = r.idx_int32;
@@ -113,20 +115,21 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
 }
 
 ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** buffer) {
-  *buffer = comm->buffer + halfOffset(comm, handle->ll.half) + comm->layout.ll.combine_buffer();
+  *buffer = combineBuffer(comm, handle->ll.half);
   return ncclSuccess;
 }
 
 ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
   const LlLayout& L = comm->layout.ll;
-  const LlResetArgs a{comm->deviceComm(), L, halfOffset(comm, 0)};
+  const LlResetArgs a{comm->deviceComm(), L, comm->layout.ll_half(0)};
   // Barrier first: every rank's earlier LL kernels have ended (and with them any ack or flag they add to this
   // rank's control region) before the zeroing; without it a peer's late receive ack could land after the
   // memset and survive the reset.
   MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
   for (int half = 0; half < 2; ++half)
-    MOE_CUDA_CHECK(cudaMemsetAsync(comm->buffer + halfOffset(comm, half) + L.control(), 0, L.reset_bytes(), stream));
+    MOE_CUDA_CHECK(
+        cudaMemsetAsync(comm->buffer + comm->layout.ll_half(half) + L.control(), 0, L.reset_bytes(), stream));
   // Second barrier: no peer writes into this rank's LL region before its zeroing is complete.
   MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
   comm->ll_next_half = 0;
