@@ -10,8 +10,12 @@
 #   sanitize: compute-sanitizer memcheck + racecheck on SANITIZE_FILTER (default: a 2-rank HT and a 2-rank LL case)
 # Environment: GPU_TEST_REGEX, PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
-#              ./build), NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 400), PERF_TIMEOUT_S (each moe-perf
-#              run of the perf stage, default 300 for HT / 200 for LL), PERF_LL_EXTRA (a second LL run's args).
+#              ./build), NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 480), PERF_TIMEOUT_S (each moe-perf
+#              run of the perf stage, default 300 for HT / 200 for LL), PERF_LL_EXTRA (a second LL run's args),
+#              CARRIED_BUILD (a build folder configured and built on another machine for sm_90a and carried here:
+#              used instead of building when its GPU test binary runs; its absolute paths are made to resolve).
+# The summary, the GPU test log and the logs archive are refreshed in $OUT after every stage, so a run stopped
+# by the device tool's time limit still returns what it had done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs are written to $LOG and packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files);
@@ -29,12 +33,30 @@ stages=("$@")
 [ "${stages[0]}" = all ] && stages=(build tests perf llrep trace procs overlap sanitize)
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
+snapshot() {
+  printf '%s\n' "${summary[@]}" > "$RESULT_DIR/summary.txt"
+  [ -f "$LOG/gpu_tests.log" ] && cp "$LOG/gpu_tests.log" "$RESULT_DIR/"
+  tar czf "$RESULT_DIR/logs.tgz" -C "$LOG" . 2>/dev/null
+}
 has() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 nvidia-smi --query-gpu=index,name,pci.bus_id,clocks.sm,memory.used --format=csv > "$OUT/gpus.txt" 2>&1
 cat "$OUT/gpus.txt"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 note "gpus: $NGPU"
+
+if [ -n "${CARRIED_BUILD:-}" ] && [ -f "$CARRIED_BUILD/CMakeCache.txt" ]; then
+  # The carried folder names the source and build folders of the machine it was built on: make them resolve here.
+  origin=$(sed -n 's/^CMAKE_CACHEFILE_DIR:INTERNAL=//p' "$CARRIED_BUILD/CMakeCache.txt")
+  root=$(dirname "$origin")
+  if [ -n "$origin" ] && [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"; fi
+  if "$CARRIED_BUILD"/tests/nccl_moe_gpu_tests --gtest_list_tests > /dev/null 2> "$OUT/carried.log"; then
+    rm -rf build && ln -s "$CARRIED_BUILD" build && SKIP_BUILD=1
+    note "build: carried ($CARRIED_BUILD, configured as $origin, sm_90a)"
+  else
+    note "build: the carried $CARRIED_BUILD does not run here (carried.log); building"
+  fi
+fi
 
 if has build && [ "${SKIP_BUILD:-0}" != 1 ]; then
   t0=$(date +%s)
@@ -47,6 +69,7 @@ if has build && [ "${SKIP_BUILD:-0}" != 1 ]; then
   fi
 fi
 
+snapshot
 if has tests; then
   timeout 120 build/tests/nccl_moe_unit_tests --gtest_brief=1 > "$OUT/unit.log" 2>&1
   note "unit tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/unit.log" | tr '\n' ' ')"
@@ -61,12 +84,14 @@ skipped $(grep -c '(Skipped)' "$OUT/gpu_tests.log"), passed $(grep -cE 'Test +#[
   grep -E 'Test +#[0-9]+: ' "$OUT/gpu_tests.log" | awk '{print $NF, $0}' | sort -rn | head -8 | cut -c1-160
 fi
 
+snapshot
 if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ht "* ]]; then
   timeout "${PERF_TIMEOUT_S:-300}" build/perf/moe-perf --mode ht -g "$NGPU" -J "$OUT/perf_ht.json" ${PERF_HT_ARGS:-} \
     > "$OUT/perf_ht.log" 2>&1
   note "moe-perf ht: rc=$?"
   grep -vE '^#  ' "$OUT/perf_ht.log" | tail -22
 fi
+snapshot
 if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ll "* ]]; then
   timeout "${PERF_TIMEOUT_S:-200}" build/perf/moe-perf --mode ll -g "$NGPU" -J "$OUT/perf_ll.json" ${PERF_LL_ARGS:-} \
     > "$OUT/perf_ll.log" 2>&1
@@ -81,6 +106,7 @@ if has perf && [[ " ${PERF_MODES:-ht ll} " == *" ll "* ]]; then
   fi
 fi
 
+snapshot
 if has shared; then
   # Ranks sharing GPU 0 in one process (ncclMoeCommInitAll): every call verified against the reference. Correctness
   # only: these timings say nothing about NVLink.
@@ -96,6 +122,7 @@ if has shared; then
   grep -vE '^#  ' "$OUT/perf_shared_ll_r4.log" | tail -14
 fi
 
+snapshot
 if has llrep; then
   # The LL target shape twice more (128 tokens, 100 calls each): how far the medians move between runs.
   for i in 1 2; do
@@ -106,6 +133,7 @@ if has llrep; then
   done
 fi
 
+snapshot
 if has trace; then
   # The LL dispatch timeline (tests/gpu/ll_trace_test.cu), raw output kept.
   NCCL_MOE_LL_TRACE=1 timeout 120 build/tests/nccl_moe_gpu_tests --gtest_filter='LlTrace.*' > "$OUT/ll_trace.log" 2>&1
@@ -113,6 +141,7 @@ if has trace; then
   grep -E '^\[ll trace\]' "$OUT/ll_trace.log" | tail -40
 fi
 
+snapshot
 if has procs; then
   # One process per GPU (CUDA IPC between ranks) instead of one thread per GPU.
   timeout 200 build/perf/moe-perf --mode ht --procs "$NGPU" --tokens 1024 --dtype bf16,fp8 -n 10 \
@@ -124,12 +153,14 @@ if has procs; then
   grep -vE '^#' "$OUT/perf_ht_procs.log" "$OUT/perf_ll_procs.log" | tail -12
 fi
 
+snapshot
 if has overlap; then
   timeout 300 scripts/overlap_session.sh > "$OUT/overlap.log" 2>&1
   note "overlap: rc=$?"
   tail -30 "$OUT/overlap.log"
 fi
 
+snapshot
 if has sanitize; then
   for tool in memcheck racecheck; do
     NCCL_MOE_TIMEOUT_S=300 timeout "${SANITIZE_TIMEOUT_S:-200}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
