@@ -128,7 +128,12 @@ ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const nc
  * waits for its peer queued behind that peer's kernel times out (NCCL_MOE_TIMEOUT_S). The library loads its
  * own kernels at init; kernels of the application that run between collective calls should be loaded early too
  * (CUDA_MODULE_LOADING=EAGER): a lazily loaded kernel waits for the device at its first launch, where a peer's
- * kernel may be waiting for this rank's next call.
+ * kernel may be waiting for this rank's next call. For the same reason, do not allocate or free device memory
+ * (cudaMalloc, cudaFree, ncclMoeHandleCreate/Destroy) or use the legacy default stream on one rank's thread while
+ * a peer may have calls enqueued that wait for this rank's next call: those CUDA calls wait for the whole device.
+ * Synchronise the ranks' threads (every rank's calls enqueued, or its stream drained) first.
+ * LL kernels of ranks sharing a GPU run one block per SM (two otherwise), so every rank's grid is resident
+ * whatever else shares an SM.
  * On failure no communicator is returned (comms[] all NULL) and ncclMoeGetLastError(NULL) says why. */
 ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices, const ncclMoeConfig_t* config);
 /* Waits for outstanding work, then frees everything the communicator owns. Collective for communicators made

@@ -61,6 +61,7 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   a.layout = comm->layout.ll;
   a.half_offset = comm->layout.ll_half(r.half);
   a.num_sms = comm->rank_sms;
+  a.max_blocks_per_sm = comm->ranks_on_device > 1 ? 1 : 0;
   a.x = args.x;
   a.topk_idx = args.topk_idx;
   a.idx_int32 = args.topk_idx_type == ncclMoeIndexInt32;
@@ -96,6 +97,7 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   a.layout = L;
   a.half_offset = comm->layout.ll_half(r.half);
   a.num_sms = comm->rank_sms;
+  a.max_blocks_per_sm = comm->ranks_on_device > 1 ? 1 : 0;
   a.y = static_cast<const uint16_t*>(args.zero_copy ? static_cast<const void*>(combineBuffer(comm, r.half)) : args.x);
   a.topk_idx = args.topk_idx;
   // The index type is not part of the combine args: the dispatch's is used (recorded in the handle).

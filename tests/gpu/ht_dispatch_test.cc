@@ -432,55 +432,61 @@ TEST_P(HtStress, RandomBackToBackCalls) {
       std::vector<int> per_expert;
       ncclMoeNotifyArgs_t na = notifyArgs(c, cap, n, idx, T, &num_recv, &per_expert);
       world.barrier().wait();
-      if (!ok) continue;
-      if (ncclMoeDispatchNotify(comm, handle, &na, stream) != ncclSuccess) {
-        ADD_FAILURE() << "rank " << rank << " iter " << i << " notify: " << ncclMoeGetLastError(comm);
-        ok = false;
-        continue;
-      }
-      auto stepped = [&] {
-        if (!step) return;
-        cudaStreamSynchronize(stream);
-        world.barrier().wait();
-      };
-      stepped();
-      for (int pass = 0; pass < 2 && ok; ++pass) {
-        if (pass == 1) stepped();
-        out[pass].rows = c.worst_case ? max_rows : num_recv;
-        const ncclMoeDispatchArgs_t da = dispatchArgs(c, in[pass], out[pass]);
-        if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
-          ADD_FAILURE() << "rank " << rank << " iter " << i << " dispatch: " << ncclMoeGetLastError(comm);
+      // The calls and checks of one iteration; the buffers above are freed only after the barrier that follows:
+      // cudaFree synchronises the device, and a rank freeing while a peer has not yet enqueued its calls (the
+      // peer's kernels wait for them) deadlocks until the device timeout in a world of ranks sharing a GPU.
+      [&] {
+        if (!ok) return;
+        if (ncclMoeDispatchNotify(comm, handle, &na, stream) != ncclSuccess) {
+          ADD_FAILURE() << "rank " << rank << " iter " << i << " notify: " << ncclMoeGetLastError(comm);
+          ok = false;
+          return;
+        }
+        auto stepped = [&] {
+          if (!step) return;
+          cudaStreamSynchronize(stream);
+          world.barrier().wait();
+        };
+        stepped();
+        for (int pass = 0; pass < 2 && ok; ++pass) {
+          if (pass == 1) stepped();
+          out[pass].rows = c.worst_case ? max_rows : num_recv;
+          const ncclMoeDispatchArgs_t da = dispatchArgs(c, in[pass], out[pass]);
+          if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
+            ADD_FAILURE() << "rank " << rank << " iter " << i << " dispatch: " << ncclMoeGetLastError(comm);
+            ok = false;
+          }
+        }
+        stepped();
+        if (ok && ncclMoeCombine(comm, handle, &cc.args, stream) != ncclSuccess) {
+          ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
           ok = false;
         }
-      }
-      stepped();
-      if (ok && ncclMoeCombine(comm, handle, &cc.args, stream) != ncclSuccess) {
-        ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
-        ok = false;
-      }
-      if (!ok) continue;
-      EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
-      ncclResult_t async = ncclSuccess;
-      ncclMoeCommGetAsyncError(comm, &async);
-      if (async != ncclSuccess) {
-        // The HT sync words of this rank (epoch of its last call, arrivals of every rank) for the diagnosis.
-        nccl_moe::HtSync sync{};
-        cudaMemcpy(&sync, comm->buffer + comm->layout.ht_region() + comm->layout.ht.sync(), sizeof(sync),
-                   cudaMemcpyDeviceToHost);
-        std::string arrive;
-        for (int s = 0; s < n; ++s) arrive += " " + std::to_string(sync.arrive[s]);
-        ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm) << " [epoch "
-                      << sync.epoch << ", blocks_done " << sync.blocks_done << ", arrive" << arrive << ", num_sms "
-                      << c.num_sms << "]";
-        ok = false;
-        continue;
-      }
-      const std::string tag = "iter " + std::to_string(i);
-      SCOPED_TRACE(tag);
-      checkDispatch(c, e.d1.recv[rank], out[0], rank, (tag + " dispatch").c_str());
-      checkDispatch(c, e.d2.recv[rank], out[1], rank, (tag + " cached").c_str());
-      cc.check(c, e, rank);
-      if (::testing::Test::HasFailure()) ok = false;
+        if (!ok) return;
+        EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
+        ncclResult_t async = ncclSuccess;
+        ncclMoeCommGetAsyncError(comm, &async);
+        if (async != ncclSuccess) {
+          // The HT sync words of this rank (epoch of its last call, arrivals of every rank) for the diagnosis.
+          nccl_moe::HtSync sync{};
+          cudaMemcpy(&sync, comm->buffer + comm->layout.ht_region() + comm->layout.ht.sync(), sizeof(sync),
+                     cudaMemcpyDeviceToHost);
+          std::string arrive;
+          for (int s = 0; s < n; ++s) arrive += " " + std::to_string(sync.arrive[s]);
+          ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm) << " [epoch "
+                        << sync.epoch << ", blocks_done " << sync.blocks_done << ", arrive" << arrive << ", num_sms "
+                        << c.num_sms << "]";
+          ok = false;
+          return;
+        }
+        const std::string tag = "iter " + std::to_string(i);
+        SCOPED_TRACE(tag);
+        checkDispatch(c, e.d1.recv[rank], out[0], rank, (tag + " dispatch").c_str());
+        checkDispatch(c, e.d2.recv[rank], out[1], rank, (tag + " cached").c_str());
+        cc.check(c, e, rank);
+        if (::testing::Test::HasFailure()) ok = false;
+      }();
+      world.barrier().wait();
     }
     world.barrier().wait();
     ncclMoeHandleDestroy(handle);

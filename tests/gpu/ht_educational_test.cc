@@ -40,8 +40,12 @@ bool educationalAt(const EduCase& c, int step, int rank) {
 // Enqueues one call step on every rank in turn, each with its own kernel selection (the variable is read by
 // the host when the call is enqueued). Every rank makes the same number of these calls, whether or not it
 // has failed, so the barriers always pair up.
+//
+// A barrier comes first: a rank still freeing the buffers of its previous step (cudaFree waits for the whole
+// device) must not find a peer's new kernel waiting for a call it cannot enqueue before that wait ends.
 template <typename Fn>
 void enqueueInTurn(World& world, int rank, bool educational, Fn enqueue) {
+  world.barrier().wait();
   for (int turn = 0; turn < world.size(); ++turn) {
     if (turn == rank) {
       setenv(kKernelVar, educational ? "educational" : "fast", 1);

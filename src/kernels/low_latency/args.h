@@ -16,10 +16,11 @@ namespace nccl_moe {
 struct LlDispatchArgs {
   DeviceComm comm;
   LlLayout layout;
-  size_t half_offset;    // offset of the LL half inside every rank's buffer
-  int num_sms;           // SMs this rank may occupy: the grid fills them (every block resident at once)
-  const void* x;         // [T, H] bf16
-  const void* topk_idx;  // [T, K]
+  size_t half_offset;     // offset of the LL half inside every rank's buffer
+  int num_sms;            // SMs this rank may occupy: the grid fills them (every block resident at once)
+  int max_blocks_per_sm;  // cap of blocks per SM (1: ranks share the GPU, see ll::grid_blocks)
+  const void* x;          // [T, H] bf16
+  const void* topk_idx;   // [T, K]
   int idx_int32;
   int num_tokens, hidden, topk;
   int use_fp8, scale_format;
@@ -38,9 +39,10 @@ struct LlCombineArgs {
   DeviceComm comm;
   LlLayout layout;
   size_t half_offset;
-  int num_sms;           // SMs this rank may occupy: the grid fills them (every block resident at once)
-  const uint16_t* y;     // [E_l, R*max, H] bf16
-  const void* topk_idx;  // [T, K]
+  int num_sms;            // SMs this rank may occupy: the grid fills them (every block resident at once)
+  int max_blocks_per_sm;  // cap of blocks per SM (1: ranks share the GPU, see ll::grid_blocks)
+  const uint16_t* y;      // [E_l, R*max, H] bf16
+  const void* topk_idx;   // [T, K]
   int idx_int32;
   const float* topk_weights;  // [T, K], or null: the weights the dispatch carried in its message headers
   int num_tokens, hidden, topk;
@@ -55,8 +57,8 @@ struct LlResetArgs {
   size_t half0_offset;  // offset of LL half 0 (its persist block holds the reset barrier's counters)
 };
 
-// Launch on `stream`, return cudaGetLastError(). Dispatch and combine: kBlocksPerSm blocks (as many as the
-// kernel's occupancy allows) on each of num_sms SMs. The reset barrier: one warp.
+// Launch on `stream`, return cudaGetLastError(). Dispatch and combine: up to max_blocks_per_sm (at most
+// kBlocksPerSm, as many as the kernel's occupancy allows) blocks per SM on num_sms SMs. The reset barrier: one warp.
 cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream);
 cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream);
 cudaError_t launchLlResetBarrier(const LlResetArgs& a, cudaStream_t stream);

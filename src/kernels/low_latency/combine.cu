@@ -265,12 +265,13 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 }  // namespace
 
 cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream) {
-  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(a.num_sms)), dim3(ll::kThreads), 0, stream>>>(a);
+  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(a.num_sms, a.max_blocks_per_sm)), dim3(ll::kThreads), 0,
+                    stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlCombineKernels() {
-  (void)ll::grid_blocks<llCombineKernel>(1);
+  (void)ll::grid_blocks<llCombineKernel>(1, 0);
   cudaFuncAttributes attr;
   return cudaFuncGetAttributes(&attr, llCombineKernel);
 }

@@ -22,9 +22,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSm = 2;  // LL is latency-bound: two blocks per SM keep more work items in flight
 
 // Grid of an LL kernel: every block must be resident at once (blocks wait for each other's flags through the
-// peers), so num_sms times the blocks per SM the kernel really achieves (at most kBlocksPerSm).
+// peers), so num_sms times the blocks per SM the kernel really achieves (at most kBlocksPerSm, and at most
+// max_per_sm). Ranks that share a GPU pass max_per_sm = 1: the grids of all of them then hold at most one block
+// per SM in total, which is always resident whatever the mix of kernels on an SM; with two blocks per SM, two
+// ranks' grids fill every block slot of the GPU exactly, and an SM that holds one block of each of two different
+// kernels (their registers do not fit twice) leaves blocks of both grids waiting for each other's.
 template <auto kKernel>
-inline int grid_blocks(int num_sms) {
+inline int grid_blocks(int num_sms, int max_per_sm) {
   static const int per_sm = [] {
     int n = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess) {
@@ -33,7 +37,7 @@ inline int grid_blocks(int num_sms) {
     }
     return n < 1 ? 1 : (n > kBlocksPerSm ? kBlocksPerSm : n);
   }();
-  return num_sms * per_sm;
+  return num_sms * (max_per_sm >= 1 && max_per_sm < per_sm ? max_per_sm : per_sm);
 }
 // Where one rank's half `half_offset` bytes into its buffer lives, as mapped in this process (the LL kernels run
 // on single-node communicators: a rank's local index is its rank).

@@ -211,16 +211,18 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream) {
   const dim3 block(ll::kThreads);
   if (a.use_fp8)
-    llDispatchKernel<true><<<ll::grid_blocks<llDispatchKernel<true>>(a.num_sms), block, 0, stream>>>(a);
+    llDispatchKernel<true>
+        <<<ll::grid_blocks<llDispatchKernel<true>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
   else
-    llDispatchKernel<false><<<ll::grid_blocks<llDispatchKernel<false>>(a.num_sms), block, 0, stream>>>(a);
+    llDispatchKernel<false>
+        <<<ll::grid_blocks<llDispatchKernel<false>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlDispatchKernels() {
   // grid_blocks' occupancy query loads the kernel and fixes its cached blocks per SM.
-  (void)ll::grid_blocks<llDispatchKernel<true>>(1);
-  (void)ll::grid_blocks<llDispatchKernel<false>>(1);
+  (void)ll::grid_blocks<llDispatchKernel<true>>(1, 0);
+  (void)ll::grid_blocks<llDispatchKernel<false>>(1, 0);
   cudaFuncAttributes attr;
   const cudaError_t e = cudaFuncGetAttributes(&attr, llDispatchKernel<true>);
   return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, llDispatchKernel<false>);
