@@ -247,6 +247,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
   out("# %s: running the CPU reference with %d threads as ranks\n", reason.c_str(), num_ranks);
   out("# iters %d, warmup %d, check %d, routing %s, seed %llu\n", run.iters, run.warmup, o.check,
       o.routing.text.c_str(), static_cast<unsigned long long>(o.seed));
+  if (o.inject_skipped_write) out("# --inject-skipped-write: a self-test of the GPU backend; ignored by the CPU run\n");
   RankTeam team(num_ranks, hostWaitSeconds(o));
   Progress prog;
   std::unique_ptr<ProgressPrinter> printer;  // progress lines on stderr

@@ -115,8 +115,13 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
     return result == ncclSuccess;
   };
 
-  // Verification pass (also the availability probe).
+  // Verification pass (also the availability probe). Outputs hold the marker first (verify.h).
   prog.set("ht: notify (verification)");
+  recv_x.fill(kMarkerDataByte, st);
+  recv_xs.fill(kMarkerDataByte, st);
+  recv_idx.fill(kMarkerIndexByte, st);
+  recv_w.fill(kMarkerDataByte, st);
+  out.fill(kMarkerDataByte, st);
   std::string err;
   col.barrier();
   bool ok = call("ncclMoeDispatchNotify", ncclMoeDispatchNotify(moe.comm, moe.handle, &na, st), &err);
@@ -138,6 +143,9 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
   res->dispatch.available = res->first.available = true;
   if (check) {
     const int64_t rows = std::clamp<int64_t>(num_recv, 0, static_cast<int64_t>(cap_rows));
+    // --inject-skipped-write: the first received row back to the marker, as if the kernel had not written it.
+    if (run.options.inject_skipped_write && rows > 0)
+      HARNESS_CUDA(cudaMemsetAsync(recv_x.get(), kMarkerDataByte, f.data_bytes, st));
     const std::vector<uint8_t> gx = recv_x.download(sz(rows) * f.data_bytes, st);
     const std::vector<float> gs = fp8 ? recv_xs.download(sz(rows) * sz(f.groups), st) : std::vector<float>();
     const std::vector<int64_t> gi = recv_idx.download(sz(rows) * sz(K), st);
@@ -156,6 +164,8 @@ void runHtCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
     res->combine.fail(comb_err);
   } else {
     res->combine.available = true;
+    if (check && run.options.inject_skipped_write && T > 0)
+      HARNESS_CUDA(cudaMemsetAsync(out.get(), kMarkerDataByte, sz(H) * sizeof(uint16_t), st));
     if (check) res->combine.wrong = bf16Wrong(out.download(out.size(), st).data(), p.ht_expected_combine[sz(r)]);
   }
   if (!moe.checkAsync(col, &err)) {

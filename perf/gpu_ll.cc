@@ -106,6 +106,12 @@ void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
   auto verifyRound = [&](bool split) {
     Round result;
     prog.set(split ? "ll: split dispatch (verification)" : "ll: dispatch (verification)");
+    // Outputs hold the marker before every verified call (verify.h): the split round's halves are checked on
+    // outputs the whole-call round did not leave behind.
+    recv_x.fill(kMarkerDataByte, st);
+    if (fp8) recv_xs.fill(kMarkerDataByte, st);
+    recv_count.fill(kMarkerIndexByte, st);
+    out.fill(kMarkerDataByte, st);
     col.barrier();
     bool ok = split ? dispatchCall(ncclMoePhaseSend, &result.dispatch_err) &&
                           dispatchCall(ncclMoePhaseRecv, &result.dispatch_err)
@@ -115,6 +121,15 @@ void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
     if (!result.dispatch_ok) return result;
     if (check) {
       const std::vector<int> counts = recv_count.download(sz(El), st);
+      // --inject-skipped-write: the first row of the first non-empty slab back to the marker.
+      if (run.options.inject_skipped_write) {
+        for (int e = 0; e < El; ++e) {
+          if (counts[sz(e)] <= 0) continue;
+          HARNESS_CUDA(
+              cudaMemsetAsync(recv_x.get() + sz(e) * sz(slab) * f.data_bytes, kMarkerDataByte, f.data_bytes, st));
+          break;
+        }
+      }
       const std::vector<uint8_t> gx = recv_x.download(recv_x.size(), st);
       const std::vector<float> gs = fp8 ? recv_xs.download(slab_total * sz(f.groups), st) : std::vector<float>();
       std::vector<int32_t> identity;
@@ -132,6 +147,8 @@ void runLlCalls(const Problem& p, const RankDevice& rd, Collective& col, MoeSess
              : combineCall(ncclMoePhaseBoth, &result.combine_err);
     HARNESS_CUDA(cudaStreamSynchronize(st));
     result.combine_ok = col.agree(ok);
+    if (result.combine_ok && check && run.options.inject_skipped_write && T > 0)
+      HARNESS_CUDA(cudaMemsetAsync(out.get(), kMarkerDataByte, sz(H) * sizeof(uint16_t), st));
     if (result.combine_ok && check)
       result.combine_wrong = bf16Wrong(out.download(out.size(), st).data(), p.ll_expected_combine[sz(r)]);
     return result;

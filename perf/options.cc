@@ -191,6 +191,8 @@ const std::vector<OptionSpec>& optionTable() {
        }},
       {'h', "help", false, [](Options* o, const std::string&, std::string*) { return o->help = true; }},
       {'q', "quiet", false, [](Options* o, const std::string&, std::string*) { return o->quiet = true; }},
+      {0, "inject-skipped-write", false,
+       [](Options* o, const std::string&, std::string*) { return o->inject_skipped_write = true; }},
       {0, "mode", true,
        [](Options* o, const std::string& v, std::string* err) {
          o->modes.clear();
@@ -401,6 +403,11 @@ Runs
   -J, --json PATH         write one JSON object per result row (JSON Lines)
   -q, --quiet             no progress lines on stderr (by default, once a run has taken 3 s, global rank 0
                           prints where it is at most every 2 s: mode, dtype, tokens, phase, call k/n, elapsed time)
+      --inject-skipped-write
+                          verification self-test (GPU): after each verified dispatch and combine, one row the
+                          call wrote is set back to the marker, as if the kernel had skipped it; those ops must
+                          then report wrong rows and the run fails (outputs are filled with a marker before every
+                          verified call, so a write a kernel skips is never hidden by an earlier result)
   -h, --help              this text
 Under mpirun (OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/PMI_SIZE) each process is one rank group; set
 NCCL_COMM_ID=<host of rank 0>:<port> for the rendezvous (see docs/moe-perf.md).

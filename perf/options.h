@@ -85,6 +85,7 @@ struct Options {
   int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
   bool help = false;           // -h / --help
   bool quiet = false;          // -q / --quiet: no progress lines on stderr
+  bool inject_skipped_write = false;  // --inject-skipped-write: verification self-test (docs/moe-perf.md)
   // --timer kernel|event|auto (auto: kernel when the CUPTI kernel timer works)
   TimerChoice timer = TimerChoice::kAuto;
   MetricsChoice metrics;  // --metrics: comparable metrics besides the default (none by default)

@@ -20,6 +20,13 @@
 
 namespace nccl_moe::perf {
 
+// Outputs are filled with these bytes before every verified call, so that a write a kernel skips shows as wrong
+// instead of leaving an earlier call's (correct) result in place: data, scales, weights and combined rows get
+// 0xff (NaN in bf16, fp8 e4m3 and float: no correct output is NaN), receive counts and top-k ids 0x7f (a count and
+// an id far outside every valid range; 0xff would read as the masked id -1).
+constexpr int kMarkerDataByte = 0xff;
+constexpr int kMarkerIndexByte = 0x7f;
+
 // Rows in memory: data (row stride data_stride bytes) and, for fp8, float scales (row stride scale_stride bytes).
 struct RowView {
   const uint8_t* data = nullptr;
