@@ -10,7 +10,8 @@
 #   sanitize: compute-sanitizer memcheck + racecheck on SANITIZE_FILTER (default: a 2-rank HT and a 2-rank LL case)
 # Environment: GPU_TEST_REGEX, PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
-#              ./build), NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 480), PERF_TIMEOUT_S (each moe-perf
+#              ./build), SANITIZE_DEVICE_TIMEOUT_S (NCCL_MOE_TIMEOUT_S under the sanitizer, default 300),
+#              NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 480), PERF_TIMEOUT_S (each moe-perf
 #              run of the perf stage, default 300 for HT / 200 for LL), PERF_LL_EXTRA (a second LL run's args),
 #              CARRIED_BUILD (a build folder configured and built on another machine for sm_90a and carried here:
 #              used instead of building when its GPU test binary runs; its absolute paths are made to resolve).
@@ -163,7 +164,7 @@ fi
 snapshot
 if has sanitize; then
   for tool in memcheck racecheck; do
-    NCCL_MOE_TIMEOUT_S=300 timeout "${SANITIZE_TIMEOUT_S:-200}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+    NCCL_MOE_TIMEOUT_S=${SANITIZE_DEVICE_TIMEOUT_S:-300} timeout "${SANITIZE_TIMEOUT_S:-200}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
       build/tests/nccl_moe_gpu_tests \
       --gtest_filter="${SANITIZE_FILTER:-Ht/HtDispatchCombine.MatchesReference/Fp8Float_R2:Ranks/LlWorld.SplitPhasesTwoResultsAliveZeroCopy/R2}" \
       > "$OUT/sanitize_${tool}.log" 2>&1
