@@ -144,8 +144,12 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 ncclResult_t ncclMoeCommRank(ncclMoeComm_t comm, int* rank);
 ncclResult_t ncclMoeCommCount(ncclMoeComm_t comm, int* num_ranks);
 ncclResult_t ncclMoeCommCuDevice(ncclMoeComm_t comm, int* device);
-/* ncclSuccess, or the error a device-side wait recorded (timeout, peer abort). Non-blocking. Once an
- * asynchronous error is recorded every later call on the communicator returns it; destroy the comm. */
+/* ncclSuccess, or the error a kernel recorded: a device-side wait timed out (ncclRemoteError: phase, rank, peer),
+ * more rows arrived than recv_capacity (ncclInvalidUsage), or a top-k id in device memory is neither -1 nor in
+ * [0, num_experts) (ncclInvalidArgument: phase, token, slot and the id; the slot was read as unused). Top-k ids
+ * live in device memory, so they are checked by the kernel that first reads them (layout, HT notify, LL dispatch
+ * and LL combine), not before the call. Non-blocking. Once an asynchronous error is recorded every later call on
+ * the communicator returns it; destroy the comm. */
 ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclResult_t* async_error);
 
 /* A handle keeps the routing of one dispatch for combine and cached re-dispatch. It is sized from the

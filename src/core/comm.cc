@@ -46,6 +46,10 @@ const char* phaseName(Phase phase) {
       return "ht-combine";
     case Phase::kLlDispatchRecv:
       return "ll-dispatch-recv";
+    case Phase::kLayout:
+      return "layout";
+    case Phase::kLlDispatchSend:
+      return "ll-dispatch-send";
     case Phase::kLlCombineRecv:
       return "ll-combine-recv";
     default:
@@ -358,6 +362,13 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
                   "rows past the capacity were dropped; the communicator is unusable, destroy it",
                   phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->counter, rec->expected);
     result = ncclInvalidUsage;
+  } else if (code == kErrBadExpertId) {
+    std::snprintf(message, sizeof(message),
+                  "phase %s on rank %d: top-k id %lld of token %lld, slot %lld is neither -1 nor in [0, %d) "
+                  "(num_experts); the slot was read as unused; the communicator is unusable, destroy it",
+                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, rec->value, rec->counter, rec->expected,
+                  comm->config.num_experts);
+    result = ncclInvalidArgument;
   } else {
     std::snprintf(message, sizeof(message), "phase %s on rank %d: unknown device error code %d (peer %d, counter %lld)",
                   phaseName(static_cast<Phase>(rec->phase)), rec->rank, code, rec->peer, rec->counter);

@@ -26,6 +26,8 @@ enum class Phase : int {
   kHtCombine = 4,
   kLlDispatchRecv = 5,
   kLlCombineRecv = 6,
+  kLayout = 7,
+  kLlDispatchSend = 8,
 };
 const char* phaseName(Phase phase);
 
@@ -39,9 +41,10 @@ struct ErrorRecord {
   int peer;            // peer it was waiting for (-1 = none/local)
   long long counter;   // value seen last
   long long expected;  // value waited for
+  long long value;     // kErrBadExpertId: the id found (counter: its token, expected: its slot)
 };
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3, kErrBadExpertId = 4 };
 
 // The ranks of this rank's node.
 struct ScaleupPeers {

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "device/wait.cuh"
+
 namespace nccl_moe {
 namespace dev {
 
@@ -17,6 +19,21 @@ __device__ __forceinline__ int load_topk_id(const void* topk_idx, int idx_int32,
   const int64_t e = idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
                               : static_cast<const int64_t*>(topk_idx)[i];
   return e >= 0 && e < num_experts ? static_cast<int>(e) : -1;
+}
+
+// load_topk_id for the kernels that take the caller's ids first (layout, HT notify, LL dispatch send and combine):
+// an id that is neither -1 nor in [0, num_experts) is also recorded as the communicator's asynchronous error
+// (kErrBadExpertId, naming the token i / topk, the slot i % topk and the id) before it is read as unused, so a
+// routing bug surfaces as an error instead of a silently dropped slot.
+__device__ __forceinline__ int load_topk_id_checked(const DeviceComm& comm, Phase phase, const void* topk_idx,
+                                                    int idx_int32, size_t i, int topk, int num_experts) {
+  const int64_t e = idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
+                              : static_cast<const int64_t*>(topk_idx)[i];
+  if (e >= 0 && e < num_experts) return static_cast<int>(e);
+  if (e != -1)
+    record_error(comm, kErrBadExpertId, phase, -1, static_cast<long long>(i / static_cast<size_t>(topk)),
+                 static_cast<long long>(i % static_cast<size_t>(topk)), static_cast<long long>(e));
+  return -1;
 }
 
 }  // namespace dev

@@ -13,7 +13,7 @@ namespace nccl_moe {
 namespace dev {
 
 __device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer, long long counter,
-                                             long long expected) {
+                                             long long expected, long long value = 0) {
   ErrorRecord* rec = comm.error;
   // Claim the record once; later failures keep the first cause.
   if (atom_cas_acq_rel_sys(&rec->code, 0, -1) == 0) {
@@ -22,6 +22,7 @@ __device__ __forceinline__ void record_error(const DeviceComm& comm, int code, P
     rec->peer = peer;
     rec->counter = counter;
     rec->expected = expected;
+    rec->value = value;
     fence_acq_rel_sys();
     st_release_sys(&rec->code, code);
   }

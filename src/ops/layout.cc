@@ -10,6 +10,7 @@ namespace nccl_moe {
 ncclResult_t opDispatchLayout(ncclMoeComm* comm, const ncclMoeLayoutArgs_t& args, cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
   LayoutArgs a{};
+  a.comm = comm->deviceComm();
   a.topk_idx = args.topk_idx;
   a.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
   a.num_tokens = args.num_tokens;

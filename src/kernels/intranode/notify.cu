@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   for (int t = t0; t < t1; ++t) {
     unsigned mask = 0;
     for (int k = 0; k < K; ++k) {
-      const int e = dev::load_topk_id(a.topk_idx, !a.topk_idx_is_int64, static_cast<size_t>(t) * K + k, E);
+      const int e = dev::load_topk_id_checked(a.ht.comm, Phase::kHtNotify, a.topk_idx, !a.topk_idx_is_int64,
+                                              static_cast<size_t>(t) * K + k, K, E);
       a.topk_idx32[static_cast<size_t>(t) * K + k] = e;
       if (e >= 0) {
         mask |= 1u << (e / El);

@@ -31,7 +31,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const __grid_con
   if (t < a.num_tokens) {
     unsigned mask = 0;
     for (int k = 0; k < a.topk; ++k) {
-      const int e = dev::load_topk_id(a.topk_idx, !a.topk_idx_is_int64, static_cast<size_t>(t) * a.topk + k, E);
+      const int e = dev::load_topk_id_checked(a.comm, Phase::kLayout, a.topk_idx, !a.topk_idx_is_int64,
+                                              static_cast<size_t>(t) * a.topk + k, a.topk, E);
       if (e < 0) continue;
       mask |= 1u << (e / El);
       atomicAdd(&s_expert[e], 1);

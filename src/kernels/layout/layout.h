@@ -5,9 +5,12 @@
 
 #include <cstdint>
 
+#include "device/device_comm.h"
+
 namespace nccl_moe {
 
 struct LayoutArgs {
+  DeviceComm comm;  // the error record of an id outside [-1, num_experts) (device/routing.cuh)
   const void* topk_idx;
   int topk_idx_is_int64;
   int num_tokens;

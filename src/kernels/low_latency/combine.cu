@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     auto token_mask = [&](int t) {
       int r = -1;
       if (lane < K) {
-        const int e =
-            dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane, R * L.num_local_experts);
+        const int e = dev::load_topk_id_checked(p.comm, Phase::kLlCombineRecv, p.topk_idx, p.idx_int32,
+                                                static_cast<size_t>(t) * K + lane, K, R * L.num_local_experts);
         if (e >= 0) r = e / L.num_local_experts;
       }
       int mask = 0;

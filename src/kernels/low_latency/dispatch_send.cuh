@@ -45,7 +45,8 @@ __device__ __forceinline__ bool send_token(const LlDispatchArgs& p, int t, int t
     float w = 0.0f;
     const int El = L.num_local_experts;
     if (lane < K) {
-      const int e = dev::load_topk_id(p.topk_idx, p.idx_int32, static_cast<size_t>(t) * K + lane, R * El);
+      const int e = dev::load_topk_id_checked(p.comm, Phase::kLlDispatchSend, p.topk_idx, p.idx_int32,
+                                              static_cast<size_t>(t) * K + lane, K, R * El);
       if (p.topk_weights != nullptr) w = p.topk_weights[static_cast<size_t>(t) * K + lane];
       if (e >= 0) {
         r = e / El;
