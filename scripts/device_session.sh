@@ -7,7 +7,8 @@
 #   tests:    ctest -L gpu, one entry per GPU test (multi-rank tests at R = 2, 4, 8: one rank per GPU when there are
 #             R GPUs, else all on GPU 0); GPU_TEST_REGEX narrows it (ctest -R), TEST_TIMEOUT_S bounds the whole run
 #   shared:   moe-perf with 2 and 4 ranks sharing GPU 0 (correctness: every call verified; not NVLink timings)
-#   sanitize: compute-sanitizer memcheck + racecheck on SANITIZE_FILTER (default: a 2-rank HT and a 2-rank LL case)
+#   sanitize: compute-sanitizer memcheck, racecheck and synccheck (SANITIZE_TOOLS) on SANITIZE_FILTER (default: a
+#             2-rank HT and a 2-rank LL case)
 # Environment: GPU_TEST_REGEX, PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
 #              ./build), SANITIZE_DEVICE_TIMEOUT_S (NCCL_MOE_TIMEOUT_S under the sanitizer, default 300),
@@ -163,7 +164,7 @@ fi
 
 snapshot
 if has sanitize; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     NCCL_MOE_TIMEOUT_S=${SANITIZE_DEVICE_TIMEOUT_S:-300} timeout "${SANITIZE_TIMEOUT_S:-200}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
       build/tests/nccl_moe_gpu_tests \
       --gtest_filter="${SANITIZE_FILTER:-Ht/HtDispatchCombine.MatchesReference/Fp8Float_R2:Ranks/LlWorld.SplitPhasesTwoResultsAliveZeroCopy/R2}" \
