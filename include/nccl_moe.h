@@ -132,8 +132,9 @@ ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const nc
  * (cudaMalloc, cudaFree, ncclMoeHandleCreate/Destroy) or use the legacy default stream on one rank's thread while
  * a peer may have calls enqueued that wait for this rank's next call: those CUDA calls wait for the whole device.
  * Synchronise the ranks' threads (every rank's calls enqueued, or its stream drained) first.
- * LL kernels of ranks sharing a GPU run one block per SM (two otherwise), so every rank's grid is resident
- * whatever else shares an SM.
+ * LL kernels of ranks sharing a GPU run one block per SM (two otherwise), and an LL call with both phases runs
+ * as a send kernel then a receive kernel (NCCL_MOE_LL_SPLIT_LAUNCH=1 asks for that anywhere), so that no
+ * block waits for a block of its own grid that may not be resident.
  * On failure no communicator is returned (comms[] all NULL) and ncclMoeGetLastError(NULL) says why. */
 ncclResult_t ncclMoeCommInitAll(ncclMoeComm_t* comms, int num_ranks, const int* devices, const ncclMoeConfig_t* config);
 /* Waits for outstanding work, then frees everything the communicator owns. Collective for communicators made

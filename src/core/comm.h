@@ -27,6 +27,9 @@ struct ncclMoeComm {
   int num_device_sms = 0;   // multiprocessors of this rank's GPU
   int ranks_on_device = 1;  // ranks of this communicator on this rank's GPU (same node, same bus id)
   int rank_sms = 0;         // SMs this rank's kernels may occupy at once: num_device_sms / ranks_on_device
+  // An LL call with both phases runs as two kernels (send, then receive): set when ranks share the GPU or
+  // NCCL_MOE_LL_SPLIT_LAUNCH=1 (src/ops/ll.cc).
+  bool ll_split_launch = false;
   int default_num_sms = 0;  // HT SM budget when a call passes 0
   ncclMoeConfig_t config{};
   nccl_moe::LayoutParams params{};

@@ -80,6 +80,16 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   a.do_send = do_send;
   a.do_recv = do_recv;
   a.trace = comm->ll_dispatch_trace;
+  if (do_send && do_recv && comm->ll_split_launch) {
+    // Two kernels, as a send call then a receive call would make them: the send kernel waits for no other
+    // block of its grid and the receive kernel only for the peers' sends, so the call completes however few of
+    // its blocks are resident at once (ranks sharing a GPU, or compute kernels on other streams).
+    a.do_recv = 0;
+    MOE_CUDA_CHECK(launchLlDispatch(a, stream));
+    a.do_send = 0;
+    a.do_recv = 1;
+    a.topk_weights = nullptr;
+  }
   MOE_CUDA_CHECK(launchLlDispatch(a, stream));
   r.recv_pending = do_send && !do_recv;
   return ncclSuccess;
@@ -111,6 +121,12 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   a.recv_row = r.recv_row;
   a.do_send = do_send;
   a.do_recv = do_recv;
+  if (do_send && do_recv && comm->ll_split_launch) {  // two kernels, as in opLlDispatch
+    a.do_recv = 0;
+    MOE_CUDA_CHECK(launchLlCombine(a, stream));
+    a.do_send = 0;
+    a.do_recv = 1;
+  }
   MOE_CUDA_CHECK(launchLlCombine(a, stream));
   r.combine_recv_pending = do_send && !do_recv;
   return ncclSuccess;

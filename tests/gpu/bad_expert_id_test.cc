@@ -62,8 +62,7 @@ std::vector<int64_t> ids(int token, int slot, int64_t bad) {
 }
 std::vector<int32_t> ids32(const std::vector<int64_t>& v) { return std::vector<int32_t>(v.begin(), v.end()); }
 
-void expectNamed(ncclResult_t async, const std::string& message, const char* phase, int token, int slot,
-                 int64_t bad) {
+void expectNamed(ncclResult_t async, const std::string& message, const char* phase, int token, int slot, int64_t bad) {
   EXPECT_EQ(ncclInvalidArgument, async) << message;
   EXPECT_NE(std::string::npos, message.find(std::string("phase ") + phase)) << message;
   EXPECT_NE(std::string::npos, message.find("top-k id " + std::to_string(bad) + " of token " + std::to_string(token) +
