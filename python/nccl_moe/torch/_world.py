@@ -148,7 +148,10 @@ class LocalWorld:
                 errors[rank] = e
                 self._barrier.abort()
 
-        threads = [threading.Thread(target=body, args=(r,), name=f"nccl_moe-rank{r}") for r in range(self.num_ranks)]
+        # Daemon threads: a rank stuck in a device wait (until NCCL_MOE_TIMEOUT_S) does not keep an interrupted
+        # process alive.
+        threads = [threading.Thread(target=body, args=(r,), name=f"nccl_moe-rank{r}", daemon=True)
+                   for r in range(self.num_ranks)]
         for t in threads:
             t.start()
         for t in threads:
