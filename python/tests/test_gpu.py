@@ -58,7 +58,10 @@ def test_ll_graph_replay_with_new_data(cuda, num_ranks):
             torch.cuda.current_stream().synchronize()
             world.barrier()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            # One capture at a time: entering torch.cuda.graph() empties the allocator's cache, which torch refuses
+            # while another thread captures.
+            with world.capture_lock, torch.cuda.graph(g, stream=torch.cuda.Stream(),
+                                                      capture_error_mode="thread_local"):
                 recv_count, out = step()
             assert comm.ever_captured
             world.barrier()
@@ -117,7 +120,10 @@ def test_ht_worst_case_graph_replay(cuda, num_ranks):
             torch.cuda.current_stream().synchronize()
             world.barrier()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            # One capture at a time: entering torch.cuda.graph() empties the allocator's cache, which torch refuses
+            # while another thread captures.
+            with world.capture_lock, torch.cuda.graph(g, stream=torch.cuda.Stream(),
+                                                      capture_error_mode="thread_local"):
                 recv_x, routing, out = step()
             # Views of the handle's device arrays (fixed addresses: the captured routing is never reused).
             count, src_info = routing.recv_count, routing.recv_src_info
