@@ -117,6 +117,10 @@ EOF
 
 XFLAG="-x"
 [ "${PYTEST_X:-1}" = 0 ] && XFLAG=""
+# pytest-timeout (in the GPU image): a test past 45 s fails in the main thread (signal method: the junit report is
+# still written; LocalWorld's rank threads are daemons, so a stuck one does not keep the process alive).
+TIMEOUT_FLAGS=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAGS=(--timeout=45 --timeout-method=signal)
 if [ $HAVE_PYTEST = 0 ]; then
   note "tests: pytest is not installed for $PY (no network here): GPU tests not run"
 else
@@ -134,21 +138,26 @@ else
     # SIGINT first (pytest then writes its report and junit), SIGKILL 10 s later. faulthandler_timeout dumps every
     # thread's stack (rank threads included) when one test runs past it.
     timeout -s INT -k 10 "$bound" "$PY" -m pytest "python/tests/$f.py" -m gpu -v -rA $XFLAG -p no:cacheprovider \
-      -o faulthandler_timeout=30 --junitxml="$LOG/junit_$f.xml" > "$LOG/$f.log" 2>&1
+      -o faulthandler_timeout=30 ${TIMEOUT_FLAGS[@]+"${TIMEOUT_FLAGS[@]}"} --junitxml="$LOG/junit_$f.xml" \
+      > "$LOG/$f.log" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
     extra=""
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && extra=" TIMED OUT at ${bound} s"
-    note "$f: rc=$rc in ${dt} s$extra: $(count_junit "$LOG/junit_$f.xml") | $(grep -E '^(=+ .*(passed|failed|error|skipped).* =+)$' "$LOG/$f.log" | tail -1 | tr -d '=' | cut -c1-100)"
-    grep -E '^(FAILED|ERROR) ' "$LOG/$f.log" | head -5 | cut -c1-220
+    last=$(grep -E '^(=+ .*(passed|failed|error|skipped).* =+)$' "$LOG/$f.log" | tail -1 | tr -d '=' | cut -c1-100)
+    note "$f: rc=$rc in ${dt} s$extra: $(count_junit "$LOG/junit_$f.xml") |$last"
+    # The first failures, short, into the summary too (the full text is in $f.log inside logs.tgz).
+    while IFS= read -r line; do summary+=("    $line"); echo "    $line"; done \
+      < <(grep -E '^(FAILED|ERROR) ' "$LOG/$f.log" | head -3 | cut -c1-200)
     snapshot
   done
 fi
 
 # -- 4. overhead benchmark ----------------------------------------------------------------------------------------------
 t0=$(date +%s)
-(cd / && timeout -k 5 "$BENCH_S" "$PY" "$ROOT/python/benchmarks/overhead.py" --json "$LOG/overhead.json") \
-  > "$LOG/overhead.log" 2>&1
+# One rank, no peer: lazy kernel loading is safe here and starts faster.
+(cd / && CUDA_MODULE_LOADING=LAZY timeout -k 5 "$BENCH_S" "$PY" "$ROOT/python/benchmarks/overhead.py" \
+  --json "$LOG/overhead.json") > "$LOG/overhead.log" 2>&1
 rc=$?
 tail -10 "$LOG/overhead.log"
 note "overhead.py: rc=$rc in $(( $(date +%s) - t0 )) s"
@@ -161,7 +170,8 @@ if [ $HAVE_PYTEST = 1 ] && [ "$(left)" -gt 25 ]; then
   timeout -s INT -k 5 $(( $(left) - 5 )) "$PY" -m pytest python/tests -m "not gpu" -q -rfE -p no:cacheprovider \
     --junitxml="$LOG/junit_cpu.xml" > "$LOG/cpu.log" 2>&1
   note "cpu/sim tests (-m 'not gpu'): rc=$? in $(( $(date +%s) - t0 )) s: $(count_junit "$LOG/junit_cpu.xml")"
-  grep -E '^(FAILED|ERROR) ' "$LOG/cpu.log" | head -5 | cut -c1-220
+  while IFS= read -r line; do summary+=("    $line"); echo "    $line"; done \
+    < <(grep -E '^(FAILED|ERROR) ' "$LOG/cpu.log" | head -3 | cut -c1-200)
 fi
 
 note "total: $(elapsed) s"
