@@ -2,7 +2,7 @@
 # The Python package on a GPU machine, in one short run (about 4 minutes on 16 cores, the build included):
 #   1. build + install: `pip install --no-build-isolation --no-deps ./python` (library + extension only, kernels for
 #      sm_90a, all cores, ccache when present; no tests, moe-perf or plugin: python/CMakeLists.txt turns them off);
-#   2. a smoke import (torch + nccl_moe + one CUDA context) from outside the checkout;
+#   2. a smoke import (torch + nccl_moe + one CUDA context, lazy kernel loading) from outside the checkout;
 #   3. the GPU tests, one pytest process per file (-m gpu), each bounded by `timeout` and by what is left of the
 #      budget, with junit XML and -rA output; faulthandler dumps every thread's stack when a test hangs;
 #   4. python/benchmarks/overhead.py, bounded (its time is reserved before the tests start);
