@@ -11,9 +11,12 @@ import importlib.util
 import os
 import sys
 
-# Before anything initialises CUDA: ranks sharing one GPU need hardware queues of their own, and a failing device
-# wait should end a test run in a minute, not in NCCL_MOE_TIMEOUT_S's default 100 s.
+# Before anything initialises CUDA (include/nccl_moe.h, ncclMoeCommInitAll): ranks sharing one GPU need hardware
+# queues of their own; every kernel is loaded when the context is made (a lazily loaded kernel's first launch waits
+# for the whole device, where a peer's kernel may be waiting for this rank's next call); and a failing device wait
+# should end a test run in a minute, not in NCCL_MOE_TIMEOUT_S's default 100 s.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 os.environ.setdefault("NCCL_MOE_TIMEOUT_S", "60")
 
 import pytest  # noqa: E402

@@ -1,17 +1,29 @@
 """Helpers shared by the scenario tests: per-rank problem data, warm-up of the rank threads, exact comparisons."""
+import contextlib
+
 import torch
 
 import reference as ref
 
 
-def prewarm(backend):
-    """Fills the caching allocator of this rank thread's stream before the first collective call: a rank must not
-    cudaMalloc while a peer's kernel already waits for it (ncclMoeCommInitAll's rule)."""
+def prewarm(backend, stream=None):
+    """Fills the caching allocator of this rank thread's current stream (or of `stream`: a communicator's own stream,
+    used by async calls) before the first collective call, and makes this thread's and the autograd engine's cuBLAS
+    handles: a rank must not cudaMalloc (nor create a library handle) while a peer's kernel already waits for it
+    (ncclMoeCommInitAll's rule). Call it before the ranks' first collective call, and barrier the ranks after it when
+    a communicator already exists (its peers could otherwise start waiting for this rank meanwhile)."""
     if backend.name != "cuda":
         return
-    big = torch.empty(256 << 20, dtype=torch.uint8, device=backend.device)
-    small = [torch.empty(512 << 10, dtype=torch.uint8, device=backend.device) for _ in range(64)]
-    del big, small
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        big = torch.empty(256 << 20, dtype=torch.uint8, device=backend.device)
+        small = [torch.empty(512 << 10, dtype=torch.uint8, device=backend.device) for _ in range(64)]
+        del big, small
+        if stream is None:
+            # cuBLAS handles and workspaces: this thread's (forward) and the autograd device thread's (backward).
+            for dtype in (torch.float32, torch.bfloat16):
+                a = torch.ones((16, 16), dtype=dtype, device=backend.device, requires_grad=True)
+                (a @ a).float().sum().backward()
+        torch.cuda.current_stream().synchronize()
 
 
 class Problem:

@@ -136,6 +136,9 @@ def test_deep_ep_code_in_local_world(backend, num_ranks):
         buffer = style.make_buffer(world.group(r), hidden=H, num_experts=E, ll_tokens=max_tokens,
                                    low_latency_mode=True)
         try:
+            # The async round allocates on the communicator's stream (allocate_on_comm_stream): warm it, then meet.
+            prewarm(backend, buffer.get_comm_stream())
+            world.barrier()
             x, idx, w = backend.to(p.x[r]), backend.to(p.topk_idx[r]), backend.to(p.weights[r])
             out = {"intranode": style.intranode_round(buffer, x, idx, w, E, async_mode=False, x2=backend.to(x2[r]))}
             out["intranode_async"] = style.intranode_round(buffer, x, idx, w, E, async_mode=True,

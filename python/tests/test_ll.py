@@ -122,6 +122,9 @@ def test_ll_hooks_two_results_zero_copy_out_reset(backend):
             cb = comm.ll_combine(None, b.handle, zero_copy=True, out=result)  # weights carried by the dispatch
             assert cb.combined_x is result
             out["cb"] = result.cpu()
+            # No LL result alive across the reset; their handles go back to the pool, so the dispatches below
+            # create none (creating one allocates device memory, which must not happen while a peer waits for us).
+            del a, b, ca, cb
             comm.ll_reset()
             # Reused outputs alternate with the halves after the reset.
             c1 = comm.ll_dispatch(x_a, idx_a, reuse_outputs=True)

@@ -11,7 +11,10 @@ ncclMoeCommInitAll apply:
     warm the caching allocator on the rank's stream first (Comm(group) ends with a barrier of the ranks, after its
     own allocations);
   - CUDA graphs: capture each rank on a stream of its own (torch.cuda.graph(g, stream=torch.cuda.Stream(),
-    capture_error_mode="thread_local")); torch's default capture stream is shared by all threads.
+    capture_error_mode="thread_local")); torch's default capture stream is shared by all threads. Capture one rank at
+    a time (`with world.capture_lock, torch.cuda.graph(...)`): entering torch.cuda.graph() synchronises the device
+    and empties the caching allocator, which torch refuses (an internal assert) while another thread is capturing.
+    Drain every rank's stream and barrier the ranks first (the synchronisation waits for every rank's kernels).
 
 LocalGroup is what stands for a ProcessGroup in such a world: `rank()`, `size()`; nccl_moe.torch.Comm(group) and
 nccl_moe.deep_ep.Buffer(group) accept it. Creating the communicators is collective over the rank threads (the first
@@ -65,6 +68,8 @@ class LocalWorld:
             raise ValueError(f"devices: {len(devices)} entries, expected {self.num_ranks}")
         self.devices = [int(d) for d in devices]
         self._barrier = threading.Barrier(self.num_ranks, timeout=timeout_s)
+        # Held by a rank thread around torch.cuda.graph(): one capture at a time (see the module docstring).
+        self.capture_lock = threading.Lock()
         self._gather = [None] * self.num_ranks
         self._shared = None
         self.groups = [LocalGroup(self, r) for r in range(self.num_ranks)]
@@ -148,7 +153,10 @@ class LocalWorld:
                 errors[rank] = e
                 self._barrier.abort()
 
-        threads = [threading.Thread(target=body, args=(r,), name=f"nccl_moe-rank{r}") for r in range(self.num_ranks)]
+        # Daemon threads: a rank stuck in a device wait (until NCCL_MOE_TIMEOUT_S) does not keep an interrupted
+        # process alive.
+        threads = [threading.Thread(target=body, args=(r,), name=f"nccl_moe-rank{r}", daemon=True)
+                   for r in range(self.num_ranks)]
         for t in threads:
             t.start()
         for t in threads:
