@@ -48,6 +48,16 @@ const char* phaseName(Phase phase) {
       return "ll-dispatch-recv";
     case Phase::kLlCombineRecv:
       return "ll-combine-recv";
+    case Phase::kNetReserve:
+      return "net-reserve";
+    case Phase::kNetReady:
+      return "net-ready";
+    case Phase::kNetDoorbell:
+      return "net-doorbell";
+    case Phase::kNetQuiet:
+      return "net-quiet";
+    case Phase::kNetCqe:
+      return "net-cqe";
     default:
       return "none";
   }
