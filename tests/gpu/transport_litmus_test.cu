@@ -9,6 +9,8 @@
 //   LastBytePolling      a consumer polling the last data byte sees incomplete data at least once (chaos is
 //                        adversarial: only the signal orders data)
 //   SourceOverwrite      a source rewritten right after its doorbell reaches the receiver at least once
+//   ConcurrentProducers  8 blocks post put_signal on one QP: reservation, in-order ready and lock under contention,
+//                        the 64-WQEBB SQ wraps; every signal counted, every slot intact, the QP stays healthy
 //   MissingDoorbell      written, never rung: quiet times out naming phase, rank, peer and QP; ringing from the
 //                        host afterwards completes the WQE (it was well-formed, only unannounced)
 //   AccessErrors         bad rkey, range outside the window, misaligned atomic: error CQE, QP in error on the NIC,
@@ -470,6 +472,31 @@ __global__ void singleOpKernel(SingleArgs a) {
   __threadfence_system();
 }
 
+// Many producers on one QP: thread 0 of every block posts put_signal in a loop (slot = block), then quiet. The
+// SQ (64 WQEBBs) wraps many times under contention on the reservation, the in-order ready index and the lock.
+struct ConcurrentArgs {
+  ib::GpuQp qp;
+  uint64_t src;  // slot b at src + b * slot_bytes (constant data)
+  uint64_t dst;
+  uint32_t dst_rkey;
+  uint32_t slot_bytes;
+  uint64_t sig_addr;
+  uint32_t sig_rkey;
+  uint32_t per_block;
+  TestStatus* st;
+};
+__global__ void concurrentSendKernel(ConcurrentArgs a) {
+  if (threadIdx.x != 0) return;
+  const uint64_t off = static_cast<uint64_t>(blockIdx.x) * a.slot_bytes;
+  for (uint32_t i = 0; i < a.per_block; ++i) {
+    if (!ib::put_signal(a.qp, a.src + off, a.dst + off, a.dst_rkey, a.slot_bytes, a.sig_addr, a.sig_rkey, 1)) {
+      failStatus(a.st, 2, kWherePut, i, blockIdx.x, 0);
+      return;
+    }
+  }
+  if (!ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.per_block, blockIdx.x, 0);
+}
+
 // ---- Host side ----
 
 template <typename T>
@@ -781,6 +808,49 @@ TEST(TransportLitmus, SourceOverwrittenBeforeCompletionIsSeen) {
   std::printf("SourceOverwrite: the receiver saw the overwritten value in %llu of 100 tries\n", s.count);
   EXPECT_GT(s.count, 0ull) << "a source rewritten right after its doorbell never reached the receiver";
   EXPECT_EQ(0ull, s.corrupt) << "bytes that are neither the written nor the overwritten value";
+}
+
+TEST(TransportLitmus, ConcurrentProducersShareOneQp) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  constexpr uint32_t kBlocks = 8, kPerBlock = 40, kSlotBytes = 4096;
+  std::printf("ConcurrentProducers: chaos seed %" PRIu64 ", %u blocks x %u put_signal on one QP of 64 WQEBBs\n", seed,
+              kBlocks, kPerBlock);
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], kBlocks * kSlotBytes, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kBlocks * kSlotBytes, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  std::vector<uint8_t> pattern(kBlocks * kSlotBytes);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(1 + (i / kSlotBytes) * 29 + i % 7);
+  CUDA_OK(cudaMemcpy(src.ptr, pattern.data(), pattern.size(), cudaMemcpyHostToDevice));
+  em::EmulatedGpuQp* q = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &q));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  const auto t0 = std::chrono::steady_clock::now();
+  concurrentSendKernel<<<kBlocks, 32, 0, w.streams[0]>>>(ConcurrentArgs{
+      q->view(), src.addr(), dst.addr(), dst.w.rkey, kSlotBytes, sig.addr(), sig.w.rkey, kPerBlock, st.dev});
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS, "ConcurrentProducers");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("ConcurrentProducers: %.3f s; %s\n", secs, describeStatus(*st.host).c_str());
+  dumpWorld(w);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0, w[0].error.host->code) << ib::describeNetError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(em::QpState::kReady, w[0].nic->qpState(q->qp())) << w[0].nic->qpError(q->qp());
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, w[0].nic->counters().atomics);
+  EXPECT_EQ(2u * kBlocks * kPerBlock, w[0].nic->qpRetired(q->qp()));
+  uint64_t signal = 0;
+  CUDA_OK(cudaMemcpy(&signal, sig.ptr, sizeof(signal), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, signal);
+  std::vector<uint8_t> got(pattern.size());
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) bad += got[i] != pattern[i] ? 1 : 0;
+  EXPECT_EQ(0u, bad) << "bytes of the slots that differ from their sources";
 }
 
 TEST(TransportLitmus, MissingDoorbellTimesOutNamingTheQp) {
