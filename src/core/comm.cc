@@ -31,6 +31,7 @@
 #include "core/plugin_bridge.h"
 #include "ops/ops.h"
 #include "topo/topo.h"
+#include "transport/rdma/ibgda/gpu_qp.h"
 
 namespace nccl_moe {
 
@@ -52,6 +53,16 @@ const char* phaseName(Phase phase) {
       return "ll-dispatch-send";
     case Phase::kLlCombineRecv:
       return "ll-combine-recv";
+    case Phase::kNetReserve:
+      return "net-reserve";
+    case Phase::kNetReady:
+      return "net-ready";
+    case Phase::kNetDoorbell:
+      return "net-doorbell";
+    case Phase::kNetQuiet:
+      return "net-quiet";
+    case Phase::kNetCqe:
+      return "net-cqe";
     default:
       return "none";
   }
@@ -345,7 +356,17 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
   if (code <= 0) return ncclSuccess;  // -1: a writer is filling the record right now
   char message[512];
   ncclResult_t result = ncclSystemError;
-  if (code == kErrTimeout) {
+  const Phase phase = static_cast<Phase>(rec->phase);
+  const bool net_phase = phase == Phase::kNetReserve || phase == Phase::kNetReady || phase == Phase::kNetDoorbell ||
+                         phase == Phase::kNetQuiet || phase == Phase::kNetCqe;
+  if (code == kErrNetCqe || (code == kErrTimeout && net_phase)) {
+    // The scale-out transport's errors name the QP (src/transport/rdma/ibgda/gpu_qp.h).
+    ErrorRecord copy{};
+    std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
+    std::snprintf(message, sizeof(message), "%s; the communicator is unusable, destroy it",
+                  ibgda::describeNetError(copy, comm->timeout_ns).c_str());
+    result = ncclRemoteError;
+  } else if (code == kErrTimeout) {
     char whom[32];
     if (rec->peer >= 0)
       std::snprintf(whom, sizeof(whom), "peer %d", rec->peer);

@@ -26,8 +26,14 @@ enum class Phase : int {
   kHtCombine = 4,
   kLlDispatchRecv = 5,
   kLlCombineRecv = 6,
-  kLayout = 7,
-  kLlDispatchSend = 8,
+  // Scale-out transport (src/transport/rdma/ibgda/ibgda.cuh); the record's qpn names the QP.
+  kNetReserve = 7,       // waiting for send-queue room (completions of older WQEs)
+  kNetReady = 8,         // waiting for older reservations of the QP to be written (in-order ready index)
+  kNetDoorbell = 9,      // waiting for the QP's doorbell / CQ lock
+  kNetQuiet = 10,        // waiting for every submitted WQE to complete
+  kNetCqe = 11,          // an error CQE was polled (code kErrNetCqe)
+  kLayout = 12,          // the dispatch-layout kernel (an id outside [-1, E): kErrBadExpertId)
+  kLlDispatchSend = 13,  // the LL dispatch send half (likewise)
 };
 const char* phaseName(Phase phase);
 
@@ -35,16 +41,18 @@ const char* phaseName(Phase phase);
 // atomics, read by the host without synchronising). `code` goes 0 -> non-zero once; the other fields are
 // written by the winner before it publishes `code` with release ordering.
 struct ErrorRecord {
-  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded (ErrorCode)
+  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded, 4 = error CQE, 5 = bad top-k id (ErrorCode)
   int phase;           // Phase
   int rank;            // rank that observed the failure
   int peer;            // peer it was waiting for (-1 = none/local)
   long long counter;   // value seen last
   long long expected;  // value waited for
+  int qpn;             // scale-out phases: the QP's number (-1 = not a QP wait)
+  int detail;          // kNetQuiet: the announced index; kErrNetCqe: syndrome | vendor syndrome << 8 | opcode << 16
   long long value;     // kErrBadExpertId: the id found (counter: its token, expected: its slot)
 };
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3, kErrBadExpertId = 4 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3, kErrNetCqe = 4, kErrBadExpertId = 5 };
 
 // The ranks of this rank's node.
 struct ScaleupPeers {

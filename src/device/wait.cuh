@@ -12,20 +12,28 @@
 namespace nccl_moe {
 namespace dev {
 
-__device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer, long long counter,
-                                             long long expected, long long value = 0) {
-  ErrorRecord* rec = comm.error;
-  // Claim the record once; later failures keep the first cause.
+// Claims `rec` once (later failures keep the first cause) and fills it. `qpn` and `detail` are the scale-out
+// transport's fields (device_comm.h); other phases pass -1 and 0. `value`: kErrBadExpertId's id.
+__device__ __forceinline__ void record_error_at(ErrorRecord* rec, int rank, int code, Phase phase, int peer,
+                                                long long counter, long long expected, int qpn = -1, int detail = 0,
+                                                long long value = 0) {
   if (atom_cas_acq_rel_sys(&rec->code, 0, -1) == 0) {
     rec->phase = static_cast<int>(phase);
-    rec->rank = comm.rank;
+    rec->rank = rank;
     rec->peer = peer;
     rec->counter = counter;
     rec->expected = expected;
+    rec->qpn = qpn;
+    rec->detail = detail;
     rec->value = value;
     fence_acq_rel_sys();
     st_release_sys(&rec->code, code);
   }
+}
+
+__device__ __forceinline__ void record_error(const DeviceComm& comm, int code, Phase phase, int peer, long long counter,
+                                             long long expected, long long value = 0) {
+  record_error_at(comm.error, comm.rank, code, phase, peer, counter, expected, -1, 0, value);
 }
 
 __device__ __forceinline__ bool error_recorded(const DeviceComm& comm) {

@@ -4,9 +4,11 @@
 //
 //   HostMemoryBackend   requester and responder memory are host memory of this process (CPU tests): memcpy and
 //                       __atomic builtins on 8-byte aligned host words; every call is complete when it returns.
-//   (later) GPU / IPC   a CUDA stream per QP: readSource/writeRemote = cudaMemcpyAsync through the responder's IPC
-//                       mapping, atomic = a one-thread kernel (loaded at init, design notes §4.3), complete =
-//                       stream drained; staging in device memory.
+//   CudaMemoryBackend   (cuda_backend.h) requester and responder memory are device memory of this process on one
+//                       GPU (virtual nodes): a CUDA stream per QP, cudaMemcpyAsync, a one-thread atomic kernel
+//                       (loaded at creation, design notes §4.3), complete = stream drained; staging in a fixed
+//                       device arena.
+//   (later) IPC         the same through the responder's IPC mapping, for ranks in other processes.
 //
 // Addresses are as the NIC sees them (a registration's iova; this transport registers with iova = the owner's
 // virtual address); `peer` names the responder so a backend can pick its mapping of that rank's memory.

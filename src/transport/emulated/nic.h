@@ -217,7 +217,7 @@ class SoftNic {
 };
 
 // Host memory for one QP and its CQ, laid out and initialised as a producer and the NIC expect (tests, CPU
-// proxy over the software NIC). The GPU backend will allocate the same in mapped pinned memory.
+// proxy over the software NIC). gpu_queues.h allocates the same in mapped pinned memory for a GPU producer.
 struct HostQueueMemory {
   HostQueueMemory(uint32_t wqe_cnt, uint32_t cqe_cnt);
   ~HostQueueMemory();

@@ -1,0 +1,959 @@
+// The GPU producer of the scale-out transport (src/transport/rdma/ibgda/ibgda.cuh) against the software NIC
+// executing on this GPU (src/transport/emulated/: SoftNic + CudaMemoryBackend), on ONE GPU: two virtual nodes
+// (rank 0 and rank 1) in this process, each with its own NIC, executor thread, window registry and error record;
+// windows are cudaMalloc'd device buffers; QPs connect the ranks both ways. Kernels are one block each, on two
+// non-blocking streams (the consumer launched first), so the NIC's copies and atomic kernels always find SMs.
+//
+//   PutSignalLitmus      data then signal, sizes 1 B..4 MB log-uniform, every byte checked, acked back
+//   CrossQpReordering    two QPs to one peer: B's data is seen before A's at least once (no cross-QP order)
+//   LastBytePolling      a consumer polling the last data byte sees incomplete data at least once (chaos is
+//                        adversarial: only the signal orders data)
+//   SourceOverwrite      a source rewritten right after its doorbell reaches the receiver at least once
+//   ConcurrentProducers  8 blocks post put_signal on one QP: reservation, in-order ready and lock under contention,
+//                        the 64-WQEBB SQ wraps; every signal counted, every slot intact, the QP stays healthy
+//   MissingDoorbell      written, never rung: quiet times out naming phase, rank, peer and QP; ringing from the
+//                        host afterwards completes the WQE (it was well-formed, only unannounced)
+//   AccessErrors         bad rkey, range outside the window, misaligned atomic: error CQE, QP in error on the NIC,
+//                        kErrNetCqe with the syndrome in the GPU's record
+//
+// Knobs: MOE_LITMUS_ITERATIONS (PutSignalLitmus iterations, default 2000; 10^6 on the GPU machine) and
+// NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero seed when unset: these tests need chaos). Every device wait is
+// bounded (kTimeoutNs) and reports where it stopped; every host wait is bounded too.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "gpu_world.h"
+#include "transport/emulated/chaos.h"
+#include "transport/emulated/cuda_backend.h"
+#include "transport/emulated/gpu_queues.h"
+#include "transport/emulated/nic.h"
+#include "transport/rdma/ibgda/ibgda.cuh"
+#include "transport/rdma/window.h"
+
+namespace {
+
+using nccl_moe::ErrorRecord;
+using nccl_moe::Phase;
+namespace em = nccl_moe::emulated;
+namespace ib = nccl_moe::ibgda;
+namespace rdma = nccl_moe::rdma;
+namespace dev = nccl_moe::dev;
+
+constexpr uint64_t kTimeoutNs = 20ull * 1000 * 1000 * 1000;  // every device wait of these tests
+constexpr double kHostTimeoutS = 60.0;                       // host waits: longer than any device wait
+constexpr int kThreads = 512;
+constexpr uint64_t kMaxLitmusBytes = 4ull << 20;
+constexpr uint64_t kDefaultChaosSeed = 0x6a7e5eedull;
+
+#define CUDA_OK(call)                                                                                             \
+  do {                                                                                                            \
+    const cudaError_t e_ = (call);                                                                                \
+    ASSERT_EQ(cudaSuccess, e_) << #call << ": " << cudaGetErrorName(e_) << " (" << cudaGetErrorString(e_) << ")"; \
+  } while (0)
+#define NCCL_OK(call)                                                             \
+  do {                                                                            \
+    const ncclResult_t r_ = (call);                                               \
+    ASSERT_EQ(ncclSuccess, r_) << #call << ": " << ::nccl_moe::threadLastError(); \
+  } while (0)
+
+uint64_t litmusIterations(uint64_t fallback) {
+  const char* v = std::getenv("MOE_LITMUS_ITERATIONS");
+  if (v == nullptr || *v == '\0') return fallback;
+  const unsigned long long n = std::strtoull(v, nullptr, 10);
+  return n > 0 ? n : fallback;
+}
+
+uint64_t testChaosSeed() {
+  const uint64_t s = em::chaosSeedFromEnvironment();
+  return s != 0 ? s : kDefaultChaosSeed;
+}
+
+__host__ __device__ inline uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+// Word w of iteration i's message (byte j of the message is byte j % 8 of word j / 8): differs between iterations.
+__host__ __device__ inline uint64_t patternWord(uint64_t iter, uint64_t word) { return mix64((iter << 32) ^ word); }
+// Log-uniform in [1, 4 MB): a power of two 2^e (e in 0..21) plus a uniform part below it.
+__host__ __device__ inline uint32_t litmusBytes(uint64_t seed, uint64_t iter) {
+  const uint64_t r = mix64(seed * 0x2545f4914f6cdd1dull + iter);
+  const uint32_t e = static_cast<uint32_t>(r % 22);
+  const uint64_t base = 1ull << e;
+  return static_cast<uint32_t>(base + (r >> 8) % base);
+}
+// The fill byte of try t of the ordering tests: never 0 (fresh buffers) and different from try t - 1's.
+__host__ __device__ inline uint8_t tryByte(uint64_t t) { return static_cast<uint8_t>(1 + t % 251); }
+__host__ __device__ inline uint64_t tryWord(uint64_t t) { return 0x0101010101010101ull * tryByte(t); }
+
+// Where a test kernel stopped, in mapped host memory (first failure wins), plus its counters.
+struct TestStatus {
+  int failed;  // 0 ok, 1 a wait timed out, 2 a transport call returned false
+  int where;   // which wait / call (see kWhere*)
+  long long iter;
+  long long seen;
+  long long expected;
+  unsigned long long mismatches;  // litmus: bytes that differ from the pattern
+  long long first_bad_iter;
+  long long first_bad_offset;
+  unsigned long long count;    // ordering tests: tries that showed the effect
+  unsigned long long corrupt;  // ordering tests: bytes that are neither the old nor the new value
+  int call_result;             // MissingDoorbell / AccessErrors: what quiet returned
+};
+enum : int {
+  kWhereAck = 1,
+  kWhereSignal = 2,
+  kWhereLastByte = 3,
+  kWhereBWord = 4,
+  kWherePut = 5,
+  kWhereQuiet = 6,
+  kWhereAckSend = 7,
+};
+const char* whereName(int w) {
+  switch (w) {
+    case kWhereAck:
+      return "waiting for the receiver's ack (rank 0)";
+    case kWhereSignal:
+      return "waiting for the data's signal (rank 1)";
+    case kWhereLastByte:
+      return "polling the last data byte (rank 1)";
+    case kWhereBWord:
+      return "polling QP B's word (rank 1)";
+    case kWherePut:
+      return "a put/put_signal/signal returned false";
+    case kWhereQuiet:
+      return "quiet returned false";
+    case kWhereAckSend:
+      return "the ack signal returned false (rank 1)";
+    default:
+      return "nowhere";
+  }
+}
+
+__device__ void failStatus(TestStatus* st, int code, int where, uint64_t iter, uint64_t seen, uint64_t expected) {
+  if (atomicCAS(&st->failed, 0, -1) == 0) {
+    st->where = where;
+    st->iter = static_cast<long long>(iter);
+    st->seen = static_cast<long long>(seen);
+    st->expected = static_cast<long long>(expected);
+    __threadfence_system();
+    atomicExch(&st->failed, code);
+  }
+}
+
+// Bounded wait for *word >= target (acquire, system scope).
+__device__ bool waitGeq(const uint64_t* word, uint64_t target, TestStatus* st, int where, uint64_t iter) {
+  const uint64_t start = dev::globaltimer_ns();
+  uint64_t seen = 0;
+  for (uint32_t spins = 0;; ++spins) {
+    seen = dev::ld_acquire_sys(word);
+    if (seen >= target) return true;
+    if ((spins & 255u) == 255u) {
+      if (dev::ld_relaxed_sys(&st->failed) != 0) return false;
+      if (dev::globaltimer_ns() - start > kTimeoutNs) {
+        failStatus(st, 1, where, iter, seen, target);
+        return false;
+      }
+    }
+  }
+}
+
+// ---- Kernels ----
+
+struct LitmusSend {
+  ib::GpuQp qp;  // rank 0 -> rank 1
+  uint8_t* src;
+  uint64_t dst_addr;
+  uint32_t dst_rkey;
+  uint64_t sig_addr;
+  uint32_t sig_rkey;
+  const uint64_t* ack;  // rank 0's word, added to by rank 1
+  uint64_t iterations;
+  uint64_t seed;
+  TestStatus* st;
+};
+struct LitmusRecv {
+  ib::GpuQp qp;  // rank 1 -> rank 0 (acks)
+  const uint8_t* dst;
+  const uint64_t* sig;
+  uint64_t ack_addr;
+  uint32_t ack_rkey;
+  uint64_t iterations;
+  uint64_t seed;
+  TestStatus* st;
+};
+
+__global__ void litmusSendKernel(LitmusSend a) {
+  __shared__ int abort_flag;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t i = 0; i < a.iterations; ++i) {
+    const uint32_t bytes = litmusBytes(a.seed, i);
+    const uint32_t words = bytes / 8;
+    uint64_t* src64 = reinterpret_cast<uint64_t*>(a.src);
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) src64[w] = patternWord(i, w);
+    if (threadIdx.x == 0)
+      for (uint32_t j = words * 8; j < bytes; ++j)
+        a.src[j] = static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)));
+    __threadfence_system();  // the NIC's copy reads the source: every thread's stores before the doorbell
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (!ib::put_signal(a.qp, reinterpret_cast<uint64_t>(a.src), a.dst_addr, a.dst_rkey, bytes, a.sig_addr,
+                          a.sig_rkey, 1)) {
+        failStatus(a.st, 2, kWherePut, i, 0, 0);
+        abort_flag = 1;
+      } else if (!waitGeq(a.ack, i + 1, a.st, kWhereAck, i)) {
+        abort_flag = 1;
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
+}
+
+__global__ void litmusRecvKernel(LitmusRecv a) {
+  __shared__ int abort_flag;
+  __shared__ unsigned long long bad;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t i = 0; i < a.iterations; ++i) {
+    if (threadIdx.x == 0) {
+      bad = 0;
+      if (!waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+    const uint32_t bytes = litmusBytes(a.seed, i);
+    const uint32_t words = bytes / 8;
+    const unsigned long long* dst64 = reinterpret_cast<const unsigned long long*>(a.dst);
+    unsigned long long my_bad = 0;
+    long long my_first = -1;
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
+      const uint64_t got = __ldcg(dst64 + w);  // L2: never a stale L1 line of an earlier iteration
+      if (got != patternWord(i, w)) {
+        const uint64_t diff = got ^ patternWord(i, w);
+        for (int b = 0; b < 8; ++b) my_bad += ((diff >> (8 * b)) & 0xff) != 0 ? 1 : 0;
+        if (my_first < 0) my_first = static_cast<long long>(w) * 8;
+      }
+    }
+    if (threadIdx.x == 0) {
+      for (uint32_t j = words * 8; j < bytes; ++j) {
+        const uint8_t want = static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)));
+        if (__ldcg(a.dst + j) != want) {
+          ++my_bad;
+          if (my_first < 0) my_first = j;
+        }
+      }
+    }
+    if (my_bad != 0) {
+      atomicAdd(&bad, my_bad);
+      atomicAdd(&a.st->mismatches, my_bad);
+      if (atomicCAS(reinterpret_cast<unsigned long long*>(&a.st->first_bad_iter), ~0ull, i) == ~0ull)
+        a.st->first_bad_offset = my_first;
+    }
+    __syncthreads();  // every read of this iteration's data before the ack lets rank 0 refill its source
+    if (threadIdx.x == 0 && !ib::signal(a.qp, a.ack_addr, a.ack_rkey, 1)) {
+      failStatus(a.st, 2, kWhereAckSend, i, 0, 0);
+      abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
+}
+
+// Ordering tests: one sender kernel and one observer kernel, `tries` rounds in lock step through the ack.
+enum class OrderTest : int { kCrossQp, kLastByte, kSourceOverwrite };
+
+struct OrderSend {
+  OrderTest kind;
+  ib::GpuQp qp_a;  // the data QP (kCrossQp: QP A)
+  ib::GpuQp qp_b;  // kCrossQp: QP B
+  uint8_t* src_a;
+  uint8_t* src_b;  // 8 bytes (kCrossQp)
+  uint32_t bytes;
+  uint64_t dst_a;
+  uint32_t dst_rkey;
+  uint64_t dst_b;
+  uint64_t sig_addr;
+  uint32_t sig_rkey;
+  const uint64_t* ack;
+  uint64_t tries;
+  TestStatus* st;
+};
+struct OrderObserve {
+  OrderTest kind;
+  ib::GpuQp qp;  // acks
+  const uint8_t* dst_a;
+  const uint64_t* dst_b;
+  const uint64_t* sig;
+  uint32_t bytes;
+  uint64_t ack_addr;
+  uint32_t ack_rkey;
+  uint64_t tries;
+  TestStatus* st;
+};
+
+__device__ void fillBytes(uint8_t* p, uint32_t bytes, uint8_t v) {
+  uint64_t* p64 = reinterpret_cast<uint64_t*>(p);
+  const uint64_t w = 0x0101010101010101ull * v;
+  for (uint32_t i = threadIdx.x; i < bytes / 8; i += blockDim.x) p64[i] = w;
+  if (threadIdx.x == 0)
+    for (uint32_t j = bytes / 8 * 8; j < bytes; ++j) p[j] = v;
+}
+
+__global__ void orderSendKernel(OrderSend a) {
+  __shared__ int abort_flag;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t t = 0; t < a.tries; ++t) {
+    const uint8_t x = tryByte(t);
+    fillBytes(a.src_a, a.bytes, x);
+    if (a.kind == OrderTest::kCrossQp) fillBytes(a.src_b, 8, x);
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      bool ok = true;
+      if (a.kind == OrderTest::kCrossQp) {
+        ok = ib::put(a.qp_a, reinterpret_cast<uint64_t>(a.src_a), a.dst_a, a.dst_rkey, a.bytes) &&
+             ib::put(a.qp_b, reinterpret_cast<uint64_t>(a.src_b), a.dst_b, a.dst_rkey, 8) && ib::quiet(a.qp_a) &&
+             ib::quiet(a.qp_b);
+      } else if (a.kind == OrderTest::kLastByte) {
+        ok = ib::put_signal(a.qp_a, reinterpret_cast<uint64_t>(a.src_a), a.dst_a, a.dst_rkey, a.bytes, a.sig_addr,
+                            a.sig_rkey, 1);
+      } else {
+        ok = ib::put(a.qp_a, reinterpret_cast<uint64_t>(a.src_a), a.dst_a, a.dst_rkey, a.bytes);
+      }
+      if (!ok) {
+        failStatus(a.st, 2, kWherePut, t, 0, 0);
+        abort_flag = 1;
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+    if (a.kind == OrderTest::kSourceOverwrite) {
+      // The WRITE is rung but not complete: a new value now is a bug the receiver can see (the NIC reads late).
+      fillBytes(a.src_a, a.bytes, static_cast<uint8_t>(~x));
+      __threadfence_system();
+      __syncthreads();
+      if (threadIdx.x == 0 && !ib::signal(a.qp_a, a.sig_addr, a.sig_rkey, 1)) {
+        failStatus(a.st, 2, kWherePut, t, 0, 0);
+        abort_flag = 1;
+      }
+    }
+    if (threadIdx.x == 0 && abort_flag == 0 && !waitGeq(a.ack, t + 1, a.st, kWhereAck, t)) abort_flag = 1;
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !ib::quiet(a.qp_a)) failStatus(a.st, 2, kWhereQuiet, a.tries, 0, 0);
+}
+
+__global__ void orderObserveKernel(OrderObserve a) {
+  __shared__ int abort_flag;
+  __shared__ unsigned long long off_bytes;   // bytes that are not the new value
+  __shared__ unsigned long long odd_bytes;   // bytes that are neither the old nor the new value
+  __shared__ unsigned long long seen_bytes;  // kSourceOverwrite: bytes with the overwritten value
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t t = 0; t < a.tries; ++t) {
+    const uint8_t x = tryByte(t);
+    const uint8_t old = t == 0 ? 0 : tryByte(t - 1);
+    if (threadIdx.x == 0) {
+      off_bytes = odd_bytes = seen_bytes = 0;
+      bool ok = true;
+      if (a.kind == OrderTest::kCrossQp) {
+        // Wait for B's word (relaxed polling, then an acquire: what a consumer trusting B would do).
+        const uint64_t start = dev::globaltimer_ns();
+        uint64_t seen = 0;
+        for (uint32_t spins = 0;; ++spins) {
+          seen = dev::ld_acquire_sys(a.dst_b);
+          if (seen == tryWord(t)) break;
+          if ((spins & 255u) == 255u && dev::globaltimer_ns() - start > kTimeoutNs) {
+            failStatus(a.st, 1, kWhereBWord, t, seen, tryWord(t));
+            ok = false;
+            break;
+          }
+        }
+      } else if (a.kind == OrderTest::kLastByte) {
+        const uint64_t start = dev::globaltimer_ns();
+        uint8_t seen = 0;
+        for (uint32_t spins = 0;; ++spins) {
+          seen = dev::ld_relaxed_sys(a.dst_a + a.bytes - 1);
+          if (seen == x) break;
+          if ((spins & 255u) == 255u && dev::globaltimer_ns() - start > kTimeoutNs) {
+            failStatus(a.st, 1, kWhereLastByte, t, seen, x);
+            ok = false;
+            break;
+          }
+        }
+        __threadfence();
+      } else {
+        ok = waitGeq(a.sig, t + 1, a.st, kWhereSignal, t);
+      }
+      if (!ok) abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+    unsigned long long my_off = 0, my_odd = 0, my_seen = 0;
+    const uint8_t overwritten = static_cast<uint8_t>(~x);
+    for (uint32_t j = threadIdx.x; j < a.bytes; j += blockDim.x) {
+      const uint8_t v = __ldcg(a.dst_a + j);
+      if (v != x) ++my_off;
+      if (a.kind == OrderTest::kSourceOverwrite) {
+        if (v == overwritten) ++my_seen;
+        if (v != x && v != overwritten) ++my_odd;
+      } else if (v != x && v != old) {
+        ++my_odd;
+      }
+    }
+    if (my_off != 0) atomicAdd(&off_bytes, my_off);
+    if (my_odd != 0) atomicAdd(&odd_bytes, my_odd);
+    if (my_seen != 0) atomicAdd(&seen_bytes, my_seen);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (a.kind == OrderTest::kSourceOverwrite) {
+        if (seen_bytes != 0) atomicAdd(&a.st->count, 1ull);
+      } else if (off_bytes != 0) {
+        atomicAdd(&a.st->count, 1ull);  // B before A / last byte before the rest
+      }
+      if (odd_bytes != 0) atomicAdd(&a.st->corrupt, odd_bytes);
+      if (a.kind == OrderTest::kLastByte && !waitGeq(a.sig, t + 1, a.st, kWhereSignal, t)) abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+    if (a.kind == OrderTest::kLastByte) {
+      // After the signal the data must be complete: the correct consumer never sees a wrong byte.
+      unsigned long long wrong = 0;
+      for (uint32_t j = threadIdx.x; j < a.bytes; j += blockDim.x) wrong += __ldcg(a.dst_a + j) != x ? 1 : 0;
+      if (wrong != 0) atomicAdd(&a.st->mismatches, wrong);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0 && !ib::signal(a.qp, a.ack_addr, a.ack_rkey, 1)) {
+      failStatus(a.st, 2, kWhereAckSend, t, 0, 0);
+      abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.tries, 0, 0);
+}
+
+// One transport call then quiet (MissingDoorbell, AccessErrors): what quiet returned lands in st->call_result.
+enum class SingleOp : int { kPutNoDoorbell, kPut, kSignal };
+struct SingleArgs {
+  SingleOp op;
+  ib::GpuQp qp;
+  uint64_t src;
+  uint64_t remote;
+  uint32_t rkey;
+  uint32_t bytes;
+  TestStatus* st;
+};
+__global__ void singleOpKernel(SingleArgs a) {
+  bool posted = false;
+  if (a.op == SingleOp::kPutNoDoorbell) posted = ib::put(a.qp, a.src, a.remote, a.rkey, a.bytes, false);
+  if (a.op == SingleOp::kPut) posted = ib::put(a.qp, a.src, a.remote, a.rkey, a.bytes);
+  if (a.op == SingleOp::kSignal) posted = ib::signal(a.qp, a.remote, a.rkey, 1);
+  const bool quiet_ok = ib::quiet(a.qp);
+  a.st->call_result = (posted ? 1 : 0) | (quiet_ok ? 2 : 0);
+  __threadfence_system();
+}
+
+// Many producers on one QP: thread 0 of every block posts put_signal in a loop (slot = block), then quiet. The
+// SQ (64 WQEBBs) wraps many times under contention on the reservation, the in-order ready index and the lock.
+struct ConcurrentArgs {
+  ib::GpuQp qp;
+  uint64_t src;  // slot b at src + b * slot_bytes (constant data)
+  uint64_t dst;
+  uint32_t dst_rkey;
+  uint32_t slot_bytes;
+  uint64_t sig_addr;
+  uint32_t sig_rkey;
+  uint32_t per_block;
+  TestStatus* st;
+};
+__global__ void concurrentSendKernel(ConcurrentArgs a) {
+  if (threadIdx.x != 0) return;
+  const uint64_t off = static_cast<uint64_t>(blockIdx.x) * a.slot_bytes;
+  for (uint32_t i = 0; i < a.per_block; ++i) {
+    if (!ib::put_signal(a.qp, a.src + off, a.dst + off, a.dst_rkey, a.slot_bytes, a.sig_addr, a.sig_rkey, 1)) {
+      failStatus(a.st, 2, kWherePut, i, blockIdx.x, 0);
+      return;
+    }
+  }
+  if (!ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.per_block, blockIdx.x, 0);
+}
+
+// ---- Host side ----
+
+template <typename T>
+struct Mapped {  // one T in mapped pinned memory, zeroed
+  T* host = nullptr;
+  T* dev = nullptr;
+  Mapped() {
+    if (cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(T), cudaHostAllocMapped | cudaHostAllocPortable) !=
+        cudaSuccess) {
+      host = nullptr;
+      return;
+    }
+    std::memset(static_cast<void*>(host), 0, sizeof(T));
+    if (cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), host, 0) != cudaSuccess) dev = nullptr;
+  }
+  ~Mapped() {
+    if (host != nullptr) cudaFreeHost(host);
+  }
+  Mapped(const Mapped&) = delete;
+  Mapped& operator=(const Mapped&) = delete;
+};
+
+struct DevWindow {
+  uint8_t* ptr = nullptr;
+  uint64_t bytes = 0;
+  rdma::Window w{};
+  uint64_t addr(uint64_t off = 0) const { return reinterpret_cast<uint64_t>(ptr) + off; }
+};
+
+struct GpuRank {
+  int rank = 0;
+  std::unique_ptr<rdma::WindowRegistry> windows;
+  std::unique_ptr<em::CudaMemoryBackend> backend;
+  std::unique_ptr<em::SoftNic> nic;
+  Mapped<ErrorRecord> error;
+  std::vector<void*> allocations;
+  std::vector<std::unique_ptr<em::EmulatedGpuQp>> qps;
+};
+
+// Two ranks on GPU 0. Destruction stops both NICs before anything they may touch is freed.
+struct World {
+  std::unique_ptr<GpuRank> ranks[2];
+  cudaStream_t streams[2] = {nullptr, nullptr};
+  uint64_t seed = 0;
+  ~World() {
+    for (auto& r : ranks)
+      if (r && r->nic) r->nic->stop();
+    for (cudaStream_t s : streams)
+      if (s != nullptr) cudaStreamSynchronize(s);  // device waits are bounded: this ends
+    for (auto& r : ranks) {
+      if (!r) continue;
+      r->qps.clear();
+      r->nic.reset();
+      r->backend.reset();
+      for (void* p : r->allocations) cudaFree(p);
+    }
+    for (cudaStream_t s : streams)
+      if (s != nullptr) cudaStreamDestroy(s);
+  }
+  GpuRank& operator[](int i) { return *ranks[i]; }
+};
+
+std::string makeWorld(uint64_t seed, World* w) {
+  if (gpu_test::gpuCount() < 1) return "skip";
+  if (cudaSetDevice(0) != cudaSuccess) return "cudaSetDevice(0) failed";
+  w->seed = seed;
+  for (int r = 0; r < 2; ++r) {
+    auto rank = std::make_unique<GpuRank>();
+    rank->rank = r;
+    rank->windows = std::make_unique<rdma::WindowRegistry>(static_cast<uint8_t>(0x30 + r));
+    if (rank->error.host == nullptr || rank->error.dev == nullptr) return "mapped error record allocation failed";
+    em::CudaBackendOptions bo;
+    bo.device = 0;
+    if (em::CudaMemoryBackend::create(bo, &rank->backend) != ncclSuccess)
+      return std::string("CudaMemoryBackend::create: ") + nccl_moe::threadLastError();
+    em::NicConfig nc;
+    nc.rank = r;
+    nc.chaos.seed = seed + static_cast<uint64_t>(r);
+    nc.max_chunk_bytes = bo.max_chunk_bytes;
+    rank->nic = std::make_unique<em::SoftNic>(nc, rank->backend.get(), rank->windows.get());
+    w->ranks[r] = std::move(rank);
+  }
+  for (int r = 0; r < 2; ++r)
+    if (cudaStreamCreateWithFlags(&w->streams[r], cudaStreamNonBlocking) != cudaSuccess)
+      return "stream creation failed";
+  return "";
+}
+
+std::string allocWindow(GpuRank& r, uint64_t bytes, uint32_t flags, DevWindow* out) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, bytes) != cudaSuccess) return "cudaMalloc of a window failed";
+  r.allocations.push_back(p);
+  if (cudaMemset(p, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) return "cudaMemset failed";
+  out->ptr = static_cast<uint8_t*>(p);
+  out->bytes = bytes;
+  if (r.windows->registerWindow(out->addr(), bytes, rdma::kAccessAllRemote, flags, &out->w) != ncclSuccess)
+    return std::string("registerWindow: ") + nccl_moe::threadLastError();
+  return "";
+}
+
+std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error,
+                      em::EmulatedGpuQp** out) {
+  em::GpuQpSpec spec;
+  spec.nic = from.nic.get();
+  spec.backend = from.backend.get();
+  spec.local_windows = from.windows.get();
+  spec.responder = em::Responder{to.windows.get(), to.rank, 0};
+  spec.wqe_cnt = 64;
+  spec.cqe_cnt = 64;
+  spec.src_lkey = src_lkey;
+  spec.rank = from.rank;
+  spec.timeout_ns = timeout_ns;
+  spec.dev_error = dev_error != nullptr ? dev_error : from.error.dev;
+  std::unique_ptr<em::EmulatedGpuQp> q;
+  if (em::EmulatedGpuQp::create(spec, &q) != ncclSuccess)
+    return std::string("EmulatedGpuQp::create: ") + nccl_moe::threadLastError();
+  *out = q.get();
+  from.qps.push_back(std::move(q));
+  return "";
+}
+
+std::string startNics(World& w) {
+  for (int r = 0; r < 2; ++r)
+    if (w[r].nic->start() != ncclSuccess) return std::string("SoftNic::start: ") + nccl_moe::threadLastError();
+  return "";
+}
+
+// Bounded host wait for both test streams; "" or what is still running.
+std::string waitStreams(World& w, double timeout_s, const char* what) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    bool all = true;
+    for (int r = 0; r < 2; ++r) {
+      const cudaError_t e = cudaStreamQuery(w.streams[r]);
+      if (e == cudaErrorNotReady) {
+        all = false;
+      } else if (e != cudaSuccess) {
+        return std::string(what) + ": rank " + std::to_string(r) + "'s kernel failed: " + cudaGetErrorString(e);
+      }
+    }
+    if (all) return "";
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout_s)
+      return std::string(what) + ": kernels still running after " + std::to_string(timeout_s) + " s";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+std::string describeStatus(const TestStatus& s) {
+  char buf[320];
+  std::snprintf(buf, sizeof(buf),
+                "failed %d at %s, iteration %lld (seen %lld, expected %lld); mismatched bytes %llu (first at "
+                "iteration %lld offset %lld); count %llu; corrupt %llu",
+                s.failed, whereName(s.where), s.iter, s.seen, s.expected, s.mismatches, s.first_bad_iter,
+                s.first_bad_offset, s.count, s.corrupt);
+  return buf;
+}
+
+// Everything that helps to read a failure from the log: both NICs, their QPs, the GPU records, the backends.
+void dumpWorld(World& w) {
+  for (int r = 0; r < 2; ++r) {
+    GpuRank& k = w[r];
+    const em::NicCounters c = k.nic->counters();
+    std::printf("[rank %d] %s: wqes %" PRIu64 " bytes %" PRIu64 " atomics %" PRIu64 " cqes %" PRIu64
+                " error_cqes %" PRIu64 " flush_cqes %" PRIu64 " lost_cqes %" PRIu64 "; staging high water %" PRIu64
+                " B; backend %s\n",
+                r, k.nic->describe().c_str(), c.wqes, c.bytes_placed, c.atomics, c.cqes, c.error_cqes, c.flush_cqes,
+                c.lost_cqes, k.backend->stagingHighWater(), k.backend->failed() ? k.backend->error().c_str() : "ok");
+    for (const auto& q : k.qps)
+      std::printf("[rank %d]   QP %u (qpn 0x%x): state %s, announced %u, retired %u%s%s\n", r, q->qp(), q->qpn(),
+                  k.nic->qpState(q->qp()) == em::QpState::kReady ? "ready" : "ERROR", k.nic->qpAnnounced(q->qp()),
+                  k.nic->qpRetired(q->qp()), k.nic->qpError(q->qp()).empty() ? "" : ": ",
+                  k.nic->qpError(q->qp()).c_str());
+    for (const std::string& e : k.nic->nicErrors()) std::printf("[rank %d]   NIC: %s\n", r, e.c_str());
+    const ErrorRecord rec = *k.error.host;
+    std::printf("[rank %d]   GPU error record: %s\n", r,
+                rec.code == 0 ? "none" : ib::describeNetError(rec, kTimeoutNs).c_str());
+  }
+}
+
+#define WORLD_OR_SKIP(world, seed)                                                          \
+  do {                                                                                      \
+    const std::string why_ = makeWorld((seed), &(world));                                   \
+    if (why_ == "skip") GTEST_SKIP() << "no CUDA GPU: the transport litmus tests need one"; \
+    ASSERT_EQ("", why_);                                                                    \
+  } while (0)
+
+// ---- Tests ----
+
+TEST(TransportLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  const uint64_t iterations = litmusIterations(2000);
+  std::printf("PutSignalLitmus: chaos seed %" PRIu64 " (NCCL_MOE_EMU_CHAOS=%" PRIu64 " reproduces it), %" PRIu64
+              " iterations (MOE_LITMUS_ITERATIONS), sizes 1 B..4 MB log-uniform\n",
+              seed, seed, iterations);
+  DevWindow src, dst, sig, ack;
+  ASSERT_EQ("", allocWindow(w[0], kMaxLitmusBytes, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kMaxLitmusBytes, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
+  em::EmulatedGpuQp *q01 = nullptr, *q10 = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &q01));
+  ASSERT_EQ("", connectQp(w[1], w[0], 0, kTimeoutNs, nullptr, &q10));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  st.host->first_bad_iter = -1;
+  LitmusRecv recv{q10->view(), dst.ptr, reinterpret_cast<const uint64_t*>(sig.ptr), ack.addr(), ack.w.rkey, iterations,
+                  seed,        st.dev};
+  LitmusSend send{
+      q01->view(), src.ptr, dst.addr(), dst.w.rkey, sig.addr(), sig.w.rkey, reinterpret_cast<const uint64_t*>(ack.ptr),
+      iterations,  seed,    st.dev};
+  const auto t0 = std::chrono::steady_clock::now();
+  litmusRecvKernel<<<1, kThreads, 0, w.streams[1]>>>(recv);
+  litmusSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 1e-3, "PutSignalLitmus");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("PutSignalLitmus: %.3f s, %.0f iterations/s; %s\n", secs, iterations / secs,
+              describeStatus(*st.host).c_str());
+  dumpWorld(w);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0ull, st.host->mismatches) << describeStatus(*st.host) << " (chaos seed " << seed << ")";
+  EXPECT_EQ(0, w[0].error.host->code) << ib::describeNetError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(0, w[1].error.host->code) << ib::describeNetError(*w[1].error.host, kTimeoutNs);
+  EXPECT_FALSE(w[0].backend->failed()) << w[0].backend->error();
+  EXPECT_FALSE(w[1].backend->failed()) << w[1].backend->error();
+  EXPECT_EQ(iterations, w[0].nic->counters().atomics);
+  EXPECT_EQ(iterations, w[1].nic->counters().atomics);
+}
+
+// Runs one ordering test (sender rank 0, observer rank 1) and returns its status.
+void runOrderTest(OrderTest kind, uint32_t bytes, uint64_t tries, TestStatus* out) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  std::printf("chaos seed %" PRIu64 ", %" PRIu64 " tries of %u bytes\n", seed, tries, bytes);
+  DevWindow src, dst, sig, ack;
+  ASSERT_EQ("", allocWindow(w[0], bytes + 64, 0, &src));  // [0, bytes): A's source, [bytes, +8): B's
+  ASSERT_EQ("", allocWindow(w[1], bytes + 64, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
+  em::EmulatedGpuQp *qa = nullptr, *qb = nullptr, *q10 = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &qa));
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &qb));
+  ASSERT_EQ("", connectQp(w[1], w[0], 0, kTimeoutNs, nullptr, &q10));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  OrderObserve obs{kind,
+                   q10->view(),
+                   dst.ptr,
+                   reinterpret_cast<const uint64_t*>(dst.ptr + bytes),
+                   reinterpret_cast<const uint64_t*>(sig.ptr),
+                   bytes,
+                   ack.addr(),
+                   ack.w.rkey,
+                   tries,
+                   st.dev};
+  OrderSend send{
+      kind,       qa->view(), qb->view(),      src.ptr,    src.ptr + bytes, bytes,
+      dst.addr(), dst.w.rkey, dst.addr(bytes), sig.addr(), sig.w.rkey,      reinterpret_cast<const uint64_t*>(ack.ptr),
+      tries,      st.dev};
+  const auto t0 = std::chrono::steady_clock::now();
+  orderObserveKernel<<<1, kThreads, 0, w.streams[1]>>>(obs);
+  orderSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS, "ordering test");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%.3f s; %s\n", secs, describeStatus(*st.host).c_str());
+  dumpWorld(w);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0, w[0].error.host->code) << ib::describeNetError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(0, w[1].error.host->code) << ib::describeNetError(*w[1].error.host, kTimeoutNs);
+  EXPECT_FALSE(w[0].backend->failed()) << w[0].backend->error();
+  EXPECT_FALSE(w[1].backend->failed()) << w[1].backend->error();
+  *out = *st.host;
+}
+
+TEST(TransportLitmus, CrossQpReorderingIsObserved) {
+  TestStatus s{};
+  runOrderTest(OrderTest::kCrossQp, 256u << 10, 200, &s);
+  if (HasFatalFailure() || IsSkipped()) return;
+  std::printf("CrossQpReordering: B's word seen before all of A's data in %llu of 200 tries\n", s.count);
+  EXPECT_GT(s.count, 0ull) << "no cross-QP reordering seen: chaos does not interleave QPs";
+  EXPECT_EQ(0ull, s.corrupt) << "bytes that are neither the old nor the new value";
+}
+
+TEST(TransportLitmus, PollingTheLastByteSeesIncompleteData) {
+  TestStatus s{};
+  runOrderTest(OrderTest::kLastByte, 64u << 10, 300, &s);
+  if (HasFatalFailure() || IsSkipped()) return;
+  std::printf(
+      "LastBytePolling: the wrong consumer saw incomplete data in %llu of 300 tries; the signal-trusting "
+      "consumer saw %llu wrong bytes\n",
+      s.count, s.mismatches);
+  EXPECT_GT(s.count, 0ull) << "polling the last byte never saw incomplete data: chaos is not adversarial enough";
+  EXPECT_EQ(0ull, s.mismatches) << "data incomplete after its signal";
+  EXPECT_EQ(0ull, s.corrupt);
+}
+
+TEST(TransportLitmus, SourceOverwrittenBeforeCompletionIsSeen) {
+  TestStatus s{};
+  runOrderTest(OrderTest::kSourceOverwrite, 64u << 10, 100, &s);
+  if (HasFatalFailure() || IsSkipped()) return;
+  std::printf("SourceOverwrite: the receiver saw the overwritten value in %llu of 100 tries\n", s.count);
+  EXPECT_GT(s.count, 0ull) << "a source rewritten right after its doorbell never reached the receiver";
+  EXPECT_EQ(0ull, s.corrupt) << "bytes that are neither the written nor the overwritten value";
+}
+
+TEST(TransportLitmus, ConcurrentProducersShareOneQp) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  constexpr uint32_t kBlocks = 8, kPerBlock = 40, kSlotBytes = 4096;
+  std::printf("ConcurrentProducers: chaos seed %" PRIu64 ", %u blocks x %u put_signal on one QP of 64 WQEBBs\n", seed,
+              kBlocks, kPerBlock);
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], kBlocks * kSlotBytes, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kBlocks * kSlotBytes, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  std::vector<uint8_t> pattern(kBlocks * kSlotBytes);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(1 + (i / kSlotBytes) * 29 + i % 7);
+  CUDA_OK(cudaMemcpy(src.ptr, pattern.data(), pattern.size(), cudaMemcpyHostToDevice));
+  em::EmulatedGpuQp* q = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &q));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  const auto t0 = std::chrono::steady_clock::now();
+  concurrentSendKernel<<<kBlocks, 32, 0, w.streams[0]>>>(ConcurrentArgs{
+      q->view(), src.addr(), dst.addr(), dst.w.rkey, kSlotBytes, sig.addr(), sig.w.rkey, kPerBlock, st.dev});
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS, "ConcurrentProducers");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("ConcurrentProducers: %.3f s; %s\n", secs, describeStatus(*st.host).c_str());
+  dumpWorld(w);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0, w[0].error.host->code) << ib::describeNetError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(em::QpState::kReady, w[0].nic->qpState(q->qp())) << w[0].nic->qpError(q->qp());
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, w[0].nic->counters().atomics);
+  EXPECT_EQ(2u * kBlocks * kPerBlock, w[0].nic->qpRetired(q->qp()));
+  uint64_t signal = 0;
+  CUDA_OK(cudaMemcpy(&signal, sig.ptr, sizeof(signal), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, signal);
+  std::vector<uint8_t> got(pattern.size());
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) bad += got[i] != pattern[i] ? 1 : 0;
+  EXPECT_EQ(0u, bad) << "bytes of the slots that differ from their sources";
+}
+
+TEST(TransportLitmus, MissingDoorbellTimesOutNamingTheQp) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  DevWindow src, dst;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  CUDA_OK(cudaMemset(src.ptr, 0x5a, 4096));
+  CUDA_OK(cudaDeviceSynchronize());
+  constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;
+  em::EmulatedGpuQp* q = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kShortTimeoutNs, nullptr, &q));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  singleOpKernel<<<1, 1, 0, w.streams[0]>>>(
+      SingleArgs{SingleOp::kPutNoDoorbell, q->view(), src.addr(), dst.addr(), dst.w.rkey, 4096, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "MissingDoorbell kernel"));
+  const ErrorRecord rec = *w[0].error.host;
+  const std::string msg = ib::describeNetError(rec, kShortTimeoutNs);
+  std::printf("MissingDoorbell: quiet %s; record: %s\n", (st.host->call_result & 2) ? "returned true" : "timed out",
+              msg.c_str());
+  EXPECT_EQ(1, st.host->call_result) << "the put (without doorbell) must succeed and quiet must fail";
+  EXPECT_EQ(nccl_moe::kErrTimeout, rec.code);
+  EXPECT_EQ(static_cast<int>(Phase::kNetQuiet), rec.phase);
+  EXPECT_EQ(0, rec.rank);
+  EXPECT_EQ(1, rec.peer);
+  EXPECT_EQ(static_cast<int>(q->qpn()), rec.qpn);
+  EXPECT_EQ(1, rec.expected);
+  EXPECT_EQ(0, rec.detail) << "announced index";
+  EXPECT_NE(std::string::npos, msg.find("never rung")) << msg;
+  EXPECT_EQ(0u, w[0].nic->qpAnnounced(q->qp()));
+  // The WQE was well-formed, only unannounced: ring it from the host and it completes.
+  __atomic_store_n(&q->memory().hostSqDbrec()[nccl_moe::mlx5::kSendDbrIndex], nccl_moe::mlx5::sq_dbr_value(1).raw,
+                   __ATOMIC_RELEASE);
+  __atomic_store_n(q->memory().hostDoorbell(), nccl_moe::mlx5::sq_doorbell_word(1, q->qpn()), __ATOMIC_RELEASE);
+  const auto start = std::chrono::steady_clock::now();
+  while (w[0].nic->qpRetired(q->qp()) != 1u &&
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  dumpWorld(w);
+  ASSERT_EQ(1u, w[0].nic->qpRetired(q->qp())) << "the WQE rung late by the host did not complete within 10 s";
+  std::vector<uint8_t> got(4096);
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x5a, got[i]) << "byte " << i;
+}
+
+TEST(TransportLitmus, AccessErrorsFailTheQpAndAreRecorded) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  ASSERT_EQ("", startNics(w));
+  struct Case {
+    const char* name;
+    SingleOp op;
+    uint64_t remote;
+    uint32_t rkey;
+    uint32_t bytes;
+    uint8_t syndrome;
+    em::EmuFault fault;
+  };
+  const Case cases[] = {
+      {"bad rkey", SingleOp::kPut, dst.addr(), dst.w.rkey + (1000u << 8), 64, 0x13, em::EmuFault::kBadRemoteKey},
+      {"out of window", SingleOp::kPut, dst.addr(4096 - 32), dst.w.rkey, 64, 0x13, em::EmuFault::kRemoteOutOfWindow},
+      {"misaligned atomic", SingleOp::kSignal, sig.addr(4), sig.w.rkey, 8, 0x12, em::EmuFault::kMisalignedAtomic},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Mapped<ErrorRecord> rec;  // one record per case: the first failure wins
+    Mapped<TestStatus> st;
+    ASSERT_NE(nullptr, rec.dev);
+    ASSERT_NE(nullptr, st.dev);
+    em::EmulatedGpuQp* q = nullptr;
+    ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, rec.dev, &q));
+    singleOpKernel<<<1, 1, 0, w.streams[0]>>>(
+        SingleArgs{c.op, q->view(), src.addr(), c.remote, c.rkey, c.bytes, st.dev});
+    CUDA_OK(cudaGetLastError());
+    ASSERT_EQ("", waitStreams(w, kHostTimeoutS, c.name));
+    const ErrorRecord r = *rec.host;
+    const std::string msg = ib::describeNetError(r, kTimeoutNs);
+    std::printf("AccessErrors[%s]: GPU record: %s\n  NIC: %s\n", c.name, msg.c_str(),
+                w[0].nic->qpError(q->qp()).c_str());
+    EXPECT_EQ(1, st.host->call_result) << "posting succeeds, quiet reports the error";
+    EXPECT_EQ(nccl_moe::kErrNetCqe, r.code) << msg;
+    EXPECT_EQ(static_cast<int>(Phase::kNetCqe), r.phase);
+    EXPECT_EQ(0, r.rank);
+    EXPECT_EQ(1, r.peer);
+    EXPECT_EQ(static_cast<int>(q->qpn()), r.qpn);
+    EXPECT_EQ(0, r.counter) << "the failed WQE is the QP's first";
+    EXPECT_EQ(c.syndrome, r.detail & 0xff) << msg;
+    EXPECT_EQ(static_cast<int>(c.fault), (r.detail >> 8) & 0xff) << msg;
+    EXPECT_EQ(em::QpState::kError, w[0].nic->qpState(q->qp()));
+    EXPECT_FALSE(w[0].nic->qpError(q->qp()).empty());
+    EXPECT_EQ(0, w[0].error.host->code) << "the rank's own record is untouched (the QP had its own)";
+  }
+  dumpWorld(w);
+}
+
+}  // namespace
