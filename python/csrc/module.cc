@@ -11,6 +11,7 @@
 //   - The GIL is released around every call that may wait for other ranks (init, notify, destroy) and around every
 //     collective launch, so the ranks of a one-process world can be driven from Python threads.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>

@@ -150,3 +150,26 @@ def test_alias_folder_ships_with_the_package():
     root = os.path.dirname(nccl_moe.__file__)
     for f in ("_alias/deep_ep/__init__.py", "_alias/deep_ep/utils.py"):
         assert os.path.isfile(os.path.join(root, f)), f
+
+
+def _native_callables():
+    """Every function of the extension and every method of its classes, with the name it is reached by."""
+    for name in dir(_C):
+        obj = getattr(_C, name)
+        if name.startswith("__"):
+            continue
+        if isinstance(obj, type):
+            for attr in dir(obj):
+                if not attr.startswith("__") and callable(getattr(obj, attr, None)):
+                    yield f"{name}.{attr}", getattr(obj, attr)
+        elif callable(obj):
+            yield name, obj
+
+
+def test_every_native_signature_has_python_types():
+    """A C++ type without a nanobind type caster in scope (a missing nanobind/stl/*.h include) shows as `std::...` in
+    the signature, and the call then fails only when it returns (as ht_notify's std::pair did on the first GPU run).
+    The signatures are known without calling anything, so this catches it on a CPU."""
+    bad = [f"{name}: {(fn.__doc__ or '').splitlines()[0]}" for name, fn in _native_callables()
+           if "std::" in (fn.__doc__ or "")]
+    assert not bad, "signatures with C++ types Python cannot receive:\n" + "\n".join(bad)
