@@ -110,7 +110,8 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
       out("# %s", run.options.check ? "all checks passed" : "no errors (checks skipped: -c 0)");
       if (sh.unavailable_rows.load() > 0)
         out(" (%d MoE rows not available%s)", sh.unavailable_rows.load(), layout.sharedGpu() ? "" : ": baseline only");
-      if (layout.sharedGpu()) out(" -- ranks shared a GPU: a correctness run, the times are not NVLink numbers");
+      if (layout.sharedGpu() || sh.distinct_gpus.load() > 0)
+        out(" -- ranks shared a GPU: a correctness run, the times are not NVLink numbers");
       out("\n");
     }
   }

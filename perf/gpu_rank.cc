@@ -53,7 +53,7 @@ void printRankList(const std::vector<RankInfo>& infos) {
 }  // namespace
 
 void rankMain(ProcessState& sh, int local) {
-  const RunInfo& run = sh.run;
+  RunInfo run = sh.run;  // this rank's copy: the GPU count is only known once every rank's bus id is
   const Options& o = run.options;
   Progress& prog = sh.progress[local];
   RankDevice rd;
@@ -97,6 +97,32 @@ void rankMain(ProcessState& sh, int local) {
   std::vector<RankInfo> infos(sz(rd.num_ranks));
   std::memcpy(infos.data(), all.data(), all.size());
   if (printer) printRankList(infos);
+  if (!shared) {
+    // Processes on one GPU (MPI or --procs, NCCL_HOSTID per process): a correctness run like --ranks-per-gpu.
+    std::vector<std::string> hosts, bus_ids;
+    for (const RankInfo& i : infos) {
+      hosts.emplace_back(i.host);
+      bus_ids.emplace_back(i.bus_id);
+    }
+    const int gpus = distinctGpus(hosts, bus_ids);
+    if (gpus < rd.num_ranks) {
+      run.gpus_shared_by_processes = true;
+      run.num_gpus = gpus;
+      sh.distinct_gpus.store(run.num_gpus);
+      if (printer) {
+        out("# "
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+            "\n");
+        out("# !!! PROCESSES SHARE A GPU: %d ranks on %d GPU%s (found from every rank's host and PCI bus id).\n",
+            rd.num_ranks, run.num_gpus, run.num_gpus == 1 ? "" : "s");
+        out("# !!! CORRECTNESS RUN: every call is verified, but neither the MoE times nor the NCCL baseline say\n");
+        out("# !!! anything about NVLink (the ranks time-slice or share SMs under MPS; NCCL may run over sockets).\n");
+        out("# "
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+            "\n");
+      }
+    }
+  }
   const std::string gpu_name = infos[0].name;
   prog.set("start gate setup");
   std::vector<Collective::Place> places;

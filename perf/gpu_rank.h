@@ -34,6 +34,7 @@ struct ProcessState {
   std::atomic<int> exit_code{0};
   std::atomic<int> unavailable_rows{0};  // counted by the printing rank
   std::atomic<bool> done{false};
+  std::atomic<int> distinct_gpus{0};  // processes sharing GPUs: distinct (host, bus id) pairs of all ranks, else 0
   bool kernel_timer = false;  // the CUPTI kernel timer is on in this process (decided once, before the rank threads)
   // Ranks sharing a GPU only (null otherwise): the host collectives' shared memory and the MoE communicators.
   std::unique_ptr<HostExchange> exchange;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdarg>
+#include <set>
 
 namespace nccl_moe::perf {
 
@@ -186,6 +187,12 @@ double opBytesPerRank(const Problem& p, const std::string& op) {
   return sum / R;
 }
 
+int distinctGpus(const std::vector<std::string>& hosts, const std::vector<std::string>& bus_ids) {
+  std::set<std::pair<std::string, std::string>> gpus;
+  for (size_t r = 0; r < hosts.size() && r < bus_ids.size(); ++r) gpus.emplace(hosts[r], bus_ids[r]);
+  return static_cast<int>(gpus.size());
+}
+
 ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu) {
   ResultRow row;
   row.backend = cpu ? "cpu" : "gpu";
@@ -195,7 +202,7 @@ ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, i
   row.dtype = p.spec.dtype;
   row.ranks = p.spec.num_ranks;
   row.gpus = cpu ? 0 : run.num_gpus;
-  row.shared_gpu = !cpu && run.ranks_per_gpu > 1;
+  row.shared_gpu = !cpu && (run.ranks_per_gpu > 1 || run.gpus_shared_by_processes);
   row.sms = sms;
   row.tokens = p.spec.tokens;
   row.hidden = p.spec.hidden;

@@ -20,11 +20,18 @@ struct RunInfo {
   JsonLinesWriter* json = nullptr;
   int num_gpus = 0;       // distinct GPUs the ranks use (0 in CPU mode): the rows' `gpus`
   int ranks_per_gpu = 1;  // > 1: ranks share GPUs (--ranks-per-gpu), a correctness run: the rows' `shared_gpu`
+  // Processes (--procs, MPI) whose ranks turned out to share GPUs (found from every rank's host and bus id): also a
+  // correctness run, though NCCL runs between them (over sockets when they claim different hosts).
+  bool gpus_shared_by_processes = false;
 };
 
 // How long a host wait between the ranks of a process (a barrier of rank threads) may last before it gives up and
 // fails the run: --timeout seconds, or one hour with --timeout 0 (the watchdog is off then, host waits stay bounded).
 double hostWaitSeconds(const Options& options);
+
+// GPUs the ranks use: distinct (host, PCI bus id) pairs, rank r on hosts[r] / bus_ids[r]. Fewer than the ranks
+// means ranks share GPUs (for processes: RunInfo::gpus_shared_by_processes).
+int distinctGpus(const std::vector<std::string>& hosts, const std::vector<std::string>& bus_ids);
 
 // Prints to stdout and flushes (progress must be visible while a long run is going).
 void out(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
