@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -625,9 +626,17 @@ std::string startNics(World& w) {
 }
 
 // Bounded host wait for both test streams; "" or what is still running.
-std::string waitStreams(World& w, double timeout_s, const char* what) {
+// `progress` (optional): a line printed every 5 s while the kernels run (long litmus runs say how far they got).
+std::string waitStreams(World& w, double timeout_s, const char* what,
+                        const std::function<std::string()>& progress = {}) {
   const auto start = std::chrono::steady_clock::now();
+  auto next_report = start + std::chrono::seconds(5);
   for (;;) {
+    if (progress && std::chrono::steady_clock::now() >= next_report) {
+      std::printf("%s: %s\n", what, progress().c_str());
+      std::fflush(stdout);
+      next_report += std::chrono::seconds(5);
+    }
     bool all = true;
     for (int r = 0; r < 2; ++r) {
       const cudaError_t e = cudaStreamQuery(w.streams[r]);
@@ -714,7 +723,14 @@ TEST(TransportLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
   litmusRecvKernel<<<1, kThreads, 0, w.streams[1]>>>(recv);
   litmusSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
   CUDA_OK(cudaGetLastError());
-  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 1e-3, "PutSignalLitmus");
+  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 1e-3, "PutSignalLitmus", [&] {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const uint64_t done = w[0].nic->counters().atomics;  // put_signals the NIC executed (one fetch-add each)
+    char line[160];
+    std::snprintf(line, sizeof(line), "%" PRIu64 " of %" PRIu64 " put_signals after %.0f s (%.0f per s)", done,
+                  iterations, s, done / s);
+    return std::string(line);
+  });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("PutSignalLitmus: %.3f s, %.0f iterations/s; %s\n", secs, iterations / secs,
               describeStatus(*st.host).c_str());
