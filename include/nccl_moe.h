@@ -91,10 +91,15 @@ typedef struct {
   int max_tokens_per_rank;    /* high-throughput capacity: largest T of a HT call on any rank; 0 = no HT. */
   int ll_max_tokens_per_rank; /* low-latency capacity: largest T of a LL call (same on every rank); 0 = no LL. */
   int num_sms;                /* default SM budget of HT kernels; 0 = chosen from the hardware. */
+  int ll_num_sms;             /* SMs of this rank's LL kernels; 0 = all of the rank's SMs (its GPU's, or its share when
+                               * ranks share the GPU), larger values are capped there. A budget below that leaves SMs
+                               * to other work (e.g. compute kernels on other streams during decode) and makes an LL
+                               * call with both phases two kernels (send, then receive), so that it completes however
+                               * few of its blocks are resident. May differ between ranks. */
 } ncclMoeConfig_t;
 
 #define NCCL_MOE_CONFIG_INITIALIZER \
-  { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0 }
+  { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0, 0 }
 
 /* Bytes of device memory one rank's communication buffer needs for `config` on `num_ranks` ranks of one node
  * (what ncclMoeCommInit allocates per rank; 1 <= num_ranks <= NCCL_MOE_MAX_NVL_PEERS). Pure host arithmetic,

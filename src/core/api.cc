@@ -127,6 +127,8 @@ ncclResult_t checkConfig(const ncclMoeConfig_t* config, const char* api) {
                 "%s: config->hidden is %d; low-latency mode (ll_max_tokens_per_rank > 0) needs hidden %% 128 == 0", api,
                 config->hidden);
   MOE_ARG_CHECK(config->num_sms >= 0, "%s: config->num_sms is %d, expected >= 0 (0 = automatic)", api, config->num_sms);
+  MOE_ARG_CHECK(config->ll_num_sms >= 0, "%s: config->ll_num_sms is %d, expected >= 0 (0 = all of the rank's SMs)", api,
+                config->ll_num_sms);
   return ncclSuccess;
 }
 

@@ -180,7 +180,11 @@ ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRe
   int64_t sms = config.num_sms > 0 ? config.num_sms : envInt("NCCL_MOE_NUM_SMS");
   if (sms <= 0) sms = 24;  // measured sweet spot of the HT kernels on H200 (docs/performance.md)
   comm->default_num_sms = static_cast<int>(sms < comm->rank_sms ? sms : comm->rank_sms);
-  comm->ll_split_launch = comm->ranks_on_device > 1 || envInt("NCCL_MOE_LL_SPLIT_LAUNCH") > 0;
+  comm->ll_sms = config.ll_num_sms > 0 && config.ll_num_sms < comm->rank_sms ? config.ll_num_sms : comm->rank_sms;
+  // Two LL kernels per call where the grid may not be resident at once: ranks share the GPU, other work was
+  // given SMs (an LL budget), or asked for.
+  comm->ll_split_launch =
+      comm->ranks_on_device > 1 || comm->ll_sms < comm->rank_sms || envInt("NCCL_MOE_LL_SPLIT_LAUNCH") > 0;
 
   // Lazy module loading would otherwise load a kernel at its first launch, waiting for a device where a peer's
   // kernel may spin until this rank's next call (src/ops/load.cc).

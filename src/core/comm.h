@@ -30,6 +30,7 @@ struct ncclMoeComm {
   // An LL call with both phases runs as two kernels (send, then receive): set when ranks share the GPU or
   // NCCL_MOE_LL_SPLIT_LAUNCH=1 (src/ops/ll.cc).
   bool ll_split_launch = false;
+  int ll_sms = 0;           // SMs of this rank's LL kernels: config.ll_num_sms capped at rank_sms (0 there: rank_sms)
   int default_num_sms = 0;  // HT SM budget when a call passes 0
   ncclMoeConfig_t config{};
   nccl_moe::LayoutParams params{};

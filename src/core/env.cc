@@ -21,7 +21,7 @@ const std::vector<EnvVar>& envRegistry() {
        "Default SM budget of high-throughput kernels when the config and the call pass 0 (0 = automatic)."},
       {"NCCL_MOE_LL_SPLIT_LAUNCH", EnvType::kInt, "0",
        "1: an LL call with both phases runs as a send kernel then a receive kernel, so that no block waits for "
-       "another block of its own grid (always so when ranks share a GPU)."},
+       "another block of its own grid (always so when ranks share a GPU or config.ll_num_sms leaves SMs free)."},
       {"NCCL_MOE_SM_RESERVE", EnvType::kInt, "0",
        "SMs the tuner plugin keeps free of NCCL's collectives for NCCL-MoE kernels running alongside."},
       {"NCCL_MOE_HT_KERNEL", EnvType::kString, "fast",

@@ -60,7 +60,7 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
   a.comm = comm->deviceComm();
   a.layout = comm->layout.ll;
   a.half_offset = comm->layout.ll_half(r.half);
-  a.num_sms = comm->rank_sms;
+  a.num_sms = comm->ll_sms;
   a.max_blocks_per_sm = comm->ranks_on_device > 1 ? 1 : 0;
   a.x = args.x;
   a.topk_idx = args.topk_idx;
@@ -106,7 +106,7 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   a.comm = comm->deviceComm();
   a.layout = L;
   a.half_offset = comm->layout.ll_half(r.half);
-  a.num_sms = comm->rank_sms;
+  a.num_sms = comm->ll_sms;
   a.max_blocks_per_sm = comm->ranks_on_device > 1 ? 1 : 0;
   a.y = static_cast<const uint16_t*>(args.zero_copy ? static_cast<const void*>(combineBuffer(comm, r.half)) : args.x);
   a.topk_idx = args.topk_idx;

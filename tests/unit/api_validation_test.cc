@@ -363,6 +363,7 @@ TEST(ApiConfig, RejectsEachBadField) {
        },
        "both 0"},
       {[](ncclMoeConfig_t& c) { c.num_sms = -3; }, "config->num_sms is -3"},
+      {[](ncclMoeConfig_t& c) { c.ll_num_sms = -1; }, "config->ll_num_sms is -1"},
       {[](ncclMoeConfig_t& c) { c.size = 4; }, "NCCL_MOE_CONFIG_INITIALIZER"},
   };
   for (auto& b : bad) {
