@@ -108,6 +108,16 @@ def markdown(result):
               c["t_send_fixed_us"], c["t_nic_us"], c["imbalance"], c["t_nvl_us"], c["t_latency_us"],
               c["t_recv_us"], c["time_us"], c["bound"], c["deepep_us"], c["target"], met))
     w("")
+    w("Stretch: LL combine with FP8 partials over RDMA (NVLink and the receive term kept at BF16 bytes):")
+    w("")
+    w("| EP | RDMA MB | NIC x imbalance | model µs | vs BF16 combine | target |")
+    w("|---|---|---|---|---|---|")
+    ll_bf16 = {c["ep"]: c for c in result["ll"] if c["op"] == "combine"}
+    for c in result["ll_fp8_combine"]:
+        w("| %d | %.2f | %.1f | **%.1f** | %.2fx | %s |" % (
+            c["ep"], c["rdma_bytes"] / 1e6, c["t_nic_us"], c["time_us"], c["time_us"] / ll_bf16[c["ep"]]["time_us"],
+            c["target"] if c["met"] is None else "%s: %s" % (c["target"], "met" if c["met"] else "not met")))
+    w("")
     w("Targets not met, and what would meet them (by the model):")
     w("")
     missed = [c for c in result["ht"] + result["ll"] if c["met"] is False]
@@ -161,8 +171,8 @@ def compute(args):
     fits = rates.ll_half_fits(rows, args.ll_git)
     result = predict.run(prm, nvl, fits)
     result.update(params=prm, nvl=nvl, ll_fits=fits, model="prediction, not measurement",
-                  inputs_text="intranode moe-perf rows from %s (LL kernels of git %s)" % (
-                      ", ".join(os.path.relpath(r) for r in args.rows), args.ll_git))
+                  inputs_text="the intranode moe-perf rows listed under \"Measured inputs\" (LL: kernels of git %s)"
+                  % args.ll_git)
     return result
 
 

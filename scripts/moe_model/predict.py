@@ -135,17 +135,20 @@ def ht_case(ep, op, prm, nvl, fp8_combine=False):
     return out
 
 
-def ll_case(ep, op, prm, fits):
+def ll_case(ep, op, prm, fits, fp8_combine=False):
     G = prm["gpus_per_node"]
     N = ep // G
     H, K, T = prm["hidden"], prm["topk"], prm["ll_tokens"]
     st = routing.uniform_stats(N, G, prm["experts"], K)
     msg = traffic.ll_dispatch_msg_bytes(H) if op == "dispatch" else traffic.ll_combine_msg_bytes(H)
+    # Stretch: FP8 partials (per-128 float scales) on RDMA only; NVLink and the receive term keep the BF16 bytes
+    # (the receiver dequantizes; conservative).
+    rdma_msg = traffic.fp8_row_bytes(H) if fp8_combine else msg
     send, recv = fits[op + "_send"], fits[op + "_recv"]
     nic = prm["nic_line_gbps"] * prm["nic_efficiency"] * 1e3
     p_rank = st["ranks_all"] / ep
     imb = ll_imbalance(p_rank, (ep - G) * T, ep)
-    b_rdma = T * st["ll_rdma_msgs"] * msg
+    b_rdma = T * st["ll_rdma_msgs"] * rdma_msg
     b_nvl = T * st["ll_nvl_msgs"] * msg
     b_recv = T * st["ranks_all"] * msg
     t_nic = imb * b_rdma / nic
@@ -156,8 +159,9 @@ def ll_case(ep, op, prm, fits):
     pub = DEEPEP_LL_US[ep][0 if op == "dispatch" else 1]
     target, target_text = ll_target(ep, op)
     out = {
-        "case": "LL", "ep": ep, "nodes": N, "op": op, "precision": "fp8" if op == "dispatch" else "bf16",
-        "routing": st, "msg_bytes": msg, "rdma_bytes": b_rdma, "nvl_bytes": b_nvl, "recv_bytes": b_recv,
+        "case": "LL", "ep": ep, "nodes": N, "op": op,
+        "precision": "fp8" if op == "dispatch" or fp8_combine else "bf16",
+        "routing": st, "msg_bytes": msg, "rdma_msg_bytes": rdma_msg, "rdma_bytes": b_rdma, "nvl_bytes": b_nvl, "recv_bytes": b_recv,
         "imbalance": imb, "t_send_fixed_us": send["intercept_us"], "t_nic_us": t_nic, "t_nvl_us": t_nvl,
         "t_latency_us": latency, "t_recv_us": t_recv, "time_us": t,
         "bound": "NIC" if t_nic >= t_nvl else "NVLink", "deepep_us": pub, "target_us": target,
@@ -193,4 +197,6 @@ def run(prm, nvl, fits):
     ht = [ht_case(ep, op, prm, nvl) for ep in CASES for op in ("dispatch", "combine")]
     stretch = [ht_case(ep, "combine", prm, nvl, fp8_combine=True) for ep in CASES]
     ll = [ll_case(ep, op, prm, fits) for ep in CASES for op in ("dispatch", "combine")]
-    return {"ht": ht, "ht_fp8_combine": stretch, "ll": ll, "calibration": calibration(prm)}
+    ll_stretch = [ll_case(ep, "combine", prm, fits, fp8_combine=True) for ep in CASES]
+    return {"ht": ht, "ht_fp8_combine": stretch, "ll": ll, "ll_fp8_combine": ll_stretch,
+            "calibration": calibration(prm)}

@@ -46,6 +46,8 @@ def _derived(nodes_all, ranks_all, num_nodes, gpus_per_node):
 def uniform_stats(num_nodes, gpus_per_node, num_experts, topk):
     """Exact means for uniform top-k routing."""
     R = num_nodes * gpus_per_node
+    if num_experts % R:
+        raise ValueError("%d experts do not divide over %d ranks" % (num_experts, R))
     nodes_all = num_nodes * p_group_hit(num_experts, num_experts // num_nodes, topk)
     ranks_all = R * p_group_hit(num_experts, num_experts // R, topk)
     return _derived(nodes_all, ranks_all, num_nodes, gpus_per_node)
