@@ -161,7 +161,8 @@ def ll_case(ep, op, prm, fits, fp8_combine=False):
     out = {
         "case": "LL", "ep": ep, "nodes": N, "op": op,
         "precision": "fp8" if op == "dispatch" or fp8_combine else "bf16",
-        "routing": st, "msg_bytes": msg, "rdma_msg_bytes": rdma_msg, "rdma_bytes": b_rdma, "nvl_bytes": b_nvl, "recv_bytes": b_recv,
+        "routing": st, "msg_bytes": msg, "rdma_msg_bytes": rdma_msg, "rdma_bytes": b_rdma, "nvl_bytes": b_nvl,
+        "recv_bytes": b_recv,
         "imbalance": imb, "t_send_fixed_us": send["intercept_us"], "t_nic_us": t_nic, "t_nvl_us": t_nvl,
         "t_latency_us": latency, "t_recv_us": t_recv, "time_us": t,
         "bound": "NIC" if t_nic >= t_nvl else "NVLink", "deepep_us": pub, "target_us": target,
