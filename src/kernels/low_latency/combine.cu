@@ -86,7 +86,7 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const 
 }
 
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
-    llCombineKernel(const __grid_constant__ LlCombineArgs p) {
+    ll_combine_kernel(const __grid_constant__ LlCombineArgs p) {
   __shared__ int s_first[kMaxNvlPeers + 1];
   __shared__ int s_src, s_tok;
   __shared__ long long s_rows[kMaxTopk];
@@ -265,15 +265,15 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 }  // namespace
 
 cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream) {
-  llCombineKernel<<<dim3(ll::grid_blocks<llCombineKernel>(a.num_sms, a.max_blocks_per_sm)), dim3(ll::kThreads), 0,
-                    stream>>>(a);
+  ll_combine_kernel<<<dim3(ll::grid_blocks<ll_combine_kernel>(a.num_sms, a.max_blocks_per_sm)), dim3(ll::kThreads), 0,
+                      stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlCombineKernels() {
-  (void)ll::grid_blocks<llCombineKernel>(1, 0);
+  (void)ll::grid_blocks<ll_combine_kernel>(1, 0);
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, llCombineKernel);
+  return cudaFuncGetAttributes(&attr, ll_combine_kernel);
 }
 
 }  // namespace nccl_moe

@@ -72,7 +72,7 @@ constexpr int kMaxSegments = kMaxNvlPeers * (4096 / 32);  // 32-token segments o
 
 template <bool kFp8>
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
-    llDispatchKernel(const __grid_constant__ LlDispatchArgs p) {
+    ll_dispatch_kernel(const __grid_constant__ LlDispatchArgs p) {
   __shared__ int s_tokens[kMaxNvlPeers];
   __shared__ int s_seg_first[kMaxNvlPeers + 1];
   __shared__ int s_seg_base[kMaxSegments];
@@ -211,21 +211,21 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
 cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream) {
   const dim3 block(ll::kThreads);
   if (a.use_fp8)
-    llDispatchKernel<true>
-        <<<ll::grid_blocks<llDispatchKernel<true>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
+    ll_dispatch_kernel<true>
+        <<<ll::grid_blocks<ll_dispatch_kernel<true>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
   else
-    llDispatchKernel<false>
-        <<<ll::grid_blocks<llDispatchKernel<false>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
+    ll_dispatch_kernel<false>
+        <<<ll::grid_blocks<ll_dispatch_kernel<false>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlDispatchKernels() {
   // grid_blocks' occupancy query loads the kernel and fixes its cached blocks per SM.
-  (void)ll::grid_blocks<llDispatchKernel<true>>(1, 0);
-  (void)ll::grid_blocks<llDispatchKernel<false>>(1, 0);
+  (void)ll::grid_blocks<ll_dispatch_kernel<true>>(1, 0);
+  (void)ll::grid_blocks<ll_dispatch_kernel<false>>(1, 0);
   cudaFuncAttributes attr;
-  const cudaError_t e = cudaFuncGetAttributes(&attr, llDispatchKernel<true>);
-  return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, llDispatchKernel<false>);
+  const cudaError_t e = cudaFuncGetAttributes(&attr, ll_dispatch_kernel<true>);
+  return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, ll_dispatch_kernel<false>);
 }
 
 }  // namespace nccl_moe

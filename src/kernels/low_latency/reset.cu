@@ -1,7 +1,7 @@
 // The barrier of ncclMoeLowLatencyReset (the host operation, src/ops/ll.cc, runs barrier, zeroing, barrier).
 //
 // Reset (collective, stream-ordered, with no LL result alive on any rank): a barrier over every rank
-// (llResetBarrierKernel: every rank's earlier LL kernels, and the acks and flags they add into peers, are
+// (ll_reset_barrier_kernel: every rank's earlier LL kernels, and the acks and flags they add into peers, are
 // done), then zeroes the control, message, weight and partial-sum regions of both halves of this rank's
 // buffer (epochs restart at 0, stale message tags are gone), then a second barrier so that no peer writes
 // into this rank's LL region before the zeroing is complete. The next LL dispatch uses half 0 again.
@@ -15,7 +15,7 @@
 namespace nccl_moe {
 namespace {
 
-__global__ void llResetBarrierKernel(const __grid_constant__ LlResetArgs a) {
+__global__ void ll_reset_barrier_kernel(const __grid_constant__ LlResetArgs a) {
   const DeviceComm& comm = a.comm;
   const LlLayout& layout = a.layout;
   const size_t half0_offset = a.half0_offset;
@@ -40,13 +40,13 @@ __global__ void llResetBarrierKernel(const __grid_constant__ LlResetArgs a) {
 }  // namespace
 
 cudaError_t launchLlResetBarrier(const LlResetArgs& a, cudaStream_t stream) {
-  llResetBarrierKernel<<<1, 32, 0, stream>>>(a);
+  ll_reset_barrier_kernel<<<1, 32, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlResetKernels() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, llResetBarrierKernel);
+  return cudaFuncGetAttributes(&attr, ll_reset_barrier_kernel);
 }
 
 }  // namespace nccl_moe
