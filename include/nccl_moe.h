@@ -345,6 +345,12 @@ ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHandle_t handle
  * dispatch recorded in `handle`. Valid until the next-but-one LL dispatch. */
 ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncclMoeHandle_t handle, void** buffer);
 
+/* Device array owned by the handle: the source of every row the LL dispatch recorded in `handle` received,
+ * [E_l, R * ll_max_tokens_per_rank] int32, row j of local expert e at e * R * ll_max_tokens_per_rank + j, as
+ * (source rank << 24 | source token) for j < recv_count[e] (unspecified beyond). Written by the dispatch's receive
+ * half (stream-ordered); valid until the next LL dispatch with this handle. */
+ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclMoeHandle_t handle, const int** recv_src_info);
+
 /* Explicitly reset the low-latency region (needed when switching a shared buffer from HT back to LL). */
 ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream);
 

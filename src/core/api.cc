@@ -691,6 +691,22 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncc
   return finish(comm, res);
 }
 
+NCCL_MOE_API ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                       const int** recv_src_info) {
+  clearThreadLastError();
+  const char* api = "ncclMoeLowLatencyRecvSrcInfo";
+  ncclResult_t res = checkComm(comm, api);
+  if (res == ncclSuccess) res = checkHandle(comm, handle, api);
+  if (res == ncclSuccess) res = checkLlCapacity(comm, api);
+  if (res == ncclSuccess && recv_src_info == nullptr)
+    res = setLastError(ncclInvalidArgument, "%s: recv_src_info is NULL", api);
+  if (res == ncclSuccess && !handle->ll.valid)
+    res = setLastError(ncclInvalidUsage,
+                       "%s: handle holds no low-latency dispatch; issue ncclMoeLowLatencyDispatch first", api);
+  if (res == ncclSuccess) *recv_src_info = handle->ll.recv_src_info;
+  return finish(comm, res);
+}
+
 NCCL_MOE_API ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyReset");

@@ -287,6 +287,15 @@ std::vector<Case> cases() {
       // misc entry points
       {"CombineBufferNullOut", [](FakeComm& f) { return ncclMoeLowLatencyCombineBuffer(&f.comm, &f.handle, nullptr); },
        kArg, "buffer is NULL"},
+      {"LlSrcInfoNullOut", [](FakeComm& f) { return ncclMoeLowLatencyRecvSrcInfo(&f.comm, &f.handle, nullptr); }, kArg,
+       "recv_src_info is NULL"},
+      {"LlSrcInfoWithoutDispatch",
+       [](FakeComm& f) {
+         f.handle.ll.valid = false;
+         const int* src = nullptr;
+         return ncclMoeLowLatencyRecvSrcInfo(&f.comm, &f.handle, &src);
+       },
+       kUsage, "no low-latency dispatch"},
       {"CastHidden",
        [](FakeComm&) { return ncclMoeCastToFp8(fakePtr(), 4, 100, ncclMoeScaleFloat, fakePtr(), fakePtr(), nullptr); },
        kArg, "hidden is 100"},
@@ -441,3 +450,13 @@ TEST(ApiMisc, TimeoutOfALocalWaitSaysSo) {
 }
 
 }  // namespace
+
+TEST(ApiMisc, LlRecvSrcInfoReturnsTheHandlesArray) {
+  FakeComm f;
+  int storage[4] = {0, 0, 0, 0};
+  f.handle.ll.recv_src_info = storage;
+  const int* src = nullptr;
+  ASSERT_EQ(ncclSuccess, ncclMoeLowLatencyRecvSrcInfo(&f.comm, &f.handle, &src)) << ncclMoeGetLastError(&f.comm);
+  EXPECT_EQ(storage, src);
+  f.handle.ll.recv_src_info = nullptr;  // the fake handle owns no device memory
+}
