@@ -250,5 +250,163 @@ TEST(ReferenceNodes, TwoLevelOrderContract) {
   EXPECT_EQ(ht_combine(d, x, 1, &w).topk_weights[0][0], 1.0f);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Group-limited routing (RoutingSpec::group_nodes)
+// ------------------------------------------------------------------------------------------------
+
+// Distinct nodes (rank / ranks_per_node) named by the valid slots of token t of rank s.
+int nodes_of_token(const Routing& r, int s, int t, int ranks_per_node) {
+  std::vector<bool> seen(static_cast<size_t>(r.num_ranks / ranks_per_node), false);
+  int n = 0;
+  for (int k = 0; k < r.topk; ++k) {
+    const int64_t e = r.ranks[s].topk_idx[static_cast<size_t>(t) * r.topk + k];
+    if (e < 0) continue;
+    const int node = r.expert_rank(e) / ranks_per_node;
+    if (!seen[node]) ++n;
+    seen[node] = true;
+  }
+  return n;
+}
+
+RoutingSpec group_spec(int R, int rpn, int E, int K, int g, int T, uint64_t seed) {
+  RoutingSpec spec;
+  spec.num_ranks = R;
+  spec.ranks_per_node = rpn;
+  spec.num_experts = E;
+  spec.topk = K;
+  spec.group_nodes = g;
+  spec.num_tokens = T;
+  spec.seed = seed;
+  return spec;
+}
+
+TEST(ReferenceGroupRouting, ExpertsLieWithinGroupNodes) {
+  struct Shape {
+    int R, rpn, E, K, g;
+  };
+  const Shape shapes[] = {{16, 8, 256, 8, 1}, {16, 8, 256, 8, 2}, {32, 8, 256, 8, 4}, {64, 8, 256, 8, 4},
+                          {8, 2, 64, 6, 2},   {8, 1, 16, 4, 3},   {4, 2, 4, 2, 1},    {6, 2, 12, 5, 2}};
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE("R=" + std::to_string(sh.R) + " rpn=" + std::to_string(sh.rpn) + " E=" + std::to_string(sh.E) +
+                 " K=" + std::to_string(sh.K) + " g=" + std::to_string(sh.g));
+    RoutingSpec spec = group_spec(sh.R, sh.rpn, sh.E, sh.K, sh.g, 300, 11);
+    spec.masked_fraction = 0.1;
+    spec.empty_token_fraction = 0.05;
+    spec.num_zero_token_ranks = 1;
+    const Routing r = make_routing(spec);
+    int64_t at_limit = 0, tokens = 0;
+    for (int s = 0; s < sh.R; ++s) {
+      for (int t = 0; t < r.ranks[s].num_tokens; ++t) {
+        const int n = nodes_of_token(r, s, t, sh.rpn);
+        ASSERT_LE(n, sh.g) << "rank " << s << " token " << t;
+        at_limit += n == sh.g;
+        ++tokens;
+        for (int k = 0; k < sh.K; ++k) {
+          const int64_t e = r.ranks[s].topk_idx[static_cast<size_t>(t) * sh.K + k];
+          for (int k2 = 0; k2 < k && e >= 0; ++k2)
+            ASSERT_NE(e, r.ranks[s].topk_idx[static_cast<size_t>(t) * sh.K + k2]);
+          const float w = r.ranks[s].topk_weights[static_cast<size_t>(t) * sh.K + k];
+          ASSERT_TRUE(w > 0 && w <= 1 && w * 64 == std::floor(w * 64));
+        }
+      }
+    }
+    // The limit binds: with K >= g, a good share of the tokens uses all g nodes.
+    if (sh.K >= sh.g) EXPECT_GT(at_limit, tokens / 4);
+    // The same shape drawn without the limit does spread wider (so the assertion above can fail).
+    RoutingSpec free = spec;
+    free.group_nodes = 0;
+    const Routing u = make_routing(free);
+    int wider = 0;
+    for (int s = 0; s < sh.R; ++s)
+      for (int t = 0; t < u.ranks[s].num_tokens; ++t) wider += nodes_of_token(u, s, t, sh.rpn) > sh.g;
+    if (sh.g < sh.R / sh.rpn && sh.K > sh.g) EXPECT_GT(wider, 0);
+  }
+}
+
+TEST(ReferenceGroupRouting, DeterministicForASeed) {
+  RoutingSpec spec = group_spec(16, 4, 64, 8, 2, 100, 5);
+  spec.masked_fraction = 0.2;
+  const Routing a = make_routing(spec), b = make_routing(spec);
+  for (int s = 0; s < 16; ++s) {
+    EXPECT_EQ(a.ranks[s].topk_idx, b.ranks[s].topk_idx);
+    EXPECT_EQ(a.ranks[s].topk_weights, b.ranks[s].topk_weights);
+    EXPECT_EQ(make_rank_routing(spec, s).topk_idx, a.ranks[s].topk_idx);  // any rank regenerates any rank
+  }
+  spec.seed = 6;
+  EXPECT_NE(make_routing(spec).ranks[0].topk_idx, a.ranks[0].topk_idx);
+  // Golden value: the stream is part of the generator's contract (docs/reference.md, "Generators").
+  uint64_t h = kFnvOffset;
+  for (const RankRouting& rr : a.ranks) h = fnv1a64(rr.topk_idx, fnv1a64(rr.topk_weights, h));
+  EXPECT_EQ(h, 0x35b70bfa0a5f6430ull) << std::hex << h;
+}
+
+// group_nodes == nodes constrains nothing: the top-K of i.i.d. scores is a uniform K-subset, so the draw has the
+// unconstrained uniform draw's distribution. Asserted: every expert equally likely (chi-square), and the mean
+// number of distinct nodes and ranks per token equal to the uniform draw's (and to the exact expectation).
+TEST(ReferenceGroupRouting, AllNodesIsUnconstrained) {
+  const int R = 16, rpn = 4, E = 64, K = 8, T = 4000, nodes = R / rpn;
+  const Routing g = make_routing(group_spec(R, rpn, E, K, nodes, T, 21));
+  RoutingSpec uspec = group_spec(R, rpn, E, K, 0, T, 22);
+  const Routing u = make_routing(uspec);
+  const auto stats = [&](const Routing& r, std::vector<int64_t>* per_expert, double* mean_nodes, double* mean_ranks) {
+    per_expert->assign(E, 0);
+    int64_t nsum = 0, rsum = 0, tokens = 0;
+    for (int s = 0; s < R; ++s) {
+      for (int t = 0; t < r.ranks[s].num_tokens; ++t) {
+        std::vector<bool> rank_seen(R, false);
+        for (int k = 0; k < K; ++k) {
+          const int64_t e = r.ranks[s].topk_idx[static_cast<size_t>(t) * K + k];
+          ++(*per_expert)[e];
+          rsum += !rank_seen[r.expert_rank(e)];
+          rank_seen[r.expert_rank(e)] = true;
+        }
+        nsum += nodes_of_token(r, s, t, rpn);
+        ++tokens;
+      }
+    }
+    *mean_nodes = static_cast<double>(nsum) / tokens;
+    *mean_ranks = static_cast<double>(rsum) / tokens;
+  };
+  std::vector<int64_t> ge, ue;
+  double gn, gr, un, ur;
+  stats(g, &ge, &gn, &gr);
+  stats(u, &ue, &un, &ur);
+  // Chi-square of per-expert counts against uniform, 63 degrees of freedom: the 99.99% quantile is about 118.
+  const double expect = static_cast<double>(R) * T * K / E;
+  double chi = 0;
+  for (int e = 0; e < E; ++e) chi += (ge[e] - expect) * (ge[e] - expect) / expect;
+  EXPECT_LT(chi, 118.0);
+  // Exact expectation of distinct groups hit by a uniform K-subset of E items in groups of m:
+  // groups * (1 - C(E - m, K) / C(E, K)).
+  const auto expected_groups = [&](int groups) {
+    const int m = E / groups;
+    double p_miss = 1.0;
+    for (int i = 0; i < K; ++i) p_miss *= static_cast<double>(E - m - i) / (E - i);
+    return groups * (1.0 - p_miss);
+  };
+  EXPECT_NEAR(gn, expected_groups(nodes), 0.02);
+  EXPECT_NEAR(gr, expected_groups(R), 0.05);
+  EXPECT_NEAR(gn, un, 0.03);
+  EXPECT_NEAR(gr, ur, 0.07);
+}
+
+TEST(ReferenceGroupRouting, InvalidArgumentsThrow) {
+  RoutingSpec spec = group_spec(8, 4, 32, 4, 2, 10, 1);
+  EXPECT_NO_THROW(make_routing(spec));
+  spec.group_nodes = 3;  // only 2 nodes
+  EXPECT_THROW(make_routing(spec), std::invalid_argument);
+  spec.group_nodes = 1;
+  spec.ranks_per_node = 3;  // does not divide 8
+  EXPECT_THROW(make_routing(spec), std::invalid_argument);
+  spec.ranks_per_node = 0;
+  EXPECT_THROW(make_routing(spec), std::invalid_argument);
+  spec = group_spec(8, 1, 8, 2, 1, 10, 1);  // one expert per node, K = 2 cannot fit in one node
+  EXPECT_THROW(make_routing(spec), std::invalid_argument);
+  spec.group_nodes = 2;
+  EXPECT_NO_THROW(make_routing(spec));
+  spec.skew = 2;
+  EXPECT_THROW(make_routing(spec), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace nccl_moe::ref
