@@ -306,6 +306,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
     }
     if (header) {
       printTableNotes(mode, true);
+      printNodeNotes(mode, numNodes(num_ranks, o.ranks_per_node));
       if (o.metrics.any()) printMetricsNotes(o.metrics, true);
     }
   }

@@ -300,6 +300,7 @@ void rankMain(ProcessState& sh, int local) {
     moe.destroy(col);
     if (printer && header) {
       printTableNotes(mode, false, sh.kernel_timer, shared);
+      printNodeNotes(mode, numNodes(rd.num_ranks, o.ranks_per_node));
       if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
     }
