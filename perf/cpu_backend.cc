@@ -262,7 +262,8 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
         num_ranks);
     bool header = false;
     for (DType dtype : cfg.dtypes) {
-      const std::string bad = checkShape(cfg, dtype, num_ranks);
+      std::string bad = checkShape(cfg, dtype, num_ranks);
+      if (bad.empty()) bad = checkNodes(o.routing, o.ranks_per_node, cfg, num_ranks);
       if (!bad.empty()) {
         out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         exit_code = 2;
@@ -282,6 +283,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
         spec.ll_max_tokens = static_cast<int>(cap);
         spec.expert_alignment = o.expert_alignment;
         spec.routing = o.routing;
+        spec.ranks_per_node = o.ranks_per_node;
         spec.seed = o.seed;
         spec.build_expected = o.check != 0;
         try {
@@ -304,6 +306,7 @@ int runCpu(RunInfo& run, int num_ranks, const std::string& reason) {
     }
     if (header) {
       printTableNotes(mode, true);
+      printNodeNotes(mode, numNodes(num_ranks, o.ranks_per_node));
       if (o.metrics.any()) printMetricsNotes(o.metrics, true);
     }
   }

@@ -167,7 +167,8 @@ void rankMain(ProcessState& sh, int local) {
     }
     bool header = false;
     for (DType dtype : cfg.dtypes) {
-      const std::string bad = checkShape(cfg, dtype, rd.num_ranks);
+      std::string bad = checkShape(cfg, dtype, rd.num_ranks);
+      if (bad.empty()) bad = checkNodes(o.routing, o.ranks_per_node, cfg, rd.num_ranks);
       if (!bad.empty()) {
         if (printer) out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         sh.fail(2);
@@ -193,6 +194,7 @@ void rankMain(ProcessState& sh, int local) {
           spec.ll_max_tokens = cap;
           spec.expert_alignment = o.expert_alignment;
           spec.routing = o.routing;
+          spec.ranks_per_node = o.ranks_per_node;
           spec.seed = o.seed;
           spec.build_expected = o.check != 0;
           spec.ranks_needed.assign(sz(rd.num_ranks), false);
@@ -298,6 +300,7 @@ void rankMain(ProcessState& sh, int local) {
     moe.destroy(col);
     if (printer && header) {
       printTableNotes(mode, false, sh.kernel_timer, shared);
+      printNodeNotes(mode, numNodes(rd.num_ranks, o.ranks_per_node));
       if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
     }

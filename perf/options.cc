@@ -120,14 +120,26 @@ bool parseRouting(const std::string& text, RoutingChoice* out, std::string* erro
         return false;
       }
       r.masked_fraction = v;
+    } else if (key == "group") {
+      int64_t g = 0;
+      if (!parseInt(value, 1, 1 << 20, &g)) {
+        *error = "--routing group:<g> needs a node count g >= 1 (got '" + part + "')";
+        return false;
+      }
+      r.group_nodes = static_cast<int>(g);
     } else {
-      *error = "--routing: expected uniform, skewed:<ratio> or masked:<fraction> (got '" + part + "')";
+      *error = "--routing: expected uniform, skewed:<ratio>, masked:<fraction> or group:<g> (got '" + part + "')";
       return false;
     }
   }
+  if (r.group_nodes > 0 && r.skew != 1.0) {
+    *error = "--routing: group:<g> cannot be combined with skewed:<ratio> (group routing draws its own scores)";
+    return false;
+  }
   std::ostringstream os;
+  if (r.group_nodes > 0) os << "group:" << r.group_nodes;
   if (r.skew != 1.0) os << "skewed:" << r.skew;
-  if (r.masked_fraction != 0.0) os << (r.skew != 1.0 ? "," : "") << "masked:" << r.masked_fraction;
+  if (r.masked_fraction != 0.0) os << (r.skew != 1.0 || r.group_nodes > 0 ? "," : "") << "masked:" << r.masked_fraction;
   canonical = os.str();
   r.text = canonical.empty() ? "uniform" : canonical;
   *out = r;
@@ -264,6 +276,7 @@ const std::vector<OptionSpec>& optionTable() {
        }},
       {0, "procs", true, intOption(&Options::procs, 1, 1024, "--procs")},
       {0, "ranks-per-gpu", true, intOption(&Options::ranks_per_gpu, 1, 8, "--ranks-per-gpu")},
+      {0, "ranks-per-node", true, intOption(&Options::ranks_per_node, 1, 1024, "--ranks-per-node")},
       {0, "cpu", false, [](Options* o, const std::string&, std::string*) { return o->cpu = true; }},
       {0, "require-moe", false, [](Options* o, const std::string&, std::string*) { return o->require_moe = true; }},
       {0, "allow-missing-moe", false,
@@ -371,7 +384,8 @@ Sizes (tokens per rank)
       --experts E         total experts, E % ranks == 0           (HT 256, LL 288)
       --dtype D[,D]       bf16 | fp8 | bf16,fp8                   (HT bf16, LL fp8)
       --sms N[,N]         HT SM budget(s), 0 = library default    (default 0)
-      --routing R         uniform | skewed:<ratio> | masked:<fraction>, joinable with ','
+      --routing R         uniform | skewed:<ratio> | masked:<fraction> | group:<g>, joinable with ','
+                          (group:<g>: each token's experts within at most g nodes; needs --ranks-per-node)
       --seed S            routing/data seed, equal on every rank  (default 1)
       --alignment A       HT per-expert receive alignment         (default 1)
 Modes
@@ -387,6 +401,10 @@ Runs
       --ranks-per-gpu N   N ranks share each GPU (1..8; default 1): one process, rank i on GPU i / N, its kernels
                           get SMs/N; no NCCL (no baseline). A CORRECTNESS run: timings say nothing about NVLink.
                           Not with --procs/MPI. Sets CUDA_DEVICE_MAX_CONNECTIONS=32 and CUDA_MODULE_LOADING=EAGER unless already set.
+      --ranks-per-node N  node layout of the ranks: rank r on node r / N (N must divide the rank count; default:
+                          every rank on one node). Used by --routing group:<g> and for the RDMA/NVLink bytes
+                          per rank (JSON nodes, rdma_bytes_per_rank, nvl_bytes_per_rank). It changes no kernel:
+                          the bytes are what the internode path would move for this routing.
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
       --require-moe       fail the run when an MoE operation is not available (the default)
@@ -483,6 +501,33 @@ std::string checkShape(const ModeConfig& c, DType dtype, int num_ranks) {
     os << "--hidden " << c.hidden << " must be a multiple of 128 for LL fp8";
   } else if (c.mode == Mode::kLl && c.hidden % 128 != 0) {
     os << "--hidden " << c.hidden << " must be a multiple of 128 in LL mode";
+  }
+  return os.str();
+}
+
+int numNodes(int num_ranks, int ranks_per_node) {
+  return ranks_per_node > 0 && num_ranks % ranks_per_node == 0 ? num_ranks / ranks_per_node : 1;
+}
+
+std::string checkNodes(const RoutingChoice& routing, int ranks_per_node, const ModeConfig& c, int num_ranks) {
+  std::ostringstream os;
+  if (ranks_per_node > 0 && (num_ranks < 1 || num_ranks % ranks_per_node != 0)) {
+    os << "--ranks-per-node " << ranks_per_node << " must divide the rank count " << num_ranks;
+    return os.str();
+  }
+  const int g = routing.group_nodes;
+  if (g == 0) return "";
+  if (ranks_per_node == 0) {
+    os << "--routing group:" << g << " needs a node count: give --ranks-per-node N (rank r on node r / N)";
+    return os.str();
+  }
+  const int nodes = num_ranks / ranks_per_node;
+  if (g > nodes) {
+    os << "--routing group:" << g << ": g must be in [1, nodes] = [1, " << nodes << "] (" << num_ranks
+       << " ranks / --ranks-per-node " << ranks_per_node << ")";
+  } else if (c.experts % num_ranks == 0 && static_cast<int64_t>(g) * (c.experts / nodes) < c.topk) {
+    os << "--routing group:" << g << ": " << g << " node(s) of " << c.experts / nodes << " experts cannot hold --topk "
+       << c.topk << " distinct experts";
   }
   return os.str();
 }

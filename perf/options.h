@@ -50,10 +50,14 @@ const char* modeName(Mode mode);           // "ht" | "ll"
 const char* dtypeName(DType dtype);        // "bf16" | "fp8"
 const char* timerName(TimerChoice timer);  // "auto" | "kernel" | "event"
 
-// --routing uniform | skewed:<ratio> | masked:<fraction>, components may be joined by ',' ("skewed:2,masked:0.1").
+// --routing uniform | skewed:<ratio> | masked:<fraction> | group:<g>, components may be joined by ','
+// ("skewed:2,masked:0.1", "group:4,masked:0.1"). group:<g> (each token's experts within at most g nodes, nodes
+// chosen as DeepEP's internode tests choose them) needs a node count (--ranks-per-node) and excludes skewed; the
+// checks that need the rank count are in checkNodes().
 struct RoutingChoice {
   double skew = 1.0;             // >= 1: an expert on rank r is picked with weight skew^-r (1 = uniform)
   double masked_fraction = 0.0;  // [0, 1): probability that a top-k slot is -1
+  int group_nodes = 0;           // > 0: group-limited routing to at most this many nodes; 0 = unconstrained
   std::string text = "uniform";  // canonical spelling, echoed in the output and JSON
 };
 bool parseRouting(const std::string& text, RoutingChoice* out, std::string* error);
@@ -77,6 +81,8 @@ struct Options {
   int threads = -1;            // -t threads per process; -1 = default
   int gpus = -1;               // -g GPUs (ranks) per thread; -1 = default
   int ranks_per_gpu = 1;       // --ranks-per-gpu N: N ranks share each GPU (one process, no NCCL; correctness only)
+  int ranks_per_node = 0;      // --ranks-per-node N: rank r on node r / N (group routing, RDMA/NVLink bytes);
+                               // 0 = not given: every rank on one node
   int procs = 0;               // --procs N: spawn N processes; 0 = not given
   bool cpu = false;            // --cpu
   std::string json_path;       // -J / --json
@@ -124,6 +130,12 @@ std::string checkSharedGpuSms(const std::vector<int>& sms, int device_sms, int r
 // Checks a resolved shape against a rank count: E % R == 0, E >= R, K <= E, K <= 16, H % 8 == 0 (bf16),
 // H % 16 == 0 (HT fp8), H % 128 == 0 (LL fp8). Returns "" when fine, else the reason.
 std::string checkShape(const ModeConfig& config, DType dtype, int num_ranks);
+
+// Nodes of a run: num_ranks / ranks_per_node, or 1 when ranks_per_node is 0 (not given). Call after checkNodes().
+int numNodes(int num_ranks, int ranks_per_node);
+// Checks the node layout and group routing against a rank count and shape: --ranks-per-node must divide the rank
+// count; group:<g> needs --ranks-per-node, g in [1, nodes] and g * (experts per node) >= topk. "" when fine.
+std::string checkNodes(const RoutingChoice& routing, int ranks_per_node, const ModeConfig& config, int num_ranks);
 
 // Logical bytes (see the contract at the top of this file).
 double htDispatchBytes(int64_t num_recv, int hidden, DType dtype);

@@ -109,6 +109,8 @@ Problem buildProblem(const ProblemSpec& spec) {
   rs.num_tokens = T;
   rs.skew = spec.routing.skew;
   rs.masked_fraction = spec.routing.masked_fraction;
+  rs.group_nodes = spec.routing.group_nodes;
+  rs.ranks_per_node = spec.ranks_per_node;
   rs.with_weights = true;
   rs.seed = spec.seed;
   p.routing = ref::make_routing(rs);

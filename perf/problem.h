@@ -52,6 +52,7 @@ struct ProblemSpec {
   int ll_max_tokens = 0;     // LL capacity (>= tokens): slab rows = num_ranks * ll_max_tokens
   int expert_alignment = 1;  // HT
   RoutingChoice routing;
+  int ranks_per_node = 0;  // rank r on node r / ranks_per_node; 0 = every rank on one node (group routing needs it)
   uint64_t seed = 1;
   std::vector<bool> ranks_needed;  // [R] ranks whose inputs (and combine inputs) to build; empty = all
   bool build_expected = true;      // build the expected outputs (implies every rank's data)
@@ -78,6 +79,7 @@ struct Problem {
 
   bool haveRank(int rank) const;
   int numLocalExperts() const { return spec.experts / spec.num_ranks; }
+  int numNodes() const { return perf::numNodes(spec.num_ranks, spec.ranks_per_node); }
   int slabRows() const { return spec.num_ranks * spec.ll_max_tokens; }
   int64_t numRecv(int d) const;        // HT rows rank d receives
   int64_t numSelections(int s) const;  // valid (token, slot) pairs of rank s

@@ -86,6 +86,12 @@ std::string tableRow(const ResultRow& r, const MetricsChoice& metrics) {
   if (!r.has_baseline && !r.baseline_note.empty()) line += "  baseline: n/a (" + oneLine(r.baseline_note, 80) + ")";
   if (r.shared_gpu) line += "  [shared GPU: correctness only]";
   if (r.ranks == 1) line += "  [1 rank: everything local]";
+  if (r.nodes > 1 && r.rdma_bytes_per_rank >= 0 && r.nvl_bytes_per_rank >= 0) {
+    char nodes[128];
+    std::snprintf(nodes, sizeof(nodes), "  [%d nodes: RDMA %.3f MB, NVLink %.3f MB per rank]", r.nodes,
+                  r.rdma_bytes_per_rank / 1e6, r.nvl_bytes_per_rank / 1e6);
+    line += nodes;
+  }
   return line + "\n";
 }
 
@@ -134,6 +140,10 @@ std::string toJson(const ResultRow& r) {
   os << ",\"max_us\":" << (r.available ? jsonNumber(r.max_us, 3) : "null");
   os << ",\"logical_gbps\":" << (r.available && r.has_gbps ? jsonNumber(r.logicalGbps(), 3) : "null");
   os << ",\"bytes_per_rank\":" << jsonNumber(r.bytes_per_rank, 0);
+  os << ",\"nodes\":" << r.nodes;
+  const bool link_bytes = r.nodes > 1 && r.rdma_bytes_per_rank >= 0 && r.nvl_bytes_per_rank >= 0;
+  os << ",\"rdma_bytes_per_rank\":" << (link_bytes ? jsonNumber(r.rdma_bytes_per_rank, 0) : "null");
+  os << ",\"nvl_bytes_per_rank\":" << (link_bytes ? jsonNumber(r.nvl_bytes_per_rank, 0) : "null");
   os << ",\"baseline_median_us\":" << (r.has_baseline ? jsonNumber(r.baseline_median_us, 3) : "null");
   os << ",\"baseline_gbps\":" << (r.has_baseline && r.has_gbps ? jsonNumber(r.baselineGbps(), 3) : "null");
   os << ",\"baseline_note\":" << (r.has_baseline || r.baseline_note.empty() ? "null" : jsonString(r.baseline_note));

@@ -17,6 +17,8 @@
 //     share a GPU set `shared_gpu` (table: "[shared GPU: correctness only]"), and a row whose baseline could not run
 //     says why in baseline_note (table: "baseline: n/a (<note>)", JSON baseline fields null). A row of one rank
 //     moved nothing between GPUs (table: "[1 rank: everything local]").
+//   - Several nodes (nodes > 1, --ranks-per-node): JSON rdma_bytes_per_rank / nvl_bytes_per_rank (null with one
+//     node); the table line ends with "[N nodes: RDMA x MB, NVLink y MB per rank]". One node: output unchanged.
 #pragma once
 
 #include <cstdint>
@@ -43,12 +45,15 @@ struct ResultRow {
   uint64_t seed = 1;
   int iters = 0, warmup = 0;
 
-  bool available = false;         // the MoE operation ran
-  std::string error;              // why not (when !available)
-  double median_us = 0;           // max over ranks of the per-rank median
-  double min_us = 0, max_us = 0;  // fastest / slowest single timed call over all ranks
-  double bytes_per_rank = 0;      // logical bytes, averaged over ranks
-  bool has_gbps = true;           // false for rows where bandwidth means nothing (send/recv halves)
+  bool available = false;           // the MoE operation ran
+  std::string error;                // why not (when !available)
+  double median_us = 0;             // max over ranks of the per-rank median
+  double min_us = 0, max_us = 0;    // fastest / slowest single timed call over all ranks
+  double bytes_per_rank = 0;        // logical bytes, averaged over ranks
+  int nodes = 1;                    // nodes of the layout (--ranks-per-node; 1 = single node)
+  double rdma_bytes_per_rank = -1;  // nodes > 1: RDMA bytes of the internode path, averaged over ranks (link_bytes.h);
+  double nvl_bytes_per_rank = -1;   // and its NVLink bytes. < 0 (JSON null) when nodes == 1
+  bool has_gbps = true;             // false for rows where bandwidth means nothing (send/recv halves)
 
   bool has_baseline = false;
   double baseline_median_us = 0;

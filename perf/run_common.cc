@@ -5,6 +5,8 @@
 #include <cstdarg>
 #include <set>
 
+#include "link_bytes.h"
+
 namespace nccl_moe::perf {
 
 double hostWaitSeconds(const Options& options) { return options.timeout_s > 0 ? options.timeout_s : 3600.0; }
@@ -82,6 +84,26 @@ void printRoutingSummary(const Problem& p, bool full_experts) {
       }
       out("%s\n", line.c_str());
     }
+  }
+}
+
+void printNodeNotes(Mode mode, int nodes) {
+  if (nodes <= 1) return;
+  if (mode == Mode::kHt) {
+    out("# %d nodes (--ranks-per-node): [RDMA, NVLink per rank] = the bytes the internode HT path moves for this\n"
+        "#   routing, averaged over ranks (a model of the path, not what today's intranode kernels moved): dispatch\n"
+        "#   crosses RDMA once per (token, other destination node), to the rank of the same local index there, which\n"
+        "#   forwards over NVLink to that node's other ranks holding its experts; combine is the reverse with one "
+        "bf16\n"
+        "#   partial per (token, node) over RDMA. Row sizes as the logical bytes. JSON: nodes, rdma_bytes_per_rank,\n"
+        "#   nvl_bytes_per_rank.\n",
+        nodes);
+  } else {
+    out("# %d nodes (--ranks-per-node): [RDMA, NVLink per rank] = the bytes the internode LL path moves for this\n"
+        "#   routing, averaged over ranks (a model of the path): one message per (token, destination rank), over RDMA\n"
+        "#   to other nodes and NVLink inside the node; combine one bf16 row per (token, rank) back. JSON: nodes,\n"
+        "#   rdma_bytes_per_rank, nvl_bytes_per_rank.\n",
+        nodes);
   }
 }
 
@@ -215,6 +237,13 @@ ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, i
   row.git_sha = run.git_sha;
   row.checked = run.options.check != 0;
   row.bytes_per_rank = opBytesPerRank(p, op);
+  row.nodes = p.numNodes();
+  if (row.nodes > 1) {
+    const LinkBytes lb =
+        linkBytesPerRank(p.spec.mode, op, p.spec.dtype, p.spec.hidden, p.routing, p.spec.ranks_per_node);
+    row.rdma_bytes_per_rank = lb.rdma_per_rank;
+    row.nvl_bytes_per_rank = lb.nvl_per_rank;
+  }
   row.has_gbps = op.find("_send") == std::string::npos && op.find("_recv") == std::string::npos;
   return row;
 }

@@ -44,6 +44,8 @@ void printRoutingSummary(const Problem& p, bool full_experts);
 // `kernel_timer` = the rows were timed with the CUPTI kernel timer (else CUDA events); `shared_gpu` = ranks shared
 // GPUs (host barriers, no baseline).
 void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false, bool shared_gpu = false);
+// With several nodes (--ranks-per-node), what the "[N nodes: RDMA, NVLink]" tag of each row means; nothing for one.
+void printNodeNotes(Mode mode, int nodes);
 
 // The notes under a mode's table when --metrics selected comparable metrics: what each selected column measures
 // (docs/moe-perf.md, "Comparable metrics"); CPU mode: that they are GPU-only (null).

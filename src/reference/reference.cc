@@ -464,6 +464,105 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
 }
 
 // ------------------------------------------------------------------------------------------------
+// Nodes and the two-level HT combine
+// ------------------------------------------------------------------------------------------------
+
+int NodeMap::num_nodes() const {
+  int n = 0;
+  for (int v : node_of_rank) n = std::max(n, v + 1);
+  return n;
+}
+
+NodeMap NodeMap::single(int num_ranks) {
+  require(num_ranks >= 1, "NodeMap::single: num_ranks must be >= 1");
+  NodeMap m;
+  m.node_of_rank.assign(sz(num_ranks), 0);
+  return m;
+}
+
+NodeMap NodeMap::consecutive(int num_ranks, int ranks_per_node) {
+  require(num_ranks >= 1, "NodeMap::consecutive: num_ranks must be >= 1");
+  require(ranks_per_node >= 1 && num_ranks % ranks_per_node == 0,
+          "NodeMap::consecutive: ranks_per_node must be >= 1 and divide num_ranks (" + std::to_string(num_ranks) +
+              "), got " + std::to_string(ranks_per_node));
+  NodeMap m;
+  for (int r = 0; r < num_ranks; ++r) m.node_of_rank.push_back(r / ranks_per_node);
+  return m;
+}
+
+void NodeMap::validate(int num_ranks) const {
+  require(node_of_rank.size() == sz(num_ranks),
+          "nodes.node_of_rank.size() must be num_ranks (" + std::to_string(num_ranks) + ")");
+  for (int r = 0; r < num_ranks; ++r)
+    require(node_of_rank[r] >= 0, "nodes.node_of_rank[" + std::to_string(r) + "] must be >= 0");
+  std::vector<bool> used(sz(num_nodes()), false);
+  for (int r = 0; r < num_ranks; ++r) used[sz(node_of_rank[r])] = true;
+  for (size_t n = 0; n < used.size(); ++n)
+    require(used[n], "nodes: node " + std::to_string(n) + " holds no rank (node ids must be dense)");
+}
+
+HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& nodes,
+                                 const std::vector<std::vector<uint16_t>>& x, int hidden,
+                                 const std::vector<std::vector<float>>* weights,
+                                 const std::vector<std::vector<uint16_t>>* bias0,
+                                 const std::vector<std::vector<uint16_t>>* bias1) {
+  check_ht_combine(dispatch, x, hidden, weights, bias0, bias1);
+  const int R = dispatch.num_ranks, K = dispatch.topk;
+  nodes.validate(R);
+  const int N = nodes.num_nodes();
+  const bool round_partials = N > 1;  // one node: no RDMA hop, today's flat sum
+  // ranks_of[n]: the ranks of node n, ascending.
+  std::vector<std::vector<int>> ranks_of(sz(N));
+  for (int d = 0; d < R; ++d) ranks_of[sz(nodes.node_of_rank[d])].push_back(d);
+
+  HtCombineResult out;
+  out.x.resize(sz(R));
+  out.topk_weights.resize(sz(R));
+  std::vector<float> acc(sz(hidden)), part(sz(hidden));
+  std::vector<float> wacc(sz(K)), wpart(sz(K));
+  for (int s = 0; s < R; ++s) {
+    const int T = dispatch.num_tokens[s];
+    out.x[s].assign(sz(T) * hidden, 0);
+    if (weights) out.topk_weights[s].assign(sz(T) * K, 0.0f);
+    for (int t = 0; t < T; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(wacc.begin(), wacc.end(), 0.0f);
+      for (int n = 0; n < N; ++n) {
+        // Level 1: the node's partial (what its forwarder sends over RDMA).
+        bool any = false;
+        std::fill(part.begin(), part.end(), 0.0f);
+        std::fill(wpart.begin(), wpart.end(), 0.0f);
+        for (int d : ranks_of[sz(n)]) {
+          const int p = dispatch.send_pos[s][sz(t) * R + d];
+          if (p < 0) continue;
+          any = true;
+          const size_t row = sz(dispatch.recv[d].rank_prefix[s] + p);
+          const uint16_t* xr = &x[d][row * hidden];
+          for (int c = 0; c < hidden; ++c) part[c] = part[c] + bf16_to_float(xr[c]);
+          if (weights) {
+            const float* wr = &(*weights)[d][row * K];
+            for (int k = 0; k < K; ++k) wpart[k] = wpart[k] + wr[k];
+          }
+        }
+        if (!any) continue;
+        // Level 2: the token owner's sum over nodes.
+        for (int c = 0; c < hidden; ++c)
+          acc[c] = acc[c] + (round_partials ? bf16_to_float(float_to_bf16(part[c])) : part[c]);
+        for (int k = 0; k < K; ++k) wacc[k] = wacc[k] + wpart[k];
+      }
+      if (bias0)
+        for (int c = 0; c < hidden; ++c) acc[c] = acc[c] + bf16_to_float((*bias0)[s][sz(t) * hidden + c]);
+      if (bias1)
+        for (int c = 0; c < hidden; ++c) acc[c] = acc[c] + bf16_to_float((*bias1)[s][sz(t) * hidden + c]);
+      for (int c = 0; c < hidden; ++c) out.x[s][sz(t) * hidden + c] = float_to_bf16(acc[c]);
+      if (weights)
+        for (int k = 0; k < K; ++k) out.topk_weights[s][sz(t) * K + k] = wacc[k];
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------
 

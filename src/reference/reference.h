@@ -193,6 +193,43 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
                            const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
 
 // ------------------------------------------------------------------------------------------------
+// Nodes of a communicator (scale-out)
+// ------------------------------------------------------------------------------------------------
+
+// Which node every rank lives on. Node ids are dense: every id in [0, num_nodes()) holds at least one rank. Ranks
+// of one node need not be consecutive (consecutive() builds the usual map). One node = a single-node communicator.
+struct NodeMap {
+  std::vector<int> node_of_rank;  // [R]
+
+  int num_nodes() const;  // 1 + the largest id (0 when empty)
+  // Every rank on node 0.
+  static NodeMap single(int num_ranks);
+  // Rank r on node r / ranks_per_node (DeepEP's layout). Requires ranks_per_node >= 1 and R % ranks_per_node == 0.
+  static NodeMap consecutive(int num_ranks, int ranks_per_node);
+  // Throws std::invalid_argument unless node_of_rank has num_ranks entries, ids are >= 0 and every id below
+  // num_nodes() is used.
+  void validate(int num_ranks) const;
+};
+
+// HT combine on a communicator of several nodes: the two-level sum the internode kernels compute (a node's ranks
+// are reduced by that node's forwarder, which sends one bf16 partial per token over RDMA). For each source rank
+// s, token t and channel c, with node(d) = nodes.node_of_rank[d] and row(d) the row of (s, t) at d:
+//   for every node n ascending that holds a rank d with t received by d:
+//     acc_n = 0.0f; for d ascending with node(d) == n and t received by d: acc_n = acc_n + float(x[d][row(d), c]);
+//     P_n = float_to_bf16(acc_n)             (only when num_nodes() > 1; one node keeps acc_n unrounded)
+//   sum = 0.0f; for those n ascending: sum = sum + float(P_n);
+//   if bias0: sum = sum + float(bias0[s][t, c]); if bias1: sum = sum + float(bias1[s][t, c]);
+//   out[s][t, c] = float_to_bf16(sum).
+// Weights: wn = 0.0f + w[d][row] + ... over the node's d ascending (FP32, never rounded), then
+// 0.0f + wn0 + wn1 + ... over the nodes ascending. A single-node map gives ht_combine()'s result bit for bit.
+// Arguments as ht_combine(); `nodes` must map dispatch.num_ranks ranks.
+HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& nodes,
+                                 const std::vector<std::vector<uint16_t>>& x, int hidden,
+                                 const std::vector<std::vector<float>>* weights = nullptr,
+                                 const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
+                                 const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
+
+// ------------------------------------------------------------------------------------------------
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------
 

@@ -170,6 +170,54 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
   return out;
 }
 
+HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& nodes,
+                                 const std::vector<std::vector<uint16_t>>& x, int hidden,
+                                 const std::vector<std::vector<float>>* weights,
+                                 const std::vector<std::vector<uint16_t>>* bias0,
+                                 const std::vector<std::vector<uint16_t>>* bias1) {
+  const int R = dispatch.num_ranks, K = dispatch.topk;
+  int num_nodes = 0;
+  for (int v : nodes.node_of_rank) num_nodes = v + 1 > num_nodes ? v + 1 : num_nodes;
+  HtCombineResult out;
+  out.x.resize(sz(R));
+  out.topk_weights.resize(sz(R));
+  for (int s = 0; s < R; ++s) {
+    for (int t = 0; t < dispatch.num_tokens[s]; ++t) {
+      // Per node, its rows holding (s, t), found by search, ranks ascending.
+      std::vector<std::vector<std::pair<int, int>>> by_node(sz(num_nodes));
+      for (int d = 0; d < R; ++d)
+        for (int i = 0; i < dispatch.recv[d].num_recv; ++i)
+          if (dispatch.recv[d].src_rank[i] == s && dispatch.recv[d].src_token[i] == t)
+            by_node[sz(nodes.node_of_rank[d])].emplace_back(d, i);
+      for (int c = 0; c < hidden; ++c) {
+        float sum = 0.0f;
+        for (const auto& holders : by_node) {
+          if (holders.empty()) continue;
+          float part = 0.0f;
+          for (const auto& [d, i] : holders) part += bf16_to_float(x[d][sz(i) * hidden + c]);
+          sum += num_nodes > 1 ? bf16_to_float(float_to_bf16(part)) : part;
+        }
+        if (bias0) sum += bf16_to_float((*bias0)[s][sz(t) * hidden + c]);
+        if (bias1) sum += bf16_to_float((*bias1)[s][sz(t) * hidden + c]);
+        out.x[s].push_back(float_to_bf16(sum));
+      }
+      if (weights) {
+        for (int k = 0; k < K; ++k) {
+          float sum = 0.0f;
+          for (const auto& holders : by_node) {
+            if (holders.empty()) continue;
+            float part = 0.0f;
+            for (const auto& [d, i] : holders) part += (*weights)[d][sz(i) * K + k];
+            sum += part;
+          }
+          out.topk_weights[s].push_back(sum);
+        }
+      }
+    }
+  }
+  return out;
+}
+
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8, ScaleFormat format) {
   detail::check_ll(routing, hidden, max_tokens, x, use_fp8, format);

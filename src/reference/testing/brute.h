@@ -20,6 +20,13 @@ HtCombineResult ht_combine(const HtDispatch& dispatch, const std::vector<std::ve
                            const std::vector<std::vector<float>>* weights = nullptr,
                            const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
                            const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
+// The two-level order of ref::ht_combine_nodes, computed by searching every receive list for (s, t) and grouping
+// the holders by node.
+HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& nodes,
+                                 const std::vector<std::vector<uint16_t>>& x, int hidden,
+                                 const std::vector<std::vector<float>>* weights = nullptr,
+                                 const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
+                                 const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat);
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "reference/detail.h"
 
@@ -47,6 +48,20 @@ RankRouting make_rank_routing(const RoutingSpec& spec, int rank) {
           "make_routing: tokens_per_rank must be empty or have num_ranks entries");
   require(rank >= 0 && rank < spec.num_ranks, "make_routing: rank out of range");
   const int E = spec.num_experts, K = spec.topk, El = E / spec.num_ranks;
+  const bool grouped = spec.group_nodes > 0;
+  int num_nodes = 1, node_experts = E;
+  if (grouped) {
+    require(spec.ranks_per_node >= 1 && spec.num_ranks % spec.ranks_per_node == 0,
+            "make_routing: ranks_per_node must be >= 1 and divide num_ranks with group_nodes");
+    num_nodes = spec.num_ranks / spec.ranks_per_node;
+    node_experts = spec.ranks_per_node * El;
+    require(spec.group_nodes <= num_nodes,
+            "make_routing: group_nodes must be in [1, num_nodes = " + std::to_string(num_nodes) + "], got " +
+                std::to_string(spec.group_nodes));
+    require(static_cast<int64_t>(spec.group_nodes) * node_experts >= K,
+            "make_routing: group_nodes * experts per node must be >= topk");
+    require(spec.skew == 1.0, "make_routing: group_nodes cannot be combined with skew");
+  }
 
   RankRouting rr;
   rr.num_tokens = spec.tokens_per_rank.empty() ? spec.num_tokens : spec.tokens_per_rank[rank];
@@ -68,10 +83,31 @@ RankRouting make_rank_routing(const RoutingSpec& spec, int rank) {
   }
   Rng rng(mix_seed(spec.seed, static_cast<uint64_t>(rank)));
   std::vector<int64_t> chosen;
+  std::vector<double> score(grouped ? sz(E) : 0), node_score(sz(num_nodes));
+  std::vector<int> order;
   for (int t = 0; t < rr.num_tokens; ++t) {
     const bool empty = rng.uniform() < spec.empty_token_fraction;
     chosen.clear();
-    for (int k = 0; k < K; ++k) {
+    if (grouped) {
+      // Node-limited top-k: the best group_nodes nodes by their best expert, then the best K experts among
+      // those nodes' experts. Ties (equal doubles, practically never) go to the lower id.
+      for (int e = 0; e < E; ++e) score[e] = 1.0 + rng.uniform();
+      for (int n = 0; n < num_nodes; ++n) {
+        double m = 0.0;
+        for (int e = n * node_experts; e < (n + 1) * node_experts; ++e) m = std::max(m, score[e]);
+        node_score[n] = m;
+      }
+      order.resize(sz(num_nodes));
+      for (int n = 0; n < num_nodes; ++n) order[n] = n;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return node_score[a] > node_score[b]; });
+      std::vector<int> experts;
+      for (int i = 0; i < spec.group_nodes; ++i)
+        for (int e = order[i] * node_experts; e < (order[i] + 1) * node_experts; ++e) experts.push_back(e);
+      std::sort(experts.begin(), experts.end());
+      std::stable_sort(experts.begin(), experts.end(), [&](int a, int b) { return score[a] > score[b]; });
+      for (int k = 0; k < K; ++k) chosen.push_back(experts[k]);
+    }
+    for (int k = 0; k < K && !grouped; ++k) {
       int64_t e = -1;
       for (int attempt = 0; attempt < 64 && e < 0; ++attempt) {
         int64_t c;

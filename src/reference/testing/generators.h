@@ -34,6 +34,13 @@ struct RoutingSpec {
   int num_zero_token_ranks = 0;       // the last this-many ranks get T_s = 0
   bool with_weights = true;           // weights (1 + u % 64) / 64: exact in bf16/float products
   uint64_t seed = 1;
+  // Group-limited routing (DeepSeek-V3's node-limited gating, as DeepEP's internode tests draw it): when
+  // group_nodes > 0, each token's experts lie within at most group_nodes nodes, rank r on node r / ranks_per_node.
+  // Per token: a score in [1, 2) per expert, a node's score = the max of its experts' scores, the group_nodes
+  // best nodes are kept, and the topk best experts among theirs are chosen. Requires skew == 1, ranks_per_node
+  // dividing num_ranks, group_nodes in [1, nodes] and group_nodes * (experts per node) >= topk.
+  int group_nodes = 0;     // 0 = unconstrained
+  int ranks_per_node = 0;  // used only with group_nodes > 0
 };
 // Routing of every rank; rank s uses the stream mix_seed(seed, s). Experts of one token are distinct.
 Routing make_routing(const RoutingSpec& spec);
