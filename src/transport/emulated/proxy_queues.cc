@@ -115,9 +115,8 @@ std::string EmulatedGpuProxy::describe() const {
                         "ring error %u (%s); thread %s, %" PRIu64 " passes%s%s",
                         num_slots_, start_, have_pi ? "" : "(unreadable) ", produced, consumed(), completed(),
                         ringError(), proxy::proxyErrorName(ringError()),
-                        thread_->running() ? (thread_->failed() ? "failed" : "running") : "stopped",
-                        thread_->passes(), thread_->failed() ? ": " : "",
-                        thread_->failed() ? thread_->error().c_str() : "");
+                        thread_->running() ? (thread_->failed() ? "failed" : "running") : "stopped", thread_->passes(),
+                        thread_->failed() ? ": " : "", thread_->failed() ? thread_->error().c_str() : "");
   std::string s(buf, n > 0 && static_cast<size_t>(n) < sizeof(buf) ? static_cast<size_t>(n) : sizeof(buf) - 1);
   if (!thread_->exited()) return s + "; SQ indices: once the thread has stopped";
   s += "; " + std::to_string(proxy_->descriptorsPosted()) + " descriptors posted";

@@ -63,6 +63,14 @@ std::string describeProxyError(const ErrorRecord& r, uint64_t timeout_ns) {
   const Phase phase = static_cast<Phase>(r.phase);
   const double timeout_s = static_cast<double>(timeout_ns) * 1e-9;
   if (r.code == kErrNone) return "no error";
+  if (r.code == kErrNetProxy && r.expected < 0) {
+    std::snprintf(buf, sizeof(buf),
+                  "phase %s: rank %d, QP 0x%x to peer %d: the request proxy had failed (ring error %d: %s) when the "
+                  "GPU was about to post a descriptor; the proxy thread's log names the descriptor",
+                  phaseName(phase), r.rank, static_cast<unsigned>(r.qpn), r.peer, r.detail,
+                  proxyErrorName(static_cast<uint32_t>(r.detail)));
+    return buf;
+  }
   if (r.code == kErrNetProxy) {
     std::snprintf(buf, sizeof(buf),
                   "phase %s: rank %d, QP 0x%x to peer %d: the request proxy failed (ring error %d: %s) while the GPU "

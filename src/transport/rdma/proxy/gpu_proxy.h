@@ -42,7 +42,7 @@ struct GpuProxyQp {
 struct GpuProxyRingMemory {
   rdma::ProxyDesc* slots = nullptr;  // device address
   uint32_t num_slots = 0;
-  uint32_t* producer_index = nullptr;  // device address
+  uint32_t* producer_index = nullptr;             // device address
   const rdma::ProxyRingShared* shared = nullptr;  // device address
 };
 struct GpuProxyBinding {

@@ -33,9 +33,7 @@ namespace nccl_moe::proxy {
 
 namespace detail {
 
-__device__ __forceinline__ uint32_t ring_error(const GpuProxyQp& q) {
-  return dev::ld_acquire_sys(&q.shared->error);
-}
+__device__ __forceinline__ uint32_t ring_error(const GpuProxyQp& q) { return dev::ld_acquire_sys(&q.shared->error); }
 
 // Records the ring's failure (once; the first failure of the record wins). Returns true when there is one.
 __device__ __forceinline__ bool check_ring(const GpuProxyQp& q, Phase phase, long long counter, long long expected) {

@@ -33,8 +33,8 @@ ncclResult_t ProxyThread::stop(double timeout_s) {
   thread_.join();
   running_.store(false, std::memory_order_release);
   if (late)
-    return setLastError(ncclSystemError, "ProxyThread::stop: the request proxy thread did not leave its loop within %.3f s",
-                        timeout_s);
+    return setLastError(ncclSystemError,
+                        "ProxyThread::stop: the request proxy thread did not leave its loop within %.3f s", timeout_s);
   return ncclSuccess;
 }
 
