@@ -324,11 +324,11 @@ void dumpProxies(World& w, Proxies& ps, uint64_t timeout_ns) {
   }
 }
 
-#define PROXY_WORLD_OR_SKIP(world, seed)                                                          \
-  do {                                                                                            \
-    const std::string why_ = makeWorld((seed), &(world));                                         \
-    if (why_ == "skip") GTEST_SKIP() << "no CUDA GPU: the GPU request-proxy tests need one";      \
-    ASSERT_EQ("", why_);                                                                          \
+#define PROXY_WORLD_OR_SKIP(world, seed)                                                     \
+  do {                                                                                       \
+    const std::string why_ = makeWorld((seed), &(world));                                    \
+    if (why_ == "skip") GTEST_SKIP() << "no CUDA GPU: the GPU request-proxy tests need one"; \
+    ASSERT_EQ("", why_);                                                                     \
   } while (0)
 
 // ---- Tests ----
@@ -355,8 +355,8 @@ TEST(GpuRequestProxy, PutSignalDataIsCompleteWhenTheSignalArrives) {
   Mapped<TestStatus> st;
   ASSERT_NE(nullptr, st.dev);
   st.host->first_bad_iter = -1;
-  const LitmusRecv recv{p10->view(0), dst.ptr,    reinterpret_cast<const uint64_t*>(sig.ptr), ack.w.rkey,
-                        iterations,   seed,       st.dev};
+  const LitmusRecv recv{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(sig.ptr), ack.w.rkey, iterations,
+                        seed,         st.dev};
   const LitmusSend send{p01->view(0), src.ptr, dst.w.rkey, sig.w.rkey, reinterpret_cast<const uint64_t*>(ack.ptr),
                         iterations,   seed,    st.dev};
   const auto t0 = std::chrono::steady_clock::now();
@@ -367,7 +367,9 @@ TEST(GpuRequestProxy, PutSignalDataIsCompleteWhenTheSignalArrives) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const uint64_t done = w[0].nic->counters().atomics;  // put_signals the NIC executed (one fetch-add each)
     char line[200];
-    std::snprintf(line, sizeof(line), "%" PRIu64 " of %" PRIu64 " put_signals after %.0f s (%.0f per s); ring 0->1 "
+    std::snprintf(line, sizeof(line),
+                  "%" PRIu64 " of %" PRIu64
+                  " put_signals after %.0f s (%.0f per s); ring 0->1 "
                   "consumed %u completed %u",
                   done, iterations, s, done / s, p01->consumed(), p01->completed());
     return std::string(line);
@@ -412,10 +414,11 @@ TEST(GpuRequestProxy, CrossQpReorderingIsObserved) {
   ASSERT_EQ("", startProxies(ps));
   Mapped<TestStatus> st;
   ASSERT_NE(nullptr, st.dev);
-  const CrossObserve obs{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(dst.ptr + kBytes), kBytes,
-                         ack.w.rkey,   kTries,  st.dev};
-  const CrossSend send{p01->view(0), p01->view(1), src.ptr, kBytes, dst.w.rkey,
-                       reinterpret_cast<const uint64_t*>(ack.ptr), kTries, st.dev};
+  const CrossObserve obs{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(dst.ptr + kBytes), kBytes, ack.w.rkey,
+                         kTries,       st.dev};
+  const CrossSend send{p01->view(0), p01->view(1), src.ptr,
+                       kBytes,       dst.w.rkey,   reinterpret_cast<const uint64_t*>(ack.ptr),
+                       kTries,       st.dev};
   const auto t0 = std::chrono::steady_clock::now();
   crossObserveKernel<<<1, kThreads, 0, w.streams[1]>>>(obs);
   crossSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
@@ -442,7 +445,8 @@ TEST(GpuRequestProxy, AFourSlotRingCompletesAThousandDescriptors) {
   Proxies ps{&w, {}};
   constexpr uint32_t kBlocks = 4, kPerBlock = 250, kSlotBytes = 4096, kSlots = 4;
   constexpr uint32_t kStart = 0xffffffffu - 500;  // the indices wrap 2^32 half way
-  std::printf("GpuRequestProxy.BackPressure: chaos seed %" PRIu64 ", %u blocks x %u put_signal through a ring of %u "
+  std::printf("GpuRequestProxy.BackPressure: chaos seed %" PRIu64
+              ", %u blocks x %u put_signal through a ring of %u "
               "slots starting at %u\n",
               seed, kBlocks, kPerBlock, kSlots, kStart);
   DevWindow src, dst, sig;

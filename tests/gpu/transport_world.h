@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "device/ptx.cuh"
 #include "gpu_world.h"
 #include "transport/emulated/chaos.h"
 #include "transport/emulated/cuda_backend.h"
@@ -26,7 +27,6 @@
 #include "transport/emulated/nic.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/window.h"
-#include "device/ptx.cuh"
 
 namespace nccl_moe::transport_test {
 
@@ -129,7 +129,8 @@ inline const char* whereName(int w) {
   }
 }
 
-__device__ inline void failStatus(TestStatus* st, int code, int where, uint64_t iter, uint64_t seen, uint64_t expected) {
+__device__ inline void failStatus(TestStatus* st, int code, int where, uint64_t iter, uint64_t seen,
+                                  uint64_t expected) {
   if (atomicCAS(&st->failed, 0, -1) == 0) {
     st->where = where;
     st->iter = static_cast<long long>(iter);
@@ -264,7 +265,7 @@ inline std::string allocWindow(GpuRank& r, uint64_t bytes, uint32_t flags, DevWi
 }
 
 inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error,
-                      em::EmulatedGpuQp** out) {
+                             em::EmulatedGpuQp** out) {
   em::GpuQpSpec spec;
   spec.nic = from.nic.get();
   spec.backend = from.backend.get();
@@ -293,7 +294,7 @@ inline std::string startNics(World& w) {
 // Bounded host wait for both test streams; "" or what is still running.
 // `progress` (optional): a line printed every 5 s while the kernels run (long litmus runs say how far they got).
 inline std::string waitStreams(World& w, double timeout_s, const char* what,
-                        const std::function<std::string()>& progress = {}) {
+                               const std::function<std::string()>& progress = {}) {
   const auto start = std::chrono::steady_clock::now();
   auto next_report = start + std::chrono::seconds(5);
   for (;;) {
