@@ -33,6 +33,7 @@ ncclResult_t EmulatedGpuProxy::create(const GpuProxySpec& spec, std::unique_ptr<
   MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p->fetch_result_), sizeof(uint64_t)));
   MOE_CUDA_CHECK(cudaMemset(p->fetch_result_, 0, sizeof(uint64_t)));
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&p->stream_, cudaStreamNonBlocking));
+  MOE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&p->pi_readback_), sizeof(uint32_t), cudaHostAllocPortable));
   MOE_CUDA_CHECK(cudaDeviceSynchronize());  // setup time: no kernel of ours runs yet
   rdma::Window result_window;
   MOE_CHECK(spec.local_windows->registerWindow(reinterpret_cast<uint64_t>(p->fetch_result_), sizeof(uint64_t),
@@ -94,6 +95,7 @@ EmulatedGpuProxy::~EmulatedGpuProxy() {
   links_.clear();
   if (windows_ != nullptr && fetch_result_lkey_ != 0) windows_->deregisterWindow(fetch_result_lkey_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (pi_readback_ != nullptr) cudaFreeHost(pi_readback_);
   if (fetch_result_ != nullptr) cudaFree(fetch_result_);
   if (producer_index_ != nullptr) cudaFree(producer_index_);
   if (shared_ != nullptr) cudaFreeHost(shared_);
@@ -101,8 +103,9 @@ EmulatedGpuProxy::~EmulatedGpuProxy() {
 }
 
 ncclResult_t EmulatedGpuProxy::producerIndex(uint32_t* out) const {
-  MOE_CUDA_CHECK(cudaMemcpyAsync(out, producer_index_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
+  MOE_CUDA_CHECK(cudaMemcpyAsync(pi_readback_, producer_index_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  *out = *pi_readback_;
   return ncclSuccess;
 }
 

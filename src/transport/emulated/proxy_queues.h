@@ -71,7 +71,8 @@ class EmulatedGpuProxy {
   uint32_t consumed() const { return __atomic_load_n(&shared_->consumed, __ATOMIC_ACQUIRE); }
   uint32_t completed() const { return __atomic_load_n(&shared_->completed, __ATOMIC_ACQUIRE); }
   uint32_t ringError() const { return __atomic_load_n(&shared_->error, __ATOMIC_ACQUIRE); }
-  // The producer index (device memory), read through a private non-blocking stream: callable while kernels run.
+  // The producer index (device memory), copied into a pinned word on a private non-blocking stream: callable
+  // while kernels run (it waits for nothing else on the GPU).
   ncclResult_t producerIndex(uint32_t* out) const;
   // One line: indices, ring error, the thread's state and message, the SQs' indices. For failure logs.
   std::string describe() const;
@@ -89,6 +90,7 @@ class EmulatedGpuProxy {
   rdma::ProxyRingShared* shared_ = nullptr;
   uint32_t* producer_index_ = nullptr;  // device memory
   uint64_t* fetch_result_ = nullptr;    // device memory
+  uint32_t* pi_readback_ = nullptr;     // pinned host word producerIndex() copies into (no pageable copies)
   uint32_t fetch_result_lkey_ = 0;
   rdma::WindowRegistry* windows_ = nullptr;
   cudaStream_t stream_ = nullptr;
