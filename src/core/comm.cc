@@ -368,8 +368,8 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
   const Phase phase = static_cast<Phase>(rec->phase);
   const bool net_phase = phase == Phase::kNetReserve || phase == Phase::kNetReady || phase == Phase::kNetDoorbell ||
                          phase == Phase::kNetQuiet || phase == Phase::kNetCqe;
-  const bool proxy_phase = phase == Phase::kNetProxyCredit || phase == Phase::kNetProxyQuiet;
-  if (code == kErrNetProxy || (code == kErrTimeout && proxy_phase)) {
+  const bool proxy_wait_phase = phase == Phase::kNetProxyCredit || phase == Phase::kNetProxyQuiet;
+  if (code == kErrNetProxy || (code == kErrTimeout && proxy_wait_phase)) {
     // The request proxy's errors name the ring's state (src/transport/rdma/proxy/gpu_proxy.h).
     ErrorRecord copy{};
     std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
