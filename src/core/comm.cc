@@ -32,6 +32,7 @@
 #include "ops/ops.h"
 #include "topo/topo.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
+#include "transport/rdma/proxy/gpu_proxy.h"
 
 namespace nccl_moe {
 
@@ -63,6 +64,10 @@ const char* phaseName(Phase phase) {
       return "net-quiet";
     case Phase::kNetCqe:
       return "net-cqe";
+    case Phase::kNetProxyCredit:
+      return "net-proxy-credit";
+    case Phase::kNetProxyQuiet:
+      return "net-proxy-quiet";
     default:
       return "none";
   }
@@ -363,7 +368,15 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
   const Phase phase = static_cast<Phase>(rec->phase);
   const bool net_phase = phase == Phase::kNetReserve || phase == Phase::kNetReady || phase == Phase::kNetDoorbell ||
                          phase == Phase::kNetQuiet || phase == Phase::kNetCqe;
-  if (code == kErrNetCqe || (code == kErrTimeout && net_phase)) {
+  const bool proxy_wait_phase = phase == Phase::kNetProxyCredit || phase == Phase::kNetProxyQuiet;
+  if (code == kErrNetProxy || (code == kErrTimeout && proxy_wait_phase)) {
+    // The request proxy's errors name the ring's state (src/transport/rdma/proxy/gpu_proxy.h).
+    ErrorRecord copy{};
+    std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
+    std::snprintf(message, sizeof(message), "%s; the communicator is unusable, destroy it",
+                  proxy::describeProxyError(copy, comm->timeout_ns).c_str());
+    result = ncclRemoteError;
+  } else if (code == kErrNetCqe || (code == kErrTimeout && net_phase)) {
     // The scale-out transport's errors name the QP (src/transport/rdma/ibgda/gpu_qp.h).
     ErrorRecord copy{};
     std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));

@@ -34,6 +34,9 @@ enum class Phase : int {
   kNetCqe = 11,          // an error CQE was polled (code kErrNetCqe)
   kLayout = 12,          // the dispatch-layout kernel (an id outside [-1, E): kErrBadExpertId)
   kLlDispatchSend = 13,  // the LL dispatch send half (likewise)
+  // Scale-out request proxy (src/transport/rdma/proxy/proxy.cuh); qpn names the QP the descriptor was for.
+  kNetProxyCredit = 14,  // waiting for a ring slot (the proxy thread's consumed index)
+  kNetProxyQuiet = 15,   // waiting for the proxy's completed index to pass a quiet
 };
 const char* phaseName(Phase phase);
 
@@ -41,18 +44,27 @@ const char* phaseName(Phase phase);
 // atomics, read by the host without synchronising). `code` goes 0 -> non-zero once; the other fields are
 // written by the winner before it publishes `code` with release ordering.
 struct ErrorRecord {
-  int code;            // 0 = none, 1 = wait timeout, 3 = capacity exceeded, 4 = error CQE, 5 = bad top-k id (ErrorCode)
+  int code;            // 0 none, 1 wait timeout, 3 capacity exceeded, 4 error CQE, 5 bad top-k id, 6 proxy (ErrorCode)
   int phase;           // Phase
   int rank;            // rank that observed the failure
   int peer;            // peer it was waiting for (-1 = none/local)
   long long counter;   // value seen last
   long long expected;  // value waited for
   int qpn;             // scale-out phases: the QP's number (-1 = not a QP wait)
-  int detail;          // kNetQuiet: the announced index; kErrNetCqe: syndrome | vendor syndrome << 8 | opcode << 16
+  int detail;          // kNetQuiet: the announced index; kErrNetCqe: syndrome | vendor syndrome << 8 | opcode << 16;
+                       // kErrNetProxy: the ring's ProxyError; kNetProxyQuiet timeouts: the consumed index
   long long value;     // kErrBadExpertId: the id found (counter: its token, expected: its slot)
 };
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrCapacity = 3, kErrNetCqe = 4, kErrBadExpertId = 5 };
+// kErrNetProxy: the request proxy's ring reported a failure (its error word, a ProxyError, in `detail`).
+enum ErrorCode : int {
+  kErrNone = 0,
+  kErrTimeout = 1,
+  kErrCapacity = 3,
+  kErrNetCqe = 4,
+  kErrBadExpertId = 5,
+  kErrNetProxy = 6,
+};
 
 // The ranks of this rank's node.
 struct ScaleupPeers {

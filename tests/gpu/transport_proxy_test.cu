@@ -1,0 +1,614 @@
+// The request-proxy mode of the scale-out transport on the GPU: kernels post through proxy.cuh into a mapped host
+// ring, a ProxyThread (rdma::RequestProxy) turns the descriptors into WQEs on host-memory SQs, and the software NIC
+// executes them on this GPU (CudaMemoryBackend). The same one-GPU world as transport_litmus_test.cu
+// (transport_world.h): ranks 0 and 1, each with its own NIC, executor thread and error record; each rank that
+// posts gets its own ring and proxy thread. Kernels are one block each on two non-blocking streams.
+//
+//   PutSignalLitmus            data then signal, 1 B..4 MB log-uniform, every byte checked, acked back through
+//                              rank 1's own ring
+//   CrossQpReordering          one ring, two QPs to one peer: B's word is seen before all of A's data at least once
+//   BackPressure               a ring of 4 slots, 4 blocks x 250 put_signal (1000 descriptors) starting 500 below
+//                              2^32: credits throttle the GPU, nothing is lost, the indices wrap
+//   BadRkey                    the proxy cannot translate the key: the ring's error word stops it, the GPU's quiet
+//                              fails with kErrNetProxy (translation) naming phase, rank, peer and QP
+//   StoppedProxy               quiet with no proxy thread: bounded kNetProxyQuiet timeout saying the quiet was
+//                              never taken; starting the thread afterwards completes the put; a 4-slot ring with
+//                              no consumer runs out of credits (kNetProxyCredit)
+//
+// Knobs: MOE_LITMUS_ITERATIONS (PutSignalLitmus, default 1000), NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero
+// seed when unset). Expected GPU time at defaults: a few seconds (the two timeout tests wait 0.2 s each).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "transport/emulated/proxy_queues.h"
+#include "transport/rdma/proxy/proxy.cuh"
+#include "transport_world.h"
+
+namespace {
+
+using namespace nccl_moe::transport_test;  // NOLINT(build/namespaces): the tests' shared helpers
+namespace px = nccl_moe::proxy;
+
+constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;  // the tests that expect a timeout
+
+// ---- Kernels (one thread per transport call, as the library's kernels will) ----
+
+struct LitmusSend {
+  px::GpuProxyQp q;  // rank 0 -> rank 1
+  uint8_t* src;      // offset 0 of the window q.lkey
+  uint32_t dst_rkey;
+  uint32_t sig_rkey;
+  const uint64_t* ack;  // rank 0's word, added to by rank 1
+  uint64_t iterations;
+  uint64_t seed;
+  TestStatus* st;
+};
+struct LitmusRecv {
+  px::GpuProxyQp q;  // rank 1 -> rank 0 (acks)
+  const uint8_t* dst;
+  const uint64_t* sig;
+  uint32_t ack_rkey;
+  uint64_t iterations;
+  uint64_t seed;
+  TestStatus* st;
+};
+
+__global__ void litmusSendKernel(LitmusSend a) {
+  __shared__ int abort_flag;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t i = 0; i < a.iterations; ++i) {
+    const uint32_t bytes = litmusBytes(a.seed, i);
+    const uint32_t words = bytes / 8;
+    uint64_t* src64 = reinterpret_cast<uint64_t*>(a.src);
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) src64[w] = patternWord(i, w);
+    if (threadIdx.x == 0)
+      for (uint32_t j = words * 8; j < bytes; ++j)
+        a.src[j] = static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)));
+    __threadfence_system();  // the NIC's copy reads the source: every thread's stores before the descriptor
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (!px::put_signal(a.q, 0, 0, a.dst_rkey, bytes, 0, a.sig_rkey, 1)) {
+        failStatus(a.st, 2, kWherePut, i, 0, 0);
+        abort_flag = 1;
+      } else if (!waitGeq(a.ack, i + 1, a.st, kWhereAck, i)) {
+        abort_flag = 1;
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
+}
+
+__global__ void litmusRecvKernel(LitmusRecv a) {
+  __shared__ int abort_flag;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t i = 0; i < a.iterations; ++i) {
+    if (threadIdx.x == 0 && !waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
+    __syncthreads();
+    if (abort_flag != 0) return;
+    const uint32_t bytes = litmusBytes(a.seed, i);
+    const uint32_t words = bytes / 8;
+    const unsigned long long* dst64 = reinterpret_cast<const unsigned long long*>(a.dst);
+    unsigned long long my_bad = 0;
+    long long my_first = -1;
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
+      const uint64_t got = __ldcg(dst64 + w);  // L2: never a stale L1 line of an earlier iteration
+      const uint64_t diff = got ^ patternWord(i, w);
+      if (diff != 0) {
+        for (int b = 0; b < 8; ++b) my_bad += ((diff >> (8 * b)) & 0xff) != 0 ? 1 : 0;
+        if (my_first < 0) my_first = static_cast<long long>(w) * 8;
+      }
+    }
+    if (threadIdx.x == 0) {
+      for (uint32_t j = words * 8; j < bytes; ++j) {
+        if (__ldcg(a.dst + j) != static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)))) {
+          ++my_bad;
+          if (my_first < 0) my_first = j;
+        }
+      }
+    }
+    if (my_bad != 0) {
+      atomicAdd(&a.st->mismatches, my_bad);
+      if (atomicCAS(reinterpret_cast<unsigned long long*>(&a.st->first_bad_iter), ~0ull, i) == ~0ull)
+        a.st->first_bad_offset = my_first;
+    }
+    __syncthreads();  // every read of this iteration's data before the ack lets rank 0 refill its source
+    if (threadIdx.x == 0 && !px::signal(a.q, 0, a.ack_rkey, 1)) {
+      failStatus(a.st, 2, kWhereAckSend, i, 0, 0);
+      abort_flag = 1;
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
+}
+
+// Cross-QP: A (bytes, QP 0) then B (8 bytes at offset `bytes`, QP 1) through one ring, quiet, wait for the ack.
+struct CrossSend {
+  px::GpuProxyQp qa, qb;  // two views of one ring
+  uint8_t* src;           // [0, bytes): A's source, [bytes, +8): B's
+  uint32_t bytes;
+  uint32_t dst_rkey;
+  const uint64_t* ack;
+  uint64_t tries;
+  TestStatus* st;
+};
+struct CrossObserve {
+  px::GpuProxyQp q;  // acks
+  const uint8_t* dst_a;
+  const uint64_t* dst_b;
+  uint32_t bytes;
+  uint32_t ack_rkey;
+  uint64_t tries;
+  TestStatus* st;
+};
+
+__global__ void crossSendKernel(CrossSend a) {
+  __shared__ int abort_flag;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t t = 0; t < a.tries; ++t) {
+    fillBytes(a.src, a.bytes, tryByte(t));
+    fillBytes(a.src + a.bytes, 8, tryByte(t));
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (!(px::put(a.qa, 0, 0, a.dst_rkey, a.bytes) && px::put(a.qb, a.bytes, a.bytes, a.dst_rkey, 8) &&
+            px::quiet(a.qa))) {
+        failStatus(a.st, 2, kWherePut, t, 0, 0);
+        abort_flag = 1;
+      } else if (!waitGeq(a.ack, t + 1, a.st, kWhereAck, t)) {
+        abort_flag = 1;
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+}
+
+__global__ void crossObserveKernel(CrossObserve a) {
+  __shared__ int abort_flag;
+  __shared__ unsigned long long off_bytes, odd_bytes;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  for (uint64_t t = 0; t < a.tries; ++t) {
+    const uint8_t x = tryByte(t);
+    const uint8_t old = t == 0 ? 0 : tryByte(t - 1);
+    if (threadIdx.x == 0) {
+      off_bytes = odd_bytes = 0;
+      const uint64_t start = dev::globaltimer_ns();
+      for (uint32_t spins = 0;; ++spins) {
+        const uint64_t seen = dev::ld_acquire_sys(a.dst_b);
+        if (seen == tryWord(t)) break;
+        if ((spins & 255u) == 255u && dev::globaltimer_ns() - start > kTimeoutNs) {
+          failStatus(a.st, 1, kWhereBWord, t, seen, tryWord(t));
+          abort_flag = 1;
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+    unsigned long long my_off = 0, my_odd = 0;
+    for (uint32_t j = threadIdx.x; j < a.bytes; j += blockDim.x) {
+      const uint8_t v = __ldcg(a.dst_a + j);
+      my_off += v != x ? 1 : 0;
+      my_odd += v != x && v != old ? 1 : 0;
+    }
+    if (my_off != 0) atomicAdd(&off_bytes, my_off);
+    if (my_odd != 0) atomicAdd(&odd_bytes, my_odd);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (off_bytes != 0) atomicAdd(&a.st->count, 1ull);  // B seen before all of A
+      if (odd_bytes != 0) atomicAdd(&a.st->corrupt, odd_bytes);
+      // The sender's quiet covered A: A is complete before the sender waits for this ack, so the next try's
+      // fill never races with A's placement here.
+      if (!px::signal(a.q, 0, a.ack_rkey, 1)) {
+        failStatus(a.st, 2, kWhereAckSend, t, 0, 0);
+        abort_flag = 1;
+      }
+    }
+    __syncthreads();
+    if (abort_flag != 0) return;
+  }
+  if (threadIdx.x == 0 && !px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.tries, 0, 0);
+}
+
+// Thread 0 of every block posts `per_block` put_signal of slot_bytes from / to its slot, then quiet.
+struct ManyArgs {
+  px::GpuProxyQp q;
+  uint32_t dst_rkey;
+  uint32_t slot_bytes;
+  uint32_t sig_rkey;
+  uint32_t per_block;
+  TestStatus* st;
+};
+__global__ void manySendKernel(ManyArgs a) {
+  if (threadIdx.x != 0) return;
+  const uint64_t off = static_cast<uint64_t>(blockIdx.x) * a.slot_bytes;
+  for (uint32_t i = 0; i < a.per_block; ++i) {
+    if (!px::put_signal(a.q, off, off, a.dst_rkey, a.slot_bytes, 0, a.sig_rkey, 1)) {
+      failStatus(a.st, 2, kWherePut, i, blockIdx.x, 0);
+      return;
+    }
+    atomicAdd(&a.st->count, 1ull);
+  }
+  if (!px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.per_block, blockIdx.x, 0);
+}
+
+// num_puts puts, then quiet (when asked): st->count = puts posted, st->call_result = 1 all posted | 2 quiet ok.
+struct SingleArgs {
+  px::GpuProxyQp q;
+  uint32_t rkey;
+  uint32_t bytes;
+  uint32_t num_puts;
+  int do_quiet;
+  TestStatus* st;
+};
+__global__ void singleKernel(SingleArgs a) {
+  uint32_t posted = 0;
+  while (posted < a.num_puts && px::put(a.q, 0, 0, a.rkey, a.bytes)) ++posted;
+  const bool quiet_ok = a.do_quiet != 0 && posted == a.num_puts && px::quiet(a.q);
+  a.st->count = posted;
+  a.st->call_result = (posted == a.num_puts ? 1 : 0) | (quiet_ok ? 2 : 0);
+  __threadfence_system();
+}
+
+// ---- Host side ----
+
+// The proxies of a test. Destroyed before the World (declare it after): stops the proxy threads, then the NICs
+// (they read the proxies' SQs), then waits for the test kernels (their waits are bounded), then frees the rings.
+struct Proxies {
+  World* w = nullptr;
+  std::vector<std::unique_ptr<em::EmulatedGpuProxy>> all;
+  ~Proxies() {
+    for (auto& p : all) p->stop();
+    for (auto& r : w->ranks)
+      if (r && r->nic) r->nic->stop();
+    for (cudaStream_t s : w->streams)
+      if (s != nullptr) cudaStreamSynchronize(s);
+    all.clear();
+  }
+};
+
+// A ring of rank `from` with one QP per entry of `to` (one view each), not yet started.
+std::string makeProxy(Proxies& ps, int from, const std::vector<int>& to, uint32_t num_slots, uint32_t start,
+                      uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error, em::EmulatedGpuProxy** out) {
+  World& w = *ps.w;
+  em::GpuProxySpec spec;
+  spec.nic = w[from].nic.get();
+  spec.backend = w[from].backend.get();
+  spec.local_windows = w[from].windows.get();
+  for (int peer : to) spec.qps.push_back(em::Responder{w[peer].windows.get(), peer, 0});
+  spec.num_slots = num_slots;
+  spec.start = start;
+  spec.src_lkey = src_lkey;
+  spec.rank = from;
+  spec.device = 0;
+  spec.timeout_ns = timeout_ns;
+  spec.dev_error = dev_error != nullptr ? dev_error : w[from].error.dev;
+  std::unique_ptr<em::EmulatedGpuProxy> p;
+  if (em::EmulatedGpuProxy::create(spec, &p) != ncclSuccess)
+    return std::string("EmulatedGpuProxy::create: ") + nccl_moe::threadLastError();
+  *out = p.get();
+  ps.all.push_back(std::move(p));
+  return "";
+}
+
+std::string startProxies(Proxies& ps) {
+  for (auto& p : ps.all)
+    if (p->start() != ncclSuccess) return std::string("ProxyThread::start: ") + nccl_moe::threadLastError();
+  return "";
+}
+
+// dumpWorld plus every ring and both records as the proxy describes them.
+void dumpProxies(World& w, Proxies& ps, uint64_t timeout_ns) {
+  dumpWorld(w);
+  for (size_t i = 0; i < ps.all.size(); ++i)
+    std::printf("[proxy %zu, rank %d] %s\n", i, ps.all[i]->view(0).rank, ps.all[i]->describe().c_str());
+  for (int r = 0; r < 2; ++r) {
+    const ErrorRecord rec = *w[r].error.host;
+    std::printf("[rank %d]   GPU error record (proxy): %s\n", r,
+                rec.code == 0 ? "none" : px::describeProxyError(rec, timeout_ns).c_str());
+  }
+}
+
+#define PROXY_WORLD_OR_SKIP(world, seed)                                                     \
+  do {                                                                                       \
+    const std::string why_ = makeWorld((seed), &(world));                                    \
+    if (why_ == "skip") GTEST_SKIP() << "no CUDA GPU: the GPU request-proxy tests need one"; \
+    ASSERT_EQ("", why_);                                                                     \
+  } while (0)
+
+// ---- Tests ----
+
+TEST(GpuRequestProxy, PutSignalDataIsCompleteWhenTheSignalArrives) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  const uint64_t iterations = litmusIterations(1000);
+  std::printf("GpuRequestProxy.PutSignalLitmus: chaos seed %" PRIu64 " (NCCL_MOE_EMU_CHAOS=%" PRIu64
+              " reproduces it), %" PRIu64 " iterations (MOE_LITMUS_ITERATIONS), sizes 1 B..4 MB log-uniform\n",
+              seed, seed, iterations);
+  DevWindow src, dst, sig, ack;
+  ASSERT_EQ("", allocWindow(w[0], kMaxLitmusBytes, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kMaxLitmusBytes, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
+  em::EmulatedGpuProxy *p01 = nullptr, *p10 = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, 64, 0, src.w.lkey, kTimeoutNs, nullptr, &p01));
+  ASSERT_EQ("", makeProxy(ps, 1, {0}, 64, 0, 0, kTimeoutNs, nullptr, &p10));
+  ASSERT_EQ("", startNics(w));
+  ASSERT_EQ("", startProxies(ps));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  st.host->first_bad_iter = -1;
+  const LitmusRecv recv{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(sig.ptr), ack.w.rkey, iterations,
+                        seed,         st.dev};
+  const LitmusSend send{p01->view(0), src.ptr, dst.w.rkey, sig.w.rkey, reinterpret_cast<const uint64_t*>(ack.ptr),
+                        iterations,   seed,    st.dev};
+  const auto t0 = std::chrono::steady_clock::now();
+  litmusRecvKernel<<<1, kThreads, 0, w.streams[1]>>>(recv);
+  litmusSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 2e-3, "GpuRequestProxy.PutSignalLitmus", [&] {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const uint64_t done = w[0].nic->counters().atomics;  // put_signals the NIC executed (one fetch-add each)
+    char line[200];
+    std::snprintf(line, sizeof(line),
+                  "%" PRIu64 " of %" PRIu64
+                  " put_signals after %.0f s (%.0f per s); ring 0->1 "
+                  "consumed %u completed %u",
+                  done, iterations, s, done / s, p01->consumed(), p01->completed());
+    return std::string(line);
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("GpuRequestProxy.PutSignalLitmus: %.3f s, %.0f iterations/s; %s\n", secs, iterations / secs,
+              describeStatus(*st.host).c_str());
+  dumpProxies(w, ps, kTimeoutNs);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0ull, st.host->mismatches) << describeStatus(*st.host) << " (chaos seed " << seed << ")";
+  EXPECT_EQ(0, w[0].error.host->code) << px::describeProxyError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(0, w[1].error.host->code) << px::describeProxyError(*w[1].error.host, kTimeoutNs);
+  EXPECT_FALSE(p01->thread().failed()) << p01->thread().error();
+  EXPECT_FALSE(p10->thread().failed()) << p10->thread().error();
+  EXPECT_FALSE(w[0].backend->failed()) << w[0].backend->error();
+  EXPECT_FALSE(w[1].backend->failed()) << w[1].backend->error();
+  EXPECT_EQ(iterations, w[0].nic->counters().atomics);
+  EXPECT_EQ(iterations, w[1].nic->counters().atomics);
+  // Every descriptor (iterations + the final quiet) was consumed and completed.
+  EXPECT_EQ(static_cast<uint32_t>(iterations + 1), p01->completed());
+  EXPECT_EQ(static_cast<uint32_t>(iterations + 1), p10->completed());
+}
+
+TEST(GpuRequestProxy, CrossQpReorderingIsObserved) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  constexpr uint32_t kBytes = 256u << 10;
+  constexpr uint64_t kTries = 200;
+  std::printf("GpuRequestProxy.CrossQpReordering: chaos seed %" PRIu64 ", %" PRIu64 " tries of %u bytes\n", seed,
+              kTries, kBytes);
+  DevWindow src, dst, ack;
+  ASSERT_EQ("", allocWindow(w[0], kBytes + 64, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kBytes + 64, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
+  em::EmulatedGpuProxy *p01 = nullptr, *p10 = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1, 1}, 64, 0, src.w.lkey, kTimeoutNs, nullptr, &p01));  // QP A and QP B
+  ASSERT_EQ("", makeProxy(ps, 1, {0}, 64, 0, 0, kTimeoutNs, nullptr, &p10));
+  ASSERT_EQ("", startNics(w));
+  ASSERT_EQ("", startProxies(ps));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  const CrossObserve obs{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(dst.ptr + kBytes), kBytes, ack.w.rkey,
+                         kTries,       st.dev};
+  const CrossSend send{p01->view(0), p01->view(1), src.ptr,
+                       kBytes,       dst.w.rkey,   reinterpret_cast<const uint64_t*>(ack.ptr),
+                       kTries,       st.dev};
+  const auto t0 = std::chrono::steady_clock::now();
+  crossObserveKernel<<<1, kThreads, 0, w.streams[1]>>>(obs);
+  crossSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS, "GpuRequestProxy.CrossQpReordering");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("GpuRequestProxy.CrossQpReordering: %.3f s; B's word seen before all of A's data in %llu of %" PRIu64
+              " tries; %s\n",
+              secs, st.host->count, kTries, describeStatus(*st.host).c_str());
+  dumpProxies(w, ps, kTimeoutNs);
+  ASSERT_EQ("", waited);
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0, w[0].error.host->code) << px::describeProxyError(*w[0].error.host, kTimeoutNs);
+  EXPECT_EQ(0, w[1].error.host->code) << px::describeProxyError(*w[1].error.host, kTimeoutNs);
+  EXPECT_FALSE(p01->thread().failed()) << p01->thread().error();
+  EXPECT_GT(st.host->count, 0ull) << "no cross-QP reordering seen through the proxy: chaos does not interleave QPs";
+  EXPECT_EQ(0ull, st.host->corrupt) << "bytes that are neither the old nor the new value";
+}
+
+TEST(GpuRequestProxy, AFourSlotRingCompletesAThousandDescriptors) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  constexpr uint32_t kBlocks = 4, kPerBlock = 250, kSlotBytes = 4096, kSlots = 4;
+  constexpr uint32_t kStart = 0xffffffffu - 500;  // the indices wrap 2^32 half way
+  std::printf("GpuRequestProxy.BackPressure: chaos seed %" PRIu64
+              ", %u blocks x %u put_signal through a ring of %u "
+              "slots starting at %u\n",
+              seed, kBlocks, kPerBlock, kSlots, kStart);
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], kBlocks * kSlotBytes, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], kBlocks * kSlotBytes, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  std::vector<uint8_t> pattern(kBlocks * kSlotBytes);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(1 + (i / kSlotBytes) * 29 + i % 7);
+  CUDA_OK(cudaMemcpy(src.ptr, pattern.data(), pattern.size(), cudaMemcpyHostToDevice));
+  em::EmulatedGpuProxy* p = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, kSlots, kStart, src.w.lkey, kTimeoutNs, nullptr, &p));
+  ASSERT_EQ("", startNics(w));
+  ASSERT_EQ("", startProxies(ps));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  const auto t0 = std::chrono::steady_clock::now();
+  manySendKernel<<<kBlocks, 32, 0, w.streams[0]>>>(
+      ManyArgs{p->view(0), dst.w.rkey, kSlotBytes, sig.w.rkey, kPerBlock, st.dev});
+  CUDA_OK(cudaGetLastError());
+  const std::string waited = waitStreams(w, kHostTimeoutS, "GpuRequestProxy.BackPressure", [&] {
+    return "posted " + std::to_string(st.host->count) + "; " + p->describe();
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("GpuRequestProxy.BackPressure: %.3f s; %s\n", secs, describeStatus(*st.host).c_str());
+  dumpProxies(w, ps, kTimeoutNs);
+  ASSERT_EQ("", waited);
+  constexpr uint32_t kDescriptors = kBlocks * kPerBlock + kBlocks;  // the put_signals and one quiet per block
+  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
+  EXPECT_EQ(0, w[0].error.host->code) << px::describeProxyError(*w[0].error.host, kTimeoutNs);
+  EXPECT_FALSE(p->thread().failed()) << p->thread().error();
+  EXPECT_EQ(0u, p->ringError());
+  EXPECT_EQ(kStart + kDescriptors, p->consumed());
+  EXPECT_EQ(kStart + kDescriptors, p->completed());
+  uint32_t produced = 0;
+  NCCL_OK(p->producerIndex(&produced));
+  EXPECT_EQ(kStart + kDescriptors, produced);
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, w[0].nic->counters().atomics);
+  EXPECT_EQ(em::QpState::kReady, w[0].nic->qpState(p->nicQp(0))) << w[0].nic->qpError(p->nicQp(0));
+  uint64_t signal = 0;
+  CUDA_OK(cudaMemcpy(&signal, sig.ptr, sizeof(signal), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(uint64_t{kBlocks} * kPerBlock, signal);
+  std::vector<uint8_t> got(pattern.size());
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, got.size(), cudaMemcpyDeviceToHost));
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) bad += got[i] != pattern[i] ? 1 : 0;
+  EXPECT_EQ(0u, bad) << "bytes of the slots that differ from their sources";
+}
+
+TEST(GpuRequestProxy, ABadRkeyStopsTheRingAndQuietReportsIt) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  DevWindow src, dst;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  em::EmulatedGpuProxy* p = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, 64, 0, src.w.lkey, kTimeoutNs, nullptr, &p));
+  ASSERT_EQ("", startNics(w));
+  ASSERT_EQ("", startProxies(ps));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  const uint32_t bad_rkey = dst.w.rkey + (1000u << 8);
+  singleKernel<<<1, 1, 0, w.streams[0]>>>(SingleArgs{p->view(0), bad_rkey, 64, 1, 1, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "GpuRequestProxy.BadRkey kernel"));
+  const ErrorRecord rec = *w[0].error.host;
+  const std::string msg = px::describeProxyError(rec, kTimeoutNs);
+  std::printf("GpuRequestProxy.BadRkey: GPU record: %s\n  proxy thread: %s\n", msg.c_str(),
+              p->thread().error().c_str());
+  dumpProxies(w, ps, kTimeoutNs);
+  EXPECT_EQ(1, st.host->call_result) << "the put is posted (the ring cannot check keys), quiet reports the error";
+  EXPECT_EQ(nccl_moe::kErrNetProxy, rec.code) << msg;
+  // Usually the quiet's wait sees the error; if the proxy failed before the GPU posted the quiet, the post does.
+  EXPECT_TRUE(rec.phase == static_cast<int>(Phase::kNetProxyQuiet) ||
+              rec.phase == static_cast<int>(Phase::kNetProxyCredit))
+      << msg;
+  EXPECT_EQ(static_cast<int>(rdma::ProxyError::kTranslation), rec.detail) << msg;
+  EXPECT_EQ(0, rec.rank);
+  EXPECT_EQ(1, rec.peer);
+  EXPECT_EQ(static_cast<int>(p->qpn(0)), rec.qpn);
+  if (rec.phase == static_cast<int>(Phase::kNetProxyQuiet))
+    EXPECT_EQ(2, rec.expected) << "the quiet is descriptor 1: it waits for completed >= 2";
+  EXPECT_NE(std::string::npos, msg.find("translation")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("net-proxy-")) << msg;
+  EXPECT_EQ(static_cast<uint32_t>(rdma::ProxyError::kTranslation), p->ringError());
+  EXPECT_TRUE(p->thread().failed());
+  EXPECT_NE(std::string::npos, p->thread().error().find("remote key")) << p->thread().error();
+  EXPECT_EQ(0u, w[0].nic->qpAnnounced(p->nicQp(0))) << "nothing reaches the NIC after a translation failure";
+}
+
+TEST(GpuRequestProxy, QuietWithoutAProxyThreadTimesOutNamingThePhase) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  DevWindow src, dst;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  CUDA_OK(cudaMemset(src.ptr, 0x5a, 4096));
+  CUDA_OK(cudaDeviceSynchronize());
+  Mapped<ErrorRecord> credit_rec;  // the second case's own record
+  ASSERT_NE(nullptr, credit_rec.dev);
+  em::EmulatedGpuProxy *p = nullptr, *p4 = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, 64, 0, src.w.lkey, kShortTimeoutNs, nullptr, &p));
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, 4, 0, src.w.lkey, kShortTimeoutNs, credit_rec.dev, &p4));
+  ASSERT_EQ("", startNics(w));
+  // Started and stopped: stop() is bounded and leaves the ring as it was.
+  NCCL_OK(p->start());
+  NCCL_OK(p->stop(5.0));
+
+  // 1. put + quiet with nobody consuming: the quiet times out, and the record says the quiet was never taken.
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  singleKernel<<<1, 1, 0, w.streams[0]>>>(SingleArgs{p->view(0), dst.w.rkey, 4096, 1, 1, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "GpuRequestProxy.StoppedProxy quiet kernel"));
+  const ErrorRecord rec = *w[0].error.host;
+  const std::string msg = px::describeProxyError(rec, kShortTimeoutNs);
+  std::printf("GpuRequestProxy.StoppedProxy: quiet %s; record: %s\n",
+              (st.host->call_result & 2) ? "returned true" : "timed out", msg.c_str());
+  EXPECT_EQ(1, st.host->call_result) << "the put must be posted and quiet must fail";
+  EXPECT_EQ(nccl_moe::kErrTimeout, rec.code) << msg;
+  EXPECT_EQ(static_cast<int>(Phase::kNetProxyQuiet), rec.phase) << msg;
+  EXPECT_EQ(0, rec.rank);
+  EXPECT_EQ(1, rec.peer);
+  EXPECT_EQ(static_cast<int>(p->qpn(0)), rec.qpn);
+  EXPECT_EQ(0, rec.counter) << "completed index";
+  EXPECT_EQ(2, rec.expected) << "put = descriptor 0, quiet = descriptor 1";
+  EXPECT_EQ(0, rec.detail) << "consumed index";
+  EXPECT_NE(std::string::npos, msg.find("never took the quiet")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("net-proxy-quiet")) << msg;
+  EXPECT_EQ(0u, p->consumed());
+
+  // The descriptors were well-formed, only unconsumed: a proxy thread started now completes them.
+  NCCL_OK(p->start());
+  const auto start = std::chrono::steady_clock::now();
+  while (p->completed() != 2u && std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(2u, p->completed()) << "the late proxy thread did not complete the put and the quiet within 10 s; "
+                                << p->describe();
+  std::vector<uint8_t> got(4096);
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x5a, got[i]) << "byte " << i;
+
+  // 2. A ring of 4 slots that nobody consumes: the 5th put waits for a credit and times out.
+  Mapped<TestStatus> st4;
+  ASSERT_NE(nullptr, st4.dev);
+  singleKernel<<<1, 1, 0, w.streams[0]>>>(SingleArgs{p4->view(0), dst.w.rkey, 64, 5, 0, st4.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "GpuRequestProxy.StoppedProxy credit kernel"));
+  const ErrorRecord crec = *credit_rec.host;
+  const std::string cmsg = px::describeProxyError(crec, kShortTimeoutNs);
+  std::printf("GpuRequestProxy.StoppedProxy: %llu of 5 puts posted; record: %s\n", st4.host->count, cmsg.c_str());
+  dumpProxies(w, ps, kShortTimeoutNs);
+  EXPECT_EQ(4ull, st4.host->count) << "four slots, no consumer: the fifth put has no credit";
+  EXPECT_EQ(nccl_moe::kErrTimeout, crec.code) << cmsg;
+  EXPECT_EQ(static_cast<int>(Phase::kNetProxyCredit), crec.phase) << cmsg;
+  EXPECT_EQ(0, crec.counter) << "consumed index";
+  EXPECT_EQ(1, crec.expected) << "descriptor 4 needs consumed > 0";
+  EXPECT_NE(std::string::npos, cmsg.find("ring slot")) << cmsg;
+  EXPECT_EQ(static_cast<int>(p4->qpn(0)), crec.qpn);
+}
+
+}  // namespace
