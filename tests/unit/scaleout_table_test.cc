@@ -2,6 +2,8 @@
 // the emulated transport exchanges at init (src/transport/emulated/comm_transport.h), as pure functions on 2x1,
 // 2x2 and 4x1 node maps: which peers get a QP, what each entry holds, and that every rank's records pass the
 // same checks the verbs backend's will.
+#include "transport/scaleout_table.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -11,7 +13,6 @@
 #include "core/node_map.h"
 #include "transport/emulated/comm_transport.h"
 #include "transport/rdma/conn_record.h"
-#include "transport/scaleout_table.h"
 
 namespace {
 
@@ -73,7 +74,8 @@ TEST(ScaleoutTable, EntriesAreValidExactlyForOtherNodesAndHoldQpAndWindow) {
       ASSERT_EQ(static_cast<size_t>(R), table.size());
       for (int p = 0; p < R; ++p) {
         const bool remote = m.node_of[p] != m.node_of[rank];
-        EXPECT_EQ(remote ? 1u : 0u, table[p].valid) << s.nodes << "x" << s.per_node << " rank " << rank << " peer " << p;
+        EXPECT_EQ(remote ? 1u : 0u, table[p].valid)
+            << s.nodes << "x" << s.per_node << " rank " << rank << " peer " << p;
         if (!remote) {
           EXPECT_EQ(0u, table[p].rkey);
           EXPECT_EQ(0u, table[p].remote_base);
