@@ -2,7 +2,8 @@
 // (NCCL_MOE_NET=emulated; src/transport/emulated/comm_transport.h, docs/transport.md "Communicator init"):
 //
 //   Shapes/ScaleoutInit.InitAndDestroyTwentyTimes            2x1 and 2x2 worlds (ncclMoeCommInitAll on GPU 0 with
-//                                                            NCCL_MOE_EMULATE_NODES): init -> checks -> destroy, 20x
+//                                                            NCCL_MOE_EMULATE_NODES): init -> checks -> destroy, 20x,
+//                                                            free device memory does not shrink
 //   Shapes/ScaleoutInit.PutSignalReachesEveryRemotePeer      a kernel per rank, through DeviceComm::scaleout.peers
 //                                                            only, put_signals a pattern into every remote-node
 //                                                            peer's buffer; each peer waits for the signal and
@@ -209,6 +210,7 @@ TEST_P(ScaleoutInit, InitAndDestroyTwentyTimes) {
   EmulatedEnv env(s);
   CUDA_OK(cudaSetDevice(0));
   const int R = s.ranks();
+  size_t free_after_first = 0, free_at_end = 0, total = 0;
   for (int iter = 0; iter < 20; ++iter) {
     std::vector<ncclMoeComm_t> comms;
     ASSERT_EQ("", initWorld(s, &comms)) << "iteration " << iter;
@@ -240,7 +242,12 @@ TEST_P(ScaleoutInit, InitAndDestroyTwentyTimes) {
       EXPECT_EQ(s.per_node, d.scaleup.num_local_ranks);
     }
     ASSERT_EQ("", destroyWorld(&comms)) << "iteration " << iter;
+    CUDA_OK(cudaDeviceSynchronize());
+    // The first iteration pays one-time allocations (module loading, allocator pools); later ones must not grow.
+    CUDA_OK(cudaMemGetInfo(iter == 0 ? &free_after_first : &free_at_end, &total));
   }
+  // Each rank's transport holds a 64 MiB staging arena: a leaked one is far beyond the allocator's noise.
+  EXPECT_LE(free_after_first, free_at_end + (8u << 20)) << "device memory shrank over 19 init/destroy cycles";
 }
 
 TEST_P(ScaleoutInit, PutSignalReachesEveryRemotePeer) {
