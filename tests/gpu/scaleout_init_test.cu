@@ -4,11 +4,11 @@
 //   Shapes/ScaleoutInit.InitAndDestroyTwentyTimes            2x1 and 2x2 worlds (ncclMoeCommInitAll on GPU 0 with
 //                                                            NCCL_MOE_EMULATE_NODES): init -> checks -> destroy, 20x,
 //                                                            free device memory does not shrink
-//   Shapes/ScaleoutInit.PutSignalReachesEveryRemotePeer      a kernel per rank, through DeviceComm::scaleout.peers
-//                                                            only, put_signals a pattern into every remote-node
-//                                                            peer's buffer; each peer waits for the signal and
-//                                                            checks the bytes on the GPU; the host checks that
-//                                                            own-node ranks received nothing
+//   Shapes/ScaleoutInit.PutSignalReachesEveryRemotePeer      chaos on; a kernel per rank, through
+//                                                            DeviceComm::scaleout.peers only, put_signals a pattern
+//                                                            into every remote-node peer's buffer; each peer waits for
+//                                                            the signal and checks the bytes on the GPU; the host
+//                                                            checks that own-node ranks received nothing
 //   Shapes/ScaleoutInit.HtAndLlCallsAreRefused               every HT/LL call returns ncclInvalidUsage naming the
 //                                                            missing internode kernels; buffer-size queries work
 //   ScaleoutRefusal.NetUnsetRefusesNamingTheEmulatedNic      NCCL_MOE_NET unset: refused, the message names
@@ -24,6 +24,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <ostream>
@@ -255,6 +256,11 @@ TEST_P(ScaleoutInit, PutSignalReachesEveryRemotePeer) {
   const std::string skip = skipReason(s);
   if (!skip.empty()) GTEST_SKIP() << skip;
   EmulatedEnv env(s);
+  // Chaos on (the given seed, else a fixed one): the data must be complete when the signal arrives even when the
+  // NIC places it in random chunks; the NICs' descriptions in failure messages name the seed.
+  const char* given = std::getenv("NCCL_MOE_EMU_CHAOS");
+  const std::string seed = given != nullptr && *given != '\0' ? std::string(given) : std::string("0x5ca1ab1e");
+  harness::ScopedEnv chaos("NCCL_MOE_EMU_CHAOS", seed.c_str());
   CUDA_OK(cudaSetDevice(0));
   const int R = s.ranks();
   std::vector<ncclMoeComm_t> comms;
