@@ -269,12 +269,27 @@ ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
   spec.dev_error = comm->dev_error;
   spec.timeout_ns = comm->timeout_ns;
   spec.chaos_seed = emulated::chaosSeedFromEnvironment();
-  auto mine = std::make_unique<emulated::CommTransportRecord>();
-  std::memset(mine.get(), 0, sizeof(*mine));
-  std::vector<emulated::CommTransportRecord> all;
-  const ncclResult_t created = emulated::CommTransport::create(spec, &comm->net_transport, mine.get());
-  MOE_CHECK(exchange(comm, mine.get(), created, &all, "creation of its scale-out transport (software NIC)"));
-  const ncclResult_t connected = comm->net_transport->connect(all);
+  // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
+  const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
+  std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);
+  const ncclResult_t created = emulated::CommTransport::create(spec, &comm->net_transport, mine.data());
+  const std::string create_error = created == ncclSuccess ? std::string() : std::string(threadLastError());
+  emulated::CommTransportRecordHeader header{};
+  std::memcpy(&header, mine.data(), sizeof(header));
+  header.status = static_cast<int32_t>(created);
+  std::memcpy(mine.data(), &header, sizeof(header));
+  MOE_CHECK(comm->bootstrap->allGather(mine.data(), all.data(), bytes));
+  if (created != ncclSuccess) return setLastError(created, "ncclMoeCommInit: %s", create_error.c_str());
+  for (int r = 0; r < comm->num_ranks; ++r) {
+    std::memcpy(&header, all.data() + bytes * r, sizeof(header));
+    if (header.status != ncclSuccess) {
+      return setLastError(ncclRemoteError,
+                          "ncclMoeCommInit: rank %d failed to set up its scale-out transport (software NIC) (%s); see "
+                          "that rank's error",
+                          r, ncclGetErrorString(static_cast<ncclResult_t>(header.status)));
+    }
+  }
+  const ncclResult_t connected = comm->net_transport->connect(all.data());
   const std::string connect_error = connected == ncclSuccess ? std::string() : std::string(threadLastError());
   bool any_failed = false;
   MOE_CHECK(comm->bootstrap->agree(connected != ncclSuccess, &any_failed));

@@ -28,8 +28,7 @@ rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node,
   return r;
 }
 
-ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out,
-                                   CommTransportRecord* mine) {
+ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine) {
   const int num_ranks = static_cast<int>(spec.nodes.node_of.size());
   MOE_ARG_CHECK(spec.rank >= 0 && spec.rank < num_ranks && num_ranks <= kMaxRanks,
                 "emulated transport: rank %d of %d ranks (at most %d)", spec.rank, num_ranks, kMaxRanks);
@@ -67,9 +66,10 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
     MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[p]));
   }
 
-  std::memset(mine, 0, sizeof(*mine));
-  mine->num_records = num_ranks;
-  mine->registry = reinterpret_cast<uint64_t>(t->registry_.get());
+  CommTransportRecordHeader header{};
+  header.num_records = num_ranks;
+  header.registry = reinterpret_cast<uint64_t>(t->registry_.get());
+  std::memcpy(mine, &header, sizeof(header));
   rdma::ConnWindow w;
   w.addr = t->window_.addr;
   w.bytes = t->window_.bytes;
@@ -77,23 +77,27 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   const int node = spec.nodes.node_of[spec.rank];
   for (int p = 0; p < num_ranks; ++p) {
     const uint32_t qpn = t->qps_[p] ? t->qps_[p]->qpn() : 0;
-    MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, num_ranks, node, qpn, w), mine->conn[p]));
+    uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
+    MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, num_ranks, node, qpn, w), conn));
   }
   *out = std::move(t);
   return ncclSuccess;
 }
 
-ncclResult_t CommTransport::connect(const std::vector<CommTransportRecord>& all) {
+ncclResult_t CommTransport::connect(const uint8_t* all) {
   const int num_ranks = static_cast<int>(spec_.nodes.node_of.size());
   const int me = spec_.rank;
-  if (static_cast<int>(all.size()) != num_ranks)
-    return setLastError(ncclInternalError, "emulated transport: %zu records for %d ranks", all.size(), num_ranks);
+  const size_t stride = commTransportRecordBytes(num_ranks);
+  std::vector<CommTransportRecordHeader> headers(num_ranks);
   std::vector<rdma::ConnRecord> records(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
-    if (all[r].num_records != num_ranks)
+    const uint8_t* rec = all + stride * r;
+    std::memcpy(&headers[r], rec, sizeof(CommTransportRecordHeader));
+    if (headers[r].num_records != num_ranks)
       return setLastError(ncclInvalidUsage, "emulated transport: rank %d published %d records; the communicator has %d",
-                          r, all[r].num_records, num_ranks);
-    MOE_CHECK(rdma::unpackConnRecord(all[r].conn[me], rdma::kConnRecordBytes, &records[r]));
+                          r, headers[r].num_records, num_ranks);
+    const uint8_t* conn = rec + sizeof(CommTransportRecordHeader) + static_cast<size_t>(me) * rdma::kConnRecordBytes;
+    MOE_CHECK(rdma::unpackConnRecord(conn, rdma::kConnRecordBytes, &records[r]));
   }
   MOE_CHECK(rdma::checkConnRecords(records.data(), num_ranks, me));
 
@@ -103,14 +107,14 @@ ncclResult_t CommTransport::connect(const std::vector<CommTransportRecord>& all)
     if (!qps_[p]) continue;
     const rdma::ConnRecord& rec = records[p];
     const uint32_t remote_qpn = rec.qpn[rdma::kQpSetHighThroughput][0];
-    if (rec.node != spec_.nodes.node_of[p] || remote_qpn == 0 || rec.num_windows < 1 || all[p].registry == 0) {
+    if (rec.node != spec_.nodes.node_of[p] || remote_qpn == 0 || rec.num_windows < 1 || headers[p].registry == 0) {
       return setLastError(ncclInvalidUsage,
                           "emulated transport: rank %d's record for rank %d names node %d (expected %d), QPN 0x%x and "
                           "%u windows; expected a QP and a window",
                           p, me, rec.node, spec_.nodes.node_of[p], remote_qpn, unsigned{rec.num_windows});
     }
     Responder responder;
-    responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(all[p].registry);
+    responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
     responder.peer = p;
     responder.remote_qpn = remote_qpn;
     MOE_CHECK(nic_->connect(qps_[p]->qp(), responder));

@@ -56,13 +56,16 @@ struct CommTransportSpec {
   uint32_t wqe_cnt = 64;             // per QP
 };
 
-// What a rank publishes in the scale-out exchange (the same size on every rank).
-struct CommTransportRecord {
-  int status;         // set by the exchange (comm.cc)
-  int num_records;    // ranks of the communicator
-  uint64_t registry;  // address of the rank's WindowRegistry: meaningful only inside this process
-  uint8_t conn[kMaxRanks][rdma::kConnRecordBytes];  // [peer] the packed record addressed to that peer
+// What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
+// ([peer] the record addressed to that peer), commTransportRecordBytes(num_ranks) bytes in all.
+struct CommTransportRecordHeader {
+  int32_t status;       // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
+  int32_t num_records;  // ranks of the communicator
+  uint64_t registry;    // address of the rank's WindowRegistry: meaningful only inside this process
 };
+constexpr size_t commTransportRecordBytes(int num_ranks) {
+  return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
+}
 
 // The connection record `rank` sends `peer` (pure): the software NIC's name "emulated-<rank>", port 1,
 // InfiniBand link layer, one QP per peer in the high-throughput set (QPN `qpn`, 0 where the pair has none: self
@@ -72,16 +75,16 @@ rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node,
 
 class CommTransport {
  public:
-  // Local: registry, window, backend, NIC, unconnected QPs; fills `mine`.
-  static ncclResult_t create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out,
-                             CommTransportRecord* mine);
+  // Local: registry, window, backend, NIC, unconnected QPs; fills `mine` (commTransportRecordBytes(num_ranks)
+  // bytes, zeroed by the caller) except the header's status.
+  static ncclResult_t create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine);
   ~CommTransport();
   CommTransport(const CommTransport&) = delete;
   CommTransport& operator=(const CommTransport&) = delete;
 
-  // With every rank's record (index = rank): checks the records addressed to this rank, connects every QP, uploads
-  // the table and starts the executor.
-  ncclResult_t connect(const std::vector<CommTransportRecord>& all);
+  // With every rank's record (rank r's at all + r * commTransportRecordBytes(num_ranks)): checks the records
+  // addressed to this rank, connects every QP, uploads the table and starts the executor.
+  ncclResult_t connect(const uint8_t* all);
   void stop();
 
   const ScaleoutPeer* deviceTable() const { return dev_table_; }
