@@ -36,7 +36,8 @@ extern "C" {
 /* Largest supported values; inputs beyond them are rejected with ncclInvalidArgument.
  * A communicator's ranks are grouped into nodes (ranks with the same host identity: NCCL_MOE_HOSTID, else
  * NCCL_HOSTID, else the host name). Inside a node ranks talk over NVLink (or share a GPU); across nodes they
- * need the scale-out transport, which this build does not have yet (multi-node communicators are refused). */
+ * need the scale-out transport: this build has only the software NIC (NCCL_MOE_NET=emulated, ranks of one process
+ * on one GPU; docs/environment.md); other multi-node communicators are refused. */
 #define NCCL_MOE_MAX_RANKS 256   /* ranks of one communicator, over all its nodes */
 #define NCCL_MOE_MAX_NVL_PEERS 8 /* ranks of one node (NVLink domain), the rank itself included */
 #define NCCL_MOE_MAX_TOPK 16
@@ -117,7 +118,10 @@ ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, 
  * inside ncclMoeCommInit/Destroy.
  * Nodes: ranks with the same host identity (NCCL_MOE_HOSTID, else NCCL_HOSTID, else the host name and boot
  * id) form a node; at most NCCL_MOE_MAX_NVL_PEERS ranks per node, every pair with NVLink/P2P access or on the
- * same GPU. A communicator of several nodes is refused (the scale-out transport does not exist yet).
+ * same GPU. A communicator of several nodes is refused with ncclInvalidUsage naming what is missing (no verbs
+ * backend yet; NCCL_MOE_NET=emulated, the software NIC, serves only ranks of one process on one GPU, i.e.
+ * ncclMoeCommInitAll with NCCL_MOE_EMULATE_NODES). On a multi-node communicator the HT and LL calls return
+ * ncclInvalidUsage until the internode kernels exist; the dispatch layout and buffer-size queries work.
  * Ranks that share a GPU (several processes on one GPU, e.g. under MPS) split its SMs: each rank's kernels
  * use at most SMs / (ranks on that GPU), so that every rank's blocks can be resident at once. */
 ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);

@@ -60,6 +60,18 @@ ncclResult_t checkComm(ncclMoeComm* comm, const char* api) {
   return ncclSuccess;
 }
 
+// The HT and LL kernels are intranode ones: on a communicator of several nodes they would wait for ranks they
+// cannot reach. Refused until the internode kernels exist (issue 14); init, destroy, queries and the dispatch
+// layout (local) work.
+ncclResult_t checkSingleNode(const ncclMoeComm* comm, const char* api) {
+  if (comm->nodes.num_nodes <= 1) return ncclSuccess;
+  return setLastError(ncclInvalidUsage,
+                      "%s: this communicator spans %d nodes (%s); the internode high-throughput and low-latency "
+                      "kernels (issue 14) do not exist yet, so multi-node communicators support init, destroy, "
+                      "queries and ncclMoeGetDispatchLayout only",
+                      api, comm->nodes.num_nodes, comm->nodes.describe().c_str());
+}
+
 ncclResult_t checkHandle(ncclMoeComm* comm, ncclMoeHandle* handle, const char* api) {
   MOE_ARG_CHECK(handle != nullptr, "%s: handle is NULL (create one with ncclMoeHandleCreate)", api);
   MOE_ARG_CHECK(handle->comm == comm, "%s: handle belongs to another communicator", api);
@@ -628,6 +640,7 @@ NCCL_MOE_API ncclResult_t ncclMoeDispatchNotify(ncclMoeComm_t comm, ncclMoeHandl
                                                 const ncclMoeNotifyArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeDispatchNotify");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeDispatchNotify");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeDispatchNotify");
   if (res == ncclSuccess) res = checkNotifyArgs(comm, args, stream);
   if (res == ncclSuccess) res = opHtNotify(comm, handle, *args, stream);
@@ -638,6 +651,7 @@ NCCL_MOE_API ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t ha
                                           cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeDispatch");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeDispatch");
   if (res == ncclSuccess) res = checkDispatchArgs(comm, handle, args);
   if (res == ncclSuccess) res = opHtDispatch(comm, handle, *args, stream);
@@ -648,6 +662,7 @@ NCCL_MOE_API ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, ncclMoeHandle_t han
                                          cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeCombine");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeCombine");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeCombine");
   if (res == ncclSuccess) res = checkCombineArgs(comm, handle, args);
   if (res == ncclSuccess) res = opHtCombine(comm, handle, *args, stream);
@@ -658,6 +673,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeH
                                                     const ncclMoeLLDispatchArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyDispatch");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyDispatch");
   if (res == ncclSuccess) res = checkLlDispatchArgs(comm, handle, args);
   if (res == ncclSuccess) res = opLlDispatch(comm, handle, *args, stream);
@@ -668,6 +684,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHa
                                                    const ncclMoeLLCombineArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyCombine");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyCombine");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyCombine");
   if (res == ncclSuccess) res = checkLlCombineArgs(comm, handle, args);
   if (res == ncclSuccess) res = opLlCombine(comm, handle, *args, stream);
@@ -677,6 +694,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHa
 NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncclMoeHandle_t handle, void** buffer) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyCombineBuffer");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess) res = checkLlCapacity(comm, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess && buffer == nullptr) {
@@ -696,6 +714,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclM
   clearThreadLastError();
   const char* api = "ncclMoeLowLatencyRecvSrcInfo";
   ncclResult_t res = checkComm(comm, api);
+  if (res == ncclSuccess) res = checkSingleNode(comm, api);
   if (res == ncclSuccess) res = checkHandle(comm, handle, api);
   if (res == ncclSuccess) res = checkLlCapacity(comm, api);
   if (res == ncclSuccess && recv_src_info == nullptr)
@@ -710,6 +729,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclM
 NCCL_MOE_API ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyReset");
+  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = checkLlCapacity(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = opLlReset(comm, stream);
   return finish(comm, res);

@@ -4,13 +4,18 @@
 // translation of device errors.
 //
 // Init, on every rank:
-//   1. identity exchange: status of the local checks, host identity, process, NCCL_MOE_EMULATE_NODES, device, SMs,
-//      config;
-//   2. the same decisions on every rank from the same table: configs agree, node map (host identities, or
-//      NCCL_MOE_EMULATE_NODES for ranks of one process), transport per peer (a communicator of several nodes is
-//      refused: no scale-out transport yet), ranks sharing each GPU;
+//   1. identity exchange: status of the local checks, host identity, process, NCCL_MOE_EMULATE_NODES,
+//      NCCL_MOE_NET / NCCL_MOE_NET_MODE, device, SMs, config;
+//   2. the same decisions on every rank from the same table: configs agree, the network choice agrees, node map
+//      (host identities, or NCCL_MOE_EMULATE_NODES for ranks of one process), transport per peer, the scale-out
+//      plan (src/transport/net_choice.h: several nodes get the software NIC when NCCL_MOE_NET=emulated and the
+//      ranks are threads of one process on one GPU, else they are refused naming what is missing), ranks sharing
+//      each GPU;
 //   3. local resources (buffer, error record, host scratch) and the buffer exchange;
-//   4. mapping of the own node's buffers, and one agreement on its outcome.
+//   4. mapping of the own node's buffers, and one agreement on its outcome;
+//   5. several nodes only: the scale-out transport (src/transport/emulated/comm_transport.h): local creation
+//      (NIC, window, unconnected QPs), the exchange of connection records, then connection and the executor's
+//      start, and one agreement on their outcome.
 // A failure on one rank is never returned before the exchange it would miss: the rank enters the exchange with
 // its status, so every rank learns of it instead of waiting.
 #include "core/comm.h"
@@ -31,6 +36,9 @@
 #include "core/plugin_bridge.h"
 #include "ops/ops.h"
 #include "topo/topo.h"
+#include "transport/emulated/chaos.h"
+#include "transport/emulated/comm_transport.h"
+#include "transport/net_choice.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/proxy/gpu_proxy.h"
 
@@ -84,6 +92,8 @@ struct IdentityRecord {
   uint64_t host_hash;
   uint64_t process_token;  // processToken(): equal on the threads of one process
   int64_t emulate_nodes;   // NCCL_MOE_EMULATE_NODES as this rank read it
+  int32_t net_kind;        // NetKind: NCCL_MOE_NET as this rank read it
+  int32_t net_mode;        // NetMode: NCCL_MOE_NET_MODE
   char bus_id[32];
   ncclMoeConfig_t config;
 };
@@ -100,7 +110,8 @@ bool sameConfig(const ncclMoeConfig_t& a, const ncclMoeConfig_t& b) {
 }
 
 // The checks of init that can fail on one rank only, and this rank's identity.
-ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int current, IdentityRecord* mine) {
+ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int current, const NetChoice* net_override,
+                      IdentityRecord* mine) {
   if (current != comm->device) {
     return setLastError(ncclInvalidUsage,
                         "ncclMoeCommInit: the calling thread's current CUDA device is %d but nccl_comm (rank %d) is "
@@ -125,6 +136,18 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
   mine->host_hash = hostIdentityHash();
   mine->process_token = processToken();
   mine->emulate_nodes = envInt("NCCL_MOE_EMULATE_NODES");
+  NetChoice net;
+  if (net_override != nullptr) {
+    net = *net_override;
+  } else {
+    const ncclResult_t parsed = parseNetChoice(envString("NCCL_MOE_NET"), envString("NCCL_MOE_NET_MODE"), &net);
+    if (parsed != ncclSuccess) {
+      const std::string why = threadLastError();
+      return setLastError(parsed, "ncclMoeCommInit: %s", why.c_str());
+    }
+  }
+  mine->net_kind = static_cast<int32_t>(net.kind);
+  mine->net_mode = static_cast<int32_t>(net.mode);
   MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine->bus_id, sizeof(mine->bus_id), comm->device));
   mine->config = config;
   return ncclSuccess;
@@ -144,23 +167,30 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
                           c.hidden, c.max_topk, c.max_tokens_per_rank, c.ll_max_tokens_per_rank);
     }
   }
+  std::vector<NetChoice> nets;
+  for (const IdentityRecord& id : ids)
+    nets.push_back({static_cast<NetKind>(id.net_kind), static_cast<NetMode>(id.net_mode)});
+  MOE_CHECK(agreeNetChoice(nets, &comm->net));
   std::vector<NodeIdentity> node_ids;
   for (const IdentityRecord& id : ids) node_ids.push_back({id.host_hash, id.process_token, id.emulate_nodes});
   MOE_CHECK(chooseNodeMap(node_ids, &comm->nodes));
   comm->transport = choosePeerTransports(comm->nodes, comm->rank);
-  if (comm->nodes.num_nodes > 1) {
-    const std::string how =
-        comm->nodes.emulated_nodes > 0
-            ? "nodes emulated by NCCL_MOE_EMULATE_NODES=" + std::to_string(comm->nodes.emulated_nodes) +
-                  ": consecutive ranks of this one process"
-            : "a node = the ranks with one host identity: NCCL_MOE_HOSTID, else NCCL_HOSTID, else the host; this "
-              "rank's is " +
-                  hostIdentityText();
-    return setLastError(ncclInvalidUsage,
-                        "ncclMoeCommInit: the %d ranks form %d nodes (%s; %s). Ranks on other nodes need the scale-out "
-                        "(RDMA) transport, which this build does not have yet",
-                        R, comm->nodes.num_nodes, comm->nodes.describe().c_str(), how.c_str());
+  ScaleoutFacts facts;
+  facts.num_ranks = R;
+  facts.num_nodes = comm->nodes.num_nodes;
+  facts.nodes_text = comm->nodes.describe();
+  facts.how_nodes = comm->nodes.emulated_nodes > 0
+                        ? "nodes emulated by NCCL_MOE_EMULATE_NODES=" + std::to_string(comm->nodes.emulated_nodes) +
+                              ": consecutive ranks of this one process"
+                        : "a node = the ranks with one host identity: NCCL_MOE_HOSTID, else NCCL_HOSTID, else the "
+                          "host; this rank's is " +
+                              hostIdentityText();
+  for (const IdentityRecord& id : ids) {
+    facts.one_process = facts.one_process && id.process_token == ids[0].process_token;
+    facts.one_device =
+        facts.one_device && id.host_hash == ids[0].host_hash && std::strcmp(id.bus_id, ids[0].bus_id) == 0;
   }
+  MOE_CHECK(decideScaleout(comm->net, facts, &comm->scaleout_plan));
   if (comm->nodes.maxRanksPerNode() > kMaxNvlPeers) {
     return setLastError(ncclInvalidUsage,
                         "ncclMoeCommInit: %d ranks on one node (%s); at most %d per node (NCCL_MOE_MAX_NVL_PEERS)",
@@ -232,6 +262,57 @@ ncclResult_t exchange(ncclMoeComm* comm, Record* mine, ncclResult_t local, std::
   return ncclSuccess;
 }
 
+// Step 5 for NCCL_MOE_NET=emulated: this rank's software NIC, its window and QPs (local), the exchange of
+// connection records, then connection, the device table and the executor (local), and one agreement.
+ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
+  emulated::CommTransportSpec spec;
+  spec.rank = comm->rank;
+  spec.device = comm->device;
+  spec.nodes = comm->nodes;
+  spec.buffer = comm->buffer;
+  spec.buffer_bytes = comm->layout.total_bytes;
+  spec.dev_error = comm->dev_error;
+  spec.timeout_ns = comm->timeout_ns;
+  spec.chaos_seed = emulated::chaosSeedFromEnvironment();
+  // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
+  const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
+  std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);
+  const ncclResult_t created = emulated::CommTransport::create(spec, &comm->net_transport, mine.data());
+  const std::string create_error = created == ncclSuccess ? std::string() : std::string(threadLastError());
+  emulated::CommTransportRecordHeader header{};
+  std::memcpy(&header, mine.data(), sizeof(header));
+  header.status = static_cast<int32_t>(created);
+  std::memcpy(mine.data(), &header, sizeof(header));
+  MOE_CHECK(comm->bootstrap->allGather(mine.data(), all.data(), bytes));
+  if (created != ncclSuccess) return setLastError(created, "ncclMoeCommInit: %s", create_error.c_str());
+  for (int r = 0; r < comm->num_ranks; ++r) {
+    std::memcpy(&header, all.data() + bytes * r, sizeof(header));
+    if (header.status != ncclSuccess) {
+      return setLastError(ncclRemoteError,
+                          "ncclMoeCommInit: rank %d failed to set up its scale-out transport (software NIC) (%s); see "
+                          "that rank's error",
+                          r, ncclGetErrorString(static_cast<ncclResult_t>(header.status)));
+    }
+  }
+  const ncclResult_t connected = comm->net_transport->connect(all.data());
+  const std::string connect_error = connected == ncclSuccess ? std::string() : std::string(threadLastError());
+  bool any_failed = false;
+  MOE_CHECK(comm->bootstrap->agree(connected != ncclSuccess, &any_failed));
+  if (connected != ncclSuccess) return setLastError(connected, "ncclMoeCommInit: %s", connect_error.c_str());
+  if (any_failed) {
+    return setLastError(ncclRemoteError,
+                        "ncclMoeCommInit: another rank failed to connect its scale-out QPs (see that rank's error)");
+  }
+  if (comm->rank == 0) {
+    MOE_WARN(
+        "ncclMoeCommInit: NCCL_MOE_NET=emulated: ranks of other nodes are reached through the software NIC "
+        "(software NIC: correctness only; its timings say nothing about a network), %d nodes, mode %s",
+        comm->nodes.num_nodes, netModeName(comm->net.mode));
+  }
+  MOE_INFO("ncclMoeCommInit: scale-out %s", comm->net_transport->describe().c_str());
+  return ncclSuccess;
+}
+
 void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   if (comm->ranks_on_device > 1) {
     MOE_INFO(
@@ -289,6 +370,7 @@ void logInit(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
 void releaseCommResources(ncclMoeComm* comm) {
   // A failed init may leave the caller's device current while the buffer lives on comm->device.
   const DeviceGuard guard(comm->device);
+  comm->net_transport.reset();  // stops its executor first; its window covers the buffer
   unmapNvlinkPeers(&comm->nvl);
   if (comm->buffer != nullptr) cudaFree(comm->buffer);
   comm->buffer = nullptr;
@@ -299,7 +381,7 @@ void releaseCommResources(ncclMoeComm* comm) {
 }
 
 ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, int device,
-                      const ncclMoeConfig_t& config, ncclResult_t args_status) {
+                      const ncclMoeConfig_t& config, ncclResult_t args_status, const NetChoice* net_override) {
   comm->bootstrap = std::move(bootstrap);
   comm->rank = comm->bootstrap->rank();
   comm->num_ranks = comm->bootstrap->size();
@@ -312,7 +394,8 @@ ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, i
 
   IdentityRecord me{};
   std::vector<IdentityRecord> ids;
-  const ncclResult_t checked = args_status != ncclSuccess ? args_status : identify(comm, config, guard.previous(), &me);
+  const ncclResult_t checked =
+      args_status != ncclSuccess ? args_status : identify(comm, config, guard.previous(), net_override, &me);
   MOE_CHECK(exchange(comm, &me, checked, &ids, "local setup before the identity exchange"));
   // Every rank sees the same table, so every rank takes the same decisions (and returns the same error).
   MOE_CHECK(decide(comm, ids));
@@ -336,6 +419,7 @@ ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, i
                         "ncclMoeCommInit: another rank failed to map the communication buffers "
                         "(see that rank's error)");
   }
+  if (comm->scaleout_plan == ScaleoutPlan::kEmulated) MOE_CHECK(buildEmulatedScaleout(comm));
   logInit(comm, ids);
   return ncclSuccess;
 }
@@ -349,6 +433,9 @@ ncclResult_t commDestroy(ncclMoeComm* comm) {
                          cudaGetErrorString(cudaGetLastError()));
     }
   }
+  // This rank's kernels are done: its NIC stops now (bounded), so when an in-process world releases all its ranks
+  // at the last retirement, no executor still runs against memory being freed.
+  if (comm->net_transport) comm->net_transport->stop();
   if (comm->bootstrap == nullptr) {
     releaseCommResources(comm);
     delete comm;

@@ -17,7 +17,10 @@
 #include "device/device_comm.h"
 #include "mem/buffer_layout.h"
 #include "nccl_moe.h"
+#include "transport/emulated/comm_transport.h"
+#include "transport/net_choice.h"
 #include "transport/nvlink/peers.h"
+#include "transport/scaleout_table.h"
 #include "transport/transport.h"
 
 struct ncclMoeComm {
@@ -38,6 +41,11 @@ struct ncclMoeComm {
   nccl_moe::NodeMap nodes;                         // node and local index of every rank
   std::vector<nccl_moe::Transport> transport;      // [peer] chosen at init (src/transport/transport.h)
   std::unique_ptr<nccl_moe::Bootstrap> bootstrap;  // the collective steps of init and destroy
+  nccl_moe::NetChoice net;                         // NCCL_MOE_NET / NCCL_MOE_NET_MODE, agreed by every rank
+  nccl_moe::ScaleoutPlan scaleout_plan = nccl_moe::ScaleoutPlan::kNone;  // decided at init from the above
+  // Multi-node communicators: the scale-out transport of this rank (NCCL_MOE_NET=emulated: the software NIC);
+  // null for one node. Released before the buffer (its windows cover it).
+  std::unique_ptr<nccl_moe::emulated::CommTransport> net_transport;
 
   uint8_t* buffer = nullptr;  // this rank's communication buffer
   nccl_moe::NvlinkPeers nvl;  // the own node's buffers as mapped here, by local index
@@ -69,6 +77,7 @@ struct ncclMoeComm {
     for (int i = 0; i < nccl_moe::kMaxNvlPeers; ++i) d.scaleup.buffer[i] = nvl.buffer[i];
     d.scaleout.node = node();
     d.scaleout.num_nodes = nodes.num_nodes;
+    d.scaleout.peers = net_transport ? net_transport->deviceTable() : nullptr;
     d.error = dev_error;
     d.timeout_ns = timeout_ns;
     return d;
@@ -80,9 +89,10 @@ namespace nccl_moe {
 // Collective init of one rank over `bootstrap` on `device`; on failure the caller releases with
 // releaseCommResources() and deletes the comm. `args_status` is the caller's check of the arguments: when it failed
 // (its message in the thread's last error), this rank still joins the identity exchange with that status, so the
-// other ranks fail too instead of waiting.
+// other ranks fail too instead of waiting. `net_override` (tests): this rank's network choice instead of
+// NCCL_MOE_NET / NCCL_MOE_NET_MODE, so that threads of one process can disagree.
 ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, int device,
-                      const ncclMoeConfig_t& config, ncclResult_t args_status);
+                      const ncclMoeConfig_t& config, ncclResult_t args_status, const NetChoice* net_override = nullptr);
 // Waits for this rank's device work, then retires the comm through its bootstrap (collective or deferred, see
 // Bootstrap::retire). Deletes `comm`.
 ncclResult_t commDestroy(ncclMoeComm* comm);

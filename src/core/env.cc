@@ -42,6 +42,14 @@ const std::vector<EnvVar>& envRegistry() {
        "Service level (0..15) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_SL."},
       {"NCCL_MOE_IB_LL_TC", EnvType::kInt, "",
        "Traffic class (0..255) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_TC."},
+      {"NCCL_MOE_NET", EnvType::kString, "auto",
+       "Scale-out network of communicators that span several nodes: auto or ib (a verbs NIC; this build has no "
+       "verbs backend yet, so such communicators are refused), emulated (the software NIC: correctness only, for "
+       "ranks of one process on one GPU split by NCCL_MOE_EMULATE_NODES). Read at init; every rank must agree."},
+      {"NCCL_MOE_NET_MODE", EnvType::kString, "ibgda",
+       "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell). The "
+       "CPU-proxy modes dbproxy and proxy are not available yet and are refused. Read at init; every rank must "
+       "agree."},
       {"NCCL_MOE_EMU_CHAOS", EnvType::kInt, "0",
        "Seed of the software NIC's chaos mode (random WRITE chunking and placement order, late source reads, "
        "QP interleaving, delays); 0 = off. Failure messages name the seed."},

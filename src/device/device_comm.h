@@ -4,9 +4,10 @@
 // Peers come in two parts:
 //   scaleup   the ranks of this rank's own node, by local index: their communication buffers as mapped here
 //             (NVLink peer access, CUDA IPC, or the same GPU). Kernels store into them directly.
-//   scaleout  the ranks of other nodes: reachable only through the scale-out transport (QP handles, filled by
-//             the transport), never by pointer, so a stray direct store faults instead of working by accident.
-//             Empty until the transport exists: communicators of several nodes are refused at init.
+//   scaleout  the ranks of other nodes: reachable only through the scale-out transport, as QP handles plus the
+//             peer's window key and base (src/transport/scaleout_table.h), never by pointer. Filled at init when
+//             the communicator spans several nodes and NCCL_MOE_NET=emulated (the only backend so far;
+//             src/transport/emulated/comm_transport.h); null otherwise.
 // The intranode kernels (src/kernels/{intranode,low_latency}) run on single-node communicators, where the local
 // index of a rank is its rank.
 #pragma once
@@ -16,6 +17,8 @@
 #include "device/limits.h"
 
 namespace nccl_moe {
+
+struct ScaleoutPeer;  // src/transport/scaleout_table.h
 
 // Where a bounded device wait was stuck when it expired. Stable numbers: they appear in error messages.
 enum class Phase : int {
@@ -75,10 +78,12 @@ struct ScaleupPeers {
   uint8_t* buffer[kMaxNvlPeers];
 };
 
-// The ranks of other nodes (the scale-out transport's part; only the node indices until it exists).
+// The ranks of other nodes (the scale-out transport's part).
 struct ScaleoutPeers {
-  int node;       // this rank's node
-  int num_nodes;  // nodes of the communicator
+  int node;                   // this rank's node
+  int num_nodes;              // nodes of the communicator
+  const ScaleoutPeer* peers;  // device memory, [num_ranks] by peer rank (valid entries: other nodes); null when
+                              // the communicator has one node
 };
 
 struct DeviceComm {

@@ -4,9 +4,10 @@
 // NCCL_HOSTID each (NCCL then accepts them) and one NCCL_MOE_HOSTID (NCCL-MoE sees one node and maps the peers
 // through CUDA IPC on the same device). Checked: stores through every peer pointer, init -> destroy 100x without
 // leaking device memory, a config mismatch or a bad config on one rank agreed by all (nobody hangs), several nodes
-// refused with a message naming the missing scale-out transport (processes with their own NCCL_HOSTID, and threads
-// split into virtual nodes by NCCL_MOE_EMULATE_NODES, which processes refuse), and ncclMoeCommInitAll's own
-// arguments and SM split.
+// refused with a message naming the missing scale-out transport when NCCL_MOE_NET is not emulated (processes with
+// their own NCCL_HOSTID, and threads split into virtual nodes by NCCL_MOE_EMULATE_NODES, which processes refuse),
+// processes refused with NCCL_MOE_NET=emulated too (no IPC backend yet), and ncclMoeCommInitAll's own arguments and
+// SM split. Virtual nodes WITH the software NIC: scaleout_init_test.cu.
 #include <gtest/gtest.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -433,13 +434,14 @@ TEST(CommGpuChild, DISABLED_BadConfigChild) {
 }
 
 // Every process its own node (NCCL_MOE_HOSTID empty, distinct NCCL_HOSTID): several nodes need the scale-out
-// transport, which does not exist yet; every rank refuses with a message that says so.
+// transport; with NCCL_MOE_NET=auto there is none (no verbs backend yet): every rank refuses with a message that
+// says so and names NCCL_MOE_NET=emulated.
 TEST_P(CommWorld, SeveralNodesAreRefusedNamingTheScaleOutTransport) {
   const int n = GetParam();
   Placement placement;
   GPU_WORLD_OR_SKIP(n, &placement);
   const auto own_node = [](int r) {
-    return std::vector<std::string>{"NCCL_MOE_HOSTID=", "NCCL_HOSTID=vnode" + std::to_string(r)};
+    return std::vector<std::string>{"NCCL_MOE_HOSTID=", "NCCL_HOSTID=vnode" + std::to_string(r), "NCCL_MOE_NET="};
   };
   EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_SeveralNodesChild", own_node), n));
 }
@@ -453,6 +455,32 @@ TEST(CommGpuChild, DISABLED_SeveralNodesChild) {
   const std::string msg = ncclMoeGetLastError(nullptr);
   EXPECT_NE(std::string::npos, msg.find("form " + std::to_string(child.size) + " nodes")) << msg;
   EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=emulated")) << msg;
+  EXPECT_EQ(nullptr, comm);
+}
+
+// The same processes asking for the software NIC: it reaches only memory of one process (no IPC backend yet), so
+// every rank refuses naming that.
+TEST_P(CommWorld, SeveralNodesWithEmulatedNetAreRefusedNamingTheIpcBackend) {
+  const int n = GetParam();
+  Placement placement;
+  GPU_WORLD_OR_SKIP(n, &placement);
+  const auto own_node = [](int r) {
+    return std::vector<std::string>{"NCCL_MOE_HOSTID=", "NCCL_HOSTID=vnode" + std::to_string(r),
+                                    "NCCL_MOE_NET=emulated"};
+  };
+  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_SeveralNodesEmulatedChild", own_node), n));
+}
+
+TEST(CommGpuChild, DISABLED_SeveralNodesEmulatedChild) {
+  ChildRank child;
+  ASSERT_TRUE(child.init());
+  ncclMoeConfig_t config = smallConfig();
+  ncclMoeComm_t comm = nullptr;
+  EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInit(&comm, child.nccl, &config));
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  EXPECT_NE(std::string::npos, msg.find("form " + std::to_string(child.size) + " nodes")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("IPC memory backend")) << msg;
   EXPECT_EQ(nullptr, comm);
 }
 
@@ -485,14 +513,16 @@ std::vector<RankOutcome> initFailingWorldOnGpu0(int n, const ncclMoeConfig_t& co
   return out;
 }
 
-// 4 ranks on GPU 0 split into 2 virtual nodes need the scale-out transport, which does not exist yet: every rank
-// refuses, naming the nodes and the missing transport. 3 nodes do not divide 4 ranks: every rank refuses naming
-// both. 1 node: init works.
+// 4 ranks on GPU 0 split into 2 virtual nodes need the scale-out transport; without NCCL_MOE_NET=emulated there
+// is none (no verbs backend yet): every rank refuses, naming the nodes, the missing transport and
+// NCCL_MOE_NET=emulated (with it, the same world works: scaleout_init_test.cu). 3 nodes do not divide 4 ranks: every
+// rank refuses naming both. 1 node: init works.
 TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScaleOutTransport) {
   if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
   const int n = 4;
   if (gpu_test::deviceSms(0) / n < gpu_test::kMinSmsPerRank) GTEST_SKIP() << "too few SMs for 4 ranks on GPU 0";
   const ncclMoeConfig_t config = smallConfig();
+  harness::ScopedEnv net("NCCL_MOE_NET", nullptr);
   {
     harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
     const std::vector<RankOutcome> outcomes = initFailingWorldOnGpu0(n, config);
@@ -503,6 +533,7 @@ TEST(CommEmulatedNodes, TwoVirtualNodesOnGpu0AreRefusedOnEveryRankNamingTheScale
           << outcomes[r].message;
       EXPECT_NE(std::string::npos, outcomes[r].message.find("NCCL_MOE_EMULATE_NODES=2")) << outcomes[r].message;
       EXPECT_NE(std::string::npos, outcomes[r].message.find("scale-out")) << outcomes[r].message;
+      EXPECT_NE(std::string::npos, outcomes[r].message.find("NCCL_MOE_NET=emulated")) << outcomes[r].message;
     }
     // The public entry point says the same.
     std::vector<ncclMoeComm_t> comms(n, nullptr);
@@ -543,6 +574,7 @@ TEST(CommEmulatedNodes, NcclCommunicatorOfThreadsIsSplitToo) {
   const int n = 4;
   if (gpu_test::gpuCount() < n) GTEST_SKIP() << "needs " << n << " GPUs, found " << gpu_test::gpuCount();
   harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+  harness::ScopedEnv net("NCCL_MOE_NET", nullptr);
   World world(n, Placement::kOnePerGpu);
   ASSERT_TRUE(world.ok());
   std::vector<RankOutcome> outcomes(n);

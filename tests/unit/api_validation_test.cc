@@ -6,10 +6,12 @@
 
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/comm.h"
 #include "core/handle.h"
+#include "core/node_map.h"
 #include "nccl_moe.h"
 
 namespace {
@@ -459,4 +461,43 @@ TEST(ApiMisc, LlRecvSrcInfoReturnsTheHandlesArray) {
   ASSERT_EQ(ncclSuccess, ncclMoeLowLatencyRecvSrcInfo(&f.comm, &f.handle, &src)) << ncclMoeGetLastError(&f.comm);
   EXPECT_EQ(storage, src);
   f.handle.ll.recv_src_info = nullptr;  // the fake handle owns no device memory
+}
+
+// ---- multi-node communicators ----
+
+// A communicator of 2 nodes x 2 ranks: every HT and LL call is refused at the boundary (ncclInvalidUsage, naming
+// the missing internode kernels) before any argument is read, so nothing is launched that would wait for ranks the
+// intranode kernels cannot reach; the buffer-size query still answers.
+TEST(ApiMultiNode, HtAndLlCallsAreRefusedNamingTheMissingInternodeKernels) {
+  FakeComm f;
+  f.comm.num_ranks = 4;
+  f.comm.nodes = nccl_moe::buildEmulatedNodeMap(4, 2);
+  const std::vector<std::pair<const char*, std::function<ncclResult_t()>>> calls = {
+      {"ncclMoeDispatchNotify", [&] { return ncclMoeDispatchNotify(&f.comm, &f.handle, nullptr, nullptr); }},
+      {"ncclMoeDispatch", [&] { return ncclMoeDispatch(&f.comm, &f.handle, nullptr, nullptr); }},
+      {"ncclMoeCombine", [&] { return ncclMoeCombine(&f.comm, &f.handle, nullptr, nullptr); }},
+      {"ncclMoeLowLatencyDispatch", [&] { return ncclMoeLowLatencyDispatch(&f.comm, &f.handle, nullptr, nullptr); }},
+      {"ncclMoeLowLatencyCombine", [&] { return ncclMoeLowLatencyCombine(&f.comm, &f.handle, nullptr, nullptr); }},
+      {"ncclMoeLowLatencyCombineBuffer",
+       [&] {
+         void* b = nullptr;
+         return ncclMoeLowLatencyCombineBuffer(&f.comm, &f.handle, &b);
+       }},
+      {"ncclMoeLowLatencyRecvSrcInfo",
+       [&] {
+         const int* s = nullptr;
+         return ncclMoeLowLatencyRecvSrcInfo(&f.comm, &f.handle, &s);
+       }},
+      {"ncclMoeLowLatencyReset", [&] { return ncclMoeLowLatencyReset(&f.comm, nullptr); }},
+  };
+  for (const auto& c : calls) {
+    EXPECT_EQ(ncclInvalidUsage, c.second()) << c.first;
+    const std::string msg = ncclMoeGetLastError(&f.comm);
+    EXPECT_NE(std::string::npos, msg.find(std::string(c.first) + ": this communicator spans 2 nodes")) << msg;
+    EXPECT_NE(std::string::npos, msg.find("internode high-throughput and low-latency kernels (issue 14)")) << msg;
+  }
+  size_t bytes = 0;
+  ncclMoeConfig_t c = goodConfig();
+  EXPECT_EQ(ncclSuccess, ncclMoeGetBufferSize(&c, 4, &bytes));
+  EXPECT_GT(bytes, 0u);
 }

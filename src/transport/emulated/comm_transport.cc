@@ -1,0 +1,163 @@
+#include "transport/emulated/comm_transport.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace nccl_moe::emulated {
+
+rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node, uint32_t qpn,
+                                    const rdma::ConnWindow& window) {
+  rdma::ConnRecord r;
+  r.rank = rank;
+  r.peer = peer;
+  r.num_ranks = num_ranks;
+  r.node = node;
+  std::snprintf(r.nic_name, sizeof(r.nic_name), "emulated-%d", rank);
+  r.nic_guid = 0xe1e1000000000000ull | static_cast<uint64_t>(rank);
+  r.port = 1;
+  r.link_layer = 0;  // InfiniBand
+  r.num_qps[rdma::kQpSetHighThroughput] = 1;
+  r.num_qps[rdma::kQpSetLowLatency] = 0;
+  r.qpn[rdma::kQpSetHighThroughput][0] = qpn;
+  r.num_windows = 1;
+  r.windows[0] = window;
+  return r;
+}
+
+ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine) {
+  const int num_ranks = static_cast<int>(spec.nodes.node_of.size());
+  MOE_ARG_CHECK(spec.rank >= 0 && spec.rank < num_ranks && num_ranks <= kMaxRanks,
+                "emulated transport: rank %d of %d ranks (at most %d)", spec.rank, num_ranks, kMaxRanks);
+  MOE_ARG_CHECK(spec.buffer != nullptr && spec.buffer_bytes > 0 && spec.dev_error != nullptr && spec.timeout_ns > 0,
+                "emulated transport: rank %d has no buffer, error record or timeout", spec.rank);
+  std::unique_ptr<CommTransport> t(new CommTransport());
+  t->spec_ = spec;
+  t->registry_ = std::make_unique<rdma::WindowRegistry>(static_cast<uint8_t>(0x40 + spec.rank));
+  MOE_CHECK(t->registry_->registerWindow(reinterpret_cast<uint64_t>(spec.buffer), spec.buffer_bytes,
+                                         rdma::kAccessAllRemote, rdma::kWindowSignal, &t->window_));
+  CudaBackendOptions bo;
+  bo.device = spec.device;
+  bo.complete_timeout_s = static_cast<double>(spec.timeout_ns) * 1e-9;
+  MOE_CHECK(CudaMemoryBackend::create(bo, &t->backend_));
+  NicConfig nc;
+  nc.rank = spec.rank;
+  nc.chaos.seed = spec.chaos_seed != 0 ? spec.chaos_seed + static_cast<uint64_t>(spec.rank) : 0;
+  nc.max_chunk_bytes = bo.max_chunk_bytes;
+  t->nic_ = std::make_unique<SoftNic>(nc, t->backend_.get(), t->registry_.get());
+
+  t->qps_.resize(num_ranks);
+  for (int p : remotePeers(spec.nodes, spec.rank)) {
+    GpuQpSpec q;
+    q.nic = t->nic_.get();
+    q.backend = t->backend_.get();
+    q.local_windows = t->registry_.get();
+    q.responder.peer = p;  // connected in connect(), once the peer's record is known
+    q.wqe_cnt = spec.wqe_cnt;
+    q.cqe_cnt = spec.wqe_cnt;
+    q.src_lkey = t->window_.lkey;
+    q.rank = spec.rank;
+    q.timeout_ns = spec.timeout_ns;
+    q.dev_error = spec.dev_error;
+    q.connect = false;
+    MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[p]));
+  }
+
+  CommTransportRecordHeader header{};
+  header.num_records = num_ranks;
+  header.registry = reinterpret_cast<uint64_t>(t->registry_.get());
+  std::memcpy(mine, &header, sizeof(header));
+  rdma::ConnWindow w;
+  w.addr = t->window_.addr;
+  w.bytes = t->window_.bytes;
+  w.rkey = t->window_.rkey;
+  const int node = spec.nodes.node_of[spec.rank];
+  for (int p = 0; p < num_ranks; ++p) {
+    const uint32_t qpn = t->qps_[p] ? t->qps_[p]->qpn() : 0;
+    uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
+    MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, num_ranks, node, qpn, w), conn));
+  }
+  *out = std::move(t);
+  return ncclSuccess;
+}
+
+ncclResult_t CommTransport::connect(const uint8_t* all) {
+  const int num_ranks = static_cast<int>(spec_.nodes.node_of.size());
+  const int me = spec_.rank;
+  const size_t stride = commTransportRecordBytes(num_ranks);
+  std::vector<CommTransportRecordHeader> headers(num_ranks);
+  std::vector<rdma::ConnRecord> records(num_ranks);
+  for (int r = 0; r < num_ranks; ++r) {
+    const uint8_t* rec = all + stride * r;
+    std::memcpy(&headers[r], rec, sizeof(CommTransportRecordHeader));
+    if (headers[r].num_records != num_ranks)
+      return setLastError(ncclInvalidUsage, "emulated transport: rank %d published %d records; the communicator has %d",
+                          r, headers[r].num_records, num_ranks);
+    const uint8_t* conn = rec + sizeof(CommTransportRecordHeader) + static_cast<size_t>(me) * rdma::kConnRecordBytes;
+    MOE_CHECK(rdma::unpackConnRecord(conn, rdma::kConnRecordBytes, &records[r]));
+  }
+  MOE_CHECK(rdma::checkConnRecords(records.data(), num_ranks, me));
+
+  std::vector<const ibgda::GpuQp*> qp_of_peer(num_ranks, nullptr);
+  std::vector<PeerWindow> window_of_peer(num_ranks);
+  for (int p = 0; p < num_ranks; ++p) {
+    if (!qps_[p]) continue;
+    const rdma::ConnRecord& rec = records[p];
+    const uint32_t remote_qpn = rec.qpn[rdma::kQpSetHighThroughput][0];
+    if (rec.node != spec_.nodes.node_of[p] || remote_qpn == 0 || rec.num_windows < 1 || headers[p].registry == 0) {
+      return setLastError(ncclInvalidUsage,
+                          "emulated transport: rank %d's record for rank %d names node %d (expected %d), QPN 0x%x and "
+                          "%u windows; expected a QP and a window",
+                          p, me, rec.node, spec_.nodes.node_of[p], remote_qpn, unsigned{rec.num_windows});
+    }
+    Responder responder;
+    responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
+    responder.peer = p;
+    responder.remote_qpn = remote_qpn;
+    MOE_CHECK(nic_->connect(qps_[p]->qp(), responder));
+    qp_of_peer[p] = &qps_[p]->view();
+    window_of_peer[p].base = rec.windows[0].addr;
+    window_of_peer[p].bytes = rec.windows[0].bytes;
+    window_of_peer[p].rkey = rec.windows[0].rkey;
+  }
+  std::vector<ScaleoutPeer> table;
+  const std::string why = buildScaleoutTable(spec_.nodes, me, qp_of_peer, window_of_peer, &table);
+  if (!why.empty()) return setLastError(ncclInternalError, "emulated transport of rank %d: %s", me, why.c_str());
+  const size_t bytes = sizeof(ScaleoutPeer) * table.size();
+  MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_table_), bytes));
+  MOE_CUDA_CHECK(cudaMemcpy(dev_table_, table.data(), bytes, cudaMemcpyHostToDevice));
+  MOE_CHECK(nic_->start());
+  return ncclSuccess;
+}
+
+void CommTransport::stop() {
+  if (nic_) nic_->stop();
+}
+
+CommTransport::~CommTransport() {
+  stop();
+  qps_.clear();  // before the registry: each deregisters its result word
+  nic_.reset();  // frees staging through the backend
+  backend_.reset();
+  if (dev_table_ != nullptr) cudaFree(dev_table_);
+  registry_.reset();
+}
+
+int CommTransport::numQps() const {
+  int n = 0;
+  for (const auto& q : qps_) n += q ? 1 : 0;
+  return n;
+}
+
+std::string CommTransport::describe() const {
+  std::string peers;
+  for (size_t p = 0; p < qps_.size(); ++p)
+    if (qps_[p]) peers += " " + std::to_string(p);
+  return "rank " + std::to_string(spec_.rank) + ": " + nic_->describe() + ", " + std::to_string(numQps()) +
+         " QPs to peers" + peers + ", backend " + (backend_->failed() ? backend_->error() : std::string("ok"));
+}
+
+}  // namespace nccl_moe::emulated

@@ -1,0 +1,109 @@
+// The software NIC as one communicator rank's scale-out transport (NCCL_MOE_NET=emulated, src/transport/
+// net_choice.h): what communicator init builds for a rank whose peers include ranks of other (virtual) nodes, in a
+// world whose ranks are threads of one process on one GPU. Per rank:
+//
+//   registry  a WindowRegistry (this rank's memory domain; key tag 0x40 + rank, so keys of different ranks differ)
+//   window    the whole communication buffer, one registration with every remote right, strongly ordered (no
+//             relaxed ordering: it holds signal words too)
+//   backend   a CudaMemoryBackend on the rank's GPU (staging arena, a stream per QP, helper kernels loaded here)
+//   NIC       a SoftNic executing this rank's send queues (chaos seed NCCL_MOE_EMU_CHAOS + rank when set)
+//   QPs       one GPU-driven QP (EmulatedGpuQp) per remote peer, i.e. per (rank, peer on another node); none for
+//             self and own-node peers
+//   table     the device-resident ScaleoutPeer[num_ranks] kernels reach through DeviceComm::scaleout.peers
+//             (src/transport/scaleout_table.h)
+//
+// Connection goes the way the verbs backend will: every rank creates its QPs unconnected, then publishes one
+// connection record per peer (src/transport/rdma/conn_record.h: its QPN toward that peer and its window) in one
+// all-gather through the bootstrap; each rank checks the records addressed to it (checkConnRecords) and connects
+// each QP to the peer's QPN and window. What only the in-process world needs in addition is the address of the
+// peer's WindowRegistry (the software NIC checks remote references against the responder's registrations), carried
+// next to the records; a multi-process emulation would mirror the registry from the record instead
+// (WindowRegistry::mirror) and needs an IPC memory backend, which does not exist yet.
+//
+// Lifetime: stop() ends the executor (bounded: about a millisecond plus one action, whose completion wait is
+// bounded by the communicator's timeout); the destructor stops, then frees QPs, NIC, backend, table and registry,
+// in that order. The communication buffer must outlive the object (comm.cc releases the transport first).
+#pragma once
+
+#include <nccl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/node_map.h"
+#include "device/device_comm.h"
+#include "device/limits.h"
+#include "transport/emulated/cuda_backend.h"
+#include "transport/emulated/gpu_queues.h"
+#include "transport/emulated/nic.h"
+#include "transport/rdma/conn_record.h"
+#include "transport/rdma/window.h"
+#include "transport/scaleout_table.h"
+
+namespace nccl_moe::emulated {
+
+struct CommTransportSpec {
+  int rank = -1;
+  int device = -1;
+  NodeMap nodes;
+  uint8_t* buffer = nullptr;  // this rank's communication buffer (device memory)
+  uint64_t buffer_bytes = 0;
+  ErrorRecord* dev_error = nullptr;  // device view of the rank's error record (what the QPs' waits report into)
+  uint64_t timeout_ns = 0;           // bound of every device wait on the QPs and of the backend's completion waits
+  uint64_t chaos_seed = 0;           // 0: chaos off; else rank r's NIC uses chaos_seed + r
+  uint32_t wqe_cnt = 64;             // per QP
+};
+
+// What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
+// ([peer] the record addressed to that peer), commTransportRecordBytes(num_ranks) bytes in all.
+struct CommTransportRecordHeader {
+  int32_t status;       // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
+  int32_t num_records;  // ranks of the communicator
+  uint64_t registry;    // address of the rank's WindowRegistry: meaningful only inside this process
+};
+constexpr size_t commTransportRecordBytes(int num_ranks) {
+  return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
+}
+
+// The connection record `rank` sends `peer` (pure): the software NIC's name "emulated-<rank>", port 1,
+// InfiniBand link layer, one QP per peer in the high-throughput set (QPN `qpn`, 0 where the pair has none: self
+// and own-node peers), none in the low-latency set, and the one buffer window.
+rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node, uint32_t qpn,
+                                    const rdma::ConnWindow& window);
+
+class CommTransport {
+ public:
+  // Local: registry, window, backend, NIC, unconnected QPs; fills `mine` (commTransportRecordBytes(num_ranks)
+  // bytes, zeroed by the caller) except the header's status.
+  static ncclResult_t create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine);
+  ~CommTransport();
+  CommTransport(const CommTransport&) = delete;
+  CommTransport& operator=(const CommTransport&) = delete;
+
+  // With every rank's record (rank r's at all + r * commTransportRecordBytes(num_ranks)): checks the records
+  // addressed to this rank, connects every QP, uploads the table and starts the executor.
+  ncclResult_t connect(const uint8_t* all);
+  void stop();
+
+  const ScaleoutPeer* deviceTable() const { return dev_table_; }
+  int numQps() const;
+  SoftNic& nic() { return *nic_; }
+  const CudaMemoryBackend& backend() const { return *backend_; }
+  const rdma::Window& window() const { return window_; }
+  // "rank r: software NIC (chaos seed s), N QPs to peers a b c, backend ok|<its error>"
+  std::string describe() const;
+
+ private:
+  CommTransport() = default;
+  CommTransportSpec spec_;
+  std::unique_ptr<rdma::WindowRegistry> registry_;
+  std::unique_ptr<CudaMemoryBackend> backend_;
+  std::unique_ptr<SoftNic> nic_;
+  rdma::Window window_{};
+  std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // [peer], null for self and own-node peers
+  ScaleoutPeer* dev_table_ = nullptr;
+};
+
+}  // namespace nccl_moe::emulated

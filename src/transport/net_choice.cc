@@ -1,0 +1,111 @@
+#include "transport/net_choice.h"
+
+#include "core/error.h"
+
+namespace nccl_moe {
+
+const char* netKindName(NetKind kind) {
+  switch (kind) {
+    case NetKind::kAuto:
+      return "auto";
+    case NetKind::kIb:
+      return "ib";
+    case NetKind::kEmulated:
+      return "emulated";
+  }
+  return "unknown";
+}
+
+const char* netModeName(NetMode mode) {
+  switch (mode) {
+    case NetMode::kIbgda:
+      return "ibgda";
+    case NetMode::kDbProxy:
+      return "dbproxy";
+    case NetMode::kProxy:
+      return "proxy";
+  }
+  return "unknown";
+}
+
+ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, NetChoice* out) {
+  NetChoice c;
+  if (net.empty() || net == "auto") {
+    c.kind = NetKind::kAuto;
+  } else if (net == "ib") {
+    c.kind = NetKind::kIb;
+  } else if (net == "emulated") {
+    c.kind = NetKind::kEmulated;
+  } else {
+    return setLastError(ncclInvalidArgument, "NCCL_MOE_NET=\"%s\": expected auto, ib or emulated", net.c_str());
+  }
+  if (mode.empty() || mode == "ibgda") {
+    c.mode = NetMode::kIbgda;
+  } else if (mode == "dbproxy" || mode == "proxy") {
+    return setLastError(ncclInvalidUsage,
+                        "NCCL_MOE_NET_MODE=%s: the CPU-proxy modes (dbproxy, proxy) are not available in this build "
+                        "yet (they are being built); use NCCL_MOE_NET_MODE=ibgda",
+                        mode.c_str());
+  } else {
+    return setLastError(ncclInvalidArgument,
+                        "NCCL_MOE_NET_MODE=\"%s\": expected ibgda (dbproxy and proxy are not "
+                        "available yet)",
+                        mode.c_str());
+  }
+  *out = c;
+  return ncclSuccess;
+}
+
+ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* agreed) {
+  if (per_rank.empty()) return setLastError(ncclInternalError, "agreeNetChoice: no ranks");
+  const NetChoice& ref = per_rank[0];
+  for (size_t r = 1; r < per_rank.size(); ++r) {
+    const NetChoice& c = per_rank[r];
+    if (c.kind != ref.kind) {
+      return setLastError(ncclInvalidUsage,
+                          "ncclMoeCommInit: NCCL_MOE_NET differs between ranks: rank 0 has %s, rank %zu has %s; set "
+                          "the same value on every rank",
+                          netKindName(ref.kind), r, netKindName(c.kind));
+    }
+    if (c.mode != ref.mode) {
+      return setLastError(ncclInvalidUsage,
+                          "ncclMoeCommInit: NCCL_MOE_NET_MODE differs between ranks: rank 0 has %s, rank %zu has %s; "
+                          "set the same value on every rank",
+                          netModeName(ref.mode), r, netModeName(c.mode));
+    }
+  }
+  *agreed = ref;
+  return ncclSuccess;
+}
+
+ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, ScaleoutPlan* plan) {
+  *plan = ScaleoutPlan::kNone;
+  if (facts.num_nodes <= 1) return ncclSuccess;
+  const std::string head = "ncclMoeCommInit: the " + std::to_string(facts.num_ranks) + " ranks form " +
+                           std::to_string(facts.num_nodes) + " nodes (" + facts.nodes_text + "; " + facts.how_nodes +
+                           "). Ranks on other nodes need the scale-out (RDMA) transport";
+  if (net.kind != NetKind::kEmulated) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: NCCL_MOE_NET=%s needs a verbs (InfiniBand/RoCE) backend, which this build does not have "
+                        "yet; for testing on one host set NCCL_MOE_NET=emulated (software NIC, correctness only; "
+                        "ranks of one process on one GPU, split by NCCL_MOE_EMULATE_NODES)",
+                        head.c_str(), netKindName(net.kind));
+  }
+  if (!facts.one_process) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: NCCL_MOE_NET=emulated works for ranks of one process only (ncclMoeCommInitAll with "
+                        "NCCL_MOE_EMULATE_NODES); ranks in several processes need the software NIC's IPC memory "
+                        "backend, which does not exist yet",
+                        head.c_str());
+  }
+  if (!facts.one_device) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: NCCL_MOE_NET=emulated works for ranks on one GPU only (the software NIC's CUDA memory "
+                        "backend reaches device memory of one GPU); put every rank on one device",
+                        head.c_str());
+  }
+  *plan = ScaleoutPlan::kEmulated;
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe

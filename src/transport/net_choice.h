@@ -1,0 +1,62 @@
+// Which scale-out network a communicator uses, and whether it can have one: NCCL_MOE_NET and NCCL_MOE_NET_MODE
+// (src/core/env.cc), read by every rank at init, published in the identity exchange and decided identically on
+// every rank from the same table (src/core/comm.cc). Pure functions: tests/unit/net_choice_test.cc.
+//
+//   NCCL_MOE_NET       auto      the real NIC when the build has a verbs backend (none yet: multi-node refused)
+//                      ib        the same, asked for explicitly
+//                      emulated  the software NIC (src/transport/emulated/): correctness only, never chosen
+//                                silently; single-process worlds on one GPU only (the CUDA memory backend reaches
+//                                device memory of this process; ranks in other processes need an IPC backend)
+//   NCCL_MOE_NET_MODE  ibgda     the GPU writes WQEs and rings the doorbell (src/transport/rdma/ibgda/)
+//                      dbproxy / proxy: the CPU-proxy modes, being built elsewhere; refused for now
+#pragma once
+
+#include <nccl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace nccl_moe {
+
+enum class NetKind : int32_t { kAuto = 0, kIb = 1, kEmulated = 2 };
+enum class NetMode : int32_t { kIbgda = 0, kDbProxy = 1, kProxy = 2 };
+
+const char* netKindName(NetKind kind);  // "auto", "ib", "emulated"
+const char* netModeName(NetMode mode);  // "ibgda", "dbproxy", "proxy"
+
+struct NetChoice {
+  NetKind kind = NetKind::kAuto;
+  NetMode mode = NetMode::kIbgda;
+};
+
+// Parses the two variables' values (as read; "" = the default). Unknown values: ncclInvalidArgument naming the
+// variable, the value and the accepted ones; dbproxy / proxy: ncclInvalidUsage saying they are not available yet.
+// The message goes to setLastError().
+ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, NetChoice* out);
+
+// Every rank's choice (index = rank) must be the same: else ncclInvalidUsage naming the first rank that differs
+// from rank 0, both values and the variable. Every rank computes this from the same table, so every rank fails
+// alike. `*agreed` = rank 0's choice.
+ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* agreed);
+
+// What a communicator of several nodes gets.
+enum class ScaleoutPlan : int { kNone = 0, kEmulated = 1 };
+
+// The facts the decision needs, identical on every rank.
+struct ScaleoutFacts {
+  int num_ranks = 0;
+  int num_nodes = 1;
+  std::string nodes_text;   // NodeMap::describe()
+  std::string how_nodes;    // how the nodes were formed (for the message)
+  bool one_process = true;  // every rank a thread of one process
+  bool one_device = true;   // every rank on one GPU (same host, same bus id)
+};
+
+// One node: kNone, success. Several nodes: kEmulated when NCCL_MOE_NET=emulated and the world is one process on
+// one GPU; otherwise ncclInvalidUsage with a message that names the nodes, what is missing (no verbs backend yet;
+// the emulated NIC across processes needs an IPC backend; across GPUs peer access) and, for auto/ib,
+// NCCL_MOE_NET=emulated for one-host testing. Messages start "ncclMoeCommInit: the R ranks form N nodes".
+ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, ScaleoutPlan* plan);
+
+}  // namespace nccl_moe

@@ -1,0 +1,129 @@
+// NCCL_MOE_NET / NCCL_MOE_NET_MODE (src/transport/net_choice.h): parsing, the agreement of every rank's choice,
+// and the scale-out decision communicator init takes from them, as pure functions.
+#include "transport/net_choice.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+namespace {
+
+using nccl_moe::NetChoice;
+using nccl_moe::NetKind;
+using nccl_moe::NetMode;
+using nccl_moe::ScaleoutFacts;
+using nccl_moe::ScaleoutPlan;
+
+std::string lastError() { return nccl_moe::threadLastError(); }
+
+TEST(NetChoice, ParsesEveryAcceptedValueAndTheDefaults) {
+  NetChoice c;
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("", "", &c));
+  EXPECT_EQ(NetKind::kAuto, c.kind);
+  EXPECT_EQ(NetMode::kIbgda, c.mode);
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("auto", "ibgda", &c));
+  EXPECT_EQ(NetKind::kAuto, c.kind);
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("ib", "ibgda", &c));
+  EXPECT_EQ(NetKind::kIb, c.kind);
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("emulated", "", &c));
+  EXPECT_EQ(NetKind::kEmulated, c.kind);
+  EXPECT_STREQ("emulated", nccl_moe::netKindName(c.kind));
+  EXPECT_STREQ("ibgda", nccl_moe::netModeName(c.mode));
+}
+
+TEST(NetChoice, RejectsUnknownValuesNamingTheVariable) {
+  NetChoice c;
+  EXPECT_EQ(ncclInvalidArgument, nccl_moe::parseNetChoice("rdma", "ibgda", &c));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET=\"rdma\"")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("auto, ib or emulated")) << lastError();
+  EXPECT_EQ(ncclInvalidArgument, nccl_moe::parseNetChoice("auto", "gda", &c));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=\"gda\"")) << lastError();
+}
+
+TEST(NetChoice, ProxyModesAreRefusedAsNotAvailableYet) {
+  for (const char* mode : {"dbproxy", "proxy"}) {
+    NetChoice c;
+    EXPECT_EQ(ncclInvalidUsage, nccl_moe::parseNetChoice("emulated", mode, &c)) << mode;
+    EXPECT_NE(std::string::npos, lastError().find(std::string("NCCL_MOE_NET_MODE=") + mode)) << lastError();
+    EXPECT_NE(std::string::npos, lastError().find("not available in this build yet")) << lastError();
+  }
+}
+
+TEST(NetChoice, DisagreementNamesBothValuesAndTheRank) {
+  NetChoice agreed;
+  std::vector<NetChoice> same(4, NetChoice{NetKind::kEmulated, NetMode::kIbgda});
+  ASSERT_EQ(ncclSuccess, nccl_moe::agreeNetChoice(same, &agreed));
+  EXPECT_EQ(NetKind::kEmulated, agreed.kind);
+
+  std::vector<NetChoice> differ = same;
+  differ[2].kind = NetKind::kAuto;
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET differs between ranks")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("rank 0 has emulated, rank 2 has auto")) << lastError();
+
+  differ = same;
+  differ[1].mode = NetMode::kProxy;  // cannot come from parsing today, but the agreement must still catch it
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE differs")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("rank 0 has ibgda, rank 1 has proxy")) << lastError();
+}
+
+ScaleoutFacts twoNodes() {
+  ScaleoutFacts f;
+  f.num_ranks = 4;
+  f.num_nodes = 2;
+  f.nodes_text = "node 0: ranks 0 1; node 1: ranks 2 3";
+  f.how_nodes = "nodes emulated by NCCL_MOE_EMULATE_NODES=2";
+  return f;
+}
+
+TEST(NetChoice, OneNodeNeedsNoScaleout) {
+  ScaleoutFacts f;
+  f.num_ranks = 4;
+  f.num_nodes = 1;
+  f.one_process = false;
+  f.one_device = false;
+  ScaleoutPlan plan = ScaleoutPlan::kEmulated;
+  for (NetKind k : {NetKind::kAuto, NetKind::kIb, NetKind::kEmulated}) {
+    ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(NetChoice{k, NetMode::kIbgda}, f, &plan));
+    EXPECT_EQ(ScaleoutPlan::kNone, plan);
+  }
+}
+
+TEST(NetChoice, AutoAndIbRefuseSeveralNodesNamingTheEmulatedNic) {
+  for (NetKind k : {NetKind::kAuto, NetKind::kIb}) {
+    ScaleoutPlan plan = ScaleoutPlan::kEmulated;
+    EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(NetChoice{k, NetMode::kIbgda}, twoNodes(), &plan));
+    EXPECT_EQ(ScaleoutPlan::kNone, plan);
+    const std::string msg = lastError();
+    EXPECT_NE(std::string::npos, msg.find("the 4 ranks form 2 nodes (node 0: ranks 0 1; node 1: ranks 2 3")) << msg;
+    EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+    EXPECT_NE(std::string::npos, msg.find(std::string("NCCL_MOE_NET=") + nccl_moe::netKindName(k))) << msg;
+    EXPECT_NE(std::string::npos, msg.find("verbs")) << msg;
+    EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=emulated")) << msg;
+  }
+}
+
+TEST(NetChoice, EmulatedServesOneProcessOnOneGpuOnly) {
+  const NetChoice emu{NetKind::kEmulated, NetMode::kIbgda};
+  ScaleoutPlan plan = ScaleoutPlan::kNone;
+  ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(emu, twoNodes(), &plan));
+  EXPECT_EQ(ScaleoutPlan::kEmulated, plan);
+
+  ScaleoutFacts procs = twoNodes();
+  procs.one_process = false;
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(emu, procs, &plan));
+  EXPECT_EQ(ScaleoutPlan::kNone, plan);
+  EXPECT_NE(std::string::npos, lastError().find("IPC memory backend")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("form 2 nodes")) << lastError();
+
+  ScaleoutFacts gpus = twoNodes();
+  gpus.one_device = false;
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(emu, gpus, &plan));
+  EXPECT_NE(std::string::npos, lastError().find("one GPU")) << lastError();
+}
+
+}  // namespace
