@@ -111,7 +111,7 @@ T* ptr(uintptr_t p) {
 inline cudaStream_t streamOf(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 ncclMoeConfig_t makeConfig(int num_experts, int hidden, int max_topk, int max_tokens_per_rank,
-                           int ll_max_tokens_per_rank, int num_sms) {
+                           int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
   ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
   c.num_experts = num_experts;
   c.hidden = hidden;
@@ -119,6 +119,7 @@ ncclMoeConfig_t makeConfig(int num_experts, int hidden, int max_topk, int max_to
   c.max_tokens_per_rank = max_tokens_per_rank;
   c.ll_max_tokens_per_rank = ll_max_tokens_per_rank;
   c.num_sms = num_sms;
+  c.ll_num_sms = ll_num_sms;
   return c;
 }
 
@@ -422,6 +423,16 @@ uintptr_t llCombineBuffer(Comm& comm, Handle& handle) {
   return reinterpret_cast<uintptr_t>(buffer);
 }
 
+// The handle's [E_l, R * ll_max_tokens_per_rank] int32 device array of (source rank << 24 | source token) per row
+// its LL dispatch received (rows j < recv_count[e] of local expert e). A host-side accessor like llCombineBuffer: it
+// neither waits nor launches, so the GIL is kept.
+uintptr_t llRecvSrcInfo(Comm& comm, Handle& handle) {
+  ncclMoeComm_t c = comm.get();
+  const int* src_info = nullptr;
+  checkMoe(ncclMoeLowLatencyRecvSrcInfo(c, handle.get(), &src_info), c);
+  return reinterpret_cast<uintptr_t>(src_info);
+}
+
 void llReset(Comm& comm, uintptr_t stream) {
   ncclMoeComm_t c = comm.get();
   ncclResult_t res;
@@ -443,9 +454,9 @@ void castToFp8(uintptr_t x, int num_tokens, int hidden, int scale_format, uintpt
 // ------------------------------------------------------------------------------------------------------------------
 
 Comm* commInit(uintptr_t nccl_comm, int device, int num_experts, int hidden, int max_topk, int max_tokens_per_rank,
-               int ll_max_tokens_per_rank, int num_sms) {
+               int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
   const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms);
+      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
   ncclMoeComm_t c = nullptr;
   ncclResult_t res;
   {
@@ -458,9 +469,9 @@ Comm* commInit(uintptr_t nccl_comm, int device, int num_experts, int hidden, int
 }
 
 nb::list commInitAll(const std::vector<int>& devices, int num_experts, int hidden, int max_topk,
-                     int max_tokens_per_rank, int ll_max_tokens_per_rank, int num_sms) {
+                     int max_tokens_per_rank, int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
   const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms);
+      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
   std::vector<ncclMoeComm_t> comms(devices.size(), nullptr);
   ncclResult_t res;
   {
@@ -475,9 +486,9 @@ nb::list commInitAll(const std::vector<int>& devices, int num_experts, int hidde
 }
 
 size_t bufferSize(int num_experts, int hidden, int max_topk, int max_tokens_per_rank, int ll_max_tokens_per_rank,
-                  int num_sms, int num_ranks) {
+                  int num_sms, int ll_num_sms, int num_ranks) {
   const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms);
+      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
   size_t bytes = 0;
   checkMoe(ncclMoeGetBufferSize(&config, num_ranks, &bytes));
   return bytes;
@@ -601,7 +612,7 @@ NB_MODULE(_C, m) {
       "last_error", []() { return std::string(ncclMoeGetLastError(nullptr)); },
       "ncclMoeGetLastError(NULL): the calling thread's last failure");
   m.def("buffer_size", &bufferSize, "num_experts"_a, "hidden"_a, "max_topk"_a, "max_tokens_per_rank"_a,
-        "ll_max_tokens_per_rank"_a, "num_sms"_a, "num_ranks"_a, "ncclMoeGetBufferSize: bytes of one rank's buffer");
+        "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a, "num_ranks"_a, "ncclMoeGetBufferSize: bytes of one rank's buffer");
   m.def("device_count", &deviceCount);
   m.def("stream_is_capturing", &streamIsCapturing, "stream"_a);
 
@@ -613,9 +624,10 @@ NB_MODULE(_C, m) {
 
   nb::class_<Comm>(m, "Comm")
       .def_static("init", &commInit, "nccl_comm"_a, "device"_a, "num_experts"_a, "hidden"_a, "max_topk"_a,
-                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, nb::rv_policy::take_ownership)
+                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a,
+                  nb::rv_policy::take_ownership)
       .def_static("init_all", &commInitAll, "devices"_a, "num_experts"_a, "hidden"_a, "max_topk"_a,
-                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a)
+                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a)
       .def("destroy", &Comm::destroy)
       .def("async_error", &Comm::asyncError)
       .def_prop_ro("destroyed", &Comm::destroyed)
@@ -629,7 +641,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("max_topk", [](const Comm& c) { return c.config().max_topk; })
       .def_prop_ro("max_tokens_per_rank", [](const Comm& c) { return c.config().max_tokens_per_rank; })
       .def_prop_ro("ll_max_tokens_per_rank", [](const Comm& c) { return c.config().ll_max_tokens_per_rank; })
-      .def_prop_ro("num_sms", [](const Comm& c) { return c.config().num_sms; });
+      .def_prop_ro("num_sms", [](const Comm& c) { return c.config().num_sms; })
+      .def_prop_ro("ll_num_sms", [](const Comm& c) { return c.config().ll_num_sms; });
 
   nb::class_<Handle>(m, "Handle")
       .def(nb::init<Comm&>(), "comm"_a, nb::keep_alive<1, 2>())
@@ -660,6 +673,8 @@ NB_MODULE(_C, m) {
   m.def("ll_combine", &llCombine, "comm"_a, "handle"_a, "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
         "num_tokens"_a, "hidden"_a, "topk"_a, "out"_a, "phase"_a, "stream"_a);
   m.def("ll_combine_buffer", &llCombineBuffer, "comm"_a, "handle"_a);
+  m.def("ll_recv_src_info", &llRecvSrcInfo, "comm"_a, "handle"_a,
+        "ncclMoeLowLatencyRecvSrcInfo: device address of the handle's [E_l, R*M] int32 (rank << 24 | token) rows");
   m.def("ll_reset", &llReset, "comm"_a, "stream"_a);
   m.def("cast_to_fp8", &castToFp8, "x"_a, "num_tokens"_a, "hidden"_a, "scale_format"_a, "out_fp8"_a, "out_scales"_a,
         "stream"_a);

@@ -68,6 +68,10 @@ class Config:
         max_tokens_per_rank: high-throughput capacity (largest T of an HT call on any rank); 0 = no HT.
         ll_max_tokens_per_rank: low-latency capacity (largest T of an LL call); 0 = no LL.
         num_sms: default SM budget of HT kernels; 0 = chosen from the hardware.
+        ll_num_sms: SMs of this rank's LL kernels; 0 = all of the rank's SMs (its GPU's, or its share when ranks
+            share the GPU; larger values are capped there). A smaller budget leaves SMs to other work (e.g. compute
+            kernels on other streams during decode); an LL call with both phases then runs as two kernels (send,
+            then receive). Unlike the other fields it may differ between ranks.
     """
 
     num_experts: int
@@ -76,6 +80,7 @@ class Config:
     max_tokens_per_rank: int = 0
     ll_max_tokens_per_rank: int = 0
     num_sms: int = 0
+    ll_num_sms: int = 0
 
     def _args(self):
         return (
@@ -85,6 +90,7 @@ class Config:
             int(self.max_tokens_per_rank),
             int(self.ll_max_tokens_per_rank),
             int(self.num_sms),
+            int(self.ll_num_sms),
         )
 
     def buffer_size(self, num_ranks: int) -> int:

@@ -172,7 +172,7 @@ class Comm:
         self.device = 0
         self.world_comm = True
         (self.num_experts, self.hidden, self.max_topk, self.max_tokens_per_rank, self.ll_max_tokens_per_rank,
-         self.num_sms) = config_args
+         self.num_sms, self.ll_num_sms) = config_args
         _REAL.buffer_size(*config_args, min(self.num_ranks, MAX_NVL_PEERS))  # the library's config checks
         self.destroyed = False
         self.next_half = 0
@@ -244,6 +244,9 @@ class Handle:
         self.recv_count = torch.zeros(1, dtype=torch.int32)
         self.recv_count_per_expert = torch.zeros(comm.num_experts // R, dtype=torch.int32)
         self.recv_src_info = torch.zeros(max(1, R * C), dtype=torch.int32)
+        # ncclMoeLowLatencyRecvSrcInfo's array: [E_l, R * ll_max_tokens_per_rank] (rank << 24 | token) per row.
+        self.ll_src_info = torch.zeros(max(1, comm.num_experts // R * R * comm.ll_max_tokens_per_rank),
+                                       dtype=torch.int32)
         self.ht = None
         self.ll = None
 
@@ -419,7 +422,13 @@ def ll_dispatch(comm, handle, x, topk_idx, idx_type, T, H, K, use_fp8, scale_for
             out_s = _view(recv_x_scales, (E_l, R * M, cols), sdt)
             casts = [_fp8_cast(posts[s][0], scale_format) for s in range(R)]
         counts = _view(recv_count, (E_l,), torch.int32)
+        # Rows past recv_count are unspecified in the library: fill them with a source no rank has, so that readers
+        # which look past the count fail the tests.
+        src_info = handle.ll_src_info[: E_l * R * M].view(E_l, R * M)
+        src_info.fill_(((R + 5) << 24) | 0x7ABCDE)
         for j, slab in enumerate(slabs):
+            for i, (s, t, k) in enumerate(slab):
+                src_info[j, i] = (s << 24) | t
             for i, (s, t, k) in enumerate(slab):
                 if use_fp8:
                     out[j, i].copy_(casts[s][0][t].view(torch.uint8))
@@ -476,6 +485,16 @@ def ll_combine(comm, handle, x, zero_copy, topk_idx, topk_weights, T, H, K, out,
 def ll_combine_buffer(comm, handle):
     comm.check("ncclMoeLowLatencyCombineBuffer")
     return comm.zero_copy[handle.ll["half"]].data_ptr()
+
+
+def ll_recv_src_info(comm, handle):
+    comm.check("ncclMoeLowLatencyRecvSrcInfo")
+    if not comm.ll_max_tokens_per_rank:
+        _fail(5, "ncclMoeLowLatencyRecvSrcInfo: the communicator has no low-latency capacity")
+    if handle.ll is None:
+        _fail(5, "ncclMoeLowLatencyRecvSrcInfo: handle holds no low-latency dispatch; issue "
+                 "ncclMoeLowLatencyDispatch first")
+    return handle.ll_src_info.data_ptr()
 
 
 def ll_reset(comm, stream):

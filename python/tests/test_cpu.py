@@ -110,7 +110,7 @@ def test_cast_argument_errors_without_gpu():
 @pytest.mark.skipif(nccl_moe.device_count() > 0, reason="checks the error path of a machine without a GPU")
 def test_world_init_without_gpu_raises():
     with pytest.raises(nccl_moe.NcclMoeError) as info:
-        _C.Comm.init_all([0, 0], 8, 256, 8, 16, 0, 0)
+        _C.Comm.init_all([0, 0], 8, 256, 8, 16, 0, 0, 0)
     assert "ncclMoeCommInitAll" in info.value.message or "cuda" in info.value.message.lower()
 
 
