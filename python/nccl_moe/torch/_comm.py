@@ -168,6 +168,7 @@ class LLHandle:
 
     Attributes: num_tokens, hidden, topk, topk_idx (the dispatch's tensor; the combine's default), use_fp8,
     scale_format, half (which LL buffer half it used), recv_pending (send half issued, receive half not yet).
+    Device view: recv_src_info [E_l, R*M] int32 (Comm.ll_recv_src_info; keeps this object alive).
     """
 
     __slots__ = ("_comm", "_handle", "_pinned", "num_tokens", "hidden", "topk", "topk_idx", "use_fp8",
@@ -177,6 +178,11 @@ class LLHandle:
         self._comm = comm
         self._handle = handle
         self._pinned = pinned
+
+    @property
+    def recv_src_info(self):
+        """The source of every received row: see Comm.ll_recv_src_info."""
+        return self._comm.ll_recv_src_info(self)
 
     def __del__(self):
         try:
@@ -836,6 +842,25 @@ class Comm:
             shape = (self.num_local_experts, self.num_ranks * self.config.ll_max_tokens_per_rank, H)
             view = self._zero_copy_views[(address, H)] = self._rt.tensor_at(address, shape, _BF16, self)
         return view
+
+    def ll_recv_src_info(self, handle):
+        """The source of every row `handle`'s LL dispatch received (ncclMoeLowLatencyRecvSrcInfo): an int32
+        [E_l, R*M] view of library memory (M = ll_max_tokens_per_rank), row j of local expert e holding
+        (source rank << 24) | source token for j < recv_count[e]; rows past the count are unspecified.
+
+        Rows of a slab are in the library's order: source rank ascending, then source token, then slot
+        (docs/reference.md), so each source rank's rows are contiguous. The memory belongs to the native handle, which
+        each LL dispatch through that handle rewrites (stream-ordered, by the receive half: read it after the hook
+        when return_recv_hook=True). The handle is not reused while `handle` (or this view, which keeps it alive)
+        lives, so the view stays valid that long; a handle taken during a CUDA graph capture is rewritten by every
+        replay of that graph."""
+        if handle._comm is not self:
+            raise ValueError("handle: belongs to another communicator")
+        # Not cached on the handle: the view keeps the handle alive, and a cached one would make a cycle that delays
+        # the handle's return to the pool until a garbage collection.
+        address = self._lib.ll_recv_src_info(self._native, handle._handle)
+        shape = (self.num_local_experts, self.num_ranks * self.config.ll_max_tokens_per_rank)
+        return self._rt.tensor_at(address, shape, _I32, handle)
 
     def ll_reset(self, stream=None):
         """ncclMoeLowLatencyReset (collective, no LL result alive): needed when a buffer used by HT goes back to
