@@ -13,8 +13,10 @@ Differences that matter (python/README.md has the full table):
     returns the bytes for NCCL_MOE_DEEP_EP_MAX_TOKENS (default 4096) tokens. A batch above the capacity raises on
     the rank that has it, and the other ranks then wait for it until NCCL_MOE_TIMEOUT_S: size generously.
   - Handle contents: the HT handle's rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix and
-    send_head, and the LL handle's src_info and layout_range, are placeholders that raise NotImplementedError when
-    used (DeepEP-internal state that callers pass back without reading); recv_src_idx and is_token_in_rank are real.
+    send_head are placeholders that raise NotImplementedError when used (DeepEP-internal state that callers pass back
+    without reading); recv_src_idx and is_token_in_rank are real. The LL handle's src_info and layout_range are real,
+    derived on first access (handle[0], handle[1] or unpacking) from ncclMoeLowLatencyRecvSrcInfo and recv_count by
+    a few torch ops on the current stream (see _LLHandle).
   - LL fp8 scales come back as DeepEP's column-major view (one extra copy kernel, see python/README.md).
 Unsupported arguments raise NotImplementedError naming the argument.
 """
@@ -64,7 +66,84 @@ class _HtHandle(tuple):
 
 class _LLHandle(tuple):
     """DeepEP's low-latency handle (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-    with the NCCL-MoE handle attached (attribute _moe)."""
+    with the NCCL-MoE handle attached (attribute _moe).
+
+    src_info [E_l, R*M] int32 (source token of each received row; -1 past recv_count, where DeepEP leaves garbage)
+    and layout_range [E_l, R] int64 ((begin << 32) | count: the rows of source rank r in expert e's slab are
+    begin .. begin+count-1) are made when first read (indexing, unpacking or iterating the handle), by torch ops on
+    the current stream over the library's source info (ncclMoeLowLatencyRecvSrcInfo) and recv_count: read them when
+    recv_x may be read (after the hook, or after waiting for the event), as in DeepEP. The common case, a handle
+    passed back to combine unread, costs nothing. Exact: the library packs each slab by source rank ascending, then
+    token (docs/reference.md), so every source rank's rows are contiguous, which layout_range needs; DeepEP's order
+    of the source ranks and of the tokens within one source rank is arrival order, of which ours is one instance.
+    A source rank with no rows gets count 0 and begin = the rows of lower source ranks (DeepEP: an arbitrary begin).
+    """
+
+    def _internals(self):
+        done = self.__dict__.get("_derived")
+        if done is None:
+            h = self._moe
+            if h.recv_pending:
+                raise RuntimeError("low-latency handle: src_info/layout_range are read after the receive half; call "
+                                   "the dispatch's hook first")
+            done = self._derived = ll_handle_layout(h._comm.ll_recv_src_info(h), self._recv_count, h._comm.num_ranks)
+        return done
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        j = i + 5 if isinstance(i, int) and i < 0 else i
+        if j == 0 or j == 1:
+            return self._internals()[j]
+        return tuple.__getitem__(self, i)
+
+    def __iter__(self):
+        src_info, layout_range = self._internals()
+        yield src_info
+        yield layout_range
+        yield from tuple.__iter__(tuple.__getitem__(self, slice(2, None)))
+
+    def __repr__(self):
+        return ("_LLHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank={}, hidden={}, num_experts={})"
+                .format(*tuple.__getitem__(self, slice(2, None))))
+
+
+def ll_handle_layout(packed_src_info, recv_count, num_ranks, check=None):
+    """DeepEP's (src_info, layout_range) from NCCL-MoE's packed LL source info [E_l, R*M] int32 ((rank << 24) |
+    token per row, rows past recv_count unspecified) and recv_count [E_l] int32, with torch ops (no host wait).
+
+    layout_range[e, r] = (begin << 32) | count, count = rows of expert e from source rank r, begin = the first such
+    row. That is DeepEP's meaning when each source rank's rows are contiguous in the slab, which the library
+    guarantees (docs/reference.md); check=True (default: NCCL_MOE_DEEP_EP_CHECK_LL_LAYOUT=1) verifies it, waiting
+    for the device, and raises RuntimeError if a source rank's rows are not contiguous."""
+    E_l, N = packed_src_info.shape
+    dev = packed_src_info.device
+    rows = torch.arange(N, device=dev, dtype=torch.int64).expand(E_l, N)
+    valid = rows < recv_count.to(torch.int64).unsqueeze(1)
+    packed = packed_src_info.to(torch.int64)
+    # Rows past the count go to an extra bucket R, dropped below.
+    rank = torch.where(valid, (packed >> 24).clamp(0, num_ranks), num_ranks)
+    src_info = torch.where(valid, packed & 0xFFFFFF, -1).to(torch.int32)
+    count = torch.zeros((E_l, num_ranks + 1), dtype=torch.int64, device=dev)
+    count.scatter_add_(1, rank, valid.to(torch.int64))
+    first = torch.full((E_l, num_ranks + 1), N, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(1, rank, rows, "amin")
+    count, first = count[:, :num_ranks], first[:, :num_ranks]
+    below = count.cumsum(1) - count
+    begin = torch.where(count > 0, first, below)
+    layout_range = (begin << 32) | count
+    if check is None:
+        check = os.environ.get("NCCL_MOE_DEEP_EP_CHECK_LL_LAYOUT", "0") == "1"
+    if check:
+        last = torch.full((E_l, num_ranks + 1), -1, dtype=torch.int64, device=dev)
+        last.scatter_reduce_(1, rank, rows, "amax")
+        bad = (count > 0) & (last[:, :num_ranks] - first + 1 != count)
+        if bool(bad.any()):
+            e, r = (int(v) for v in bad.nonzero()[0])
+            raise RuntimeError(f"low-latency handle: the rows of source rank {r} in local expert {e}'s slab are not "
+                               "contiguous, so DeepEP's layout_range cannot describe them (the library's documented "
+                               "slab order groups them; docs/reference.md)")
+    return src_info, layout_range
 
 
 def _unwrap_event(previous_event):
@@ -384,9 +463,9 @@ class Buffer:
         res = comm.ll_dispatch(x, topk_idx, use_fp8=use_fp8, scale_format=fmt,
                                cumulative_recv_stats=cumulative_local_expert_recv_stats,
                                return_recv_hook=return_recv_hook, async_finish=async_finish)
-        handle = _LLHandle((_Unsupported("src_info"), _Unsupported("layout_range"), num_max_dispatch_tokens_per_rank,
-                            x.shape[1], num_experts))
+        handle = _LLHandle((None, None, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts))
         handle._moe = res.handle
+        handle._recv_count = res.recv_count
         hook = res.hook
         event = res.event
         col_major = None
