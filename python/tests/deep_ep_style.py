@@ -100,6 +100,11 @@ def low_latency_round(buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens
     else:
         event.current_stream_wait()
     out = dict(recv_count=recv_count.cpu())
+    # The handle's internals, as DeepEP code that reads them would (valid once recv_x is).
+    src_info, layout_range, max_tokens, hidden, experts = handle
+    assert handle[0] is src_info and handle[-4] is layout_range and handle[2:] == (max_tokens, hidden, experts)
+    out["src_info"], out["layout_range"] = src_info.cpu(), layout_range.cpu()
+    out["handle_scalars"] = (max_tokens, hidden, experts)
     if use_fp8:
         out["recv_x"], out["recv_x_scales"] = recv_x[0].cpu(), recv_x[1].cpu()
         out["scales_stride"] = recv_x[1].stride()

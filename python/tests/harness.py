@@ -56,3 +56,17 @@ def same_bits(a, b):
 
 def assert_same_bits(a, b, what):
     assert same_bits(a, b), f"{what}: differs\n got {a}\nwant {b}"
+
+
+def ll_sources(topk_idx, num_experts, d):
+    """[(source rank, source token) per row] of each local expert slab of rank d after an LL dispatch, straight from
+    the routing (one row per valid slot naming the expert; source rank, then token, then slot ascending)."""
+    num_ranks = len(topk_idx)
+    E_l = num_experts // num_ranks
+    slabs = [[] for _ in range(E_l)]
+    for s in range(num_ranks):
+        for t, row in enumerate(topk_idx[s].tolist()):
+            for e in row:
+                if e >= 0 and e // E_l == d:
+                    slabs[e % E_l].append((s, t))
+    return slabs

@@ -72,6 +72,7 @@ def test_buffer_size_grows_with_capacity():
         (dict(num_experts=8, hidden=128, max_tokens_per_rank=8), 3, "not a multiple of num_ranks = 3"),
         (dict(num_experts=16, hidden=128, max_tokens_per_rank=8), 9, "num_ranks is 9"),
         (dict(num_experts=8, hidden=128, max_tokens_per_rank=8, num_sms=-1), 1, "config->num_sms is -1"),
+        (dict(num_experts=8, hidden=128, ll_max_tokens_per_rank=8, ll_num_sms=-2), 1, "config->ll_num_sms is -2"),
     ],
 )
 def test_config_errors_name_the_argument(fields, num_ranks, expected):
@@ -84,6 +85,18 @@ def test_config_errors_name_the_argument(fields, num_ranks, expected):
     assert str(e).endswith("[ncclInvalidArgument]")
 
 
+def test_config_ll_num_sms_round_trip():
+    """ll_num_sms: a field of Config (default 0 = all of the rank's SMs) passed through to ncclMoeConfig_t; an SM
+    budget, not a size, so the buffer does not depend on it."""
+    base = dict(num_experts=8, hidden=256, max_tokens_per_rank=16, ll_max_tokens_per_rank=8)
+    assert nccl_moe.Config(**base).ll_num_sms == 0
+    c = nccl_moe.Config(**base, ll_num_sms=12)
+    assert c.ll_num_sms == 12 and c._args()[-1] == 12 and c != nccl_moe.Config(**base)
+    assert c.buffer_size(2) == nccl_moe.Config(**base).buffer_size(2)
+    assert c.validate(2) is c
+    assert "ll_num_sms" in (_C.buffer_size.__doc__ or "") and "ll_num_sms" in (_C.Comm.init_all.__doc__ or "")
+
+
 def test_config_validate_returns_itself():
     c = nccl_moe.Config(num_experts=8, hidden=256, max_tokens_per_rank=8)
     assert c.validate(2) is c
@@ -93,7 +106,7 @@ def test_config_validate_returns_itself():
 
 def test_extension_surface():
     for name in ("layout", "ht_notify", "ht_dispatch", "ht_combine", "ll_dispatch", "ll_combine", "ll_combine_buffer",
-                 "ll_reset", "cast_to_fp8", "buffer_size", "nccl_unique_id", "nccl_comm_init_rank",
+                 "ll_recv_src_info", "ll_reset", "cast_to_fp8", "buffer_size", "nccl_unique_id", "nccl_comm_init_rank",
                  "nccl_comm_destroy", "nccl_comm_info", "Comm", "Handle", "Event", "device_count",
                  "stream_is_capturing", "last_error", "error_string"):
         assert hasattr(_C, name), name

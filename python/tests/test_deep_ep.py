@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 
 import deep_ep_style as style
 import reference as ref
-from harness import Problem, assert_same_bits, prewarm
+from harness import Problem, assert_same_bits, ll_sources, prewarm
 
 pytestmark = pytest.mark.torch
 
@@ -121,6 +121,31 @@ def _check_ll(p, got, key, max_tokens, use_fp8, fmt):
     outs = ref.ll_combine(p.topk_idx, p.weights, want, ys, p.num_experts)
     for s in range(p.num_ranks):
         assert_same_bits(got[s][key]["combined_x"], outs[s], f"{key} rank {s} combined_x")
+    _check_ll_handle(p, got, key, max_tokens)
+
+
+def _check_ll_handle(p, got, key, max_tokens):
+    """DeepEP's LL handle internals against the routing: src_info [E_l, R*M] int32 = source token of each row (-1
+    past recv_count); layout_range [E_l, R] int64 = (begin << 32) | count, the rows of source rank r being
+    begin .. begin+count-1 (DeepEP: recv_range[src_rank] = pack2(num_recv_tokens, recv_token_begin_idx))."""
+    R, E_l = p.num_ranks, p.num_local_experts
+    for d in range(R):
+        g = got[d][key]
+        assert g["handle_scalars"] == (max_tokens, p.hidden, p.num_experts)
+        assert g["src_info"].dtype == torch.int32 and tuple(g["src_info"].shape) == (E_l, R * max_tokens)
+        assert g["layout_range"].dtype == torch.int64 and tuple(g["layout_range"].shape) == (E_l, R)
+        for j, rows in enumerate(ll_sources(p.topk_idx, p.num_experts, d)):
+            n = len(rows)
+            assert g["src_info"][j, :n].tolist() == [t for _, t in rows], f"{key} rank {d} expert {j} src_info"
+            assert (g["src_info"][j, n:] == -1).all()
+            begin = 0
+            for s in range(R):
+                count = sum(1 for src, _ in rows if src == s)
+                packed = int(g["layout_range"][j, s])
+                assert (packed >> 32, packed & 0xFFFFFFFF) == (begin, count), f"{key} rank {d} expert {j} source {s}"
+                # The range is exactly the rows from s: what DeepEP's combine relies on.
+                assert all(src == s for src, _ in rows[begin:begin + count])
+                begin += count
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2])
@@ -206,3 +231,52 @@ def test_handle_placeholders_raise(backend):
         return True
 
     assert world.run(rank_body) == [True]
+
+
+def test_ll_handle_layout_from_packed_source_info():
+    """The derivation alone (torch ops on CPU): source ranks grouped in any order give each rank's first row as begin;
+    rows past recv_count are ignored whatever they hold; a source rank split in two is refused with check=True."""
+    from nccl_moe.deep_ep.buffer import ll_handle_layout
+
+    def packed(rows, n):
+        out = [((9 << 24) | 0x123456)] * n  # rows past the count: garbage
+        out[: len(rows)] = [(s << 24) | t for s, t in rows]
+        return out
+
+    # Expert 0: ranks 2, 0 (grouped, descending); expert 1: nothing; expert 2: rank 1 only, token repeated.
+    slabs = [[(2, 5), (2, 7), (0, 1)], [], [(1, 3), (1, 3)]]
+    info = torch.tensor([packed(r, 6) for r in slabs], dtype=torch.int32)
+    count = torch.tensor([len(r) for r in slabs], dtype=torch.int32)
+    src_info, layout_range = ll_handle_layout(info, count, 3, check=True)
+    assert src_info.tolist() == [[5, 7, 1, -1, -1, -1], [-1] * 6, [3, 3, -1, -1, -1, -1]]
+    pairs = [[(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in row] for row in layout_range]
+    assert pairs == [[(2, 1), (1, 0), (0, 2)], [(0, 0), (0, 0), (0, 0)], [(0, 0), (0, 2), (2, 0)]]
+    split = torch.tensor([packed([(0, 1), (1, 2), (0, 3)], 6)], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="source rank 0 in local expert 0's slab are not contiguous"):
+        ll_handle_layout(split, torch.tensor([3], dtype=torch.int32), 2, check=True)
+
+
+def test_ll_handle_internals_need_the_receive_half(backend):
+    world = backend.world(1)
+
+    def rank_body(r):
+        import deep_ep
+
+        buffer = deep_ep.Buffer(world.group(r), low_latency_mode=True, explicitly_destroy=True)
+        try:
+            x = backend.to(ref.make_rows(4, 256, rank=0))
+            idx = backend.to(torch.tensor([[0, 1]] * 4))
+            _, recv_count, handle, _, hook = buffer.low_latency_dispatch(x, idx, 8, 2, use_fp8=False,
+                                                                         return_recv_hook=True)
+            with pytest.raises(RuntimeError, match="call the dispatch's hook first"):
+                handle[0]
+            assert handle[2:] == (8, 256, 2)  # the scalars need nothing
+            hook()
+            src_info, layout_range = handle[0], handle[1]
+            backend.sync()
+            return recv_count.cpu().tolist(), src_info[:, :4].cpu().tolist(), layout_range.cpu().tolist()
+        finally:
+            buffer.destroy()
+
+    count, src_info, layout_range = world.run(rank_body)[0]
+    assert count == [4, 4] and src_info == [[0, 1, 2, 3]] * 2 and layout_range == [[4], [4]]

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
 import reference as ref
-from harness import Problem, assert_same_bits, prewarm
+from harness import Problem, assert_same_bits, ll_sources, prewarm
 from nccl_moe.torch import Comm
 
 pytestmark = pytest.mark.torch
@@ -77,6 +77,44 @@ def test_ll_dispatch_combine(backend, num_ranks, mode):
     outs = ref.ll_combine(p.topk_idx, p.weights, want, ys, p.num_experts)
     for s in range(num_ranks):
         assert_same_bits(got[s]["combined"], outs[s], f"rank {s} combined_x")
+
+
+@pytest.mark.parametrize("ll_num_sms", [0, 2])
+def test_ll_recv_src_info_and_ll_num_sms(backend, ll_num_sms):
+    """Comm.ll_recv_src_info / LLHandle.recv_src_info ((rank << 24) | token per received row) against the routing;
+    Config.ll_num_sms reaches the communicator (with a budget of 2 SMs an LL call runs as two kernels on the GPU)."""
+    num_ranks, max_tokens = 3, 8
+    p = Problem(num_ranks, 2 * num_ranks, 256, 3, [8, 5, 0], seed=41)
+    world = backend.world(num_ranks)
+
+    def rank_body(r):
+        prewarm(backend)
+        comm = Comm(world.group(r), num_experts=p.num_experts, hidden=p.hidden, max_topk=p.topk,
+                    ll_max_tokens_per_rank=max_tokens, ll_num_sms=ll_num_sms)
+        try:
+            assert comm.config.ll_num_sms == ll_num_sms and comm._native.ll_num_sms == ll_num_sms
+            idx, x = backend.to(p.topk_idx[r]), backend.to(p.x[r])
+            got = []
+            for hook_mode in (True, False):  # through the hook, and with both phases in one call
+                res = comm.ll_dispatch(x, idx, return_recv_hook=hook_mode)
+                if hook_mode:
+                    res.hook()
+                view = res.handle.recv_src_info
+                assert view.dtype == torch.int32 and tuple(view.shape) == (p.num_local_experts,
+                                                                            num_ranks * max_tokens)
+                assert view.data_ptr() == comm.ll_recv_src_info(res.handle).data_ptr()
+                got.append((res.recv_count.cpu(), view.cpu()))
+            return got
+        finally:
+            comm.destroy()
+
+    got = world.run(rank_body)
+    for d in range(num_ranks):
+        want = ll_sources(p.topk_idx, p.num_experts, d)
+        for count, src_info in got[d]:
+            for j, rows in enumerate(want):
+                assert int(count[j]) == len(rows), f"rank {d} expert {j} count"
+                assert src_info[j, : len(rows)].tolist() == [(s << 24) | t for s, t in rows], f"rank {d} expert {j}"
 
 
 def test_ll_hooks_two_results_zero_copy_out_reset(backend):
