@@ -612,7 +612,8 @@ NB_MODULE(_C, m) {
       "last_error", []() { return std::string(ncclMoeGetLastError(nullptr)); },
       "ncclMoeGetLastError(NULL): the calling thread's last failure");
   m.def("buffer_size", &bufferSize, "num_experts"_a, "hidden"_a, "max_topk"_a, "max_tokens_per_rank"_a,
-        "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a, "num_ranks"_a, "ncclMoeGetBufferSize: bytes of one rank's buffer");
+        "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a, "num_ranks"_a,
+        "ncclMoeGetBufferSize: bytes of one rank's buffer");
   m.def("device_count", &deviceCount);
   m.def("stream_is_capturing", &streamIsCapturing, "stream"_a);
 

@@ -59,7 +59,7 @@ if _C.version() // 100 != _C.HEADER_VERSION_CODE // 100:
 
 @_dataclasses.dataclass(frozen=True)
 class Config:
-    """ncclMoeConfig_t: what a communicator is sized for (all ranks pass the same one).
+    """ncclMoeConfig_t: what a communicator is sized for (all ranks pass the same one; ll_num_sms may differ).
 
     Attributes:
         num_experts: E, total experts (E % ranks == 0, E >= ranks, E <= MAX_EXPERTS).

@@ -91,7 +91,7 @@ class _LLHandle(tuple):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return tuple(self)[i]
+            return tuple(self[k] for k in range(*i.indices(tuple.__len__(self))))
         j = i + 5 if isinstance(i, int) and i < 0 else i
         if j == 0 or j == 1:
             return self._internals()[j]

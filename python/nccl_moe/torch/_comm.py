@@ -196,7 +196,7 @@ class Comm:
     """An NCCL-MoE communicator on torch tensors. Collective to create and to destroy.
 
     Comm(group=None, *, num_experts, hidden, max_topk=8, max_tokens_per_rank=0, ll_max_tokens_per_rank=0,
-         num_sms=0, config=None, device=None, comm_source="auto", mpi_comm=None)
+         num_sms=0, ll_num_sms=0, config=None, device=None, comm_source="auto", mpi_comm=None)
 
     The NCCL communicator under it comes from `group` (nccl_moe.torch._group says how):
       - an NCCL ProcessGroup: torch's own communicator (ProcessGroupNCCL._comm_ptr(), after a barrier when torch
@@ -205,7 +205,8 @@ class Comm:
       - `mpi_comm` (an mpi4py communicator, group=None): likewise, broadcast with MPI;
       - a LocalGroup (nccl_moe.torch.LocalWorld): the one-process world of ncclMoeCommInitAll.
     comm_source: "auto" (borrow when possible), "borrow", or "own" (NCCL_MOE_REUSE_TORCH_COMM=0 also forces "own").
-    The config (nccl_moe.Config, or its fields as keywords) must be equal on every rank.
+    The config (nccl_moe.Config, or its fields as keywords) must be equal on every rank, except ll_num_sms (a per-rank
+    SM budget; a LocalWorld has one config for all ranks).
     """
 
     def __init__(self, group=None, *, config=None, device=None, comm_source="auto", mpi_comm=None, **config_fields):
