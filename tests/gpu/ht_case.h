@@ -1,6 +1,6 @@
-// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc): the case description,
-// the expected results computed once on the host with the reference, and the device copies of one rank's
-// dispatch inputs and outputs.
+// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc, pressure_test.cc): the case
+// description, the expected results computed once on the host with the reference, the device copies of one rank's
+// dispatch inputs and outputs, and the random iterations of HtStress and the pressure runs.
 #pragma once
 
 #include <ostream>
