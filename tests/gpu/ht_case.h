@@ -1,14 +1,16 @@
-// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc): the case description,
-// the expected results computed once on the host with the reference, and the device copies of one rank's
-// dispatch inputs and outputs.
+// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc, pressure_test.cc): the case
+// description, the expected results computed once on the host with the reference, the device copies of one rank's
+// dispatch inputs and outputs, and the random iterations of HtStress and the pressure runs.
 #pragma once
 
 #include <ostream>
 #include <string>
 #include <vector>
 
+#include "core/comm.h"
 #include "ht_harness.h"
 #include "kernels/intranode/tuning.h"
+#include "reference/testing/compare.h"
 #include "reference/testing/generators.h"
 
 namespace ht_test {
@@ -145,9 +147,10 @@ struct DispatchOutputs {
 };
 
 // Every dispatch output field against the reference, bitwise; in worst-case mode rows past N_recv must carry
-// ids -1 and weights 0.
+// ids -1 and weights 0. With `hash`, the compared outputs of the N_recv rows (x, scales, ids as int64, weights) are
+// folded into *hash in that order: htDispatchHash folds the reference's the same way.
 inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const DispatchOutputs& out, int rank,
-                          const char* what) {
+                          const char* what, uint64_t* hash = nullptr) {
   SCOPED_TRACE(std::string(what) + " rank " + std::to_string(rank));
   const int N = want.num_recv, K = c.topk, H = c.hidden;
   ASSERT_LE(N, out.rows);
@@ -155,17 +158,21 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
     auto x = out.x.download<uint8_t>(static_cast<size_t>(N) * H);
     const long long i = firstDiff(x.data(), want.x.fp8.data(), x.size());
     EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    if (hash != nullptr) *hash = ref::fnv1a64(x, *hash);
     if (c.format == ref::ScaleFormat::kUe8m0) {
       auto s = out.scales.download<int32_t>(static_cast<size_t>(N) * ref::num_packed_scales(H));
       EXPECT_EQ(-1, firstDiff(s.data(), want.x.packed_scales.data(), s.size())) << "ue8m0 scales";
+      if (hash != nullptr) *hash = ref::fnv1a64(s, *hash);
     } else {
       auto s = out.scales.download<float>(static_cast<size_t>(N) * ref::num_scale_groups(H));
       EXPECT_EQ(-1, firstDiff(s.data(), want.x.scales.data(), s.size())) << "float scales";
+      if (hash != nullptr) *hash = ref::fnv1a64(s, *hash);
     }
   } else {
     auto x = out.x.download<uint16_t>(static_cast<size_t>(N) * H);
     const long long i = firstDiff(x.data(), want.x.bf16.data(), x.size());
     EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    if (hash != nullptr) *hash = ref::fnv1a64(x, *hash);
   }
   const int rows_ids = c.worst_case ? out.rows : N;
   std::vector<int64_t> ids(static_cast<size_t>(rows_ids) * K);
@@ -187,9 +194,11 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
       break;
     }
   }
+  if (hash != nullptr) *hash = ref::fnv1a64(ids.data(), static_cast<size_t>(N) * K * 8, *hash);
   if (c.weights) {
     auto w = out.weights.download<float>(static_cast<size_t>(rows_ids) * K);
     EXPECT_EQ(-1, firstDiff(w.data(), want.topk_weights.data(), static_cast<size_t>(N) * K)) << "topk weights";
+    if (hash != nullptr) *hash = ref::fnv1a64(w.data(), static_cast<size_t>(N) * K * 4, *hash);
     for (size_t i = static_cast<size_t>(N) * K; i < w.size(); ++i) {
       if (w[i] != 0.0f) {
         ADD_FAILURE() << "row " << i / K << " past N_recv has weight " << w[i] << " (expected 0)";
@@ -197,6 +206,23 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
       }
     }
   }
+}
+
+// The hash checkDispatch folds from the device outputs, folded from the reference's rows instead.
+inline uint64_t htDispatchHash(const HtCase& c, const ref::HtRankRecv& want, uint64_t hash) {
+  const size_t N = want.num_recv, K = c.topk, H = c.hidden;
+  if (c.dtype == ref::DType::kFp8E4M3) {
+    hash = ref::fnv1a64(want.x.fp8.data(), N * H, hash);
+    if (c.format == ref::ScaleFormat::kUe8m0)
+      hash = ref::fnv1a64(want.x.packed_scales.data(), N * ref::num_packed_scales(c.hidden) * 4, hash);
+    else
+      hash = ref::fnv1a64(want.x.scales.data(), N * ref::num_scale_groups(c.hidden) * 4, hash);
+  } else {
+    hash = ref::fnv1a64(want.x.bf16.data(), N * H * 2, hash);
+  }
+  hash = ref::fnv1a64(want.topk_idx.data(), N * K * 8, hash);
+  if (c.weights) hash = ref::fnv1a64(want.topk_weights.data(), N * K * 4, hash);
+  return hash;
 }
 
 // ---- One rank's run of a case: communicator, handle, stream, call arguments and the combine check. ----
@@ -344,10 +370,12 @@ struct CombineCall {
     args.num_sms = c.num_sms;
   }
 
-  // The combined rows (and weights) against the reference, bitwise.
-  void check(const HtCase& c, const Expected& e, int rank) const {
+  // The combined rows (and weights) against the reference, bitwise; with `hash`, both are folded into *hash
+  // (htCombineHash folds the reference's the same way).
+  void check(const HtCase& c, const Expected& e, int rank, uint64_t* hash = nullptr) const {
     const size_t H = c.hidden;
     auto got = out.download<uint16_t>(tokens * H);
+    if (hash != nullptr) *hash = ref::fnv1a64(got, *hash);
     const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
     EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / static_cast<long long>(H))
                      << " channel " << (i < 0 ? -1 : i % static_cast<long long>(H)) << ": " << (i < 0 ? 0 : got[i])
@@ -356,9 +384,18 @@ struct CombineCall {
       auto gw = out_w.download<float>(static_cast<size_t>(tokens) * c.topk);
       EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size()))
           << "rank " << rank << " combined weights";
+      if (hash != nullptr) *hash = ref::fnv1a64(gw, *hash);
     }
   }
 };
+
+// The hash CombineCall::check folds from the device outputs, folded from the reference's.
+inline uint64_t htCombineHash(const HtCase& c, const Expected& e, int rank, uint64_t hash) {
+  const size_t T = e.routing.ranks[rank].num_tokens;
+  hash = ref::fnv1a64(e.c.x[rank].data(), T * c.hidden * 2, hash);
+  if (c.combine_weights) hash = ref::fnv1a64(e.c.topk_weights[rank].data(), T * c.topk * 4, hash);
+  return hash;
+}
 
 // Worst-case mode with a capacity 5 rows short on rank 0: the overflow is reported on rank 0 only and no row past
 // the capacity is written. Runs whichever kernels NCCL_MOE_HT_KERNEL selects.
@@ -419,5 +456,155 @@ inline void checkCapacityOverflow(int n, Placement placement) {
     world.barrier().wait();  // nobody frees its buffers while a peer may still read them
   });
 }
+
+// ---- Random back-to-back iterations (HtStress, tests/gpu/pressure_test.cc) ----
+
+// The shape limits of a random iteration; the communicator is configured with them (randomConfig).
+struct RandomLimits {
+  int num_experts = 32, max_hidden = 256, max_topk = 8, capacity = 96;
+};
+
+inline ncclMoeConfig_t randomConfig(const RandomLimits& lim) {
+  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
+  config.num_experts = lim.num_experts;
+  config.hidden = lim.max_hidden;
+  config.max_topk = lim.max_topk;
+  config.max_tokens_per_rank = lim.capacity;
+  return config;
+}
+
+// Random iteration `i` drawn from `rng` (the same stream for every rank): dtype and scale format, K, H, index type,
+// alignment, worst-case mode, masked slots, skew, weights, biases, SMs, tokens, a zero-token rank. Its data come
+// from `seed` (HtStress: 10000 + i).
+inline HtCase randomCase(ref::Rng& rng, int i, uint64_t seed, const RandomLimits& lim, const World& world) {
+  HtCase c;
+  c.name = "iter" + std::to_string(i);
+  c.num_experts = lim.num_experts;
+  c.topk = 1 + static_cast<int>(rng.below(lim.max_topk));
+  c.hidden = 16 * (1 + static_cast<int>(rng.below(lim.max_hidden / 16)));
+  const int kind = static_cast<int>(rng.below(3));
+  c.dtype = kind == 0 ? ref::DType::kBf16 : ref::DType::kFp8E4M3;
+  c.format = kind == 2 ? ref::ScaleFormat::kUe8m0 : ref::ScaleFormat::kFloat;
+  c.idx64 = rng.below(2) == 0;
+  c.alignment = rng.below(2) == 0 ? 1 : 4;
+  c.worst_case = rng.below(2) == 0;
+  c.masked = rng.below(3) == 0 ? 0.3 : 0.0;
+  c.skew = rng.below(4) == 0 ? 3.0 : 1.0;
+  c.weights = rng.below(4) != 0;
+  c.combine_weights = rng.below(2) == 0;
+  c.biases = static_cast<int>(rng.below(3));
+  c.num_sms = world.clampSms(1 + static_cast<int>(rng.below(32)));
+  c.tokens = static_cast<int>(rng.below(lim.capacity + 1));
+  c.zero_ranks = rng.below(8) == 0 ? 1 : 0;
+  c.seed = seed;
+  return c;
+}
+
+// The expected results of a random case (capacity: the communicator's max_tokens_per_rank).
+inline Expected randomExpected(const HtCase& c, int num_ranks, const RandomLimits& lim) {
+  Expected e = makeExpected(c, num_ranks);
+  e.capacity = lim.capacity;
+  return e;
+}
+
+// One rank's share of one random iteration. Construct it (every device buffer the iteration needs, outputs at the
+// largest row count) before the world's barrier; run() after it: notify, dispatch, cached re-dispatch of new data
+// and combine enqueued back to back (with `step`, a stream synchronisation and a barrier between the calls),
+// one synchronisation, then every output checked bitwise against the reference. Destroy it only after the barrier
+// that follows the iteration: cudaFree synchronises the device, and a rank freeing while a peer has not yet
+// enqueued its calls (the peer's kernels wait for them) deadlocks until the device timeout in a world of ranks
+// sharing a GPU.
+class RandomIteration {
+ public:
+  RandomIteration(const HtCase& c, const Expected& e, int rank, int num_ranks, int scale_layout)
+      : c_(c),
+        e_(e),
+        rank_(rank),
+        max_rows_(num_ranks * e.capacity),
+        idx_(uploadIds(c, e.routing.ranks[rank])),
+        cc_(c, e, rank, max_rows_) {
+    const ref::RankRouting& rr = e.routing.ranks[rank];
+    for (int pass = 0; pass < 2; ++pass) {
+      uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, scale_layout, &in_[pass]);
+      out_[pass].allocate(max_rows_, c.hidden, c.topk, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
+    }
+    na_ = notifyArgs(c, e.capacity, num_ranks, idx_, rr.num_tokens, &num_recv_, &per_expert_);
+  }
+  RandomIteration(const RandomIteration&) = delete;
+  RandomIteration& operator=(const RandomIteration&) = delete;
+
+  // The calls and checks (non-fatal, naming the rank and `tag`); false after a failure of the call or of the test so
+  // far (gtest's flag is shared by the rank threads: compare the per-iteration hash for this rank's own). With `hash`,
+  // every compared output is folded into *hash (checkDispatch, CombineCall::check); expectedHash folds the reference's.
+  bool run(World& world, ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream, bool step,
+           const std::string& tag, uint64_t* hash = nullptr) {
+    const int n = world.size();
+    if (ncclMoeDispatchNotify(comm, handle, &na_, stream) != ncclSuccess) {
+      ADD_FAILURE() << "rank " << rank_ << " " << tag << " notify: " << ncclMoeGetLastError(comm);
+      return false;
+    }
+    auto stepped = [&] {
+      if (!step) return;
+      cudaStreamSynchronize(stream);
+      world.barrier().wait();
+    };
+    stepped();
+    bool ok = true;
+    for (int pass = 0; pass < 2 && ok; ++pass) {
+      if (pass == 1) stepped();
+      out_[pass].rows = c_.worst_case ? max_rows_ : num_recv_;
+      const ncclMoeDispatchArgs_t da = dispatchArgs(c_, in_[pass], out_[pass]);
+      if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
+        ADD_FAILURE() << "rank " << rank_ << " " << tag << " dispatch: " << ncclMoeGetLastError(comm);
+        ok = false;
+      }
+    }
+    stepped();
+    if (ok && ncclMoeCombine(comm, handle, &cc_.args, stream) != ncclSuccess) {
+      ADD_FAILURE() << "rank " << rank_ << " " << tag << " combine: " << ncclMoeGetLastError(comm);
+      ok = false;
+    }
+    if (!ok) return false;
+    EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
+    ncclResult_t async = ncclSuccess;
+    ncclMoeCommGetAsyncError(comm, &async);
+    if (async != ncclSuccess) {
+      // The HT sync words of this rank (epoch of its last call, arrivals of every rank) for the diagnosis.
+      nccl_moe::HtSync sync{};
+      cudaMemcpy(&sync, comm->buffer + comm->layout.ht_region() + comm->layout.ht.sync(), sizeof(sync),
+                 cudaMemcpyDeviceToHost);
+      std::string arrive;
+      for (int s = 0; s < n; ++s) arrive += " " + std::to_string(sync.arrive[s]);
+      ADD_FAILURE() << "rank " << rank_ << " " << tag << ": " << ncclMoeGetLastError(comm) << " [epoch " << sync.epoch
+                    << ", blocks_done " << sync.blocks_done << ", arrive" << arrive << ", num_sms " << c_.num_sms
+                    << "]";
+      return false;
+    }
+    SCOPED_TRACE(tag);
+    checkDispatch(c_, e_.d1.recv[rank_], out_[0], rank_, (tag + " dispatch").c_str(), hash);
+    checkDispatch(c_, e_.d2.recv[rank_], out_[1], rank_, (tag + " cached").c_str(), hash);
+    cc_.check(c_, e_, rank_, hash);
+    return !::testing::Test::HasFailure();  // the test's (any rank's) failures so far, as HtStress always had
+  }
+
+  // The hash run() folds from the device outputs, folded from the reference's.
+  uint64_t expectedHash(uint64_t hash) const {
+    hash = htDispatchHash(c_, e_.d1.recv[rank_], hash);
+    hash = htDispatchHash(c_, e_.d2.recv[rank_], hash);
+    return htCombineHash(c_, e_, rank_, hash);
+  }
+
+ private:
+  const HtCase& c_;
+  const Expected& e_;
+  int rank_, max_rows_;
+  DeviceBytes idx_;
+  DispatchInputs in_[2];
+  DispatchOutputs out_[2];
+  CombineCall cc_;
+  int num_recv_ = -1;
+  std::vector<int> per_expert_;
+  ncclMoeNotifyArgs_t na_{};
+};
 
 }  // namespace ht_test

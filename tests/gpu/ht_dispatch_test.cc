@@ -367,7 +367,7 @@ TEST_P(HtStress, RandomBackToBackCalls) {
   GPU_WORLD_OR_SKIP(n, &placement);
   World world(n, placement);
   ASSERT_TRUE(world.ok());
-  const int E = 32, Hmax = 256, Kmax = 8, cap = 96;
+  const RandomLimits lim;  // E = 32, H <= 256, K <= 8, 96 tokens
   // NCCL_MOE_TEST_STRESS_ITERS: fewer iterations (diagnostics); NCCL_MOE_TEST_STRESS_STEP=1: a barrier and a stream
   // synchronisation between the calls of an iteration instead of enqueuing them back to back.
   const char* iters_env = std::getenv("NCCL_MOE_TEST_STRESS_ITERS");
@@ -380,112 +380,20 @@ TEST_P(HtStress, RandomBackToBackCalls) {
   std::vector<Iter> iters(kIters);
   ref::Rng rng(4242);
   for (int i = 0; i < kIters; ++i) {
-    HtCase& c = iters[i].c;
-    c.name = "iter" + std::to_string(i);
-    c.num_experts = E;
-    c.topk = 1 + static_cast<int>(rng.below(Kmax));
-    c.hidden = 16 * (1 + static_cast<int>(rng.below(Hmax / 16)));
-    const int kind = static_cast<int>(rng.below(3));
-    c.dtype = kind == 0 ? ref::DType::kBf16 : ref::DType::kFp8E4M3;
-    c.format = kind == 2 ? ref::ScaleFormat::kUe8m0 : ref::ScaleFormat::kFloat;
-    c.idx64 = rng.below(2) == 0;
-    c.alignment = rng.below(2) == 0 ? 1 : 4;
-    c.worst_case = rng.below(2) == 0;
-    c.masked = rng.below(3) == 0 ? 0.3 : 0.0;
-    c.skew = rng.below(4) == 0 ? 3.0 : 1.0;
-    c.weights = rng.below(4) != 0;
-    c.combine_weights = rng.below(2) == 0;
-    c.biases = static_cast<int>(rng.below(3));
-    c.num_sms = world.clampSms(1 + static_cast<int>(rng.below(32)));
-    c.tokens = static_cast<int>(rng.below(cap + 1));
-    c.zero_ranks = rng.below(8) == 0 ? 1 : 0;
-    c.seed = 10000 + i;
-    iters[i].e = makeExpected(c, n);
-    iters[i].e.capacity = cap;
+    iters[i].c = randomCase(rng, i, 10000 + i, lim, world);
+    iters[i].e = randomExpected(iters[i].c, n, lim);
   }
-  ncclMoeConfig_t config = NCCL_MOE_CONFIG_INITIALIZER;
-  config.num_experts = E;
-  config.hidden = Hmax;
-  config.max_topk = Kmax;
-  config.max_tokens_per_rank = cap;
-  world.runWithComms(config, [&](int rank, ncclMoeComm_t comm, cudaStream_t stream) {
+  world.runWithComms(randomConfig(lim), [&](int rank, ncclMoeComm_t comm, cudaStream_t stream) {
     ncclMoeHandle_t handle = nullptr;
     EXPECT_EQ(ncclSuccess, ncclMoeHandleCreate(comm, &handle));
     bool ok = true;
     // Every rank runs every iteration (a barrier each: no rank allocates or frees while a peer's calls wait for
     // it); a failed rank only skips its calls.
     for (int i = 0; i < kIters; ++i) {
-      const HtCase& c = iters[i].c;
-      const Expected& e = iters[i].e;
-      const ref::RankRouting& rr = e.routing.ranks[rank];
-      const int T = rr.num_tokens, max_rows = n * cap;
-      // Everything the iteration needs, allocated before the barrier (outputs at the largest row count).
-      const DeviceBytes idx = uploadIds(c, rr);
-      DispatchInputs in[2];
-      DispatchOutputs out[2];
-      for (int pass = 0; pass < 2; ++pass) {
-        uploadInputs(pass == 0 ? e.x1[rank] : e.x2[rank], rr, static_cast<int>(i % 3), &in[pass]);
-        out[pass].allocate(max_rows, c.hidden, c.topk, c.dtype == ref::DType::kFp8E4M3, c.idx64, scaleWords(c));
-      }
-      CombineCall cc(c, e, rank, max_rows);
-      int num_recv = -1;
-      std::vector<int> per_expert;
-      ncclMoeNotifyArgs_t na = notifyArgs(c, cap, n, idx, T, &num_recv, &per_expert);
+      // Everything the iteration needs, allocated before the barrier and freed after the one that follows.
+      RandomIteration it(iters[i].c, iters[i].e, rank, n, static_cast<int>(i % 3));
       world.barrier().wait();
-      // The calls and checks of one iteration; the buffers above are freed only after the barrier that follows:
-      // cudaFree synchronises the device, and a rank freeing while a peer has not yet enqueued its calls (the
-      // peer's kernels wait for them) deadlocks until the device timeout in a world of ranks sharing a GPU.
-      [&] {
-        if (!ok) return;
-        if (ncclMoeDispatchNotify(comm, handle, &na, stream) != ncclSuccess) {
-          ADD_FAILURE() << "rank " << rank << " iter " << i << " notify: " << ncclMoeGetLastError(comm);
-          ok = false;
-          return;
-        }
-        auto stepped = [&] {
-          if (!step) return;
-          cudaStreamSynchronize(stream);
-          world.barrier().wait();
-        };
-        stepped();
-        for (int pass = 0; pass < 2 && ok; ++pass) {
-          if (pass == 1) stepped();
-          out[pass].rows = c.worst_case ? max_rows : num_recv;
-          const ncclMoeDispatchArgs_t da = dispatchArgs(c, in[pass], out[pass]);
-          if (ncclMoeDispatch(comm, handle, &da, stream) != ncclSuccess) {
-            ADD_FAILURE() << "rank " << rank << " iter " << i << " dispatch: " << ncclMoeGetLastError(comm);
-            ok = false;
-          }
-        }
-        stepped();
-        if (ok && ncclMoeCombine(comm, handle, &cc.args, stream) != ncclSuccess) {
-          ADD_FAILURE() << "rank " << rank << " iter " << i << " combine: " << ncclMoeGetLastError(comm);
-          ok = false;
-        }
-        if (!ok) return;
-        EXPECT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
-        ncclResult_t async = ncclSuccess;
-        ncclMoeCommGetAsyncError(comm, &async);
-        if (async != ncclSuccess) {
-          // The HT sync words of this rank (epoch of its last call, arrivals of every rank) for the diagnosis.
-          nccl_moe::HtSync sync{};
-          cudaMemcpy(&sync, comm->buffer + comm->layout.ht_region() + comm->layout.ht.sync(), sizeof(sync),
-                     cudaMemcpyDeviceToHost);
-          std::string arrive;
-          for (int s = 0; s < n; ++s) arrive += " " + std::to_string(sync.arrive[s]);
-          ADD_FAILURE() << "rank " << rank << " iter " << i << ": " << ncclMoeGetLastError(comm) << " [epoch "
-                        << sync.epoch << ", blocks_done " << sync.blocks_done << ", arrive" << arrive << ", num_sms "
-                        << c.num_sms << "]";
-          ok = false;
-          return;
-        }
-        const std::string tag = "iter " + std::to_string(i);
-        SCOPED_TRACE(tag);
-        checkDispatch(c, e.d1.recv[rank], out[0], rank, (tag + " dispatch").c_str());
-        checkDispatch(c, e.d2.recv[rank], out[1], rank, (tag + " cached").c_str());
-        cc.check(c, e, rank);
-        if (::testing::Test::HasFailure()) ok = false;
-      }();
+      if (ok) ok = it.run(world, comm, handle, stream, step, "iter " + std::to_string(i));
       world.barrier().wait();
     }
     world.barrier().wait();
