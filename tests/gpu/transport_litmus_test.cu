@@ -78,12 +78,7 @@ __global__ void litmusSendKernel(LitmusSend a) {
   __syncthreads();
   for (uint64_t i = 0; i < a.iterations; ++i) {
     const uint32_t bytes = litmusBytes(a.seed, i);
-    const uint32_t words = bytes / 8;
-    uint64_t* src64 = reinterpret_cast<uint64_t*>(a.src);
-    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) src64[w] = patternWord(i, w);
-    if (threadIdx.x == 0)
-      for (uint32_t j = words * 8; j < bytes; ++j)
-        a.src[j] = static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)));
+    fillLitmusSource(a.src, i, bytes);
     __threadfence_system();  // the NIC's copy reads the source: every thread's stores before the doorbell
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -103,44 +98,13 @@ __global__ void litmusSendKernel(LitmusSend a) {
 
 __global__ void litmusRecvKernel(LitmusRecv a) {
   __shared__ int abort_flag;
-  __shared__ unsigned long long bad;
   if (threadIdx.x == 0) abort_flag = 0;
   __syncthreads();
   for (uint64_t i = 0; i < a.iterations; ++i) {
-    if (threadIdx.x == 0) {
-      bad = 0;
-      if (!waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
-    }
+    if (threadIdx.x == 0 && !waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
     __syncthreads();
     if (abort_flag != 0) return;
-    const uint32_t bytes = litmusBytes(a.seed, i);
-    const uint32_t words = bytes / 8;
-    const unsigned long long* dst64 = reinterpret_cast<const unsigned long long*>(a.dst);
-    unsigned long long my_bad = 0;
-    long long my_first = -1;
-    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
-      const uint64_t got = __ldcg(dst64 + w);  // L2: never a stale L1 line of an earlier iteration
-      if (got != patternWord(i, w)) {
-        const uint64_t diff = got ^ patternWord(i, w);
-        for (int b = 0; b < 8; ++b) my_bad += ((diff >> (8 * b)) & 0xff) != 0 ? 1 : 0;
-        if (my_first < 0) my_first = static_cast<long long>(w) * 8;
-      }
-    }
-    if (threadIdx.x == 0) {
-      for (uint32_t j = words * 8; j < bytes; ++j) {
-        const uint8_t want = static_cast<uint8_t>(patternWord(i, j / 8) >> (8 * (j % 8)));
-        if (__ldcg(a.dst + j) != want) {
-          ++my_bad;
-          if (my_first < 0) my_first = j;
-        }
-      }
-    }
-    if (my_bad != 0) {
-      atomicAdd(&bad, my_bad);
-      atomicAdd(&a.st->mismatches, my_bad);
-      if (atomicCAS(reinterpret_cast<unsigned long long*>(&a.st->first_bad_iter), ~0ull, i) == ~0ull)
-        a.st->first_bad_offset = my_first;
-    }
+    checkLitmusDestination(a.dst, i, litmusBytes(a.seed, i), a.st);
     __syncthreads();  // every read of this iteration's data before the ack lets rank 0 refill its source
     if (threadIdx.x == 0 && !ib::signal(a.qp, a.ack_addr, a.ack_rkey, 1)) {
       failStatus(a.st, 2, kWhereAckSend, i, 0, 0);

@@ -166,6 +166,47 @@ __device__ inline void fillBytes(uint8_t* p, uint32_t bytes, uint8_t v) {
     for (uint32_t j = bytes / 8 * 8; j < bytes; ++j) p[j] = v;
 }
 
+// The litmus payload of iteration `iter`: `bytes` bytes of patternWord(iter, ...) written by the whole block (the
+// caller fences and synchronises before the transport reads them).
+__device__ inline void fillLitmusSource(uint8_t* src, uint64_t iter, uint32_t bytes) {
+  const uint32_t words = bytes / 8;
+  uint64_t* src64 = reinterpret_cast<uint64_t*>(src);
+  for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) src64[w] = patternWord(iter, w);
+  if (threadIdx.x == 0)
+    for (uint32_t j = words * 8; j < bytes; ++j)
+      src[j] = static_cast<uint8_t>(patternWord(iter, j / 8) >> (8 * (j % 8)));
+}
+
+// The whole block compares the `bytes` received at `dst` with iteration `iter`'s payload (L2 loads: never a stale L1
+// line of an earlier iteration) and adds the differing bytes to st->mismatches; the first iteration with a mismatch
+// records its first differing offset.
+__device__ inline void checkLitmusDestination(const uint8_t* dst, uint64_t iter, uint32_t bytes, TestStatus* st) {
+  const uint32_t words = bytes / 8;
+  const unsigned long long* dst64 = reinterpret_cast<const unsigned long long*>(dst);
+  unsigned long long my_bad = 0;
+  long long my_first = -1;
+  for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
+    const uint64_t diff = __ldcg(dst64 + w) ^ patternWord(iter, w);
+    if (diff != 0) {
+      for (int b = 0; b < 8; ++b) my_bad += ((diff >> (8 * b)) & 0xff) != 0 ? 1 : 0;
+      if (my_first < 0) my_first = static_cast<long long>(w) * 8;
+    }
+  }
+  if (threadIdx.x == 0) {
+    for (uint32_t j = words * 8; j < bytes; ++j) {
+      if (__ldcg(dst + j) != static_cast<uint8_t>(patternWord(iter, j / 8) >> (8 * (j % 8)))) {
+        ++my_bad;
+        if (my_first < 0) my_first = j;
+      }
+    }
+  }
+  if (my_bad != 0) {
+    atomicAdd(&st->mismatches, my_bad);
+    if (atomicCAS(reinterpret_cast<unsigned long long*>(&st->first_bad_iter), ~0ull, iter) == ~0ull)
+      st->first_bad_offset = my_first;
+  }
+}
+
 template <typename T>
 struct Mapped {  // one T in mapped pinned memory, zeroed
   T* host = nullptr;
