@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu_world.h"
 #include "harness/device_array.h"
 #include "nccl_moe.h"
 
@@ -17,11 +18,6 @@ namespace {
 using harness::DeviceBytes;
 
 constexpr int kExperts = 16, kTopk = 4, kTokens = 8, kHidden = 128;
-
-bool haveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 
 // One rank on device 0, HT and LL sized.
 struct OneRank {
@@ -86,7 +82,7 @@ ncclResult_t layout(OneRank& r, const DeviceBytes& idx, ncclMoeIndexType_t type)
 }
 
 TEST(BadExpertId, LayoutNamesTokenAndSlot) {
-  if (!haveGpu()) GTEST_SKIP() << "no GPU";
+  if (gpu_test::gpuCount() == 0) GTEST_SKIP() << "no GPU";
   {  // control: valid ids and -1 are no error
     OneRank r;
     ASSERT_NE(nullptr, r.comm);
@@ -107,7 +103,7 @@ TEST(BadExpertId, LayoutNamesTokenAndSlot) {
 }
 
 TEST(BadExpertId, HtNotifyNamesTokenAndSlot) {
-  if (!haveGpu()) GTEST_SKIP() << "no GPU";
+  if (gpu_test::gpuCount() == 0) GTEST_SKIP() << "no GPU";
   OneRank r;
   ASSERT_NE(nullptr, r.comm);
   ncclMoeHandle_t handle = nullptr;
@@ -128,7 +124,7 @@ TEST(BadExpertId, HtNotifyNamesTokenAndSlot) {
 }
 
 TEST(BadExpertId, LlDispatchNamesTokenAndSlot) {
-  if (!haveGpu()) GTEST_SKIP() << "no GPU";
+  if (gpu_test::gpuCount() == 0) GTEST_SKIP() << "no GPU";
   OneRank r;
   ASSERT_NE(nullptr, r.comm);
   ncclMoeHandle_t handle = nullptr;

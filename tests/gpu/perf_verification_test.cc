@@ -14,6 +14,8 @@
 #include <sstream>
 #include <string>
 
+#include "gpu_world.h"
+
 namespace {
 
 #ifdef NCCL_MOE_PERF_PATH
@@ -63,18 +65,13 @@ void expectCaught(const std::string& mode_args, const std::string& tag) {
   }
 }
 
-bool haveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
 TEST(PerfVerification, HtCatchesASkippedWrite) {
-  if (!haveGpu()) GTEST_SKIP() << "no GPU";
+  if (gpu_test::gpuCount() == 0) GTEST_SKIP() << "no GPU";
   expectCaught("--mode ht -g 1 --tokens 64 --dtype bf16,fp8 -n 1 -w 0", "ht");
 }
 
 TEST(PerfVerification, LlCatchesASkippedWrite) {
-  if (!haveGpu()) GTEST_SKIP() << "no GPU";
+  if (gpu_test::gpuCount() == 0) GTEST_SKIP() << "no GPU";
   expectCaught("--mode ll -g 1 -b 8 -e 8 -n 1 -w 0", "ll");
 }
 
