@@ -456,17 +456,16 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
   const bool net_phase = phase == Phase::kNetReserve || phase == Phase::kNetReady || phase == Phase::kNetDoorbell ||
                          phase == Phase::kNetQuiet || phase == Phase::kNetCqe;
   const bool proxy_wait_phase = phase == Phase::kNetProxyCredit || phase == Phase::kNetProxyQuiet;
+  // The transport's describe functions take a plain copy of the record.
+  ErrorRecord copy{};
+  std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
   if (code == kErrNetProxy || (code == kErrTimeout && proxy_wait_phase)) {
     // The request proxy's errors name the ring's state (src/transport/rdma/proxy/gpu_proxy.h).
-    ErrorRecord copy{};
-    std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
     std::snprintf(message, sizeof(message), "%s; the communicator is unusable, destroy it",
                   proxy::describeProxyError(copy, comm->timeout_ns).c_str());
     result = ncclRemoteError;
   } else if (code == kErrNetCqe || (code == kErrTimeout && net_phase)) {
     // The scale-out transport's errors name the QP (src/transport/rdma/ibgda/gpu_qp.h).
-    ErrorRecord copy{};
-    std::memcpy(&copy, const_cast<const ErrorRecord*>(rec), sizeof(copy));
     std::snprintf(message, sizeof(message), "%s; the communicator is unusable, destroy it",
                   ibgda::describeNetError(copy, comm->timeout_ns).c_str());
     result = ncclRemoteError;

@@ -14,17 +14,10 @@ namespace dev {
 
 // Global expert of slot i of a [T, K] top-k tensor (int32 when idx_int32, else int64), or -1 when the slot is
 // unused (-1) or names no expert of the communicator (outside [0, num_experts); compared in 64 bits, so an int64
-// id is never truncated into range).
-__device__ __forceinline__ int load_topk_id(const void* topk_idx, int idx_int32, size_t i, int num_experts) {
-  const int64_t e = idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
-                              : static_cast<const int64_t*>(topk_idx)[i];
-  return e >= 0 && e < num_experts ? static_cast<int>(e) : -1;
-}
-
-// load_topk_id for the kernels that take the caller's ids first (layout, HT notify, LL dispatch send and combine):
-// an id that is neither -1 nor in [0, num_experts) is also recorded as the communicator's asynchronous error
-// (kErrBadExpertId, naming the token i / topk, the slot i % topk and the id) before it is read as unused, so a
-// routing bug surfaces as an error instead of a silently dropped slot.
+// id is never truncated into range). Every kernel that reads the caller's ids decodes them here (layout, HT notify,
+// LL dispatch send and combine); an id that is neither -1 nor in [0, num_experts) is also recorded as the
+// communicator's asynchronous error (kErrBadExpertId, naming the token i / topk, the slot i % topk and the id)
+// before it is read as unused, so a routing bug surfaces as an error instead of a silently dropped slot.
 __device__ __forceinline__ int load_topk_id_checked(const DeviceComm& comm, Phase phase, const void* topk_idx,
                                                     int idx_int32, size_t i, int topk, int num_experts) {
   const int64_t e = idx_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(topk_idx)[i])
