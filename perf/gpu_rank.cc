@@ -109,18 +109,7 @@ void rankMain(ProcessState& sh, int local) {
       run.gpus_shared_by_processes = true;
       run.num_gpus = gpus;
       sh.distinct_gpus.store(run.num_gpus);
-      if (printer) {
-        out("# "
-            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-            "\n");
-        out("# !!! PROCESSES SHARE A GPU: %d ranks on %d GPU%s (found from every rank's host and PCI bus id).\n",
-            rd.num_ranks, run.num_gpus, run.num_gpus == 1 ? "" : "s");
-        out("# !!! CORRECTNESS RUN: every call is verified, but neither the MoE times nor the NCCL baseline say\n");
-        out("# !!! anything about NVLink (the ranks time-slice or share SMs under MPS; NCCL may run over sockets).\n");
-        out("# "
-            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-            "\n");
-      }
+      if (printer) printProcessesShareGpuBanner(rd.num_ranks, run.num_gpus);
     }
   }
   const std::string gpu_name = infos[0].name;

@@ -176,13 +176,26 @@ void printMetricsNotes(const MetricsChoice& m, bool cpu) {
         "#   barrier between them), event time / -n; the slowest rank's; on the dispatch and the combine row.\n");
 }
 
+// The frame of the loud warnings below.
+constexpr const char* kBannerRule =
+    "# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n";
+
 void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu) {
-  out("# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+  out("%s"
       "# !!! RANKS SHARE A GPU: %d ranks on %d GPU%s (%d ranks per GPU, each rank's kernels get SMs/%d).\n"
       "# !!! CORRECTNESS RUN: every call is verified against the CPU reference, but the times say nothing about\n"
       "# !!! NVLink or NCCL-MoE's speed, and there is no NCCL baseline (NCCL refuses two ranks on one GPU).\n"
-      "# !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
-      num_ranks, num_gpus, num_gpus == 1 ? "" : "s", ranks_per_gpu, ranks_per_gpu);
+      "%s",
+      kBannerRule, num_ranks, num_gpus, num_gpus == 1 ? "" : "s", ranks_per_gpu, ranks_per_gpu, kBannerRule);
+}
+
+void printProcessesShareGpuBanner(int num_ranks, int num_gpus) {
+  out("%s"
+      "# !!! PROCESSES SHARE A GPU: %d ranks on %d GPU%s (found from every rank's host and PCI bus id).\n"
+      "# !!! CORRECTNESS RUN: every call is verified, but neither the MoE times nor the NCCL baseline say\n"
+      "# !!! anything about NVLink (the ranks time-slice or share SMs under MPS; NCCL may run over sockets).\n"
+      "%s",
+      kBannerRule, num_ranks, num_gpus, num_gpus == 1 ? "" : "s", kBannerRule);
 }
 
 void printOneRankNote(bool cpu) {

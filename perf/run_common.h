@@ -54,6 +54,8 @@ void printMetricsNotes(const MetricsChoice& metrics, bool cpu);
 // The loud lines printed in the header and under every table when ranks share GPUs: the timings are not NVLink
 // numbers and there is no NCCL baseline.
 void printSharedGpuBanner(int num_ranks, int num_gpus, int ranks_per_gpu);
+// The same warning for processes (MPI, --procs) found to share GPUs (RunInfo::gpus_shared_by_processes).
+void printProcessesShareGpuBanner(int num_ranks, int num_gpus);
 
 // The header line of a run of one rank: nothing crosses a GPU boundary (GPU mode) / between ranks (CPU mode).
 void printOneRankNote(bool cpu);
