@@ -9,7 +9,7 @@
 #   shared:   moe-perf with 2 and 4 ranks sharing GPU 0 (correctness: every call verified; not NVLink timings)
 #   sanitize: compute-sanitizer memcheck, racecheck and synccheck (SANITIZE_TOOLS) on SANITIZE_FILTER (default: a
 #             2-rank HT and a 2-rank LL case)
-# Environment: GPU_TEST_REGEX, PERF_MODES (default "ht ll"),
+# Environment: GPU_TEST_REGEX, GPU_TEST_EXCLUDE (ctest -E), PERF_MODES (default "ht ll"),
 #              PERF_HT_ARGS / PERF_LL_ARGS (extra moe-perf args per mode), SANITIZE_FILTER, SKIP_BUILD=1 (reuse
 #              ./build), SANITIZE_DEVICE_TIMEOUT_S (NCCL_MOE_TIMEOUT_S under the sanitizer, default 300),
 #              NCCL_MOE_GIT_SHA, TEST_TIMEOUT_S (GPU tests, default 480), PERF_TIMEOUT_S (each moe-perf
@@ -78,7 +78,7 @@ if has tests; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT_S:-480}" ctest --test-dir build -L gpu --output-on-failure --timeout 300 \
-    ${GPU_TEST_REGEX:+-R "$GPU_TEST_REGEX"} > "$OUT/gpu_tests.log" 2>&1
+    ${GPU_TEST_REGEX:+-R "$GPU_TEST_REGEX"} ${GPU_TEST_EXCLUDE:+-E "$GPU_TEST_EXCLUDE"} > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   note "gpu tests: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'tests passed|tests failed' "$OUT/gpu_tests.log" | tail -1); \
 skipped $(grep -c '(Skipped)' "$OUT/gpu_tests.log"), passed $(grep -cE 'Test +#[0-9]+: .* Passed' "$OUT/gpu_tests.log")"
