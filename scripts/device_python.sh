@@ -12,7 +12,8 @@
 #   scripts/device_python.sh
 # Environment: OUT (output folder, default ./device-out), PYTHON (default python3), BUDGET_S (whole run, default
 #   230), BENCH_S (benchmark bound, default 30), TEST_FILES (default below, in this order), PYTEST_X=0 (do not stop a
-#   file at its first failure), SKIP_BUILD=1 (use the installed package), NCCL_MOE_TIMEOUT_S (default 20).
+#   file at its first failure), SKIP_BUILD=1 (use the installed package), NCCL_MOE_TIMEOUT_S (default 20),
+#   PYTEST_TIMEOUT_S (per test, default 45), FAULTHANDLER_S (stack dump of every thread after, default 30).
 # Results in $OUT: summary.txt, logs.tgz (every log and junit file), overhead.json (the device tool returns at most
 # 8 files). They are refreshed after every stage, so a run stopped by a time limit still returns what it did.
 set -uo pipefail
@@ -130,7 +131,7 @@ XFLAG="-x"
 # pytest-timeout (in the GPU image): a test past 45 s fails in the main thread (signal method: the junit report is
 # still written; LocalWorld's rank threads are daemons, so a stuck one does not keep the process alive).
 TIMEOUT_FLAGS=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAGS=(--timeout=45 --timeout-method=signal)
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAGS=(--timeout="${PYTEST_TIMEOUT_S:-45}" --timeout-method=signal)
 if [ $HAVE_PYTEST = 0 ]; then
   note "tests: pytest is not installed for $PY (no network here): GPU tests not run"
 else
@@ -148,7 +149,7 @@ else
     # SIGINT first (pytest then writes its report and junit), SIGKILL 10 s later. faulthandler_timeout dumps every
     # thread's stack (rank threads included) when one test runs past it.
     timeout -s INT -k 10 "$bound" "$PY" -m pytest "python/tests/$f.py" -m gpu -v -rA $XFLAG -p no:cacheprovider \
-      -o faulthandler_timeout=30 ${TIMEOUT_FLAGS[@]+"${TIMEOUT_FLAGS[@]}"} --junitxml="$LOG/junit_$f.xml" \
+      -o faulthandler_timeout="${FAULTHANDLER_S:-30}" ${TIMEOUT_FLAGS[@]+"${TIMEOUT_FLAGS[@]}"} --junitxml="$LOG/junit_$f.xml" \
       > "$LOG/$f.log" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
