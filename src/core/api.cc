@@ -60,16 +60,23 @@ ncclResult_t checkComm(ncclMoeComm* comm, const char* api) {
   return ncclSuccess;
 }
 
-// The HT and LL kernels are intranode ones: on a communicator of several nodes they would wait for ranks they
-// cannot reach. Refused until the internode kernels exist (issue 14); init, destroy, queries and the dispatch
-// layout (local) work.
+// The HT kernels are intranode ones: on a communicator of several nodes they would wait for ranks they cannot
+// reach. Refused until the internode HT kernels exist (issue 14); init, destroy, queries, the dispatch layout
+// (local) and the LL calls (internode LL kernels, src/kernels/low_latency_net/) work.
 ncclResult_t checkSingleNode(const ncclMoeComm* comm, const char* api) {
   if (comm->nodes.num_nodes <= 1) return ncclSuccess;
   return setLastError(ncclInvalidUsage,
-                      "%s: this communicator spans %d nodes (%s); the internode high-throughput and low-latency "
-                      "kernels (issue 14) do not exist yet, so multi-node communicators support init, destroy, "
-                      "queries and ncclMoeGetDispatchLayout only",
+                      "%s: this communicator spans %d nodes (%s); the internode high-throughput kernels (issue 14) "
+                      "do not exist yet, so multi-node communicators support init, destroy, queries, "
+                      "ncclMoeGetDispatchLayout and the low-latency calls only",
                       api, comm->nodes.num_nodes, comm->nodes.describe().c_str());
+}
+
+// LL calls on several nodes run the internode LL kernels over the communicator's scale-out transport.
+ncclResult_t checkLlNodes(const ncclMoeComm* comm, const char* api) {
+  if (comm->nodes.num_nodes <= 1 || comm->net_transport) return ncclSuccess;
+  return setLastError(ncclInvalidUsage, "%s: this communicator spans %d nodes (%s) but has no scale-out transport", api,
+                      comm->nodes.num_nodes, comm->nodes.describe().c_str());
 }
 
 ncclResult_t checkHandle(ncclMoeComm* comm, ncclMoeHandle* handle, const char* api) {
@@ -673,7 +680,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, ncclMoeH
                                                     const ncclMoeLLDispatchArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyDispatch");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyDispatch");
+  if (res == ncclSuccess) res = checkLlNodes(comm, "ncclMoeLowLatencyDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyDispatch");
   if (res == ncclSuccess) res = checkLlDispatchArgs(comm, handle, args);
   if (res == ncclSuccess) res = opLlDispatch(comm, handle, *args, stream);
@@ -684,7 +691,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHa
                                                    const ncclMoeLLCombineArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyCombine");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyCombine");
+  if (res == ncclSuccess) res = checkLlNodes(comm, "ncclMoeLowLatencyCombine");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyCombine");
   if (res == ncclSuccess) res = checkLlCombineArgs(comm, handle, args);
   if (res == ncclSuccess) res = opLlCombine(comm, handle, *args, stream);
@@ -694,7 +701,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, ncclMoeHa
 NCCL_MOE_API ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncclMoeHandle_t handle, void** buffer) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyCombineBuffer");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyCombineBuffer");
+  if (res == ncclSuccess) res = checkLlNodes(comm, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess) res = checkLlCapacity(comm, "ncclMoeLowLatencyCombineBuffer");
   if (res == ncclSuccess && buffer == nullptr) {
@@ -714,7 +721,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclM
   clearThreadLastError();
   const char* api = "ncclMoeLowLatencyRecvSrcInfo";
   ncclResult_t res = checkComm(comm, api);
-  if (res == ncclSuccess) res = checkSingleNode(comm, api);
+  if (res == ncclSuccess) res = checkLlNodes(comm, api);
   if (res == ncclSuccess) res = checkHandle(comm, handle, api);
   if (res == ncclSuccess) res = checkLlCapacity(comm, api);
   if (res == ncclSuccess && recv_src_info == nullptr)
@@ -729,7 +736,7 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclM
 NCCL_MOE_API ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeLowLatencyReset");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeLowLatencyReset");
+  if (res == ncclSuccess) res = checkLlNodes(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = checkLlCapacity(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = opLlReset(comm, stream);
   return finish(comm, res);

@@ -209,6 +209,7 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
 ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRecord* mine) {
   comm->params = LayoutParams{comm->num_ranks, config.num_experts,         config.hidden,
                               config.max_topk, config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
+  comm->params.num_nodes = comm->nodes.num_nodes;  // several: the internode LL region too
   comm->layout = BufferLayout::make(comm->params);
   const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
   comm->timeout_ns = static_cast<uint64_t>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull;
@@ -475,10 +476,13 @@ ncclResult_t checkAsyncError(ncclMoeComm* comm) {
       std::snprintf(whom, sizeof(whom), "peer %d", rec->peer);
     else
       std::snprintf(whom, sizeof(whom), "a block of its own");
+    // A wait on a rank of another node (internode LL) names the QP its signal travels on.
+    char qp[48] = "";
+    if (rec->qpn > 0) std::snprintf(qp, sizeof(qp), " (another node: signal on QP 0x%x)", rec->qpn);  // QPN 0: none
     std::snprintf(message, sizeof(message),
-                  "device wait timed out in phase %s: rank %d waited for %s, counter %lld (expected %lld) "
+                  "device wait timed out in phase %s: rank %d waited for %s%s, counter %lld (expected %lld) "
                   "after NCCL_MOE_TIMEOUT_S=%llds; the communicator is unusable, destroy it",
-                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, whom, rec->counter, rec->expected,
+                  phaseName(static_cast<Phase>(rec->phase)), rec->rank, whom, qp, rec->counter, rec->expected,
                   static_cast<long long>(comm->timeout_ns / 1000000000ull));
     result = ncclRemoteError;
   } else if (code == kErrCapacity) {

@@ -13,8 +13,9 @@ struct LayoutParams {
   int num_experts;
   int hidden;  // largest H (elements)
   int max_topk;
-  int ht_tokens;  // high-throughput capacity per rank (0 = no HT region)
-  int ll_tokens;  // low-latency capacity per rank (0 = no LL region)
+  int ht_tokens;      // high-throughput capacity per rank (0 = no HT region)
+  int ll_tokens;      // low-latency capacity per rank (0 = no LL region)
+  int num_nodes = 1;  // nodes of the communicator: several add the internode LL region (src/mem/ll_net_layout.h)
   int num_local_experts() const { return num_experts / num_ranks; }
 };
 

@@ -5,6 +5,7 @@
 #include "core/device_guard.h"
 #include "core/error.h"
 #include "kernels/low_latency/args.h"
+#include "ops/ll_net.h"
 #include "ops/ops.h"
 
 namespace nccl_moe {
@@ -56,6 +57,11 @@ ncclResult_t opLlDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
     r.dispatch_weights = args.topk_weights != nullptr;
     r.valid = true;
   }
+  if (comm->nodes.num_nodes > 1) {
+    MOE_CHECK(llNetDispatch(comm, r, args, do_send, do_recv, stream));
+    r.recv_pending = do_send && !do_recv;
+    return ncclSuccess;
+  }
   LlDispatchArgs a{};
   a.comm = comm->deviceComm();
   a.layout = comm->layout.ll;
@@ -102,6 +108,12 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
   const bool do_send = (args.phase & ncclMoePhaseSend) != 0;
   const bool do_recv = (args.phase & ncclMoePhaseRecv) != 0;
   const LlLayout& L = comm->layout.ll;
+  if (comm->nodes.num_nodes > 1) {
+    MOE_CHECK(
+        llNetCombine(comm, r, args, args.zero_copy ? combineBuffer(comm, r.half) : args.x, do_send, do_recv, stream));
+    r.combine_recv_pending = do_send && !do_recv;
+    return ncclSuccess;
+  }
   LlCombineArgs a{};
   a.comm = comm->deviceComm();
   a.layout = L;
@@ -139,6 +151,11 @@ ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** 
 
 ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
+  if (comm->nodes.num_nodes > 1) {
+    MOE_CHECK(llNetReset(comm, stream));
+    comm->ll_next_half = 0;
+    return ncclSuccess;
+  }
   const LlLayout& L = comm->layout.ll;
   const LlResetArgs a{comm->deviceComm(), L, comm->layout.ll_half(0)};
   // Barrier first: every rank's earlier LL kernels have ended (and with them any ack or flag they add to this

@@ -15,6 +15,7 @@
 #include "kernels/intranode/args.h"
 #include "kernels/layout/layout.h"
 #include "kernels/low_latency/args.h"
+#include "kernels/low_latency_net/args.h"
 #include "ops/ops.h"
 
 namespace nccl_moe {
@@ -32,6 +33,8 @@ ncclResult_t loadKernels(int device) {
   MOE_CUDA_CHECK(loadLlDispatchKernels());
   MOE_CUDA_CHECK(loadLlCombineKernels());
   MOE_CUDA_CHECK(loadLlResetKernels());
+  MOE_CUDA_CHECK(loadLlNetDispatchKernels());
+  MOE_CUDA_CHECK(loadLlNetCombineKernels());
   MOE_CUDA_CHECK(loadLayoutKernels());
   MOE_CUDA_CHECK(loadCastKernels());
   // The runtime's memset kernels (counters of the layout, the LL reset): every size class the operations use, at

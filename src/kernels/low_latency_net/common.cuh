@@ -1,0 +1,127 @@
+// Device helpers of the internode LL kernels: where a rank's net half is, and the two ways bytes and signals
+// reach a peer -- stores and atomics through NVLink pointers for ranks of this node (the rank itself included),
+// RDMA WRITE and fetch-add on the peer's QP for ranks of other nodes (src/transport/rdma/ibgda/ibgda.cuh). Nothing
+// here dereferences another node's memory: those ranks are (QP, remote_base + offset, rkey) only.
+#pragma once
+
+#include <cstdint>
+
+#include "device/ptx.cuh"
+#include "device/wait.cuh"
+#include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency_net/args.h"
+#include "transport/rdma/ibgda/ibgda.cuh"
+#include "transport/scaleout_table.h"
+
+namespace nccl_moe {
+namespace llnet {
+
+constexpr int kThreads = 256;  // threads per block of every internode LL kernel
+
+__device__ __forceinline__ bool is_local(const LlNetComm& n, int rank) { return n.local_index[rank] >= 0; }
+
+// This rank's net half, and a same-node rank's, as mapped in this process.
+__device__ __forceinline__ uint8_t* own_half(const LlNetComm& n) {
+  return n.comm.scaleup.buffer[n.comm.scaleup.local_rank] + n.half_offset;
+}
+__device__ __forceinline__ uint8_t* local_half(const LlNetComm& n, int rank) {
+  return n.comm.scaleup.buffer[n.local_index[rank]] + n.half_offset;
+}
+__device__ __forceinline__ LlNetControl* control(const LlNetComm& n) {
+  return reinterpret_cast<LlNetControl*>(own_half(n) + n.layout.control());
+}
+// Signal word [kind][src] of this rank.
+__device__ __forceinline__ long long* own_signal(const LlNetComm& n, int kind, int src) {
+  return reinterpret_cast<long long*>(own_half(n) + n.layout.signal(kind, src));
+}
+
+__device__ __forceinline__ const ScaleoutPeer& remote(const LlNetComm& n, int rank) {
+  return n.comm.scaleout.peers[rank];
+}
+// The address the NIC gives this rank's byte `p` (a pointer into its own buffer) in its lkey window.
+__device__ __forceinline__ uint64_t own_iova(const LlNetComm& n, const void* p) {
+  return n.own_base +
+         static_cast<uint64_t>(static_cast<const uint8_t*>(p) - n.comm.scaleup.buffer[n.comm.scaleup.local_rank]);
+}
+// The address of byte `off` of a remote rank's net half in its window.
+__device__ __forceinline__ uint64_t remote_iova(const LlNetComm& n, int rank, size_t off) {
+  return remote(n, rank).remote_base + n.half_offset + off;
+}
+
+// RDMA WRITE of `bytes` from this rank's buffer at `src` to byte `off` of `rank`'s net half (another node). One
+// thread. False (error recorded on the QP's rank record) when the QP failed.
+__device__ __forceinline__ bool put_remote(const LlNetComm& n, int rank, const void* src, size_t off, uint32_t bytes) {
+  if (bytes == 0) return true;
+  const ScaleoutPeer& p = remote(n, rank);
+  return ibgda::put(p.qp, own_iova(n, src), remote_iova(n, rank, off), p.rkey, bytes);
+}
+
+// Adds `add` to signal word [kind][this rank] of `rank`, after every earlier write of this rank to it: a release
+// atomic through NVLink (the caller fenced its block's stores), or a fetch-add on the QP, which RC orders after the
+// QP's earlier WRITEs. One thread.
+__device__ __forceinline__ bool signal_peer(const LlNetComm& n, int rank, int kind, long long add) {
+  const size_t off = n.layout.signal(kind, n.comm.rank);
+  if (is_local(n, rank)) {
+    dev::fence_acq_rel_sys();
+    dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + off), add);
+    return true;
+  }
+  const ScaleoutPeer& p = remote(n, rank);
+  return ibgda::signal(p.qp, remote_iova(n, rank, off), p.rkey, static_cast<uint64_t>(add));
+}
+
+// WRITE of 8 bytes (`src`, in this rank's buffer) into `rank`'s word `kind`, then +1 on its signal word
+// `signal_kind`, on one QP (the count and its signal). Local ranks: a release store then the release add.
+__device__ __forceinline__ bool put_word_signal(const LlNetComm& n, int rank, const uint64_t* src, int kind,
+                                                int signal_kind) {
+  const int me = n.comm.rank;
+  if (is_local(n, rank)) {
+    long long* word = reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(kind, me));
+    dev::fence_acq_rel_sys();
+    dev::st_release_sys(word, static_cast<long long>(*src));
+    dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(signal_kind, me)),
+                             1ll);
+    return true;
+  }
+  const ScaleoutPeer& p = remote(n, rank);
+  return ibgda::put_signal(p.qp, own_iova(n, src), remote_iova(n, rank, n.layout.signal(kind, me)), p.rkey, 8,
+                           remote_iova(n, rank, n.layout.signal(signal_kind, me)), p.rkey, 1);
+}
+
+// Waits until this rank's signal [kind][src] >= target. A timeout names the phase, the source and, for a rank of
+// another node, the QP the signal travels on.
+__device__ __forceinline__ bool wait_signal(const LlNetComm& n, int kind, int src, long long target, Phase phase) {
+  const long long* word = own_signal(n, kind, src);
+  long long seen = dev::ld_acquire_sys(word);
+  if (seen >= target) return true;
+  const uint64_t start = dev::globaltimer_ns();
+  uint32_t spins = 0;
+  for (;;) {
+    seen = dev::ld_acquire_sys(word);
+    if (seen >= target) return true;
+    if ((++spins & 255u) == 0) {
+      if (dev::error_recorded(n.comm)) return false;
+      if (dev::globaltimer_ns() - start > n.comm.timeout_ns) {
+        const int qpn = is_local(n, src) ? -1 : static_cast<int>(remote(n, src).qp.qpn);
+        dev::record_error_at(n.comm.error, n.comm.rank, kErrTimeout, phase, src, seen, target, qpn, kind);
+        return false;
+      }
+    }
+  }
+}
+
+// Block-wide copy of `bytes` (a multiple of 16) from src to dst, 16 bytes a thread at a time.
+__device__ __forceinline__ void block_copy16(void* dst, const void* src, size_t bytes) {
+  const int4* s = static_cast<const int4*>(src);
+  int4* d = static_cast<int4*>(dst);
+  for (size_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d[i] = s[i];
+}
+
+// Expert id of slot k of token t (int32 or int64 input).
+__device__ __forceinline__ long long load_id(const void* idx, int idx_int32, int t, int K, int k) {
+  const size_t i = static_cast<size_t>(t) * K + k;
+  return idx_int32 ? static_cast<long long>(static_cast<const int32_t*>(idx)[i]) : static_cast<const int64_t*>(idx)[i];
+}
+
+}  // namespace llnet
+}  // namespace nccl_moe

@@ -1,0 +1,298 @@
+// Internode low-latency dispatch/combine (src/kernels/low_latency_net/) on virtual nodes: all ranks are threads of
+// this process on GPU 0 (ncclMoeCommInitAll), split into nodes by NCCL_MOE_EMULATE_NODES, with the software NIC as
+// the scale-out transport (NCCL_MOE_NET=emulated) and its chaos mode on (NCCL_MOE_EMU_CHAOS: writes split and
+// reordered, sources read late, QPs interleaved). Same-node peers go through NVLink stores, other-node peers
+// through the WQEs the kernels post. Every output is compared bit for bit with the CPU reference (the checks of
+// ll_case.h, shared with the intranode LL tests):
+//
+//   Shapes/LlNet.MatchesReferenceSweep        bf16 and fp8 x 3 scale formats, K 1..16, masked slots, empty
+//                                             tokens, zero-token ranks, int32/int64 ids, weights to the combine,
+//                                             to the dispatch only, or both; cumulative stats
+//   Shapes/LlNet.SplitPhasesTwoResultsAliveZeroCopy
+//                                             send halves, other GPU work, receive halves; two results alive;
+//                                             zero-copy combine on one of them
+//   Shapes/LlNet.RandomIterationsHashThenReset
+//                                             random problems (NCCL_MOE_NET_TEST_ITERATIONS, default 30; the
+//                                             issue's stress run uses 300), both-phase or split, zero-copy or not;
+//                                             prints a hash of every compared byte; then a reset and one more check
+//   Shapes/LlNet.SkippedCallTimesOutNamingPhaseAndPeer
+//                                             the last rank skips a dispatch: every other rank's call fails within
+//                                             the timeout with a message naming the phase and the peer (and the QP
+//                                             when the peer is on another node)
+// Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "core/comm.h"
+#include "core/handle.h"
+#include "gpu_world.h"
+#include "harness/scoped_env.h"
+#include "ll_case.h"
+#include "ll_world.h"
+#include "nccl_moe.h"
+#include "reference/reference.h"
+#include "reference/testing/generators.h"
+
+namespace {
+
+namespace ref = nccl_moe::ref;
+using ll_test::atLeast16;
+using ll_test::Barrier;
+using ll_test::describe;
+using ll_test::DeviceBytes;
+using ll_test::Expected;
+using ll_test::makeExpected;
+using ll_test::Problem;
+using ll_test::Rank;
+using ll_test::RankResult;
+using ll_test::testConfig;
+using ll_test::testProblem;
+
+struct Shape {
+  int nodes;
+  int per_node;
+  int ranks() const { return nodes * per_node; }
+};
+void PrintTo(const Shape& s, std::ostream* os) { *os << s.nodes << "x" << s.per_node; }
+std::string shapeName(const ::testing::TestParamInfo<Shape>& info) {
+  return std::to_string(info.param.nodes) + "x" + std::to_string(info.param.per_node);
+}
+
+// The environment of a virtual-node world of `s` with the software NIC, chaos on.
+struct NetEnv {
+  explicit NetEnv(const Shape& s, const char* chaos = "20261202")
+      : nodes_text(std::to_string(s.nodes)),
+        net("NCCL_MOE_NET", "emulated"),
+        mode("NCCL_MOE_NET_MODE", nullptr),
+        emulate("NCCL_MOE_EMULATE_NODES", nodes_text.c_str()),
+        chaos_env("NCCL_MOE_EMU_CHAOS", chaos) {}
+  std::string nodes_text;
+  harness::ScopedEnv net, mode, emulate, chaos_env;
+};
+
+class LlNet : public ::testing::TestWithParam<Shape> {
+ protected:
+  void SetUp() override {
+    const Shape s = GetParam();
+    if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+    if (gpu_test::deviceSms(0) / s.ranks() < gpu_test::kMinSmsPerRank) GTEST_SKIP() << "too few SMs on GPU 0";
+  }
+  // fn(rank, comm, stream) on every rank of the shape's world (all on GPU 0).
+  template <typename Fn>
+  void run(Fn fn) {
+    const Shape s = GetParam();
+    gpu_test::World world(s.ranks(), gpu_test::Placement::kOneGpu);
+    ASSERT_TRUE(world.ok());
+    world.runWithComms(testConfig(s.ranks()), fn);
+  }
+};
+
+TEST_P(LlNet, MatchesReferenceSweep) {
+  const Shape shape = GetParam();
+  NetEnv env(shape);
+  const int n = shape.ranks();
+  std::vector<Problem> problems;
+  uint64_t seed = 7100;
+  const ref::ScaleFormat formats[] = {ref::ScaleFormat::kFloat, ref::ScaleFormat::kFloatPow2, ref::ScaleFormat::kUe8m0};
+  for (int dtype = 0; dtype < 4; ++dtype)
+    for (int topk : {1, 4, 9, 16}) {
+      Problem pb = testProblem(n, ++seed);
+      pb.fp8 = dtype > 0;
+      if (pb.fp8) pb.format = formats[dtype - 1];
+      pb.topk = topk;
+      pb.hidden = (seed % 2) ? 384 : 640;
+      pb.idx32 = (seed % 3) == 0;
+      pb.masked = (seed % 4) == 1 ? 0.3 : 0.0;
+      pb.empty = (seed % 5) == 2 ? 0.2 : 0.0;
+      pb.zero_token_ranks = (seed % 4) == 3 ? 1 : 0;
+      pb.weights = static_cast<int>(seed % 3);
+      problems.push_back(pb);
+    }
+  Barrier barrier(n);
+  run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    Rank rk;
+    rk.init(r, comm, stream, testConfig(n));
+    RankResult res;
+    rk.allocResult(res);
+    DeviceBytes cumulative;
+    cumulative.allocate(atLeast16(rk.El * 4));
+    std::vector<int> want_cumulative(rk.El, 0);
+    barrier.wait();
+    for (const Problem& pb : problems) {
+      const Expected ex = makeExpected(pb);
+      rk.uploadInputs(ex, res);
+      rk.dispatch(ex, res, ncclMoePhaseBoth, cumulative.as<int>());
+      rk.checkDispatch(ex, res, describe(pb));
+      rk.uploadExpertOutputs(ex, res, false);
+      rk.combine(ex, res, ncclMoePhaseBoth, false);
+      rk.checkCombine(ex, res, describe(pb));
+      for (int j = 0; j < rk.El; ++j) want_cumulative[j] += ex.dispatch.recv[r].recv_count[j];
+      if (::testing::Test::HasFailure()) break;
+    }
+    std::vector<int> got(rk.El);
+    cudaMemcpyAsync(got.data(), cumulative.get(), rk.El * 4, cudaMemcpyDeviceToHost, stream);
+    cudaStreamSynchronize(stream);
+    EXPECT_EQ(want_cumulative, got) << "cumulative stats, rank " << r;
+    EXPECT_STREQ("", ncclMoeGetLastError(comm)) << "rank " << r;
+    rk.freeResult(res);
+  });
+}
+
+TEST_P(LlNet, SplitPhasesTwoResultsAliveZeroCopy) {
+  const Shape shape = GetParam();
+  NetEnv env(shape);
+  const int n = shape.ranks();
+  Barrier barrier(n);
+  run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    Rank rk;
+    rk.init(r, comm, stream, testConfig(n));
+    RankResult a, b;
+    rk.allocResult(a);
+    rk.allocResult(b);
+    DeviceBytes other;  // "compute" between the halves: a large memset
+    other.allocate(atLeast16(64u << 20));
+    barrier.wait();
+    for (int round = 0; round < 4; ++round) {
+      Problem pa = testProblem(n, 7500 + round), pbb = testProblem(n, 7600 + round);
+      pa.fp8 = true;
+      pa.format = static_cast<ref::ScaleFormat>(round % 3);
+      pa.topk = 8;
+      pbb.topk = 5;
+      pbb.weights = round % 3;
+      const Expected ea = makeExpected(pa), eb = makeExpected(pbb);
+      rk.uploadInputs(ea, a);
+      rk.uploadInputs(eb, b);
+      rk.dispatch(ea, a, ncclMoePhaseSend);
+      rk.dispatch(eb, b, ncclMoePhaseSend);
+      ASSERT_EQ(cudaSuccess, cudaMemsetAsync(other.get(), round, 64u << 20, stream));
+      rk.dispatch(ea, a, ncclMoePhaseRecv);
+      rk.dispatch(eb, b, ncclMoePhaseRecv);
+      rk.checkDispatch(ea, a, "split a " + describe(pa));
+      rk.checkDispatch(eb, b, "split b " + describe(pbb));
+      rk.uploadExpertOutputs(ea, a, true);
+      rk.uploadExpertOutputs(eb, b, false);
+      rk.combine(ea, a, ncclMoePhaseSend, true);
+      rk.combine(eb, b, ncclMoePhaseSend, false);
+      ASSERT_EQ(cudaSuccess, cudaMemsetAsync(other.get(), round + 1, 64u << 20, stream));
+      rk.combine(ea, a, ncclMoePhaseRecv, true);
+      rk.combine(eb, b, ncclMoePhaseRecv, false);
+      rk.checkCombine(ea, a, "split a " + describe(pa));
+      rk.checkCombine(eb, b, "split b " + describe(pbb));
+      if (::testing::Test::HasFailure()) break;
+    }
+    rk.freeResult(a);
+    rk.freeResult(b);
+  });
+}
+
+TEST_P(LlNet, RandomIterationsHashThenReset) {
+  const Shape shape = GetParam();
+  NetEnv env(shape);
+  const int n = shape.ranks();
+  const char* iters_env = std::getenv("NCCL_MOE_NET_TEST_ITERATIONS");
+  const int iterations = iters_env != nullptr ? std::atoi(iters_env) : 30;
+  Barrier barrier(n);
+  std::vector<uint64_t> hashes(n, 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    Rank rk;
+    rk.init(r, comm, stream, testConfig(n));
+    RankResult res;
+    rk.allocResult(res);
+    ref::Rng rng(4242);  // the same stream on every rank
+    uint64_t h = ref::kFnvOffset;
+    barrier.wait();
+    for (int it = 0; it < iterations; ++it) {
+      bool split = false, zero_copy = false;
+      const Problem pb = ll_test::randomProblem(n, 9001, it, rng, &split, &zero_copy);
+      const Expected ex = makeExpected(pb);
+      rk.uploadInputs(ex, res);
+      if (split) {
+        rk.dispatch(ex, res, ncclMoePhaseSend);
+        rk.dispatch(ex, res, ncclMoePhaseRecv);
+      } else {
+        rk.dispatch(ex, res, ncclMoePhaseBoth);
+      }
+      h = ref::mix_seed(h, rk.checkDispatch(ex, res, "iteration " + std::to_string(it) + " " + describe(pb)));
+      rk.uploadExpertOutputs(ex, res, zero_copy);
+      if (split) {
+        rk.combine(ex, res, ncclMoePhaseSend, zero_copy);
+        rk.combine(ex, res, ncclMoePhaseRecv, zero_copy);
+      } else {
+        rk.combine(ex, res, ncclMoePhaseBoth, zero_copy);
+      }
+      h = ref::mix_seed(h, rk.checkCombine(ex, res, "iteration " + std::to_string(it) + " " + describe(pb)));
+      if (::testing::Test::HasFailure()) break;
+      if (r == 0 && (it + 1) % 50 == 0) std::printf("[ LlNet ] %d / %d iterations\n", it + 1, iterations);
+    }
+    // Reset (collective), then one more exact round on the zeroed state.
+    ASSERT_EQ(ncclSuccess, ncclMoeLowLatencyReset(comm, stream)) << ncclMoeGetLastError(comm);
+    Problem pb = testProblem(n, 9100);
+    pb.fp8 = true;
+    const Expected ex = makeExpected(pb);
+    rk.uploadInputs(ex, res);
+    rk.dispatch(ex, res, ncclMoePhaseBoth);
+    rk.checkDispatch(ex, res, "after reset " + describe(pb));
+    rk.uploadExpertOutputs(ex, res, false);
+    rk.combine(ex, res, ncclMoePhaseBoth, false);
+    rk.checkCombine(ex, res, "after reset " + describe(pb));
+    hashes[r] = h;
+    rk.freeResult(res);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  uint64_t all = ref::kFnvOffset;
+  for (uint64_t h : hashes) all = ref::mix_seed(all, h);
+  std::printf("[ LlNet ] %dx%d: %d iterations, hash %016llx, %.1f s (software NIC: a correctness run, not timing)\n",
+              shape.nodes, shape.per_node, iterations, static_cast<unsigned long long>(all), s);
+}
+
+TEST_P(LlNet, SkippedCallTimesOutNamingPhaseAndPeer) {
+  const Shape shape = GetParam();
+  NetEnv env(shape, nullptr);
+  harness::ScopedEnv timeout("NCCL_MOE_TIMEOUT_S", "2");
+  const int n = shape.ranks();
+  const int skipper = n - 1;
+  Barrier barrier(n);
+  run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    Rank rk;
+    rk.init(r, comm, stream, testConfig(n));
+    RankResult res;
+    rk.allocResult(res);
+    const Problem pb = testProblem(n, 9200);
+    const Expected ex = makeExpected(pb);
+    rk.uploadInputs(ex, res);
+    barrier.wait();
+    if (r != skipper) {
+      const auto t0 = std::chrono::steady_clock::now();
+      rk.dispatch(ex, res, ncclMoePhaseBoth);
+      const cudaError_t sync = cudaStreamSynchronize(stream);
+      EXPECT_EQ(cudaSuccess, sync) << "a device timeout is reported by the library, not by a fault";
+      // The failure surfaces at the next call on the communicator (or a query): the message names phase and peer.
+      ncclMoeLLCombineArgs_t a = rk.combineArgs(ex, res, ncclMoePhaseBoth, false);
+      const ncclResult_t next = ncclMoeLowLatencyCombine(comm, res.handle, &a, stream);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      EXPECT_NE(ncclSuccess, next) << "rank " << r;
+      const std::string msg = ncclMoeGetLastError(comm);
+      EXPECT_NE(std::string::npos, msg.find("ll-dispatch")) << "rank " << r << ": " << msg;
+      EXPECT_NE(std::string::npos, msg.find("peer " + std::to_string(skipper))) << "rank " << r << ": " << msg;
+      if (r / shape.per_node != skipper / shape.per_node)
+        EXPECT_NE(std::string::npos, msg.find("QP")) << "rank " << r << " (another node than the skipper): " << msg;
+      EXPECT_LT(s, 15.0) << "rank " << r;
+    }
+    barrier.wait();
+    cudaStreamSynchronize(stream);
+    rk.freeResult(res);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, LlNet, ::testing::Values(Shape{2, 1}, Shape{2, 2}, Shape{4, 1}, Shape{2, 4}),
+                         shapeName);
+
+}  // namespace
