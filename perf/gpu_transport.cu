@@ -256,16 +256,32 @@ bool runOne(World& w, const Link& send_link, const Link& recv_link, Endpoints& e
   const Stamps s{stamps.dev, stamps.dev + cfg.iters, stamps.dev + 2 * cfg.iters, stamps.dev + 3 * cfg.iters};
   const int ps = op == TransportOp::kPutSignal ? 1 : 0;
   const uint64_t slot = static_cast<uint64_t>(TransportConfig::slotBytes(bytes));
-  SendArgs<Link> sa{send_link,   ep.src.ptr, static_cast<uint32_t>(bytes),
-                    slot,        cfg.batch,  cfg.warmup,
-                    cfg.iters,   ps,         ep.pattern_next,
+  SendArgs<Link> sa{send_link,
+                    ep.src.ptr,
+                    static_cast<uint32_t>(bytes),
+                    slot,
+                    cfg.batch,
+                    cfg.warmup,
+                    cfg.iters,
+                    ps,
+                    ep.pattern_next,
                     reinterpret_cast<const uint64_t*>(ep.ack.ptr),
-                    ep.ack_count, s,         st.dev};
-  RecvArgs<Link> ra{recv_link, ep.dst.ptr, static_cast<uint32_t>(bytes),
-                    slot,      cfg.batch,  cfg.warmup,
-                    cfg.iters, ps,         cfg.check ? 1 : 0,
-                    ep.pattern_next,       reinterpret_cast<const uint64_t*>(ep.sig.ptr),
-                    ep.sig_count,          s,
+                    ep.ack_count,
+                    s,
+                    st.dev};
+  RecvArgs<Link> ra{recv_link,
+                    ep.dst.ptr,
+                    static_cast<uint32_t>(bytes),
+                    slot,
+                    cfg.batch,
+                    cfg.warmup,
+                    cfg.iters,
+                    ps,
+                    cfg.check ? 1 : 0,
+                    ep.pattern_next,
+                    reinterpret_cast<const uint64_t*>(ep.sig.ptr),
+                    ep.sig_count,
+                    s,
                     st.dev};
   transportRecvKernel<Link><<<1, kThreads, 0, w.streams[1]>>>(ra);
   transportSendKernel<Link><<<1, kThreads, 0, w.streams[0]>>>(sa);

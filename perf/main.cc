@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/env.h"
 #include "cpu_backend.h"
 #include "gpu_backend.h"
 #include "gpu_transport.h"
@@ -123,7 +124,7 @@ int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv) {
   const Options& o = run->options;
   std::string err = checkTransportOptions(o);
   if (err.empty()) err = checkTransportConfig(resolveTransport(o));
-  if (err.empty()) err = checkTransportNet(std::getenv("NCCL_MOE_NET"));
+  if (err.empty()) err = checkTransportNet(nccl_moe::envString("NCCL_MOE_NET").c_str());
   if (err.empty() && inMultiProcessJob())
     err = "--mode transport runs in one process (two virtual nodes on GPU 0): not under mpirun";
   int num_devices = 0;

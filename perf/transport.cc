@@ -21,8 +21,8 @@ TransportConfig resolveTransport(const Options& o) {
   const int64_t lo = o.min_tokens > 0 ? o.min_tokens : 8;
   const int64_t hi = o.max_tokens > 0 ? o.max_tokens : (o.min_tokens > 0 ? lo : int64_t{4} << 20);
   c.sizes = tokenSweep(lo, hi, o.step_factor, o.step_tokens);
-  c.backends = o.net_backends.empty() ? std::vector<NetBackend>{NetBackend::kIbgda, NetBackend::kProxy}
-                                      : o.net_backends;
+  c.backends =
+      o.net_backends.empty() ? std::vector<NetBackend>{NetBackend::kIbgda, NetBackend::kProxy} : o.net_backends;
   c.batch = o.batch > 0 ? o.batch : 8;
   c.iters = o.iters > 0 ? o.iters : 20;
   c.warmup = o.warmup >= 0 ? o.warmup : 5;
@@ -145,10 +145,10 @@ std::string transportToJson(const TransportRow& r) {
   os << "{\"mode\":\"transport\",\"op\":" << jsonString(transportOpName(r.op)) << ",\"backend\":\"gpu\""
      << ",\"transport\":\"software_nic\",\"software_nic\":true,\"net_backend\":"
      << jsonString(netBackendName(r.net_backend)) << ",\"label\":" << jsonString(kSoftNicLabel)
-     << ",\"gpus\":" << r.gpus << ",\"ranks\":" << r.ranks << ",\"shared_gpu\":" << (r.ranks > r.gpus ? "true" : "false")
-     << ",\"nodes\":" << r.nodes << ",\"bytes\":" << r.bytes << ",\"batch\":" << r.batch << ",\"iters\":" << r.iters
-     << ",\"warmup\":" << r.warmup << ",\"chaos_seed\":" << r.chaos_seed
-     << ",\"available\":" << (ok ? "true" : "false");
+     << ",\"gpus\":" << r.gpus << ",\"ranks\":" << r.ranks
+     << ",\"shared_gpu\":" << (r.ranks > r.gpus ? "true" : "false") << ",\"nodes\":" << r.nodes
+     << ",\"bytes\":" << r.bytes << ",\"batch\":" << r.batch << ",\"iters\":" << r.iters << ",\"warmup\":" << r.warmup
+     << ",\"chaos_seed\":" << r.chaos_seed << ",\"available\":" << (ok ? "true" : "false");
   os << ",\"median_us\":" << (ok ? number(r.stats.median_us, 3) : "null");
   os << ",\"min_us\":" << (ok ? number(r.stats.min_us, 3) : "null");
   os << ",\"max_us\":" << (ok ? number(r.stats.max_us, 3) : "null");

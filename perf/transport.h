@@ -34,16 +34,16 @@ namespace nccl_moe::perf {
 extern const char* const kSoftNicLabel;
 
 enum class TransportOp : int { kPut = 0, kPutSignal = 1 };
-const char* transportOpName(TransportOp op);       // "put" | "put_signal"
+const char* transportOpName(TransportOp op);     // "put" | "put_signal"
 const char* netBackendName(NetBackend backend);  // "ibgda" | "proxy"
 
 struct TransportConfig {
-  std::vector<int64_t> sizes;         // message bytes, ascending
-  std::vector<NetBackend> backends;   // --net-mode; default ibgda, proxy
+  std::vector<int64_t> sizes;        // message bytes, ascending
+  std::vector<NetBackend> backends;  // --net-mode; default ibgda, proxy
   std::vector<TransportOp> ops = {TransportOp::kPut, TransportOp::kPutSignal};
-  int batch = 8;                      // --batch: messages in flight in the stream loop
-  int iters = 20, warmup = 5;         // -n / -w (per loop)
-  bool check = true;                  // -c
+  int batch = 8;               // --batch: messages in flight in the stream loop
+  int iters = 20, warmup = 5;  // -n / -w (per loop)
+  bool check = true;           // -c
   int64_t maxBytes() const { return sizes.empty() ? 0 : sizes.back(); }
   // Bytes between consecutive messages of a batch in the receiver's window: 64-byte aligned, so every message
   // starts on an 8-byte word (the payload check reads words).
@@ -78,8 +78,7 @@ struct TransportStats {
   double bandwidth_gbps = 0;                     // batch * bytes / batch_median_us / 1e3
 };
 // False (with *error) when a timestamp pair is missing or runs backwards (end < start, or no timed iteration).
-bool summarizeTransport(const TransportTimes& times, int64_t bytes, int batch, TransportStats* out,
-                        std::string* error);
+bool summarizeTransport(const TransportTimes& times, int64_t bytes, int batch, TransportStats* out, std::string* error);
 
 struct TransportRow {
   NetBackend net_backend = NetBackend::kIbgda;

@@ -61,8 +61,8 @@ TEST(PerfTransport, SizesAreBytesLikeNcclTests) {
 }
 
 TEST(PerfTransport, BackendsBatchAndRunOptions) {
-  TransportConfig c = resolveTransport(parse({"--mode", "transport", "--net-mode", "proxy", "--batch", "32", "-n",
-                                              "3", "-w", "0", "-c", "0"}));
+  TransportConfig c = resolveTransport(
+      parse({"--mode", "transport", "--net-mode", "proxy", "--batch", "32", "-n", "3", "-w", "0", "-c", "0"}));
   EXPECT_EQ((std::vector<NetBackend>{NetBackend::kProxy}), c.backends);
   EXPECT_EQ(32, c.batch);
   EXPECT_EQ(3, c.iters);
@@ -158,15 +158,35 @@ TransportRow sampleRow() {
 
 TEST(PerfTransport, JsonRowSaysSoftwareNicAndBackend) {
   const std::string j = transportToJson(sampleRow());
-  for (const char* field :
-       {"\"mode\":\"transport\"", "\"op\":\"put_signal\"", "\"backend\":\"gpu\"", "\"transport\":\"software_nic\"",
-        "\"software_nic\":true", "\"net_backend\":\"proxy\"",
-        "\"label\":\"software NIC \xe2\x80\x94 correctness/functional timing, not performance\"", "\"gpus\":1",
-        "\"ranks\":2", "\"shared_gpu\":true", "\"nodes\":2", "\"bytes\":4096", "\"batch\":8", "\"iters\":20",
-        "\"warmup\":5", "\"chaos_seed\":7", "\"available\":true", "\"median_us\":12.500", "\"min_us\":10.000",
-        "\"max_us\":20.000", "\"batch_median_us\":50.000", "\"bandwidth_gbps\":0.655", "\"timer\":\"globaltimer\"",
-        "\"checked\":true", "\"verified\":true", "\"wrong\":0", "\"error\":null", "\"gpu_name\":\"NVIDIA H200\"",
-        "\"git_sha\":\"abc1234\""})
+  for (const char* field : {"\"mode\":\"transport\"",
+                            "\"op\":\"put_signal\"",
+                            "\"backend\":\"gpu\"",
+                            "\"transport\":\"software_nic\"",
+                            "\"software_nic\":true",
+                            "\"net_backend\":\"proxy\"",
+                            "\"label\":\"software NIC \xe2\x80\x94 correctness/functional timing, not performance\"",
+                            "\"gpus\":1",
+                            "\"ranks\":2",
+                            "\"shared_gpu\":true",
+                            "\"nodes\":2",
+                            "\"bytes\":4096",
+                            "\"batch\":8",
+                            "\"iters\":20",
+                            "\"warmup\":5",
+                            "\"chaos_seed\":7",
+                            "\"available\":true",
+                            "\"median_us\":12.500",
+                            "\"min_us\":10.000",
+                            "\"max_us\":20.000",
+                            "\"batch_median_us\":50.000",
+                            "\"bandwidth_gbps\":0.655",
+                            "\"timer\":\"globaltimer\"",
+                            "\"checked\":true",
+                            "\"verified\":true",
+                            "\"wrong\":0",
+                            "\"error\":null",
+                            "\"gpu_name\":\"NVIDIA H200\"",
+                            "\"git_sha\":\"abc1234\""})
     EXPECT_NE(std::string::npos, j.find(field)) << field << " in " << j;
   EXPECT_EQ('{', j.front());
   EXPECT_EQ('}', j.back());
