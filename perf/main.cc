@@ -106,7 +106,8 @@ std::string checkSharedSms(const Options& options, const RankLayout& layout) {
 }
 
 // --mode transport: two virtual nodes on GPU 0 over the software NIC (perf/transport.h). Refuses what cannot work
-// (exit 2) before any CUDA call but the device count.
+// (exit 2) before any CUDA call but the device count; sets CUDA_DEVICE_MAX_CONNECTIONS=32 and
+// CUDA_MODULE_LOADING=EAGER (unless already set) before it.
 int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv);
 
 bool openJson(RunInfo* run, JsonLinesWriter* json) {
@@ -131,6 +132,11 @@ int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv) {
   if (err.empty() && o.cpu)
     err = "--mode transport needs a CUDA GPU (the software NIC's CUDA memory backend): no --cpu";
   if (err.empty()) {
+    // Before the process's first CUDA call, as the transport's GPU tests do (tests/gpu/gpu_env.cc): the two ranks'
+    // kernels spin while the NICs' copy and atomic streams must still run (distinct hardware queues), and the
+    // sender's kernel must not be loaded lazily at its first launch while the receiver's already spins.
+    ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+    ::setenv("CUDA_MODULE_LOADING", "EAGER", 0);
     const cudaError_t e = cudaGetDeviceCount(&num_devices);
     if (e != cudaSuccess || num_devices == 0)
       err = std::string("--mode transport needs a CUDA GPU (the software NIC's CUDA memory backend): ") +
@@ -141,6 +147,12 @@ int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv) {
     return 2;
   }
   printHeader(*run, argc, argv);
+  printConnections();
+  const char* loading = std::getenv("CUDA_MODULE_LOADING");
+  if (loading == nullptr || std::string(loading) != "EAGER")
+    out("# !!! CUDA_MODULE_LOADING=%s (set before moe-perf started): a kernel loaded at its first launch while a\n"
+        "# !!! peer's kernel spins can stall until the device wait times out\n",
+        loading != nullptr ? loading : "unset");
   if (o.threads > 0 || o.gpus > 0) out("# -t/-g ignored: the transport mode runs 2 ranks (virtual nodes) on GPU 0\n");
   if (!openJson(run, json)) return 2;
   return runTransport(*run);
