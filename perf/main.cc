@@ -22,13 +22,16 @@
 #include <string>
 #include <vector>
 
+#include "core/env.h"
 #include "cpu_backend.h"
 #include "gpu_backend.h"
+#include "gpu_transport.h"
 #include "launcher.h"
 #include "nccl_moe.h"
 #include "options.h"
 #include "report.h"
 #include "run_common.h"
+#include "transport.h"
 
 #ifndef MOE_PERF_GIT_SHA
 #define MOE_PERF_GIT_SHA "unknown"
@@ -45,13 +48,17 @@ std::string versionText(int code) {
 void printHeader(const RunInfo& run, int argc, char** argv) {
   int lib = 0, nccl = 0, rt = 0, drv = 0;
   const bool shared_gpu = run.options.ranks_per_gpu > 1 && !run.options.cpu;
+  const bool no_nccl = shared_gpu || run.options.transport;
   if (ncclMoeGetVersion(&lib) != ncclSuccess) lib = 0;
-  if (!shared_gpu && ncclGetVersion(&nccl) != ncclSuccess) nccl = 0;
+  if (!no_nccl && ncclGetVersion(&nccl) != ncclSuccess) nccl = 0;
   if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
   if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0;
   out("# moe-perf %s (NCCL-MoE library %s), git %s\n", versionText(NCCL_MOE_VERSION_CODE).c_str(),
       lib ? versionText(lib).c_str() : "unknown", run.git_sha.c_str());
-  const std::string nccl_text = shared_gpu ? "not used (ranks share a GPU)" : nccl ? versionText(nccl) : "unknown";
+  const std::string nccl_text = run.options.transport ? "not used (transport mode)"
+                                : shared_gpu          ? "not used (ranks share a GPU)"
+                                : nccl                ? versionText(nccl)
+                                                      : "unknown";
   out("# NCCL %s, CUDA runtime %d.%d, driver %s\n", nccl_text.c_str(), rt / 1000, rt % 1000 / 10,
       drv ? (std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10)).c_str() : "none");
   std::string cmd;
@@ -98,6 +105,11 @@ std::string checkSharedSms(const Options& options, const RankLayout& layout) {
   return checkSharedGpuSms(options.sms, device_sms, layout.ranks_per_gpu);
 }
 
+// --mode transport: two virtual nodes on GPU 0 over the software NIC (perf/transport.h). Refuses what cannot work
+// (exit 2) before any CUDA call but the device count; sets CUDA_DEVICE_MAX_CONNECTIONS=32 and
+// CUDA_MODULE_LOADING=EAGER (unless already set) before it.
+int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv);
+
 bool openJson(RunInfo* run, JsonLinesWriter* json) {
   if (run->options.json_path.empty()) return true;
   std::string err;
@@ -107,6 +119,43 @@ bool openJson(RunInfo* run, JsonLinesWriter* json) {
   }
   run->json = json;
   return true;
+}
+
+int mainTransport(RunInfo* run, JsonLinesWriter* json, int argc, char** argv) {
+  const Options& o = run->options;
+  std::string err = checkTransportOptions(o);
+  if (err.empty()) err = checkTransportConfig(resolveTransport(o));
+  if (err.empty()) err = checkTransportNet(nccl_moe::envString("NCCL_MOE_NET").c_str());
+  if (err.empty() && inMultiProcessJob())
+    err = "--mode transport runs in one process (two virtual nodes on GPU 0): not under mpirun";
+  int num_devices = 0;
+  if (err.empty() && o.cpu)
+    err = "--mode transport needs a CUDA GPU (the software NIC's CUDA memory backend): no --cpu";
+  if (err.empty()) {
+    // Before the process's first CUDA call, as the transport's GPU tests do (tests/gpu/gpu_env.cc): the two ranks'
+    // kernels spin while the NICs' copy and atomic streams must still run (distinct hardware queues), and the
+    // sender's kernel must not be loaded lazily at its first launch while the receiver's already spins.
+    ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+    ::setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+    const cudaError_t e = cudaGetDeviceCount(&num_devices);
+    if (e != cudaSuccess || num_devices == 0)
+      err = std::string("--mode transport needs a CUDA GPU (the software NIC's CUDA memory backend): ") +
+            (e != cudaSuccess ? std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e) : "no device");
+  }
+  if (!err.empty()) {
+    std::fprintf(stderr, "moe-perf: %s\n", err.c_str());
+    return 2;
+  }
+  printHeader(*run, argc, argv);
+  printConnections();
+  const char* loading = std::getenv("CUDA_MODULE_LOADING");
+  if (loading == nullptr || std::string(loading) != "EAGER")
+    out("# !!! CUDA_MODULE_LOADING=%s (set before moe-perf started): a kernel loaded at its first launch while a\n"
+        "# !!! peer's kernel spins can stall until the device wait times out\n",
+        loading != nullptr ? loading : "unset");
+  if (o.threads > 0 || o.gpus > 0) out("# -t/-g ignored: the transport mode runs 2 ranks (virtual nodes) on GPU 0\n");
+  if (!openJson(run, json)) return 2;
+  return runTransport(*run);
 }
 
 }  // namespace
@@ -132,6 +181,7 @@ int main(int argc, char** argv) {
   run.options = options;
   run.git_sha = MOE_PERF_GIT_SHA;
   JsonLinesWriter json;
+  if (options.transport) return mainTransport(&run, &json, argc, argv);
   // Before the first CUDA call of the process (the runtime reads it when it creates the context).
   if (options.ranks_per_gpu > 1 && !options.cpu) {
     ::setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);

@@ -208,20 +208,44 @@ const std::vector<OptionSpec>& optionTable() {
       {0, "mode", true,
        [](Options* o, const std::string& v, std::string* err) {
          o->modes.clear();
+         o->transport = false;
          for (const std::string& m : splitList(v, ',')) {
-           if (m == "ht") {
+           if (m == "transport") {
+             o->transport = true;
+           } else if (m == "ht") {
              o->modes.push_back(Mode::kHt);
            } else if (m == "ll") {
              o->modes.push_back(Mode::kLl);
            } else if (m == "all") {
              o->modes = {Mode::kHt, Mode::kLl};
            } else {
-             *err = "--mode: expected ht, ll or all (got '" + v + "')";
+             *err = "--mode: expected ht, ll, all or transport (got '" + v + "')";
+             return false;
+           }
+         }
+         if (o->transport && !o->modes.empty()) {
+           *err = "--mode transport runs alone (it measures the scale-out transport, not dispatch/combine; got '" + v +
+                  "')";
+           return false;
+         }
+         return true;
+       }},
+      {0, "net-mode", true,
+       [](Options* o, const std::string& v, std::string* err) {
+         o->net_backends.clear();
+         for (const std::string& m : splitList(v, ',')) {
+           if (m == "ibgda") {
+             o->net_backends.push_back(NetBackend::kIbgda);
+           } else if (m == "proxy") {
+             o->net_backends.push_back(NetBackend::kProxy);
+           } else {
+             *err = "--net-mode: expected ibgda, proxy or ibgda,proxy (got '" + v + "')";
              return false;
            }
          }
          return true;
        }},
+      {0, "batch", true, intOption(&Options::batch, 1, 32, "--batch")},
       {0, "tokens", true,
        [](Options* o, const std::string& v, std::string* err) {
          int64_t x = 0;
@@ -358,6 +382,10 @@ bool parseOptions(const std::vector<std::string>& args, Options* out, std::strin
     *error = "-e/--max-tokens must be >= -b/--min-tokens";
     return false;
   }
+  if (!o.transport && (!o.net_backends.empty() || o.batch > 0)) {
+    *error = "--net-mode and --batch belong to --mode transport";
+    return false;
+  }
   if (o.ranks_per_gpu > 1 && o.procs > 0) {
     *error =
         "--ranks-per-gpu runs every rank in one process (ranks sharing a GPU have no NCCL communicator): it "
@@ -389,7 +417,13 @@ Sizes (tokens per rank)
       --seed S            routing/data seed, equal on every rank  (default 1)
       --alignment A       HT per-expert receive alignment         (default 1)
 Modes
-      --mode M            ht | ll | all                           (default all; defaults HT 4096 tokens, LL 128)
+      --mode M            ht | ll | all | transport               (default all; defaults HT 4096 tokens, LL 128)
+Transport mode (--mode transport; NCCL_MOE_NET=emulated): put and put_signal between two virtual nodes on GPU 0,
+latency and a stream of --batch messages, every payload checked by the receiver after its signal. The NIC is the
+SOFTWARE NIC (a CPU thread executing the WQE bytes): correctness/functional timing, not performance.
+  -b, -e, -f, -i          message bytes instead of tokens           (default 8 .. 4M, x2)
+      --net-mode B[,B]    ibgda | proxy | ibgda,proxy               (default both)
+      --batch N           messages in flight in the stream loop, 1..32 (default 8)
 Runs
   -n, --iters N           timed iterations (median reported)     (GPU 20, CPU 3)
   -w, --warmup-iters N    untimed warm-up iterations             (GPU 5, CPU 1)

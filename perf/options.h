@@ -4,8 +4,10 @@
 //   - parseOptions() accepts nccl-tests letters where they mean the same thing (-b/-e/-f/-i token sweep,
 //     -n iterations, -w warm-up, -c check, -t threads per process, -g GPUs per thread, -J JSON path) plus
 //     the MoE long options (--mode, --tokens, --hidden, --topk, --experts, --dtype, --sms, --routing, --seed,
-//     --procs, --cpu, --timer, --metrics, -q, ...). "-b 4096", "-b4096", "--tokens 4096" and "--tokens=4096" are all
-//     accepted; token counts take a K suffix (x1024). Errors come back as text, never exit().
+//     --procs, --cpu, --timer, --metrics, -q, ...). --mode transport (alone) selects the transport mode
+//     (perf/transport.h), where -b/-e/-i are message bytes and --net-mode / --batch apply. "-b 4096", "-b4096",
+//     "--tokens 4096" and "--tokens=4096" are all accepted; token counts take a K suffix (x1024). Errors come back as
+//     text, never exit().
 //   - Values the user did not give stay "unset" (-1 / empty) so each backend and each mode can apply its own
 //     default (resolveMode()). Nothing here knows how many ranks there are; rank-dependent checks
 //     (experts % ranks) happen where the rank count is known (checkShape()).
@@ -28,6 +30,10 @@ namespace nccl_moe::perf {
 
 enum class Mode : int { kHt = 0, kLl = 1 };
 enum class DType : int { kBf16 = 0, kFp8 = 1 };
+// --net-mode (transport mode): how the GPU reaches the NIC. kIbgda: the GPU writes WQEs and rings the doorbell
+// (src/transport/rdma/ibgda/); kProxy: the GPU writes 64-byte requests that a CPU thread posts
+// (src/transport/rdma/proxy/). The names are NCCL_MOE_NET_MODE's.
+enum class NetBackend : int { kIbgda = 0, kProxy = 1 };
 
 // --timer: how GPU calls are timed (docs/moe-perf.md, "Timers"). kAuto = kernel when the CUPTI kernel timer works,
 // else event. CPU mode ignores it.
@@ -63,34 +69,38 @@ struct RoutingChoice {
 bool parseRouting(const std::string& text, RoutingChoice* out, std::string* error);
 
 struct Options {
-  std::vector<Mode> modes;     // --mode; empty = {ht, ll}
-  int64_t min_tokens = -1;     // -b; -1 = mode default
-  int64_t max_tokens = -1;     // -e; -1 = min_tokens
-  double step_factor = 2.0;    // -f (used when step_tokens == 0)
-  int64_t step_tokens = 0;     // -i: additive step; 0 = multiply by step_factor
-  int hidden = -1;             // --hidden; -1 = mode default
-  int topk = -1;               // --topk
-  int experts = -1;            // --experts
-  std::vector<DType> dtypes;   // --dtype (comma list); empty = mode default
-  std::vector<int> sms = {0};  // --sms (comma list); 0 = the library's default
-  RoutingChoice routing;       // --routing
-  uint64_t seed = 1;           // --seed
-  int iters = -1;              // -n; -1 = backend default
-  int warmup = -1;             // -w; -1 = backend default
-  int check = 1;               // -c 0|1
-  int threads = -1;            // -t threads per process; -1 = default
-  int gpus = -1;               // -g GPUs (ranks) per thread; -1 = default
-  int ranks_per_gpu = 1;       // --ranks-per-gpu N: N ranks share each GPU (one process, no NCCL; correctness only)
-  int ranks_per_node = 0;      // --ranks-per-node N: rank r on node r / N (group routing, RDMA/NVLink bytes);
-                               // 0 = not given: every rank on one node
-  int procs = 0;               // --procs N: spawn N processes; 0 = not given
-  bool cpu = false;            // --cpu
-  std::string json_path;       // -J / --json
-  bool require_moe = true;     // MoE rows that are not available fail the run (--allow-missing-moe: they don't)
-  int expert_alignment = 1;    // --alignment: per-expert receive counts rounded up to this (HT)
-  int timeout_s = 600;         // --timeout: watchdog, seconds without progress before aborting
-  bool help = false;           // -h / --help
-  bool quiet = false;          // -q / --quiet: no progress lines on stderr
+  std::vector<Mode> modes;  // --mode; empty = {ht, ll}
+  bool transport = false;   // --mode transport: put/put_signal over the software NIC (perf/transport.h); then
+                            // modes is empty and -b/-e/-i are message bytes
+  std::vector<NetBackend> net_backends;  // --net-mode ibgda,proxy (transport mode); empty = both
+  int batch = -1;                        // --batch N: messages in flight in the transport stream loop; -1 = 8
+  int64_t min_tokens = -1;               // -b; -1 = mode default
+  int64_t max_tokens = -1;               // -e; -1 = min_tokens
+  double step_factor = 2.0;              // -f (used when step_tokens == 0)
+  int64_t step_tokens = 0;               // -i: additive step; 0 = multiply by step_factor
+  int hidden = -1;                       // --hidden; -1 = mode default
+  int topk = -1;                         // --topk
+  int experts = -1;                      // --experts
+  std::vector<DType> dtypes;             // --dtype (comma list); empty = mode default
+  std::vector<int> sms = {0};            // --sms (comma list); 0 = the library's default
+  RoutingChoice routing;                 // --routing
+  uint64_t seed = 1;                     // --seed
+  int iters = -1;                        // -n; -1 = backend default
+  int warmup = -1;                       // -w; -1 = backend default
+  int check = 1;                         // -c 0|1
+  int threads = -1;                      // -t threads per process; -1 = default
+  int gpus = -1;                         // -g GPUs (ranks) per thread; -1 = default
+  int ranks_per_gpu = 1;     // --ranks-per-gpu N: N ranks share each GPU (one process, no NCCL; correctness only)
+  int ranks_per_node = 0;    // --ranks-per-node N: rank r on node r / N (group routing, RDMA/NVLink bytes);
+                             // 0 = not given: every rank on one node
+  int procs = 0;             // --procs N: spawn N processes; 0 = not given
+  bool cpu = false;          // --cpu
+  std::string json_path;     // -J / --json
+  bool require_moe = true;   // MoE rows that are not available fail the run (--allow-missing-moe: they don't)
+  int expert_alignment = 1;  // --alignment: per-expert receive counts rounded up to this (HT)
+  int timeout_s = 600;       // --timeout: watchdog, seconds without progress before aborting
+  bool help = false;         // -h / --help
+  bool quiet = false;        // -q / --quiet: no progress lines on stderr
   bool inject_skipped_write = false;  // --inject-skipped-write: verification self-test (docs/moe-perf.md)
   // --timer kernel|event|auto (auto: kernel when the CUPTI kernel timer works)
   TimerChoice timer = TimerChoice::kAuto;

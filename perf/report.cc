@@ -178,9 +178,11 @@ bool JsonLinesWriter::open(const std::string& path, std::string* error) {
   return true;
 }
 
-void JsonLinesWriter::write(const ResultRow& row) {
+void JsonLinesWriter::write(const ResultRow& row) { writeLine(toJson(row)); }
+
+void JsonLinesWriter::writeLine(const std::string& json_object) {
   if (file_ == nullptr) return;
-  const std::string line = toJson(row) + "\n";
+  const std::string line = json_object + "\n";
   std::fwrite(line.data(), 1, line.size(), file_);
   std::fflush(file_);
 }

@@ -97,6 +97,8 @@ class JsonLinesWriter {
   bool open(const std::string& path, std::string* error);
   bool isOpen() const { return file_ != nullptr; }
   void write(const ResultRow& row);
+  // One JSON object (no newline) as its own line: rows of other shapes (the transport mode's, perf/transport.h).
+  void writeLine(const std::string& json_object);
 
  private:
   std::FILE* file_ = nullptr;

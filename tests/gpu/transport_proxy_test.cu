@@ -35,7 +35,6 @@
 namespace {
 
 using namespace nccl_moe::transport_test;  // NOLINT(build/namespaces): the tests' shared helpers
-namespace px = nccl_moe::proxy;
 
 constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;  // the tests that expect a timeout
 
@@ -236,63 +235,6 @@ __global__ void singleKernel(SingleArgs a) {
 }
 
 // ---- Host side ----
-
-// The proxies of a test. Destroyed before the World (declare it after): stops the proxy threads, then the NICs
-// (they read the proxies' SQs), then waits for the test kernels (their waits are bounded), then frees the rings.
-struct Proxies {
-  World* w = nullptr;
-  std::vector<std::unique_ptr<em::EmulatedGpuProxy>> all;
-  ~Proxies() {
-    for (auto& p : all) p->stop();
-    for (auto& r : w->ranks)
-      if (r && r->nic) r->nic->stop();
-    for (cudaStream_t s : w->streams)
-      if (s != nullptr) cudaStreamSynchronize(s);
-    all.clear();
-  }
-};
-
-// A ring of rank `from` with one QP per entry of `to` (one view each), not yet started.
-std::string makeProxy(Proxies& ps, int from, const std::vector<int>& to, uint32_t num_slots, uint32_t start,
-                      uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error, em::EmulatedGpuProxy** out) {
-  World& w = *ps.w;
-  em::GpuProxySpec spec;
-  spec.nic = w[from].nic.get();
-  spec.backend = w[from].backend.get();
-  spec.local_windows = w[from].windows.get();
-  for (int peer : to) spec.qps.push_back(em::Responder{w[peer].windows.get(), peer, 0});
-  spec.num_slots = num_slots;
-  spec.start = start;
-  spec.src_lkey = src_lkey;
-  spec.rank = from;
-  spec.device = 0;
-  spec.timeout_ns = timeout_ns;
-  spec.dev_error = dev_error != nullptr ? dev_error : w[from].error.dev;
-  std::unique_ptr<em::EmulatedGpuProxy> p;
-  if (em::EmulatedGpuProxy::create(spec, &p) != ncclSuccess)
-    return std::string("EmulatedGpuProxy::create: ") + nccl_moe::threadLastError();
-  *out = p.get();
-  ps.all.push_back(std::move(p));
-  return "";
-}
-
-std::string startProxies(Proxies& ps) {
-  for (auto& p : ps.all)
-    if (p->start() != ncclSuccess) return std::string("ProxyThread::start: ") + nccl_moe::threadLastError();
-  return "";
-}
-
-// dumpWorld plus every ring and both records as the proxy describes them.
-void dumpProxies(World& w, Proxies& ps, uint64_t timeout_ns) {
-  dumpWorld(w);
-  for (size_t i = 0; i < ps.all.size(); ++i)
-    std::printf("[proxy %zu, rank %d] %s\n", i, ps.all[i]->view(0).rank, ps.all[i]->describe().c_str());
-  for (int r = 0; r < 2; ++r) {
-    const ErrorRecord rec = *w[r].error.host;
-    std::printf("[rank %d]   GPU error record (proxy): %s\n", r,
-                rec.code == 0 ? "none" : px::describeProxyError(rec, timeout_ns).c_str());
-  }
-}
 
 #define PROXY_WORLD_OR_SKIP(world, seed)                                                     \
   do {                                                                                       \

@@ -1,45 +1,24 @@
-// Shared pieces of the scale-out transport's GPU tests (transport_litmus_test.cu: IBGDA, transport_proxy_test.cu:
-// the request proxy): two virtual ranks on GPU 0, each with its own software NIC (CudaMemoryBackend), window
-// registry and mapped error record; device windows; the litmus data patterns; the mapped TestStatus a test kernel
-// reports where it stopped in; bounded device and host waits; the failure dump. Every wait is bounded.
+// What the scale-out transport's GPU tests (transport_litmus_test.cu: IBGDA, transport_proxy_test.cu: the request
+// proxy) add to the one-GPU transport world of tests/harness/transport_world.h (shared with moe-perf's transport
+// mode): GoogleTest assertion macros, the litmus knobs (MOE_LITMUS_ITERATIONS, the chaos seed these tests always
+// run with), the litmus size distribution and the fill bytes of the ordering tests.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <chrono>
-#include <cinttypes>
-#include <cstdio>
+#include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <memory>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "core/error.h"
-#include "device/ptx.cuh"
-#include "gpu_world.h"
+#include "harness/transport_world.h"
 #include "transport/emulated/chaos.h"
-#include "transport/emulated/cuda_backend.h"
-#include "transport/emulated/gpu_queues.h"
-#include "transport/emulated/nic.h"
-#include "transport/rdma/ibgda/gpu_qp.h"
-#include "transport/rdma/window.h"
 
 namespace nccl_moe::transport_test {
 
-using nccl_moe::ErrorRecord;
-using nccl_moe::Phase;
-namespace em = nccl_moe::emulated;
-namespace ib = nccl_moe::ibgda;
-namespace rdma = nccl_moe::rdma;
-namespace dev = nccl_moe::dev;
+using namespace nccl_moe::transport_world;  // NOLINT(build/namespaces): the world the tests run in
 
-inline constexpr uint64_t kTimeoutNs = 20ull * 1000 * 1000 * 1000;  // every device wait of these tests
-inline constexpr double kHostTimeoutS = 60.0;                       // host waits: longer than any device wait
-inline constexpr int kThreads = 512;
 inline constexpr uint64_t kMaxLitmusBytes = 4ull << 20;
 inline constexpr uint64_t kDefaultChaosSeed = 0x6a7e5eedull;
 
@@ -66,14 +45,6 @@ inline uint64_t testChaosSeed() {
   return s != 0 ? s : kDefaultChaosSeed;
 }
 
-__host__ __device__ inline uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-// Word w of iteration i's message (byte j of the message is byte j % 8 of word j / 8): differs between iterations.
-__host__ __device__ inline uint64_t patternWord(uint64_t iter, uint64_t word) { return mix64((iter << 32) ^ word); }
 // Log-uniform in [1, 4 MB): a power of two 2^e (e in 0..21) plus a uniform part below it.
 __host__ __device__ inline uint32_t litmusBytes(uint64_t seed, uint64_t iter) {
   const uint64_t r = mix64(seed * 0x2545f4914f6cdd1dull + iter);
@@ -85,311 +56,12 @@ __host__ __device__ inline uint32_t litmusBytes(uint64_t seed, uint64_t iter) {
 __host__ __device__ inline uint8_t tryByte(uint64_t t) { return static_cast<uint8_t>(1 + t % 251); }
 __host__ __device__ inline uint64_t tryWord(uint64_t t) { return 0x0101010101010101ull * tryByte(t); }
 
-// Where a test kernel stopped, in mapped host memory (first failure wins), plus its counters.
-struct TestStatus {
-  int failed;  // 0 ok, 1 a wait timed out, 2 a transport call returned false
-  int where;   // which wait / call (see kWhere*)
-  long long iter;
-  long long seen;
-  long long expected;
-  unsigned long long mismatches;  // litmus: bytes that differ from the pattern
-  long long first_bad_iter;
-  long long first_bad_offset;
-  unsigned long long count;    // ordering tests: tries that showed the effect
-  unsigned long long corrupt;  // ordering tests: bytes that are neither the old nor the new value
-  int call_result;             // MissingDoorbell / AccessErrors: what quiet returned
-};
-enum : int {
-  kWhereAck = 1,
-  kWhereSignal = 2,
-  kWhereLastByte = 3,
-  kWhereBWord = 4,
-  kWherePut = 5,
-  kWhereQuiet = 6,
-  kWhereAckSend = 7,
-};
-inline const char* whereName(int w) {
-  switch (w) {
-    case kWhereAck:
-      return "waiting for the receiver's ack (rank 0)";
-    case kWhereSignal:
-      return "waiting for the data's signal (rank 1)";
-    case kWhereLastByte:
-      return "polling the last data byte (rank 1)";
-    case kWhereBWord:
-      return "polling QP B's word (rank 1)";
-    case kWherePut:
-      return "a put/put_signal/signal returned false";
-    case kWhereQuiet:
-      return "quiet returned false";
-    case kWhereAckSend:
-      return "the ack signal returned false (rank 1)";
-    default:
-      return "nowhere";
-  }
-}
-
-__device__ inline void failStatus(TestStatus* st, int code, int where, uint64_t iter, uint64_t seen,
-                                  uint64_t expected) {
-  if (atomicCAS(&st->failed, 0, -1) == 0) {
-    st->where = where;
-    st->iter = static_cast<long long>(iter);
-    st->seen = static_cast<long long>(seen);
-    st->expected = static_cast<long long>(expected);
-    __threadfence_system();
-    atomicExch(&st->failed, code);
-  }
-}
-
-// Bounded wait for *word >= target (acquire, system scope).
-__device__ inline bool waitGeq(const uint64_t* word, uint64_t target, TestStatus* st, int where, uint64_t iter) {
-  const uint64_t start = dev::globaltimer_ns();
-  uint64_t seen = 0;
-  for (uint32_t spins = 0;; ++spins) {
-    seen = dev::ld_acquire_sys(word);
-    if (seen >= target) return true;
-    if ((spins & 255u) == 255u) {
-      if (dev::ld_relaxed_sys(&st->failed) != 0) return false;
-      if (dev::globaltimer_ns() - start > kTimeoutNs) {
-        failStatus(st, 1, where, iter, seen, target);
-        return false;
-      }
-    }
-  }
-}
-
 __device__ inline void fillBytes(uint8_t* p, uint32_t bytes, uint8_t v) {
   uint64_t* p64 = reinterpret_cast<uint64_t*>(p);
   const uint64_t w = 0x0101010101010101ull * v;
   for (uint32_t i = threadIdx.x; i < bytes / 8; i += blockDim.x) p64[i] = w;
   if (threadIdx.x == 0)
     for (uint32_t j = bytes / 8 * 8; j < bytes; ++j) p[j] = v;
-}
-
-// The litmus payload of iteration `iter`: `bytes` bytes of patternWord(iter, ...) written by the whole block (the
-// caller fences and synchronises before the transport reads them).
-__device__ inline void fillLitmusSource(uint8_t* src, uint64_t iter, uint32_t bytes) {
-  const uint32_t words = bytes / 8;
-  uint64_t* src64 = reinterpret_cast<uint64_t*>(src);
-  for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) src64[w] = patternWord(iter, w);
-  if (threadIdx.x == 0)
-    for (uint32_t j = words * 8; j < bytes; ++j)
-      src[j] = static_cast<uint8_t>(patternWord(iter, j / 8) >> (8 * (j % 8)));
-}
-
-// The whole block compares the `bytes` received at `dst` with iteration `iter`'s payload (L2 loads: never a stale L1
-// line of an earlier iteration) and adds the differing bytes to st->mismatches; the first iteration with a mismatch
-// records its first differing offset.
-__device__ inline void checkLitmusDestination(const uint8_t* dst, uint64_t iter, uint32_t bytes, TestStatus* st) {
-  const uint32_t words = bytes / 8;
-  const unsigned long long* dst64 = reinterpret_cast<const unsigned long long*>(dst);
-  unsigned long long my_bad = 0;
-  long long my_first = -1;
-  for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
-    const uint64_t diff = __ldcg(dst64 + w) ^ patternWord(iter, w);
-    if (diff != 0) {
-      for (int b = 0; b < 8; ++b) my_bad += ((diff >> (8 * b)) & 0xff) != 0 ? 1 : 0;
-      if (my_first < 0) my_first = static_cast<long long>(w) * 8;
-    }
-  }
-  if (threadIdx.x == 0) {
-    for (uint32_t j = words * 8; j < bytes; ++j) {
-      if (__ldcg(dst + j) != static_cast<uint8_t>(patternWord(iter, j / 8) >> (8 * (j % 8)))) {
-        ++my_bad;
-        if (my_first < 0) my_first = j;
-      }
-    }
-  }
-  if (my_bad != 0) {
-    atomicAdd(&st->mismatches, my_bad);
-    if (atomicCAS(reinterpret_cast<unsigned long long*>(&st->first_bad_iter), ~0ull, iter) == ~0ull)
-      st->first_bad_offset = my_first;
-  }
-}
-
-template <typename T>
-struct Mapped {  // one T in mapped pinned memory, zeroed
-  T* host = nullptr;
-  T* dev = nullptr;
-  Mapped() {
-    if (cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(T), cudaHostAllocMapped | cudaHostAllocPortable) !=
-        cudaSuccess) {
-      host = nullptr;
-      return;
-    }
-    std::memset(static_cast<void*>(host), 0, sizeof(T));
-    if (cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), host, 0) != cudaSuccess) dev = nullptr;
-  }
-  ~Mapped() {
-    if (host != nullptr) cudaFreeHost(host);
-  }
-  Mapped(const Mapped&) = delete;
-  Mapped& operator=(const Mapped&) = delete;
-};
-
-struct DevWindow {
-  uint8_t* ptr = nullptr;
-  uint64_t bytes = 0;
-  rdma::Window w{};
-  uint64_t addr(uint64_t off = 0) const { return reinterpret_cast<uint64_t>(ptr) + off; }
-};
-
-struct GpuRank {
-  int rank = 0;
-  std::unique_ptr<rdma::WindowRegistry> windows;
-  std::unique_ptr<em::CudaMemoryBackend> backend;
-  std::unique_ptr<em::SoftNic> nic;
-  Mapped<ErrorRecord> error;
-  std::vector<void*> allocations;
-  std::vector<std::unique_ptr<em::EmulatedGpuQp>> qps;
-};
-
-// Two ranks on GPU 0. Destruction stops both NICs before anything they may touch is freed.
-struct World {
-  std::unique_ptr<GpuRank> ranks[2];
-  cudaStream_t streams[2] = {nullptr, nullptr};
-  uint64_t seed = 0;
-  ~World() {
-    for (auto& r : ranks)
-      if (r && r->nic) r->nic->stop();
-    for (cudaStream_t s : streams)
-      if (s != nullptr) cudaStreamSynchronize(s);  // device waits are bounded: this ends
-    for (auto& r : ranks) {
-      if (!r) continue;
-      r->qps.clear();
-      r->nic.reset();
-      r->backend.reset();
-      for (void* p : r->allocations) cudaFree(p);
-    }
-    for (cudaStream_t s : streams)
-      if (s != nullptr) cudaStreamDestroy(s);
-  }
-  GpuRank& operator[](int i) { return *ranks[i]; }
-};
-
-inline std::string makeWorld(uint64_t seed, World* w) {
-  if (gpu_test::gpuCount() < 1) return "skip";
-  if (cudaSetDevice(0) != cudaSuccess) return "cudaSetDevice(0) failed";
-  w->seed = seed;
-  for (int r = 0; r < 2; ++r) {
-    auto rank = std::make_unique<GpuRank>();
-    rank->rank = r;
-    rank->windows = std::make_unique<rdma::WindowRegistry>(static_cast<uint8_t>(0x30 + r));
-    if (rank->error.host == nullptr || rank->error.dev == nullptr) return "mapped error record allocation failed";
-    em::CudaBackendOptions bo;
-    bo.device = 0;
-    if (em::CudaMemoryBackend::create(bo, &rank->backend) != ncclSuccess)
-      return std::string("CudaMemoryBackend::create: ") + nccl_moe::threadLastError();
-    em::NicConfig nc;
-    nc.rank = r;
-    nc.chaos.seed = seed + static_cast<uint64_t>(r);
-    nc.max_chunk_bytes = bo.max_chunk_bytes;
-    rank->nic = std::make_unique<em::SoftNic>(nc, rank->backend.get(), rank->windows.get());
-    w->ranks[r] = std::move(rank);
-  }
-  for (int r = 0; r < 2; ++r)
-    if (cudaStreamCreateWithFlags(&w->streams[r], cudaStreamNonBlocking) != cudaSuccess)
-      return "stream creation failed";
-  return "";
-}
-
-inline std::string allocWindow(GpuRank& r, uint64_t bytes, uint32_t flags, DevWindow* out) {
-  void* p = nullptr;
-  if (cudaMalloc(&p, bytes) != cudaSuccess) return "cudaMalloc of a window failed";
-  r.allocations.push_back(p);
-  if (cudaMemset(p, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) return "cudaMemset failed";
-  out->ptr = static_cast<uint8_t*>(p);
-  out->bytes = bytes;
-  if (r.windows->registerWindow(out->addr(), bytes, rdma::kAccessAllRemote, flags, &out->w) != ncclSuccess)
-    return std::string("registerWindow: ") + nccl_moe::threadLastError();
-  return "";
-}
-
-inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error,
-                             em::EmulatedGpuQp** out) {
-  em::GpuQpSpec spec;
-  spec.nic = from.nic.get();
-  spec.backend = from.backend.get();
-  spec.local_windows = from.windows.get();
-  spec.responder = em::Responder{to.windows.get(), to.rank, 0};
-  spec.wqe_cnt = 64;
-  spec.cqe_cnt = 64;
-  spec.src_lkey = src_lkey;
-  spec.rank = from.rank;
-  spec.timeout_ns = timeout_ns;
-  spec.dev_error = dev_error != nullptr ? dev_error : from.error.dev;
-  std::unique_ptr<em::EmulatedGpuQp> q;
-  if (em::EmulatedGpuQp::create(spec, &q) != ncclSuccess)
-    return std::string("EmulatedGpuQp::create: ") + nccl_moe::threadLastError();
-  *out = q.get();
-  from.qps.push_back(std::move(q));
-  return "";
-}
-
-inline std::string startNics(World& w) {
-  for (int r = 0; r < 2; ++r)
-    if (w[r].nic->start() != ncclSuccess) return std::string("SoftNic::start: ") + nccl_moe::threadLastError();
-  return "";
-}
-
-// Bounded host wait for both test streams; "" or what is still running.
-// `progress` (optional): a line printed every 5 s while the kernels run (long litmus runs say how far they got).
-inline std::string waitStreams(World& w, double timeout_s, const char* what,
-                               const std::function<std::string()>& progress = {}) {
-  const auto start = std::chrono::steady_clock::now();
-  auto next_report = start + std::chrono::seconds(5);
-  for (;;) {
-    if (progress && std::chrono::steady_clock::now() >= next_report) {
-      std::printf("%s: %s\n", what, progress().c_str());
-      std::fflush(stdout);
-      next_report += std::chrono::seconds(5);
-    }
-    bool all = true;
-    for (int r = 0; r < 2; ++r) {
-      const cudaError_t e = cudaStreamQuery(w.streams[r]);
-      if (e == cudaErrorNotReady) {
-        all = false;
-      } else if (e != cudaSuccess) {
-        return std::string(what) + ": rank " + std::to_string(r) + "'s kernel failed: " + cudaGetErrorString(e);
-      }
-    }
-    if (all) return "";
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout_s)
-      return std::string(what) + ": kernels still running after " + std::to_string(timeout_s) + " s";
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-}
-
-inline std::string describeStatus(const TestStatus& s) {
-  char buf[320];
-  std::snprintf(buf, sizeof(buf),
-                "failed %d at %s, iteration %lld (seen %lld, expected %lld); mismatched bytes %llu (first at "
-                "iteration %lld offset %lld); count %llu; corrupt %llu",
-                s.failed, whereName(s.where), s.iter, s.seen, s.expected, s.mismatches, s.first_bad_iter,
-                s.first_bad_offset, s.count, s.corrupt);
-  return buf;
-}
-
-// Everything that helps to read a failure from the log: both NICs, their QPs, the GPU records, the backends.
-inline void dumpWorld(World& w) {
-  for (int r = 0; r < 2; ++r) {
-    GpuRank& k = w[r];
-    const em::NicCounters c = k.nic->counters();
-    std::printf("[rank %d] %s: wqes %" PRIu64 " bytes %" PRIu64 " atomics %" PRIu64 " cqes %" PRIu64
-                " error_cqes %" PRIu64 " flush_cqes %" PRIu64 " lost_cqes %" PRIu64 "; staging high water %" PRIu64
-                " B; backend %s\n",
-                r, k.nic->describe().c_str(), c.wqes, c.bytes_placed, c.atomics, c.cqes, c.error_cqes, c.flush_cqes,
-                c.lost_cqes, k.backend->stagingHighWater(), k.backend->failed() ? k.backend->error().c_str() : "ok");
-    for (const auto& q : k.qps)
-      std::printf("[rank %d]   QP %u (qpn 0x%x): state %s, announced %u, retired %u%s%s\n", r, q->qp(), q->qpn(),
-                  k.nic->qpState(q->qp()) == em::QpState::kReady ? "ready" : "ERROR", k.nic->qpAnnounced(q->qp()),
-                  k.nic->qpRetired(q->qp()), k.nic->qpError(q->qp()).empty() ? "" : ": ",
-                  k.nic->qpError(q->qp()).c_str());
-    for (const std::string& e : k.nic->nicErrors()) std::printf("[rank %d]   NIC: %s\n", r, e.c_str());
-    const ErrorRecord rec = *k.error.host;
-    std::printf("[rank %d]   GPU error record: %s\n", r,
-                rec.code == 0 ? "none" : ib::describeNetError(rec, kTimeoutNs).c_str());
-  }
 }
 
 #define WORLD_OR_SKIP(world, seed)                                                          \
