@@ -97,10 +97,13 @@ typedef struct {
                                * to other work (e.g. compute kernels on other streams during decode) and makes an LL
                                * call with both phases two kernels (send, then receive), so that it completes however
                                * few of its blocks are resident. May differ between ranks. */
+  int enable_rank_masks;      /* 0 (default): a device wait that times out fails the communicator. 1: rank masks for
+                               * low-latency calls (see "Rank masks" below): an LL wait that times out on a peer masks
+                               * that peer instead, and later LL calls skip masked ranks. Same on every rank. */
 } ncclMoeConfig_t;
 
 #define NCCL_MOE_CONFIG_INITIALIZER \
-  { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0, 0 }
+  { sizeof(ncclMoeConfig_t), NCCL_MOE_VERSION_CODE, 0, 0, 8, 0, 0, 0, 0, 0 }
 
 /* Bytes of device memory one rank's communication buffer needs for `config` on `num_ranks` ranks of one node
  * (what ncclMoeCommInit allocates per rank; 1 <= num_ranks <= NCCL_MOE_MAX_NVL_PEERS). Pure host arithmetic,
@@ -355,8 +358,60 @@ ncclResult_t ncclMoeLowLatencyCombineBuffer(ncclMoeComm_t comm, ncclMoeHandle_t 
  * half (stream-ordered); valid until the next LL dispatch with this handle. */
 ncclResult_t ncclMoeLowLatencyRecvSrcInfo(ncclMoeComm_t comm, ncclMoeHandle_t handle, const int** recv_src_info);
 
-/* Explicitly reset the low-latency region (needed when switching a shared buffer from HT back to LL). */
+/* Explicitly reset the low-latency region (needed when switching a shared buffer from HT back to LL). Collective,
+ * stream-ordered, with no LL result alive. With rank masks it is collective over the ranks this rank's mask holds
+ * active (read on the device when the reset runs). */
 ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Rank masks (config.enable_rank_masks = 1): low-latency calls that keep serving without a lost rank */
+/* ------------------------------------------------------------------------------------------------ */
+/* Every rank keeps a device-resident mask of the communicator's ranks (0 = active, 1 = masked), all 0 at init. It is
+ * this rank's view: ranks do not exchange it.
+ *   - An LL wait (dispatch or combine, send or receive half) that times out (NCCL_MOE_TIMEOUT_S) on a peer masks that
+ *     peer in this rank's mask and the call goes on without it; no error is recorded. A wait on a peer that another
+ *     block of the rank masked meanwhile stops at once. A timeout on the rank itself (a block of its own) still
+ *     fails the communicator, and so do all other device errors.
+ *   - LL calls skip the ranks masked when they start (and those masked during the call, from then on): nothing is
+ *     sent to them or awaited from them. A masked rank's experts receive nothing (recv_count counts no row from or
+ *     for it); its combine contribution is absent: out[t] sums the partials of the active expert ranks only
+ *     (docs/reference.md). The results of the call during which a peer becomes masked are those of the reference
+ *     without that peer only if the peer sent nothing of that call; from the next call on they are.
+ *   - The mask after a call, read stream-ordered with ncclMoeQueryRankMask, says which ranks that call (and the
+ *     next) left out: the per-call output of the masks.
+ *   - A masked rank's own LL calls, if it still makes any, wait for ranks that no longer send to it, time out and
+ *     mask them in turn; its results are undefined until it rejoins. Its late writes land only in the parts of the
+ *     active ranks' buffers indexed by the masked rank, which they do not read until a set/clear unmasks it.
+ *   - Views can disagree when a peer is slow rather than gone (one rank masks it, another sees it in time). Query
+ *     the masks and agree on one with ncclMoeSetRankMask.
+ *   - High-throughput calls ignore the mask: every rank must take part, and a HT timeout fails the communicator as
+ *     without masks (every rank returns an error naming the phase and the peer it waited for).
+ * Set and clear are collective (over the ranks the new mask holds active), stream-ordered and reset the LL state of
+ * the participants (as ncclMoeLowLatencyReset: epochs restart, the next LL dispatch uses half 0, no LL result may be
+ * alive): this is how a rank rejoins. A wait timing out inside set/clear fails the communicator. */
+
+/* Copies this rank's mask: mask[r] = 1 when rank r is masked, 0 when active, r < R.
+ *   comm:           a communicator created with config.enable_rank_masks = 1 (ncclInvalidUsage otherwise)
+ *   mask:           out: [R] int32; device memory when mask_on_device = 1 (caller-owned, written stream-ordered on
+ *                   `stream`, CUDA-graph capturable), host memory when 0 (the call then waits for `stream`'s earlier
+ *                   work: one documented host synchronisation)
+ *   mask_on_device: 1 (device) or 0 (host)
+ *   stream:         the stream the LL calls were enqueued on (the mask is read after them) */
+ncclResult_t ncclMoeQueryRankMask(ncclMoeComm_t comm, int* mask, int mask_on_device, cudaStream_t stream);
+
+/* Collective over the ranks with mask[r] == 0: sets every participant's mask to `mask` and resets the LL state of the
+ * participants (see above). Ranks masked in `mask` do not call it (they may be gone). Every participant passes the
+ * same mask (not checked).
+ *   comm:   a communicator created with config.enable_rank_masks = 1 and LL capacity (ncclInvalidUsage otherwise)
+ *   mask:   [R] int32 host memory, each 0 (active) or 1 (masked); mask[this rank] must be 0
+ *   stream: stream the reset and the new mask are enqueued on; later LL calls must be ordered after it */
+ncclResult_t ncclMoeSetRankMask(ncclMoeComm_t comm, const int* mask, cudaStream_t stream);
+
+/* ncclMoeSetRankMask with every rank active: collective over ALL ranks, masked ones included (this is how they
+ * rejoin: the LL state of every rank is reset, so a rank that stopped calling resynchronises).
+ *   comm:   as for ncclMoeSetRankMask
+ *   stream: as for ncclMoeSetRankMask */
+ncclResult_t ncclMoeClearRankMask(ncclMoeComm_t comm, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Helpers                                                                                           */

@@ -148,6 +148,9 @@ ncclResult_t checkConfig(const ncclMoeConfig_t* config, const char* api) {
   MOE_ARG_CHECK(config->num_sms >= 0, "%s: config->num_sms is %d, expected >= 0 (0 = automatic)", api, config->num_sms);
   MOE_ARG_CHECK(config->ll_num_sms >= 0, "%s: config->ll_num_sms is %d, expected >= 0 (0 = all of the rank's SMs)", api,
                 config->ll_num_sms);
+  MOE_ARG_CHECK(config->enable_rank_masks == 0 || config->enable_rank_masks == 1,
+                "%s: config->enable_rank_masks is %d, expected 0 (off) or 1 (rank masks for low-latency calls)", api,
+                config->enable_rank_masks);
   return ncclSuccess;
 }
 
@@ -739,6 +742,80 @@ NCCL_MOE_API ncclResult_t ncclMoeLowLatencyReset(ncclMoeComm_t comm, cudaStream_
   if (res == ncclSuccess) res = checkLlNodes(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = checkLlCapacity(comm, "ncclMoeLowLatencyReset");
   if (res == ncclSuccess) res = opLlReset(comm, stream);
+  return finish(comm, res);
+}
+
+namespace nccl_moe {
+namespace {
+
+ncclResult_t checkRankMasks(ncclMoeComm* comm, const char* api) {
+  if (comm->rank_mask == nullptr) {
+    return setLastError(ncclInvalidUsage,
+                        "%s: this communicator was created without rank masks (config enable_rank_masks = 0)", api);
+  }
+  return ncclSuccess;
+}
+
+// The checks of ncclMoeSetRankMask / ncclMoeClearRankMask; *masked_bits = the mask as bits (bit r: rank r masked).
+ncclResult_t checkSetRankMask(ncclMoeComm* comm, const int* mask, const char* api, uint32_t* masked_bits) {
+  MOE_CHECK(checkComm(comm, api));
+  MOE_CHECK(checkSingleNode(comm, api));
+  MOE_CHECK(checkRankMasks(comm, api));
+  MOE_CHECK(checkLlCapacity(comm, api));
+  *masked_bits = 0;
+  if (mask == nullptr) return ncclSuccess;  // clear
+  for (int r = 0; r < comm->num_ranks; ++r) {
+    MOE_ARG_CHECK(mask[r] == 0 || mask[r] == 1, "%s: mask[%d] is %d, expected 0 (active) or 1 (masked)", api, r,
+                  mask[r]);
+    if (mask[r]) *masked_bits |= 1u << r;
+  }
+  MOE_ARG_CHECK(mask[comm->rank] == 0,
+                "%s: mask[%d] is 1 but this is rank %d; a rank does not mask itself (ranks masked in the new mask do "
+                "not call ncclMoeSetRankMask)",
+                api, comm->rank, comm->rank);
+  return ncclSuccess;
+}
+
+}  // namespace
+}  // namespace nccl_moe
+
+NCCL_MOE_API ncclResult_t ncclMoeQueryRankMask(ncclMoeComm_t comm, int* mask, int mask_on_device, cudaStream_t stream) {
+  clearThreadLastError();
+  const char* api = "ncclMoeQueryRankMask";
+  ncclResult_t res = checkComm(comm, api);
+  if (res == ncclSuccess) res = checkRankMasks(comm, api);
+  if (res == ncclSuccess && mask == nullptr)
+    res = setLastError(ncclInvalidArgument, "%s: mask is NULL (expected [%d] int32)", api, comm->num_ranks);
+  if (res == ncclSuccess && mask_on_device != 0 && mask_on_device != 1)
+    res = setLastError(ncclInvalidArgument, "%s: mask_on_device is %d, expected 0 (host memory) or 1 (device memory)",
+                       api, mask_on_device);
+  if (res == ncclSuccess && mask_on_device == 0) res = checkStream(stream, false, api);
+  if (res == ncclSuccess) res = opLlQueryMask(comm, mask, mask_on_device == 1, stream);
+  return finish(comm, res);
+}
+
+NCCL_MOE_API ncclResult_t ncclMoeSetRankMask(ncclMoeComm_t comm, const int* mask, cudaStream_t stream) {
+  clearThreadLastError();
+  const char* api = "ncclMoeSetRankMask";
+  uint32_t masked_bits = 0;
+  ncclResult_t res = comm == nullptr ? setLastError(ncclInvalidArgument, "%s: comm is NULL", api) : ncclSuccess;
+  if (res == ncclSuccess && mask == nullptr)
+    res = setLastError(ncclInvalidArgument,
+                       "%s: mask is NULL (expected [%d] int32 host memory; "
+                       "ncclMoeClearRankMask clears)",
+                       api, comm->num_ranks);
+  if (res == ncclSuccess) res = checkSetRankMask(comm, mask, api, &masked_bits);
+  if (res == ncclSuccess) res = opLlSetMask(comm, masked_bits, stream);
+  return finish(comm, res);
+}
+
+NCCL_MOE_API ncclResult_t ncclMoeClearRankMask(ncclMoeComm_t comm, cudaStream_t stream) {
+  clearThreadLastError();
+  const char* api = "ncclMoeClearRankMask";
+  uint32_t masked_bits = 0;
+  ncclResult_t res = comm == nullptr ? setLastError(ncclInvalidArgument, "%s: comm is NULL", api) : ncclSuccess;
+  if (res == ncclSuccess) res = checkSetRankMask(comm, nullptr, api, &masked_bits);
+  if (res == ncclSuccess) res = opLlSetMask(comm, 0, stream);
   return finish(comm, res);
 }
 

@@ -106,7 +106,8 @@ struct BufferRecord {
 
 bool sameConfig(const ncclMoeConfig_t& a, const ncclMoeConfig_t& b) {
   return a.num_experts == b.num_experts && a.hidden == b.hidden && a.max_topk == b.max_topk &&
-         a.max_tokens_per_rank == b.max_tokens_per_rank && a.ll_max_tokens_per_rank == b.ll_max_tokens_per_rank;
+         a.max_tokens_per_rank == b.max_tokens_per_rank && a.ll_max_tokens_per_rank == b.ll_max_tokens_per_rank &&
+         a.enable_rank_masks == b.enable_rank_masks;
 }
 
 // The checks of init that can fail on one rank only, and this rank's identity.
@@ -161,10 +162,12 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
     if (!sameConfig(c, comm->config)) {
       return setLastError(ncclInvalidArgument,
                           "ncclMoeCommInit: config differs between ranks: rank %d has num_experts=%d hidden=%d "
-                          "max_topk=%d max_tokens_per_rank=%d ll_max_tokens_per_rank=%d, rank %d has %d/%d/%d/%d/%d",
+                          "max_topk=%d max_tokens_per_rank=%d ll_max_tokens_per_rank=%d enable_rank_masks=%d, rank %d "
+                          "has %d/%d/%d/%d/%d/%d",
                           comm->rank, comm->config.num_experts, comm->config.hidden, comm->config.max_topk,
-                          comm->config.max_tokens_per_rank, comm->config.ll_max_tokens_per_rank, r, c.num_experts,
-                          c.hidden, c.max_topk, c.max_tokens_per_rank, c.ll_max_tokens_per_rank);
+                          comm->config.max_tokens_per_rank, comm->config.ll_max_tokens_per_rank,
+                          comm->config.enable_rank_masks, r, c.num_experts, c.hidden, c.max_topk, c.max_tokens_per_rank,
+                          c.ll_max_tokens_per_rank, c.enable_rank_masks);
     }
   }
   std::vector<NetChoice> nets;
@@ -227,6 +230,10 @@ ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRe
   MOE_CHECK(loadKernels(comm->device));
   MOE_CUDA_CHECK(cudaMalloc(&comm->buffer, comm->layout.total_bytes));
   MOE_CUDA_CHECK(cudaMemset(comm->buffer, 0, comm->layout.total_bytes));
+  if (config.enable_rank_masks) {  // every rank active (src/kernels/low_latency/masks.cuh)
+    MOE_CUDA_CHECK(cudaMalloc(&comm->rank_mask, sizeof(int) * comm->num_ranks));
+    MOE_CUDA_CHECK(cudaMemset(comm->rank_mask, 0, sizeof(int) * comm->num_ranks));
+  }
   MOE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&comm->host_error), sizeof(ErrorRecord),
                                cudaHostAllocMapped | cudaHostAllocPortable));
   std::memset(comm->host_error, 0, sizeof(ErrorRecord));
@@ -375,6 +382,8 @@ void releaseCommResources(ncclMoeComm* comm) {
   unmapNvlinkPeers(&comm->nvl);
   if (comm->buffer != nullptr) cudaFree(comm->buffer);
   comm->buffer = nullptr;
+  if (comm->rank_mask != nullptr) cudaFree(comm->rank_mask);
+  comm->rank_mask = nullptr;
   if (comm->host_error != nullptr) cudaFreeHost(comm->host_error);
   comm->host_error = nullptr;
   if (comm->host_scratch != nullptr) cudaFreeHost(comm->host_scratch);

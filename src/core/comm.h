@@ -52,7 +52,8 @@ struct ncclMoeComm {
 
   nccl_moe::ErrorRecord* host_error = nullptr;  // host-mapped error record: host view
   nccl_moe::ErrorRecord* dev_error = nullptr;   //                           device view
-  int* host_scratch = nullptr;                  // host-mapped ints the notify kernel publishes counts into
+  int* rank_mask = nullptr;     // config.enable_rank_masks: [num_ranks] int32 device memory, 1 = masked; else null
+  int* host_scratch = nullptr;  // host-mapped ints the notify kernel publishes counts into
   int* dev_scratch = nullptr;
   int host_scratch_ints = 0;
 
@@ -80,6 +81,7 @@ struct ncclMoeComm {
     d.scaleout.peers = net_transport ? net_transport->deviceTable() : nullptr;
     d.error = dev_error;
     d.timeout_ns = timeout_ns;
+    d.rank_mask = rank_mask;
     return d;
   }
 };

@@ -93,6 +93,10 @@ struct DeviceComm {
   ScaleoutPeers scaleout;
   ErrorRecord* error;   // host-mapped, this rank's record
   uint64_t timeout_ns;  // bound of every device wait (NCCL_MOE_TIMEOUT_S)
+  // Rank masks (config.enable_rank_masks): [num_ranks] int32 in this rank's device memory, 1 = the rank is masked
+  // (an LL wait on it timed out, or ncclMoeSetRankMask). Null when masks are off: the LL kernels then run their
+  // variant without any mask code (src/kernels/low_latency/masks.cuh).
+  int* rank_mask;
 };
 
 }  // namespace nccl_moe

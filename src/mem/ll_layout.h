@@ -58,10 +58,12 @@ __host__ __device__ inline int ll_slot_expert(uint64_t word, int odd) {
 }
 static_assert(sizeof(LlMsgHeader) == kLlHeaderBytes, "header size");
 
-// Reset barrier: reset_flag[s] counts the resets rank s has reached (written by s); reset_count = own resets.
+// Reset barrier, counted per pair of ranks (a barrier of ncclMoeSetRankMask leaves the masked ranks out, so ranks
+// may have passed different numbers of barriers): reset_flag[s] = barriers rank s has entered together with this
+// rank (written by s), reset_seen[s] = those this rank has passed (local).
 struct LlPersist {
   long long reset_flag[kMaxNvlPeers];
-  long long reset_count;
+  long long reset_seen[kMaxNvlPeers];
 };
 
 struct LlControl {

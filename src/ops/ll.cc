@@ -149,7 +149,11 @@ ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** 
   return ncclSuccess;
 }
 
-ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
+namespace {
+
+// Barrier, zeroing, barrier (ncclMoeLowLatencyReset, ncclMoeSetRankMask). With write_mask the first barrier kernel
+// stores the new mask before it meets the ranks that mask holds active.
+ncclResult_t resetLlState(ncclMoeComm* comm, bool write_mask, uint32_t masked_bits, cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
   if (comm->nodes.num_nodes > 1) {
     MOE_CHECK(llNetReset(comm, stream));
@@ -157,17 +161,36 @@ ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) {
     return ncclSuccess;
   }
   const LlLayout& L = comm->layout.ll;
-  const LlResetArgs a{comm->deviceComm(), L, comm->layout.ll_half(0)};
+  LlResetArgs a{comm->deviceComm(), L, comm->layout.ll_half(0), write_mask ? 1 : 0, masked_bits};
   // Barrier first: every rank's earlier LL kernels have ended (and with them any ack or flag they add to this
   // rank's control region) before the zeroing; without it a peer's late receive ack could land after the
-  // memset and survive the reset.
+  // memset and survive the reset. (A masked rank left out of the barrier writes late only into the slots indexed
+  // by itself, which nobody reads until a later barrier that includes it, and the zeroing after it.)
   MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
   for (int half = 0; half < 2; ++half)
     MOE_CUDA_CHECK(
         cudaMemsetAsync(comm->buffer + comm->layout.ll_half(half) + L.control(), 0, L.reset_bytes(), stream));
   // Second barrier: no peer writes into this rank's LL region before its zeroing is complete.
+  a.write_mask = 0;
   MOE_CUDA_CHECK(launchLlResetBarrier(a, stream));
   comm->ll_next_half = 0;
+  return ncclSuccess;
+}
+
+}  // namespace
+
+ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream) { return resetLlState(comm, false, 0, stream); }
+
+ncclResult_t opLlSetMask(ncclMoeComm* comm, uint32_t masked_bits, cudaStream_t stream) {
+  return resetLlState(comm, true, masked_bits, stream);
+}
+
+ncclResult_t opLlQueryMask(ncclMoeComm* comm, int* mask, bool on_device, cudaStream_t stream) {
+  const DeviceGuard guard(comm->device);
+  const size_t bytes = sizeof(int) * comm->num_ranks;
+  MOE_CUDA_CHECK(cudaMemcpyAsync(mask, comm->rank_mask, bytes,
+                                 on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost, stream));
+  if (!on_device) MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   return ncclSuccess;
 }
 

@@ -42,6 +42,11 @@ ncclResult_t opLlCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoe
                          cudaStream_t stream);
 ncclResult_t opLlCombineBuffer(ncclMoeComm* comm, ncclMoeHandle* handle, void** buffer);
 ncclResult_t opLlReset(ncclMoeComm* comm, cudaStream_t stream);
+// Rank masks (config.enable_rank_masks): the mask into `mask` ([R] int32, device or host memory; host: waits for
+// `stream`), and the collective set (reset of the LL state of the ranks active in `masked_bits`, bit r = rank r
+// masked, then the new mask; see ncclMoeSetRankMask).
+ncclResult_t opLlQueryMask(ncclMoeComm* comm, int* mask, bool on_device, cudaStream_t stream);
+ncclResult_t opLlSetMask(ncclMoeComm* comm, uint32_t masked_bits, cudaStream_t stream);
 
 // cast.cc
 ncclResult_t opCastToFp8(const void* x, int num_tokens, int hidden, ncclMoeScaleFormat_t format, void* out_fp8,

@@ -650,10 +650,33 @@ void ll_store_row(LlDispatch& out, LlRankRecv& rv, size_t slab_row, int s, int t
 
 }  // namespace detail
 
+namespace {
+
+// Rank masks: checks `rank_mask` (null = none) against R ranks.
+void check_rank_mask(const std::vector<uint8_t>* rank_mask, int num_ranks, const char* api) {
+  if (rank_mask == nullptr) return;
+  require(rank_mask->size() == sz(num_ranks), std::string(api) + ": rank_mask->size() must be num_ranks");
+  for (size_t r = 0; r < rank_mask->size(); ++r)
+    require((*rank_mask)[r] <= 1,
+            std::string(api) + ": rank_mask[" + std::to_string(r) + "] must be 0 (active) or 1 (masked)");
+}
+
+bool rank_masked(const std::vector<uint8_t>* rank_mask, int rank) {
+  return rank_mask != nullptr && (*rank_mask)[sz(rank)] != 0;
+}
+
+}  // namespace
+
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
-                       bool use_fp8, ScaleFormat format, std::vector<std::vector<int>>* cumulative_stats) {
+                       bool use_fp8, ScaleFormat format, std::vector<std::vector<int>>* cumulative_stats,
+                       const std::vector<uint8_t>* rank_mask) {
   detail::check_ll(routing, hidden, max_tokens, x, use_fp8, format);
   const int R = routing.num_ranks, K = routing.topk, E = routing.num_experts, El = routing.num_local_experts();
+  check_rank_mask(rank_mask, R, "ll_dispatch");
+  // A slot travels when its source and its expert's rank are both active.
+  auto travels = [&](int s, int64_t e) {
+    return e >= 0 && !rank_masked(rank_mask, s) && !rank_masked(rank_mask, static_cast<int>(e / El));
+  };
   if (cumulative_stats) {
     require(cumulative_stats->size() == sz(R), "ll_dispatch: cumulative_stats->size() must be num_ranks");
     for (const auto& v : *cumulative_stats)
@@ -667,7 +690,7 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
   std::vector<int> count(sz(R) * E, 0);  // count[s * E + e]
   for (int s = 0; s < R; ++s)
     for (int64_t e : routing.ranks[s].topk_idx)
-      if (e >= 0) ++count[sz(s) * E + e];
+      if (travels(s, e)) ++count[sz(s) * E + e];
   std::vector<int> base(sz(R) * E, 0);  // base[s * E + e]
   for (int e = 0; e < E; ++e) {
     int run = 0;
@@ -690,7 +713,7 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
       if (xr && use_fp8) cast_row_to_fp8(xr, hidden, format, q.data(), scales.data(), packed.data());
       for (int k = 0; k < K; ++k) {
         const int64_t e = rr.topk_idx[sz(t) * K + k];
-        if (e < 0) continue;
+        if (!travels(s, e)) continue;
         const int row = base[sz(s) * E + e] + next[sz(e)]++;
         out.send_row[s][sz(t) * K + k] = row;
         const int d = static_cast<int>(e / El), j = static_cast<int>(e % El);
@@ -727,8 +750,10 @@ void check_ll_combine(const Routing& routing, const LlDispatch& dispatch, const 
 }  // namespace
 
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
-                                              const std::vector<std::vector<uint16_t>>& y) {
+                                              const std::vector<std::vector<uint16_t>>& y,
+                                              const std::vector<uint8_t>* rank_mask) {
   check_ll_combine(routing, dispatch, y);
+  check_rank_mask(rank_mask, routing.num_ranks, "ll_combine");
   const int R = routing.num_ranks, K = routing.topk, El = routing.num_local_experts(), H = dispatch.hidden;
   const size_t slab = sz(dispatch.slab_rows());
   std::vector<std::vector<uint16_t>> out(sz(R));
@@ -736,11 +761,13 @@ std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDi
   for (int s = 0; s < R; ++s) {
     const RankRouting& rr = routing.ranks[s];
     out[s].assign(sz(rr.num_tokens) * H, 0);
+    if (rank_masked(rank_mask, s)) continue;  // a masked rank receives nothing
     for (int t = 0; t < rr.num_tokens; ++t) {
       std::fill(sum.begin(), sum.end(), 0.0f);
       // Level 1 per expert rank d (ascending): FMA chain over d's slots, k ascending, rounded to bf16;
       // level 2: the bf16 partials added in FP32, d ascending.
       for (int d = 0; d < R; ++d) {
+        if (rank_masked(rank_mask, d)) continue;  // its contribution is absent
         bool any = false;
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int k = 0; k < K; ++k) {

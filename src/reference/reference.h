@@ -266,9 +266,14 @@ struct LlDispatch {
 // x: null (routing only) or [R][T_s, H] bf16. Requires T_s <= max_tokens, and H % 128 == 0 with use_fp8.
 // use_fp8: each row is cast with cast_row_to_fp8(format) (format kFloat, kFloatPow2 or kUe8m0).
 // cumulative_stats (optional): [R][E_l], recv_count[d][j] added to it.
+// rank_mask (optional, rank masks): [R], 1 = rank masked, else 0. A masked source sends nothing (its slots are
+// treated as -1: send_row -1); a masked destination receives nothing (every slot naming one of its experts is
+// treated as -1, its recv_count is 0). The rows of the active ranks keep the order above among themselves. An
+// all-zero mask gives the unmasked result bit for bit.
 LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const std::vector<std::vector<uint16_t>>* x,
                        bool use_fp8 = false, ScaleFormat format = ScaleFormat::kFloat,
-                       std::vector<std::vector<int>>* cumulative_stats = nullptr);
+                       std::vector<std::vector<int>>* cumulative_stats = nullptr,
+                       const std::vector<uint8_t>* rank_mask = nullptr);
 
 // Reverse of `dispatch`, weighted, in two levels (the kernels' order, bit for bit). y: [R][E_l, R*max, H] bf16
 // expert outputs in d's dispatch layout. Weights come from routing.ranks[s].topk_weights (required). For each
@@ -279,7 +284,11 @@ LlDispatch ll_dispatch(const Routing& routing, int hidden, int max_tokens, const
 //     partial_d = float_to_bf16(acc);                            (round to nearest even)
 //   sum = 0.0f; for those d ascending: sum = sum + bf16_to_float(partial_d);   (plain FP32 adds)
 //   out[s][t] = float_to_bf16(sum).   A token with no valid slot gives +0.
+// rank_mask (optional): as for ll_dispatch (pass the dispatch's): masked expert ranks d are left out of every sum
+// (their contribution is absent; a token whose valid slots all live on masked ranks gives +0), and a masked source's
+// out[s] is all +0 (it receives nothing).
 std::vector<std::vector<uint16_t>> ll_combine(const Routing& routing, const LlDispatch& dispatch,
-                                              const std::vector<std::vector<uint16_t>>& y);
+                                              const std::vector<std::vector<uint16_t>>& y,
+                                              const std::vector<uint8_t>* rank_mask = nullptr);
 
 }  // namespace nccl_moe::ref

@@ -67,7 +67,8 @@ struct Expected {
   std::vector<std::vector<uint16_t>> out;  // [R][T_s, H]
 };
 
-inline Expected makeExpected(Problem pb) {
+// rank_mask (rank masks, optional): [R], 1 = masked; the reference then leaves those ranks out (ref::ll_dispatch).
+inline Expected makeExpected(Problem pb, const std::vector<uint8_t>* rank_mask = nullptr) {
   Expected ex;
   if (pb.tokens_per_rank.empty()) {
     ref::Rng rng(ref::mix_seed(pb.seed, 999));
@@ -86,7 +87,7 @@ inline Expected makeExpected(Problem pb) {
   ex.routing = ref::make_routing(spec);
   ex.x = ref::make_bf16_rows_all(ex.routing, ref::mix_seed(pb.seed, 1), pb.hidden,
                                  pb.fp8 ? ref::ValueKind::kWide : ref::ValueKind::kExact);
-  ex.dispatch = ref::ll_dispatch(ex.routing, pb.hidden, pb.max_tokens, &ex.x, pb.fp8, pb.format);
+  ex.dispatch = ref::ll_dispatch(ex.routing, pb.hidden, pb.max_tokens, &ex.x, pb.fp8, pb.format, nullptr, rank_mask);
   const int El = pb.num_experts / pb.num_ranks, RM = pb.num_ranks * pb.max_tokens, H = pb.hidden;
   ex.y.resize(pb.num_ranks);
   for (int d = 0; d < pb.num_ranks; ++d) {
@@ -96,7 +97,7 @@ inline Expected makeExpected(Problem pb) {
         for (int c = 0; c < H; ++c)
           ex.y[d][(static_cast<size_t>(j) * RM + i) * H + c] = expertValue(pb.seed, d, j, i, c);
   }
-  ex.out = ref::ll_combine(ex.routing, ex.dispatch, ex.y);
+  ex.out = ref::ll_combine(ex.routing, ex.dispatch, ex.y, rank_mask);
   ex.pb = pb;
   return ex;
 }

@@ -315,6 +315,68 @@ std::vector<Case> cases() {
       {"HandleCreateNullOut", [](FakeComm& f) { return ncclMoeHandleCreate(&f.comm, nullptr); }, kArg,
        "handle is NULL"},
       {"VersionNull", [](FakeComm&) { return ncclMoeGetVersion(nullptr); }, kArg, "version is NULL"},
+      // Rank masks: a communicator with masks gets a (never dereferenced) mask pointer.
+      {"QueryMaskWithoutMasks",
+       [](FakeComm& f) {
+         int m[2];
+         return ncclMoeQueryRankMask(&f.comm, m, 0, nullptr);
+       },
+       kUsage, "enable_rank_masks = 0"},
+      {"QueryMaskNull",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         return ncclMoeQueryRankMask(&f.comm, nullptr, 1, nullptr);
+       },
+       kArg, "mask is NULL"},
+      {"QueryMaskWhere",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         return ncclMoeQueryRankMask(&f.comm, static_cast<int*>(fakePtr()), 2, nullptr);
+       },
+       kArg, "mask_on_device is 2"},
+      {"SetMaskNullComm",
+       [](FakeComm&) {
+         const int m[2] = {0, 1};
+         return ncclMoeSetRankMask(nullptr, m, nullptr);
+       },
+       kArg, "comm is NULL"},
+      {"SetMaskNull",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         return ncclMoeSetRankMask(&f.comm, nullptr, nullptr);
+       },
+       kArg, "mask is NULL"},
+      {"SetMaskWithoutMasks",
+       [](FakeComm& f) {
+         const int m[2] = {0, 1};
+         return ncclMoeSetRankMask(&f.comm, m, nullptr);
+       },
+       kUsage, "enable_rank_masks = 0"},
+      {"SetMaskValue",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         const int m[2] = {0, 3};
+         return ncclMoeSetRankMask(&f.comm, m, nullptr);
+       },
+       kArg, "mask[1] is 3"},
+      {"SetMaskSelf",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         const int m[2] = {1, 0};
+         return ncclMoeSetRankMask(&f.comm, m, nullptr);
+       },
+       kArg, "does not mask itself"},
+      {"SetMaskWithoutLl",
+       [](FakeComm& f) {
+         f.comm.rank_mask = static_cast<int*>(fakePtr());
+         f.comm.config.ll_max_tokens_per_rank = 0;
+         const int m[2] = {0, 1};
+         return ncclMoeSetRankMask(&f.comm, m, nullptr);
+       },
+       kUsage, "no low-latency capacity"},
+      {"ClearMaskWithoutMasks", [](FakeComm& f) { return ncclMoeClearRankMask(&f.comm, nullptr); }, kUsage,
+       "enable_rank_masks = 0"},
+      {"ClearMaskNullComm", [](FakeComm&) { return ncclMoeClearRankMask(nullptr, nullptr); }, kArg, "comm is NULL"},
   };
 }
 
@@ -375,6 +437,7 @@ TEST(ApiConfig, RejectsEachBadField) {
        "both 0"},
       {[](ncclMoeConfig_t& c) { c.num_sms = -3; }, "config->num_sms is -3"},
       {[](ncclMoeConfig_t& c) { c.ll_num_sms = -1; }, "config->ll_num_sms is -1"},
+      {[](ncclMoeConfig_t& c) { c.enable_rank_masks = 2; }, "config->enable_rank_masks is 2"},
       {[](ncclMoeConfig_t& c) { c.size = 4; }, "NCCL_MOE_CONFIG_INITIALIZER"},
   };
   for (auto& b : bad) {

@@ -644,6 +644,113 @@ TEST(ReferenceOps, LlCombineOrderContract) {
   EXPECT_EQ(brute::ll_combine(r, d0, y)[0], (std::vector<uint16_t>{0}));
 }
 
+// Rank masks: the routing with every slot of a masked source, and every slot naming an expert of a masked rank, set
+// to -1. ll_dispatch / ll_combine with a mask must equal the brute-force model on that routing, bit for bit.
+Routing without_masked(Routing r, const std::vector<uint8_t>& mask) {
+  const int El = r.num_local_experts();
+  for (int s = 0; s < r.num_ranks; ++s)
+    for (int64_t& e : r.ranks[s].topk_idx)
+      if (e >= 0 && (mask[s] != 0 || mask[e / El] != 0)) e = -1;
+  return r;
+}
+
+TEST(ReferenceOps, LlRankMaskEqualsRoutingWithoutMaskedRanks) {
+  int cases = 0;
+  for (int R : {2, 4, 8}) {
+    for (uint64_t seed = 1; seed <= 6; ++seed) {
+      RoutingSpec spec;
+      spec.num_ranks = R;
+      spec.num_experts = 3 * R;
+      spec.topk = 1 + static_cast<int>(seed % 5);
+      spec.num_tokens = 5 + static_cast<int>(seed);
+      spec.masked_fraction = seed % 2 ? 0.2 : 0.0;
+      spec.seed = seed * 31 + R;
+      const Routing r = make_routing(spec);
+      std::vector<uint8_t> mask(R, 0);
+      Rng rng(spec.seed);
+      for (int d = 0; d < R; ++d) mask[d] = rng.below(3) == 0 ? 1 : 0;
+      mask[seed % R] = 1;  // at least one masked rank
+      if (seed == 6) std::fill(mask.begin(), mask.end(), 0);
+      SCOPED_TRACE("R " + std::to_string(R) + " seed " + std::to_string(seed));
+      const int H = 128, max_tokens = spec.num_tokens;
+      const bool fp8 = seed % 3 == 0;
+      const auto x = make_bf16_rows_all(r, seed, H, fp8 ? ValueKind::kWide : ValueKind::kExact);
+      const LlDispatch a = ll_dispatch(r, H, max_tokens, &x, fp8, ScaleFormat::kFloat, nullptr, &mask);
+      const Routing filtered = without_masked(r, mask);
+      const LlDispatch b = brute::ll_dispatch(filtered, H, max_tokens, &x, fp8, ScaleFormat::kFloat);
+      ASSERT_EQ(diff(a, b), "");
+      for (int d = 0; d < R; ++d)
+        for (int j = 0; j < r.num_local_experts(); ++j) {
+          if (mask[d]) EXPECT_EQ(0, a.recv[d].recv_count[j]) << "masked destination " << d << " received rows";
+          for (int i = 0; i < a.recv[d].recv_count[j]; ++i)
+            EXPECT_EQ(0, mask[a.recv[d].src_rank[static_cast<size_t>(j) * a.slab_rows() + i]])
+                << "rank " << d << " expert " << j << " row " << i << " came from a masked source";
+        }
+      std::vector<std::vector<uint16_t>> y;
+      for (int d = 0; d < R; ++d)
+        y.push_back(make_bf16_rows(seed + 5, d, r.num_local_experts() * a.slab_rows(), H, ValueKind::kWide));
+      const auto oa = ll_combine(r, a, y, &mask);
+      ASSERT_EQ(oa, brute::ll_combine(filtered, b, y));
+      for (int s = 0; s < R; ++s)
+        if (mask[s]) EXPECT_EQ(oa[s], std::vector<uint16_t>(oa[s].size(), 0)) << "masked rank " << s << " got output";
+      if (seed == 6) {  // an all-zero mask is no mask
+        ASSERT_EQ(diff(a, ll_dispatch(r, H, max_tokens, &x, fp8)), "");
+        ASSERT_EQ(oa, ll_combine(r, a, y));
+      }
+      ++cases;
+    }
+  }
+  EXPECT_EQ(cases, 18);
+}
+
+// One token of rank 0 with a slot on each rank: masking rank 1 leaves rank 0's partial only; rank 1's own token
+// (on rank 0's expert) is not received by rank 0; a masked rank receives nothing and gets +0.
+TEST(ReferenceOps, LlRankMaskSmallExample) {
+  Routing r;
+  r.num_ranks = 2;
+  r.num_experts = 4;
+  r.topk = 2;
+  r.ranks.resize(2);
+  r.ranks[0] = {1, {1, 2}, {1.0f, 1.0f}};  // expert 1 on rank 0, expert 2 on rank 1
+  r.ranks[1] = {1, {0, -1}, {1.0f, 0.0f}};
+  const std::vector<uint8_t> mask{0, 1};
+  const LlDispatch full = ll_dispatch(r, 1, 1, nullptr);
+  const LlDispatch d = ll_dispatch(r, 1, 1, nullptr, false, ScaleFormat::kFloat, nullptr, &mask);
+  EXPECT_EQ(full.recv[0].recv_count, (std::vector<int>{1, 1}));
+  EXPECT_EQ(d.recv[0].recv_count, (std::vector<int>{0, 1}));  // rank 1's token on expert 0 is gone
+  EXPECT_EQ(d.recv[1].recv_count, (std::vector<int>{0, 0}));  // the masked rank receives nothing
+  EXPECT_EQ(d.send_row[0], (std::vector<int>{0, -1}));
+  EXPECT_EQ(d.send_row[1], (std::vector<int>{-1, -1}));
+  // y: [E_l=2, R*max=2, H=1] per rank. Rank 0's partial (expert 1, row 0) = 2, rank 1's (expert 2, row 0) = 4.
+  std::vector<std::vector<uint16_t>> y(2, std::vector<uint16_t>(4, 0));
+  y[0][2] = float_to_bf16(2.0f);
+  y[1][0] = float_to_bf16(4.0f);
+  EXPECT_EQ(ll_combine(r, full, y)[0], (std::vector<uint16_t>{float_to_bf16(6.0f)}));
+  const auto out = ll_combine(r, d, y, &mask);
+  EXPECT_EQ(out[0], (std::vector<uint16_t>{float_to_bf16(2.0f)}));
+  EXPECT_EQ(out[1], (std::vector<uint16_t>{0}));
+  // Masking rank 0 instead: rank 1's token (expert 0) and rank 0's slot on rank 0 are gone, rank 1 keeps nothing.
+  const std::vector<uint8_t> mask0{1, 0};
+  const LlDispatch d0 = ll_dispatch(r, 1, 1, nullptr, false, ScaleFormat::kFloat, nullptr, &mask0);
+  EXPECT_EQ(d0.recv[0].recv_count, (std::vector<int>{0, 0}));
+  EXPECT_EQ(d0.recv[1].recv_count, (std::vector<int>{0, 0}));
+  EXPECT_EQ(ll_combine(r, d0, y, &mask0)[1], (std::vector<uint16_t>{0}));
+}
+
+TEST(ReferenceOps, LlRankMaskInvalidThrows) {
+  Routing r;
+  r.num_ranks = 2;
+  r.num_experts = 2;
+  r.topk = 1;
+  r.ranks = {{1, {0}, {1.0f}}, {1, {1}, {1.0f}}};
+  const std::vector<uint8_t> short_mask{0}, bad_value{0, 2};
+  EXPECT_THROW(ll_dispatch(r, 1, 1, nullptr, false, ScaleFormat::kFloat, nullptr, &short_mask), std::invalid_argument);
+  EXPECT_THROW(ll_dispatch(r, 1, 1, nullptr, false, ScaleFormat::kFloat, nullptr, &bad_value), std::invalid_argument);
+  const LlDispatch d = ll_dispatch(r, 1, 1, nullptr);
+  const std::vector<std::vector<uint16_t>> y(2, std::vector<uint16_t>(2, 0));
+  EXPECT_THROW(ll_combine(r, d, y, &short_mask), std::invalid_argument);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Generators, validation, determinism
 // ------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ struct LlResetArgs {
   DeviceComm comm;
   LlLayout layout;
   size_t half0_offset;  // offset of LL half 0 (its persist block holds the reset barrier's counters)
+  // The ranks of the barrier: with rank masks, those active in the mask (the new one with write_mask, else the one
+  // in comm.rank_mask when the barrier runs); every rank without masks.
+  int write_mask;  // 1: store new_masked_bits into comm.rank_mask (bit r: rank r masked) before the barrier
+  uint32_t new_masked_bits;
 };
 
 // Launch on `stream`, return cudaGetLastError(). Dispatch and combine: up to max_blocks_per_sm (at most

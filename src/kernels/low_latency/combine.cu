@@ -37,6 +37,7 @@
 
 #include "kernels/low_latency/args.h"
 #include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency/masks.cuh"
 
 namespace nccl_moe {
 namespace {
@@ -85,6 +86,10 @@ __device__ __forceinline__ void reduce_token_rows(const LlCombineArgs& p, const 
   }
 }
 
+// kMasks: the rank-mask variant (masks.cuh), launched when p.comm.rank_mask is set. Masked ranks get no weights and
+// no partials, their tokens (as a dispatch source) are not reduced, and their partials (as an expert rank) are left
+// out of every token's sum.
+template <bool kMasks>
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     ll_combine_kernel(const __grid_constant__ LlCombineArgs p) {
   __shared__ int s_first[kMaxNvlPeers + 1];
@@ -100,9 +105,11 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   LlControl* ctrl = ll::control(L, my_half);
   // Thread 0 loads the epochs for the block (all warps of all blocks loading the same words queue at one L2 slice).
   __shared__ long long s_epochs[2];
+  __shared__ uint32_t s_live;  // kMasks: the active ranks as this block last read them
   if (tid == 0) {
     s_epochs[0] = *reinterpret_cast<volatile long long*>(&ctrl->combine_epoch);
     s_epochs[1] = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch);
+    if constexpr (kMasks) s_live = ll::live_ranks(p.comm);
   }
   __syncthreads();
   const long long tag = s_epochs[0] + 1;
@@ -112,7 +119,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     const bool push = p.topk_weights != nullptr;
     // Weights given to the combine go to every rank (they reduce this rank's tokens per rank before sending
     // them back); without them the dispatch headers' weights are used and nothing is exchanged here.
-    if (push && blockIdx.x == 0 && warp < R) {
+    if (push && blockIdx.x == 0 && warp < R && (!kMasks || ll::is_live(s_live, warp))) {
       uint8_t* peer_half = ll::half_of(p.comm, warp, p.half_offset);
       float* dst = ll::combine_weights(L, peer_half, me);
       const int n = p.num_tokens * K;
@@ -158,8 +165,12 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     if (warp == 1) {
       int tokens = 0;
       if (lane < R) {
-        tokens = static_cast<int>(ctrl->dispatch_flag[lane] & 0xffffffffll);
+        const long long flag = ctrl->dispatch_flag[lane];
+        tokens = static_cast<int>(flag & 0xffffffffll);
         tokens = tokens < L.tokens ? tokens : L.tokens;
+        // A masked source gets nothing back; one masked during the dispatch may have left an older flag.
+        if constexpr (kMasks)
+          if (!ll::is_live(s_live, lane) || (flag >> 32) != static_cast<long long>(dispatch_tag)) tokens = 0;
       }
       const int inc = ll::warp_inclusive_scan(tokens);
       if (lane < R) s_first[lane] = inc - tokens;
@@ -168,25 +179,38 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       if (!push && static_cast<int>(blockIdx.x) < s_first[R]) resolve(blockIdx.x);
     }
     bool ok = true;
-    if (tid < R) {
-      // Rank tid finished reading its partials of this half's previous combine (normally long done).
-      ok = dev::wait_geq(p.comm, &ctrl->combine_ack[tid], tag - 1, Phase::kLlCombineRecv, tid);
-      if (ok && push) ok = dev::wait_geq(p.comm, &ctrl->combine_weight_flag[tid], tag, Phase::kLlCombineRecv, tid);
+    if constexpr (kMasks) {
+      if (tid < R && ll::is_live(s_live, tid)) {
+        int w = dev::wait_geq_or_mask(p.comm, &ctrl->combine_ack[tid], tag - 1, Phase::kLlCombineRecv, tid);
+        if (w == dev::kWaitArrived && push)
+          w = dev::wait_geq_or_mask(p.comm, &ctrl->combine_weight_flag[tid], tag, Phase::kLlCombineRecv, tid);
+        ok = w != dev::kWaitFailed;
+      }
+      if (__syncthreads_or(!ok)) return;
+      if (tid == 0) s_live = ll::live_ranks(p.comm);  // (the loop below skips tokens of sources masked meanwhile)
+      __syncthreads();
+    } else {
+      if (tid < R) {
+        // Rank tid finished reading its partials of this half's previous combine (normally long done).
+        ok = dev::wait_geq(p.comm, &ctrl->combine_ack[tid], tag - 1, Phase::kLlCombineRecv, tid);
+        if (ok && push) ok = dev::wait_geq(p.comm, &ctrl->combine_weight_flag[tid], tag, Phase::kLlCombineRecv, tid);
+      }
+      if (__syncthreads_or(!ok)) return;
     }
-    if (__syncthreads_or(!ok)) return;
     const int total = s_first[R];
     for (int g = blockIdx.x; g < total; g += gridDim.x) {
       if (push || g != static_cast<int>(blockIdx.x)) {
         if (warp == 0) resolve(g);
         __syncthreads();
       }
-      if (s_n > 0) {
+      if (s_n > 0 && (!kMasks || ll::is_live(s_live, s_src))) {
         uint8_t* dst = ll::combine_recv_row(L, ll::half_of(p.comm, s_src, p.half_offset), me, s_tok);
         reduce_token_rows(p, s_rows, s_w, s_n, dst);
       }
       __syncthreads();  // s_rows / s_w / s_n are rewritten by the next token
     }
-    if (ll::arrive_last_block(&ctrl->combine_send_arrived, true) && tid < R) {
+    if (ll::arrive_last_block(&ctrl->combine_send_arrived, true) && tid < R &&
+        (!kMasks || tid == me || !dev::rank_masked(p.comm, tid))) {
       LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
       dev::st_release_sys(&peer_ctrl->combine_flag[me], tag);
     }
@@ -212,8 +236,19 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       if (lane == 0) s_mask = mask;
     }
     bool ok = true;
-    if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->combine_flag[tid], tag, Phase::kLlCombineRecv, tid);
-    if (__syncthreads_or(!ok)) return;
+    if constexpr (kMasks) {
+      if (tid < R && ll::is_live(s_live, tid))
+        ok = dev::wait_geq_or_mask(p.comm, &ctrl->combine_flag[tid], tag, Phase::kLlCombineRecv, tid) !=
+             dev::kWaitFailed;
+      if (__syncthreads_or(!ok)) return;
+      // The expert ranks this block sums: those still active after its waits (a rank masked by another block
+      // afterwards still counts here; that happens only in the call during which the rank is lost).
+      if (tid == 0) s_live = ll::live_ranks(p.comm);
+      __syncthreads();
+    } else {
+      if (tid < R) ok = dev::wait_geq(p.comm, &ctrl->combine_flag[tid], tag, Phase::kLlCombineRecv, tid);
+      if (__syncthreads_or(!ok)) return;
+    }
     const int n8 = H / 8;
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
       if (t != static_cast<int>(blockIdx.x)) {
@@ -223,7 +258,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
         }
         __syncthreads();
       }
-      const int mask = s_mask;
+      const int mask = kMasks ? s_mask & static_cast<int>(s_live) : s_mask;
       int4* out_row = reinterpret_cast<int4*>(p.out + static_cast<size_t>(t) * H);
       for (int c = tid; c < n8; c += ll::kThreads) {
         float acc[8];
@@ -257,23 +292,34 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     if (ll::arrive_last_block(&ctrl->combine_recv_arrived, false)) {
       if (tid == 0) ctrl->combine_epoch = tag;
       // Every rank may now overwrite its partials of this half in this rank's buffer.
-      if (tid < R) dev::st_release_sys(&ll::control(L, ll::half_of(p.comm, tid, p.half_offset))->combine_ack[me], tag);
+      if (tid < R && (!kMasks || tid == me || !dev::rank_masked(p.comm, tid)))
+        dev::st_release_sys(&ll::control(L, ll::half_of(p.comm, tid, p.half_offset))->combine_ack[me], tag);
     }
   }
+}
+
+template <bool kMasks>
+cudaError_t loadVariant() {
+  (void)ll::grid_blocks<ll_combine_kernel<kMasks>>(1, 0);
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, ll_combine_kernel<kMasks>);
 }
 
 }  // namespace
 
 cudaError_t launchLlCombine(const LlCombineArgs& a, cudaStream_t stream) {
-  ll_combine_kernel<<<dim3(ll::grid_blocks<ll_combine_kernel>(a.num_sms, a.max_blocks_per_sm)), dim3(ll::kThreads), 0,
-                      stream>>>(a);
+  if (a.comm.rank_mask != nullptr)
+    ll_combine_kernel<true><<<dim3(ll::grid_blocks<ll_combine_kernel<true>>(a.num_sms, a.max_blocks_per_sm)),
+                              dim3(ll::kThreads), 0, stream>>>(a);
+  else
+    ll_combine_kernel<false><<<dim3(ll::grid_blocks<ll_combine_kernel<false>>(a.num_sms, a.max_blocks_per_sm)),
+                               dim3(ll::kThreads), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlCombineKernels() {
-  (void)ll::grid_blocks<ll_combine_kernel>(1, 0);
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ll_combine_kernel);
+  const cudaError_t e = loadVariant<false>();
+  return e != cudaSuccess ? e : loadVariant<true>();
 }
 
 }  // namespace nccl_moe

@@ -70,7 +70,8 @@ using namespace ll_dispatch;  // the roles (dispatch_send.cuh, dispatch_recv.cuh
 
 constexpr int kMaxSegments = kMaxNvlPeers * (4096 / 32);  // 32-token segments over all sources
 
-template <bool kFp8>
+// kMasks: the rank-mask variant (masks.cuh), launched when p.comm.rank_mask is set.
+template <bool kFp8, bool kMasks>
 __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     ll_dispatch_kernel(const __grid_constant__ LlDispatchArgs p) {
   __shared__ int s_tokens[kMaxNvlPeers];
@@ -90,7 +91,11 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   // Thread 0 loads it for the block: every warp of every block loading the same word queued at one L2 slice
   // (~4000 requests; the trace had the median block's epoch 1 us after the kernel's start).
   __shared__ long long s_epoch;
-  if (tid == 0) s_epoch = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch);
+  __shared__ uint32_t s_live;  // kMasks: the active ranks as this block last read them
+  if (tid == 0) {
+    s_epoch = *reinterpret_cast<volatile long long*>(&ctrl->dispatch_epoch);
+    if constexpr (kMasks) s_live = ll::live_ranks(p.comm);
+  }
   __syncthreads();
   const long long epoch_tag = s_epoch / kLlArrivalUnits + 1;
   const int tag = static_cast<int>(epoch_tag);
@@ -105,14 +110,23 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     if (static_cast<int>(blockIdx.x) >= p.num_tokens) {
       if (blockIdx.x > 0 && !p.do_recv) return;
       bool ok = true;
-      if (tid < R)
-        ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits, Phase::kLlDispatchRecv,
-                           tid);
-      if (__syncthreads_or(!ok)) return;
+      if constexpr (kMasks) {
+        if (tid < R && ll::is_live(s_live, tid))
+          ok = dev::wait_geq_or_mask(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
+                                     Phase::kLlDispatchRecv, tid) != dev::kWaitFailed;
+        if (__syncthreads_or(!ok)) return;
+        if (tid == 0) s_live = ll::live_ranks(p.comm);
+        __syncthreads();
+      } else {
+        if (tid < R)
+          ok = dev::wait_geq(p.comm, &ctrl->dispatch_ack[tid], (epoch_tag - 1) * kLlArrivalUnits,
+                             Phase::kLlDispatchRecv, tid);
+        if (__syncthreads_or(!ok)) return;
+      }
     }
     for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
       const bool first = t == static_cast<int>(blockIdx.x);
-      if (!send_token<kFp8>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1)) return;
+      if (!send_token<kFp8, kMasks>(p, t, tag, first ? ctrl->dispatch_ack : nullptr, epoch_tag - 1, &s_live)) return;
     }
     // Per-block arrival at every peer: the release add (after the block barrier) publishes this block's
     // stores; no grid-wide counter, no last block. Block 0 without tokens stores the count (0) before its add.
@@ -121,7 +135,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       const int senders = p.num_tokens < grid ? (p.num_tokens > 0 ? p.num_tokens : 1) : grid;
       trace_at(p, kLlTraceSendStored);
       __syncthreads();
-      if (tid < R) {
+      if (tid < R && (!kMasks || ll::is_live(s_live, tid))) {
         LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
         if (b == 0 && p.num_tokens == 0)  // (with tokens, send_token published it before the rows)
           peer_ctrl->dispatch_flag[me] = epoch_tag << 32;
@@ -146,8 +160,11 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       const int member = b / E_l, j = b - member * E_l;
       if (tid == 0) {
         const long long* word = ll::expert_ready(L, my_half, j);
-        // Long by construction (the peers' data, then block j's scan and placement): polls every ~200 ns.
-        const bool ok = dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, -1, 200u);
+        // Long by construction (the peers' data, then block j's scan and placement): polls every ~200 ns. With
+        // masks, block j may first spend a timeout on each source it ends up masking.
+        const bool ok =
+            kMasks ? dev::wait_geq_local_scaled(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, 200u, R + 2)
+                   : dev::wait_geq(p.comm, word, epoch_tag << 32, Phase::kLlDispatchRecv, -1, 200u);
         s_rows = ok ? static_cast<int>(dev::ld_relaxed_sys(word) & 0xffffffffll) : -1;
       }
       __syncthreads();
@@ -162,29 +179,58 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
       __shared__ int s_rows_here;
       bool ok = true;
       if (warp == 0 && lane < R) {
-        ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
-        const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
-        s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
+        if constexpr (kMasks) {
+          // A source masked before or during this wait is left out: s_tokens = -1 (no headers, no rows awaited).
+          const int w = ll::is_live(s_live, lane) ? dev::wait_geq_or_mask(p.comm, &ctrl->dispatch_flag[lane],
+                                                                          epoch_tag << 32, Phase::kLlDispatchRecv, lane)
+                                                  : dev::kWaitMasked;
+          ok = w != dev::kWaitFailed;
+          const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+          s_tokens[lane] = w != dev::kWaitArrived ? -1 : (tokens < L.tokens ? tokens : L.tokens);
+        } else {
+          ok = dev::wait_geq(p.comm, &ctrl->dispatch_flag[lane], epoch_tag << 32, Phase::kLlDispatchRecv, lane);
+          const int tokens = static_cast<int>(dev::ld_relaxed_sys(&ctrl->dispatch_flag[lane]) & 0xffffffffll);
+          s_tokens[lane] = tokens < L.tokens ? tokens : L.tokens;
+        }
       } else if (warp == 1) {
         const bool here = lane >= R || dev::ld_acquire_sys(&ctrl->dispatch_count[lane]) >= epoch_tag * kLlArrivalUnits;
         const bool all_here = __all_sync(0xffffffffu, here);
         if (lane == 0) s_rows_here = all_here;
       }
       if (__syncthreads_or(!ok)) return;
-      if (tid == 0) {
-        int first = 0;
-        for (int s = 0; s < R; ++s) {
-          s_seg_first[s] = first;
-          first += (s_tokens[s] + 31) / 32;
+      // (s_tokens[s] = -1, a masked source, gives (-1 + 31) / 32 = 0 segments.)
+      auto segments = [&] {
+        if (tid == 0) {
+          int first = 0;
+          for (int s = 0; s < R; ++s) {
+            s_seg_first[s] = first;
+            first += (s_tokens[s] + 31) / 32;
+          }
+          s_seg_first[R] = first;
         }
-        s_seg_first[R] = first;
+        __syncthreads();
+        return s_seg_first[R];
+      };
+      int num_segments = segments();
+      for (int j = b; j < L.num_local_experts; j += gridDim.x) {
+        int got = recv_expert<kFp8, kMasks>(p, my_half, j, tag, team, s_rows_here != 0, s_tokens, s_seg_first,
+                                            s_seg_base, num_segments);
+        if constexpr (kMasks) {
+          // A source was masked while this block waited for it: leave it out (from this expert on) and receive
+          // again. Each round leaves out at least one more source (only unmasked sources are waited for), so this
+          // ends after at most R - 1 rounds.
+          while (got == kRecvRetry) {
+            if (tid == 0)
+              for (int s = 0; s < R; ++s)
+                if (s != me && dev::rank_masked(p.comm, s)) s_tokens[s] = -1;
+            __syncthreads();
+            num_segments = segments();
+            got = recv_expert<kFp8, kMasks>(p, my_half, j, tag, team, s_rows_here != 0, s_tokens, s_seg_first,
+                                            s_seg_base, num_segments);
+          }
+        }
+        if (got != kRecvOk) return;
       }
-      __syncthreads();
-      const int num_segments = s_seg_first[R];
-      for (int j = b; j < L.num_local_experts; j += gridDim.x)
-        if (!recv_expert<kFp8>(p, my_half, j, tag, team, s_rows_here != 0, s_tokens, s_seg_first, s_seg_base,
-                               num_segments))
-          return;
     }
     // Per-block arrival: the adds (after the block barrier) tell every source that this block is done reading
     // its messages. They are relaxed, not release: what they must follow is the block's READS of the messages,
@@ -196,7 +242,7 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
     // multiple of kLlArrivalUnits only when every receiving block has added).
     const long long share = ll::arrival_share(b, receivers);
     __syncthreads();
-    if (tid < R) {
+    if (tid < R && (!kMasks || tid == me || !dev::rank_masked(p.comm, tid))) {
       LlControl* peer_ctrl = ll::control(L, ll::half_of(p.comm, tid, p.half_offset));
       dev::red_add_relaxed_sys(&peer_ctrl->dispatch_ack[me], share);
     }
@@ -206,26 +252,37 @@ __global__ void __launch_bounds__(ll::kThreads, ll::kBlocksPerSm)
   }
 }
 
+template <bool kFp8, bool kMasks>
+void launchVariant(const LlDispatchArgs& a, cudaStream_t stream) {
+  ll_dispatch_kernel<kFp8, kMasks><<<ll::grid_blocks<ll_dispatch_kernel<kFp8, kMasks>>(a.num_sms, a.max_blocks_per_sm),
+                                     dim3(ll::kThreads), 0, stream>>>(a);
+}
+
+template <bool kFp8, bool kMasks>
+cudaError_t loadVariant() {
+  // grid_blocks' occupancy query loads the kernel and fixes its cached blocks per SM.
+  (void)ll::grid_blocks<ll_dispatch_kernel<kFp8, kMasks>>(1, 0);
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, ll_dispatch_kernel<kFp8, kMasks>);
+}
+
 }  // namespace
 
 cudaError_t launchLlDispatch(const LlDispatchArgs& a, cudaStream_t stream) {
-  const dim3 block(ll::kThreads);
+  const bool masks = a.comm.rank_mask != nullptr;
   if (a.use_fp8)
-    ll_dispatch_kernel<true>
-        <<<ll::grid_blocks<ll_dispatch_kernel<true>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
+    masks ? launchVariant<true, true>(a, stream) : launchVariant<true, false>(a, stream);
   else
-    ll_dispatch_kernel<false>
-        <<<ll::grid_blocks<ll_dispatch_kernel<false>>(a.num_sms, a.max_blocks_per_sm), block, 0, stream>>>(a);
+    masks ? launchVariant<false, true>(a, stream) : launchVariant<false, false>(a, stream);
   return cudaGetLastError();
 }
 
 cudaError_t loadLlDispatchKernels() {
-  // grid_blocks' occupancy query loads the kernel and fixes its cached blocks per SM.
-  (void)ll::grid_blocks<ll_dispatch_kernel<true>>(1, 0);
-  (void)ll::grid_blocks<ll_dispatch_kernel<false>>(1, 0);
-  cudaFuncAttributes attr;
-  const cudaError_t e = cudaFuncGetAttributes(&attr, ll_dispatch_kernel<true>);
-  return e != cudaSuccess ? e : cudaFuncGetAttributes(&attr, ll_dispatch_kernel<false>);
+  cudaError_t e = loadVariant<true, false>();
+  if (e == cudaSuccess) e = loadVariant<false, false>();
+  if (e == cudaSuccess) e = loadVariant<true, true>();
+  if (e == cudaSuccess) e = loadVariant<false, true>();
+  return e;
 }
 
 }  // namespace nccl_moe

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "kernels/low_latency/dispatch_roles.cuh"
+#include "kernels/low_latency/masks.cuh"
 
 namespace nccl_moe {
 namespace ll_dispatch {
@@ -54,6 +55,37 @@ __device__ __forceinline__ bool wait_header(const LlDispatchArgs& p, uint8_t* ha
     }
   }
 }
+
+// wait_header with rank masks on: dev::kWaitArrived once the header is this dispatch's; dev::kWaitMasked when source
+// s is masked meanwhile, or after masking it on a timeout; dev::kWaitFailed when another error was recorded or s is
+// this rank (not maskable).
+__device__ __noinline__ int wait_header_or_mask(const LlDispatchArgs& p, uint8_t* half, int s, int t, uint32_t tag,
+                                                int j, uint32_t* mask) {
+  const bool maskable = s != p.comm.rank;
+  const uint64_t start = dev::globaltimer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    __nanosleep(kHeaderPollNs);
+    if (header_mask(p.layout, half, s, t, tag, j, p.topk, mask)) return dev::kWaitArrived;
+    if ((spins & 63u) == 0) {
+      if (dev::error_recorded(p.comm)) return dev::kWaitFailed;
+      if (maskable && dev::rank_masked(p.comm, s)) return dev::kWaitMasked;
+      if (dev::globaltimer_ns() - start > p.comm.timeout_ns) {
+        if (maskable) {
+          dev::mask_rank(p.comm, s);
+          return dev::kWaitMasked;
+        }
+        const uint64_t w0 = reinterpret_cast<const volatile uint64_t*>(ll::dispatch_msg(p.layout, half, s, t))[0];
+        dev::record_error(p.comm, kErrTimeout, Phase::kLlDispatchRecv, s, static_cast<long long>(ll_slot_tag(w0)),
+                          static_cast<long long>(tag));
+        return dev::kWaitFailed;
+      }
+    }
+  }
+}
+
+// What recv_expert returns. kRecvRetry (rank masks only): a source was masked while the block waited for its headers
+// or rows; the caller drops it (s_tokens[s] = -1) and receives the expert again.
+enum RecvResult : int { kRecvFailed = 0, kRecvOk = 1, kRecvRetry = 2 };
 
 constexpr int kMaskCache = 2;     // pass-1 slot masks a lane keeps for pass 2 (segments warp + i * kWarps)
 constexpr int kInfoCache = 1024;  // rows whose message index is kept in shared memory for the copy
@@ -141,12 +173,14 @@ __device__ __forceinline__ void copy_rows(const LlDispatchArgs& p, uint8_t* my_h
   }
 }
 
-template <bool kFp8>
-__device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my_half, int j, int tag, int team,
-                                            bool rows_here, const int* s_tokens, const int* s_seg_first,
-                                            int* s_seg_base, int num_segments) {
+// s_tokens[s]: the source's token count; with rank masks, -1 for a source the block leaves out (masked).
+template <bool kFp8, bool kMasks>
+__device__ __forceinline__ int recv_expert(const LlDispatchArgs& p, uint8_t* my_half, int j, int tag, int team,
+                                           bool rows_here, const int* s_tokens, const int* s_seg_first, int* s_seg_base,
+                                           int num_segments) {
   __shared__ int s_total;
   __shared__ int s_failed;
+  __shared__ int s_retry;            // kMasks: a source was masked during the header scan
   __shared__ int s_msg[kInfoCache];  // row i -> message slot s * tokens + t
   const LlLayout& L = p.layout;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -156,7 +190,10 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
 
   // Pass 1: rows per 32-token segment, each lane waiting for its message's header (they arrive before the rows;
   // the first kMaskCache masks of a lane stay in registers for pass 2).
-  if (tid == 0) s_failed = 0;
+  if (tid == 0) {
+    s_failed = 0;
+    if constexpr (kMasks) s_retry = 0;
+  }
   __syncthreads();
   uint32_t cached[kMaskCache];
   {
@@ -166,9 +203,17 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
       while (s + 1 < R && s_seg_first[s + 1] <= seg) ++s;
       const int t = (seg - s_seg_first[s]) * 32 + lane;
       uint32_t m = 0;
-      if (t < s_tokens[s] && !header_mask(L, my_half, s, t, tag, j, K, &m) &&
-          !wait_header(p, my_half, s, t, tag, j, &m))
-        s_failed = 1;
+      if constexpr (kMasks) {
+        if (t < s_tokens[s] && !header_mask(L, my_half, s, t, tag, j, K, &m)) {
+          const int w = wait_header_or_mask(p, my_half, s, t, tag, j, &m);
+          if (w == dev::kWaitFailed) s_failed = 1;
+          if (w == dev::kWaitMasked) s_retry = 1;
+        }
+      } else {
+        if (t < s_tokens[s] && !header_mask(L, my_half, s, t, tag, j, K, &m) &&
+            !wait_header(p, my_half, s, t, tag, j, &m))
+          s_failed = 1;
+      }
 #pragma unroll
       for (int c = 0; c < kMaskCache; ++c)
         if (c == i) cached[c] = m;
@@ -177,7 +222,10 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
     }
   }
   __syncthreads();
-  if (s_failed) return false;
+  if (s_failed) return kRecvFailed;
+  if constexpr (kMasks) {
+    if (s_retry) return kRecvRetry;
+  }
   // Exclusive prefix over segments (their order is (s, t) order).
   if (warp == 0) {
     int carry = 0;
@@ -224,11 +272,20 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
   if (first_expert) trace_at(p, kLlTraceRecvPlaced);
   // The rows: complete once every send block of every source has added its share (acquire; the block barrier
   // hands them to the other warps and, through the release of `ready`, to the team).
-  bool ok = true;
-  if (!rows_here && warp == 0 && lane < R)
-    ok = dev::wait_geq(p.comm, &ll::control(L, my_half)->dispatch_count[lane],
-                       static_cast<long long>(tag) * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
-  if (__syncthreads_or(!ok)) return false;  // also: s_msg / src_info rows written above are read below
+  if constexpr (kMasks) {
+    int w = dev::kWaitArrived;
+    if (!rows_here && warp == 0 && lane < R && s_tokens[lane] >= 0)
+      w = dev::wait_geq_or_mask(p.comm, &ll::control(L, my_half)->dispatch_count[lane],
+                                static_cast<long long>(tag) * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
+    if (__syncthreads_or(w == dev::kWaitFailed)) return kRecvFailed;
+    if (__syncthreads_or(w == dev::kWaitMasked)) return kRecvRetry;  // (placement is redone without the source)
+  } else {
+    bool ok = true;
+    if (!rows_here && warp == 0 && lane < R)
+      ok = dev::wait_geq(p.comm, &ll::control(L, my_half)->dispatch_count[lane],
+                         static_cast<long long>(tag) * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
+    if (__syncthreads_or(!ok)) return kRecvFailed;  // also: s_msg / src_info rows written above are read below
+  }
   if (first_expert) trace_at(p, kLlTraceRecvReady);
   const int n = s_total < slab_rows ? s_total : slab_rows;
 
@@ -241,7 +298,7 @@ __device__ __forceinline__ bool recv_expert(const LlDispatchArgs& p, uint8_t* my
   }
   __syncthreads();  // s_seg_base / s_total / s_msg are reused by the next expert
   if (first_expert) trace_at(p, kLlTraceRecvCopied);
-  return true;
+  return kRecvOk;
 }
 
 }  // namespace ll_dispatch

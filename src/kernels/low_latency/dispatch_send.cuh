@@ -3,6 +3,7 @@
 #pragma once
 
 #include "kernels/low_latency/dispatch_roles.cuh"
+#include "kernels/low_latency/masks.cuh"
 
 namespace nccl_moe {
 namespace ll_dispatch {
@@ -14,9 +15,11 @@ constexpr int kSendUnroll = 2;  // bf16: 8-channel chunks per thread in flight
 // across the kernel's prologue and both kernels spill.) With `ack` (the block's first token), warp 1 waits for
 // every peer's ack of `ack_tag` (it consumed the previous messages of this half; normally long there) while
 // warp 0 resolves the routing; nothing is stored into a peer before. Returns false when that wait failed.
-template <bool kFp8>
+// kMasks (masks.cuh): *s_live is the block's set of active ranks; the ack wait masks a peer that times out (warp 1
+// then refreshes *s_live), and nothing goes to a masked rank.
+template <bool kFp8, bool kMasks>
 __device__ __forceinline__ bool send_token(const LlDispatchArgs& p, int t, int tag, const long long* ack,
-                                           long long ack_tag) {
+                                           long long ack_tag, uint32_t* s_live) {
   __shared__ __align__(16) int16_t s_ids[kMaxNvlPeers][kMaxTopk];  // per destination: slot k's local expert
   __shared__ __align__(16) float s_w[kMaxTopk];
   __shared__ __align__(16) float s_scale[65536 / kScaleGroupElems];  // fp8: the row's scales (H <= 65536)
@@ -63,21 +66,33 @@ __device__ __forceinline__ bool send_token(const LlDispatchArgs& p, int t, int t
     if (lane == 0) s_mask = mask;
   }
   bool ok = true;
-  if (ack != nullptr && warp == 1 && lane < R)
-    ok = dev::wait_geq(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
+  if constexpr (kMasks) {
+    if (ack != nullptr && warp == 1) {
+      if (lane < R && ll::is_live(*s_live, lane))
+        ok = dev::wait_geq_or_mask(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane) !=
+             dev::kWaitFailed;
+      __syncwarp();
+      if (lane == 0) *s_live = ll::live_ranks(p.comm);
+    }
+  } else {
+    if (ack != nullptr && warp == 1 && lane < R)
+      ok = dev::wait_geq(p.comm, &ack[lane], ack_tag * kLlArrivalUnits, Phase::kLlDispatchRecv, lane);
+  }
   if (__syncthreads_or(!ok)) return false;
-  const int mask = s_mask;
+  uint32_t live = 0xffffffffu;  // kMasks: the block's active ranks
+  if constexpr (kMasks) live = *s_live;
+  const int mask = kMasks ? s_mask & static_cast<int>(live) : s_mask;
   // Block 0 publishes the token count as soon as the peers have consumed the previous messages of this half:
   // receivers then know which headers to wait for and scan them as they arrive (the data is complete only at
   // the senders' count shares).
-  if (ack != nullptr && blockIdx.x == 0 && tid < R)
+  if (ack != nullptr && blockIdx.x == 0 && tid < R && (!kMasks || ll::is_live(live, tid)))
     dev::st_relaxed_sys(&ll::control(L, ll::half_of(p.comm, tid, p.half_offset))->dispatch_flag[me],
                         (static_cast<long long>(tag) << 32) | static_cast<long long>(p.num_tokens));
 
   // Header, to EVERY rank (receivers wait for the header of each of the source's tokens): eight lanes per
   // destination, in two instructions (two 64-byte writes). Lanes 0-3: the tagged slot words 2i, 2i + 1 (local
   // experts of slots 4i..4i+3) as 64-bit elements; lanes 4-7: the weights of slots 4(i-4)...
-  if (tid < 8 * R) {
+  if (tid < 8 * R && (!kMasks || ll::is_live(live, tid / 8))) {
     const int d = tid / 8, i = tid % 8;
     uint8_t* msg = ll::dispatch_msg(L, ll::half_of(p.comm, d, p.half_offset), me, t);
     if (i < 4) {
