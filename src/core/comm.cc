@@ -194,6 +194,13 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
         facts.one_device && id.host_hash == ids[0].host_hash && std::strcmp(id.bus_id, ids[0].bus_id) == 0;
   }
   MOE_CHECK(decideScaleout(comm->net, facts, &comm->scaleout_plan));
+  if (comm->config.enable_rank_masks && comm->nodes.num_nodes > 1) {
+    // The masks live in the intranode LL kernels; the internode ones (src/kernels/low_latency_net/) have none yet.
+    return setLastError(ncclInvalidUsage,
+                        "ncclMoeCommInit: enable_rank_masks = 1 on a communicator of %d nodes (%s); rank masks exist "
+                        "for single-node communicators only so far",
+                        comm->nodes.num_nodes, comm->nodes.describe().c_str());
+  }
   if (comm->nodes.maxRanksPerNode() > kMaxNvlPeers) {
     return setLastError(ncclInvalidUsage,
                         "ncclMoeCommInit: %d ranks on one node (%s); at most %d per node (NCCL_MOE_MAX_NVL_PEERS)",

@@ -37,14 +37,14 @@ namespace nccl_moe {
 
 // Signal kinds (rows of the signals region).
 enum LlNetSignal : int {
-  kNetDispCount = 0,   // WRITE: (tag << 32) | number of messages s sent here in dispatch `tag`
-  kNetDispSignal = 1,  // fetch-add 1 per dispatch of this half, after the messages and the count
-  kNetDispAck = 2,     // +1 per dispatch: s finished reading the messages this rank sent it
-  kNetWeightFlag = 3,  // WRITE: (tag << 32) | 1 when s's combine `tag` was given weights (then in weights[s])
+  kNetDispCount = 0,     // WRITE: (tag << 32) | number of messages s sent here in dispatch `tag`
+  kNetDispSignal = 1,    // fetch-add 1 per dispatch of this half, after the messages and the count
+  kNetDispAck = 2,       // +1 per dispatch: s finished reading the messages this rank sent it
+  kNetWeightFlag = 3,    // WRITE: (tag << 32) | 1 when s's combine `tag` was given weights (then in weights[s])
   kNetWeightSignal = 4,  // +1 per combine, after s's weights (if any) and the flag
-  kNetCombSignal = 5,  // +1 per combine: every partial s computed for this rank's tokens is in comb_recv[s]
-  kNetCombAck = 6,     // +1 per combine: s finished reading the partials this rank returned to it
-  kNetBarrier = 7,     // reset barrier arrivals from s (half 0 only; never zeroed by a reset)
+  kNetCombSignal = 5,    // +1 per combine: every partial s computed for this rank's tokens is in comb_recv[s]
+  kNetCombAck = 6,       // +1 per combine: s finished reading the partials this rank returned to it
+  kNetBarrier = 7,       // reset barrier arrivals from s (half 0 only; never zeroed by a reset)
   kLlNetSignalKinds = 8,
 };
 
@@ -77,9 +77,9 @@ struct LlNetPersist {
 struct LlNetLayout {
   int num_ranks = 0, tokens = 0, hidden = 0, topk = 0;
   size_t msg_bytes = 0;
-  size_t control_offset = 0, persist_offset = 0, signals_offset = 0, count_stage_offset = 0, flag_stage_offset = 0, plan_offset = 0,
-         send_offset = 0, wstage_offset = 0, dispatch_offset = 0, weights_offset = 0, cstage_offset = 0,
-         comb_recv_offset = 0, total_bytes = 0;
+  size_t control_offset = 0, persist_offset = 0, signals_offset = 0, count_stage_offset = 0, flag_stage_offset = 0,
+         plan_offset = 0, send_offset = 0, wstage_offset = 0, dispatch_offset = 0, weights_offset = 0,
+         cstage_offset = 0, comb_recv_offset = 0, total_bytes = 0;
 
   __host__ __device__ static LlNetLayout make(const LayoutParams& p) {
     LlNetLayout l;

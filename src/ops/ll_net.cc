@@ -5,10 +5,11 @@
 // Every call runs as two launches per phase, send then receive (phase Both launches both): the internode kernels
 // never wait for another block of their own grid, so they complete however few blocks are resident, and no kernel
 // stays resident between a send half and its receive half while the network moves the bytes.
+#include "ops/ll_net.h"
+
 #include "core/device_guard.h"
 #include "core/error.h"
 #include "kernels/low_latency_net/args.h"
-#include "ops/ll_net.h"
 
 namespace nccl_moe {
 namespace {

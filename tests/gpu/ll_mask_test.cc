@@ -188,8 +188,8 @@ TEST(LlMask, SetMaskLeavesARankOutThenClearBringsItBack) {
     // A device-side copy of the mask (stream-ordered, capturable) agrees with the host one.
     ASSERT_EQ(ncclSuccess, ncclMoeQueryRankMask(comm, dev_mask.as<int>(), 1, stream)) << ncclMoeGetLastError(comm);
     std::vector<int> copied(kRanks, -1);
-    ASSERT_EQ(cudaSuccess, cudaMemcpyAsync(copied.data(), dev_mask.get(), sizeof(int) * kRanks,
-                                           cudaMemcpyDeviceToHost, stream));
+    ASSERT_EQ(cudaSuccess,
+              cudaMemcpyAsync(copied.data(), dev_mask.get(), sizeof(int) * kRanks, cudaMemcpyDeviceToHost, stream));
     ASSERT_EQ(cudaSuccess, cudaStreamSynchronize(stream));
     EXPECT_EQ(asInts(none), copied);
     expectNoAsyncError(rk);

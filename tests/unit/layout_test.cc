@@ -121,3 +121,37 @@ TEST(Layout, LlSlotWordsCarryTagAndTwoExperts) {
 }
 
 }  // namespace
+
+// The internode LL region: absent on one node (single-node buffers keep their size), two halves after the LL
+// halves on several nodes, its regions in order, aligned and disjoint, signal words [kind][src] inside their
+// region, and a message slot large enough for either payload.
+TEST(Layout, LlNetRegionOnlyOnSeveralNodes) {
+  nccl_moe::LayoutParams p{4, 32, 7168, 8, 128, 64};
+  const nccl_moe::BufferLayout one = nccl_moe::BufferLayout::make(p);
+  EXPECT_EQ(0u, one.ll_net_half_bytes);
+  EXPECT_EQ(one.ll_offset + 2 * one.ll_half_bytes, one.total_bytes);
+  p.num_nodes = 2;
+  const nccl_moe::BufferLayout two = nccl_moe::BufferLayout::make(p);
+  EXPECT_EQ(one.ll_offset + 2 * one.ll_half_bytes, two.ll_net_offset) << "the intranode regions do not move";
+  EXPECT_EQ(two.ll_net_offset + 2 * two.ll_net_half_bytes, two.total_bytes);
+  EXPECT_EQ(0u, two.ll_net_half_bytes % nccl_moe::kRegionAlign);
+  const nccl_moe::LlNetLayout& L = two.ll_net;
+  const size_t starts[] = {L.control_offset,    L.persist_offset, L.signals_offset, L.count_stage_offset,
+                           L.flag_stage_offset, L.plan_offset,    L.send_offset,    L.wstage_offset,
+                           L.dispatch_offset,   L.weights_offset, L.cstage_offset,  L.comb_recv_offset,
+                           L.total_bytes};
+  for (size_t i = 0; i + 1 < sizeof(starts) / sizeof(starts[0]); ++i) {
+    EXPECT_LT(starts[i], starts[i + 1]) << "region " << i;
+    EXPECT_EQ(0u, starts[i] % nccl_moe::kRegionAlign) << "region " << i;
+  }
+  EXPECT_EQ(L.signals_offset, L.signal(0, 0));
+  EXPECT_LT(L.signal(nccl_moe::kLlNetSignalKinds - 1, 3) + 8, L.count_stage_offset + 1);
+  EXPECT_EQ(L.signals_offset + L.signals_bytes(), L.signal(nccl_moe::kNetBarrier, 0))
+      << "a reset zeroes every signal row but the barrier's";
+  EXPECT_GE(L.msg_bytes, L.msg_used_bytes(false));
+  EXPECT_GE(L.msg_bytes, L.msg_used_bytes(true));
+  EXPECT_EQ(0u, L.msg_bytes % 128);
+  EXPECT_EQ(0u, L.msg_used_bytes(true) % 16) << "receivers copy whole 16-byte vectors";
+  EXPECT_EQ(L.dispatch_msg(1, 0), L.dispatch_msg(0, 63) + L.msg_bytes);
+  EXPECT_EQ(L.comb_recv_row(3, 63) + 2 * 7168, L.comb_recv_offset + 4 * 64 * 2 * 7168);
+}

@@ -26,9 +26,9 @@ struct LlNetComm {
   LlNetLayout layout;
   size_t half_offset;  // offset of the net half inside every rank's buffer
   int num_local_experts;
-  int num_blocks;                    // grid of the multi-block kernels
-  int16_t local_index[kMaxRanks];    // [rank] index on this rank's node (scaleup.buffer), -1 on another node
-  uint64_t own_base;                 // this rank's buffer as its QPs' lkey window addresses it (the iova)
+  int num_blocks;                  // grid of the multi-block kernels
+  int16_t local_index[kMaxRanks];  // [rank] index on this rank's node (scaleup.buffer), -1 on another node
+  uint64_t own_base;               // this rank's buffer as its QPs' lkey window addresses it (the iova)
 };
 
 struct LlNetDispatchArgs {

@@ -79,8 +79,7 @@ __device__ __forceinline__ bool put_word_signal(const LlNetComm& n, int rank, co
     long long* word = reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(kind, me));
     dev::fence_acq_rel_sys();
     dev::st_release_sys(word, static_cast<long long>(*src));
-    dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(signal_kind, me)),
-                             1ll);
+    dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(signal_kind, me)), 1ll);
     return true;
   }
   const ScaleoutPeer& p = remote(n, rank);

@@ -171,7 +171,8 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_send_kernel(const __
   }
   if (!ll::arrive_last_block(&llnet::control(n)->send_done, true)) return;
   const uint64_t* count_stage = reinterpret_cast<const uint64_t*>(half + L.count_stage(0));
-  for (int d = threadIdx.x; d < R; d += blockDim.x) llnet::put_word_signal(n, d, count_stage + d, kNetDispCount, kNetDispSignal);
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    llnet::put_word_signal(n, d, count_stage + d, kNetDispCount, kNetDispSignal);
 }
 
 // Block-wide exclusive scan of v (blockDim.x == kThreads); *total = the sum.
