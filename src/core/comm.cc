@@ -450,9 +450,14 @@ ncclResult_t commDestroy(ncclMoeComm* comm) {
                          cudaGetErrorString(cudaGetLastError()));
     }
   }
-  // This rank's kernels are done: its NIC stops now (bounded), so when an in-process world releases all its ranks
-  // at the last retirement, no executor still runs against memory being freed.
-  if (comm->net_transport) comm->net_transport->stop();
+  // This rank's kernels are done, but their last WQEs may not be: the NIC first carries out everything posted
+  // (bounded; a peer may be waiting for these signals), then stops, so when an in-process world releases all its
+  // ranks at the last retirement, no executor still runs against memory being freed.
+  if (comm->net_transport) {
+    const std::string busy = comm->net_transport->drain();
+    if (!busy.empty()) MOE_WARN("ncclMoeCommDestroy: the software NIC did not finish its work: %s", busy.c_str());
+    comm->net_transport->stop();
+  }
   if (comm->bootstrap == nullptr) {
     releaseCommResources(comm);
     delete comm;

@@ -14,7 +14,8 @@
 //             disp_signal[s] on the same QP.
 //   count_stage [R] uint64: this rank's (tag << 32) | n_d, the source of its count WRITE to d
 //   flag_stage  [R] uint64: this rank's weight flag of the current combine, the source of its WRITE to d
-//   plan      [tokens][topk] int: position of token t in the message list of slot k's rank (-1: unused slot)
+//   plan      [tokens][topk] int: position of token t in the message list of slot k's rank (-1: unused slot),
+//             then [R] int: the number of messages to each rank
 //   send      [tokens] messages: this rank's tokens as sent, the source of every RDMA WRITE of the dispatch
 //   wstage    [tokens * topk] float: this rank's combine weights, the source of their WRITE
 //   dispatch  [R src][tokens] messages: source s's messages to this rank, packed (message i = the i-th of s's
@@ -102,7 +103,7 @@ struct LlNetLayout {
     l.signals_offset = region(kLlNetSignalKinds * R * sizeof(uint64_t));
     l.count_stage_offset = region(R * sizeof(uint64_t));
     l.flag_stage_offset = region(R * sizeof(uint64_t));
-    l.plan_offset = region(T * K * sizeof(int));
+    l.plan_offset = region((T * K + R) * sizeof(int));
     l.send_offset = region(T * l.msg_bytes);
     l.wstage_offset = region(T * K * sizeof(float));
     l.dispatch_offset = region(R * T * l.msg_bytes);
@@ -113,10 +114,12 @@ struct LlNetLayout {
     return l;
   }
 
-  // Bytes a dispatch WRITE of one message carries.
+  // Bytes a dispatch WRITE of one message carries: header, payload and (fp8) scales, rounded up to whole 16-byte
+  // vectors (the NVLink path copies in 16-byte units; the slot has room: msg_bytes >= header + 2H).
   __host__ __device__ size_t msg_used_bytes(bool fp8) const {
     const size_t H = static_cast<size_t>(hidden);
-    return sizeof(LlNetHeader) + (fp8 ? H + 4 * static_cast<size_t>(ceil_div(hidden, kScaleGroupElems)) : 2 * H);
+    return align_up(
+        sizeof(LlNetHeader) + (fp8 ? H + 4 * static_cast<size_t>(ceil_div(hidden, kScaleGroupElems)) : 2 * H), 16);
   }
   // Offsets relative to the start of one net half.
   __host__ __device__ size_t control() const { return control_offset; }

@@ -23,6 +23,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -67,15 +68,94 @@ std::string shapeName(const ::testing::TestParamInfo<Shape>& info) {
 
 // The environment of a virtual-node world of `s` with the software NIC, chaos on.
 struct NetEnv {
+  // NCCL_MOE_NET_TEST_CHAOS overrides the seed (0: chaos off), to tell a protocol failure from a chaos one.
   explicit NetEnv(const Shape& s, const char* chaos = "20261202")
       : nodes_text(std::to_string(s.nodes)),
+        override_chaos(std::getenv("NCCL_MOE_NET_TEST_CHAOS") != nullptr ? std::getenv("NCCL_MOE_NET_TEST_CHAOS") : ""),
         net("NCCL_MOE_NET", "emulated"),
         mode("NCCL_MOE_NET_MODE", nullptr),
         emulate("NCCL_MOE_EMULATE_NODES", nodes_text.c_str()),
-        chaos_env("NCCL_MOE_EMU_CHAOS", chaos) {}
-  std::string nodes_text;
+        chaos_env("NCCL_MOE_EMU_CHAOS", override_chaos.empty() ? chaos : override_chaos.c_str()) {}
+  std::string nodes_text, override_chaos;
   harness::ScopedEnv net, mode, emulate, chaos_env;
 };
+
+// This rank's internode LL state (epochs, last-block counters, every signal word) of both halves, for a failure
+// message: which wait would have passed too early or which call did not arrive.
+std::string netState(ncclMoeComm_t comm, cudaStream_t stream) {
+  cudaStreamSynchronize(stream);
+  const nccl_moe::LlNetLayout& L = comm->layout.ll_net;
+  std::string out;
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* base = comm->buffer + comm->layout.ll_net_half(half);
+    nccl_moe::LlNetControl ctl{};
+    cudaMemcpy(&ctl, base + L.control(), sizeof(ctl), cudaMemcpyDeviceToHost);
+    std::vector<long long> sig(static_cast<size_t>(nccl_moe::kLlNetSignalKinds) * L.num_ranks);
+    cudaMemcpy(sig.data(), base + L.signal(0, 0), sig.size() * 8, cudaMemcpyDeviceToHost);
+    char line[256];
+    std::snprintf(line, sizeof(line), "\n  half %d: dispatch_epoch %lld combine_epoch %lld done %d %d %d %d", half,
+                  ctl.dispatch_epoch, ctl.combine_epoch, ctl.send_done, ctl.recv_done, ctl.comb_send_done,
+                  ctl.comb_recv_done);
+    out += line;
+    for (int k = 0; k < nccl_moe::kLlNetSignalKinds; ++k) {
+      out += "\n    kind " + std::to_string(k) + ":";
+      for (int s = 0; s < L.num_ranks; ++s) {
+        const long long v = sig[static_cast<size_t>(k) * L.num_ranks + s];
+        out += " " + (k == nccl_moe::kNetDispCount || k == nccl_moe::kNetWeightFlag
+                          ? std::to_string(v >> 32) + ":" + std::to_string(v & 0xffffffff)
+                          : std::to_string(v));
+      }
+    }
+  }
+  return out;
+}
+
+// For the first token whose combine output is wrong on `rank`: each expert rank's partial as the reference computes
+// it next to what this rank's comb_recv row holds (first 4 channels), to tell a missing, stale or wrong partial.
+std::string explainCombine(const Expected& ex, int rank, ncclMoeComm_t comm, RankResult& res, cudaStream_t stream) {
+  cudaStreamSynchronize(stream);
+  const ref::RankRouting& rr = ex.routing.ranks[rank];
+  const int T = rr.num_tokens, H = ex.pb.hidden, K = ex.pb.topk, El = ex.routing.num_local_experts();
+  std::vector<uint16_t> out(static_cast<size_t>(T) * H);
+  cudaMemcpy(out.data(), res.out.get(), out.size() * 2, cudaMemcpyDeviceToHost);
+  int bad = -1;
+  for (int t = 0; t < T && bad < 0; ++t)
+    for (int c = 0; c < H; ++c)
+      if (out[static_cast<size_t>(t) * H + c] != ex.out[rank][static_cast<size_t>(t) * H + c]) {
+        bad = t;
+        break;
+      }
+  if (bad < 0) return " (no wrong token)";
+  const nccl_moe::LlNetLayout& L = comm->layout.ll_net;
+  const uint8_t* half = comm->buffer + comm->layout.ll_net_half(res.handle->ll.half);
+  const int RM = ex.pb.num_ranks * ex.pb.max_tokens;
+  std::string text =
+      " first wrong token " + std::to_string(bad) + " (net half " + std::to_string(res.handle->ll.half) + "):";
+  for (int d = 0; d < ex.pb.num_ranks; ++d) {
+    bool holds = false;
+    float acc[4] = {0, 0, 0, 0};
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = rr.topk_idx[static_cast<size_t>(bad) * K + k];
+      if (e < 0 || e / El != d) continue;
+      holds = true;
+      const int row = ex.dispatch.send_row[rank][static_cast<size_t>(bad) * K + k];
+      for (int c = 0; c < 4; ++c)
+        acc[c] = std::fmaf(rr.topk_weights[static_cast<size_t>(bad) * K + k],
+                           ref::bf16_to_float(ex.y[d][(static_cast<size_t>(e % El) * RM + row) * H + c]), acc[c]);
+    }
+    if (!holds) continue;
+    uint16_t got[4];
+    cudaMemcpy(got, half + L.comb_recv_row(d, bad), sizeof(got), cudaMemcpyDeviceToHost);
+    char line[200];
+    std::snprintf(line, sizeof(line), "\n  partial of rank %d: want %g %g %g %g, comb_recv holds %g %g %g %g", d,
+                  ref::bf16_to_float(ref::float_to_bf16(acc[0])), ref::bf16_to_float(ref::float_to_bf16(acc[1])),
+                  ref::bf16_to_float(ref::float_to_bf16(acc[2])), ref::bf16_to_float(ref::float_to_bf16(acc[3])),
+                  ref::bf16_to_float(got[0]), ref::bf16_to_float(got[1]), ref::bf16_to_float(got[2]),
+                  ref::bf16_to_float(got[3]));
+    text += line;
+  }
+  return text;
+}
 
 class LlNet : public ::testing::TestWithParam<Shape> {
  protected:
@@ -134,7 +214,11 @@ TEST_P(LlNet, MatchesReferenceSweep) {
       rk.combine(ex, res, ncclMoePhaseBoth, false);
       rk.checkCombine(ex, res, describe(pb));
       for (int j = 0; j < rk.El; ++j) want_cumulative[j] += ex.dispatch.recv[r].recv_count[j];
-      if (::testing::Test::HasFailure()) break;
+      if (::testing::Test::HasFailure()) {
+        ADD_FAILURE() << "rank " << r << " state after " << describe(pb) << ":" << netState(comm, stream)
+                      << explainCombine(ex, r, comm, res, stream);
+        break;
+      }
     }
     std::vector<int> got(rk.El);
     cudaMemcpyAsync(got.data(), cumulative.get(), rk.El * 4, cudaMemcpyDeviceToHost, stream);
@@ -185,7 +269,12 @@ TEST_P(LlNet, SplitPhasesTwoResultsAliveZeroCopy) {
       rk.combine(eb, b, ncclMoePhaseRecv, false);
       rk.checkCombine(ea, a, "split a " + describe(pa));
       rk.checkCombine(eb, b, "split b " + describe(pbb));
-      if (::testing::Test::HasFailure()) break;
+      if (::testing::Test::HasFailure()) {
+        ADD_FAILURE() << "rank " << r << " state after round " << round << ":" << netState(comm, stream)
+                      << "\n a:" << explainCombine(ea, r, comm, a, stream)
+                      << "\n b:" << explainCombine(eb, r, comm, b, stream);
+        break;
+      }
     }
     rk.freeResult(a);
     rk.freeResult(b);

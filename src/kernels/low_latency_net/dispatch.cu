@@ -8,7 +8,7 @@
 // Protocol (docs/reference.md "over RDMA"; regions: src/mem/ll_net_layout.h), tag = the half's dispatch epoch + 1:
 //   plan (1 block)  validates every id (outside [-1, E): a kErrBadExpertId error naming token and slot; the slot
 //                   is then unused), and for each destination rank d numbers the tokens with a slot on d
-//                   (ascending t): plan[t][k] = that position for the slots on d; count_stage[d] = (tag << 32) | n_d.
+//                   (ascending t): plan[t][k] = that position for the slots on d; counts[d] = n_d.
 //   send (grid)     every block first waits for every destination's ack of tag - 1 (d finished reading this
 //                   half's previous messages). Block b stages tokens t = b, b + grid, ...: header (token, global
 //                   expert ids, weights) and payload (bf16 copy or FP8 cast), ONE message per token whatever its
@@ -16,7 +16,8 @@
 //                   slot (this rank, position): through NVLink stores for ranks of this node, as one RDMA WRITE on
 //                   the destination's QP otherwise. The last block to finish then sends every rank its count:
 //                   WRITE of count_stage[d] into d.disp_count[me], then +1 on d.disp_signal[me] -- on the QP that
-//                   carried the messages, posted after all of them, so RC order places the count after them.
+//                   carried the messages, posted after all of them, so RC order places the count after them
+//                   (count_stage[d] = (tag << 32) | n_d is written there, after the acks: it is a WRITE's source).
 //   recv (grid)     waits for disp_signal[s] >= tag of every source (acquire), THEN reads disp_count[s] and only
 //                   the n_s messages it covers (no header scanning while data moves). Block b owns local experts
 //                   j = b, b + grid, ...: for s ascending, messages in order, a block scan of the slots naming
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_plan_kernel(const __
     plan[i] = -1;
   }
   __syncthreads();
-  uint64_t* count_stage = reinterpret_cast<uint64_t*>(half + L.count_stage(0));
+  int* counts = plan + T * K;  // [R], after the positions; count_stage is written by the send kernel's last block
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     int count = 0;
     for (int t = 0; t < T; ++t) {
@@ -62,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_plan_kernel(const __
       }
       if (here) ++count;
     }
-    count_stage[d] = (static_cast<uint64_t>(tag) << 32) | static_cast<uint32_t>(count);
+    counts[d] = count;
   }
 }
 
@@ -170,9 +171,14 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_send_kernel(const __
     if (s_fail) return;
   }
   if (!ll::arrive_last_block(&llnet::control(n)->send_done, true)) return;
-  const uint64_t* count_stage = reinterpret_cast<const uint64_t*>(half + L.count_stage(0));
-  for (int d = threadIdx.x; d < R; d += blockDim.x)
+  // count_stage[d] is the source of a WRITE: rewritten only here, after every block waited for d's ack of this
+  // half's previous dispatch (so that dispatch's count WRITE was placed, its source read).
+  uint64_t* count_stage = reinterpret_cast<uint64_t*>(half + L.count_stage(0));
+  const int* counts = plan + T * K;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    count_stage[d] = (static_cast<uint64_t>(tag) << 32) | static_cast<uint32_t>(counts[d]);
     llnet::put_word_signal(n, d, count_stage + d, kNetDispCount, kNetDispSignal);
+  }
 }
 
 // Block-wide exclusive scan of v (blockDim.x == kThreads); *total = the sum.

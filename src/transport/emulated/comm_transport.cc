@@ -2,8 +2,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "core/error.h"
 
@@ -131,6 +133,28 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   MOE_CUDA_CHECK(cudaMemcpy(dev_table_, table.data(), bytes, cudaMemcpyHostToDevice));
   MOE_CHECK(nic_->start());
   return ncclSuccess;
+}
+
+std::string CommTransport::drain() {
+  if (!nic_ || !nic_->running()) return "";
+  const auto start = std::chrono::steady_clock::now();
+  const auto bound = std::chrono::nanoseconds(spec_.timeout_ns);
+  for (;;) {
+    std::string busy;
+    for (size_t p = 0; p < qps_.size(); ++p) {
+      if (!qps_[p]) continue;
+      const uint32_t qp = qps_[p]->qp();
+      if (nic_->qpState(qp) != QpState::kReady) continue;  // in error: flushed, nothing more will execute
+      // The doorbell record holds the producer's last announced index (16 bits); retired counts the NIC's progress.
+      const uint32_t announced = nic_->qpDbrValue(qp) & 0xffffu, retired = nic_->qpRetired(qp) & 0xffffu;
+      if (announced != retired)
+        busy += " " + std::to_string(p) + " (" + std::to_string((announced - retired) & 0xffffu) + " WQEBBs)";
+    }
+    if (busy.empty()) return "";
+    if (std::chrono::steady_clock::now() - start > bound)
+      return "rank " + std::to_string(spec_.rank) + ": QPs to peers" + busy + " still had work";
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
 }
 
 void CommTransport::stop() {

@@ -85,6 +85,11 @@ class CommTransport {
   // With every rank's record (rank r's at all + r * commTransportRecordBytes(num_ranks)): checks the records
   // addressed to this rank, connects every QP, uploads the table and starts the executor.
   ncclResult_t connect(const uint8_t* all);
+  // Waits (bounded by the spec's timeout) until the NIC has executed every WQE this rank's GPU announced on each QP
+  // (or the QP is in error): what a rank must do before it stops its NIC, since a kernel returns as soon as it has
+  // posted, and its last WRITEs and signals (an LL combine's partials, a receive half's acks) are still the NIC's
+  // to carry. Returns "" or which QPs still had work when the bound expired.
+  std::string drain();
   void stop();
 
   const ScaleoutPeer* deviceTable() const { return dev_table_; }
