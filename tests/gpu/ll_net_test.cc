@@ -225,6 +225,7 @@ TEST_P(LlNet, MatchesReferenceSweep) {
     cudaStreamSynchronize(stream);
     EXPECT_EQ(want_cumulative, got) << "cumulative stats, rank " << r;
     EXPECT_STREQ("", ncclMoeGetLastError(comm)) << "rank " << r;
+    barrier.wait();  // no cudaFree while a peer's kernel still waits for this rank's NIC (docs/architecture.md)
     rk.freeResult(res);
   });
 }
@@ -276,6 +277,7 @@ TEST_P(LlNet, SplitPhasesTwoResultsAliveZeroCopy) {
         break;
       }
     }
+    barrier.wait();  // no cudaFree while a peer's kernel still waits for this rank's NIC (docs/architecture.md)
     rk.freeResult(a);
     rk.freeResult(b);
   });
@@ -333,6 +335,7 @@ TEST_P(LlNet, RandomIterationsHashThenReset) {
     rk.combine(ex, res, ncclMoePhaseBoth, false);
     rk.checkCombine(ex, res, "after reset " + describe(pb));
     hashes[r] = h;
+    barrier.wait();  // no cudaFree while a peer's kernel still waits for this rank's NIC (docs/architecture.md)
     rk.freeResult(res);
   });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
