@@ -15,6 +15,9 @@
 //                                             random problems (NCCL_MOE_NET_TEST_ITERATIONS, default 30; the
 //                                             issue's stress run uses 300), both-phase or split, zero-copy or not;
 //                                             prints a hash of every compared byte; then a reset and one more check
+//   Shapes/LlNet.GraphReplayWithNewDataAndRouting
+//                                             dispatch + combine captured once, 12 replays with new data, routing
+//                                             and weights, then eager calls on the other half
 //   Shapes/LlNet.SkippedCallTimesOutNamingPhaseAndPeer
 //                                             the last rank skips a dispatch: every other rank's call fails within
 //                                             the timeout with a message naming the phase and the peer (and the QP
@@ -343,6 +346,62 @@ TEST_P(LlNet, RandomIterationsHashThenReset) {
   for (uint64_t h : hashes) all = ref::mix_seed(all, h);
   std::printf("[ LlNet ] %dx%d: %d iterations, hash %016llx, %.1f s (software NIC: a correctness run, not timing)\n",
               shape.nodes, shape.per_node, iterations, static_cast<unsigned long long>(all), s);
+}
+
+// Capture dispatch + combine once; every replay gets new activations, routing and weights (same T per rank): the
+// kernels read their tags from device memory and their counts from the plan, so a replay is a new call.
+TEST_P(LlNet, GraphReplayWithNewDataAndRouting) {
+  const Shape shape = GetParam();
+  NetEnv env(shape);
+  const int n = shape.ranks();
+  Barrier barrier(n);
+  run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
+    Rank rk;
+    rk.init(r, comm, stream, testConfig(n));
+    RankResult res;
+    rk.allocResult(res);
+    auto problem = [&](int replay) {
+      Problem pb = testProblem(n, 7700 + replay);
+      pb.fp8 = true;
+      pb.format = ref::ScaleFormat::kUe8m0;
+      pb.topk = 6;
+      pb.masked = 0.1;
+      pb.tokens_per_rank.assign(n, ll_test::kTestTokens);
+      pb.tokens_per_rank[n - 1] = 7;
+      pb.weights = 1;  // weights through the dispatch headers (the captured combine is given none)
+      return pb;
+    };
+    const Expected first = makeExpected(problem(0));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaSuccess, cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    rk.dispatch(first, res, ncclMoePhaseBoth);
+    rk.combine(first, res, ncclMoePhaseBoth, false);
+    ASSERT_EQ(cudaSuccess, cudaStreamEndCapture(stream, &graph));
+    ASSERT_EQ(cudaSuccess, cudaGraphInstantiate(&exec, graph, 0));
+    barrier.wait();
+    for (int replay = 0; replay < 12; ++replay) {
+      const Expected ex = makeExpected(problem(replay));
+      rk.uploadInputs(ex, res);
+      rk.uploadExpertOutputs(ex, res, false);
+      ASSERT_EQ(cudaSuccess, cudaGraphLaunch(exec, stream));
+      rk.checkDispatch(ex, res, "replay " + std::to_string(replay));
+      rk.checkCombine(ex, res, "replay " + std::to_string(replay));
+      if (::testing::Test::HasFailure()) break;
+    }
+    barrier.wait();  // nothing that may wait for the device while a peer's replay still runs
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    const Expected ex = makeExpected(problem(99));  // eager calls after the replays (the other half)
+    rk.uploadInputs(ex, res);
+    rk.dispatch(ex, res, ncclMoePhaseBoth);
+    rk.checkDispatch(ex, res, "eager after graph");
+    rk.uploadExpertOutputs(ex, res, false);
+    rk.combine(ex, res, ncclMoePhaseBoth, false);
+    rk.checkCombine(ex, res, "eager after graph");
+    barrier.wait();
+    rk.freeResult(res);
+  });
 }
 
 TEST_P(LlNet, SkippedCallTimesOutNamingPhaseAndPeer) {
