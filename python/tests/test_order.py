@@ -61,8 +61,14 @@ def test_ht_combine_order_through_the_library(backend):
             bias = None
             if r == 0:
                 bias = (backend.to(_bf16([[TINY] * H])), backend.to(_bf16([[-1.0] * H])))
+            # The output starts as NaN, so a row the kernel never wrote shows as NaN, not as whatever the allocator
+            # left there (a failed run returned 0, 1, 0, 1, ...: float32 1.0 words read as bf16 pairs); a device wait
+            # that gave up is reported as the error it recorded.
             with_bias = comm.ht_combine(torch.full_like(res.recv_x, 1.0 if r == 0 else 0.0), res.routing,
-                                        bias=bias if r == 0 else (torch.zeros_like(x), torch.zeros_like(x))).combined_x
+                                        bias=bias if r == 0 else (torch.zeros_like(x), torch.zeros_like(x)),
+                                        out=torch.full_like(x, float("nan"))).combined_x
+            backend.sync()
+            comm.check_async_error()
             return out.cpu(), with_bias.cpu()
         finally:
             comm.destroy()

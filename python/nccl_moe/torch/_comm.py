@@ -35,6 +35,8 @@ _SCALE_FORMATS = {"float": _NATIVE.SCALE_FLOAT, "pow2": _NATIVE.SCALE_FLOAT_POW2
 _PHASE_BOTH = _NATIVE.PHASE_BOTH
 _PHASE_SEND = _NATIVE.PHASE_SEND
 _PHASE_RECV = _NATIVE.PHASE_RECV
+_BFLOAT16 = _NATIVE.BFLOAT16
+_SCALE_FLOAT = _NATIVE.SCALE_FLOAT
 _BF16 = torch.bfloat16
 _FP8 = torch.float8_e4m3fn
 _F32 = torch.float32
@@ -135,8 +137,9 @@ class HtRouting:
 
     def __del__(self):
         try:
-            if not self._pinned and not self._comm._destroyed:
-                self._comm._pool.give(self._handle)
+            comm = self._comm
+            if not self._pinned and not comm._destroyed:
+                comm._pool._free.append(self._handle)  # _HandlePool.give, without its call
         except Exception:  # interpreter shutdown
             pass
 
@@ -186,8 +189,9 @@ class LLHandle:
 
     def __del__(self):
         try:
-            if not self._pinned and not self._comm._destroyed:
-                self._comm._pool.give(self._handle)
+            comm = self._comm
+            if not self._pinned and not comm._destroyed:
+                comm._pool._free.append(self._handle)  # _HandlePool.give, without its call
         except Exception:
             pass
 
@@ -454,11 +458,12 @@ class Comm:
                 raise ValueError("x: a (fp8, scales) tuple and x_scales are exclusive")
             x, x_scales = x
         T, H = x.shape
-        if x.dtype == _BF16:
-            dtype, scale_format = _NATIVE.BFLOAT16, _NATIVE.SCALE_FLOAT
+        x_dtype = x.dtype
+        if x_dtype is _BF16:
+            dtype, scale_format = _BFLOAT16, _SCALE_FLOAT
             if x_scales is not None:
                 raise ValueError("x_scales: only with fp8 x")
-        elif x.dtype == _FP8:
+        elif x_dtype is _FP8:
             dtype = _NATIVE.FP8_E4M3
             if x_scales is None:
                 raise ValueError("x_scales: required with fp8 x")
@@ -481,6 +486,8 @@ class Comm:
         overlap = previous_event is not None or async_finish or allocate_on_comm_stream
         if overlap:
             compute, comm_stream, s = self._overlap_begin(previous_event, async_finish, allocate_on_comm_stream)
+        elif stream is None:
+            s = self._rt.current_stream()
         else:
             s = self._rt.as_stream_handle(stream)
 
@@ -505,16 +512,19 @@ class Comm:
         rows = routing.rows
 
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out if out is not None else (None,) * 4
-        with self._alloc_context(overlap and allocate_on_comm_stream, comm_stream if overlap else None):
-            if recv_x is None:
-                recv_x = self._rt.empty((rows, H), x.dtype)
-            if dtype == _NATIVE.FP8_E4M3 and recv_x_scales is None:
-                recv_x_scales = self._rt.empty((rows, x_scales.shape[1]), x_scales.dtype)
-            if not cached and recv_topk_idx is None:
-                recv_topk_idx = self._rt.empty((rows, K), routing.index_dtype)
-            if topk_weights is not None and recv_topk_weights is None:
-                recv_topk_weights = self._rt.empty((rows, K), _F32)
-        _check_rows(recv_x, "recv_x", (rows, H), x.dtype)
+        if (recv_x is None or (x_scales is not None and recv_x_scales is None) or (not cached and recv_topk_idx is None)
+                or (topk_weights is not None and recv_topk_weights is None)):
+            with self._alloc_context(overlap and allocate_on_comm_stream, comm_stream if overlap else None):
+                if recv_x is None:
+                    recv_x = self._rt.empty((rows, H), x.dtype)
+                if dtype == _NATIVE.FP8_E4M3 and recv_x_scales is None:
+                    recv_x_scales = self._rt.empty((rows, x_scales.shape[1]), x_scales.dtype)
+                if not cached and recv_topk_idx is None:
+                    recv_topk_idx = self._rt.empty((rows, K), routing.index_dtype)
+                if topk_weights is not None and recv_topk_weights is None:
+                    recv_topk_weights = self._rt.empty((rows, K), _F32)
+        if recv_x.dtype is not x_dtype or recv_x.shape != (rows, H) or not recv_x.is_contiguous():
+            _check_rows(recv_x, "recv_x", (rows, H), x_dtype)
         if recv_x_scales is not None:
             _check_rows(recv_x_scales, "recv_x_scales", (rows, x_scales.shape[1]), x_scales.dtype)
         if recv_topk_idx is not None:
@@ -527,15 +537,16 @@ class Comm:
         else:
             scale_token_stride = scale_channel_stride = 0
         p = self._p
-        self._lib.ht_dispatch(self._native, routing._handle, p(x), dtype, H, p(x_scales), scale_format,
-                              scale_token_stride, scale_channel_stride, p(topk_weights), p(recv_x), p(recv_x_scales),
-                              p(recv_topk_idx), p(recv_topk_weights), int(num_sms), s)
-        event = None
+        self._lib.ht_dispatch(self._native, routing._handle, x.data_ptr() or self._dummy_ptr, dtype, H, p(x_scales),
+                              scale_format, scale_token_stride, scale_channel_stride, p(topk_weights),
+                              recv_x.data_ptr() or self._dummy_ptr, p(recv_x_scales), p(recv_topk_idx),
+                              p(recv_topk_weights), int(num_sms), s)
         if overlap:
             event = self._overlap_end(compute, comm_stream, s, async_finish, allocate_on_comm_stream,
                                       (x, x_scales, topk_idx, topk_weights, recv_x, recv_x_scales, recv_topk_idx,
                                        recv_topk_weights))
-        return HtDispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, routing, event)
+            return HtDispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, routing, event)
+        return _tuple_new(HtDispatchResult, (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, routing, None))
 
     def ht_combine(self, x, routing, *, topk_weights=None, bias=None, out=None, num_sms=0, stream=None,
                    previous_event=None, async_finish=False, allocate_on_comm_stream=False) -> HtCombineResult:
@@ -546,51 +557,61 @@ class Comm:
         x: [rows, H] bf16 in the dispatch's output order. bias: None, a [T, H] bf16 tensor, or a 2-tuple of them.
         out: combined_x, or a 2-tuple (combined_x, combined_topk_weights). Returns HtCombineResult.
         """
+        # A hot path like the LL calls: each check is a comparison, _check_rows only formats the error.
         if routing._comm is not self:
             raise ValueError("routing: belongs to another communicator")
         rows, T, K = routing.rows, routing.num_tokens, routing.topk
         H = x.shape[1]
-        _check_rows(x, "x", (rows, H), _BF16)
+        if x.dtype is not _BF16 or x.shape != (rows, H) or not x.is_contiguous():
+            _check_rows(x, "x", (rows, H), _BF16)
         if topk_weights is not None:
             _check_rows(topk_weights, "topk_weights", (rows, K), _F32)
         bias_0 = bias_1 = None
-        if isinstance(bias, (tuple, list)):
-            if len(bias) != 2:
-                raise ValueError("bias: a tensor or a 2-tuple of tensors")
-            bias_0, bias_1 = bias
-            if bias_0 is None:
-                bias_0, bias_1 = bias_1, None
-        else:
-            bias_0 = bias
-        for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
-            if b is not None:
-                _check_rows(b, name, (T, H), _BF16)
+        if bias is not None:
+            if isinstance(bias, (tuple, list)):
+                if len(bias) != 2:
+                    raise ValueError("bias: a tensor or a 2-tuple of tensors")
+                bias_0, bias_1 = bias
+                if bias_0 is None:
+                    bias_0, bias_1 = bias_1, None
+            else:
+                bias_0 = bias
+            for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
+                if b is not None:
+                    _check_rows(b, name, (T, H), _BF16)
 
         overlap = previous_event is not None or async_finish or allocate_on_comm_stream
         if overlap:
             compute, comm_stream, s = self._overlap_begin(previous_event, async_finish, allocate_on_comm_stream)
+        elif stream is None:
+            s = self._rt.current_stream()
         else:
             s = self._rt.as_stream_handle(stream)
-        if isinstance(out, (tuple, list)):
-            combined_x, combined_w = out
+        if out is None or isinstance(out, (tuple, list)):
+            combined_x, combined_w = out if out is not None else (None, None)
         else:
             combined_x, combined_w = out, None
-        with self._alloc_context(overlap and allocate_on_comm_stream, comm_stream if overlap else None):
-            if combined_x is None:
-                combined_x = self._rt.empty((T, H), _BF16)
-            if topk_weights is not None and combined_w is None:
-                combined_w = self._rt.empty((T, K), _F32)
-        _check_rows(combined_x, "combined_x", (T, H), _BF16)
+        if combined_x is None or (topk_weights is not None and combined_w is None):
+            with self._alloc_context(overlap and allocate_on_comm_stream, comm_stream if overlap else None):
+                if combined_x is None:
+                    combined_x = self._rt.empty((T, H), _BF16)
+                if topk_weights is not None and combined_w is None:
+                    combined_w = self._rt.empty((T, K), _F32)
+        if combined_x.dtype is not _BF16 or combined_x.shape != (T, H) or not combined_x.is_contiguous():
+            _check_rows(combined_x, "combined_x", (T, H), _BF16)
         if combined_w is not None:
             _check_rows(combined_w, "combined_topk_weights", (T, K), _F32)
-        p = self._p
-        self._lib.ht_combine(self._native, routing._handle, p(x), H, p(topk_weights), p(bias_0), p(bias_1),
-                             p(combined_x), p(combined_w) if topk_weights is not None else 0, int(num_sms), s)
-        event = None
+        dummy = self._dummy_ptr
+        self._lib.ht_combine(self._native, routing._handle, x.data_ptr() or dummy, H,
+                             0 if topk_weights is None else (topk_weights.data_ptr() or dummy),
+                             0 if bias_0 is None else (bias_0.data_ptr() or dummy),
+                             0 if bias_1 is None else (bias_1.data_ptr() or dummy), combined_x.data_ptr() or dummy,
+                             0 if topk_weights is None else (combined_w.data_ptr() or dummy), int(num_sms), s)
         if overlap:
             event = self._overlap_end(compute, comm_stream, s, async_finish, allocate_on_comm_stream,
                                       (x, topk_weights, bias_0, bias_1, combined_x, combined_w))
-        return HtCombineResult(combined_x, combined_w if topk_weights is not None else None, event)
+            return HtCombineResult(combined_x, combined_w if topk_weights is not None else None, event)
+        return _tuple_new(HtCombineResult, (combined_x, combined_w if topk_weights is not None else None, None))
 
     # -- low latency -------------------------------------------------------------------------------------------------
     def _ll_output_set(self, half, H, use_fp8, scale_format):
