@@ -164,8 +164,10 @@ void rankMain(ProcessState& sh, int local) {
             "%s\n",
             run.comm_nodes, rd.num_ranks / run.comm_nodes, kSoftNicLabel);
       if (moe.usable) {
-        out("# MoE communicator: %.1f MiB of communication buffer per rank\n",
-            static_cast<double>(moe.buffer_bytes) / (1 << 20));
+        out("# MoE communicator: %.1f MiB of communication buffer per rank%s\n",
+            static_cast<double>(moe.buffer_bytes) / (1 << 20),
+            run.comm_nodes > 1 ? " (ncclMoeGetBufferSize's one-node layout; the internode LL region is not counted)"
+                               : "");
       } else {
         out("# MoE communicator not available: %s\n", moe.error.c_str());
       }
