@@ -123,18 +123,20 @@ ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, 
  * id) form a node; at most NCCL_MOE_MAX_NVL_PEERS ranks per node, every pair with NVLink/P2P access or on the
  * same GPU. A communicator of several nodes is refused with ncclInvalidUsage naming what is missing (no verbs
  * backend yet; NCCL_MOE_NET=emulated, the software NIC, serves only ranks of one process on one GPU, i.e.
- * ncclMoeCommInitAll with NCCL_MOE_EMULATE_NODES). On a multi-node communicator the HT and LL calls return
- * ncclInvalidUsage until the internode kernels exist; the dispatch layout and buffer-size queries work.
+ * ncclMoeCommInitAll with NCCL_MOE_EMULATE_NODES). On a multi-node communicator the LL calls run the internode
+ * LL kernels over the scale-out transport; the HT calls return ncclInvalidUsage until the internode HT kernels exist
+ * (issue 14); the dispatch layout and the queries (ncclMoeCommNodeCount among them) work.
  * Ranks that share a GPU (several processes on one GPU, e.g. under MPS) split its SMs: each rank's kernels
  * use at most SMs / (ranks on that GPU), so that every rank's blocks can be resident at once. */
 ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);
 /* Single-process world, in the spirit of ncclCommInitAll: creates num_ranks communicators in one call, rank r
  * on CUDA device devices[r] (NULL: rank r on device r). Devices may repeat: ranks on one device share that GPU.
- * No NCCL communicator is involved: the ranks bootstrap through this process's memory. Every rank of the world
- * is one node. comms[r] is then driven from its own host thread (the ranks' calls wait for each other on the
- * device, so one thread cannot enqueue for all ranks), with the contract of every other communicator.
- * Ranks that share a GPU split its SMs (see ncclMoeCommInit): HT calls accept num_sms up to SMs / (ranks on
- * that GPU), LL kernels use that many SMs. Such worlds are for functional runs and tests: their timings say
+ * No NCCL communicator is involved: the ranks bootstrap through this process's memory. The world is one node,
+ * unless NCCL_MOE_EMULATE_NODES=n splits it into n nodes of num_ranks / n consecutive ranks (virtual nodes on one
+ * GPU, with NCCL_MOE_NET=emulated; docs/environment.md). comms[r] is then driven from its own host thread (the ranks'
+ * calls wait for each other on the device, so one thread cannot enqueue for all ranks), with the contract of every
+ * other communicator. Ranks that share a GPU split its SMs (see ncclMoeCommInit): HT calls accept num_sms up to SMs /
+ * (ranks on that GPU), LL kernels use that many SMs. Such worlds are for functional runs and tests: their timings say
  * nothing about NVLink. Set CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the process first uses
  * CUDA: with the default of 8 hardware queues, the streams of two ranks may share a queue, and a kernel that
  * waits for its peer queued behind that peer's kernel times out (NCCL_MOE_TIMEOUT_S). The library loads its
@@ -157,6 +159,11 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 ncclResult_t ncclMoeCommRank(ncclMoeComm_t comm, int* rank);
 ncclResult_t ncclMoeCommCount(ncclMoeComm_t comm, int* num_ranks);
 ncclResult_t ncclMoeCommCuDevice(ncclMoeComm_t comm, int* device);
+/* *num_nodes = the nodes the communicator's ranks form (see "Nodes" on ncclMoeCommInit): 1 for a single-node
+ * communicator; n for a world split by NCCL_MOE_EMULATE_NODES=n (node i = ranks i*R/n .. (i+1)*R/n - 1, reached
+ * from other nodes through the scale-out transport, in this build the software NIC). Host-side, not collective,
+ * stream-independent; equal on every rank. ncclInvalidArgument when comm or num_nodes is NULL. */
+ncclResult_t ncclMoeCommNodeCount(ncclMoeComm_t comm, int* num_nodes);
 /* ncclSuccess, or the error a kernel recorded: a device-side wait timed out (ncclRemoteError: phase, rank, peer),
  * more rows arrived than recv_capacity (ncclInvalidUsage), or a top-k id in device memory is neither -1 nor in
  * [0, num_experts) (ncclInvalidArgument: phase, token, slot and the id; the slot was read as unused). Top-k ids

@@ -14,6 +14,7 @@
 #include "gpu_rank.h"
 #include "kernel_timer.h"
 #include "progress.h"
+#include "transport.h"
 
 namespace nccl_moe::perf {
 
@@ -112,6 +113,7 @@ int runGpu(RunInfo& run, const RankLayout& layout, int num_devices) {
         out(" (%d MoE rows not available%s)", sh.unavailable_rows.load(), layout.sharedGpu() ? "" : ": baseline only");
       if (layout.sharedGpu() || sh.distinct_gpus.load() > 0)
         out(" -- ranks shared a GPU: a correctness run, the times are not NVLink numbers");
+      if (run.comm_nodes > 1) out(" -- %d nodes through the %s", run.comm_nodes, kSoftNicLabel);
       out("\n");
     }
   }

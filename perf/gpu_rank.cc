@@ -12,6 +12,7 @@
 #include "gpu_aggregate.h"
 #include "nccl_moe.h"
 #include "topo/topo.h"
+#include "transport.h"
 
 namespace nccl_moe::perf {
 
@@ -134,6 +135,9 @@ void rankMain(ProcessState& sh, int local) {
     }
   }
 
+  // The rows' node layout: the communicator's when it spans several nodes (main() refused a --ranks-per-node that
+  // disagrees), else --ranks-per-node (a modelled layout; 0: one node).
+  const int ranks_per_node = layoutRanksPerNode(o.ranks_per_node, rd.num_ranks, run.comm_nodes);
   const int num_problems = countProblems(o);
   const int metric_calls = o.metrics.any() ? run.iters : 0;  // aggregate(): reduce the comparable metrics
   int problem_idx = 0;                                       // of the progress lines (progress.h)
@@ -143,13 +147,27 @@ void rankMain(ProcessState& sh, int local) {
     prog.set("ncclMoeCommInit");
     MoeSession moe;
     moe.init(rd, col, cfg, cap, shared ? sh.world.get() : nullptr);
+    // The rows are labelled with the node count main() learnt (probeWorldNodes); a session with another one (or a
+    // multi-node communicator where main() could not ask) would be mislabelled: it is not used.
+    if (!col.agree(!moe.usable || moe.num_nodes == run.comm_nodes) && moe.usable) {
+      moe.usable = false;
+      moe.error = "the MoE communicator spans " + std::to_string(moe.num_nodes) + " node(s), but moe-perf set up " +
+                  "the run for " + std::to_string(run.comm_nodes) + " (ncclMoeCommNodeCount); its rows would be " +
+                  "mislabelled";
+    }
     if (printer) {
       out("#\n# %s mode: %d ranks on %d GPUs%s, capacity %d tokens per rank, hidden %d, top-%d of %d experts\n",
           mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, sh.layout.numGpus(),
           shared ? " (ranks share GPUs)" : "", cap, cfg.hidden, cfg.topk, cfg.experts);
+      if (run.comm_nodes > 1)
+        out("# %d nodes of %d ranks (the communicator's: ncclMoeCommNodeCount), other nodes through the software NIC: "
+            "%s\n",
+            run.comm_nodes, rd.num_ranks / run.comm_nodes, kSoftNicLabel);
       if (moe.usable) {
-        out("# MoE communicator: %.1f MiB of communication buffer per rank\n",
-            static_cast<double>(moe.buffer_bytes) / (1 << 20));
+        out("# MoE communicator: %.1f MiB of communication buffer per rank%s\n",
+            static_cast<double>(moe.buffer_bytes) / (1 << 20),
+            run.comm_nodes > 1 ? " (ncclMoeGetBufferSize's one-node layout; the internode LL region is not counted)"
+                               : "");
       } else {
         out("# MoE communicator not available: %s\n", moe.error.c_str());
       }
@@ -157,7 +175,7 @@ void rankMain(ProcessState& sh, int local) {
     bool header = false;
     for (DType dtype : cfg.dtypes) {
       std::string bad = checkShape(cfg, dtype, rd.num_ranks);
-      if (bad.empty()) bad = checkNodes(o.routing, o.ranks_per_node, cfg, rd.num_ranks);
+      if (bad.empty()) bad = checkNodes(o.routing, ranks_per_node, cfg, rd.num_ranks);
       if (!bad.empty()) {
         if (printer) out("# %s %s: invalid shape: %s\n", modeName(mode), dtypeName(dtype), bad.c_str());
         sh.fail(2);
@@ -183,7 +201,7 @@ void rankMain(ProcessState& sh, int local) {
           spec.ll_max_tokens = cap;
           spec.expert_alignment = o.expert_alignment;
           spec.routing = o.routing;
-          spec.ranks_per_node = o.ranks_per_node;
+          spec.ranks_per_node = ranks_per_node;
           spec.seed = o.seed;
           spec.build_expected = o.check != 0;
           spec.ranks_needed.assign(sz(rd.num_ranks), false);
@@ -289,9 +307,10 @@ void rankMain(ProcessState& sh, int local) {
     moe.destroy(col);
     if (printer && header) {
       printTableNotes(mode, false, sh.kernel_timer, shared);
-      printNodeNotes(mode, numNodes(rd.num_ranks, o.ranks_per_node));
+      printNodeNotes(mode, numNodes(rd.num_ranks, ranks_per_node), run.comm_nodes > 1);
       if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
+      if (run.comm_nodes > 1) out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, sh.layout.numGpus()).c_str());
     }
   }
   prog.set(shared ? "teardown" : "ncclCommDestroy");

@@ -10,6 +10,28 @@ std::string apiError(const char* fn, ncclResult_t r, ncclMoeComm_t comm) {
   return s;
 }
 
+std::string probeWorldNodes(const std::vector<int>& devices, int* num_nodes) {
+  *num_nodes = 1;
+  const int R = static_cast<int>(devices.size());
+  ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
+  c.num_experts = R;  // one expert per rank, the smallest world the config checks accept
+  c.hidden = 128;
+  c.max_topk = 1;
+  c.ll_max_tokens_per_rank = 1;
+  std::vector<ncclMoeComm_t> comms(devices.size(), nullptr);
+  const ncclResult_t r = ncclMoeCommInitAll(comms.data(), R, devices.data(), &c);
+  if (r != ncclSuccess) return apiError("ncclMoeCommInitAll", r, nullptr);
+  std::string err;
+  const ncclResult_t q = ncclMoeCommNodeCount(comms[0], num_nodes);
+  if (q != ncclSuccess) {
+    err = apiError("ncclMoeCommNodeCount", q, comms[0]);
+    *num_nodes = 1;
+  }
+  // No kernel ran on this world: its communicators may be destroyed one by one from this thread.
+  for (ncclMoeComm_t comm : comms) ncclMoeCommDestroy(comm);
+  return err;
+}
+
 void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& cfg, int capacity,
                       SharedGpuWorld* world) {
   ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
@@ -58,6 +80,8 @@ void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& c
     comm = nullptr;
     error = err.empty() ? kOtherRank : err;
   }
+  // 0 = unknown (the query cannot fail on a live communicator; rankMain would refuse the session then).
+  if (handles_ok && ncclMoeCommNodeCount(comm, &num_nodes) != ncclSuccess) num_nodes = 0;
   col.quiesce();  // every rank's allocations are done before any rank launches a kernel that waits for its peers
   usable = handles_ok;
 }

@@ -34,12 +34,20 @@ struct SharedGpuWorld {
   std::string error;  // why ncclMoeCommInitAll failed (its caller's ncclMoeGetLastError)
 };
 
+// Nodes of the one-process world of ranks on `devices` (ncclMoeCommInitAll, the world of ranks sharing a GPU): a
+// world of the smallest LL config is made, asked with ncclMoeCommNodeCount and destroyed, from the calling thread,
+// before any rank thread starts, so that moe-perf can refuse what cannot run on it (HT on several nodes, a
+// --ranks-per-node that disagrees) before any MoE call and label the run in its header. "" or why the world could
+// not be made (*num_nodes is then 1).
+std::string probeWorldNodes(const std::vector<int>& devices, int* num_nodes);
+
 struct MoeSession {
   ncclMoeComm_t comm = nullptr;
   ncclMoeHandle_t handle = nullptr;
   bool usable = false;
   std::string error;
   size_t buffer_bytes = 0;
+  int num_nodes = 1;  // ncclMoeCommNodeCount of a usable session (0: the query failed)
 
   // Collective: the communicator (ncclMoeCommInit on the rank's NCCL communicator, or the rank's share of one
   // ncclMoeCommInitAll when `world` is given), then a handle; the ranks agree on each step.

@@ -9,7 +9,10 @@
 // hardware queues the streams of two ranks may share one and a kernel that waits for its peer could queue behind
 // that peer's kernel, and a lazily loaded kernel waits for the device at its first launch;
 // it refuses HT --sms values above SMs / N before any rank starts, and prints loudly that the run checks
-// correctness only. Nothing in that mode calls NCCL (not even ncclGetVersion).
+// correctness only. Nothing in that mode calls NCCL (not even ncclGetVersion). Their ncclMoeCommInitAll world may
+// be split into virtual nodes (NCCL_MOE_NET=emulated NCCL_MOE_EMULATE_NODES=n): main() asks the library for the node
+// count first (probeWorldNodes), refuses HT and a disagreeing --ranks-per-node there (exit 2, before any MoE call),
+// and the LL rows are labelled "software NIC — correctness/functional timing, not performance" (perf/transport.h).
 #include <cuda_runtime.h>
 #include <execinfo.h>
 #include <nccl.h>
@@ -25,6 +28,7 @@
 #include "core/env.h"
 #include "cpu_backend.h"
 #include "gpu_backend.h"
+#include "gpu_session.h"
 #include "gpu_transport.h"
 #include "launcher.h"
 #include "nccl_moe.h"
@@ -234,6 +238,19 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe-perf: %s\n", err.c_str());
     return 2;
   }
+  // Ranks sharing a GPU form one ncclMoeCommInitAll world, which NCCL_MOE_EMULATE_NODES may split into virtual
+  // nodes: ask the library how many before any MoE call, refuse what cannot run there, and label the rows.
+  std::string probe_note;
+  if (layout.sharedGpu()) {
+    std::vector<int> devices;
+    for (int r = 0; r < layout.numRanks(); ++r) devices.push_back(layout.deviceOf(r));
+    probe_note = probeWorldNodes(devices, &run.comm_nodes);
+    err = checkCommNodes(resolveModes(options), options.ranks_per_node, layout.numRanks(), run.comm_nodes);
+    if (!err.empty()) {
+      std::fprintf(stderr, "moe-perf: %s\n", err.c_str());
+      return 2;
+    }
+  }
   run.num_gpus = layout.numGpus();
   run.ranks_per_gpu = layout.ranks_per_gpu;
   if (layout.proc_rank == 0) {
@@ -242,6 +259,9 @@ int main(int argc, char** argv) {
     if (layout.sharedGpu()) {
       printConnections();
       printSharedGpuBanner(layout.numRanks(), layout.numGpus(), layout.ranks_per_gpu);
+      if (!probe_note.empty())
+        out("# node count of the MoE world not known (%s); the MoE rows will say why\n", probe_note.c_str());
+      if (run.comm_nodes > 1) out("%s", softNicMoeBanner(run.comm_nodes, layout.numRanks(), layout.numGpus()).c_str());
     }
     if (layout.numRanks() == 1) printOneRankNote(false);
     if (!openJson(&run, &json)) return 2;

@@ -438,7 +438,10 @@ Runs
       --ranks-per-node N  node layout of the ranks: rank r on node r / N (N must divide the rank count; default:
                           every rank on one node). Used by --routing group:<g> and for the RDMA/NVLink bytes
                           per rank (JSON nodes, rdma_bytes_per_rank, nvl_bytes_per_rank). It changes no kernel:
-                          the bytes are what the internode path would move for this routing.
+                          the bytes are what the internode path would move for this routing. A communicator split
+                          into virtual nodes (NCCL_MOE_NET=emulated NCCL_MOE_EMULATE_NODES=n with --ranks-per-gpu)
+                          brings its own layout: LL runs internode over the SOFTWARE NIC (correctness/functional
+                          timing, not performance), HT and a --ranks-per-node that disagrees are refused.
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
       --require-moe       fail the run when an MoE operation is not available (the default)

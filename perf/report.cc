@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <sstream>
 
+#include "transport.h"  // kSoftNicLabel, kSoftNicTransport
+
 namespace nccl_moe::perf {
 
 namespace {
@@ -92,6 +94,7 @@ std::string tableRow(const ResultRow& r, const MetricsChoice& metrics) {
                   r.rdma_bytes_per_rank / 1e6, r.nvl_bytes_per_rank / 1e6);
     line += nodes;
   }
+  if (r.software_nic) line += std::string("  [") + kSoftNicLabel + "]";
   return line + "\n";
 }
 
@@ -144,6 +147,9 @@ std::string toJson(const ResultRow& r) {
   const bool link_bytes = r.nodes > 1 && r.rdma_bytes_per_rank >= 0 && r.nvl_bytes_per_rank >= 0;
   os << ",\"rdma_bytes_per_rank\":" << (link_bytes ? jsonNumber(r.rdma_bytes_per_rank, 0) : "null");
   os << ",\"nvl_bytes_per_rank\":" << (link_bytes ? jsonNumber(r.nvl_bytes_per_rank, 0) : "null");
+  if (r.software_nic)
+    os << ",\"transport\":" << jsonString(kSoftNicTransport)
+       << ",\"software_nic\":true,\"label\":" << jsonString(kSoftNicLabel);
   os << ",\"baseline_median_us\":" << (r.has_baseline ? jsonNumber(r.baseline_median_us, 3) : "null");
   os << ",\"baseline_gbps\":" << (r.has_baseline && r.has_gbps ? jsonNumber(r.baselineGbps(), 3) : "null");
   os << ",\"baseline_note\":" << (r.has_baseline || r.baseline_note.empty() ? "null" : jsonString(r.baseline_note));

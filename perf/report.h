@@ -19,6 +19,10 @@
 //     moved nothing between GPUs (table: "[1 rank: everything local]").
 //   - Several nodes (nodes > 1, --ranks-per-node): JSON rdma_bytes_per_rank / nvl_bytes_per_rank (null with one
 //     node); the table line ends with "[N nodes: RDMA x MB, NVLink y MB per rank]". One node: output unchanged.
+//   - A multi-node communicator (internode LL on virtual nodes, perf/transport.h): `software_nic` rows carry JSON
+//     transport "software_nic", software_nic true and label "software NIC — correctness/functional timing, not
+//     performance" (the transport mode's label), and the table line ends with "[<that label>]". Rows of a one-node
+//     communicator have none of these keys (output unchanged).
 #pragma once
 
 #include <cstdint>
@@ -54,6 +58,8 @@ struct ResultRow {
   double rdma_bytes_per_rank = -1;  // nodes > 1: RDMA bytes of the internode path, averaged over ranks (link_bytes.h);
   double nvl_bytes_per_rank = -1;   // and its NVLink bytes. < 0 (JSON null) when nodes == 1
   bool has_gbps = true;             // false for rows where bandwidth means nothing (send/recv halves)
+  bool software_nic = false;        // the communicator spans several nodes, reached through the software NIC: a
+                                    // correctness run (JSON transport/software_nic/label, table label)
 
   bool has_baseline = false;
   double baseline_median_us = 0;

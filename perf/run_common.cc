@@ -6,6 +6,7 @@
 #include <set>
 
 #include "link_bytes.h"
+#include "transport.h"  // kSoftNicLabel
 
 namespace nccl_moe::perf {
 
@@ -87,8 +88,17 @@ void printRoutingSummary(const Problem& p, bool full_experts) {
   }
 }
 
-void printNodeNotes(Mode mode, int nodes) {
+void printNodeNotes(Mode mode, int nodes, bool from_comm) {
   if (nodes <= 1) return;
+  if (from_comm && mode == Mode::kLl) {
+    out("# %d nodes (the MoE communicator's, ncclMoeCommNodeCount): [RDMA, NVLink per rank] = the bytes the internode\n"
+        "#   LL kernels move for this routing, averaged over ranks: one message per (token, destination rank), to\n"
+        "#   ranks of other nodes over the scale-out transport (here the software NIC) and to ranks of the same node\n"
+        "#   over the NVLink path (here ranks sharing one GPU); combine one bf16 row per (token, rank) back. JSON:\n"
+        "#   nodes, rdma_bytes_per_rank, nvl_bytes_per_rank. %s.\n",
+        nodes, kSoftNicLabel);
+    return;
+  }
   if (mode == Mode::kHt) {
     out("# %d nodes (--ranks-per-node): [RDMA, NVLink per rank] = the bytes the internode HT path moves for this\n"
         "#   routing, averaged over ranks (a model of the path, not what today's intranode kernels moved): dispatch\n"
@@ -238,6 +248,7 @@ ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, i
   row.ranks = p.spec.num_ranks;
   row.gpus = cpu ? 0 : run.num_gpus;
   row.shared_gpu = !cpu && (run.ranks_per_gpu > 1 || run.gpus_shared_by_processes);
+  row.software_nic = !cpu && run.comm_nodes > 1;
   row.sms = sms;
   row.tokens = p.spec.tokens;
   row.hidden = p.spec.hidden;

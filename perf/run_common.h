@@ -23,6 +23,10 @@ struct RunInfo {
   // Processes (--procs, MPI) whose ranks turned out to share GPUs (found from every rank's host and bus id): also a
   // correctness run, though NCCL runs between them (over sockets when they claim different hosts).
   bool gpus_shared_by_processes = false;
+  // Nodes of the run's MoE communicators (ncclMoeCommNodeCount; 1 in CPU mode). > 1: internode LL on virtual nodes,
+  // ranks of other nodes reached through the software NIC (perf/transport.h): the rows take the communicator's
+  // layout and are labelled as correctness runs.
+  int comm_nodes = 1;
 };
 
 // How long a host wait between the ranks of a process (a barrier of rank threads) may last before it gives up and
@@ -44,8 +48,9 @@ void printRoutingSummary(const Problem& p, bool full_experts);
 // `kernel_timer` = the rows were timed with the CUPTI kernel timer (else CUDA events); `shared_gpu` = ranks shared
 // GPUs (host barriers, no baseline).
 void printTableNotes(Mode mode, bool cpu, bool kernel_timer = false, bool shared_gpu = false);
-// With several nodes (--ranks-per-node), what the "[N nodes: RDMA, NVLink]" tag of each row means; nothing for one.
-void printNodeNotes(Mode mode, int nodes);
+// With several nodes (--ranks-per-node, or a multi-node communicator), what the "[N nodes: RDMA, NVLink]" tag of each
+// row means; nothing for one. `from_comm`: the layout is the communicator's (the internode LL kernels ran on it).
+void printNodeNotes(Mode mode, int nodes, bool from_comm = false);
 
 // The notes under a mode's table when --metrics selected comparable metrics: what each selected column measures
 // (docs/moe-perf.md, "Comparable metrics"); CPU mode: that they are GPU-only (null).
@@ -60,7 +65,8 @@ void printProcessesShareGpuBanner(int num_ranks, int num_gpus);
 // The header line of a run of one rank: nothing crosses a GPU boundary (GPU mode) / between ranks (CPU mode).
 void printOneRankNote(bool cpu);
 
-// A row with the shape fields of `p` filled in (and `gpus`, `shared_gpu` from `run`).
+// A row with the shape fields of `p` filled in (and `gpus`, `shared_gpu`, `software_nic` from `run`; `nodes` and the
+// link bytes from p's layout, which is the communicator's when it spans several nodes: layoutRanksPerNode()).
 ResultRow makeRow(const RunInfo& run, const Problem& p, const std::string& op, int sms, bool cpu);
 
 // Logical bytes of an op, averaged over ranks.

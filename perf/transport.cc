@@ -13,6 +13,8 @@ namespace nccl_moe::perf {
 
 const char* const kSoftNicLabel = "software NIC \xe2\x80\x94 correctness/functional timing, not performance";
 
+const char* const kSoftNicTransport = "software_nic";
+
 const char* transportOpName(TransportOp op) { return op == TransportOp::kPut ? "put" : "put_signal"; }
 const char* netBackendName(NetBackend backend) { return backend == NetBackend::kIbgda ? "ibgda" : "proxy"; }
 
@@ -174,6 +176,51 @@ std::string transportBanner(uint64_t chaos_seed) {
        << " (split/reordered writes, late source reads, stalls: the times include them)\n";
   else
     os << "# chaos off (NCCL_MOE_EMU_CHAOS unset or 0): in-order execution, whole WRITEs\n";
+  return os.str();
+}
+
+std::string checkCommNodes(const std::vector<Mode>& modes, int ranks_per_node, int num_ranks, int comm_nodes) {
+  if (comm_nodes <= 1) return "";
+  std::ostringstream os;
+  const std::string world = "the MoE communicators of this run span " + std::to_string(comm_nodes) + " nodes (" +
+                            std::to_string(num_ranks) +
+                            " ranks; virtual nodes of NCCL_MOE_EMULATE_NODES, reached "
+                            "through the software NIC)";
+  if (num_ranks < comm_nodes || num_ranks % comm_nodes != 0) {
+    os << world << ", which does not split them into nodes of equal size";
+    return os.str();
+  }
+  if (std::find(modes.begin(), modes.end(), Mode::kHt) != modes.end()) {
+    os << "--mode " << (modes.size() > 1 ? "all" : "ht") << ": " << world
+       << "; the internode HT kernels do not exist yet (issue 14), so HT calls are refused on multi-node "
+          "communicators. LL runs internode: use --mode ll";
+    return os.str();
+  }
+  const int rpn = num_ranks / comm_nodes;
+  if (ranks_per_node > 0 && ranks_per_node != rpn) {
+    os << "--ranks-per-node " << ranks_per_node << " disagrees with the communicator: " << world << ", i.e. " << rpn
+       << " ranks per node; leave --ranks-per-node out (the rows take the communicator's layout) or give "
+       << "--ranks-per-node " << rpn;
+    return os.str();
+  }
+  return "";
+}
+
+int layoutRanksPerNode(int ranks_per_node, int num_ranks, int comm_nodes) {
+  if (comm_nodes > 1 && num_ranks % comm_nodes == 0) return num_ranks / comm_nodes;
+  return ranks_per_node;
+}
+
+std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus) {
+  std::ostringstream os;
+  os << "# !!! " << kSoftNicLabel << "\n"
+     << "# !!! INTERNODE OVER THE SOFTWARE NIC: " << num_ranks << " ranks on " << num_gpus << " GPU"
+     << (num_gpus == 1 ? "" : "s") << " form " << comm_nodes << " virtual nodes of " << num_ranks / comm_nodes
+     << " ranks (NCCL_MOE_EMULATE_NODES);\n"
+     << "# !!! ranks of other nodes are reached through the software NIC (a CPU thread executing the RDMA work\n"
+     << "# !!! requests with cudaMemcpyAsync on this GPU, src/transport/emulated/). Every call is verified against "
+        "the\n"
+     << "# !!! CPU reference, but the times describe the emulator: nothing about a NIC, InfiniBand/RoCE or NVLink.\n";
   return os.str();
 }
 

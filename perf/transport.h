@@ -109,6 +109,29 @@ std::string transportToJson(const TransportRow& row);
 
 // The loud lines (each "# ..." and ending with '\n') printed in the header and under every table.
 std::string transportBanner(uint64_t chaos_seed);
+
+// ---- MoE rows (--mode ll) of a multi-node communicator: internode LL on virtual nodes ----
+// NCCL_MOE_NET=emulated NCCL_MOE_EMULATE_NODES=n with --ranks-per-gpu R splits the one-process world of R ranks on
+// one GPU into n nodes of R / n consecutive ranks (the library's node map, asked with ncclMoeCommNodeCount); ranks of
+// other nodes are reached through the software NIC, the only scale-out transport of this build. Those rows are
+// verified like every other, and labelled like the transport mode's: JSON transport "software_nic" (kSoftNicTransport),
+// software_nic true and label kSoftNicLabel; every table line ends with "[" kSoftNicLabel "]"; the banner below is
+// printed in the header and under every table.
+extern const char* const kSoftNicTransport;  // "software_nic"
+
+// Refusals (exit 2, before any MoE call) of a run whose MoE communicators span `comm_nodes` nodes; "" when it can run.
+// With comm_nodes > 1: HT among `modes` (the internode HT kernels do not exist yet, issue 14; LL runs), and a
+// --ranks-per-node (`ranks_per_node` > 0) whose layout is not the communicator's (R / comm_nodes ranks per node).
+// With one node nothing is refused: --ranks-per-node keeps its meaning there (a modelled layout, no kernel changes).
+std::string checkCommNodes(const std::vector<Mode>& modes, int ranks_per_node, int num_ranks, int comm_nodes);
+
+// The node layout of the rows (group routing, `nodes`, RDMA/NVLink bytes): the communicator's when it spans several
+// nodes (num_ranks / comm_nodes ranks per node), else --ranks-per-node (0: every rank on one node).
+int layoutRanksPerNode(int ranks_per_node, int num_ranks, int comm_nodes);
+
+// The loud lines (each "# ..." and ending with '\n') of an internode MoE run over the software NIC, printed in the
+// header and under every table.
+std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus);
 // The notes under the table: what each column measures.
 std::string transportNotes(int batch);
 

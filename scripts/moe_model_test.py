@@ -194,6 +194,22 @@ class RowFilter(unittest.TestCase):
                        {"timer": "event"}, {"transport": "software_nic"}):
             self.assertFalse(rates.usable(dict(self.BASE, **change)), change)
 
+    def test_internode_ll_rows_through_the_software_nic_are_not_used(self):
+        # An LL row as moe-perf writes it for virtual nodes (NCCL_MOE_EMULATE_NODES=2, 4 ranks on one GPU) ...
+        ll = dict(self.BASE, mode="ll", op="dispatch", dtype="fp8", sms=0, tokens=64, nodes=2, ranks=4, gpus=1,
+                  shared_gpu=True, transport="software_nic", software_nic=True,
+                  label="software NIC \u2014 correctness/functional timing, not performance")
+        self.assertFalse(rates.usable(ll))
+        # ... and each of its software-NIC keys alone refuses an otherwise usable LL row.
+        alone = dict(self.BASE, mode="ll", op="dispatch_send", dtype="fp8", sms=0, tokens=64)
+        self.assertTrue(rates.usable(alone))
+        for change in ({"software_nic": True}, {"transport": "software_nic"},
+                       {"transport": "software_nic", "software_nic": True, "nodes": 2}):
+            self.assertFalse(rates.usable(dict(alone, **change)), change)
+        rows = [dict(alone, op=op, tokens=t, software_nic=True, transport="software_nic", _file="x")
+                for op in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv") for t in (32, 64, 128)]
+        self.assertEqual([], [r for r in rows if rates.usable(r)])
+
     def test_peer_rate(self):
         rows = [dict(self.BASE, _file="a"), dict(self.BASE, gpus=4, ranks=4, logical_gbps=400.0, _file="b")]
         got = rates.ht_nvl_rates(rows)

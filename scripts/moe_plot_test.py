@@ -240,6 +240,27 @@ class Rules(unittest.TestCase):
                     self.assertIn("refused, not drawn as performance: " + reason, err)
                     self.assertFalse(os.path.isdir(out) and os.listdir(out))
 
+    def test_internode_ll_rows_through_the_software_nic_never_drawn(self):
+        # LL rows as moe-perf writes them on virtual nodes (NCCL_MOE_EMULATE_NODES): refused as performance, and so
+        # are rows that carry only their software-NIC keys (one rank per GPU otherwise).
+        internode = {"nodes": 2, "transport": "software_nic", "software_nic": True,
+                     "label": "software NIC \u2014 correctness/functional timing, not performance"}
+        for change, reason in (
+            (dict(internode, ranks=4, gpus=1, shared_gpu=True), "ranks 4 != gpus 1"),
+            (internode, "software_nic is true"),
+            ({"transport": "software_nic"}, 'transport "software_nic" is not a GPU link'),
+        ):
+            with self.subTest(change=change):
+                rows = copy.deepcopy(self.ll)
+                for r in rows:
+                    r.update(change)
+                out = os.path.join(self.dir, "out_internode_%d" % len(change))
+                for extra in ([], ["--show-unverified"]):
+                    code, _, err = run_main([self.rows_file(rows), "-o", out] + extra)
+                    self.assertEqual(code, 1, err)
+                    self.assertIn("refused, not drawn as performance: " + reason, err)
+                    self.assertFalse(os.path.isdir(out) and os.listdir(out))
+
     def test_shared_gpu_rows_left_out_of_a_mixed_file(self):
         shared = copy.deepcopy(self.ll[:6])
         for r in shared:

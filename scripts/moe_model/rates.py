@@ -2,7 +2,8 @@
 
 Only rows that measure real GPUs on NVLink are used: verified, `ranks` == `gpus` >= 2 (one GPU per rank: never
 "shared_gpu" rows, never 1-rank rows), CUPTI kernel time (`timer` "kernel", as DeepEP's published times), uniform
-routing, backend gpu, hidden 7168, top-8.
+routing, backend gpu, hidden 7168, top-8, and no software NIC (`software_nic` rows, or a `transport` other than an
+NVLink/peer/IPC one: internode rows of virtual nodes through the emulator, which are correctness runs).
 
 HT: per (GPU count, op, dtype) the median over rows at the default 24 SMs (sms 0 or 24) of the NVLink rate per GPU,
 logical GB/s x (R - 1) / R: with uniform routing a rank receives the same expected rows from every rank, its own
@@ -45,7 +46,8 @@ def load_rows(paths):
 def usable(row):
     """A row that measures GPUs on NVLink (see the module's docstring)."""
     gpus, ranks = row.get("gpus"), row.get("ranks", row.get("gpus"))
-    return (row.get("verified") is True and not row.get("shared_gpu") and isinstance(gpus, int) and gpus >= 2
+    return (row.get("verified") is True and not row.get("shared_gpu") and not row.get("software_nic")
+            and isinstance(gpus, int) and gpus >= 2
             and ranks == gpus and row.get("timer") == "kernel" and row.get("routing") == "uniform"
             and row.get("backend") == "gpu" and row.get("hidden") == 7168 and row.get("topk") == 8
             and row.get("transport", "nvlink") in ("nvlink", "nvl", "p2p", "peer", "ipc", "cuda_ipc"))

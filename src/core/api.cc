@@ -592,6 +592,14 @@ NCCL_MOE_API ncclResult_t ncclMoeCommCuDevice(ncclMoeComm_t comm, int* device) {
   return ncclSuccess;
 }
 
+NCCL_MOE_API ncclResult_t ncclMoeCommNodeCount(ncclMoeComm_t comm, int* num_nodes) {
+  MOE_ARG_CHECK(comm != nullptr, "ncclMoeCommNodeCount: comm is NULL");
+  MOE_ARG_CHECK(num_nodes != nullptr, "ncclMoeCommNodeCount: num_nodes is NULL");
+  // A communicator whose node map was never built (a stand-in without init) counts as one node.
+  *num_nodes = comm->nodes.num_nodes > 0 ? comm->nodes.num_nodes : 1;
+  return ncclSuccess;
+}
+
 NCCL_MOE_API ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclResult_t* async_error) {
   MOE_ARG_CHECK(comm != nullptr && async_error != nullptr, "ncclMoeCommGetAsyncError: comm or async_error is NULL");
   *async_error = checkAsyncError(comm);

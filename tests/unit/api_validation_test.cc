@@ -568,3 +568,26 @@ TEST(ApiMultiNode, HtAndLlCallsAreRefusedNamingWhatIsMissing) {
   EXPECT_EQ(ncclSuccess, ncclMoeGetBufferSize(&c, 4, &bytes));
   EXPECT_GT(bytes, 0u);
 }
+
+// The node count query answers on any communicator (single or multi-node) and names a NULL argument.
+TEST(ApiMultiNode, NodeCountQuery) {
+  FakeComm f;
+  int nodes = -1;
+  f.comm.nodes = nccl_moe::buildEmulatedNodeMap(2, 1);
+  ASSERT_EQ(ncclSuccess, ncclMoeCommNodeCount(&f.comm, &nodes)) << ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(1, nodes);
+  f.comm.num_ranks = 4;
+  f.comm.nodes = nccl_moe::buildEmulatedNodeMap(4, 2);
+  ASSERT_EQ(ncclSuccess, ncclMoeCommNodeCount(&f.comm, &nodes)) << ncclMoeGetLastError(nullptr);
+  EXPECT_EQ(2, nodes);
+  f.comm.num_ranks = 8;
+  f.comm.nodes = nccl_moe::buildEmulatedNodeMap(8, 4);
+  ASSERT_EQ(ncclSuccess, ncclMoeCommNodeCount(&f.comm, &nodes));
+  EXPECT_EQ(4, nodes);
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommNodeCount(nullptr, &nodes));
+  EXPECT_NE(std::string::npos, std::string(ncclMoeGetLastError(nullptr)).find("ncclMoeCommNodeCount: comm is NULL"));
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommNodeCount(&f.comm, nullptr));
+  EXPECT_NE(std::string::npos,
+            std::string(ncclMoeGetLastError(nullptr)).find("ncclMoeCommNodeCount: num_nodes is NULL"));
+  EXPECT_EQ(4, nodes);  // untouched by a refused call
+}

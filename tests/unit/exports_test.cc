@@ -36,9 +36,10 @@ TEST(Exports, OnlyNcclMoeSymbolsLeaveTheLibrary) {
   for (const auto& s : symbols) {
     EXPECT_EQ(0u, s.rfind("ncclMoe", 0)) << "unexpected export: " << s;
   }
-  for (const char* required : {"ncclMoeCommInit", "ncclMoeCommDestroy", "ncclMoeDispatch", "ncclMoeCombine",
-                               "ncclMoeDispatchNotify", "ncclMoeGetDispatchLayout", "ncclMoeLowLatencyDispatch",
-                               "ncclMoeLowLatencyCombine", "ncclMoeGetLastError", "ncclMoeGetBufferSize"}) {
+  for (const char* required :
+       {"ncclMoeCommInit", "ncclMoeCommDestroy", "ncclMoeDispatch", "ncclMoeCombine", "ncclMoeDispatchNotify",
+        "ncclMoeGetDispatchLayout", "ncclMoeLowLatencyDispatch", "ncclMoeLowLatencyCombine", "ncclMoeGetLastError",
+        "ncclMoeGetBufferSize", "ncclMoeCommNodeCount"}) {
     EXPECT_EQ(1u, symbols.count(required)) << "missing export: " << required;
   }
 }

@@ -250,5 +250,58 @@ TEST(PerfTransport, EveryTableLineBannerAndNoteCarriesTheLabel) {
   EXPECT_NE(std::string::npos, notes.find("8 x bytes / batch_us")) << notes;
 }
 
+// ---- MoE rows of a multi-node communicator (internode LL on virtual nodes) ----
+
+TEST(PerfTransport, CommNodesRefuseHtAndADisagreeingLayoutBeforeAnyCall) {
+  const std::vector<Mode> ll = {Mode::kLl}, ht = {Mode::kHt}, all = {Mode::kHt, Mode::kLl};
+  // One node: nothing refused; --ranks-per-node keeps its meaning (a modelled layout).
+  EXPECT_EQ("", checkCommNodes(all, 0, 4, 1));
+  EXPECT_EQ("", checkCommNodes(ht, 2, 4, 1));
+  // Several nodes: LL runs, with or without a --ranks-per-node that agrees.
+  EXPECT_EQ("", checkCommNodes(ll, 0, 4, 2));
+  EXPECT_EQ("", checkCommNodes(ll, 2, 4, 2));
+  EXPECT_EQ("", checkCommNodes(ll, 0, 8, 4));
+  // HT (alone or through --mode all): the internode HT kernels do not exist yet; the message says LL runs.
+  for (const std::vector<Mode>& modes : {ht, all}) {
+    const std::string e = checkCommNodes(modes, 0, 4, 2);
+    EXPECT_NE(std::string::npos, e.find("span 2 nodes")) << e;
+    EXPECT_NE(std::string::npos, e.find("internode HT kernels do not exist yet (issue 14)")) << e;
+    EXPECT_NE(std::string::npos, e.find("LL runs internode: use --mode ll")) << e;
+    EXPECT_NE(std::string::npos, e.find(modes.size() > 1 ? "--mode all" : "--mode ht")) << e;
+  }
+  // A --ranks-per-node that is not the communicator's layout.
+  const std::string d = checkCommNodes(ll, 4, 4, 2);
+  EXPECT_NE(std::string::npos, d.find("--ranks-per-node 4 disagrees with the communicator")) << d;
+  EXPECT_NE(std::string::npos, d.find("2 ranks per node")) << d;
+  EXPECT_NE(std::string::npos, d.find("--ranks-per-node 2")) << d;
+  EXPECT_NE("", checkCommNodes(ll, 1, 4, 2));
+  // A node count that does not split the ranks evenly (the library never builds one; refused rather than guessed).
+  EXPECT_NE(std::string::npos, checkCommNodes(ll, 0, 6, 4).find("nodes of equal size"));
+}
+
+TEST(PerfTransport, CommNodesGiveTheRowsTheirLayout) {
+  EXPECT_EQ(0, layoutRanksPerNode(0, 4, 1));  // one node, no --ranks-per-node
+  EXPECT_EQ(2, layoutRanksPerNode(2, 4, 1));  // one node: the modelled layout of --ranks-per-node
+  EXPECT_EQ(2, layoutRanksPerNode(0, 4, 2));  // the communicator's: 4 ranks / 2 nodes
+  EXPECT_EQ(2, layoutRanksPerNode(2, 4, 2));
+  EXPECT_EQ(1, layoutRanksPerNode(0, 4, 4));
+  EXPECT_EQ(4, layoutRanksPerNode(0, 8, 2));
+}
+
+TEST(PerfTransport, InternodeMoeBannerCarriesTheLabel) {
+  const std::string b = softNicMoeBanner(2, 4, 1);
+  EXPECT_NE(std::string::npos, b.find(std::string("# !!! ") + kSoftNicLabel + "\n")) << b;
+  EXPECT_NE(std::string::npos, b.find("4 ranks on 1 GPU form 2 virtual nodes of 2 ranks")) << b;
+  EXPECT_NE(std::string::npos, b.find("software NIC")) << b;
+  EXPECT_NE(std::string::npos, b.find("verified")) << b;
+  size_t start = 0;
+  while (start < b.size()) {  // every line is a "# !!!" comment
+    EXPECT_EQ(0u, b.compare(start, 6, "# !!! ")) << b.substr(start);
+    start = b.find('\n', start) + 1;
+  }
+  EXPECT_EQ('\n', b.back());
+  EXPECT_STREQ("software_nic", kSoftNicTransport);
+}
+
 }  // namespace
 }  // namespace nccl_moe::perf
