@@ -44,6 +44,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   CudaBackendOptions bo;
   bo.device = spec.device;
   bo.complete_timeout_s = static_cast<double>(spec.timeout_ns) * 1e-9;
+  bo.one_stream = true;  // few streams per process (cuda_backend.h)
   MOE_CHECK(CudaMemoryBackend::create(bo, &t->backend_));
   NicConfig nc;
   nc.rank = spec.rank;

@@ -44,9 +44,13 @@ ncclResult_t CudaMemoryBackend::create(const CudaBackendOptions& options, std::u
 CudaMemoryBackend::~CudaMemoryBackend() {
   cudaSetDevice(options_.device);
   for (cudaStream_t s : streams_) {
-    if (s == nullptr) continue;
+    if (s == nullptr || s == shared_stream_) continue;
     cudaStreamSynchronize(s);
     cudaStreamDestroy(s);
+  }
+  if (shared_stream_ != nullptr) {
+    cudaStreamSynchronize(shared_stream_);
+    cudaStreamDestroy(shared_stream_);
   }
   cudaFree(arena_);
   cudaFree(sink_);
@@ -56,8 +60,9 @@ ncclResult_t CudaMemoryBackend::prepareQp(uint32_t qp) {
   std::lock_guard<std::mutex> lock(mu_);
   if (qp < streams_.size() && streams_[qp] != nullptr) return ncclSuccess;
   MOE_CUDA_CHECK(cudaSetDevice(options_.device));
-  cudaStream_t s = nullptr;
-  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaStream_t s = options_.one_stream ? shared_stream_ : nullptr;
+  if (s == nullptr) MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  if (options_.one_stream) shared_stream_ = s;
   if (streams_.size() <= qp) streams_.resize(qp + 1, nullptr);
   streams_[qp] = s;
   return ncclSuccess;

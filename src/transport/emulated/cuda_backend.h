@@ -42,6 +42,12 @@ struct CudaBackendOptions {
   uint64_t staging_bytes = 64ull << 20;   // the staging arena (device memory)
   uint64_t max_chunk_bytes = 1ull << 20;  // NicConfig::max_chunk_bytes: the largest single staging request
   double complete_timeout_s = 60.0;       // bound of complete(qp)
+  // Every QP on one stream (a communicator's NIC): a process holds few streams then. Ranks of a one-GPU world
+  // each have a NIC; with a stream per QP their streams outnumber CUDA_DEVICE_MAX_CONNECTIONS (2x4: 40 QP streams
+  // besides the ranks' own), streams share hardware queues, and a NIC copy or atomic queued behind a rank's
+  // spinning receive kernel waits for it: a hang until the timeout, seen on 2x4 after tens of LL iterations.
+  // One stream still orders each QP's operations (more strictly: across QPs too; chaos reorders before issue).
+  bool one_stream = false;
 };
 
 class CudaMemoryBackend final : public MemoryBackend {
@@ -80,6 +86,7 @@ class CudaMemoryBackend final : public MemoryBackend {
   StagingPool pool_;
   mutable std::mutex mu_;  // streams_, error_ (prepareQp may run while the executor does)
   std::vector<cudaStream_t> streams_;
+  cudaStream_t shared_stream_ = nullptr;  // one_stream: the stream of every QP
   std::string error_;
   bool failed_ = false;
 };
