@@ -97,7 +97,14 @@ def test_ll_combine_grouping_through_the_library(backend):
             else:
                 y[0, 0] = 1.0
                 y[1, 0] = -1.0
-            return comm.ll_combine(y, res.handle, topk_weights=w).combined_x.cpu()
+            # NaN-filled out= and the device error record, as in the HT test above: an unwritten row (a device
+            # wait that gave up; one run returned 0, 1, 0, 1, ... here) is told from a wrong sum.
+            out = comm.ll_combine(y, res.handle, topk_weights=w,
+                                  out=torch.full((idx.shape[0], H), float("nan"), dtype=torch.bfloat16,
+                                                 device=x.device)).combined_x
+            backend.sync()
+            comm.check_async_error()
+            return out.cpu()
         finally:
             comm.destroy()
 
