@@ -91,8 +91,8 @@ struct HtNetControl {
 struct HtNetLayout {
   int num_nodes = 0, num_slots = 0, ranks_per_node = 0, capacity = 0, hidden = 0, topk = 0, num_scale_words = 0;
   size_t notify_record_bytes = 0, record_bytes = 0;  // record_bytes: the largest stride (slot size = C of it)
-  size_t control_offset = 0, counters_offset = 0, signals_offset = 0, notify_stage_offset = 0,
-         notify_recv_offset = 0, send_offset = 0, recv_offset = 0, total_bytes = 0;
+  size_t control_offset = 0, counters_offset = 0, signals_offset = 0, notify_stage_offset = 0, notify_recv_offset = 0,
+         send_offset = 0, recv_offset = 0, total_bytes = 0;
 
   // Bytes of the header, ids and weights of a dispatch record with K slots (payload starts there).
   __host__ __device__ static size_t header_bytes(int topk) {
