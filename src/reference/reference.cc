@@ -562,6 +562,64 @@ HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& node
   return out;
 }
 
+int64_t HtNodePlan::rdma_records(int s) const {
+  int64_t n = 0;
+  for (int m = 0; m < num_nodes; ++m)
+    if (m != node_of[sz(s)]) n += static_cast<int64_t>(node_list[sz(s)][sz(m)].size());
+  return n;
+}
+
+HtNodePlan ht_node_plan(const HtDispatch& dispatch, const NodeMap& nodes) {
+  const int R = dispatch.num_ranks;
+  nodes.validate(R);
+  require(dispatch.send_pos.size() == sz(R) && dispatch.recv.size() == sz(R) && dispatch.num_tokens.size() == sz(R),
+          "ht_node_plan: dispatch does not hold R ranks");
+  HtNodePlan plan;
+  const int N = nodes.num_nodes();
+  plan.num_ranks = R;
+  plan.num_nodes = N;
+  plan.node_of = nodes.node_of_rank;
+  plan.rank_of.resize(sz(N));
+  plan.local_index.assign(sz(R), 0);
+  for (int d = 0; d < R; ++d) {
+    std::vector<int>& of = plan.rank_of[sz(nodes.node_of_rank[d])];
+    plan.local_index[sz(d)] = static_cast<int>(of.size());
+    of.push_back(d);
+  }
+  const int G = static_cast<int>(plan.rank_of[0].size());
+  for (int m = 0; m < N; ++m)
+    require(static_cast<int>(plan.rank_of[sz(m)].size()) == G,
+            "ht_node_plan: node " + std::to_string(m) + " holds " + std::to_string(plan.rank_of[sz(m)].size()) +
+                " ranks, node 0 holds " + std::to_string(G) + " (the rails need nodes of equal size)");
+  plan.ranks_per_node = G;
+  plan.node_list.assign(sz(R), std::vector<std::vector<int>>(sz(N)));
+  plan.node_pos.resize(sz(R));
+  plan.hold_pos.assign(sz(R), std::vector<std::vector<int>>(sz(N)));
+  plan.rank_count.assign(sz(R), std::vector<int>(sz(R), 0));
+  for (int s = 0; s < R; ++s) {
+    const int T = dispatch.num_tokens[sz(s)];
+    require(dispatch.send_pos[sz(s)].size() == sz(T) * sz(R), "ht_node_plan: send_pos of a rank has the wrong size");
+    plan.node_pos[sz(s)].assign(sz(T) * sz(N), -1);
+    for (int t = 0; t < T; ++t) {
+      for (int m = 0; m < N; ++m) {
+        bool any = false;
+        for (int j = 0; j < G; ++j) any = any || dispatch.send_pos[sz(s)][sz(t) * R + plan.rank_of[sz(m)][sz(j)]] >= 0;
+        if (!any) continue;
+        std::vector<int>& list = plan.node_list[sz(s)][sz(m)];
+        plan.node_pos[sz(s)][sz(t) * N + m] = static_cast<int>(list.size());
+        list.push_back(t);
+        for (int j = 0; j < G; ++j) {
+          const int d = plan.rank_of[sz(m)][sz(j)];
+          const int p = dispatch.send_pos[sz(s)][sz(t) * R + d];
+          plan.hold_pos[sz(s)][sz(m)].push_back(p);
+          if (p >= 0) ++plan.rank_count[sz(s)][sz(d)];
+        }
+      }
+    }
+  }
+  return plan;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------

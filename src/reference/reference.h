@@ -229,6 +229,39 @@ HtCombineResult ht_combine_nodes(const HtDispatch& dispatch, const NodeMap& node
                                  const std::vector<std::vector<uint16_t>>* bias0 = nullptr,
                                  const std::vector<std::vector<uint16_t>>* bias1 = nullptr);
 
+// The internode HT plan (docs/kernels-ht-internode.md): which records cross RDMA between rail peers and where the
+// forwarder of each node places them over NVLink. A function of the dispatch's send positions and the node map
+// only; the kernels compute the same numbers (the source in notify and in its record headers, the forwarder from
+// the headers), and their tests compare against this. Requires every node to hold the same number G of ranks (the
+// rails); the local index of a rank is its position among its node's ranks, ascending.
+struct HtNodePlan {
+  int num_ranks = 0, num_nodes = 0, ranks_per_node = 0;
+  std::vector<int> node_of;               // [R] node of each rank
+  std::vector<int> local_index;           // [R] index among its node's ranks
+  std::vector<std::vector<int>> rank_of;  // [N][G] rank at (node, local index)
+  // node_list[s][m]: the tokens of rank s with a holder (a rank holding one of its experts) on node m, ascending.
+  // Record q of the pair (s, node m) is token node_list[s][m][q]; m == node_of[s] included (no RDMA there).
+  std::vector<std::vector<std::vector<int>>> node_list;
+  std::vector<std::vector<int>> node_pos;  // [s][t * N + m]: q of token t in node_list[s][m], or -1
+  // hold_pos[s][m][q * G + j]: row position of record q at rank rank_of[m][j] (send_pos of the dispatch), -1 when
+  // that rank holds none of the token's experts. What the record header carries and the forwarder reads.
+  std::vector<std::vector<std::vector<int>>> hold_pos;
+  // rank_count[s][d]: tokens of s sent to d (the notify record's rank_count, forwarded to d).
+  std::vector<std::vector<int>> rank_count;
+
+  // The rank that receives (s, node m)'s records and forwards them: the rank of node m with s's local index
+  // (s itself on its own node).
+  int forwarder(int s, int m) const { return rank_of.at(m).at(local_index.at(s)); }
+  // Slot of the forwarder's HT region where holder (m, j) returns its combine rows of source node a's rail rank:
+  // a * G + j (under NodeMap::consecutive: the holder's rank when a == m).
+  int combine_slot(int src_node, int holder_local) const { return src_node * ranks_per_node + holder_local; }
+  // Records crossing RDMA from s (pairs (t, m) with a holder on node m != node_of[s]).
+  int64_t rdma_records(int s) const;
+};
+
+// Throws std::invalid_argument when the map is invalid for the dispatch or its nodes differ in size.
+HtNodePlan ht_node_plan(const HtDispatch& dispatch, const NodeMap& nodes);
+
 // ------------------------------------------------------------------------------------------------
 // Low-latency dispatch / combine
 // ------------------------------------------------------------------------------------------------

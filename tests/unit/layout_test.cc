@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #include "mem/buffer_layout.h"
@@ -133,7 +134,8 @@ TEST(Layout, LlNetRegionOnlyOnSeveralNodes) {
   p.num_nodes = 2;
   const nccl_moe::BufferLayout two = nccl_moe::BufferLayout::make(p);
   EXPECT_EQ(one.ll_offset + 2 * one.ll_half_bytes, two.ll_net_offset) << "the intranode regions do not move";
-  EXPECT_EQ(two.ll_net_offset + 2 * two.ll_net_half_bytes, two.total_bytes);
+  EXPECT_EQ(two.ll_net_offset + 2 * two.ll_net_half_bytes, two.ht_net_offset) << "then the internode HT region";
+  EXPECT_EQ(two.ht_net_offset + two.ht_net_bytes, two.total_bytes);
   EXPECT_EQ(0u, two.ll_net_half_bytes % nccl_moe::kRegionAlign);
   const nccl_moe::LlNetLayout& L = two.ll_net;
   const size_t starts[] = {L.control_offset,    L.persist_offset, L.signals_offset, L.count_stage_offset,
@@ -154,4 +156,164 @@ TEST(Layout, LlNetRegionOnlyOnSeveralNodes) {
   EXPECT_EQ(0u, L.msg_used_bytes(true) % 16) << "receivers copy whole 16-byte vectors";
   EXPECT_EQ(L.dispatch_msg(1, 0), L.dispatch_msg(0, 63) + L.msg_bytes);
   EXPECT_EQ(L.comb_recv_row(3, 63) + 2 * 7168, L.comb_recv_offset + 4 * 64 * 2 * 7168);
+}
+
+// The internode HT region (ht_net_layout.h): absent on one node and without HT capacity, last on several nodes
+// (after the internode LL halves, which do not move), its regions in order, aligned and disjoint, every array's last
+// element inside its region, and a slot of C records large enough for either dispatch payload and the combine record.
+TEST(Layout, HtNetRegionOnlyOnSeveralNodes) {
+  using nccl_moe::HtNetLayout;
+  nccl_moe::LayoutParams p{8, 64, 7168, 8, 256, 32};
+  const BufferLayout one = BufferLayout::make(p);
+  EXPECT_EQ(0u, one.ht_net_bytes);
+  EXPECT_EQ(0u, one.ht_net.total_bytes);
+  EXPECT_EQ(one.ht_net_offset, one.total_bytes);
+  for (int nodes : {2, 4, 8}) {
+    SCOPED_TRACE(testing::Message() << "nodes=" << nodes);
+    p.num_nodes = nodes;
+    const BufferLayout b = BufferLayout::make(p);
+    EXPECT_EQ(b.ll_net_offset + 2 * b.ll_net_half_bytes, b.ht_net_offset) << "after the internode LL halves";
+    EXPECT_EQ(b.ht_net_offset + b.ht_net_bytes, b.total_bytes);
+    EXPECT_EQ(0u, b.ht_net_offset % nccl_moe::kRegionAlign);
+    EXPECT_EQ(0u, b.ht_net_bytes % nccl_moe::kRegionAlign);
+    EXPECT_EQ(one.ll_net_offset, b.ll_net_offset) << "the single-node regions do not move";
+    const HtNetLayout& L = b.ht_net;
+    const int S = nodes - 1, C = p.ht_tokens;
+    EXPECT_EQ(S, L.num_slots);
+    EXPECT_EQ(8 / nodes, L.ranks_per_node);
+    const size_t starts[] = {L.control_offset,     L.counters_offset, L.signals_offset, L.notify_stage_offset,
+                             L.notify_recv_offset, L.send_offset,     L.recv_offset,    L.total_bytes};
+    for (size_t i = 0; i + 1 < sizeof(starts) / sizeof(starts[0]); ++i) {
+      EXPECT_LT(starts[i], starts[i + 1]) << "region " << i;
+      EXPECT_EQ(0u, starts[i] % nccl_moe::kRegionAlign) << "region " << i;
+    }
+    EXPECT_GE(L.counters_offset, L.control() + sizeof(nccl_moe::HtNetControl));
+    EXPECT_LE(L.counter(nccl_moe::kHtNetCounterKinds - 1, S - 1) + 8, L.signals_offset);
+    EXPECT_LE(L.signal(nccl_moe::kHtNetSignalKinds - 1, S - 1) + 8, L.notify_stage_offset);
+    EXPECT_LE(L.notify_stage(S - 1) + L.notify_record_bytes, L.notify_recv_offset);
+    EXPECT_LE(L.notify_recv(S - 1) + L.notify_record_bytes, L.send_offset);
+    EXPECT_LE(L.send_record(S - 1, C - 1, L.record_bytes) + L.record_bytes, L.recv_offset);
+    EXPECT_LE(L.recv_record(S - 1, C - 1, L.record_bytes) + L.record_bytes, L.total_bytes);
+    // A notify record holds the counts of every expert of a node (G * E_l of them).
+    EXPECT_GE(L.notify_record_bytes, offsetof(nccl_moe::HtNetNotifyRecord, expert_count) + 4u * (64 / nodes));
+    // Word [kind][slot] and record [slot][q]: slots of one kind are adjacent words, slots of a window C records
+    // apart at the largest stride, records of a slot packed at the call's stride.
+    EXPECT_EQ(L.signal(1, 0), L.signal(0, S - 1) + 8);
+    EXPECT_EQ(L.send_record(S - 1, 0, 7), L.send_offset + static_cast<size_t>(S - 1) * C * L.record_bytes);
+    EXPECT_EQ(L.recv_record(0, 3, 96), L.recv_offset + 3 * 96);
+  }
+  // No HT capacity: no HT net region on several nodes either.
+  p.ht_tokens = 0;
+  p.num_nodes = 2;
+  EXPECT_EQ(0u, BufferLayout::make(p).ht_net_bytes);
+}
+
+// Record strides of a call (what a chunk WRITE carries per record), and the node slots.
+TEST(Layout, HtNetRecordStridesAndSlots) {
+  using nccl_moe::HtNetLayout;
+  // H 7168, K 8: header 40 B + 8 int16 ids + 8 float weights = 88 -> 96 B; fp8 7168 + 56 float scales = 7392 B.
+  EXPECT_EQ(96u, HtNetLayout::header_bytes(8));
+  EXPECT_EQ(7488u, HtNetLayout::dispatch_record_bytes(7168, 8, true, 56));
+  EXPECT_EQ(96u + 7232, HtNetLayout::dispatch_record_bytes(7168, 8, true, 14));  // packed UE8M0: 14 words
+  EXPECT_EQ(14432u, HtNetLayout::dispatch_record_bytes(7168, 8, false, 0));
+  EXPECT_EQ(14336u, HtNetLayout::combine_record_bytes(7168, 8, false));
+  EXPECT_EQ(14368u, HtNetLayout::combine_record_bytes(7168, 8, true));
+  EXPECT_EQ(0u, HtNetLayout::dispatch_record_bytes(136, 3, true, 2) % 16);
+  // Every stride of a call fits the slot's record size (the communicator's largest H and K).
+  for (int H : {8, 136, 2064, 7168}) {
+    for (int K : {1, 3, 8, 16}) {
+      const nccl_moe::LayoutParams p{16, 256, H, K, 4, 0, 2};
+      const HtNetLayout L = HtNetLayout::make(p);
+      const int G = (H + 127) / 128;
+      SCOPED_TRACE(testing::Message() << "H=" << H << " K=" << K);
+      for (int k = 1; k <= K; ++k) {
+        EXPECT_LE(HtNetLayout::dispatch_record_bytes(H, k, false, 0), L.record_bytes);
+        EXPECT_LE(HtNetLayout::dispatch_record_bytes(H, k, true, G), L.record_bytes);
+        EXPECT_LE(HtNetLayout::combine_record_bytes(H, k, true), L.record_bytes);
+      }
+    }
+  }
+  // peer_slot numbers the other nodes 0..N-2 and slot_node inverts it.
+  for (int N = 2; N <= 8; ++N) {
+    for (int own = 0; own < N; ++own) {
+      int next = 0;
+      for (int m = 0; m < N; ++m) {
+        if (m == own) continue;
+        EXPECT_EQ(next, HtNetLayout::peer_slot(m, own));
+        EXPECT_EQ(m, HtNetLayout::slot_node(next, own));
+        ++next;
+      }
+    }
+  }
+}
+
+// What the buffer costs on several nodes, printed so it is visible in the test output: EP16 (2 x 8), EP32 (4 x 8)
+// and EP64 (8 x 8) with DeepSeek-V3's shape (hidden 7168, top-8 of 256 experts), 4096 HT tokens and 128 LL tokens.
+TEST(Layout, HtNetCostAtTheTargetShapes) {
+  const double MiB = 1024.0 * 1024.0;
+  for (int nodes : {2, 4, 8}) {
+    const nccl_moe::LayoutParams p{8 * nodes, 256, 7168, 8, 4096, 128, nodes};
+    const BufferLayout b = BufferLayout::make(p);
+    const nccl_moe::HtNetLayout& L = b.ht_net;
+    std::printf(
+        "[layout] EP%d (%d x 8), H 7168, K 8, 4096 HT / 128 LL tokens per rank: HT %.1f MiB, LL 2 x %.1f MiB, "
+        "LL net 2 x %.1f MiB, HT net %.1f MiB (send %.1f + recv %.1f, record %zu B), total %.1f MiB per rank\n",
+        8 * nodes, nodes, b.ht_bytes / MiB, b.ll_half_bytes / MiB, b.ll_net_half_bytes / MiB, b.ht_net_bytes / MiB,
+        (L.recv_offset - L.send_offset) / MiB, (L.total_bytes - L.recv_offset) / MiB, L.record_bytes,
+        b.total_bytes / MiB);
+    // Two windows of (N - 1) * C records: the HT net region is what they cost, plus a few 4 KiB control pages.
+    const size_t windows = 2ull * (nodes - 1) * 4096 * L.record_bytes;
+    EXPECT_GE(b.ht_net_bytes, windows);
+    EXPECT_LE(b.ht_net_bytes, windows + 8 * nccl_moe::kRegionAlign);
+  }
+}
+
+// The single-node layout is byte for byte what it was before the internode HT region existed: per shape and rank
+// count, the HT region's size, an LL half's size and the total (golden values from the layout at 925c31e).
+TEST(Layout, SingleNodeLayoutIsUnchanged) {
+  struct Golden {
+    int R, experts, hidden, topk, ht_tokens, ll_tokens;
+    size_t ht_bytes, ll_half_bytes, total_bytes;
+  };
+  const Golden kGolden[] = {
+      {1, 256, 7168, 8, 4096, 128, 59953152ull, 473497600ull, 1006948352ull},
+      {2, 256, 7168, 8, 4096, 128, 119902208ull, 477220864ull, 1074343936ull},
+      {4, 256, 7168, 8, 4096, 128, 239800320ull, 484667392ull, 1209135104ull},
+      {8, 256, 7168, 8, 4096, 128, 479596544ull, 499560448ull, 1478717440ull},
+      {1, 288, 7168, 8, 0, 128, 0ull, 532217856ull, 1064435712ull},
+      {2, 288, 7168, 8, 0, 128, 0ull, 535941120ull, 1071882240ull},
+      {3, 288, 7168, 8, 0, 128, 0ull, 539664384ull, 1079328768ull},
+      {4, 288, 7168, 8, 0, 128, 0ull, 543387648ull, 1086775296ull},
+      {6, 288, 7168, 8, 0, 128, 0ull, 550834176ull, 1101668352ull},
+      {8, 288, 7168, 8, 0, 128, 0ull, 558280704ull, 1116561408ull},
+      {1, 64, 136, 16, 100, 0, 49152ull, 0ull, 49152ull},
+      {2, 64, 136, 16, 100, 0, 94208ull, 0ull, 94208ull},
+      {4, 64, 136, 16, 100, 0, 180224ull, 0ull, 180224ull},
+      {8, 64, 136, 16, 100, 0, 352256ull, 0ull, 352256ull},
+      {1, 1024, 2048, 1, 17, 3, 81920ull, 12632064ull, 25346048ull},
+      {2, 1024, 2048, 1, 17, 3, 151552ull, 12652544ull, 25456640ull},
+      {4, 1024, 2048, 1, 17, 3, 294912ull, 12701696ull, 25698304ull},
+      {8, 1024, 2048, 1, 17, 3, 577536ull, 12804096ull, 26185728ull},
+      {1, 16, 8, 2, 1, 0, 12288ull, 0ull, 12288ull},
+      {2, 16, 8, 2, 1, 0, 12288ull, 0ull, 12288ull},
+      {4, 16, 8, 2, 1, 0, 12288ull, 0ull, 12288ull},
+      {8, 16, 8, 2, 1, 0, 12288ull, 0ull, 12288ull},
+      {1, 8, 128, 4, 0, 1, 0ull, 28672ull, 57344ull},
+      {2, 8, 128, 4, 0, 1, 0ull, 28672ull, 57344ull},
+      {4, 8, 128, 4, 0, 1, 0ull, 28672ull, 57344ull},
+      {8, 8, 128, 4, 0, 1, 0ull, 28672ull, 57344ull},
+  };
+  for (const Golden& g : kGolden) {
+    const LayoutParams p{g.R, g.experts, g.hidden, g.topk, g.ht_tokens, g.ll_tokens};
+    const BufferLayout b = BufferLayout::make(p);
+    SCOPED_TRACE(testing::Message() << "R=" << g.R << " E=" << g.experts << " H=" << g.hidden);
+    EXPECT_EQ(0u, b.ht_offset);
+    EXPECT_EQ(g.ht_bytes, b.ht_bytes);
+    EXPECT_EQ(g.ht_bytes, b.ll_offset);
+    EXPECT_EQ(g.ll_half_bytes, b.ll_half_bytes);
+    EXPECT_EQ(0u, b.ll_net_half_bytes);
+    EXPECT_EQ(0u, b.ht_net_bytes);
+    EXPECT_EQ(g.total_bytes, b.total_bytes);
+    EXPECT_EQ(g.ht_bytes + 2 * g.ll_half_bytes, b.total_bytes);
+  }
 }

@@ -2,6 +2,7 @@
 // against the brute-force model and against the single-node contract, and the order pins of docs/reference.md.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -406,6 +407,122 @@ TEST(ReferenceGroupRouting, InvalidArgumentsThrow) {
   EXPECT_NO_THROW(make_routing(spec));
   spec.skew = 2;
   EXPECT_THROW(make_routing(spec), std::invalid_argument);
+}
+
+// ref::ht_node_plan on a problem small enough to write down: R = 4, E = 4 (one expert per rank), rank 0 sends
+// t0 -> {1, 2}, t1 -> {3}, t2 -> {0}, t3 -> nothing, t4 -> {2, 3}; the other ranks have no tokens.
+TEST(ReferenceHtNodePlan, HandExample) {
+  Routing r;
+  r.num_ranks = 4;
+  r.num_experts = 4;
+  r.topk = 2;
+  r.ranks.resize(4);
+  r.ranks[0].num_tokens = 5;
+  r.ranks[0].topk_idx = {1, 2, 3, -1, 0, -1, -1, -1, 2, 3};
+  const HtDispatch d = ht_dispatch(r, 1);
+  {
+    const HtNodePlan p = ht_node_plan(d, NodeMap::consecutive(4, 2));  // nodes {0, 1}, {2, 3}
+    EXPECT_EQ(2, p.num_nodes);
+    EXPECT_EQ(2, p.ranks_per_node);
+    EXPECT_EQ(p.node_list[0][0], (std::vector<int>{0, 2}));
+    EXPECT_EQ(p.node_list[0][1], (std::vector<int>{0, 1, 4}));
+    // Node 0: t0 at rank 1 (its first token there), t2 at rank 0.
+    EXPECT_EQ(p.hold_pos[0][0], (std::vector<int>{-1, 0, 0, -1}));
+    // Node 1: t0 at rank 2 position 0; t1 at rank 3 position 0; t4 at ranks 2 and 3, position 1 each.
+    EXPECT_EQ(p.hold_pos[0][1], (std::vector<int>{0, -1, -1, 0, 1, 1}));
+    EXPECT_EQ(p.node_pos[0], (std::vector<int>{0, 0, -1, 1, 1, -1, -1, -1, -1, 2}));
+    EXPECT_EQ(p.rank_count[0], (std::vector<int>{1, 1, 2, 2}));
+    EXPECT_EQ(2, p.forwarder(0, 1));
+    EXPECT_EQ(0, p.forwarder(0, 0));
+    EXPECT_EQ(1, p.forwarder(3, 0));
+    EXPECT_EQ(3, p.rdma_records(0));  // t0, t1, t4 to node 1; node 0 is rank 0's own
+    EXPECT_EQ(0, p.rdma_records(1));
+    EXPECT_EQ(3, p.combine_slot(1, 1));
+  }
+  {
+    NodeMap m;
+    m.node_of_rank = {0, 1, 0, 1};  // nodes {0, 2}, {1, 3}: the rail of rank 0 on node 1 is rank 1
+    const HtNodePlan p = ht_node_plan(d, m);
+    EXPECT_EQ(p.rank_of[0], (std::vector<int>{0, 2}));
+    EXPECT_EQ(p.rank_of[1], (std::vector<int>{1, 3}));
+    EXPECT_EQ(1, p.forwarder(0, 1));
+    EXPECT_EQ(1, p.local_index[2]);
+    EXPECT_EQ(p.node_list[0][0], (std::vector<int>{0, 2, 4}));  // holders 0 and 2
+    EXPECT_EQ(p.node_list[0][1], (std::vector<int>{0, 1, 4}));  // holders 1 and 3
+    EXPECT_EQ(p.hold_pos[0][0], (std::vector<int>{-1, 0, 0, -1, -1, 1}));
+    EXPECT_EQ(p.hold_pos[0][1], (std::vector<int>{0, -1, -1, 0, -1, 1}));
+  }
+  NodeMap uneven;
+  uneven.node_of_rank = {0, 0, 0, 1};
+  EXPECT_THROW(ht_node_plan(d, uneven), std::invalid_argument);
+}
+
+// The plan is the dispatch done in two hops: replaying every record of every (source, node) pair to the holders its
+// positions name fills every row of every receiving rank exactly once with the right (source rank, token), the
+// lists are ascending, the per-rank counts are the notify counts, and the records crossing RDMA are the (token,
+// other node) pairs counted straight from the routing.
+TEST(ReferenceHtNodePlan, TwoHopsReproduceTheDispatch) {
+  int checked = 0;
+  for (const NodesCase& c : nodes_sweep()) {
+    const Routing r = make_routing(c.spec);
+    const HtDispatch d = ht_dispatch(r, 1);
+    const int R = r.num_ranks;
+    for (const NodeMap& map : node_maps(R)) {
+      SCOPED_TRACE(c.name());
+      std::vector<int> per_node(static_cast<size_t>(map.num_nodes()), 0);
+      for (int v : map.node_of_rank) ++per_node[static_cast<size_t>(v)];
+      if (std::count(per_node.begin(), per_node.end(), per_node[0]) != map.num_nodes()) {
+        EXPECT_THROW(ht_node_plan(d, map), std::invalid_argument) << "nodes of unequal size have no rails";
+        continue;
+      }
+      const HtNodePlan p = ht_node_plan(d, map);
+      const int N = p.num_nodes, G = p.ranks_per_node;
+      std::vector<std::vector<int>> filled(static_cast<size_t>(R));
+      for (int dst = 0; dst < R; ++dst) filled[dst].assign(static_cast<size_t>(d.recv[dst].num_recv), 0);
+      for (int s = 0; s < R; ++s) {
+        int64_t rdma = 0;
+        for (int t = 0; t < r.ranks[s].num_tokens; ++t) {
+          std::vector<char> node_hit(static_cast<size_t>(N), 0);
+          for (int k = 0; k < r.topk; ++k) {
+            const int64_t e = r.ranks[s].topk_idx[static_cast<size_t>(t) * r.topk + k];
+            if (e >= 0) node_hit[static_cast<size_t>(map.node_of_rank[r.expert_rank(e)])] = 1;
+          }
+          for (int m = 0; m < N; ++m) {
+            EXPECT_EQ(node_hit[m] != 0, p.node_pos[s][static_cast<size_t>(t) * N + m] >= 0);
+            if (node_hit[m] && m != map.node_of_rank[s]) ++rdma;
+          }
+        }
+        EXPECT_EQ(rdma, p.rdma_records(s));
+        for (int m = 0; m < N; ++m) {
+          const std::vector<int>& list = p.node_list[s][m];
+          ASSERT_EQ(list.size() * G, p.hold_pos[s][m].size());
+          for (size_t q = 0; q < list.size(); ++q) {
+            if (q > 0) EXPECT_LT(list[q - 1], list[q]) << "ascending";
+            EXPECT_EQ(static_cast<int>(q), p.node_pos[s][static_cast<size_t>(list[q]) * N + m]);
+            bool any = false;
+            for (int j = 0; j < G; ++j) {
+              const int pos = p.hold_pos[s][m][q * G + j];
+              if (pos < 0) continue;
+              any = true;
+              const int dst = p.rank_of[m][j];
+              const int row = d.recv[dst].rank_prefix[s] + pos;
+              ASSERT_LT(row, d.recv[dst].num_recv);
+              ++filled[dst][row];
+              EXPECT_EQ(s, d.recv[dst].src_rank[row]);
+              EXPECT_EQ(list[q], d.recv[dst].src_token[row]);
+            }
+            EXPECT_TRUE(any) << "a record with no holder on its node";
+          }
+        }
+        for (int dst = 0; dst < R; ++dst)
+          EXPECT_EQ(d.recv[dst].rank_prefix[s + 1] - d.recv[dst].rank_prefix[s], p.rank_count[s][dst]);
+      }
+      for (int dst = 0; dst < R; ++dst)
+        for (int row = 0; row < d.recv[dst].num_recv; ++row) EXPECT_EQ(1, filled[dst][row]) << "rank " << dst;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 100);
 }
 
 }  // namespace
