@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kThreads) ll_net_combine_send_kernel(const __g
     while (s_first[s + 1] <= g) ++s;
     const int i = g - s_first[s];
     const LlNetHeader* hdr = reinterpret_cast<const LlNetHeader*>(half + L.dispatch_msg(s, i));
-    const int t = hdr->token, K = min(hdr->topk, kMaxTopk);
+    const int t = hdr->token, K = p.topk;  // the call's K; a header never drives an index
+    if (static_cast<unsigned>(t) >= static_cast<unsigned>(L.tokens)) continue;
     const float* pushed = reinterpret_cast<const float*>(half + L.weights(s)) + static_cast<size_t>(t) * p.topk;
     const bool local = llnet::is_local(n, s);
     uint8_t* dst = local ? llnet::local_half(n, s) + L.comb_recv_row(me, t) : half + L.cstage_row(s, t);

@@ -266,14 +266,15 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_recv_kernel(const __
         const LlNetHeader* hdr =
             i < count ? reinterpret_cast<const LlNetHeader*>(half + L.dispatch_msg(s, i)) : nullptr;
         int rows = 0;
-        if (hdr != nullptr)
-          for (int k = 0; k < hdr->topk; ++k) rows += hdr->expert[k] == expert;
+        // The call's K (every rank's call has the same), not the header's: a header never drives an index.
+        if (hdr != nullptr && static_cast<unsigned>(hdr->token) < static_cast<unsigned>(L.tokens))
+          for (int k = 0; k < p.topk; ++k) rows += hdr->expert[k] == expert;
         int total;
         const int first = base + block_exclusive_scan(rows, &total);
         if (rows > 0) {
           const int t = hdr->token;
           int r = first;
-          for (int k = 0; k < hdr->topk; ++k) {
+          for (int k = 0; k < p.topk; ++k) {
             if (hdr->expert[k] != expert) continue;
             p.recv_src_info[static_cast<size_t>(j) * p.slab_rows + r] = (s << 24) | t;
             p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = r;
