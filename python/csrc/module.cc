@@ -111,7 +111,7 @@ T* ptr(uintptr_t p) {
 inline cudaStream_t streamOf(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 ncclMoeConfig_t makeConfig(int num_experts, int hidden, int max_topk, int max_tokens_per_rank,
-                           int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
+                           int ll_max_tokens_per_rank, int num_sms, int ll_num_sms, int enable_rank_masks) {
   ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
   c.num_experts = num_experts;
   c.hidden = hidden;
@@ -120,6 +120,7 @@ ncclMoeConfig_t makeConfig(int num_experts, int hidden, int max_topk, int max_to
   c.ll_max_tokens_per_rank = ll_max_tokens_per_rank;
   c.num_sms = num_sms;
   c.ll_num_sms = ll_num_sms;
+  c.enable_rank_masks = enable_rank_masks;
   return c;
 }
 
@@ -443,6 +444,56 @@ void llReset(Comm& comm, uintptr_t stream) {
   checkMoe(res, c);
 }
 
+// Rank masks (config.enable_rank_masks = 1; include/nccl_moe.h "Rank masks"). The query into device memory is
+// stream-ordered and capturable; the host variant waits for the stream's earlier work. Set and clear are collective
+// over the ranks the new mask holds active. The GIL is released around all four.
+void queryRankMask(Comm& comm, uintptr_t mask, uintptr_t stream) {
+  ncclMoeComm_t c = comm.get();
+  ncclResult_t res;
+  {
+    nb::gil_scoped_release release;
+    res = ncclMoeQueryRankMask(c, ptr<int>(mask), /*mask_on_device=*/1, streamOf(stream));
+  }
+  checkMoe(res, c);
+}
+
+std::vector<int> queryRankMaskHost(Comm& comm, uintptr_t stream) {
+  ncclMoeComm_t c = comm.get();
+  std::vector<int> mask(static_cast<size_t>(comm.numRanks()), 0);
+  ncclResult_t res;
+  {
+    nb::gil_scoped_release release;
+    res = ncclMoeQueryRankMask(c, mask.data(), /*mask_on_device=*/0, streamOf(stream));
+  }
+  checkMoe(res, c);
+  return mask;
+}
+
+// mask: [R] host ints, each 0 (active) or 1 (masked); the library checks the values and mask[this rank] == 0.
+void setRankMask(Comm& comm, const std::vector<int>& mask, uintptr_t stream) {
+  ncclMoeComm_t c = comm.get();
+  if (static_cast<int>(mask.size()) != comm.numRanks()) {
+    throw Failure{static_cast<int>(ncclInvalidArgument), "set_rank_mask: mask has " + std::to_string(mask.size()) +
+                                                             " entries, expected " + std::to_string(comm.numRanks())};
+  }
+  ncclResult_t res;
+  {
+    nb::gil_scoped_release release;
+    res = ncclMoeSetRankMask(c, mask.data(), streamOf(stream));
+  }
+  checkMoe(res, c);
+}
+
+void clearRankMask(Comm& comm, uintptr_t stream) {
+  ncclMoeComm_t c = comm.get();
+  ncclResult_t res;
+  {
+    nb::gil_scoped_release release;
+    res = ncclMoeClearRankMask(c, streamOf(stream));
+  }
+  checkMoe(res, c);
+}
+
 void castToFp8(uintptr_t x, int num_tokens, int hidden, int scale_format, uintptr_t out_fp8, uintptr_t out_scales,
                uintptr_t stream) {
   checkMoe(ncclMoeCastToFp8(ptr<const void>(x), num_tokens, hidden, static_cast<ncclMoeScaleFormat_t>(scale_format),
@@ -454,9 +505,9 @@ void castToFp8(uintptr_t x, int num_tokens, int hidden, int scale_format, uintpt
 // ------------------------------------------------------------------------------------------------------------------
 
 Comm* commInit(uintptr_t nccl_comm, int device, int num_experts, int hidden, int max_topk, int max_tokens_per_rank,
-               int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
-  const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
+               int ll_max_tokens_per_rank, int num_sms, int ll_num_sms, int enable_rank_masks) {
+  const ncclMoeConfig_t config = makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank,
+                                            num_sms, ll_num_sms, enable_rank_masks);
   ncclMoeComm_t c = nullptr;
   ncclResult_t res;
   {
@@ -469,9 +520,10 @@ Comm* commInit(uintptr_t nccl_comm, int device, int num_experts, int hidden, int
 }
 
 nb::list commInitAll(const std::vector<int>& devices, int num_experts, int hidden, int max_topk,
-                     int max_tokens_per_rank, int ll_max_tokens_per_rank, int num_sms, int ll_num_sms) {
-  const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
+                     int max_tokens_per_rank, int ll_max_tokens_per_rank, int num_sms, int ll_num_sms,
+                     int enable_rank_masks) {
+  const ncclMoeConfig_t config = makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank,
+                                            num_sms, ll_num_sms, enable_rank_masks);
   std::vector<ncclMoeComm_t> comms(devices.size(), nullptr);
   ncclResult_t res;
   {
@@ -486,9 +538,9 @@ nb::list commInitAll(const std::vector<int>& devices, int num_experts, int hidde
 }
 
 size_t bufferSize(int num_experts, int hidden, int max_topk, int max_tokens_per_rank, int ll_max_tokens_per_rank,
-                  int num_sms, int ll_num_sms, int num_ranks) {
-  const ncclMoeConfig_t config =
-      makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank, num_sms, ll_num_sms);
+                  int num_sms, int ll_num_sms, int enable_rank_masks, int num_ranks) {
+  const ncclMoeConfig_t config = makeConfig(num_experts, hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank,
+                                            num_sms, ll_num_sms, enable_rank_masks);
   size_t bytes = 0;
   checkMoe(ncclMoeGetBufferSize(&config, num_ranks, &bytes));
   return bytes;
@@ -612,7 +664,7 @@ NB_MODULE(_C, m) {
       "last_error", []() { return std::string(ncclMoeGetLastError(nullptr)); },
       "ncclMoeGetLastError(NULL): the calling thread's last failure");
   m.def("buffer_size", &bufferSize, "num_experts"_a, "hidden"_a, "max_topk"_a, "max_tokens_per_rank"_a,
-        "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a, "num_ranks"_a,
+        "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a, "enable_rank_masks"_a, "num_ranks"_a,
         "ncclMoeGetBufferSize: bytes of one rank's buffer");
   m.def("device_count", &deviceCount);
   m.def("stream_is_capturing", &streamIsCapturing, "stream"_a);
@@ -626,9 +678,10 @@ NB_MODULE(_C, m) {
   nb::class_<Comm>(m, "Comm")
       .def_static("init", &commInit, "nccl_comm"_a, "device"_a, "num_experts"_a, "hidden"_a, "max_topk"_a,
                   "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a,
-                  nb::rv_policy::take_ownership)
+                  "enable_rank_masks"_a, nb::rv_policy::take_ownership)
       .def_static("init_all", &commInitAll, "devices"_a, "num_experts"_a, "hidden"_a, "max_topk"_a,
-                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a)
+                  "max_tokens_per_rank"_a, "ll_max_tokens_per_rank"_a, "num_sms"_a, "ll_num_sms"_a,
+                  "enable_rank_masks"_a)
       .def("destroy", &Comm::destroy)
       .def("async_error", &Comm::asyncError)
       .def_prop_ro("destroyed", &Comm::destroyed)
@@ -643,7 +696,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("max_tokens_per_rank", [](const Comm& c) { return c.config().max_tokens_per_rank; })
       .def_prop_ro("ll_max_tokens_per_rank", [](const Comm& c) { return c.config().ll_max_tokens_per_rank; })
       .def_prop_ro("num_sms", [](const Comm& c) { return c.config().num_sms; })
-      .def_prop_ro("ll_num_sms", [](const Comm& c) { return c.config().ll_num_sms; });
+      .def_prop_ro("ll_num_sms", [](const Comm& c) { return c.config().ll_num_sms; })
+      .def_prop_ro("enable_rank_masks", [](const Comm& c) { return c.config().enable_rank_masks; });
 
   nb::class_<Handle>(m, "Handle")
       .def(nb::init<Comm&>(), "comm"_a, nb::keep_alive<1, 2>())
@@ -677,6 +731,13 @@ NB_MODULE(_C, m) {
   m.def("ll_recv_src_info", &llRecvSrcInfo, "comm"_a, "handle"_a,
         "ncclMoeLowLatencyRecvSrcInfo: device address of the handle's [E_l, R*M] int32 (rank << 24 | token) rows");
   m.def("ll_reset", &llReset, "comm"_a, "stream"_a);
+  m.def("query_rank_mask", &queryRankMask, "comm"_a, "mask"_a, "stream"_a,
+        "ncclMoeQueryRankMask into device memory: mask = data_ptr of an [R] int32 tensor, stream-ordered");
+  m.def("query_rank_mask_host", &queryRankMaskHost, "comm"_a, "stream"_a,
+        "ncclMoeQueryRankMask into host memory: waits for the stream's earlier work, returns [R] ints (1 = masked)");
+  m.def("set_rank_mask", &setRankMask, "comm"_a, "mask"_a, "stream"_a,
+        "ncclMoeSetRankMask: collective over the ranks with mask[r] == 0; mask is [R] ints, each 0 or 1");
+  m.def("clear_rank_mask", &clearRankMask, "comm"_a, "stream"_a, "ncclMoeClearRankMask: collective over all ranks");
   m.def("cast_to_fp8", &castToFp8, "x"_a, "num_tokens"_a, "hidden"_a, "scale_format"_a, "out_fp8"_a, "out_scales"_a,
         "stream"_a);
 }

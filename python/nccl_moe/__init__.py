@@ -72,6 +72,9 @@ class Config:
             share the GPU; larger values are capped there). A smaller budget leaves SMs to other work (e.g. compute
             kernels on other streams during decode); an LL call with both phases then runs as two kernels (send,
             then receive). Unlike the other fields it may differ between ranks.
+        enable_rank_masks: rank masks for low-latency calls (include/nccl_moe.h "Rank masks"): an LL wait that times
+            out on a peer masks that peer instead of failing the communicator, and later LL calls skip masked ranks;
+            needed by Comm.query_rank_mask / set_rank_mask / clear_rank_mask. Same on every rank. Default False.
     """
 
     num_experts: int
@@ -81,6 +84,7 @@ class Config:
     ll_max_tokens_per_rank: int = 0
     num_sms: int = 0
     ll_num_sms: int = 0
+    enable_rank_masks: bool = False
 
     def _args(self):
         return (
@@ -91,6 +95,7 @@ class Config:
             int(self.ll_max_tokens_per_rank),
             int(self.num_sms),
             int(self.ll_num_sms),
+            int(bool(self.enable_rank_masks)),
         )
 
     def buffer_size(self, num_ranks: int) -> int:

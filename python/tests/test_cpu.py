@@ -91,10 +91,38 @@ def test_config_ll_num_sms_round_trip():
     base = dict(num_experts=8, hidden=256, max_tokens_per_rank=16, ll_max_tokens_per_rank=8)
     assert nccl_moe.Config(**base).ll_num_sms == 0
     c = nccl_moe.Config(**base, ll_num_sms=12)
-    assert c.ll_num_sms == 12 and c._args()[-1] == 12 and c != nccl_moe.Config(**base)
+    assert c.ll_num_sms == 12 and c._args()[6] == 12 and c != nccl_moe.Config(**base)
     assert c.buffer_size(2) == nccl_moe.Config(**base).buffer_size(2)
     assert c.validate(2) is c
     assert "ll_num_sms" in (_C.buffer_size.__doc__ or "") and "ll_num_sms" in (_C.Comm.init_all.__doc__ or "")
+
+
+def test_config_enable_rank_masks_round_trip():
+    """enable_rank_masks: a Config field (default False) that reaches ncclMoeConfig_t as 0/1, last of the extension's
+    config arguments; it changes no buffer size (the mask lives in the control region either way)."""
+    base = dict(num_experts=8, hidden=256, ll_max_tokens_per_rank=8)
+    assert nccl_moe.Config(**base).enable_rank_masks is False and nccl_moe.Config(**base)._args()[-1] == 0
+    c = nccl_moe.Config(**base, enable_rank_masks=True)
+    assert c._args()[-1] == 1 and len(c._args()) == 8 and c != nccl_moe.Config(**base)
+    assert c.validate(4) is c
+    for fn in (_C.buffer_size, _C.Comm.init, _C.Comm.init_all):
+        assert "enable_rank_masks" in (fn.__doc__ or ""), fn
+    # The extension takes it by keyword too, in the position the C struct has it (after ll_num_sms).
+    assert _C.buffer_size(8, 256, 8, 0, 8, 0, 0, enable_rank_masks=1, num_ranks=4) == c.buffer_size(4)
+
+
+def test_rank_mask_natives_take_integers():
+    """The four rank-mask entry points exist with integer streams and a host list for set_rank_mask (no C++ type
+    leaks into the signatures: test_every_native_signature_has_python_types covers that)."""
+    for name, args in (("query_rank_mask", "comm, mask, stream"), ("query_rank_mask_host", "comm, stream"),
+                       ("set_rank_mask", "comm, mask, stream"), ("clear_rank_mask", "comm, stream")):
+        doc = getattr(_C, name).__doc__ or ""
+        assert doc.startswith(f"{name}("), doc
+        for a in args.split(", "):
+            assert f"{a}:" in doc.splitlines()[0], (name, a, doc)
+    assert "list[int]" in _C.query_rank_mask_host.__doc__.splitlines()[0]
+    assert "collections.abc.Sequence[int]" in _C.set_rank_mask.__doc__.splitlines()[0] or \
+        "list[int]" in _C.set_rank_mask.__doc__.splitlines()[0]
 
 
 def test_config_validate_returns_itself():
@@ -108,7 +136,8 @@ def test_extension_surface():
     for name in ("layout", "ht_notify", "ht_dispatch", "ht_combine", "ll_dispatch", "ll_combine", "ll_combine_buffer",
                  "ll_recv_src_info", "ll_reset", "cast_to_fp8", "buffer_size", "nccl_unique_id", "nccl_comm_init_rank",
                  "nccl_comm_destroy", "nccl_comm_info", "Comm", "Handle", "Event", "device_count",
-                 "stream_is_capturing", "last_error", "error_string"):
+                 "stream_is_capturing", "last_error", "error_string", "query_rank_mask", "query_rank_mask_host",
+                 "set_rank_mask", "clear_rank_mask"):
         assert hasattr(_C, name), name
     assert _C.error_string(4).startswith("invalid argument")
 
@@ -123,7 +152,7 @@ def test_cast_argument_errors_without_gpu():
 @pytest.mark.skipif(nccl_moe.device_count() > 0, reason="checks the error path of a machine without a GPU")
 def test_world_init_without_gpu_raises():
     with pytest.raises(nccl_moe.NcclMoeError) as info:
-        _C.Comm.init_all([0, 0], 8, 256, 8, 16, 0, 0, 0)
+        _C.Comm.init_all([0, 0], 8, 256, 8, 16, 0, 0, 0, 0)
     assert "ncclMoeCommInitAll" in info.value.message or "cuda" in info.value.message.lower()
 
 
