@@ -155,6 +155,19 @@ class _World:
         self.slots = [None] * num_ranks
         self.ll_posts = [[None] * num_ranks, [None] * num_ranks]
         self.combine_posts = [[None] * num_ranks, [None] * num_ranks]
+        self._group_barriers = {}
+        self._lock = threading.Lock()
+
+    def group_barrier(self, ranks):
+        """A barrier of the ranks in `ranks` only (the active ranks of a rank mask); the full set is `barrier`."""
+        key = tuple(ranks)
+        if len(key) == self.num_ranks:
+            return self.barrier
+        with self._lock:
+            b = self._group_barriers.get(key)
+            if b is None:
+                b = self._group_barriers[key] = threading.Barrier(len(key), timeout=30)
+        return b
 
     def all_gather(self, rank, obj):
         self.slots[rank] = obj
@@ -172,7 +185,9 @@ class Comm:
         self.device = 0
         self.world_comm = True
         (self.num_experts, self.hidden, self.max_topk, self.max_tokens_per_rank, self.ll_max_tokens_per_rank,
-         self.num_sms, self.ll_num_sms) = config_args
+         self.num_sms, self.ll_num_sms, self.enable_rank_masks) = config_args
+        # This rank's view of the rank masks (1 = masked), as the library keeps it in device memory.
+        self.rank_mask = [0] * self.num_ranks
         _REAL.buffer_size(*config_args, min(self.num_ranks, MAX_NVL_PEERS))  # the library's config checks
         self.destroyed = False
         self.next_half = 0
@@ -206,6 +221,9 @@ class Comm:
     @property
     def address(self):
         return id(self)
+
+    def active(self):
+        return [r for r in range(self.num_ranks) if not self.rank_mask[r]]
 
 
 _NCCL_COMMS = {}
@@ -404,11 +422,12 @@ def ll_dispatch(comm, handle, x, topk_idx, idx_type, T, H, K, use_fp8, scale_for
         comm.world.ll_posts[half][d] = (rows, ids, w)
     if phase & PHASE_RECV:
         ll = handle.ll
-        comm.world.barrier.wait()
+        barrier = comm.world.group_barrier(comm.active())
+        barrier.wait()
         posts = list(comm.world.ll_posts[ll["half"]])
-        comm.world.barrier.wait()
+        barrier.wait()
         slabs = [[] for _ in range(E_l)]
-        for s in range(R):
+        for s in comm.active():  # a masked source sends nothing (include/nccl_moe.h "Rank masks")
             rows_s, ids_s, _ = posts[s]
             for t, row in enumerate(ids_s):
                 for k, e in enumerate(row):
@@ -420,7 +439,7 @@ def ll_dispatch(comm, handle, x, topk_idx, idx_type, T, H, K, use_fp8, scale_for
             cols = -(-H // 512) if scale_format == SCALE_UE8M0 else H // 128
             sdt = torch.int32 if scale_format == SCALE_UE8M0 else torch.float32
             out_s = _view(recv_x_scales, (E_l, R * M, cols), sdt)
-            casts = [_fp8_cast(posts[s][0], scale_format) for s in range(R)]
+            casts = {s: _fp8_cast(posts[s][0], scale_format) for s in comm.active()}
         counts = _view(recv_count, (E_l,), torch.int32)
         # Rows past recv_count are unspecified in the library: fill them with a source no rank has, so that readers
         # which look past the count fail the tests.
@@ -439,7 +458,7 @@ def ll_dispatch(comm, handle, x, topk_idx, idx_type, T, H, K, use_fp8, scale_for
         if cumulative_recv_stats:
             _view(cumulative_recv_stats, (E_l,), torch.int32).add_(counts)
         ll["slabs"] = slabs
-        ll["dispatch_w"] = [p[2] for p in posts]
+        ll["dispatch_w"] = [None if p is None else p[2] for p in posts]
         ll["recv_pending"] = False
 
 
@@ -459,16 +478,17 @@ def ll_combine(comm, handle, x, zero_copy, topk_idx, topk_weights, T, H, K, out,
         comm.world.combine_posts[half][d] = (y, ll["slabs"])
         ll["combine_w"] = w if w is not None else ll["w"]
     if phase & PHASE_RECV:
-        comm.world.barrier.wait()
+        barrier = comm.world.group_barrier(comm.active())
+        barrier.wait()
         posts = list(comm.world.combine_posts[half])
-        comm.world.barrier.wait()
+        barrier.wait()
         ids = _view(topk_idx, (T, K), ll["idx_dtype"]).tolist()
         w = ll["combine_w"]
         result = _view(out, (T, H), torch.bfloat16)
         s = comm.rank
         for t in range(T):
             total = torch.zeros(H, dtype=torch.float32)
-            for dd in range(R):
+            for dd in comm.active():  # a masked expert rank's partial is absent
                 ks = [k for k, e in enumerate(ids[t]) if e >= 0 and e // E_l == dd]
                 if not ks:
                     continue
@@ -499,8 +519,56 @@ def ll_recv_src_info(comm, handle):
 
 def ll_reset(comm, stream):
     comm.check("ncclMoeLowLatencyReset")
-    comm.world.barrier.wait()
+    comm.world.group_barrier(comm.active()).wait()
     comm.next_half = 0
+
+
+def _check_masks(comm, api):
+    comm.check(api)
+    if not comm.enable_rank_masks:
+        _fail(5, f"{api}: the communicator was created without config.enable_rank_masks")
+
+
+def query_rank_mask(comm, mask, stream):
+    _check_masks(comm, "ncclMoeQueryRankMask")
+    if not mask:
+        _fail(4, "ncclMoeQueryRankMask: mask is NULL")
+    _view(mask, (comm.num_ranks,), torch.int32).copy_(torch.tensor(comm.rank_mask, dtype=torch.int32))
+
+
+def query_rank_mask_host(comm, stream):
+    _check_masks(comm, "ncclMoeQueryRankMask")
+    return list(comm.rank_mask)
+
+
+def set_rank_mask(comm, mask, stream):
+    _check_masks(comm, "ncclMoeSetRankMask")
+    if not comm.ll_max_tokens_per_rank:
+        _fail(5, "ncclMoeSetRankMask: the communicator has no low-latency capacity")
+    mask = list(mask)
+    if len(mask) != comm.num_ranks:
+        _fail(4, f"set_rank_mask: mask has {len(mask)} entries, expected {comm.num_ranks}")
+    for r, v in enumerate(mask):
+        if v not in (0, 1):
+            _fail(4, f"ncclMoeSetRankMask: mask[{r}] is {v}, expected 0 or 1")
+    if mask[comm.rank]:
+        _fail(4, f"ncclMoeSetRankMask: mask[{comm.rank}] (this rank) is 1, expected 0")
+    active = [r for r in range(comm.num_ranks) if not mask[r]]
+    barrier = comm.world.group_barrier(active)
+    barrier.wait()
+    comm.rank_mask = mask
+    comm.next_half = 0
+    barrier.wait()
+
+
+def clear_rank_mask(comm, stream):
+    _check_masks(comm, "ncclMoeClearRankMask")
+    if not comm.ll_max_tokens_per_rank:
+        _fail(5, "ncclMoeClearRankMask: the communicator has no low-latency capacity")
+    comm.world.barrier.wait()
+    comm.rank_mask = [0] * comm.num_ranks
+    comm.next_half = 0
+    comm.world.barrier.wait()
 
 
 def cast_to_fp8(x, T, H, scale_format, out_fp8, out_scales, stream):

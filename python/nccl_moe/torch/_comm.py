@@ -200,7 +200,8 @@ class Comm:
     """An NCCL-MoE communicator on torch tensors. Collective to create and to destroy.
 
     Comm(group=None, *, num_experts, hidden, max_topk=8, max_tokens_per_rank=0, ll_max_tokens_per_rank=0,
-         num_sms=0, ll_num_sms=0, config=None, device=None, comm_source="auto", mpi_comm=None)
+         num_sms=0, ll_num_sms=0, enable_rank_masks=False, config=None, device=None, comm_source="auto",
+         mpi_comm=None)
 
     The NCCL communicator under it comes from `group` (nccl_moe.torch._group says how):
       - an NCCL ProcessGroup: torch's own communicator (ProcessGroupNCCL._comm_ptr(), after a barrier when torch
@@ -210,7 +211,8 @@ class Comm:
       - a LocalGroup (nccl_moe.torch.LocalWorld): the one-process world of ncclMoeCommInitAll.
     comm_source: "auto" (borrow when possible), "borrow", or "own" (NCCL_MOE_REUSE_TORCH_COMM=0 also forces "own").
     The config (nccl_moe.Config, or its fields as keywords) must be equal on every rank, except ll_num_sms (a per-rank
-    SM budget; a LocalWorld has one config for all ranks).
+    SM budget; a LocalWorld has one config for all ranks). enable_rank_masks=True: LL waits that time out mask the
+    peer instead of failing (query_rank_mask, set_rank_mask, clear_rank_mask).
     """
 
     def __init__(self, group=None, *, config=None, device=None, comm_source="auto", mpi_comm=None, **config_fields):
@@ -888,6 +890,80 @@ class Comm:
         """ncclMoeLowLatencyReset (collective, no LL result alive): needed when a buffer used by HT goes back to
         LL after a failure or as DeepEP's clean_low_latency_buffer; the next dispatch uses half 0."""
         self._lib.ll_reset(self._native, self._rt.as_stream_handle(stream))
+        self._ll_next_half = 0
+
+    # -- rank masks (include/nccl_moe.h "Rank masks"; Config(enable_rank_masks=True)) -------------------------------
+    def _check_rank_masks(self, api):
+        if self._destroyed:
+            raise RuntimeError(f"{api}: the communicator was destroyed")
+        if not self.config.enable_rank_masks:
+            raise RuntimeError(f"{api}: the communicator was created without rank masks; pass enable_rank_masks=True "
+                               "to Comm (or nccl_moe.Config) on every rank")
+
+    def _rank_mask_list(self, mask, api):
+        """mask (a sequence or tensor of R values, each 0/1 or False/True) as a list of R ints, checked here so that
+        nothing is sent when it is wrong."""
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 1:
+                raise ValueError(f"{api}: mask has shape {tuple(mask.shape)}, expected [{self.num_ranks}]")
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"{api}: mask has dtype {mask.dtype}, expected an integer or bool tensor")
+            values = mask.tolist()  # a device tensor is read once here (one host wait)
+        else:
+            values = list(mask)
+        if len(values) != self.num_ranks:
+            raise ValueError(f"{api}: mask has {len(values)} entries, expected the world size {self.num_ranks}")
+        out = []
+        for r, v in enumerate(values):
+            if isinstance(v, bool):
+                v = int(v)
+            if not isinstance(v, int) or v not in (0, 1):
+                raise ValueError(f"{api}: mask[{r}] is {v!r}, expected 0 (active) or 1 (masked)")
+            out.append(v)
+        return out
+
+    def query_rank_mask(self, stream=None, out=None):
+        """This rank's view of the rank masks after the LL work enqueued so far on `stream` (ncclMoeQueryRankMask,
+        stream-ordered, capturable): an int32 [num_ranks] tensor on the communicator's device, 1 = masked, 0 = active.
+        `out`: an int32 [num_ranks] contiguous tensor on the device to write instead of a new one."""
+        self._check_rank_masks("query_rank_mask")
+        if out is None:
+            out = self._rt.empty((self.num_ranks,), _I32)
+        else:
+            _check_rows(out, "out", (self.num_ranks,), _I32)
+            if out.device != self.device:
+                raise ValueError(f"out: on {out.device}, expected {self.device}")
+        self._lib.query_rank_mask(self._native, out.data_ptr(), self._rt.as_stream_handle(stream))
+        return out
+
+    def query_rank_mask_host(self, stream=None):
+        """query_rank_mask as a list of num_ranks ints, read into host memory: waits for `stream`'s earlier work."""
+        self._check_rank_masks("query_rank_mask_host")
+        return list(self._lib.query_rank_mask_host(self._native, self._rt.as_stream_handle(stream)))
+
+    def set_rank_mask(self, mask, stream=None):
+        """ncclMoeSetRankMask: collective over the ranks with mask[r] == 0 (ranks masked in `mask` do not call it);
+        every participant passes the same mask (not checked) and gets it as its view; resets the LL state of the
+        participants (no LL result may be alive; the next LL dispatch uses half 0). `mask`: num_ranks values, each 0
+        (active) or 1 (masked), this rank's 0."""
+        self._check_rank_masks("set_rank_mask")
+        values = self._rank_mask_list(mask, "set_rank_mask")
+        if values[self.rank]:
+            raise ValueError(f"set_rank_mask: mask[{self.rank}] is 1 on rank {self.rank} itself; a rank the new mask "
+                             "leaves out does not call set_rank_mask")
+        if not self.config.ll_max_tokens_per_rank:
+            raise RuntimeError("set_rank_mask: the communicator has no low-latency capacity (ll_max_tokens_per_rank)")
+        self._lib.set_rank_mask(self._native, values, self._rt.as_stream_handle(stream))
+        self._ll_next_half = 0
+
+    def clear_rank_mask(self, stream=None):
+        """ncclMoeClearRankMask: every rank active again. Collective over ALL ranks, masked ones included (this is how
+        they rejoin); resets every rank's LL state like set_rank_mask."""
+        self._check_rank_masks("clear_rank_mask")
+        if not self.config.ll_max_tokens_per_rank:
+            raise RuntimeError("clear_rank_mask: the communicator has no low-latency capacity "
+                               "(ll_max_tokens_per_rank)")
+        self._lib.clear_rank_mask(self._native, self._rt.as_stream_handle(stream))
         self._ll_next_half = 0
 
     # -- helpers -----------------------------------------------------------------------------------------------------
