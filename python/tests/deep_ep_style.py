@@ -139,8 +139,6 @@ def unsupported_arguments(buffer, x, topk_idx, num_experts, ll_tokens):
     else:
         raise AssertionError("dispatch_wait_recv_cost_stats accepted")
     for name, call in (("get_local_buffer_tensor", lambda: buffer.get_local_buffer_tensor(torch.int8)),
-                       ("low_latency_query_mask_buffer", lambda: buffer.low_latency_query_mask_buffer(None)),
-                       ("enable_shrink", lambda: deep_ep.Buffer(buffer.group, enable_shrink=True)),
                        ("use_fabric", lambda: deep_ep.Buffer(buffer.group, use_fabric=True))):
         try:
             call()

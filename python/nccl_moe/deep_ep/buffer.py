@@ -168,8 +168,6 @@ class Buffer:
                            "NCCL-MoE's low-latency kernels use NVLink inside a node; there is no RDMA-only path")
         if use_fabric:
             _not_supported("use_fabric=True", "NCCL-MoE allocates its buffer itself (cudaMalloc, CUDA IPC)")
-        if enable_shrink:
-            _not_supported("enable_shrink=True", "NCCL-MoE has no rank masking (fault-tolerant shrink) yet")
         if group is not None:
             self.rank = group.rank()
             self.group = group
@@ -258,7 +256,8 @@ class Buffer:
                                "num_nvl_bytes from Config.get_nvl_buffer_size_hint, or set "
                                "NCCL_MOE_DEEP_EP_MAX_TOKENS)")
         config = _MoeConfig(num_experts=num_experts, hidden=hidden, max_topk=_config.SHIM_MAX_TOPK,
-                            max_tokens_per_rank=ht_tokens, ll_max_tokens_per_rank=ll_tokens)
+                            max_tokens_per_rank=ht_tokens, ll_max_tokens_per_rank=ll_tokens,
+                            enable_rank_masks=bool(self.enable_shrink))
         config.validate(self.group_size)
         if c is not None:
             c.destroy()
@@ -357,14 +356,56 @@ class Buffer:
     def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
         _not_supported("get_local_buffer_tensor", "NCCL-MoE does not expose its communication buffer as raw memory")
 
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
-        _not_supported("low_latency_update_mask_buffer", "NCCL-MoE has no rank masking (enable_shrink) yet")
+    # -- shrink mode: NCCL-MoE's rank masks (include/nccl_moe.h "Rank masks") ----------------------------------------
+    def _mask_comm(self, api):
+        if not self.enable_shrink:
+            raise RuntimeError(f"{api}: the Buffer was created without enable_shrink=True")
+        if self._destroyed:
+            raise RuntimeError(f"{api}: destroy() was called")
+        return self._comm
 
-    def low_latency_query_mask_buffer(self, mask_status):
-        _not_supported("low_latency_query_mask_buffer", "NCCL-MoE has no rank masking (enable_shrink) yet")
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor):
+        """Writes this rank's view of the masks into `mask_status` ([num_ranks] torch.int on the device; 1 = masked,
+        0 = active), stream-ordered on the current stream (ncclMoeQueryRankMask). Before the first LL call has
+        created the communicator no rank is masked (zeros)."""
+        comm = self._mask_comm("low_latency_query_mask_buffer")
+        if not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32 or \
+                tuple(mask_status.shape) != (self.group_size,) or not mask_status.is_contiguous():
+            raise ValueError(f"mask_status: expected a contiguous [{self.group_size}] torch.int tensor")
+        if comm is None:
+            mask_status.zero_()
+            return
+        comm.query_rank_mask(out=mask_status)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
+        """Masks (mask=True) or unmasks `rank_to_mask`. DeepEP changes one rank's local mask; NCCL-MoE's set is
+        collective: the new mask is this rank's view (read with one host wait) with that entry changed, applied by
+        ncclMoeSetRankMask over the ranks it holds active (ncclMoeClearRankMask, over every rank, when it masks
+        none). So every rank active in the new mask calls it, with the same view; the rank being masked takes no part
+        (its call returns at once), the rank being unmasked does. It resets the LL state (no LL result alive)."""
+        comm = self._mask_comm("low_latency_update_mask_buffer")
+        if not isinstance(rank_to_mask, int) or isinstance(rank_to_mask, bool) or \
+                not 0 <= rank_to_mask < self.group_size:
+            raise ValueError(f"rank_to_mask: {rank_to_mask!r}, expected a rank 0..{self.group_size - 1}")
+        if comm is None:
+            raise RuntimeError("low_latency_update_mask_buffer: no low-latency call has created the communicator yet "
+                               "(NCCL-MoE sizes it at the first LL call, or at construction from a size hint)")
+        if mask and rank_to_mask == self.rank:
+            return  # a rank the new mask leaves out does not take part in ncclMoeSetRankMask
+        view = comm.query_rank_mask_host()
+        view[rank_to_mask] = 1 if mask else 0
+        if any(view):
+            comm.set_rank_mask(view)
+        else:
+            comm.clear_rank_mask()
 
     def low_latency_clean_mask_buffer(self):
-        _not_supported("low_latency_clean_mask_buffer", "NCCL-MoE has no rank masking (enable_shrink) yet")
+        """Unmasks every rank: ncclMoeClearRankMask, collective over every rank, masked ones included (DeepEP's clean
+        is local); resets the LL state."""
+        comm = self._mask_comm("low_latency_clean_mask_buffer")
+        if comm is None:
+            return  # nothing masked yet
+        comm.clear_rank_mask()
 
     def _num_sms(self, config):
         return (config.num_sms if config is not None else Buffer.num_sms)
