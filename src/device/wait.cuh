@@ -42,9 +42,10 @@ __device__ __forceinline__ bool error_recorded(const DeviceComm& comm) {
 
 // Waits until *flag >= target (signed compare). Returns true on success. With sleep_ns the poll pauses about that
 // long between loads (for waits that are known to be long, so that the poll does not crowd the memory system).
+// qpn / detail: what a timeout records besides the peer (a flag that travels on a scale-out QP names it).
 template <typename T>
 __device__ __forceinline__ bool wait_geq(const DeviceComm& comm, const T* flag, T target, Phase phase, int peer,
-                                         unsigned sleep_ns = 0) {
+                                         unsigned sleep_ns = 0, int qpn = -1, int detail = 0) {
   T seen = ld_acquire_sys(flag);
   if (seen >= target) return true;
   const uint64_t start = globaltimer_ns();
@@ -56,7 +57,8 @@ __device__ __forceinline__ bool wait_geq(const DeviceComm& comm, const T* flag, 
     if ((++spins & 255u) == 0) {
       if (error_recorded(comm)) return false;
       if (globaltimer_ns() - start > comm.timeout_ns) {
-        record_error(comm, kErrTimeout, phase, peer, static_cast<long long>(seen), static_cast<long long>(target));
+        record_error_at(comm.error, comm.rank, kErrTimeout, phase, peer, static_cast<long long>(seen),
+                        static_cast<long long>(target), qpn, detail);
         return false;
       }
     }

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) ll_net_combine_recv_kernel(const __g
   const LlNetComm& n = p.net;
   const LlNetLayout& L = n.layout;
   const int R = n.comm.num_ranks, El = n.num_local_experts, H = p.hidden, K = p.topk;
-  const long long E = static_cast<long long>(El) * R;
+  const int E = El * R;
   uint8_t* half = llnet::own_half(n);
   LlNetControl* ctl = llnet::control(n);
   const long long tag = ctl->combine_epoch + 1;
@@ -158,9 +158,10 @@ __global__ void __launch_bounds__(kThreads) ll_net_combine_recv_kernel(const __g
     int ranks[kMaxTopk];
     int nr = 0;
     for (int k = 0; k < K; ++k) {
-      const long long id = llnet::load_id(p.topk_idx, p.idx_int32, t, K, k);
-      if (id < 0 || id >= E) continue;
-      const int d = static_cast<int>(id / El);
+      const int e = dev::load_topk_id_checked(n.comm, Phase::kLlCombineRecv, p.topk_idx, p.idx_int32,
+                                              static_cast<size_t>(t) * K + k, K, E);
+      if (e < 0) continue;
+      const int d = e / El;
       int pos = nr;
       bool seen = false;
       for (int q = 0; q < nr; ++q) seen |= ranks[q] == d;

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "device/ptx.cuh"
+#include "device/routing.cuh"
 #include "device/wait.cuh"
 #include "kernels/low_latency/common.cuh"
 #include "kernels/low_latency_net/args.h"
@@ -88,25 +89,11 @@ __device__ __forceinline__ bool put_word_signal(const LlNetComm& n, int rank, co
 }
 
 // Waits until this rank's signal [kind][src] >= target. A timeout names the phase, the source and, for a rank of
-// another node, the QP the signal travels on.
+// another node, the QP the signal travels on (the signal kind in `detail`).
 __device__ __forceinline__ bool wait_signal(const LlNetComm& n, int kind, int src, long long target, Phase phase) {
-  const long long* word = own_signal(n, kind, src);
-  long long seen = dev::ld_acquire_sys(word);
-  if (seen >= target) return true;
-  const uint64_t start = dev::globaltimer_ns();
-  uint32_t spins = 0;
-  for (;;) {
-    seen = dev::ld_acquire_sys(word);
-    if (seen >= target) return true;
-    if ((++spins & 255u) == 0) {
-      if (dev::error_recorded(n.comm)) return false;
-      if (dev::globaltimer_ns() - start > n.comm.timeout_ns) {
-        const int qpn = is_local(n, src) ? -1 : static_cast<int>(remote(n, src).qp.qpn);
-        dev::record_error_at(n.comm.error, n.comm.rank, kErrTimeout, phase, src, seen, target, qpn, kind);
-        return false;
-      }
-    }
-  }
+  const int qpn = is_local(n, src) ? -1 : static_cast<int>(remote(n, src).qp.qpn);
+  return dev::wait_geq(n.comm, static_cast<const long long*>(own_signal(n, kind, src)), target, phase, src, 0, qpn,
+                       kind);
 }
 
 // Block-wide copy of `bytes` (a multiple of 16) from src to dst, 16 bytes a thread at a time.
@@ -114,12 +101,6 @@ __device__ __forceinline__ void block_copy16(void* dst, const void* src, size_t 
   const int4* s = static_cast<const int4*>(src);
   int4* d = static_cast<int4*>(dst);
   for (size_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d[i] = s[i];
-}
-
-// Expert id of slot k of token t (int32 or int64 input).
-__device__ __forceinline__ long long load_id(const void* idx, int idx_int32, int t, int K, int k) {
-  const size_t i = static_cast<size_t>(t) * K + k;
-  return idx_int32 ? static_cast<long long>(static_cast<const int32_t*>(idx)[i]) : static_cast<const int64_t*>(idx)[i];
 }
 
 }  // namespace llnet

@@ -35,17 +35,21 @@ namespace {
 
 using llnet::kThreads;
 
+// Global expert of slot i of the caller's top-k ids, -1 when unused; a bad id is recorded (dev::load_topk_id_checked).
+__device__ __forceinline__ int expert_of(const LlNetDispatchArgs& p, size_t i) {
+  return dev::load_topk_id_checked(p.net.comm, Phase::kLlDispatchSend, p.topk_idx, p.idx_int32, i, p.topk,
+                                   p.num_experts);
+}
+
 __global__ void __launch_bounds__(kThreads) ll_net_dispatch_plan_kernel(const __grid_constant__ LlNetDispatchArgs p) {
   const LlNetComm& n = p.net;
   const LlNetLayout& L = n.layout;
-  const int T = p.num_tokens, K = p.topk, R = n.comm.num_ranks, El = n.num_local_experts, E = p.num_experts;
+  const int T = p.num_tokens, K = p.topk, R = n.comm.num_ranks, El = n.num_local_experts;
   uint8_t* half = llnet::own_half(n);
   int* plan = reinterpret_cast<int*>(half + L.plan());
   const long long tag = llnet::control(n)->dispatch_epoch + 1;
   for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
-    const int t = i / K, k = i % K;
-    const long long id = llnet::load_id(p.topk_idx, p.idx_int32, t, K, k);
-    if (id < -1 || id >= E) dev::record_error(n.comm, kErrBadExpertId, Phase::kLlDispatchSend, -1, t, k, id);
+    (void)expert_of(p, static_cast<size_t>(i));  // records a bad id (token, slot) once, here, before anything moves
     plan[i] = -1;
   }
   __syncthreads();
@@ -55,8 +59,8 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_plan_kernel(const __
     for (int t = 0; t < T; ++t) {
       bool here = false;
       for (int k = 0; k < K; ++k) {
-        const long long id = llnet::load_id(p.topk_idx, p.idx_int32, t, K, k);
-        if (id >= 0 && id < E && id / El == d) {
+        const int e = expert_of(p, static_cast<size_t>(t) * K + k);
+        if (e >= 0 && e / El == d) {
           plan[t * K + k] = count;
           here = true;
         }
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_plan_kernel(const __
 
 // Stages token t's message at `msg`: header, then the bf16 row or its FP8 cast and scales. Whole block.
 __device__ void stage_message(const LlNetDispatchArgs& p, int t, uint32_t tag, uint8_t* msg) {
-  const int H = p.hidden, K = p.topk, E = p.num_experts;
+  const int H = p.hidden, K = p.topk;
   LlNetHeader* hdr = reinterpret_cast<LlNetHeader*>(msg);
   if (threadIdx.x == 0) {
     hdr->tag = tag;
@@ -79,9 +83,7 @@ __device__ void stage_message(const LlNetDispatchArgs& p, int t, uint32_t tag, u
   }
   if (threadIdx.x < kMaxTopk) {
     const int k = threadIdx.x;
-    long long id = k < K ? llnet::load_id(p.topk_idx, p.idx_int32, t, K, k) : -1;
-    if (id < 0 || id >= E) id = -1;
-    hdr->expert[k] = static_cast<int16_t>(id);
+    hdr->expert[k] = static_cast<int16_t>(k < K ? expert_of(p, static_cast<size_t>(t) * K + k) : -1);
     hdr->weight[k] = (k < K && p.topk_weights != nullptr) ? p.topk_weights[static_cast<size_t>(t) * K + k] : 0.0f;
   }
   const int4* xrow = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.x) + static_cast<size_t>(t) * H);
@@ -148,9 +150,9 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_send_kernel(const __
       int dest = -1, pos = -1;
       if (k < K && plan[t * K + k] >= 0) {
         pos = plan[t * K + k];
-        dest = static_cast<int>(llnet::load_id(p.topk_idx, p.idx_int32, t, K, k) / El);
+        dest = expert_of(p, static_cast<size_t>(t) * K + k) / El;
         for (int k2 = 0; k2 < k; ++k2)  // a rank gets the token once: the first slot on it sends
-          if (plan[t * K + k2] >= 0 && llnet::load_id(p.topk_idx, p.idx_int32, t, K, k2) / El == dest) dest = -1;
+          if (plan[t * K + k2] >= 0 && expert_of(p, static_cast<size_t>(t) * K + k2) / El == dest) dest = -1;
       }
       s_dest[k] = dest;
       s_pos[k] = pos;
@@ -276,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) ll_net_dispatch_recv_kernel(const __
           int r = first;
           for (int k = 0; k < p.topk; ++k) {
             if (hdr->expert[k] != expert) continue;
-            p.recv_src_info[static_cast<size_t>(j) * p.slab_rows + r] = (s << 24) | t;
+            p.recv_src_info[static_cast<size_t>(j) * p.slab_rows + r] = pack_src_info(s, t);
             p.recv_row[(static_cast<size_t>(s) * L.tokens + t) * L.topk + k] = r;
             ++r;
           }
