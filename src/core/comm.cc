@@ -220,6 +220,9 @@ ncclResult_t allocate(ncclMoeComm* comm, const ncclMoeConfig_t& config, BufferRe
   comm->params = LayoutParams{comm->num_ranks, config.num_experts,         config.hidden,
                               config.max_topk, config.max_tokens_per_rank, config.ll_max_tokens_per_rank};
   comm->params.num_nodes = comm->nodes.num_nodes;  // several: the internode LL region too
+  for (int r = 0; r < kMaxRanks; ++r)
+    comm->same_node_index[r] = static_cast<int16_t>(
+        r < comm->num_ranks && comm->nodes.node_of[r] == comm->node() ? comm->nodes.local_of[r] : -1);
   comm->layout = BufferLayout::make(comm->params);
   const int64_t timeout_s = envInt("NCCL_MOE_TIMEOUT_S");
   comm->timeout_ns = static_cast<uint64_t>(timeout_s > 0 ? timeout_s : 1) * 1000000000ull;

@@ -27,7 +27,10 @@ struct ncclMoeComm {
   int rank = -1;
   int num_ranks = 0;
   int device = -1;
-  int num_device_sms = 0;   // multiprocessors of this rank's GPU
+  int num_device_sms = 0;  // multiprocessors of this rank's GPU
+  // [rank] its index on this rank's node (the scaleup buffer index), -1 for a rank of another node; set at init
+  // (the internode LL kernels take it per call).
+  int16_t same_node_index[nccl_moe::kMaxRanks] = {};
   int ranks_on_device = 1;  // ranks of this communicator on this rank's GPU (same node, same bus id)
   int rank_sms = 0;         // SMs this rank's kernels may occupy at once: num_device_sms / ranks_on_device
   // An LL call with both phases runs as two kernels (send, then receive): set when ranks share the GPU or

@@ -7,6 +7,8 @@
 // stays resident between a send half and its receive half while the network moves the bytes.
 #include "ops/ll_net.h"
 
+#include <cstring>
+
 #include "core/device_guard.h"
 #include "core/error.h"
 #include "kernels/low_latency_net/args.h"
@@ -21,9 +23,7 @@ LlNetComm netComm(const ncclMoeComm* comm, int half) {
   n.half_offset = comm->layout.ll_net_half(half);
   n.num_local_experts = comm->layout.ll.num_local_experts;
   n.num_blocks = comm->ll_sms < kLlNetMaxBlocks ? comm->ll_sms : kLlNetMaxBlocks;
-  for (int r = 0; r < kMaxRanks; ++r)
-    n.local_index[r] = static_cast<int16_t>(
-        r < comm->num_ranks && comm->nodes.node_of[r] == comm->node() ? comm->nodes.local_of[r] : -1);
+  std::memcpy(n.local_index, comm->same_node_index, sizeof(n.local_index));
   n.own_base = comm->net_transport ? comm->net_transport->window().addr : reinterpret_cast<uint64_t>(comm->buffer);
   return n;
 }
