@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "device/ptx.cuh"
 #include "gpu_world.h"
 #include "ll_case.h"
 #include "ll_world.h"
@@ -44,15 +45,8 @@ __global__ void hold_sms_kernel(const volatile int* release, int* resident, unsi
   if (threadIdx.x != 0) return;
   hold_smem[0] = 1;
   atomicAdd(resident, 1);
-  unsigned long long t0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  for (;;) {
-    if (*release != 0) break;
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    if (t - t0 > max_ns) break;
-    __nanosleep(1000);
-  }
+  const uint64_t t0 = nccl_moe::dev::globaltimer_ns();
+  while (*release == 0 && nccl_moe::dev::globaltimer_ns() - t0 <= max_ns) __nanosleep(1000);
 }
 
 TEST(LlBudget, CallsCompleteNextToAKernelHoldingMostSms) {

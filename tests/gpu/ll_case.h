@@ -360,6 +360,30 @@ inline Problem testProblem(int n, uint64_t seed) {
   return pb;
 }
 
+// The sweep of LlWorld.DispatchCombineSweep and LlNet.MatchesReferenceSweep: bf16 and fp8 x 3 scale formats times
+// K in {1, 4, 9, 16}, 16 problems with seeds first_seed + 1, + 2, ..., whose seed picks H (384 or 640: G = 3 / 5,
+// ue8m0 words with unused bytes), int32 ids, masked slots, empty tokens, a zero-token rank and where the weights go.
+inline std::vector<Problem> sweepProblems(int n, uint64_t first_seed) {
+  std::vector<Problem> problems;
+  uint64_t seed = first_seed;
+  const ref::ScaleFormat formats[] = {ref::ScaleFormat::kFloat, ref::ScaleFormat::kFloatPow2, ref::ScaleFormat::kUe8m0};
+  for (int dtype = 0; dtype < 4; ++dtype)
+    for (int topk : {1, 4, 9, 16}) {
+      Problem pb = testProblem(n, ++seed);
+      pb.fp8 = dtype > 0;
+      if (pb.fp8) pb.format = formats[dtype - 1];
+      pb.topk = topk;
+      pb.hidden = (seed % 2) ? 384 : 640;
+      pb.idx32 = (seed % 3) == 0;
+      pb.masked = (seed % 4) == 1 ? 0.3 : 0.0;
+      pb.empty = (seed % 5) == 2 ? 0.2 : 0.0;
+      pb.zero_token_ranks = (seed % 4) == 3 ? 1 : 0;
+      pb.weights = static_cast<int>(seed % 3);
+      problems.push_back(pb);
+    }
+  return problems;
+}
+
 // One random iteration of the LL pressure loops (LlWorld.PressureLoop, pressure_test.cc): the problem of
 // iteration `it` (its seed mix_seed(seed, it)) drawn from `rng` (the same stream on every rank), and whether its
 // calls are split into send and receive halves and whether its combine is zero-copy.

@@ -181,23 +181,7 @@ TEST_P(LlNet, MatchesReferenceSweep) {
   const Shape shape = GetParam();
   NetEnv env(shape);
   const int n = shape.ranks();
-  std::vector<Problem> problems;
-  uint64_t seed = 7100;
-  const ref::ScaleFormat formats[] = {ref::ScaleFormat::kFloat, ref::ScaleFormat::kFloatPow2, ref::ScaleFormat::kUe8m0};
-  for (int dtype = 0; dtype < 4; ++dtype)
-    for (int topk : {1, 4, 9, 16}) {
-      Problem pb = testProblem(n, ++seed);
-      pb.fp8 = dtype > 0;
-      if (pb.fp8) pb.format = formats[dtype - 1];
-      pb.topk = topk;
-      pb.hidden = (seed % 2) ? 384 : 640;
-      pb.idx32 = (seed % 3) == 0;
-      pb.masked = (seed % 4) == 1 ? 0.3 : 0.0;
-      pb.empty = (seed % 5) == 2 ? 0.2 : 0.0;
-      pb.zero_token_ranks = (seed % 4) == 3 ? 1 : 0;
-      pb.weights = static_cast<int>(seed % 3);
-      problems.push_back(pb);
-    }
+  const std::vector<Problem> problems = ll_test::sweepProblems(n, 7100);
   Barrier barrier(n);
   run([&](int r, ncclMoeComm_t comm, cudaStream_t stream) {
     Rank rk;
