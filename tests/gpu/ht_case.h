@@ -1,4 +1,5 @@
-// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc, pressure_test.cc): the case
+// Shared by the high-throughput GPU tests (ht_dispatch_test.cc, ht_educational_test.cc, ht_net_test.cc,
+// pressure_test.cc): the case
 // description, the expected results computed once on the host with the reference, the device copies of one rank's
 // dispatch inputs and outputs, and the random iterations of HtStress and the pressure runs.
 #pragma once
@@ -26,6 +27,9 @@ struct HtCase {
   bool worst_case = false;
   double skew = 1.0, masked = 0.0, empty = 0.0;
   int zero_ranks = 0;
+  std::vector<int> tokens_per_rank;  // [R] T of each rank (each <= tokens, the capacity), or empty: `tokens` everywhere
+  int group_nodes = 0;               // > 0: group-limited routing over nodes of ranks_per_node ranks (generators.h)
+  int ranks_per_node = 0;
   bool weights = true;
   int num_sms = 0;  // clamped to the world's SMs per rank before the case runs (World::clampSms)
   int biases = 0;   // combine: 0, 1 or 2 biases
@@ -44,8 +48,8 @@ struct Expected {
   std::vector<std::vector<uint16_t>> y;  // combine input per rank [N_d, H]
   std::vector<std::vector<float>> yw;    // combine weights per rank [N_d, K]
   std::vector<std::vector<uint16_t>> b0, b1;
-  ref::HtCombineResult c;
-  int capacity = 0;  // max_tokens_per_rank of the communicator
+  ref::HtCombineResult c;  // ref::ht_combine, or ref::ht_combine_nodes when makeExpected was given a node map
+  int capacity = 0;        // max_tokens_per_rank of the communicator
 };
 
 inline std::vector<ref::Rows> makeRows(const ref::Routing& routing, uint64_t seed, int hidden, ref::DType dtype,
@@ -62,7 +66,8 @@ inline std::vector<ref::Rows> makeRows(const ref::Routing& routing, uint64_t see
   return rows;
 }
 
-inline Expected makeExpected(const HtCase& c, int num_ranks) {
+// `nodes` (communicators of several nodes): the combine is the two-level ref::ht_combine_nodes over that map.
+inline Expected makeExpected(const HtCase& c, int num_ranks, const ref::NodeMap* nodes = nullptr) {
   Expected e;
   ref::RoutingSpec spec;
   spec.num_ranks = num_ranks;
@@ -73,6 +78,9 @@ inline Expected makeExpected(const HtCase& c, int num_ranks) {
   spec.masked_fraction = c.masked;
   spec.empty_token_fraction = c.empty;
   spec.num_zero_token_ranks = c.zero_ranks;
+  spec.tokens_per_rank = c.tokens_per_rank;
+  spec.group_nodes = c.group_nodes;
+  spec.ranks_per_node = c.ranks_per_node;
   spec.with_weights = c.weights;
   spec.seed = c.seed;
   e.routing = ref::make_routing(spec);
@@ -94,8 +102,11 @@ inline Expected makeExpected(const HtCase& c, int num_ranks) {
     e.b0.push_back(ref::make_bf16_rows(c.seed * 7 + 4, s, T, c.hidden, ref::ValueKind::kWide));
     e.b1.push_back(ref::make_bf16_rows(c.seed * 7 + 5, s, T, c.hidden, ref::ValueKind::kWide));
   }
-  e.c = ref::ht_combine(e.d1, e.y, c.hidden, c.combine_weights ? &e.yw : nullptr, c.biases >= 1 ? &e.b0 : nullptr,
-                        c.biases >= 2 ? &e.b1 : nullptr);
+  const auto* yw = c.combine_weights ? &e.yw : nullptr;
+  const auto* b0 = c.biases >= 1 ? &e.b0 : nullptr;
+  const auto* b1 = c.biases >= 2 ? &e.b1 : nullptr;
+  e.c = nodes != nullptr ? ref::ht_combine_nodes(e.d1, *nodes, e.y, c.hidden, yw, b0, b1)
+                         : ref::ht_combine(e.d1, e.y, c.hidden, yw, b0, b1);
   return e;
 }
 
@@ -146,6 +157,12 @@ struct DispatchOutputs {
   }
 };
 
+// " (from rank s token t)": the source of received row `row` per the reference ("" for -1 or past N_recv).
+inline std::string rowSource(const ref::HtRankRecv& want, long long row) {
+  if (row < 0 || row >= want.num_recv) return "";
+  return " (from rank " + std::to_string(want.src_rank[row]) + " token " + std::to_string(want.src_token[row]) + ")";
+}
+
 // Every dispatch output field against the reference, bitwise; in worst-case mode rows past N_recv must carry
 // ids -1 and weights 0. With `hash`, the compared outputs of the N_recv rows (x, scales, ids as int64, weights) are
 // folded into *hash in that order: htDispatchHash folds the reference's the same way.
@@ -157,21 +174,25 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
   if (c.dtype == ref::DType::kFp8E4M3) {
     auto x = out.x.download<uint8_t>(static_cast<size_t>(N) * H);
     const long long i = firstDiff(x.data(), want.x.fp8.data(), x.size());
-    EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    EXPECT_EQ(-1, i) << "fp8 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H)
+                     << rowSource(want, i < 0 ? -1 : i / H);
     if (hash != nullptr) *hash = ref::fnv1a64(x, *hash);
     if (c.format == ref::ScaleFormat::kUe8m0) {
       auto s = out.scales.download<int32_t>(static_cast<size_t>(N) * ref::num_packed_scales(H));
-      EXPECT_EQ(-1, firstDiff(s.data(), want.x.packed_scales.data(), s.size())) << "ue8m0 scales";
+      const long long j = firstDiff(s.data(), want.x.packed_scales.data(), s.size());
+      EXPECT_EQ(-1, j) << "ue8m0 scales" << rowSource(want, j < 0 ? -1 : j / ref::num_packed_scales(H));
       if (hash != nullptr) *hash = ref::fnv1a64(s, *hash);
     } else {
       auto s = out.scales.download<float>(static_cast<size_t>(N) * ref::num_scale_groups(H));
-      EXPECT_EQ(-1, firstDiff(s.data(), want.x.scales.data(), s.size())) << "float scales";
+      const long long j = firstDiff(s.data(), want.x.scales.data(), s.size());
+      EXPECT_EQ(-1, j) << "float scales" << rowSource(want, j < 0 ? -1 : j / ref::num_scale_groups(H));
       if (hash != nullptr) *hash = ref::fnv1a64(s, *hash);
     }
   } else {
     auto x = out.x.download<uint16_t>(static_cast<size_t>(N) * H);
     const long long i = firstDiff(x.data(), want.x.bf16.data(), x.size());
-    EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H);
+    EXPECT_EQ(-1, i) << "bf16 row " << (i < 0 ? -1 : i / H) << " channel " << (i < 0 ? -1 : i % H)
+                     << rowSource(want, i < 0 ? -1 : i / H);
     if (hash != nullptr) *hash = ref::fnv1a64(x, *hash);
   }
   const int rows_ids = c.worst_case ? out.rows : N;
@@ -184,7 +205,8 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
   }
   for (size_t i = 0; i < static_cast<size_t>(N) * K; ++i) {
     if (ids[i] != want.topk_idx[i]) {
-      ADD_FAILURE() << "topk id row " << i / K << " slot " << i % K << ": " << ids[i] << " != " << want.topk_idx[i];
+      ADD_FAILURE() << "topk id row " << i / K << " slot " << i % K << ": " << ids[i] << " != " << want.topk_idx[i]
+                    << rowSource(want, static_cast<long long>(i / K));
       break;
     }
   }
@@ -197,7 +219,8 @@ inline void checkDispatch(const HtCase& c, const ref::HtRankRecv& want, const Di
   if (hash != nullptr) *hash = ref::fnv1a64(ids.data(), static_cast<size_t>(N) * K * 8, *hash);
   if (c.weights) {
     auto w = out.weights.download<float>(static_cast<size_t>(rows_ids) * K);
-    EXPECT_EQ(-1, firstDiff(w.data(), want.topk_weights.data(), static_cast<size_t>(N) * K)) << "topk weights";
+    const long long j = firstDiff(w.data(), want.topk_weights.data(), static_cast<size_t>(N) * K);
+    EXPECT_EQ(-1, j) << "topk weights row " << (j < 0 ? -1 : j / K) << rowSource(want, j < 0 ? -1 : j / K);
     if (hash != nullptr) *hash = ref::fnv1a64(w.data(), static_cast<size_t>(N) * K * 4, *hash);
     for (size_t i = static_cast<size_t>(N) * K; i < w.size(); ++i) {
       if (w[i] != 0.0f) {
@@ -319,6 +342,32 @@ inline ncclMoeNotifyArgs_t notifyArgs(const HtCase& c, int capacity, int num_ran
   return na;
 }
 
+// The notify's counts against the reference: the host counts in host-count mode (num_recv, per_expert as
+// notifyArgs filled them), and in both modes the handle's device count, aligned per-expert counts and the source of
+// every received row (ncclMoeHandleRecvCountDevice). Call after the notify completed.
+inline void checkNotifyCounts(const HtCase& c, const ref::HtRankRecv& want, ncclMoeHandle_t handle, int num_recv,
+                              const std::vector<int>& per_expert, int rank) {
+  const int* d_count = nullptr;
+  const int* d_per_expert = nullptr;
+  const int* d_src_info = nullptr;
+  ncclMoeHandleRecvCountDevice(handle, &d_count, &d_per_expert, &d_src_info);
+  if (!c.worst_case) {
+    EXPECT_EQ(want.num_recv, num_recv) << "rank " << rank;
+    EXPECT_EQ(want.num_recv_per_expert, per_expert) << "rank " << rank;
+  }
+  int dev_count = -1;
+  cudaMemcpy(&dev_count, d_count, 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(want.num_recv, dev_count) << "rank " << rank;
+  std::vector<int> dev_pe(per_expert.size());
+  cudaMemcpy(dev_pe.data(), d_per_expert, 4 * dev_pe.size(), cudaMemcpyDeviceToHost);
+  EXPECT_EQ(want.num_recv_per_expert, dev_pe) << "rank " << rank;
+  std::vector<int32_t> src(want.num_recv);
+  if (want.num_recv > 0) cudaMemcpy(src.data(), d_src_info, 4 * src.size(), cudaMemcpyDeviceToHost);
+  const long long i = firstDiff(src.data(), want.src_info.data(), src.size());
+  EXPECT_EQ(-1, i) << "rank " << rank << " recv_src_info row " << i << ": 0x" << std::hex << (i < 0 ? 0 : src[i])
+                   << " != 0x" << (i < 0 ? 0 : want.src_info[i]) << std::dec << rowSource(want, i);
+}
+
 // Dispatch arguments of the case from one rank's device inputs and outputs.
 inline ncclMoeDispatchArgs_t dispatchArgs(const HtCase& c, const DispatchInputs& in, const DispatchOutputs& out) {
   const bool fp8 = c.dtype == ref::DType::kFp8E4M3;
@@ -339,6 +388,15 @@ inline ncclMoeDispatchArgs_t dispatchArgs(const HtCase& c, const DispatchInputs&
   da.recv_topk_weights = c.weights ? out.weights.as<float>() : nullptr;
   da.num_sms = c.num_sms;
   return da;
+}
+
+// " (held by ranks d0 d1 ...)": the ranks that received token t of rank s in `d` ("" for t < 0).
+inline std::string tokenHolders(const ref::HtDispatch& d, int s, int t) {
+  if (t < 0) return "";
+  std::string out = " (held by ranks";
+  for (int r = 0; r < d.num_ranks; ++r)
+    if (d.send_pos[s][static_cast<size_t>(t) * d.num_ranks + r] >= 0) out += " " + std::to_string(r);
+  return out + ")";
 }
 
 // One rank's combine: its inputs (expert outputs y of `rows` received rows, weights, biases) on the device, the
@@ -379,7 +437,8 @@ struct CombineCall {
     const long long i = firstDiff(got.data(), e.c.x[rank].data(), got.size());
     EXPECT_EQ(-1, i) << "rank " << rank << " combine token " << (i < 0 ? -1 : i / static_cast<long long>(H))
                      << " channel " << (i < 0 ? -1 : i % static_cast<long long>(H)) << ": " << (i < 0 ? 0 : got[i])
-                     << " != " << (i < 0 ? 0 : e.c.x[rank][i]);
+                     << " != " << (i < 0 ? 0 : e.c.x[rank][i])
+                     << tokenHolders(e.d1, rank, i < 0 ? -1 : static_cast<int>(i / static_cast<long long>(H)));
     if (c.combine_weights) {
       auto gw = out_w.download<float>(static_cast<size_t>(tokens) * c.topk);
       EXPECT_EQ(-1, firstDiff(gw.data(), e.c.topk_weights[rank].data(), gw.size()))
@@ -500,9 +559,10 @@ inline HtCase randomCase(ref::Rng& rng, int i, uint64_t seed, const RandomLimits
   return c;
 }
 
-// The expected results of a random case (capacity: the communicator's max_tokens_per_rank).
-inline Expected randomExpected(const HtCase& c, int num_ranks, const RandomLimits& lim) {
-  Expected e = makeExpected(c, num_ranks);
+// The expected results of a random case (capacity: the communicator's max_tokens_per_rank; nodes: as makeExpected).
+inline Expected randomExpected(const HtCase& c, int num_ranks, const RandomLimits& lim,
+                               const ref::NodeMap* nodes = nullptr) {
+  Expected e = makeExpected(c, num_ranks, nodes);
   e.capacity = lim.capacity;
   return e;
 }

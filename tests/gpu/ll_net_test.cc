@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <ostream>
 #include <string>
 #include <vector>
 
@@ -41,6 +40,7 @@
 #include "ll_case.h"
 #include "ll_world.h"
 #include "nccl_moe.h"
+#include "net_world.h"
 #include "reference/reference.h"
 #include "reference/testing/generators.h"
 
@@ -58,30 +58,9 @@ using ll_test::Rank;
 using ll_test::RankResult;
 using ll_test::testConfig;
 using ll_test::testProblem;
-
-struct Shape {
-  int nodes;
-  int per_node;
-  int ranks() const { return nodes * per_node; }
-};
-void PrintTo(const Shape& s, std::ostream* os) { *os << s.nodes << "x" << s.per_node; }
-std::string shapeName(const ::testing::TestParamInfo<Shape>& info) {
-  return std::to_string(info.param.nodes) + "x" + std::to_string(info.param.per_node);
-}
-
-// The environment of a virtual-node world of `s` with the software NIC, chaos on.
-struct NetEnv {
-  // NCCL_MOE_NET_TEST_CHAOS overrides the seed (0: chaos off), to tell a protocol failure from a chaos one.
-  explicit NetEnv(const Shape& s, const char* chaos = "20261202")
-      : nodes_text(std::to_string(s.nodes)),
-        override_chaos(std::getenv("NCCL_MOE_NET_TEST_CHAOS") != nullptr ? std::getenv("NCCL_MOE_NET_TEST_CHAOS") : ""),
-        net("NCCL_MOE_NET", "emulated"),
-        mode("NCCL_MOE_NET_MODE", nullptr),
-        emulate("NCCL_MOE_EMULATE_NODES", nodes_text.c_str()),
-        chaos_env("NCCL_MOE_EMU_CHAOS", override_chaos.empty() ? chaos : override_chaos.c_str()) {}
-  std::string nodes_text, override_chaos;
-  harness::ScopedEnv net, mode, emulate, chaos_env;
-};
+using net_test::NetEnv;
+using net_test::Shape;
+using net_test::shapeName;
 
 // This rank's internode LL state (epochs, last-block counters, every signal word) of both halves, for a failure
 // message: which wait would have passed too early or which call did not arrive.
@@ -163,9 +142,8 @@ std::string explainCombine(const Expected& ex, int rank, ncclMoeComm_t comm, Ran
 class LlNet : public ::testing::TestWithParam<Shape> {
  protected:
   void SetUp() override {
-    const Shape s = GetParam();
-    if (gpu_test::gpuCount() < 1) GTEST_SKIP() << "needs a GPU";
-    if (gpu_test::deviceSms(0) / s.ranks() < gpu_test::kMinSmsPerRank) GTEST_SKIP() << "too few SMs on GPU 0";
+    const std::string why = net_test::cannotRun(GetParam());
+    if (!why.empty()) GTEST_SKIP() << why;
   }
   // fn(rank, comm, stream) on every rank of the shape's world (all on GPU 0).
   template <typename Fn>
@@ -427,7 +405,6 @@ TEST_P(LlNet, SkippedCallTimesOutNamingPhaseAndPeer) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, LlNet, ::testing::Values(Shape{2, 1}, Shape{2, 2}, Shape{4, 1}, Shape{2, 4}),
-                         shapeName);
+INSTANTIATE_TEST_SUITE_P(Shapes, LlNet, ::testing::ValuesIn(net_test::shapes()), shapeName);
 
 }  // namespace
