@@ -123,9 +123,9 @@ ncclResult_t ncclMoeGetBufferSize(const ncclMoeConfig_t* config, int num_ranks, 
  * id) form a node; at most NCCL_MOE_MAX_NVL_PEERS ranks per node, every pair with NVLink/P2P access or on the
  * same GPU. A communicator of several nodes is refused with ncclInvalidUsage naming what is missing (no verbs
  * backend yet; NCCL_MOE_NET=emulated, the software NIC, serves only ranks of one process on one GPU, i.e.
- * ncclMoeCommInitAll with NCCL_MOE_EMULATE_NODES). On a multi-node communicator the LL calls run the internode
- * LL kernels over the scale-out transport; the HT calls return ncclInvalidUsage until the internode HT kernels exist
- * (issue 14); the dispatch layout and the queries (ncclMoeCommNodeCount among them) work.
+ * ncclMoeCommInitAll with NCCL_MOE_EMULATE_NODES). On a multi-node communicator the LL and HT calls run the
+ * internode kernels over the scale-out transport (HT: nodes of equal size; its combine is the two-level sum of
+ * docs/reference.md); the dispatch layout and the queries (ncclMoeCommNodeCount among them) work.
  * Ranks that share a GPU (several processes on one GPU, e.g. under MPS) split its SMs: each rank's kernels
  * use at most SMs / (ranks on that GPU), so that every rank's blocks can be resident at once. */
 ncclResult_t ncclMoeCommInit(ncclMoeComm_t* comm, ncclComm_t nccl_comm, const ncclMoeConfig_t* config);

@@ -60,16 +60,32 @@ ncclResult_t checkComm(ncclMoeComm* comm, const char* api) {
   return ncclSuccess;
 }
 
-// The HT kernels are intranode ones: on a communicator of several nodes they would wait for ranks they cannot
-// reach. Refused until the internode HT kernels exist (issue 14); init, destroy, queries, the dispatch layout
-// (local) and the LL calls (internode LL kernels, src/kernels/low_latency_net/) work.
+// Rank masks exist on single-node communicators only (the internode LL kernels have no masked variant).
 ncclResult_t checkSingleNode(const ncclMoeComm* comm, const char* api) {
   if (comm->nodes.num_nodes <= 1) return ncclSuccess;
   return setLastError(ncclInvalidUsage,
-                      "%s: this communicator spans %d nodes (%s); the internode high-throughput kernels (issue 14) "
-                      "do not exist yet, so multi-node communicators support init, destroy, queries, "
-                      "ncclMoeGetDispatchLayout and the low-latency calls only",
+                      "%s: this communicator spans %d nodes (%s); rank masks work on single-node communicators only",
                       api, comm->nodes.num_nodes, comm->nodes.describe().c_str());
+}
+
+// HT calls on several nodes run the internode HT kernels (src/kernels/ht_net/) over the scale-out transport; their
+// rails need every node to hold the same number of ranks.
+ncclResult_t checkHtNodes(const ncclMoeComm* comm, const char* api) {
+  if (comm->nodes.num_nodes <= 1) return ncclSuccess;
+  if (!comm->net_transport) {
+    return setLastError(ncclInvalidUsage, "%s: this communicator spans %d nodes (%s) but has no scale-out transport",
+                        api, comm->nodes.num_nodes, comm->nodes.describe().c_str());
+  }
+  const size_t per_node = comm->nodes.ranks_of[0].size();
+  for (const auto& ranks : comm->nodes.ranks_of) {
+    if (ranks.size() != per_node) {
+      return setLastError(ncclInvalidUsage,
+                          "%s: this communicator spans %d nodes of different sizes (%s); the internode "
+                          "high-throughput kernels need the same number of ranks on every node (rails)",
+                          api, comm->nodes.num_nodes, comm->nodes.describe().c_str());
+    }
+  }
+  return ncclSuccess;
 }
 
 // LL calls on several nodes run the internode LL kernels over the communicator's scale-out transport.
@@ -658,7 +674,7 @@ NCCL_MOE_API ncclResult_t ncclMoeDispatchNotify(ncclMoeComm_t comm, ncclMoeHandl
                                                 const ncclMoeNotifyArgs_t* args, cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeDispatchNotify");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeDispatchNotify");
+  if (res == ncclSuccess) res = checkHtNodes(comm, "ncclMoeDispatchNotify");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeDispatchNotify");
   if (res == ncclSuccess) res = checkNotifyArgs(comm, args, stream);
   if (res == ncclSuccess) res = opHtNotify(comm, handle, *args, stream);
@@ -669,7 +685,7 @@ NCCL_MOE_API ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, ncclMoeHandle_t ha
                                           cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeDispatch");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeDispatch");
+  if (res == ncclSuccess) res = checkHtNodes(comm, "ncclMoeDispatch");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeDispatch");
   if (res == ncclSuccess) res = checkDispatchArgs(comm, handle, args);
   if (res == ncclSuccess) res = opHtDispatch(comm, handle, *args, stream);
@@ -680,7 +696,7 @@ NCCL_MOE_API ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, ncclMoeHandle_t han
                                          cudaStream_t stream) {
   clearThreadLastError();
   ncclResult_t res = checkComm(comm, "ncclMoeCombine");
-  if (res == ncclSuccess) res = checkSingleNode(comm, "ncclMoeCombine");
+  if (res == ncclSuccess) res = checkHtNodes(comm, "ncclMoeCombine");
   if (res == ncclSuccess) res = checkHandle(comm, handle, "ncclMoeCombine");
   if (res == ncclSuccess) res = checkCombineArgs(comm, handle, args);
   if (res == ncclSuccess) res = opHtCombine(comm, handle, *args, stream);

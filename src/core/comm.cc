@@ -76,6 +76,12 @@ const char* phaseName(Phase phase) {
       return "net-proxy-credit";
     case Phase::kNetProxyQuiet:
       return "net-proxy-quiet";
+    case Phase::kHtNetNotify:
+      return "ht-net-notify";
+    case Phase::kHtNetDispatch:
+      return "ht-net-dispatch";
+    case Phase::kHtNetCombine:
+      return "ht-net-combine";
     default:
       return "none";
   }

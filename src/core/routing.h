@@ -29,7 +29,13 @@ struct HtRouting {
   int* send_list = nullptr;              // [R, capacity] send_list[d][i]: i-th token sent to d (ascending)
   int* send_pos = nullptr;               // [capacity, R] send_pos[t][d]: index of t among tokens sent to d, -1
   int* topk_idx = nullptr;               // [capacity, max_topk] int32 copy of the notify's topk_idx
-  void* device_block = nullptr;          // one allocation holding all of the above
+  // Several nodes only (the internode kernels, src/kernels/ht_net/args.h HtNetRouting; N nodes of G ranks):
+  int* node_count = nullptr;     // [N] tokens of this rank with a holder on node m
+  int* node_list = nullptr;      // [N, capacity] node_list[m][q]: the q-th of them
+  int* node_pos = nullptr;       // [capacity, N] node_pos[t][m]: q of t in node_list[m], -1
+  int* fwd_count = nullptr;      // [N - 1] records the rail source of node slot j sends this rank per dispatch
+  int* fwd_pos = nullptr;        // [N - 1, capacity, G] row position of record q at local rank g, -1
+  void* device_block = nullptr;  // one allocation holding all of the above
 };
 
 // Low-latency: filled by the dispatch's receive half, read by the combine; the phase-state flags let the API

@@ -40,6 +40,10 @@ enum class Phase : int {
   // Scale-out request proxy (src/transport/rdma/proxy/proxy.cuh); qpn names the QP the descriptor was for.
   kNetProxyCredit = 14,  // waiting for a ring slot (the proxy thread's consumed index)
   kNetProxyQuiet = 15,   // waiting for the proxy's completed index to pass a quiet
+  // Internode high-throughput kernels (src/kernels/ht_net/); qpn names the rail QP where a signal travels on one.
+  kHtNetNotify = 16,
+  kHtNetDispatch = 17,
+  kHtNetCombine = 18,
 };
 const char* phaseName(Phase phase);
 

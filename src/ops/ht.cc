@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/intranode/args.h"
+#include "ops/ht_net.h"
 #include "ops/ops.h"
 
 namespace nccl_moe {
@@ -18,8 +19,9 @@ namespace {
 // Offsets (in ints) of the handle's arrays inside its one device allocation.
 struct RoutingBlock {
   size_t recv_count, recv_count_per_expert, recv_src_info, send_count, recv_prefix, send_list, send_pos, topk_idx,
-      total;
-  static RoutingBlock make(int num_ranks, int capacity, int max_topk, int num_local_experts) {
+      node_count, node_list, node_pos, fwd_count, fwd_pos, total;
+  static RoutingBlock make(int num_ranks, int capacity, int max_topk, int num_local_experts, int num_nodes,
+                           int ranks_per_node) {
     auto up = [](size_t v) { return (v + 63) / 64 * 64; };  // 256-byte aligned arrays
     RoutingBlock b{};
     size_t off = 0;
@@ -29,16 +31,28 @@ struct RoutingBlock {
     off = up(off + static_cast<size_t>(num_local_experts));
     b.recv_src_info = off;
     off = up(off + static_cast<size_t>(num_ranks) * capacity);
+    const size_t per_rank = static_cast<size_t>(num_ranks > kMaxNvlPeers ? num_ranks : kMaxNvlPeers);
     b.send_count = off;
-    off = up(off + kMaxNvlPeers);
+    off = up(off + per_rank);
     b.recv_prefix = off;
-    off = up(off + kMaxNvlPeers + 1);
+    off = up(off + per_rank + 1);
     b.send_list = off;
     off = up(off + static_cast<size_t>(num_ranks) * capacity);
     b.send_pos = off;
     off = up(off + static_cast<size_t>(num_ranks) * capacity);
     b.topk_idx = off;
     off = up(off + static_cast<size_t>(capacity) * max_topk);
+    const size_t N = static_cast<size_t>(num_nodes), C = static_cast<size_t>(capacity);
+    b.node_count = off;
+    off = up(off + N);
+    b.node_list = off;
+    off = up(off + N * C);
+    b.node_pos = off;
+    off = up(off + C * N);
+    b.fwd_count = off;
+    off = up(off + N);
+    b.fwd_pos = off;
+    off = up(off + N * C * static_cast<size_t>(ranks_per_node));
     b.total = off;
     return b;
   }
@@ -115,6 +129,32 @@ ht::CombineArgs makeCombineArgs(const ncclMoeComm* comm, const HtRouting& r, con
   return a;
 }
 
+// The intranode notify kernel (single-node communicators).
+ncclResult_t launchIntranodeNotify(ncclMoeComm* comm, const HtRouting& r, const ncclMoeNotifyArgs_t& args,
+                                   int* host_scratch, int host_seq, cudaStream_t stream) {
+  ht::NotifyArgs a{};
+  a.ht = makeHtDevice(comm);
+  a.topk_idx = args.topk_idx;
+  a.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
+  a.num_tokens = args.num_tokens;
+  a.topk = args.topk;
+  a.num_local_experts = r.num_local_experts;
+  a.expert_alignment = args.expert_alignment;
+  a.capacity = r.capacity;
+  a.send_count = r.send_count;
+  a.recv_prefix = r.recv_prefix;
+  a.send_list = r.send_list;
+  a.send_pos = r.send_pos;
+  a.topk_idx32 = r.topk_idx;
+  a.recv_count = r.recv_count;
+  a.recv_count_per_expert = r.recv_count_per_expert;
+  a.recv_src_info = r.recv_src_info;
+  a.host_scratch = host_scratch;
+  a.host_seq = host_seq;
+  MOE_CUDA_CHECK(ht::launchNotify(a, stream));
+  return ncclSuccess;
+}
+
 }  // namespace
 
 bool htUseEducationalKernels() {
@@ -135,7 +175,9 @@ ncclResult_t htRoutingAlloc(ncclMoeComm* comm, HtRouting* routing) {
   r.capacity = comm->config.max_tokens_per_rank;
   r.max_topk = comm->config.max_topk;
   r.num_local_experts = comm->config.num_experts / comm->num_ranks;
-  const RoutingBlock b = RoutingBlock::make(r.num_ranks, r.capacity, r.max_topk, r.num_local_experts);
+  const int nodes = comm->nodes.num_nodes > 1 ? comm->nodes.num_nodes : 0;  // one node: no node arrays
+  const RoutingBlock b = RoutingBlock::make(r.num_ranks, r.capacity, r.max_topk, r.num_local_experts, nodes,
+                                            nodes > 0 ? comm->nodes.maxRanksPerNode() : 0);
   void* block = nullptr;
   MOE_CUDA_CHECK(cudaMalloc(&block, b.total * sizeof(int)));
   if (cudaMemset(block, 0, b.total * sizeof(int)) != cudaSuccess) {
@@ -153,6 +195,13 @@ ncclResult_t htRoutingAlloc(ncclMoeComm* comm, HtRouting* routing) {
   r.send_list = base + b.send_list;
   r.send_pos = base + b.send_pos;
   r.topk_idx = base + b.topk_idx;
+  if (nodes > 0) {
+    r.node_count = base + b.node_count;
+    r.node_list = base + b.node_list;
+    r.node_pos = base + b.node_pos;
+    r.fwd_count = base + b.fwd_count;
+    r.fwd_pos = base + b.fwd_pos;
+  }
   *routing = r;
   return ncclSuccess;
 }
@@ -167,40 +216,23 @@ ncclResult_t opHtNotify(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeN
   const DeviceGuard guard(comm->device);
   HtRouting& r = handle->ht;
   const bool host_mode = args.recv_capacity == 0;
-  ht::NotifyArgs a{};
-  a.ht = makeHtDevice(comm);
-  a.topk_idx = args.topk_idx;
-  a.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
-  a.num_tokens = args.num_tokens;
-  a.topk = args.topk;
-  a.num_local_experts = r.num_local_experts;
-  a.expert_alignment = args.expert_alignment;
-  a.capacity = r.capacity;
-  a.send_count = r.send_count;
-  a.recv_prefix = r.recv_prefix;
-  a.send_list = r.send_list;
-  a.send_pos = r.send_pos;
-  a.topk_idx32 = r.topk_idx;
-  a.recv_count = r.recv_count;
-  a.recv_count_per_expert = r.recv_count_per_expert;
-  a.recv_src_info = r.recv_src_info;
-  if (host_mode) {
-    a.host_scratch = comm->dev_scratch;
-    a.host_seq = ++comm->ht_host_seq;
+  const int host_seq = host_mode ? ++comm->ht_host_seq : 0;
+  if (comm->nodes.num_nodes > 1) {
+    MOE_CHECK(htNetNotify(comm, r, args, host_mode ? comm->dev_scratch : nullptr, host_seq, stream));
+  } else {
+    MOE_CHECK(launchIntranodeNotify(comm, r, args, host_mode ? comm->dev_scratch : nullptr, host_seq, stream));
   }
-  MOE_CUDA_CHECK(ht::launchNotify(a, stream));
-
   r.valid = true;
   r.num_tokens = args.num_tokens;
   r.topk = args.topk;
-  r.topk_idx_is_int64 = a.topk_idx_is_int64;
+  r.topk_idx_is_int64 = args.topk_idx_type == ncclMoeIndexInt64 ? 1 : 0;
   r.expert_alignment = args.expert_alignment;
   r.recv_capacity = args.recv_capacity;
   r.num_recv_tokens = -1;
   if (!host_mode) return ncclSuccess;
 
   // The one documented host synchronisation: wait (bounded) for this rank's receive count.
-  MOE_CHECK(hostWaitGeq(comm, comm->host_scratch, a.host_seq, "ncclMoeDispatchNotify (receive count)"));
+  MOE_CHECK(hostWaitGeq(comm, comm->host_scratch, host_seq, "ncclMoeDispatchNotify (receive count)"));
   const volatile int* scratch = comm->host_scratch;
   r.num_recv_tokens = scratch[1];
   *args.num_recv_tokens = r.num_recv_tokens;
@@ -213,6 +245,7 @@ ncclResult_t opHtNotify(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeN
 ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeDispatchArgs_t& args,
                           cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
+  if (comm->nodes.num_nodes > 1) return htNetDispatch(comm, handle->ht, args, stream);
   const ht::DispatchArgs a = makeDispatchArgs(comm, handle->ht, args);
   MOE_CUDA_CHECK(htUseEducationalKernels() ? ht::launchEducationalDispatch(a, stream) : ht::launchDispatch(a, stream));
   return ncclSuccess;
@@ -221,6 +254,7 @@ ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
 ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
                          cudaStream_t stream) {
   const DeviceGuard guard(comm->device);
+  if (comm->nodes.num_nodes > 1) return htNetCombine(comm, handle->ht, args, stream);
   const ht::CombineArgs a = makeCombineArgs(comm, handle->ht, args);
   MOE_CUDA_CHECK(htUseEducationalKernels() ? ht::launchEducationalCombine(a, stream) : ht::launchCombine(a, stream));
   return ncclSuccess;

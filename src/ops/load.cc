@@ -12,6 +12,7 @@
 #include "core/device_guard.h"
 #include "core/error.h"
 #include "kernels/cast/cast.h"
+#include "kernels/ht_net/args.h"
 #include "kernels/intranode/args.h"
 #include "kernels/layout/layout.h"
 #include "kernels/low_latency/args.h"
@@ -35,6 +36,9 @@ ncclResult_t loadKernels(int device) {
   MOE_CUDA_CHECK(loadLlResetKernels());
   MOE_CUDA_CHECK(loadLlNetDispatchKernels());
   MOE_CUDA_CHECK(loadLlNetCombineKernels());
+  MOE_CUDA_CHECK(loadHtNetNotifyKernels());
+  MOE_CUDA_CHECK(loadHtNetDispatchKernels());
+  MOE_CUDA_CHECK(loadHtNetCombineKernels());
   MOE_CUDA_CHECK(loadLayoutKernels());
   MOE_CUDA_CHECK(loadCastKernels());
   // The runtime's memset kernels (counters of the layout, the LL reset): every size class the operations use, at

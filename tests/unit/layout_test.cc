@@ -181,21 +181,26 @@ TEST(Layout, HtNetRegionOnlyOnSeveralNodes) {
     const int S = nodes - 1, C = p.ht_tokens;
     EXPECT_EQ(S, L.num_slots);
     EXPECT_EQ(8 / nodes, L.ranks_per_node);
-    const size_t starts[] = {L.control_offset,     L.counters_offset, L.signals_offset, L.notify_stage_offset,
-                             L.notify_recv_offset, L.send_offset,     L.recv_offset,    L.total_bytes};
+    const int R = p.num_ranks;
+    EXPECT_EQ(R, L.num_ranks);
+    const size_t starts[] = {L.control_offset,      L.counters_offset,     L.signals_offset,
+                             L.notify_words_offset, L.notify_stage_offset, L.notify_recv_offset,
+                             L.send_offset,         L.recv_offset,         L.total_bytes};
     for (size_t i = 0; i + 1 < sizeof(starts) / sizeof(starts[0]); ++i) {
       EXPECT_LT(starts[i], starts[i + 1]) << "region " << i;
       EXPECT_EQ(0u, starts[i] % nccl_moe::kRegionAlign) << "region " << i;
     }
     EXPECT_GE(L.counters_offset, L.control() + sizeof(nccl_moe::HtNetControl));
     EXPECT_LE(L.counter(nccl_moe::kHtNetCounterKinds - 1, S - 1) + 8, L.signals_offset);
-    EXPECT_LE(L.signal(nccl_moe::kHtNetSignalKinds - 1, S - 1) + 8, L.notify_stage_offset);
-    EXPECT_LE(L.notify_stage(S - 1) + L.notify_record_bytes, L.notify_recv_offset);
-    EXPECT_LE(L.notify_recv(S - 1) + L.notify_record_bytes, L.send_offset);
+    EXPECT_LE(L.signal(nccl_moe::kHtNetSignalKinds - 1, S - 1) + 8, L.notify_words_offset);
+    EXPECT_LE(L.notify_word(nccl_moe::kHtNetNotifyWords - 1, R - 1) + 8, L.notify_stage_offset);
+    EXPECT_LE(L.notify_stage(R - 1) + L.notify_record_bytes, L.notify_recv_offset);
+    EXPECT_LE(L.notify_recv(R - 1) + L.notify_record_bytes, L.send_offset);
     EXPECT_LE(L.send_record(S - 1, C - 1, L.record_bytes) + L.record_bytes, L.recv_offset);
     EXPECT_LE(L.recv_record(S - 1, C - 1, L.record_bytes) + L.record_bytes, L.total_bytes);
-    // A notify record holds the counts of every expert of a node (G * E_l of them).
-    EXPECT_GE(L.notify_record_bytes, offsetof(nccl_moe::HtNetNotifyRecord, expert_count) + 4u * (64 / nodes));
+    // A notify record (one per rank pair) holds the counts of the receiver's E_l experts.
+    EXPECT_GE(L.notify_record_bytes, offsetof(nccl_moe::HtNetNotifyRecord, expert_count) + 4u * (64 / R));
+    EXPECT_EQ(L.notify_word(1, 0), L.notify_word(0, R - 1) + 8);
     // Word [kind][slot] and record [slot][q]: slots of one kind are adjacent words, slots of a window C records
     // apart at the largest stride, records of a slot packed at the call's stride.
     EXPECT_EQ(L.signal(1, 0), L.signal(0, S - 1) + 8);
@@ -261,10 +266,13 @@ TEST(Layout, HtNetCostAtTheTargetShapes) {
         8 * nodes, nodes, b.ht_bytes / MiB, b.ll_half_bytes / MiB, b.ll_net_half_bytes / MiB, b.ht_net_bytes / MiB,
         (L.recv_offset - L.send_offset) / MiB, (L.total_bytes - L.recv_offset) / MiB, L.record_bytes,
         b.total_bytes / MiB);
-    // Two windows of (N - 1) * C records: the HT net region is what they cost, plus a few 4 KiB control pages.
+    // Two windows of (N - 1) * C records, then two notify records per rank (stage and receive: counts and the list
+    // of up to C tokens sent to that rank), plus a few control pages.
     const size_t windows = 2ull * (nodes - 1) * 4096 * L.record_bytes;
-    EXPECT_GE(b.ht_net_bytes, windows);
-    EXPECT_LE(b.ht_net_bytes, windows + 8 * nccl_moe::kRegionAlign);
+    const size_t notify = 2ull * (8 * nodes) * L.notify_record_bytes;
+    EXPECT_EQ(L.notify_record_used(4096), L.notify_record_bytes);
+    EXPECT_GE(b.ht_net_bytes, windows + notify);
+    EXPECT_LE(b.ht_net_bytes, windows + notify + 8 * nccl_moe::kRegionAlign);
   }
 }
 
