@@ -202,6 +202,7 @@ void rankMain(ProcessState& sh, int local) {
           spec.expert_alignment = o.expert_alignment;
           spec.routing = o.routing;
           spec.ranks_per_node = ranks_per_node;
+          spec.comm_nodes = run.comm_nodes > 1 ? run.comm_nodes : 1;
           spec.seed = o.seed;
           spec.build_expected = o.check != 0;
           spec.ranks_needed.assign(sz(rd.num_ranks), false);

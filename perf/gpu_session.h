@@ -36,7 +36,7 @@ struct SharedGpuWorld {
 
 // Nodes of the one-process world of ranks on `devices` (ncclMoeCommInitAll, the world of ranks sharing a GPU): a
 // world of the smallest LL config is made, asked with ncclMoeCommNodeCount and destroyed, from the calling thread,
-// before any rank thread starts, so that moe-perf can refuse what cannot run on it (HT on several nodes, a
+// before any rank thread starts, so that moe-perf can refuse what cannot run on it (nodes of unequal size, a
 // --ranks-per-node that disagrees) before any MoE call and label the run in its header. "" or why the world could
 // not be made (*num_nodes is then 1).
 std::string probeWorldNodes(const std::vector<int>& devices, int* num_nodes);

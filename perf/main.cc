@@ -11,8 +11,9 @@
 // it refuses HT --sms values above SMs / N before any rank starts, and prints loudly that the run checks
 // correctness only. Nothing in that mode calls NCCL (not even ncclGetVersion). Their ncclMoeCommInitAll world may
 // be split into virtual nodes (NCCL_MOE_NET=emulated NCCL_MOE_EMULATE_NODES=n): main() asks the library for the node
-// count first (probeWorldNodes), refuses HT and a disagreeing --ranks-per-node there (exit 2, before any MoE call),
-// and the LL rows are labelled "software NIC — correctness/functional timing, not performance" (perf/transport.h).
+// count first (probeWorldNodes), refuses nodes of unequal size and a disagreeing --ranks-per-node there (exit 2,
+// before any MoE call), and the HT and LL rows are labelled "software NIC — correctness/functional timing, not
+// performance" (perf/transport.h).
 #include <cuda_runtime.h>
 #include <execinfo.h>
 #include <nccl.h>

@@ -441,7 +441,7 @@ Runs
                           the bytes are what the internode path would move for this routing. A communicator split
                           into virtual nodes (NCCL_MOE_NET=emulated NCCL_MOE_EMULATE_NODES=n with --ranks-per-gpu)
                           brings its own layout: LL runs internode over the SOFTWARE NIC (correctness/functional
-                          timing, not performance), HT and a --ranks-per-node that disagrees are refused.
+                          timing, not performance), HT too; a --ranks-per-node that disagrees is refused.
       --procs N           spawn N processes (one rank group each), rendezvous via NCCL_COMM_ID=127.0.0.1:<port>
       --cpu               run the CPU reference even when GPUs are present
       --require-moe       fail the run when an MoE operation is not available (the default)

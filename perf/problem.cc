@@ -137,7 +137,12 @@ Problem buildProblem(const ProblemSpec& spec) {
       if (!p.haveRank(d)) return;
       p.ht_y[sz(d)] = ref::make_bf16_rows(y_seed, d, static_cast<int>(p.numRecv(d)), H, ref::ValueKind::kExact);
     });
-    if (spec.build_expected) p.ht_expected_combine = ref::ht_combine(p.ht, p.ht_y, H).x;
+    if (spec.build_expected) {
+      p.ht_expected_combine =
+          spec.comm_nodes > 1
+              ? ref::ht_combine_nodes(p.ht, ref::NodeMap::consecutive(R, R / spec.comm_nodes), p.ht_y, H).x
+              : ref::ht_combine(p.ht, p.ht_y, H).x;
+    }
   } else {
     p.ll = ref::ll_dispatch(p.routing, H, spec.ll_max_tokens, nullptr, spec.dtype == DType::kFp8,
                             ref::ScaleFormat::kFloat);

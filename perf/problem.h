@@ -53,6 +53,9 @@ struct ProblemSpec {
   int expert_alignment = 1;  // HT
   RoutingChoice routing;
   int ranks_per_node = 0;  // rank r on node r / ranks_per_node; 0 = every rank on one node (group routing needs it)
+  // The communicator's nodes (R / comm_nodes consecutive ranks each) when it spans several: the expected HT combine
+  // is then the two-level sum of the internode kernels (ref::ht_combine_nodes). 1: today's flat sum.
+  int comm_nodes = 1;
   uint64_t seed = 1;
   std::vector<bool> ranks_needed;  // [R] ranks whose inputs (and combine inputs) to build; empty = all
   bool build_expected = true;      // build the expected outputs (implies every rank's data)

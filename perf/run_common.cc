@@ -101,11 +101,11 @@ void printNodeNotes(Mode mode, int nodes, bool from_comm) {
   }
   if (mode == Mode::kHt) {
     out("# %d nodes (--ranks-per-node): [RDMA, NVLink per rank] = the bytes the internode HT path moves for this\n"
-        "#   routing, averaged over ranks (a model of the path, not what today's intranode kernels moved): dispatch\n"
-        "#   crosses RDMA once per (token, other destination node), to the rank of the same local index there, which\n"
-        "#   forwards over NVLink to that node's other ranks holding its experts; combine is the reverse with one "
-        "bf16\n"
-        "#   partial per (token, node) over RDMA. Row sizes as the logical bytes. JSON: nodes, rdma_bytes_per_rank,\n"
+        "#   routing, averaged over ranks (on one node a model of the path; on several the bytes its kernels\n"
+        "#   move): dispatch crosses RDMA once per (token, other destination node), to the rank of the same local\n"
+        "#   index there, which forwards over NVLink to that node's other ranks holding its experts; combine is the\n"
+        "#   reverse with one bf16 partial per (token, node) over RDMA. Row sizes as the logical bytes. JSON: nodes, "
+        "rdma_bytes_per_rank,\n"
         "#   nvl_bytes_per_rank.\n",
         nodes);
   } else {

@@ -190,12 +190,6 @@ std::string checkCommNodes(const std::vector<Mode>& modes, int ranks_per_node, i
     os << world << ", which does not split them into nodes of equal size";
     return os.str();
   }
-  if (std::find(modes.begin(), modes.end(), Mode::kHt) != modes.end()) {
-    os << "--mode " << (modes.size() > 1 ? "all" : "ht") << ": " << world
-       << "; the internode HT kernels do not exist yet (issue 14), so HT calls are refused on multi-node "
-          "communicators. LL runs internode: use --mode ll";
-    return os.str();
-  }
   const int rpn = num_ranks / comm_nodes;
   if (ranks_per_node > 0 && ranks_per_node != rpn) {
     os << "--ranks-per-node " << ranks_per_node << " disagrees with the communicator: " << world << ", i.e. " << rpn

@@ -120,8 +120,8 @@ std::string transportBanner(uint64_t chaos_seed);
 extern const char* const kSoftNicTransport;  // "software_nic"
 
 // Refusals (exit 2, before any MoE call) of a run whose MoE communicators span `comm_nodes` nodes; "" when it can run.
-// With comm_nodes > 1: HT among `modes` (the internode HT kernels do not exist yet, issue 14; LL runs), and a
-// --ranks-per-node (`ranks_per_node` > 0) whose layout is not the communicator's (R / comm_nodes ranks per node).
+// With comm_nodes > 1: nodes of unequal size, and a --ranks-per-node (`ranks_per_node` > 0) whose layout is not the
+// communicator's (R / comm_nodes ranks per node). HT and LL both run internode (src/kernels/ht_net, low_latency_net).
 // With one node nothing is refused: --ranks-per-node keeps its meaning there (a modelled layout, no kernel changes).
 std::string checkCommNodes(const std::vector<Mode>& modes, int ranks_per_node, int num_ranks, int comm_nodes);
 

@@ -252,7 +252,7 @@ TEST(PerfTransport, EveryTableLineBannerAndNoteCarriesTheLabel) {
 
 // ---- MoE rows of a multi-node communicator (internode LL on virtual nodes) ----
 
-TEST(PerfTransport, CommNodesRefuseHtAndADisagreeingLayoutBeforeAnyCall) {
+TEST(PerfTransport, CommNodesRefuseADisagreeingLayoutBeforeAnyCall) {
   const std::vector<Mode> ll = {Mode::kLl}, ht = {Mode::kHt}, all = {Mode::kHt, Mode::kLl};
   // One node: nothing refused; --ranks-per-node keeps its meaning (a modelled layout).
   EXPECT_EQ("", checkCommNodes(all, 0, 4, 1));
@@ -261,14 +261,13 @@ TEST(PerfTransport, CommNodesRefuseHtAndADisagreeingLayoutBeforeAnyCall) {
   EXPECT_EQ("", checkCommNodes(ll, 0, 4, 2));
   EXPECT_EQ("", checkCommNodes(ll, 2, 4, 2));
   EXPECT_EQ("", checkCommNodes(ll, 0, 8, 4));
-  // HT (alone or through --mode all): the internode HT kernels do not exist yet; the message says LL runs.
-  for (const std::vector<Mode>& modes : {ht, all}) {
-    const std::string e = checkCommNodes(modes, 0, 4, 2);
-    EXPECT_NE(std::string::npos, e.find("span 2 nodes")) << e;
-    EXPECT_NE(std::string::npos, e.find("internode HT kernels do not exist yet (issue 14)")) << e;
-    EXPECT_NE(std::string::npos, e.find("LL runs internode: use --mode ll")) << e;
-    EXPECT_NE(std::string::npos, e.find(modes.size() > 1 ? "--mode all" : "--mode ht")) << e;
-  }
+  // HT (alone or through --mode all) runs internode too.
+  EXPECT_EQ("", checkCommNodes(ht, 0, 4, 2));
+  EXPECT_EQ("", checkCommNodes(all, 2, 8, 4));
+  // Nodes of unequal size are refused, naming them.
+  const std::string u = checkCommNodes(ht, 0, 6, 4);
+  EXPECT_NE(std::string::npos, u.find("span 4 nodes")) << u;
+  EXPECT_NE(std::string::npos, u.find("does not split them into nodes of equal size")) << u;
   // A --ranks-per-node that is not the communicator's layout.
   const std::string d = checkCommNodes(ll, 4, 4, 2);
   EXPECT_NE(std::string::npos, d.find("--ranks-per-node 4 disagrees with the communicator")) << d;
