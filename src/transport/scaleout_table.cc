@@ -11,8 +11,12 @@ std::vector<int> remotePeers(const NodeMap& nodes, int rank) {
   return peers;
 }
 
-std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector<const ibgda::GpuQp*>& qp_of_peer,
-                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out) {
+namespace {
+
+// Entry p from its QP (`set` fills the mode's fields; `qp_rank` / `qp_peer` are what the QP connects).
+template <typename Qp, typename Set>
+std::string buildTable(const NodeMap& nodes, int rank, const std::vector<const Qp*>& qp_of_peer,
+                       const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out, Set set) {
   const size_t num_ranks = nodes.node_of.size();
   if (rank < 0 || static_cast<size_t>(rank) >= num_ranks) return "rank " + std::to_string(rank) + " out of range";
   if (qp_of_peer.size() != num_ranks || window_of_peer.size() != num_ranks)
@@ -28,13 +32,13 @@ std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector
       if (qp_of_peer[p] != nullptr) return who + " is on this rank's node but has a QP";
       continue;
     }
-    const ibgda::GpuQp* qp = qp_of_peer[p];
+    const Qp* qp = qp_of_peer[p];
     if (qp == nullptr) return who + " is on another node but has no QP";
     if (qp->peer != static_cast<int>(p) || qp->rank != rank)
       return who + "'s QP connects rank " + std::to_string(qp->rank) + " to rank " + std::to_string(qp->peer);
     const PeerWindow& w = window_of_peer[p];
     if (w.rkey == 0 || w.bytes == 0) return who + "'s window has no rkey or no bytes";
-    e.qp = *qp;
+    set(*qp, &e);
     e.remote_base = w.base;
     e.window_bytes = w.bytes;
     e.rkey = w.rkey;
@@ -42,6 +46,25 @@ std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector
   }
   *out = std::move(table);
   return "";
+}
+
+}  // namespace
+
+std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector<const ibgda::GpuQp*>& qp_of_peer,
+                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out) {
+  return buildTable(nodes, rank, qp_of_peer, window_of_peer, out, [](const ibgda::GpuQp& qp, ScaleoutPeer* e) {
+    e->qp = qp;
+    e->via_proxy = 0;
+  });
+}
+
+std::string buildProxyScaleoutTable(const NodeMap& nodes, int rank,
+                                    const std::vector<const proxy::GpuProxyQp*>& proxy_of_peer,
+                                    const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out) {
+  return buildTable(nodes, rank, proxy_of_peer, window_of_peer, out, [](const proxy::GpuProxyQp& q, ScaleoutPeer* e) {
+    e->proxy = q;
+    e->via_proxy = 1;
+  });
 }
 
 }  // namespace nccl_moe

@@ -122,6 +122,41 @@ TEST(ScaleoutTable, InconsistentInputsAreRejected) {
             nccl_moe::buildScaleoutTable(m, 0, std::vector<const ib::GpuQp*>(3), windows, &table).find("expected 4"));
 }
 
+// The proxy mode's table: the same entries with the request-proxy view (via_proxy 1), the same checks.
+TEST(ScaleoutTable, ProxyEntriesCarryTheViewAndTheWindow) {
+  const NodeMap m = nccl_moe::buildEmulatedNodeMap(4, 2);
+  std::vector<nccl_moe::proxy::GpuProxyQp> views(4);
+  std::vector<const nccl_moe::proxy::GpuProxyQp*> proxy_of_peer(4, nullptr);
+  std::vector<PeerWindow> windows(4);
+  for (int p : {0, 1}) {
+    views[p] = nccl_moe::proxy::GpuProxyQp{};
+    views[p].rank = 3;
+    views[p].peer = p;
+    views[p].qp = static_cast<uint16_t>(p);
+    views[p].qpn = 0x500u + static_cast<uint32_t>(p);
+    proxy_of_peer[p] = &views[p];
+    windows[p] = windowOf(p);
+  }
+  std::vector<ScaleoutPeer> table;
+  ASSERT_EQ("", nccl_moe::buildProxyScaleoutTable(m, 3, proxy_of_peer, windows, &table));
+  ASSERT_EQ(4u, table.size());
+  for (int p = 0; p < 4; ++p) {
+    const bool remote = p < 2;
+    EXPECT_EQ(remote ? 1u : 0u, table[p].valid) << p;
+    EXPECT_EQ(remote ? 1u : 0u, table[p].via_proxy) << p;
+    if (!remote) continue;
+    EXPECT_EQ(0x500u + static_cast<uint32_t>(p), table[p].proxy.qpn);
+    EXPECT_EQ(windowOf(p).rkey, table[p].rkey);
+    EXPECT_EQ(windowOf(p).base, table[p].remote_base);
+  }
+  auto swapped = proxy_of_peer;
+  std::swap(swapped[0], swapped[1]);
+  EXPECT_NE(std::string::npos, nccl_moe::buildProxyScaleoutTable(m, 3, swapped, windows, &table).find("connects"));
+  auto missing = proxy_of_peer;
+  missing[1] = nullptr;
+  EXPECT_NE(std::string::npos, nccl_moe::buildProxyScaleoutTable(m, 3, missing, windows, &table).find("peer 1"));
+}
+
 // Every rank's records to every peer, packed and unpacked as init does, pass checkConnRecords on every rank and
 // carry the QPN of the pair (0 where the pair has no QP).
 TEST(ScaleoutTable, EmulatedConnectionRecordsRoundTripAndAgree) {

@@ -1,7 +1,8 @@
 // Device helpers of the internode HT kernels: where this rank's and its node's regions are, how bytes and signals
 // reach a rank of this node (stores and release atomics through NVLink pointers) or of another node (RDMA WRITE and
-// fetch-add on that rank's QP, src/transport/rdma/ibgda/ibgda.cuh), bounded waits that name phase, peer and QP, and
-// the per-kernel bookkeeping (epochs, tags, the last block). Nothing here dereferences another node's memory.
+// fetch-add on that rank's QP, in the communicator's mode: src/transport/scaleout.cuh), bounded waits that name phase,
+// peer and QP, and the per-kernel bookkeeping (epochs, tags, the last block). Nothing here dereferences another node's
+// memory.
 //
 // Epochs and tags (nothing is ever reset, so CUDA-graph replays and back-to-back calls need no host state):
 //   e      the HT epoch of a dispatch or combine: HtSync.epoch of this rank + 1 in every kernel of the call; the
@@ -17,8 +18,7 @@
 #include "device/routing.cuh"
 #include "device/wait.cuh"
 #include "kernels/ht_net/args.h"
-#include "transport/rdma/ibgda/ibgda.cuh"
-#include "transport/scaleout_table.h"
+#include "transport/scaleout.cuh"
 
 namespace nccl_moe {
 namespace htnet {
@@ -79,20 +79,17 @@ __device__ __forceinline__ int* row_meta(const HtNetComm& n, int g, int src, int
   return reinterpret_cast<int*>(ht_region(n, g) + n.ht.meta(src, pos));
 }
 
-// Addresses a QP uses: this rank's byte p (inside its own buffer) in its lkey window; byte `off` of a remote
-// rank's HT net region in that rank's window.
-__device__ __forceinline__ uint64_t own_iova(const HtNetComm& n, const void* p) {
-  return n.own_base +
-         static_cast<uint64_t>(static_cast<const uint8_t*>(p) - n.comm.scaleup.buffer[n.comm.scaleup.local_rank]);
+// Buffer offsets a QP uses (src/transport/scaleout.cuh): this rank's byte p (inside its own buffer); byte `off` of
+// the HT net region.
+__device__ __forceinline__ uint64_t own_offset(const HtNetComm& n, const void* p) {
+  return static_cast<uint64_t>(static_cast<const uint8_t*>(p) - n.comm.scaleup.buffer[n.comm.scaleup.local_rank]);
 }
+__device__ __forceinline__ uint64_t net_off(const HtNetComm& n, size_t off) { return n.net_offset + off; }
 __device__ __forceinline__ const ScaleoutPeer& remote(const HtNetComm& n, int rank) {
   return n.comm.scaleout.peers[rank];
 }
-__device__ __forceinline__ uint64_t remote_iova(const HtNetComm& n, int rank, size_t off) {
-  return remote(n, rank).remote_base + n.net_offset + off;
-}
 __device__ __forceinline__ int qpn_of(const HtNetComm& n, int rank) {
-  return is_local(n, rank) ? -1 : static_cast<int>(remote(n, rank).qp.qpn);
+  return is_local(n, rank) ? -1 : net::qpn(remote(n, rank));
 }
 
 // One thread: WRITE `bytes` from this rank's `src` to byte `off` of the HT net region of `rank` (another node),
@@ -101,9 +98,9 @@ __device__ __forceinline__ int qpn_of(const HtNetComm& n, int rank) {
 __device__ __forceinline__ bool put_signal(const HtNetComm& n, int rank, const void* src, size_t off, size_t bytes,
                                            size_t signal_off, long long add) {
   const ScaleoutPeer& p = remote(n, rank);
-  if (bytes == 0) return ibgda::signal(p.qp, remote_iova(n, rank, signal_off), p.rkey, static_cast<uint64_t>(add));
-  return ibgda::put_signal(p.qp, own_iova(n, src), remote_iova(n, rank, off), p.rkey, static_cast<uint32_t>(bytes),
-                           remote_iova(n, rank, signal_off), p.rkey, static_cast<uint64_t>(add));
+  if (bytes == 0) return net::signal(p, net_off(n, signal_off), static_cast<uint64_t>(add));
+  return net::put_signal(p, n.own_base, own_offset(n, src), net_off(n, off), static_cast<uint32_t>(bytes),
+                         net_off(n, signal_off), static_cast<uint64_t>(add));
 }
 
 // One thread: `add` on the word at byte `off` of `rank`'s HT net region, after this rank's earlier writes to it (the
@@ -114,8 +111,7 @@ __device__ __forceinline__ bool add_word(const HtNetComm& n, int rank, size_t of
     dev::red_add_release_sys(reinterpret_cast<long long*>(net_region(n, n.local_of[rank]) + off), add);
     return true;
   }
-  const ScaleoutPeer& p = remote(n, rank);
-  return ibgda::signal(p.qp, remote_iova(n, rank, off), p.rkey, static_cast<uint64_t>(add));
+  return net::signal(remote(n, rank), net_off(n, off), static_cast<uint64_t>(add));
 }
 
 // One thread: waits (bounded, acquire) until *word >= target; a timeout names the phase, the peer that writes the

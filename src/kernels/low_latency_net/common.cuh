@@ -1,7 +1,8 @@
 // Device helpers of the internode LL kernels: where a rank's net half is, and the two ways bytes and signals
 // reach a peer -- stores and atomics through NVLink pointers for ranks of this node (the rank itself included),
-// RDMA WRITE and fetch-add on the peer's QP for ranks of other nodes (src/transport/rdma/ibgda/ibgda.cuh). Nothing
-// here dereferences another node's memory: those ranks are (QP, remote_base + offset, rkey) only.
+// RDMA WRITE and fetch-add on the peer's QP for ranks of other nodes, in the communicator's mode
+// (src/transport/scaleout.cuh). Nothing here dereferences another node's memory: those ranks are (QP, buffer
+// offset, rkey) only.
 #pragma once
 
 #include <cstdint>
@@ -11,8 +12,7 @@
 #include "device/wait.cuh"
 #include "kernels/low_latency/common.cuh"
 #include "kernels/low_latency_net/args.h"
-#include "transport/rdma/ibgda/ibgda.cuh"
-#include "transport/scaleout_table.h"
+#include "transport/scaleout.cuh"
 
 namespace nccl_moe {
 namespace llnet {
@@ -39,22 +39,18 @@ __device__ __forceinline__ long long* own_signal(const LlNetComm& n, int kind, i
 __device__ __forceinline__ const ScaleoutPeer& remote(const LlNetComm& n, int rank) {
   return n.comm.scaleout.peers[rank];
 }
-// The address the NIC gives this rank's byte `p` (a pointer into its own buffer) in its lkey window.
-__device__ __forceinline__ uint64_t own_iova(const LlNetComm& n, const void* p) {
-  return n.own_base +
-         static_cast<uint64_t>(static_cast<const uint8_t*>(p) - n.comm.scaleup.buffer[n.comm.scaleup.local_rank]);
+// Buffer offsets a QP uses (src/transport/scaleout.cuh): this rank's byte `p` (a pointer into its own buffer); byte
+// `off` of the net half.
+__device__ __forceinline__ uint64_t own_offset(const LlNetComm& n, const void* p) {
+  return static_cast<uint64_t>(static_cast<const uint8_t*>(p) - n.comm.scaleup.buffer[n.comm.scaleup.local_rank]);
 }
-// The address of byte `off` of a remote rank's net half in its window.
-__device__ __forceinline__ uint64_t remote_iova(const LlNetComm& n, int rank, size_t off) {
-  return remote(n, rank).remote_base + n.half_offset + off;
-}
+__device__ __forceinline__ uint64_t half_off(const LlNetComm& n, size_t off) { return n.half_offset + off; }
 
 // RDMA WRITE of `bytes` from this rank's buffer at `src` to byte `off` of `rank`'s net half (another node). One
 // thread. False (error recorded on the QP's rank record) when the QP failed.
 __device__ __forceinline__ bool put_remote(const LlNetComm& n, int rank, const void* src, size_t off, uint32_t bytes) {
   if (bytes == 0) return true;
-  const ScaleoutPeer& p = remote(n, rank);
-  return ibgda::put(p.qp, own_iova(n, src), remote_iova(n, rank, off), p.rkey, bytes);
+  return net::put(remote(n, rank), n.own_base, own_offset(n, src), half_off(n, off), bytes);
 }
 
 // Adds `add` to signal word [kind][this rank] of `rank`, after every earlier write of this rank to it: a release
@@ -67,8 +63,7 @@ __device__ __forceinline__ bool signal_peer(const LlNetComm& n, int rank, int ki
     dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + off), add);
     return true;
   }
-  const ScaleoutPeer& p = remote(n, rank);
-  return ibgda::signal(p.qp, remote_iova(n, rank, off), p.rkey, static_cast<uint64_t>(add));
+  return net::signal(remote(n, rank), half_off(n, off), static_cast<uint64_t>(add));
 }
 
 // WRITE of 8 bytes (`src`, in this rank's buffer) into `rank`'s word `kind`, then +1 on its signal word
@@ -83,15 +78,14 @@ __device__ __forceinline__ bool put_word_signal(const LlNetComm& n, int rank, co
     dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + n.layout.signal(signal_kind, me)), 1ll);
     return true;
   }
-  const ScaleoutPeer& p = remote(n, rank);
-  return ibgda::put_signal(p.qp, own_iova(n, src), remote_iova(n, rank, n.layout.signal(kind, me)), p.rkey, 8,
-                           remote_iova(n, rank, n.layout.signal(signal_kind, me)), p.rkey, 1);
+  return net::put_signal(remote(n, rank), n.own_base, own_offset(n, src), half_off(n, n.layout.signal(kind, me)), 8,
+                         half_off(n, n.layout.signal(signal_kind, me)), 1);
 }
 
 // Waits until this rank's signal [kind][src] >= target. A timeout names the phase, the source and, for a rank of
 // another node, the QP the signal travels on (the signal kind in `detail`).
 __device__ __forceinline__ bool wait_signal(const LlNetComm& n, int kind, int src, long long target, Phase phase) {
-  const int qpn = is_local(n, src) ? -1 : static_cast<int>(remote(n, src).qp.qpn);
+  const int qpn = is_local(n, src) ? -1 : net::qpn(remote(n, src));
   return dev::wait_geq(n.comm, static_cast<const long long*>(own_signal(n, kind, src)), target, phase, src, 0, qpn,
                        kind);
 }
