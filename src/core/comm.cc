@@ -298,6 +298,7 @@ ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
   spec.dev_error = comm->dev_error;
   spec.timeout_ns = comm->timeout_ns;
   spec.chaos_seed = emulated::chaosSeedFromEnvironment();
+  spec.proxy = comm->net.mode == NetMode::kProxy;
   // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
   const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
   std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);

@@ -47,9 +47,9 @@ const std::vector<EnvVar>& envRegistry() {
        "verbs backend yet, so such communicators are refused), emulated (the software NIC: correctness only, for "
        "ranks of one process on one GPU split by NCCL_MOE_EMULATE_NODES). Read at init; every rank must agree."},
       {"NCCL_MOE_NET_MODE", EnvType::kString, "ibgda",
-       "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell). The "
-       "CPU-proxy modes dbproxy and proxy are not available yet and are refused. Read at init; every rank must "
-       "agree."},
+       "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell) or proxy "
+       "(the GPU writes descriptors into a mapped ring and a CPU thread of the rank posts the work requests). "
+       "dbproxy (the doorbell proxy) is not available yet and is refused. Read at init; every rank must agree."},
       {"NCCL_MOE_EMU_CHAOS", EnvType::kInt, "0",
        "Seed of the software NIC's chaos mode (random WRITE chunking and placement order, late source reads, "
        "QP interleaving, delays); 0 = off. Failure messages name the seed."},

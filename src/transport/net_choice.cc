@@ -41,15 +41,15 @@ ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, Net
   }
   if (mode.empty() || mode == "ibgda") {
     c.mode = NetMode::kIbgda;
-  } else if (mode == "dbproxy" || mode == "proxy") {
+  } else if (mode == "proxy") {
+    c.mode = NetMode::kProxy;
+  } else if (mode == "dbproxy") {
     return setLastError(ncclInvalidUsage,
-                        "NCCL_MOE_NET_MODE=%s: the CPU-proxy modes (dbproxy, proxy) are not available in this build "
-                        "yet (they are being built); use NCCL_MOE_NET_MODE=ibgda",
-                        mode.c_str());
+                        "NCCL_MOE_NET_MODE=dbproxy: the doorbell-proxy mode is not available in this build yet; use "
+                        "NCCL_MOE_NET_MODE=ibgda or proxy");
   } else {
     return setLastError(ncclInvalidArgument,
-                        "NCCL_MOE_NET_MODE=\"%s\": expected ibgda (dbproxy and proxy are not "
-                        "available yet)",
+                        "NCCL_MOE_NET_MODE=\"%s\": expected ibgda or proxy (dbproxy is not available yet)",
                         mode.c_str());
   }
   *out = c;

@@ -8,7 +8,9 @@
 //                                silently; single-process worlds on one GPU only (the CUDA memory backend reaches
 //                                device memory of this process; ranks in other processes need an IPC backend)
 //   NCCL_MOE_NET_MODE  ibgda     the GPU writes WQEs and rings the doorbell (src/transport/rdma/ibgda/)
-//                      dbproxy / proxy: the CPU-proxy modes, being built elsewhere; refused for now
+//                      proxy     the GPU writes descriptors into a mapped ring, a CPU thread of the rank turns them
+//                                into WQEs and rings the doorbells (src/transport/rdma/proxy/)
+//                      dbproxy   the doorbell proxy: not built yet, refused
 #pragma once
 
 #include <nccl.h>
@@ -31,7 +33,7 @@ struct NetChoice {
 };
 
 // Parses the two variables' values (as read; "" = the default). Unknown values: ncclInvalidArgument naming the
-// variable, the value and the accepted ones; dbproxy / proxy: ncclInvalidUsage saying they are not available yet.
+// variable, the value and the accepted ones; dbproxy: ncclInvalidUsage saying it is not available yet.
 // The message goes to setLastError().
 ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, NetChoice* out);
 

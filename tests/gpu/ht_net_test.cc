@@ -27,7 +27,8 @@
 //   Shapes/HtNet.CapacityOverflowIsAnError    worst-case capacity below N_recv on a rank of the first and of the last
 //                                             node: ncclInvalidUsage naming the capacity, nothing written past it;
 //                                             the other ranks' results exact
-// Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node).
+// Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node), each in ibgda mode and in proxy mode ("2x2_proxy":
+// NCCL_MOE_NET_MODE=proxy, the request proxy posts for the kernels; tests/gpu/net_world.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>

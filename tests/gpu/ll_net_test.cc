@@ -22,7 +22,8 @@
 //                                             the last rank skips a dispatch: every other rank's call fails within
 //                                             the timeout with a message naming the phase and the peer (and the QP
 //                                             when the peer is on another node)
-// Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node).
+// Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node), each in ibgda mode and in proxy mode ("2x2_proxy":
+// NCCL_MOE_NET_MODE=proxy, the request proxy posts for the kernels; tests/gpu/net_world.h).
 #include <gtest/gtest.h>
 
 #include <chrono>

@@ -1,7 +1,9 @@
 // Virtual-node worlds of the internode GPU tests (ll_net_test.cc, ht_net_test.cc): all ranks are threads of this
 // process on GPU 0 (ncclMoeCommInitAll), split into nodes by NCCL_MOE_EMULATE_NODES, with the software NIC as the
 // scale-out transport (NCCL_MOE_NET=emulated) and its chaos mode on (NCCL_MOE_EMU_CHAOS: writes split and reordered,
-// sources read late, QPs interleaved). The suites are parameterized by the shape (nodes x ranks per node).
+// sources read late, QPs interleaved). The suites are parameterized by the shape (nodes x ranks per node) and the
+// transport mode: ibgda (the kernels write WQEs) or proxy (NCCL_MOE_NET_MODE=proxy: the kernels write descriptors
+// into a ring, a CPU thread per rank posts the WQEs), names "2x2" and "2x2_proxy".
 #pragma once
 
 #include <gtest/gtest.h>
@@ -19,14 +21,20 @@ namespace net_test {
 struct Shape {
   int nodes;
   int per_node;
+  bool proxy = false;  // NCCL_MOE_NET_MODE=proxy
   int ranks() const { return nodes * per_node; }
+  std::string name() const { return std::to_string(nodes) + "x" + std::to_string(per_node) + (proxy ? "_proxy" : ""); }
 };
-inline void PrintTo(const Shape& s, std::ostream* os) { *os << s.nodes << "x" << s.per_node; }
-inline std::string shapeName(const ::testing::TestParamInfo<Shape>& info) {
-  return std::to_string(info.param.nodes) + "x" + std::to_string(info.param.per_node);
+inline void PrintTo(const Shape& s, std::ostream* os) { *os << s.name(); }
+inline std::string shapeName(const ::testing::TestParamInfo<Shape>& info) { return info.param.name(); }
+// The shapes every internode suite is instantiated with: 2x1, 2x2, 4x1, 2x4 in both modes.
+inline std::vector<Shape> shapes() {
+  std::vector<Shape> out;
+  for (bool proxy : {false, true})
+    for (const Shape& s : {Shape{2, 1}, Shape{2, 2}, Shape{4, 1}, Shape{2, 4}})
+      out.push_back(Shape{s.nodes, s.per_node, proxy});
+  return out;
 }
-// The shapes every internode suite is instantiated with.
-inline std::vector<Shape> shapes() { return {Shape{2, 1}, Shape{2, 2}, Shape{4, 1}, Shape{2, 4}}; }
 
 // The environment of a virtual-node world of `s` with the software NIC, chaos on (chaos nullptr: off).
 struct NetEnv {
@@ -35,7 +43,7 @@ struct NetEnv {
       : nodes_text(std::to_string(s.nodes)),
         override_chaos(std::getenv("NCCL_MOE_NET_TEST_CHAOS") != nullptr ? std::getenv("NCCL_MOE_NET_TEST_CHAOS") : ""),
         net("NCCL_MOE_NET", "emulated"),
-        mode("NCCL_MOE_NET_MODE", nullptr),
+        mode("NCCL_MOE_NET_MODE", s.proxy ? "proxy" : nullptr),
         emulate("NCCL_MOE_EMULATE_NODES", nodes_text.c_str()),
         chaos_env("NCCL_MOE_EMU_CHAOS", override_chaos.empty() ? chaos : override_chaos.c_str()) {}
   std::string nodes_text, override_chaos;

@@ -16,8 +16,8 @@
 //                                                            NCCL_MOE_NET=emulated
 //   ScaleoutRefusal.NetDisagreementFailsOnEveryRank          ranks of one world read different NCCL_MOE_NET values
 //                                                            (commInit's override): every rank fails naming both
-//   ScaleoutRefusal.ProxyModesAreRefused                     NCCL_MOE_NET_MODE=proxy / dbproxy: refused, "not
-//                                                            available"
+//   ScaleoutRefusal.DoorbellProxyIsRefused                   NCCL_MOE_NET_MODE=dbproxy: refused, "not available"
+//                                                            (proxy runs: tests/gpu/ll_net_test.cc, ht_net_test.cc)
 //
 // Every device wait is bounded (kTimeoutNs) and every host wait too; a GPU-less machine skips every test.
 #include <cuda_runtime.h>
@@ -429,14 +429,14 @@ TEST(ScaleoutRefusal, NetDisagreementFailsOnEveryRank) {
   }
 }
 
-TEST(ScaleoutRefusal, ProxyModesAreRefused) {
+TEST(ScaleoutRefusal, DoorbellProxyIsRefused) {
   const Shape s{2, 1};
   const std::string skip = skipReason(s);
   if (!skip.empty()) GTEST_SKIP() << skip;
   harness::ScopedEnv net("NCCL_MOE_NET", "emulated");
   harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
   CUDA_OK(cudaSetDevice(0));
-  for (const char* mode : {"proxy", "dbproxy"}) {
+  for (const char* mode : {"dbproxy"}) {
     harness::ScopedEnv m("NCCL_MOE_NET_MODE", mode);
     std::vector<ncclMoeComm_t> comms(2, nullptr);
     const std::vector<int> devices(2, 0);

@@ -43,13 +43,14 @@ TEST(NetChoice, RejectsUnknownValuesNamingTheVariable) {
   EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=\"gda\"")) << lastError();
 }
 
-TEST(NetChoice, ProxyModesAreRefusedAsNotAvailableYet) {
-  for (const char* mode : {"dbproxy", "proxy"}) {
-    NetChoice c;
-    EXPECT_EQ(ncclInvalidUsage, nccl_moe::parseNetChoice("emulated", mode, &c)) << mode;
-    EXPECT_NE(std::string::npos, lastError().find(std::string("NCCL_MOE_NET_MODE=") + mode)) << lastError();
-    EXPECT_NE(std::string::npos, lastError().find("not available in this build yet")) << lastError();
-  }
+TEST(NetChoice, ProxyModeParsesAndDoorbellProxyIsRefused) {
+  NetChoice c;
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("emulated", "proxy", &c));
+  EXPECT_EQ(NetMode::kProxy, c.mode);
+  EXPECT_EQ(NetKind::kEmulated, c.kind);
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::parseNetChoice("emulated", "dbproxy", &c));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=dbproxy")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("not available in this build yet")) << lastError();
 }
 
 TEST(NetChoice, DisagreementNamesBothValuesAndTheRank) {

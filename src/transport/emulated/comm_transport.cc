@@ -53,7 +53,31 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   t->nic_ = std::make_unique<SoftNic>(nc, t->backend_.get(), t->registry_.get());
 
   t->qps_.resize(num_ranks);
-  for (int p : remotePeers(spec.nodes, spec.rank)) {
+  t->remote_peers_ = remotePeers(spec.nodes, spec.rank);
+  std::vector<uint32_t> qpn_of(num_ranks, 0);
+  if (spec.proxy) {
+    GpuProxySpec ps;
+    ps.nic = t->nic_.get();
+    ps.backend = t->backend_.get();
+    ps.local_windows = t->registry_.get();
+    for (int p : t->remote_peers_) {
+      Responder r;
+      r.peer = p;  // connected in connect(), once the peer's record is known
+      ps.qps.push_back(r);
+    }
+    ps.connect = false;
+    ps.num_slots = spec.proxy_slots;
+    ps.wqe_cnt = spec.wqe_cnt;
+    ps.cqe_cnt = spec.wqe_cnt;
+    ps.src_lkey = t->window_.lkey;
+    ps.rank = spec.rank;
+    ps.device = spec.device;
+    ps.timeout_ns = spec.timeout_ns;
+    ps.dev_error = spec.dev_error;
+    if (!t->remote_peers_.empty()) MOE_CHECK(EmulatedGpuProxy::create(ps, &t->proxy_));
+    for (size_t i = 0; i < t->remote_peers_.size(); ++i) qpn_of[t->remote_peers_[i]] = t->proxy_->qpn(i);
+  }
+  for (int p : spec.proxy ? std::vector<int>{} : t->remote_peers_) {
     GpuQpSpec q;
     q.nic = t->nic_.get();
     q.backend = t->backend_.get();
@@ -67,6 +91,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
     q.dev_error = spec.dev_error;
     q.connect = false;
     MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[p]));
+    qpn_of[p] = t->qps_[p]->qpn();
   }
 
   CommTransportRecordHeader header{};
@@ -79,7 +104,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   w.rkey = t->window_.rkey;
   const int node = spec.nodes.node_of[spec.rank];
   for (int p = 0; p < num_ranks; ++p) {
-    const uint32_t qpn = t->qps_[p] ? t->qps_[p]->qpn() : 0;
+    const uint32_t qpn = qpn_of[p];
     uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
     MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, num_ranks, node, qpn, w), conn));
   }
@@ -106,8 +131,8 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
 
   std::vector<const ibgda::GpuQp*> qp_of_peer(num_ranks, nullptr);
   std::vector<PeerWindow> window_of_peer(num_ranks);
-  for (int p = 0; p < num_ranks; ++p) {
-    if (!qps_[p]) continue;
+  std::vector<Responder> responders;  // proxy mode: [i] for remote_peers_[i]
+  for (int p : remote_peers_) {
     const rdma::ConnRecord& rec = records[p];
     const uint32_t remote_qpn = rec.qpn[rdma::kQpSetHighThroughput][0];
     if (rec.node != spec_.nodes.node_of[p] || remote_qpn == 0 || rec.num_windows < 1 || headers[p].registry == 0) {
@@ -120,19 +145,34 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
     responder.peer = p;
     responder.remote_qpn = remote_qpn;
-    MOE_CHECK(nic_->connect(qps_[p]->qp(), responder));
-    qp_of_peer[p] = &qps_[p]->view();
+    if (spec_.proxy) {
+      responders.push_back(responder);
+    } else {
+      MOE_CHECK(nic_->connect(qps_[p]->qp(), responder));
+      qp_of_peer[p] = &qps_[p]->view();
+    }
     window_of_peer[p].base = rec.windows[0].addr;
     window_of_peer[p].bytes = rec.windows[0].bytes;
     window_of_peer[p].rkey = rec.windows[0].rkey;
   }
   std::vector<ScaleoutPeer> table;
-  const std::string why = buildScaleoutTable(spec_.nodes, me, qp_of_peer, window_of_peer, &table);
+  std::string why;
+  if (spec_.proxy) {
+    std::vector<const proxy::GpuProxyQp*> proxy_of_peer(num_ranks, nullptr);
+    if (proxy_) {
+      MOE_CHECK(proxy_->connect(responders));
+      for (size_t i = 0; i < remote_peers_.size(); ++i) proxy_of_peer[remote_peers_[i]] = &proxy_->view(i);
+    }
+    why = buildProxyScaleoutTable(spec_.nodes, me, proxy_of_peer, window_of_peer, &table);
+  } else {
+    why = buildScaleoutTable(spec_.nodes, me, qp_of_peer, window_of_peer, &table);
+  }
   if (!why.empty()) return setLastError(ncclInternalError, "emulated transport of rank %d: %s", me, why.c_str());
   const size_t bytes = sizeof(ScaleoutPeer) * table.size();
   MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_table_), bytes));
   MOE_CUDA_CHECK(cudaMemcpy(dev_table_, table.data(), bytes, cudaMemcpyHostToDevice));
   MOE_CHECK(nic_->start());
+  if (proxy_) MOE_CHECK(proxy_->start());
   return ncclSuccess;
 }
 
@@ -142,6 +182,14 @@ std::string CommTransport::drain() {
   const auto bound = std::chrono::nanoseconds(spec_.timeout_ns);
   for (;;) {
     std::string busy;
+    if (proxy_) {
+      // Every descriptor the GPU reserved was completed at the NIC (or the ring failed: nothing more completes).
+      uint32_t produced = 0;
+      if (proxy_->ringError() == 0 && !proxy_->thread().failed() &&
+          (proxy_->producerIndex(&produced) != ncclSuccess || proxy_->completed() != produced))
+        busy = " (request proxy: completed " + std::to_string(proxy_->completed()) + " of " + std::to_string(produced) +
+               " descriptors)";
+    }
     for (size_t p = 0; p < qps_.size(); ++p) {
       if (!qps_[p]) continue;
       const uint32_t qp = qps_[p]->qp();
@@ -159,19 +207,22 @@ std::string CommTransport::drain() {
 }
 
 void CommTransport::stop() {
+  if (proxy_) proxy_->stop();  // the proxy thread posts to the NIC: it stops first
   if (nic_) nic_->stop();
 }
 
 CommTransport::~CommTransport() {
   stop();
-  qps_.clear();  // before the registry: each deregisters its result word
-  nic_.reset();  // frees staging through the backend
+  proxy_.reset();  // host queues and the ring, after the NIC stopped reading them
+  qps_.clear();    // before the registry: each deregisters its result word
+  nic_.reset();    // frees staging through the backend
   backend_.reset();
   if (dev_table_ != nullptr) cudaFree(dev_table_);
   registry_.reset();
 }
 
 int CommTransport::numQps() const {
+  if (spec_.proxy) return proxy_ ? static_cast<int>(proxy_->numQps()) : 0;
   int n = 0;
   for (const auto& q : qps_) n += q ? 1 : 0;
   return n;
@@ -179,10 +230,10 @@ int CommTransport::numQps() const {
 
 std::string CommTransport::describe() const {
   std::string peers;
-  for (size_t p = 0; p < qps_.size(); ++p)
-    if (qps_[p]) peers += " " + std::to_string(p);
+  for (int p : remote_peers_) peers += " " + std::to_string(p);
   return "rank " + std::to_string(spec_.rank) + ": " + nic_->describe() + ", " + std::to_string(numQps()) +
-         " QPs to peers" + peers + ", backend " + (backend_->failed() ? backend_->error() : std::string("ok"));
+         (spec_.proxy ? " request-proxy QPs to peers" : " QPs to peers") + peers + ", backend " +
+         (backend_->failed() ? backend_->error() : std::string("ok"));
 }
 
 }  // namespace nccl_moe::emulated

@@ -7,8 +7,10 @@
 //             relaxed ordering: it holds signal words too)
 //   backend   a CudaMemoryBackend on the rank's GPU (staging arena, a stream per QP, helper kernels loaded here)
 //   NIC       a SoftNic executing this rank's send queues (chaos seed NCCL_MOE_EMU_CHAOS + rank when set)
-//   QPs       one GPU-driven QP (EmulatedGpuQp) per remote peer, i.e. per (rank, peer on another node); none for
-//             self and own-node peers
+//   QPs       one QP per remote peer, i.e. per (rank, peer on another node); none for self and own-node peers.
+//             NCCL_MOE_NET_MODE=ibgda: GPU-driven QPs (EmulatedGpuQp: the kernels write WQEs and ring doorbells);
+//             proxy: host-memory QPs behind one request-proxy ring (EmulatedGpuProxy: the kernels write descriptors,
+//             a CPU thread of this rank turns them into WQEs)
 //   table     the device-resident ScaleoutPeer[num_ranks] kernels reach through DeviceComm::scaleout.peers
 //             (src/transport/scaleout_table.h)
 //
@@ -38,6 +40,7 @@
 #include "transport/emulated/cuda_backend.h"
 #include "transport/emulated/gpu_queues.h"
 #include "transport/emulated/nic.h"
+#include "transport/emulated/proxy_queues.h"
 #include "transport/rdma/conn_record.h"
 #include "transport/rdma/window.h"
 #include "transport/scaleout_table.h"
@@ -54,6 +57,8 @@ struct CommTransportSpec {
   uint64_t timeout_ns = 0;           // bound of every device wait on the QPs and of the backend's completion waits
   uint64_t chaos_seed = 0;           // 0: chaos off; else rank r's NIC uses chaos_seed + r
   uint32_t wqe_cnt = 64;             // per QP
+  bool proxy = false;                // NCCL_MOE_NET_MODE=proxy: the request proxy posts for the kernels
+  uint32_t proxy_slots = 256;        // descriptors of the request-proxy ring (a power of two)
 };
 
 // What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
@@ -86,9 +91,10 @@ class CommTransport {
   // addressed to this rank, connects every QP, uploads the table and starts the executor.
   ncclResult_t connect(const uint8_t* all);
   // Waits (bounded by the spec's timeout) until the NIC has executed every WQE this rank's GPU announced on each QP
-  // (or the QP is in error): what a rank must do before it stops its NIC, since a kernel returns as soon as it has
-  // posted, and its last WRITEs and signals (an LL combine's partials, a receive half's acks) are still the NIC's
-  // to carry. Returns "" or which QPs still had work when the bound expired.
+  // (or the QP is in error; proxy mode: until the proxy completed every descriptor the GPU posted): what a rank must do
+  // before it stops its NIC, since a kernel returns as soon as it has posted, and its last WRITEs and signals (an LL
+  // combine's partials, a receive half's acks) are still the NIC's to carry. Returns "" or which QPs still had work
+  // when the bound expired.
   std::string drain();
   void stop();
 
@@ -107,7 +113,9 @@ class CommTransport {
   std::unique_ptr<CudaMemoryBackend> backend_;
   std::unique_ptr<SoftNic> nic_;
   rdma::Window window_{};
-  std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // [peer], null for self and own-node peers
+  std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // ibgda: [peer], null for self and own-node peers
+  std::unique_ptr<EmulatedGpuProxy> proxy_;          // proxy: one ring, QP i to remote_peers_[i]
+  std::vector<int> remote_peers_;                    // the ranks of other nodes, ascending
   ScaleoutPeer* dev_table_ = nullptr;
 };
 

@@ -16,6 +16,7 @@ ncclResult_t EmulatedGpuProxy::create(const GpuProxySpec& spec, std::unique_ptr<
   MOE_ARG_CHECK(rdma::is_valid_proxy_ring_size(spec.num_slots),
                 "EmulatedGpuProxy::create: num_slots %u is not a power of two", spec.num_slots);
   std::unique_ptr<EmulatedGpuProxy> p(new EmulatedGpuProxy());
+  p->spec_ = spec;
   p->num_slots_ = spec.num_slots;
   p->start_ = spec.start;
   p->windows_ = spec.local_windows;
@@ -40,10 +41,10 @@ ncclResult_t EmulatedGpuProxy::create(const GpuProxySpec& spec, std::unique_ptr<
                                                rdma::kAccessLocalWrite, 0, &result_window));
   p->fetch_result_lkey_ = result_window.lkey;
 
-  // The QPs, their host queues and the proxy's view of them.
-  std::vector<rdma::ProxyQp> proxy_qps;
-  for (const Responder& responder : spec.qps) {
-    MOE_ARG_CHECK(responder.windows != nullptr, "EmulatedGpuProxy::create: a responder without windows");
+  // The QPs and their host queues (connected now, or by connect()).
+  for (size_t i = 0; i < spec.qps.size(); ++i) {
+    MOE_ARG_CHECK(!spec.connect || spec.qps[i].windows != nullptr,
+                  "EmulatedGpuProxy::create: a responder without windows");
     std::unique_ptr<Link> link(new Link());
     link->mem.reset(new HostQueueMemory(spec.wqe_cnt, spec.cqe_cnt));
     if (link->mem->sq == nullptr || link->mem->cq == nullptr || link->mem->sq_dbrec == nullptr)
@@ -51,29 +52,46 @@ ncclResult_t EmulatedGpuProxy::create(const GpuProxySpec& spec, std::unique_ptr<
     MOE_CHECK(spec.nic->createCq(link->mem->cqConfig(), &link->cq));
     MOE_CHECK(spec.nic->createQp(link->mem->qpConfig(link->cq), &link->qp, &link->qpn));
     if (spec.backend != nullptr) MOE_CHECK(spec.backend->prepareQp(link->qp));
-    MOE_CHECK(spec.nic->connect(link->qp, responder));
     const rdma::SqView sv{link->mem->sq, spec.wqe_cnt, link->mem->sq_dbrec, link->mem->doorbell, link->qpn};
     const rdma::CqView cv{link->mem->cq, spec.cqe_cnt, link->mem->cq_dbrec};
     link->sq.reset(new rdma::HostSq(sv, cv));
-    proxy_qps.push_back(rdma::ProxyQp{link->sq.get(), responder.windows->snapshot()});
     p->links_.push_back(std::move(link));
   }
+  if (spec.connect) MOE_CHECK(p->connect(spec.qps));
+  *out = std::move(p);
+  return ncclSuccess;
+}
+
+ncclResult_t EmulatedGpuProxy::connect(const std::vector<Responder>& responders) {
+  const GpuProxySpec& spec = spec_;
+  MOE_ARG_CHECK(responders.size() == links_.size() && !proxy_,
+                "EmulatedGpuProxy::connect: %zu responders for %zu QPs%s", responders.size(), links_.size(),
+                proxy_ ? " (already connected)" : "");
+  std::vector<rdma::ProxyQp> proxy_qps;
+  for (size_t i = 0; i < links_.size(); ++i) {
+    const Responder& responder = responders[i];
+    MOE_ARG_CHECK(responder.windows != nullptr && responder.peer == spec.qps[i].peer,
+                  "EmulatedGpuProxy::connect: QP %zu: a responder without windows or for peer %d (expected %d)", i,
+                  responder.peer, spec.qps[i].peer);
+    MOE_CHECK(spec.nic->connect(links_[i]->qp, responder));
+    proxy_qps.push_back(rdma::ProxyQp{links_[i]->sq.get(), responder.windows->snapshot()});
+  }
   rdma::RequestProxyConfig config = spec.config;
-  config.fetch_result = mlx5::LocalWord{reinterpret_cast<uint64_t>(p->fetch_result_), result_window.lkey};
+  config.fetch_result = mlx5::LocalWord{reinterpret_cast<uint64_t>(fetch_result_), fetch_result_lkey_};
   rdma::ProxyDesc* dev_slots = nullptr;
   rdma::ProxyRingShared* dev_shared = nullptr;
-  MOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_slots), p->slots_, 0));
-  MOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_shared), p->shared_, 0));
+  MOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_slots), slots_, 0));
+  MOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_shared), shared_, 0));
   // The consumer reads the host addresses; producer_index is the GPU's only (RequestProxy never reads it).
-  const rdma::ProxyRing host_ring{p->slots_, spec.num_slots, p->producer_index_, p->shared_};
-  p->proxy_.reset(new rdma::RequestProxy(host_ring, spec.start, spec.local_windows, std::move(proxy_qps), config));
-  p->thread_.reset(new proxy::ProxyThread(p->proxy_.get(), spec.device));
+  const rdma::ProxyRing host_ring{slots_, spec.num_slots, producer_index_, shared_};
+  proxy_.reset(new rdma::RequestProxy(host_ring, spec.start, spec.local_windows, std::move(proxy_qps), config));
+  thread_.reset(new proxy::ProxyThread(proxy_.get(), spec.device));
 
-  const proxy::GpuProxyRingMemory ring{dev_slots, spec.num_slots, p->producer_index_, dev_shared};
-  for (size_t i = 0; i < p->links_.size(); ++i) {
+  const proxy::GpuProxyRingMemory ring{dev_slots, spec.num_slots, producer_index_, dev_shared};
+  for (size_t i = 0; i < links_.size(); ++i) {
     proxy::GpuProxyBinding b;
     b.qp = static_cast<uint32_t>(i);
-    b.qpn = p->links_[i]->qpn;
+    b.qpn = links_[i]->qpn;
     b.src_lkey = spec.src_lkey;
     b.rank = spec.rank;
     b.peer = spec.qps[i].peer;
@@ -81,10 +99,9 @@ ncclResult_t EmulatedGpuProxy::create(const GpuProxySpec& spec, std::unique_ptr<
     b.error = spec.dev_error;
     proxy::GpuProxyQp v;
     const std::string why = proxy::buildGpuProxyQp(ring, b, &v);
-    if (!why.empty()) return setLastError(ncclInvalidArgument, "EmulatedGpuProxy::create: %s", why.c_str());
-    p->views_.push_back(v);
+    if (!why.empty()) return setLastError(ncclInvalidArgument, "EmulatedGpuProxy::connect: %s", why.c_str());
+    views_.push_back(v);
   }
-  *out = std::move(p);
   return ncclSuccess;
 }
 
@@ -110,6 +127,7 @@ ncclResult_t EmulatedGpuProxy::producerIndex(uint32_t* out) const {
 }
 
 std::string EmulatedGpuProxy::describe() const {
+  if (!thread_) return "request proxy ring of " + std::to_string(num_slots_) + " slots: not connected";
   uint32_t produced = 0;
   const bool have_pi = producerIndex(&produced) == ncclSuccess;
   char buf[512];

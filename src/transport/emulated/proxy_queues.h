@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "transport/emulated/cuda_backend.h"
 #include "transport/emulated/nic.h"
 #include "transport/rdma/host_sq.h"
@@ -36,7 +37,10 @@ struct GpuProxySpec {
   SoftNic* nic = nullptr;
   CudaMemoryBackend* backend = nullptr;           // gets each QP's stream (prepareQp)
   rdma::WindowRegistry* local_windows = nullptr;  // the requester's registry (lkeys; the result word goes here)
-  std::vector<Responder> qps;                     // one QP per entry (index = the descriptors' qp field)
+  std::vector<Responder> qps;                     // one QP per entry (index = the descriptors' qp field); with
+                                                  // connect == false only each entry's peer is read
+  bool connect = true;  // false: create the ring and the QPs unconnected; connect() does the rest (communicator
+                        // init: the QPNs go into the connection records before the peers are known)
   uint32_t num_slots = 64;
   uint32_t start = 0;  // first sequence number (tests: near 2^32 to cross the wrap)
   uint32_t wqe_cnt = 64;
@@ -52,12 +56,17 @@ struct GpuProxySpec {
 class EmulatedGpuProxy {
  public:
   static ncclResult_t create(const GpuProxySpec& spec, std::unique_ptr<EmulatedGpuProxy>* out);
+  // After create() with spec.connect == false: connects QP i to responders[i] (same count and peers as spec.qps),
+  // then builds the proxy (remote windows: a snapshot of each responder's registry now), its thread and the views.
+  ncclResult_t connect(const std::vector<Responder>& responders);
   ~EmulatedGpuProxy();
   EmulatedGpuProxy(const EmulatedGpuProxy&) = delete;
   EmulatedGpuProxy& operator=(const EmulatedGpuProxy&) = delete;
 
-  ncclResult_t start() { return thread_->start(); }
-  ncclResult_t stop(double timeout_s = 5.0) { return thread_->stop(timeout_s); }
+  ncclResult_t start() {
+    return thread_ ? thread_->start() : setLastError(ncclInternalError, "EmulatedGpuProxy::start: not connected");
+  }
+  ncclResult_t stop(double timeout_s = 5.0) { return thread_ ? thread_->stop(timeout_s) : ncclSuccess; }
   proxy::ProxyThread& thread() { return *thread_; }
 
   const proxy::GpuProxyQp& view(size_t qp_idx) const { return views_[qp_idx]; }
@@ -85,6 +94,7 @@ class EmulatedGpuProxy {
   };
   EmulatedGpuProxy() = default;
 
+  GpuProxySpec spec_;  // kept for connect()
   uint32_t num_slots_ = 0, start_ = 0;
   rdma::ProxyDesc* slots_ = nullptr;  // host address of the mapped slots
   rdma::ProxyRingShared* shared_ = nullptr;
