@@ -96,6 +96,7 @@ struct IdentityRecord {
   int device;
   int num_sms;
   uint64_t host_hash;
+  uint64_t machine_hash;   // machineHash(): the physical host, whatever NCCL_HOSTID says
   uint64_t process_token;  // processToken(): equal on the threads of one process
   int64_t emulate_nodes;   // NCCL_MOE_EMULATE_NODES as this rank read it
   int32_t net_kind;        // NetKind: NCCL_MOE_NET as this rank read it
@@ -141,6 +142,7 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
   mine->device = comm->device;
   mine->num_sms = comm->num_device_sms;
   mine->host_hash = hostIdentityHash();
+  mine->machine_hash = machineHash();
   mine->process_token = processToken();
   mine->emulate_nodes = envInt("NCCL_MOE_EMULATE_NODES");
   NetChoice net;
@@ -197,7 +199,7 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   for (const IdentityRecord& id : ids) {
     facts.one_process = facts.one_process && id.process_token == ids[0].process_token;
     facts.one_device =
-        facts.one_device && id.host_hash == ids[0].host_hash && std::strcmp(id.bus_id, ids[0].bus_id) == 0;
+        facts.one_device && id.machine_hash == ids[0].machine_hash && std::strcmp(id.bus_id, ids[0].bus_id) == 0;
   }
   MOE_CHECK(decideScaleout(comm->net, facts, &comm->scaleout_plan));
   if (comm->config.enable_rank_masks && comm->nodes.num_nodes > 1) {
@@ -299,6 +301,7 @@ ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
   spec.timeout_ns = comm->timeout_ns;
   spec.chaos_seed = emulated::chaosSeedFromEnvironment();
   spec.proxy = comm->net.mode == NetMode::kProxy;
+  spec.process_token = processToken();
   // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
   const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
   std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);

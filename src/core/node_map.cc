@@ -47,11 +47,7 @@ std::string nonEmptyEnv(const char* name) {
 
 }  // namespace
 
-std::string hostIdentityText() {
-  const std::string moe = envString("NCCL_MOE_HOSTID");
-  if (!moe.empty()) return "NCCL_MOE_HOSTID=" + moe;
-  const std::string nccl = nonEmptyEnv("NCCL_HOSTID");
-  if (!nccl.empty()) return "NCCL_HOSTID=" + nccl;
+std::string machineText() {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   std::string boot_id;
@@ -60,7 +56,16 @@ std::string hostIdentityText() {
   return std::string("host name ") + host + (boot_id.empty() ? "" : ", boot id " + boot_id);
 }
 
+std::string hostIdentityText() {
+  const std::string moe = envString("NCCL_MOE_HOSTID");
+  if (!moe.empty()) return "NCCL_MOE_HOSTID=" + moe;
+  const std::string nccl = nonEmptyEnv("NCCL_HOSTID");
+  if (!nccl.empty()) return "NCCL_HOSTID=" + nccl;
+  return machineText();
+}
+
 uint64_t hostIdentityHash() { return fnv1a(hostIdentityText()); }
+uint64_t machineHash() { return fnv1a(machineText()); }
 
 uint64_t processToken() {
   // A child of fork() inherits the seed but not the pid.

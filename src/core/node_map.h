@@ -24,6 +24,10 @@ namespace nccl_moe {
 uint64_t hostIdentityHash();
 // The string it hashes (for messages): "NCCL_MOE_HOSTID=x", "NCCL_HOSTID=x" or "host name h".
 std::string hostIdentityText();
+// The machine this process runs on, whatever the variables say (host name and boot id): ranks with the same machine
+// hash and PCI bus id share a physical GPU even when their host identities differ (processes on one GPU that NCCL
+// sees as distinct hosts through their NCCL_HOSTID).
+uint64_t machineHash();
 // A random 64-bit value per process (another one in a child of fork()): two ranks have the same one exactly when
 // they are threads of one process. Process ids alone repeat across containers of one host.
 uint64_t processToken();

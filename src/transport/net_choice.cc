@@ -91,17 +91,11 @@ ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, Sc
                         "ranks of one process on one GPU, split by NCCL_MOE_EMULATE_NODES)",
                         head.c_str(), netKindName(net.kind));
   }
-  if (!facts.one_process) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: NCCL_MOE_NET=emulated works for ranks of one process only (ncclMoeCommInitAll with "
-                        "NCCL_MOE_EMULATE_NODES); ranks in several processes need the software NIC's IPC memory "
-                        "backend, which does not exist yet",
-                        head.c_str());
-  }
   if (!facts.one_device) {
     return setLastError(ncclInvalidUsage,
                         "%s: NCCL_MOE_NET=emulated works for ranks on one GPU only (the software NIC's CUDA memory "
-                        "backend reaches device memory of one GPU); put every rank on one device",
+                        "backend reaches device memory of one GPU: of its own process, and of other processes "
+                        "through CUDA IPC); put every rank on one device",
                         head.c_str());
   }
   *plan = ScaleoutPlan::kEmulated;

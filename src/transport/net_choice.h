@@ -52,7 +52,7 @@ struct ScaleoutFacts {
   std::string nodes_text;   // NodeMap::describe()
   std::string how_nodes;    // how the nodes were formed (for the message)
   bool one_process = true;  // every rank a thread of one process
-  bool one_device = true;   // every rank on one GPU (same host, same bus id)
+  bool one_device = true;   // every rank on one physical GPU (same machine, same bus id), whatever the processes
 };
 
 // One node: kNone, success. Several nodes: kEmulated when NCCL_MOE_NET=emulated and the world is one process on

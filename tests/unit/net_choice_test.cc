@@ -108,23 +108,25 @@ TEST(NetChoice, AutoAndIbRefuseSeveralNodesNamingTheEmulatedNic) {
   }
 }
 
-TEST(NetChoice, EmulatedServesOneProcessOnOneGpuOnly) {
+TEST(NetChoice, EmulatedServesOneGpuInOneOrSeveralProcesses) {
   const NetChoice emu{NetKind::kEmulated, NetMode::kIbgda};
   ScaleoutPlan plan = ScaleoutPlan::kNone;
   ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(emu, twoNodes(), &plan));
   EXPECT_EQ(ScaleoutPlan::kEmulated, plan);
 
+  // Processes on one GPU: the software NIC reaches the other processes' buffers through CUDA IPC.
   ScaleoutFacts procs = twoNodes();
   procs.one_process = false;
-  EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(emu, procs, &plan));
-  EXPECT_EQ(ScaleoutPlan::kNone, plan);
-  EXPECT_NE(std::string::npos, lastError().find("IPC memory backend")) << lastError();
-  EXPECT_NE(std::string::npos, lastError().find("form 2 nodes")) << lastError();
+  plan = ScaleoutPlan::kNone;
+  ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(NetChoice{NetKind::kEmulated, NetMode::kProxy}, procs, &plan));
+  EXPECT_EQ(ScaleoutPlan::kEmulated, plan);
 
   ScaleoutFacts gpus = twoNodes();
   gpus.one_device = false;
   EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(emu, gpus, &plan));
+  EXPECT_EQ(ScaleoutPlan::kNone, plan);
   EXPECT_NE(std::string::npos, lastError().find("one GPU")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("form 2 nodes")) << lastError();
 }
 
 }  // namespace

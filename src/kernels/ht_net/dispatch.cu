@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kHtNetThreads)
   const HtNetComm& n = a.net;
   const HtNetRouting& r = a.route;
   const HtNetLayout& L = n.net;
-  const int S = L.num_slots, G = n.ranks_per_node, K = a.topk, R = n.comm.num_ranks, me = n.comm.rank, C = r.capacity;
+  const int S = L.num_slots, G = n.ranks_per_node, K = a.topk, me = n.comm.rank, C = r.capacity;
   const long long epoch = htnet::call_epoch(n);
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();

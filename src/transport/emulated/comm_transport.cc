@@ -97,6 +97,8 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   CommTransportRecordHeader header{};
   header.num_records = num_ranks;
   header.registry = reinterpret_cast<uint64_t>(t->registry_.get());
+  header.process_token = spec.process_token;
+  MOE_CUDA_CHECK(cudaIpcGetMemHandle(&header.buffer_ipc, spec.buffer));
   std::memcpy(mine, &header, sizeof(header));
   rdma::ConnWindow w;
   w.addr = t->window_.addr;
@@ -142,7 +144,11 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
                           p, me, rec.node, spec_.nodes.node_of[p], remote_qpn, unsigned{rec.num_windows});
     }
     Responder responder;
-    responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
+    if (headers[p].process_token == spec_.process_token) {
+      responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
+    } else {
+      MOE_CHECK(mapOtherProcess(p, rec, headers[p].buffer_ipc, &responder.windows));
+    }
     responder.peer = p;
     responder.remote_qpn = remote_qpn;
     if (spec_.proxy) {
@@ -173,6 +179,33 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   MOE_CUDA_CHECK(cudaMemcpy(dev_table_, table.data(), bytes, cudaMemcpyHostToDevice));
   MOE_CHECK(nic_->start());
   if (proxy_) MOE_CHECK(proxy_->start());
+  return ncclSuccess;
+}
+
+ncclResult_t CommTransport::mapOtherProcess(int peer, const rdma::ConnRecord& rec, const cudaIpcMemHandle_t& ipc,
+                                            const rdma::WindowRegistry** windows) {
+  std::vector<rdma::Window> remote;
+  for (uint32_t w = 0; w < rec.num_windows; ++w) {
+    rdma::Window win;
+    win.addr = rec.windows[w].addr;
+    win.bytes = rec.windows[w].bytes;
+    win.rkey = rec.windows[w].rkey;
+    remote.push_back(win);
+  }
+  std::unique_ptr<rdma::WindowRegistry> mirror(new rdma::WindowRegistry(static_cast<uint8_t>(0x40 + peer)));
+  MOE_CHECK(mirror->mirror(remote, rdma::kAccessAllRemote));
+  void* local = nullptr;
+  const cudaError_t err = cudaIpcOpenMemHandle(&local, ipc, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) {
+    return setLastError(ncclUnhandledCudaError,
+                        "emulated transport of rank %d: cudaIpcOpenMemHandle of rank %d's buffer (another process) "
+                        "failed: %s; the software NIC reaches other processes' ranks only on the same GPU",
+                        spec_.rank, peer, cudaGetErrorString(err));
+  }
+  ipc_buffers_.push_back(local);
+  MOE_CHECK(backend_->mapPeer(peer, rec.windows[0].addr, rec.windows[0].bytes, local));
+  *windows = mirror.get();
+  mirrors_.push_back(std::move(mirror));
   return ncclSuccess;
 }
 
@@ -217,6 +250,7 @@ CommTransport::~CommTransport() {
   qps_.clear();    // before the registry: each deregisters its result word
   nic_.reset();    // frees staging through the backend
   backend_.reset();
+  for (void* b : ipc_buffers_) cudaIpcCloseMemHandle(b);
   if (dev_table_ != nullptr) cudaFree(dev_table_);
   registry_.reset();
 }

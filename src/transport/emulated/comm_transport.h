@@ -19,14 +19,16 @@
 // all-gather through the bootstrap; each rank checks the records addressed to it (checkConnRecords) and connects
 // each QP to the peer's QPN and window. What only the in-process world needs in addition is the address of the
 // peer's WindowRegistry (the software NIC checks remote references against the responder's registrations), carried
-// next to the records; a multi-process emulation would mirror the registry from the record instead
-// (WindowRegistry::mirror) and needs an IPC memory backend, which does not exist yet.
+// next to the records. A peer in another process (same GPU, several processes each its own node) is reached
+// through a mirror of its registry built from its record (WindowRegistry::mirror) and its buffer opened with CUDA
+// IPC (the handle travels in the record header), which the CUDA memory backend places through (mapPeer).
 //
 // Lifetime: stop() ends the executor (bounded: about a millisecond plus one action, whose completion wait is
 // bounded by the communicator's timeout); the destructor stops, then frees QPs, NIC, backend, table and registry,
 // in that order. The communication buffer must outlive the object (comm.cc releases the transport first).
 #pragma once
 
+#include <cuda_runtime_api.h>
 #include <nccl.h>
 
 #include <cstdint>
@@ -51,7 +53,8 @@ struct CommTransportSpec {
   int rank = -1;
   int device = -1;
   NodeMap nodes;
-  uint8_t* buffer = nullptr;  // this rank's communication buffer (device memory)
+  uint8_t* buffer = nullptr;   // this rank's communication buffer (device memory, cudaMalloc: IPC-exportable)
+  uint64_t process_token = 0;  // processToken() of this process
   uint64_t buffer_bytes = 0;
   ErrorRecord* dev_error = nullptr;  // device view of the rank's error record (what the QPs' waits report into)
   uint64_t timeout_ns = 0;           // bound of every device wait on the QPs and of the backend's completion waits
@@ -64,9 +67,11 @@ struct CommTransportSpec {
 // What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
 // ([peer] the record addressed to that peer), commTransportRecordBytes(num_ranks) bytes in all.
 struct CommTransportRecordHeader {
-  int32_t status;       // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
-  int32_t num_records;  // ranks of the communicator
-  uint64_t registry;    // address of the rank's WindowRegistry: meaningful only inside this process
+  int32_t status;                 // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
+  int32_t num_records;            // ranks of the communicator
+  uint64_t registry;              // address of the rank's WindowRegistry: meaningful only inside this process
+  uint64_t process_token;         // processToken() of the rank's process: which ranks share this address space
+  cudaIpcMemHandle_t buffer_ipc;  // the communication buffer, for ranks of other processes on this GPU
 };
 constexpr size_t commTransportRecordBytes(int num_ranks) {
   return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
@@ -108,6 +113,10 @@ class CommTransport {
 
  private:
   CommTransport() = default;
+  // A remote peer in another process: mirror its windows from `rec`, open its buffer from `ipc`, map it in the
+  // backend; *windows = the mirror.
+  ncclResult_t mapOtherProcess(int peer, const rdma::ConnRecord& rec, const cudaIpcMemHandle_t& ipc,
+                               const rdma::WindowRegistry** windows);
   CommTransportSpec spec_;
   std::unique_ptr<rdma::WindowRegistry> registry_;
   std::unique_ptr<CudaMemoryBackend> backend_;
@@ -116,6 +125,10 @@ class CommTransport {
   std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // ibgda: [peer], null for self and own-node peers
   std::unique_ptr<EmulatedGpuProxy> proxy_;          // proxy: one ring, QP i to remote_peers_[i]
   std::vector<int> remote_peers_;                    // the ranks of other nodes, ascending
+  // Remote peers in other processes (same GPU): a mirror of each one's window registry (from its record) and its
+  // buffer opened through CUDA IPC, closed after the NIC stopped.
+  std::vector<std::unique_ptr<rdma::WindowRegistry>> mirrors_;
+  std::vector<void*> ipc_buffers_;
   ScaleoutPeer* dev_table_ = nullptr;
 };
 

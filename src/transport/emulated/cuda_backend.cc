@@ -153,14 +153,42 @@ void CudaMemoryBackend::stageInline(uint32_t qp, void* staging, const void* byte
   check(launchEmuStageInline(staging, b, static_cast<uint32_t>(bytes), streamOf(qp)), "inline staging kernel", qp);
 }
 
-void CudaMemoryBackend::writeRemote(uint32_t qp, int /*peer*/, uint64_t dst, const void* staging, uint64_t bytes) {
-  // Same process, same GPU: the responder's address is usable as is (peer only matters with IPC mappings).
-  check(cudaMemcpyAsync(reinterpret_cast<void*>(dst), staging, bytes, cudaMemcpyDefault, streamOf(qp)),
+ncclResult_t CudaMemoryBackend::mapPeer(int peer, uint64_t remote_base, uint64_t bytes, void* local) {
+  MOE_ARG_CHECK(peer >= 0 && local != nullptr && bytes > 0,
+                "CudaMemoryBackend::mapPeer: peer %d, %" PRIu64 " bytes at %p", peer, bytes, local);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (peers_.size() <= static_cast<size_t>(peer)) peers_.resize(static_cast<size_t>(peer) + 1);
+  peers_[peer] = PeerMapping{remote_base, bytes, static_cast<uint8_t*>(local)};
+  return ncclSuccess;
+}
+
+uint64_t CudaMemoryBackend::placeAt(uint32_t qp, int peer, uint64_t addr, uint64_t bytes) {
+  // Same process: the responder's address is usable as is. Another process: through its IPC mapping.
+  if (peer < 0 || static_cast<size_t>(peer) >= peers_.size() || peers_[peer].local == nullptr) return addr;
+  const PeerMapping& m = peers_[peer];
+  if (addr < m.remote_base || bytes > m.bytes || addr - m.remote_base > m.bytes - bytes) {
+    char what[160];
+    std::snprintf(what, sizeof(what),
+                  "QP %u: responder %d address 0x%" PRIx64 " (+%" PRIu64 " bytes) is outside its mapped buffer", qp,
+                  peer, addr, bytes);
+    fail(what);
+    return 0;
+  }
+  return reinterpret_cast<uint64_t>(m.local + (addr - m.remote_base));
+}
+
+void CudaMemoryBackend::writeRemote(uint32_t qp, int peer, uint64_t dst, const void* staging, uint64_t bytes) {
+  const uint64_t at = placeAt(qp, peer, dst, bytes);
+  if (at == 0) return;
+  check(cudaMemcpyAsync(reinterpret_cast<void*>(at), staging, bytes, cudaMemcpyDefault, streamOf(qp)),
         "cudaMemcpyAsync (place data)", qp);
 }
 
-void CudaMemoryBackend::atomic(uint32_t qp, int /*peer*/, const AtomicRequest& request) {
-  check(launchEmuAtomic(request, streamOf(qp)), "atomic kernel launch", qp);
+void CudaMemoryBackend::atomic(uint32_t qp, int peer, const AtomicRequest& request) {
+  AtomicRequest here = request;
+  here.remote_addr = placeAt(qp, peer, request.remote_addr, 8);
+  if (here.remote_addr == 0) return;
+  check(launchEmuAtomic(here, streamOf(qp)), "atomic kernel launch", qp);
 }
 
 void CudaMemoryBackend::complete(uint32_t qp) {

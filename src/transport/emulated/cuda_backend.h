@@ -59,6 +59,11 @@ class CudaMemoryBackend final : public MemoryBackend {
 
   // Creates the stream of the NIC's QP index `qp` (call right after SoftNic::createQp, before kernels run).
   ncclResult_t prepareQp(uint32_t qp);
+  // A responder in another process on this GPU: its buffer [remote_base, + bytes), as the NIC addresses it (its
+  // registration's iova: the owner's virtual address), is mapped in this process at `local` (CUDA IPC). WRITEs and
+  // atomics for `peer` are placed through that mapping; addresses outside it fail the backend. Call before the
+  // executor starts.
+  ncclResult_t mapPeer(int peer, uint64_t remote_base, uint64_t bytes, void* local);
 
   bool failed() const;
   std::string error() const;
@@ -77,6 +82,9 @@ class CudaMemoryBackend final : public MemoryBackend {
   explicit CudaMemoryBackend(const CudaBackendOptions& options);
   void enterThread();
   cudaStream_t streamOf(uint32_t qp);
+  // The address to use here for the responder `peer`'s `addr` (`bytes` from it): itself in this process, else through
+  // the peer's mapping (0 and a backend failure when outside it).
+  uint64_t placeAt(uint32_t qp, int peer, uint64_t addr, uint64_t bytes);
   void fail(const std::string& message);
   void check(cudaError_t err, const char* what, uint32_t qp);
 
@@ -86,6 +94,11 @@ class CudaMemoryBackend final : public MemoryBackend {
   StagingPool pool_;
   mutable std::mutex mu_;  // streams_, error_ (prepareQp may run while the executor does)
   std::vector<cudaStream_t> streams_;
+  struct PeerMapping {
+    uint64_t remote_base = 0, bytes = 0;
+    uint8_t* local = nullptr;  // null: the peer is in this process
+  };
+  std::vector<PeerMapping> peers_;        // [peer rank]
   cudaStream_t shared_stream_ = nullptr;  // one_stream: the stream of every QP
   std::string error_;
   bool failed_ = false;
