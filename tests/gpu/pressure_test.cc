@@ -10,13 +10,21 @@
 //                          ncclMoeLowLatencyReset (collective) before every LL iteration that follows an HT one;
 //   Pressure.HtWorstCaseGraph  HT worst-case mode (recv_capacity > 0): notify + dispatch + combine captured once
 //                          per shape class in a CUDA graph, replayed with new data and routing each iteration (the
-//                          same T per rank across replays), outputs refilled with a marker before every replay.
-// Each runs at R = 2, 4 and 8 ranks (all on GPU 0 when the machine has fewer GPUs, tests/gpu/gpu_world.h).
-// Environment: NCCL_MOE_PRESSURE_ITERS (default 10000), NCCL_MOE_PRESSURE_SEED (default per mode). Every
-// iteration's outputs are folded into an FNV hash per rank, and the reference's expected outputs into another the
-// same way; the final line prints both (they must be equal; the same seed and iteration count give the same hash
-// on any machine). Progress goes to stdout every ~5 s; the first mismatch prints its iteration, the seed and how
-// to rerun just that far, and every rank stops after that iteration.
+//                          same T per rank across replays), outputs refilled with a marker before every replay;
+//   Pressure.LlMasked      Ll's random problems on a communicator with rank masks (enable_rank_masks = 1), in
+//                          unmasked and masked periods drawn from the seed: a masked period leaves one rank out
+//                          (never the previous period's; it makes no call), masked by the others with
+//                          ncclMoeSetRankMask and checked against the reference with that rank masked; every rank
+//                          then clears the mask (ncclMoeClearRankMask) and an unmasked period follows; each calling
+//                          rank's mask (ncclMoeQueryRankMask) is checked after every iteration. R = 4 and 8 only
+//                          (R = 2 skips, saying why: one active rank exchanges with nobody).
+// Each runs at R = 2, 4 and 8 ranks (LlMasked at 4 and 8; all on GPU 0 when the machine has fewer GPUs,
+// tests/gpu/gpu_world.h). Environment: NCCL_MOE_PRESSURE_ITERS (default 10000), NCCL_MOE_PRESSURE_SEED (default per
+// mode). Every iteration's outputs (LlMasked: and the rank's mask; a masked rank adds nothing) are folded into an FNV
+// hash per rank, and the reference's expected outputs into another the same way; the final line prints both (they must
+// be equal; the same seed and iteration count give the same hash on any machine). Progress goes to stdout every ~5 s;
+// the first mismatch prints its iteration, the seed and how to rerun just that far, and every rank stops after that
+// iteration.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -232,12 +240,23 @@ struct LlPlanned {
   ll_test::Expected ex;
 };
 
-// One LL iteration on `rank` into `res` (no allocation): outputs marked, calls, checks, barrier.
+// "none masked" or "rank r masked" (the ranks with mask[r] = 1).
+std::string maskLabel(const std::vector<int>& mask) {
+  std::string s;
+  for (size_t r = 0; r < mask.size(); ++r)
+    if (mask[r] != 0) s += (s.empty() ? "rank " : ", ") + std::to_string(r);
+  return s.empty() ? "none masked" : s + " masked";
+}
+
+// One LL iteration on `rank` into `res` (no allocation): outputs marked, calls, checks, barrier. With
+// `expect_mask` (a communicator with rank masks; LlMasked), the rank's mask is read after the calls
+// (ncclMoeQueryRankMask into host memory) and must equal it; both go into the hashes after the outputs.
 void llIteration(PressureRun& run, World& world, ll_test::Rank& rk, ll_test::RankResult& res, int it,
-                 const LlPlanned& p) {
+                 const LlPlanned& p, const std::vector<int>* expect_mask = nullptr) {
   const int rank = rk.rank;
   const std::string what = "iteration " + std::to_string(it) + " (LL " + std::string(p.split ? "split" : "both") +
-                           (p.zero_copy ? ", zero-copy" : "") + ", " + ll_test::describe(p.ex.pb) + ")";
+                           (p.zero_copy ? ", zero-copy" : "") + ", " + ll_test::describe(p.ex.pb) +
+                           (expect_mask != nullptr ? ", " + maskLabel(*expect_mask) : "") + ")";
   uint64_t gpu = ref::kFnvOffset, want = ref::kFnvOffset;
   bool ok = true;
   {
@@ -257,6 +276,13 @@ void llIteration(PressureRun& run, World& world, ll_test::Rank& rk, ll_test::Ran
       if (p.split) rk.combine(p.ex, res, ncclMoePhaseRecv, p.zero_copy);
       gpu = ref::mix_seed(gpu, rk.checkCombine(p.ex, res, what));
     }();
+    if (expect_mask != nullptr) {
+      std::vector<int> got(expect_mask->size(), -1);
+      if (ncclMoeQueryRankMask(rk.comm, got.data(), 0, rk.stream) != ncclSuccess)
+        ADD_FAILURE() << "rank " << rank << " " << what << ": ncclMoeQueryRankMask: " << ncclMoeGetLastError(rk.comm);
+      EXPECT_EQ(*expect_mask, got) << "rank " << rank << " " << what << ": the rank's mask after the calls";
+      gpu = ref::mix_seed(gpu, ref::fnv1a64(got));
+    }
     ncclResult_t async = ncclSuccess;
     ncclMoeCommGetAsyncError(rk.comm, &async);
     if (async != ncclSuccess) ADD_FAILURE() << "rank " << rank << " " << what << ": " << ncclMoeGetLastError(rk.comm);
@@ -264,6 +290,7 @@ void llIteration(PressureRun& run, World& world, ll_test::Rank& rk, ll_test::Ran
   }
   want = ref::mix_seed(want, ll_test::refDispatchHash(p.ex, rank));
   want = ref::mix_seed(want, ref::fnv1a64(p.ex.out[rank]));
+  if (expect_mask != nullptr) want = ref::mix_seed(want, ref::fnv1a64(*expect_mask));
   run.record(rank, it, gpu, want, ok, what);
   world.barrier().wait();
 }
@@ -355,6 +382,121 @@ TEST_P(Pressure, Ll) {
     rk.freeResult(res[0]);
     rk.freeResult(res[1]);
   });
+  run.finish(done);
+}
+
+// LL with rank masks (config.enable_rank_masks = 1): unmasked and masked periods in turn, drawn from the seed. A
+// masked period leaves one rank out (drawn, never the previous period's): the other ranks mask it with
+// ncclMoeSetRankMask before its first iteration (the rank itself makes no call at all, as in ll_mask_test.cc
+// SetMaskLeavesARankOutThenClearBringsItBack, and only meets the host barriers), and its LL iterations run among the
+// active ranks against the reference with that rank masked (ll_case.h makeExpected with a rank mask). The first
+// iteration after it (or the end of the run) clears the mask with ncclMoeClearRankMask on every rank (the masked one
+// rejoins), and the unmasked period runs against the full reference. After every LL iteration each calling rank reads
+// its mask (ncclMoeQueryRankMask) and compares it with the period's. R = 2 is skipped: one active rank exchanges with
+// nobody.
+constexpr int kMaxUnmaskedPeriod = 40;  // iterations, 1 to this many
+constexpr int kMaxMaskedPeriod = 60;
+
+TEST_P(Pressure, LlMasked) {
+  const int n = GetParam();
+  if (n < 4)
+    GTEST_SKIP() << "masked ranks need R >= 4: at R = 2, masking one rank leaves one active rank whose LL calls "
+                    "exchange with nobody but itself, so LlMasked runs at R = 4 and 8 only";
+  Placement placement;
+  PRESSURE_OR_SKIP(n, &placement);
+  World world(n, placement);
+  ASSERT_TRUE(world.ok());
+  PressureRun run("ll-mask", n, pressureIterations(), pressureSeed(77007ull));
+  struct Planned {
+    int masked = -1;                  // the rank left out of this iteration, -1: none
+    bool set = false, clear = false;  // before it: the active ranks set the mask / every rank clears it
+    LlPlanned ll;
+  };
+  std::vector<Planned> plans(run.iterations());
+  // The problems as Ll draws them (the same stream for the same seed); the periods from a stream of their own.
+  ref::Rng rng(run.seed());
+  for (int i = 0; i < run.iterations(); ++i) plans[i].ll = planLl(n, run.seed(), i, rng);
+  ref::Rng period_rng(ref::mix_seed(run.seed(), 0x6d61736bull));
+  for (int i = 0, prev = -1; i < run.iterations();) {
+    const int unmasked = 1 + static_cast<int>(period_rng.below(kMaxUnmaskedPeriod));
+    if (i > 0) plans[i].clear = true;  // i > 0: a masked period ends here
+    for (int j = 0; j < unmasked && i < run.iterations(); ++j) plans[i++].masked = -1;
+    if (i == run.iterations()) break;
+    const int r =
+        prev < 0 ? static_cast<int>(period_rng.below(n)) : (prev + 1 + static_cast<int>(period_rng.below(n - 1))) % n;
+    const int masked = 1 + static_cast<int>(period_rng.below(kMaxMaskedPeriod));
+    plans[i].set = true;
+    for (int j = 0; j < masked && i < run.iterations(); ++j) plans[i++].masked = r;
+    prev = r;
+  }
+  ChunkedExpectations<Planned> plan(world);
+  ncclMoeConfig_t config = ll_test::testConfig(n);
+  config.enable_rank_masks = 1;
+  int done = 0;
+  world.runWithComms(config, [&](int rank, ncclMoeComm_t comm, cudaStream_t stream) {
+    ll_test::Rank rk;
+    rk.init(rank, comm, stream, config);
+    ll_test::RankResult res[2];
+    rk.allocResult(res[0]);
+    rk.allocResult(res[1]);
+    world.barrier().wait();
+    int ll_calls = 0, last = -1;
+    std::vector<int> mask(n, 0);
+    for (int it = 0; it < run.iterations(); ++it) {
+      const Planned& p = plan.at(rank, it, run.iterations(), [&](int i) {
+        Planned q = plans[i];
+        std::vector<uint8_t> m(n, 0);
+        if (q.masked >= 0) m[q.masked] = 1;
+        q.ll.ex = ll_test::makeExpected(plans[i].ll.ex.pb, q.masked >= 0 ? &m : nullptr);
+        return q;
+      });
+      last = it;
+      std::fill(mask.begin(), mask.end(), 0);
+      if (p.masked >= 0) mask[p.masked] = 1;
+      // Both after the barrier that ended the previous iteration on every rank.
+      if (p.clear && ncclMoeClearRankMask(comm, stream) != ncclSuccess)  // collective over every rank
+        run.fail(rank, it, std::string("ncclMoeClearRankMask: ") + ncclMoeGetLastError(comm));
+      if (p.set && rank != p.masked && ncclMoeSetRankMask(comm, mask.data(), stream) != ncclSuccess)
+        run.fail(rank, it, "ncclMoeSetRankMask (" + maskLabel(mask) + "): " + ncclMoeGetLastError(comm));
+      if (rank == p.masked)
+        world.barrier().wait();  // left out: no call of any kind (a CUDA call could wait for the others' kernels)
+      else
+        llIteration(run, world, rk, res[ll_calls++ % 2], it, p.ll, &mask);
+      if (rank == 0) {
+        done = it + 1;
+        run.progress(done);
+      }
+      if (run.stopAfter(it)) break;
+    }
+    world.barrier().wait();
+    // A run that ends in a masked period ends it too: every rank clears the mask, then every mask must be all 0.
+    // Not after a failure (the same answer on every rank after the barrier): a rank's calls may be unfinished.
+    if (last >= 0 && plans[last].masked >= 0 && !run.failed()) {
+      EXPECT_EQ(ncclSuccess, ncclMoeClearRankMask(comm, stream))
+          << "rank " << rank << " final clear: " << ncclMoeGetLastError(comm);
+      std::vector<int> got(n, -1);
+      EXPECT_EQ(ncclSuccess, ncclMoeQueryRankMask(comm, got.data(), 0, stream)) << ncclMoeGetLastError(comm);
+      EXPECT_EQ(std::vector<int>(n, 0), got) << "rank " << rank << ": the mask after the final clear";
+      world.barrier().wait();
+    }
+    rk.freeResult(res[0]);
+    rk.freeResult(res[1]);
+  });
+  int periods = 0, masked_its = 0;
+  std::vector<int> per_rank(n, 0);
+  for (int i = 0; i < done; ++i) {
+    if (plans[i].set) {
+      ++periods;
+      ++per_rank[plans[i].masked];
+    }
+    if (plans[i].masked >= 0) ++masked_its;
+  }
+  std::string by_rank;
+  for (int r = 0; r < n; ++r) by_rank += (r == 0 ? "" : " ") + std::to_string(per_rank[r]);
+  std::printf(
+      "[pressure ll-mask R%d] %d masked periods (per rank: %s), %d of %d iterations with a rank masked; each set by "
+      "the active ranks (ncclMoeSetRankMask), cleared by all (ncclMoeClearRankMask)\n",
+      n, periods, by_rank.c_str(), masked_its, done);
   run.finish(done);
 }
 
