@@ -135,9 +135,6 @@ void rankMain(ProcessState& sh, int local) {
     }
   }
 
-  // The rows' node layout: the communicator's when it spans several nodes (main() refused a --ranks-per-node that
-  // disagrees), else --ranks-per-node (a modelled layout; 0: one node).
-  const int ranks_per_node = layoutRanksPerNode(o.ranks_per_node, rd.num_ranks, run.comm_nodes);
   const int num_problems = countProblems(o);
   const int metric_calls = o.metrics.any() ? run.iters : 0;  // aggregate(): reduce the comparable metrics
   int problem_idx = 0;                                       // of the progress lines (progress.h)
@@ -147,6 +144,18 @@ void rankMain(ProcessState& sh, int local) {
     prog.set("ncclMoeCommInit");
     MoeSession moe;
     moe.init(rd, col, cfg, cap, shared ? sh.world.get() : nullptr);
+    // Processes (MPI, --procs): main() could not ask for the node count (each process's host identity decides it,
+    // NCCL_HOSTID per process), so the first usable communicator tells it; refused like main()'s refusals.
+    if (!sh.layout.sharedGpu() && col.agree(moe.usable) && moe.num_nodes != run.comm_nodes) {
+      run.comm_nodes = moe.num_nodes;
+      const std::string refused = checkCommNodes(resolveModes(o), o.ranks_per_node, rd.num_ranks, run.comm_nodes);
+      if (!refused.empty()) {
+        moe.usable = false;
+        moe.error = refused;
+      } else if (printer && run.comm_nodes > 1) {
+        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, run.num_gpus).c_str());
+      }
+    }
     // The rows are labelled with the node count main() learnt (probeWorldNodes); a session with another one (or a
     // multi-node communicator where main() could not ask) would be mislabelled: it is not used.
     if (!col.agree(!moe.usable || moe.num_nodes == run.comm_nodes) && moe.usable) {
@@ -172,6 +181,9 @@ void rankMain(ProcessState& sh, int local) {
         out("# MoE communicator not available: %s\n", moe.error.c_str());
       }
     }
+    // The rows' node layout: the communicator's when it spans several nodes (a --ranks-per-node that disagrees was
+    // refused), else --ranks-per-node (a modelled layout; 0: one node).
+    const int ranks_per_node = layoutRanksPerNode(o.ranks_per_node, rd.num_ranks, run.comm_nodes);
     bool header = false;
     for (DType dtype : cfg.dtypes) {
       std::string bad = checkShape(cfg, dtype, rd.num_ranks);
