@@ -1,17 +1,14 @@
 // Communicator tests on GPUs. Worlds of R = 2, 4 and 8 ranks (tests/gpu/gpu_world.h): threads with one rank per
 // GPU over ncclCommInitAll + ncclMoeCommInit, or all ranks on GPU 0 through ncclMoeCommInitAll; and processes
-// (copies of this binary rendezvousing through NCCL_COMM_ID), one per GPU, or all on GPU 0 with a distinct
-// NCCL_HOSTID each (NCCL then accepts them) and one NCCL_MOE_HOSTID (NCCL-MoE sees one node and maps the peers
-// through CUDA IPC on the same device). Checked: stores through every peer pointer, init -> destroy 100x without
-// leaking device memory, a config mismatch or a bad config on one rank agreed by all (nobody hangs), several nodes
-// refused with a message naming the missing scale-out transport when NCCL_MOE_NET is not emulated (processes with
-// their own NCCL_HOSTID, and threads split into virtual nodes by NCCL_MOE_EMULATE_NODES, which processes refuse),
-// processes refused with NCCL_MOE_NET=emulated too (no IPC backend yet), and ncclMoeCommInitAll's own arguments and
-// SM split. Virtual nodes WITH the software NIC: scaleout_init_test.cu.
+// (copies of this binary rendezvousing through NCCL_COMM_ID, tests/gpu/procs.h), one per GPU, or all on GPU 0 with a
+// distinct NCCL_HOSTID each (NCCL then accepts them) and one NCCL_MOE_HOSTID (NCCL-MoE sees one node and maps the
+// peers through CUDA IPC on the same device). Checked: stores through every peer pointer, init -> destroy 100x
+// without leaking device memory, a config mismatch or a bad config on one rank agreed by all (nobody hangs), several
+// nodes refused with a message naming the missing scale-out transport when NCCL_MOE_NET is not emulated (processes
+// with their own NCCL_HOSTID, and threads split into virtual nodes by NCCL_MOE_EMULATE_NODES, which processes
+// refuse), and ncclMoeCommInitAll's own arguments and SM split. Virtual nodes WITH the software NIC:
+// scaleout_init_test.cu; processes as nodes with it (NCCL_MOE_NET=emulated): net_procs_test.cc.
 #include <gtest/gtest.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
@@ -25,13 +22,16 @@
 #include "gpu_world.h"
 #include "harness/scoped_env.h"
 #include "nccl_moe.h"
-
-extern char** environ;
+#include "procs.h"
 
 namespace {
 
 using gpu_test::Placement;
 using gpu_test::World;
+using procs_test::allExitedZero;
+using procs_test::ChildRank;
+using procs_test::noExtra;
+using procs_test::spawnRanks;
 
 #define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
 #define MOE_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
@@ -269,109 +269,16 @@ TEST(CommInitAll, RanksSharingAGpuSplitItsSms) {
 
 // ---- Processes: the parent spawns copies of this binary, each running one of the (disabled) child tests ----
 
-// Spawns n copies of this binary running `child_test`, with rank/size in the environment and NCCL_COMM_ID; rank r
-// uses GPU r when there are n GPUs, else GPU 0 with NCCL_HOSTID=vnode<r> (NCCL accepts several ranks on one GPU
-// only from distinct hosts) and one NCCL_MOE_HOSTID for all. `extra(r)` adds variables. Returns each exit status.
-template <typename Extra>
-std::vector<int> spawnRanks(int n, const char* child_test, Extra extra) {
-  char self[4096] = {0};
-  if (readlink("/proc/self/exe", self, sizeof(self) - 1) <= 0) return {};
-  const std::string port = std::to_string(20000 + (getpid() % 20000));
-  const bool one_gpu = gpu_test::gpuCount() < n;
-  std::vector<pid_t> children;
-  for (int r = 0; r < n; ++r) {
-    // The parent's environment without the variables set below (getenv would return the first of two entries).
-    const std::vector<std::string> extras = extra(r);
-    auto overridden = [&](const std::string& entry) {
-      const std::string name = entry.substr(0, entry.find('=') + 1);
-      if (name == "NCCL_COMM_ID=" || name == "NCCL_HOSTID=" || name == "NCCL_MOE_HOSTID=" ||
-          name.rfind("NCCL_MOE_TEST_CHILD_", 0) == 0)
-        return true;
-      for (const std::string& x : extras)
-        if (x.rfind(name, 0) == 0) return true;
-      return false;
-    };
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e)
-      if (!overridden(*e)) env_strings.emplace_back(*e);
-    env_strings.push_back("NCCL_MOE_TEST_CHILD_RANK=" + std::to_string(r));
-    env_strings.push_back("NCCL_MOE_TEST_CHILD_SIZE=" + std::to_string(n));
-    env_strings.push_back("NCCL_MOE_TEST_CHILD_DEVICE=" + std::to_string(one_gpu ? 0 : r));
-    env_strings.push_back("NCCL_COMM_ID=127.0.0.1:" + port);
-    std::vector<std::string> vars = extras;  // the caller's values win over the one-GPU defaults
-    if (one_gpu) {
-      vars.push_back("NCCL_HOSTID=vnode" + std::to_string(r));
-      vars.push_back("NCCL_MOE_HOSTID=one-gpu-test");
-    }
-    for (const std::string& v : vars) {
-      bool set = false;
-      for (const std::string& e : env_strings) set = set || e.rfind(v.substr(0, v.find('=') + 1), 0) == 0;
-      if (!set) env_strings.push_back(v);
-    }
-    std::vector<char*> envp;
-    for (auto& s : env_strings) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    std::string filter = std::string("--gtest_filter=") + child_test;
-    std::string disabled = "--gtest_also_run_disabled_tests";
-    char* argv[] = {self, filter.data(), disabled.data(), nullptr};
-    pid_t pid = 0;
-    if (posix_spawn(&pid, self, nullptr, nullptr, argv, envp.data()) != 0) break;
-    children.push_back(pid);
-  }
-  std::vector<int> statuses;
-  for (pid_t pid : children) {
-    int status = -1;
-    waitpid(pid, &status, 0);
-    statuses.push_back(status);
-  }
-  return statuses;
+// ncclMoeCommInit over the child's communicator is refused (ncclInvalidUsage, no communicator) with a message that
+// contains every one of `fragments`.
+void expectInitRefused(const ChildRank& child, const std::vector<std::string>& fragments) {
+  ncclMoeConfig_t config = smallConfig();
+  ncclMoeComm_t comm = nullptr;
+  EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInit(&comm, child.nccl, &config));
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  for (const std::string& f : fragments) EXPECT_NE(std::string::npos, msg.find(f)) << f << " not in: " << msg;
+  EXPECT_EQ(nullptr, comm);
 }
-
-bool allExitedZero(const std::vector<int>& statuses, int n) {
-  if (static_cast<int>(statuses.size()) != n) return false;
-  for (int s : statuses)
-    if (!WIFEXITED(s) || WEXITSTATUS(s) != 0) return false;
-  return true;
-}
-
-std::vector<std::string> noExtra(int) { return {}; }
-
-// A child's rank, size and NCCL communicator (over NCCL_COMM_ID).
-struct ChildRank {
-  int rank = -1, size = 0;
-  ncclComm_t nccl = nullptr;
-  bool init() {
-    const char* rank_env = std::getenv("NCCL_MOE_TEST_CHILD_RANK");
-    if (rank_env == nullptr) return false;
-    rank = std::atoi(rank_env);
-    size = std::atoi(std::getenv("NCCL_MOE_TEST_CHILD_SIZE"));
-    if (cudaSetDevice(std::atoi(std::getenv("NCCL_MOE_TEST_CHILD_DEVICE"))) != cudaSuccess) return false;
-    ncclUniqueId id;
-    if (ncclGetUniqueId(&id) != ncclSuccess) return false;  // with NCCL_COMM_ID every process derives the same id
-    return ncclCommInitRank(&nccl, size, id, rank) == ncclSuccess;
-  }
-  // A barrier over the NCCL communicator.
-  void barrier() {
-    int* flag = nullptr;
-    cudaMalloc(&flag, sizeof(int));
-    ncclAllReduce(flag, flag, 1, ncclInt32, ncclSum, nccl, 0);
-    cudaStreamSynchronize(0);
-    cudaFree(flag);
-  }
-  // ncclMoeCommInit over this communicator is refused (ncclInvalidUsage, no communicator) with a message that
-  // contains every one of `fragments`.
-  void expectInitRefused(const std::vector<std::string>& fragments) {
-    ncclMoeConfig_t config = smallConfig();
-    ncclMoeComm_t comm = nullptr;
-    EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInit(&comm, nccl, &config));
-    const std::string msg = ncclMoeGetLastError(nullptr);
-    for (const std::string& f : fragments) EXPECT_NE(std::string::npos, msg.find(f)) << f << " not in: " << msg;
-    EXPECT_EQ(nullptr, comm);
-  }
-  ~ChildRank() {
-    if (nccl != nullptr) ncclCommDestroy(nccl);
-  }
-};
 
 TEST_P(CommWorld, ProcessesShareBuffersThroughCudaIpc) {
   const int n = GetParam();
@@ -459,26 +366,7 @@ TEST_P(CommWorld, SeveralNodesAreRefusedNamingTheScaleOutTransport) {
 TEST(CommGpuChild, DISABLED_SeveralNodesChild) {
   ChildRank child;
   ASSERT_TRUE(child.init());
-  child.expectInitRefused({"form " + std::to_string(child.size) + " nodes", "scale-out", "NCCL_MOE_NET=emulated"});
-}
-
-// The same processes asking for the software NIC: it reaches only memory of one process (no IPC backend yet), so
-// every rank refuses naming that.
-TEST_P(CommWorld, SeveralNodesWithEmulatedNetAreRefusedNamingTheIpcBackend) {
-  const int n = GetParam();
-  Placement placement;
-  GPU_WORLD_OR_SKIP(n, &placement);
-  const auto own_node = [](int r) {
-    return std::vector<std::string>{"NCCL_MOE_HOSTID=", "NCCL_HOSTID=vnode" + std::to_string(r),
-                                    "NCCL_MOE_NET=emulated"};
-  };
-  EXPECT_TRUE(allExitedZero(spawnRanks(n, "CommGpuChild.DISABLED_SeveralNodesEmulatedChild", own_node), n));
-}
-
-TEST(CommGpuChild, DISABLED_SeveralNodesEmulatedChild) {
-  ChildRank child;
-  ASSERT_TRUE(child.init());
-  child.expectInitRefused({"form " + std::to_string(child.size) + " nodes", "IPC memory backend"});
+  expectInitRefused(child, {"form " + std::to_string(child.size) + " nodes", "scale-out", "NCCL_MOE_NET=emulated"});
 }
 
 // ---- Virtual nodes (NCCL_MOE_EMULATE_NODES) ----
@@ -601,7 +489,7 @@ TEST_P(CommWorld, EmulatedNodesAcrossProcessesAreRefused) {
 TEST(CommGpuChild, DISABLED_EmulatedNodesChild) {
   ChildRank child;
   ASSERT_TRUE(child.init());
-  child.expectInitRefused({"live in " + std::to_string(child.size) + " processes", "NCCL_HOSTID"});
+  expectInitRefused(child, {"live in " + std::to_string(child.size) + " processes", "NCCL_HOSTID"});
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, CommWorld, ::testing::ValuesIn(gpu_test::rankCounts()), gpu_test::ranksName);
