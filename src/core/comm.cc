@@ -101,6 +101,7 @@ struct IdentityRecord {
   int64_t emulate_nodes;   // NCCL_MOE_EMULATE_NODES as this rank read it
   int32_t net_kind;        // NetKind: NCCL_MOE_NET as this rank read it
   int32_t net_mode;        // NetMode: NCCL_MOE_NET_MODE
+  int32_t net_pure_rdma;   // NCCL_MOE_NET_PURE_RDMA != 0
   char bus_id[32];
   ncclMoeConfig_t config;
 };
@@ -157,6 +158,7 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
   }
   mine->net_kind = static_cast<int32_t>(net.kind);
   mine->net_mode = static_cast<int32_t>(net.mode);
+  mine->net_pure_rdma = envInt("NCCL_MOE_NET_PURE_RDMA") != 0 ? 1 : 0;
   MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine->bus_id, sizeof(mine->bus_id), comm->device));
   mine->config = config;
   return ncclSuccess;
@@ -180,7 +182,7 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   }
   std::vector<NetChoice> nets;
   for (const IdentityRecord& id : ids)
-    nets.push_back({static_cast<NetKind>(id.net_kind), static_cast<NetMode>(id.net_mode)});
+    nets.push_back({static_cast<NetKind>(id.net_kind), static_cast<NetMode>(id.net_mode), id.net_pure_rdma != 0});
   MOE_CHECK(agreeNetChoice(nets, &comm->net));
   std::vector<NodeIdentity> node_ids;
   for (const IdentityRecord& id : ids) node_ids.push_back({id.host_hash, id.process_token, id.emulate_nodes});
@@ -302,6 +304,7 @@ ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
   spec.chaos_seed = emulated::chaosSeedFromEnvironment();
   spec.proxy = comm->net.mode == NetMode::kProxy;
   spec.process_token = processToken();
+  spec.pure_rdma = comm->net.pure_rdma;
   // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
   const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
   std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);

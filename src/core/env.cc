@@ -50,6 +50,10 @@ const std::vector<EnvVar>& envRegistry() {
        "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell) or proxy "
        "(the GPU writes descriptors into a mapped ring and a CPU thread of the rank posts the work requests). "
        "dbproxy (the doorbell proxy) is not available yet and is refused. Read at init; every rank must agree."},
+      {"NCCL_MOE_NET_PURE_RDMA", EnvType::kInt, "0",
+       "1: on a communicator of several nodes, the internode low-latency kernels reach the ranks of their own node "
+       "through the NIC too (a QP to every other rank), as DeepEP's pure-RDMA mode does; 0: through NVLink. The "
+       "high-throughput kernels forward over NVLink either way. Read at init; every rank must agree."},
       {"NCCL_MOE_EMU_CHAOS", EnvType::kInt, "0",
        "Seed of the software NIC's chaos mode (random WRITE chunking and placement order, late source reads, "
        "QP interleaving, delays); 0 = off. Failure messages name the seed."},

@@ -24,6 +24,10 @@ LlNetComm netComm(const ncclMoeComm* comm, int half) {
   n.num_local_experts = comm->layout.ll.num_local_experts;
   n.num_blocks = comm->ll_sms < kLlNetMaxBlocks ? comm->ll_sms : kLlNetMaxBlocks;
   std::memcpy(n.local_index, comm->same_node_index, sizeof(n.local_index));
+  // Pure RDMA (NCCL_MOE_NET_PURE_RDMA): every other rank through its QP, this node's too; only this rank stays local.
+  if (comm->net.pure_rdma)
+    for (int r = 0; r < comm->num_ranks; ++r)
+      if (r != comm->rank) n.local_index[r] = -1;
   n.own_base = comm->net_transport ? comm->net_transport->window().addr : reinterpret_cast<uint64_t>(comm->buffer);
   return n;
 }

@@ -67,6 +67,12 @@ ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* a
                           "the same value on every rank",
                           netKindName(ref.kind), r, netKindName(c.kind));
     }
+    if (c.pure_rdma != ref.pure_rdma) {
+      return setLastError(ncclInvalidUsage,
+                          "ncclMoeCommInit: NCCL_MOE_NET_PURE_RDMA differs between ranks: rank 0 has %d, rank %zu has "
+                          "%d; set the same value on every rank",
+                          ref.pure_rdma ? 1 : 0, r, c.pure_rdma ? 1 : 0);
+    }
     if (c.mode != ref.mode) {
       return setLastError(ncclInvalidUsage,
                           "ncclMoeCommInit: NCCL_MOE_NET_MODE differs between ranks: rank 0 has %s, rank %zu has %s; "

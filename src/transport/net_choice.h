@@ -30,6 +30,7 @@ const char* netModeName(NetMode mode);  // "ibgda", "dbproxy", "proxy"
 struct NetChoice {
   NetKind kind = NetKind::kAuto;
   NetMode mode = NetMode::kIbgda;
+  bool pure_rdma = false;  // NCCL_MOE_NET_PURE_RDMA: same-node peers through the NIC too (internode LL kernels)
 };
 
 // Parses the two variables' values (as read; "" = the default). Unknown values: ncclInvalidArgument naming the

@@ -16,7 +16,8 @@ namespace {
 // Entry p from its QP (`set` fills the mode's fields; `qp_rank` / `qp_peer` are what the QP connects).
 template <typename Qp, typename Set>
 std::string buildTable(const NodeMap& nodes, int rank, const std::vector<const Qp*>& qp_of_peer,
-                       const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out, Set set) {
+                       const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out,
+                       bool same_node_qps, Set set) {
   const size_t num_ranks = nodes.node_of.size();
   if (rank < 0 || static_cast<size_t>(rank) >= num_ranks) return "rank " + std::to_string(rank) + " out of range";
   if (qp_of_peer.size() != num_ranks || window_of_peer.size() != num_ranks)
@@ -27,7 +28,7 @@ std::string buildTable(const NodeMap& nodes, int rank, const std::vector<const Q
     ScaleoutPeer& e = table[p];
     std::memset(&e, 0, sizeof(e));
     const std::string who = "peer " + std::to_string(p);
-    const bool remote = nodes.node_of[p] != nodes.node_of[rank];
+    const bool remote = nodes.node_of[p] != nodes.node_of[rank] || (same_node_qps && p != static_cast<size_t>(rank));
     if (!remote) {
       if (qp_of_peer[p] != nullptr) return who + " is on this rank's node but has a QP";
       continue;
@@ -51,20 +52,24 @@ std::string buildTable(const NodeMap& nodes, int rank, const std::vector<const Q
 }  // namespace
 
 std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector<const ibgda::GpuQp*>& qp_of_peer,
-                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out) {
-  return buildTable(nodes, rank, qp_of_peer, window_of_peer, out, [](const ibgda::GpuQp& qp, ScaleoutPeer* e) {
-    e->qp = qp;
-    e->via_proxy = 0;
-  });
+                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out,
+                               bool same_node_qps) {
+  return buildTable(nodes, rank, qp_of_peer, window_of_peer, out, same_node_qps,
+                    [](const ibgda::GpuQp& qp, ScaleoutPeer* e) {
+                      e->qp = qp;
+                      e->via_proxy = 0;
+                    });
 }
 
 std::string buildProxyScaleoutTable(const NodeMap& nodes, int rank,
                                     const std::vector<const proxy::GpuProxyQp*>& proxy_of_peer,
-                                    const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out) {
-  return buildTable(nodes, rank, proxy_of_peer, window_of_peer, out, [](const proxy::GpuProxyQp& q, ScaleoutPeer* e) {
-    e->proxy = q;
-    e->via_proxy = 1;
-  });
+                                    const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out,
+                                    bool same_node_qps) {
+  return buildTable(nodes, rank, proxy_of_peer, window_of_peer, out, same_node_qps,
+                    [](const proxy::GpuProxyQp& q, ScaleoutPeer* e) {
+                      e->proxy = q;
+                      e->via_proxy = 1;
+                    });
 }
 
 }  // namespace nccl_moe

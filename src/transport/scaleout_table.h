@@ -50,12 +50,15 @@ struct PeerWindow {
 // The table of `rank` (size = ranks of `nodes`): entry p valid iff p is on another node, then holding
 // *qp_of_peer[p] and window_of_peer[p]. Returns "" or what is wrong (sizes, a remote peer without a QP or with a
 // zero rkey or size, an own-node peer with a QP, a QP whose peer field is not p or whose rank is not `rank`).
+// same_node_qps (pure-RDMA mode): the other ranks of this rank's node have QPs and valid entries too.
 std::string buildScaleoutTable(const NodeMap& nodes, int rank, const std::vector<const ibgda::GpuQp*>& qp_of_peer,
-                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out);
+                               const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out,
+                               bool same_node_qps = false);
 // The same for the proxy mode: entry p holds *proxy_of_peer[p] (via_proxy = 1), with the same checks on its rank
 // and peer.
 std::string buildProxyScaleoutTable(const NodeMap& nodes, int rank,
                                     const std::vector<const proxy::GpuProxyQp*>& proxy_of_peer,
-                                    const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out);
+                                    const std::vector<PeerWindow>& window_of_peer, std::vector<ScaleoutPeer>* out,
+                                    bool same_node_qps = false);
 
 }  // namespace nccl_moe

@@ -23,7 +23,8 @@
 //                                             the timeout with a message naming the phase and the peer (and the QP
 //                                             when the peer is on another node)
 // Shapes: 2x1, 2x2, 4x1, 2x4 (nodes x ranks per node), each in ibgda mode and in proxy mode ("2x2_proxy":
-// NCCL_MOE_NET_MODE=proxy, the request proxy posts for the kernels; tests/gpu/net_world.h).
+// NCCL_MOE_NET_MODE=proxy, the request proxy posts for the kernels), plus 2x2_pure and 2x4_pure
+// (NCCL_MOE_NET_PURE_RDMA=1: the LL kernels reach same-node ranks through the NIC too; tests/gpu/net_world.h).
 #include <gtest/gtest.h>
 
 #include <chrono>

@@ -66,10 +66,16 @@ TEST(NetChoice, DisagreementNamesBothValuesAndTheRank) {
   EXPECT_NE(std::string::npos, lastError().find("rank 0 has emulated, rank 2 has auto")) << lastError();
 
   differ = same;
-  differ[1].mode = NetMode::kProxy;  // cannot come from parsing today, but the agreement must still catch it
+  differ[1].mode = NetMode::kProxy;
   EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
   EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE differs")) << lastError();
   EXPECT_NE(std::string::npos, lastError().find("rank 0 has ibgda, rank 1 has proxy")) << lastError();
+
+  differ = same;
+  differ[3].pure_rdma = true;
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
+  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_PURE_RDMA differs")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("rank 0 has 0, rank 3 has 1")) << lastError();
 }
 
 ScaleoutFacts twoNodes() {

@@ -157,6 +157,28 @@ TEST(ScaleoutTable, ProxyEntriesCarryTheViewAndTheWindow) {
   EXPECT_NE(std::string::npos, nccl_moe::buildProxyScaleoutTable(m, 3, missing, windows, &table).find("peer 1"));
 }
 
+// Pure RDMA (NCCL_MOE_NET_PURE_RDMA): the other ranks of the node get QPs and valid entries too; self never does.
+TEST(ScaleoutTable, PureRdmaGivesSameNodePeersEntries) {
+  const NodeMap m = nccl_moe::buildEmulatedNodeMap(4, 2);
+  std::vector<ib::GpuQp> qps(4);
+  std::vector<const ib::GpuQp*> qp_of_peer(4, nullptr);
+  std::vector<PeerWindow> windows(4);
+  for (int p : {1, 2, 3}) {
+    qps[p] = fakeQp(0, p);
+    qp_of_peer[p] = &qps[p];
+    windows[p] = windowOf(p);
+  }
+  std::vector<ScaleoutPeer> table;
+  EXPECT_NE(std::string::npos,
+            nccl_moe::buildScaleoutTable(m, 0, qp_of_peer, windows, &table).find("on this rank's node but has a QP"));
+  ASSERT_EQ("", nccl_moe::buildScaleoutTable(m, 0, qp_of_peer, windows, &table, true));
+  EXPECT_EQ(0u, table[0].valid);
+  for (int p : {1, 2, 3}) EXPECT_EQ(1u, table[p].valid) << p;
+  auto self = qp_of_peer;
+  self[0] = &qps[1];
+  EXPECT_NE(std::string::npos, nccl_moe::buildScaleoutTable(m, 0, self, windows, &table, true).find("peer 0"));
+}
+
 // Every rank's records to every peer, packed and unpacked as init does, pass checkConnRecords on every rank and
 // carry the QPN of the pair (0 where the pair has no QP).
 TEST(ScaleoutTable, EmulatedConnectionRecordsRoundTripAndAgree) {

@@ -54,6 +54,11 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
 
   t->qps_.resize(num_ranks);
   t->remote_peers_ = remotePeers(spec.nodes, spec.rank);
+  if (spec.pure_rdma) {
+    t->remote_peers_.clear();
+    for (int p = 0; p < num_ranks; ++p)
+      if (p != spec.rank) t->remote_peers_.push_back(p);
+  }
   std::vector<uint32_t> qpn_of(num_ranks, 0);
   if (spec.proxy) {
     GpuProxySpec ps;
@@ -169,9 +174,9 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
       MOE_CHECK(proxy_->connect(responders));
       for (size_t i = 0; i < remote_peers_.size(); ++i) proxy_of_peer[remote_peers_[i]] = &proxy_->view(i);
     }
-    why = buildProxyScaleoutTable(spec_.nodes, me, proxy_of_peer, window_of_peer, &table);
+    why = buildProxyScaleoutTable(spec_.nodes, me, proxy_of_peer, window_of_peer, &table, spec_.pure_rdma);
   } else {
-    why = buildScaleoutTable(spec_.nodes, me, qp_of_peer, window_of_peer, &table);
+    why = buildScaleoutTable(spec_.nodes, me, qp_of_peer, window_of_peer, &table, spec_.pure_rdma);
   }
   if (!why.empty()) return setLastError(ncclInternalError, "emulated transport of rank %d: %s", me, why.c_str());
   const size_t bytes = sizeof(ScaleoutPeer) * table.size();

@@ -61,6 +61,7 @@ struct CommTransportSpec {
   uint64_t chaos_seed = 0;           // 0: chaos off; else rank r's NIC uses chaos_seed + r
   uint32_t wqe_cnt = 64;             // per QP
   bool proxy = false;                // NCCL_MOE_NET_MODE=proxy: the request proxy posts for the kernels
+  bool pure_rdma = false;            // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
   uint32_t proxy_slots = 256;        // descriptors of the request-proxy ring (a power of two)
 };
 
@@ -124,7 +125,8 @@ class CommTransport {
   rdma::Window window_{};
   std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // ibgda: [peer], null for self and own-node peers
   std::unique_ptr<EmulatedGpuProxy> proxy_;          // proxy: one ring, QP i to remote_peers_[i]
-  std::vector<int> remote_peers_;                    // the ranks of other nodes, ascending
+  std::vector<int> remote_peers_;                    // the ranks with a QP, ascending: other nodes (pure RDMA: all
+                                                     // but this rank)
   // Remote peers in other processes (same GPU): a mirror of each one's window registry (from its record) and its
   // buffer opened through CUDA IPC, closed after the NIC stopped.
   std::vector<std::unique_ptr<rdma::WindowRegistry>> mirrors_;
