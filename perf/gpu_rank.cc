@@ -153,7 +153,7 @@ void rankMain(ProcessState& sh, int local) {
         moe.usable = false;
         moe.error = refused;
       } else if (printer && run.comm_nodes > 1) {
-        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, run.num_gpus).c_str());
+        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, run.num_gpus, true).c_str());
       }
     }
     // The rows are labelled with the node count main() learnt (probeWorldNodes); a session with another one (or a
@@ -323,7 +323,10 @@ void rankMain(ProcessState& sh, int local) {
       printNodeNotes(mode, numNodes(rd.num_ranks, ranks_per_node), run.comm_nodes > 1);
       if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
-      if (run.comm_nodes > 1) out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, sh.layout.numGpus()).c_str());
+      if (run.comm_nodes > 1)
+        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks,
+                                   sh.layout.sharedGpu() ? sh.layout.numGpus() : run.num_gpus, !sh.layout.sharedGpu())
+                      .c_str());
     }
   }
   prog.set(shared ? "teardown" : "ncclCommDestroy");

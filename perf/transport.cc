@@ -205,12 +205,13 @@ int layoutRanksPerNode(int ranks_per_node, int num_ranks, int comm_nodes) {
   return ranks_per_node;
 }
 
-std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus) {
+std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus, bool processes) {
   std::ostringstream os;
   os << "# !!! " << kSoftNicLabel << "\n"
-     << "# !!! INTERNODE OVER THE SOFTWARE NIC: " << num_ranks << " ranks on " << num_gpus << " GPU"
-     << (num_gpus == 1 ? "" : "s") << " form " << comm_nodes << " virtual nodes of " << num_ranks / comm_nodes
-     << " ranks (NCCL_MOE_EMULATE_NODES);\n"
+     << "# !!! INTERNODE OVER THE SOFTWARE NIC: " << num_ranks << (processes ? " processes" : " ranks") << " on "
+     << num_gpus << " GPU" << (num_gpus == 1 ? "" : "s") << " form " << comm_nodes << " virtual nodes of "
+     << num_ranks / comm_nodes << " ranks ("
+     << (processes ? "a node per NCCL_HOSTID, NCCL_MOE_HOSTID empty" : "NCCL_MOE_EMULATE_NODES") << ");\n"
      << "# !!! ranks of other nodes are reached through the software NIC (a CPU thread executing the RDMA work\n"
      << "# !!! requests with cudaMemcpyAsync on this GPU, src/transport/emulated/). Every call is verified against "
         "the\n"

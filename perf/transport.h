@@ -131,7 +131,9 @@ int layoutRanksPerNode(int ranks_per_node, int num_ranks, int comm_nodes);
 
 // The loud lines (each "# ..." and ending with '\n') of an internode MoE run over the software NIC, printed in the
 // header and under every table.
-std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus);
+// processes: the ranks are processes whose NCCL_HOSTID makes the nodes (MPI, --procs), not threads split by
+// NCCL_MOE_EMULATE_NODES.
+std::string softNicMoeBanner(int comm_nodes, int num_ranks, int num_gpus, bool processes = false);
 // The notes under the table: what each column measures.
 std::string transportNotes(int batch);
 

@@ -290,7 +290,11 @@ TEST(PerfTransport, CommNodesGiveTheRowsTheirLayout) {
 TEST(PerfTransport, InternodeMoeBannerCarriesTheLabel) {
   const std::string b = softNicMoeBanner(2, 4, 1);
   EXPECT_NE(std::string::npos, b.find(std::string("# !!! ") + kSoftNicLabel + "\n")) << b;
-  EXPECT_NE(std::string::npos, b.find("4 ranks on 1 GPU form 2 virtual nodes of 2 ranks")) << b;
+  EXPECT_NE(std::string::npos, b.find("4 ranks on 1 GPU form 2 virtual nodes of 2 ranks (NCCL_MOE_EMULATE_NODES)"))
+      << b;
+  const std::string p = softNicMoeBanner(2, 2, 1, true);  // processes, each its own node through NCCL_HOSTID
+  EXPECT_NE(std::string::npos, p.find("2 processes on 1 GPU form 2 virtual nodes of 1 ranks (a node per NCCL_HOSTID"))
+      << p;
   EXPECT_NE(std::string::npos, b.find("software NIC")) << b;
   EXPECT_NE(std::string::npos, b.find("verified")) << b;
   size_t start = 0;
