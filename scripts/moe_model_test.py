@@ -30,7 +30,10 @@ class RecordSizes(unittest.TestCase):
     def test_h7168_top8(self):
         self.assertEqual(traffic.fp8_row_bytes(7168), 7168 + 56 * 4)  # 7392: DeepEP's H (1 + 4/128)
         self.assertEqual(traffic.bf16_row_bytes(7168), 14336)
-        self.assertEqual(traffic.ht_dispatch_record_bytes(7168, 8), 7392 + 32 + 32 + 16)  # 7472
+        # The internode kernels' record (src/mem/ht_net_layout.h, pinned in tests/unit/layout_test.cc): 96 + 7392.
+        self.assertEqual(traffic.ht_dispatch_header_bytes(8), 96)
+        self.assertEqual(traffic.ht_dispatch_record_bytes(7168, 8), 7488)
+        self.assertEqual(traffic.ht_combine_record_bytes(7168, 8), 14368)
         self.assertEqual(traffic.ht_combine_record_bytes(7168, 8), 14336 + 32)
         self.assertEqual(traffic.ht_combine_record_bytes(7168, 8, fp8=True), 7392 + 32)
         self.assertEqual(traffic.ll_dispatch_msg_bytes(7168), 128 + 7392)
@@ -152,7 +155,7 @@ class Model(unittest.TestCase):
         st = c["routing"]
         expected = prm["ht_tokens"] * st["nodes_all"] * 7168 * (1 + 4 / 128) / c["time_us"] / 1e3
         self.assertAlmostEqual(c["deepep_metric_gbps"], expected)
-        self.assertAlmostEqual(c["rdma_bytes"], prm["ht_tokens"] * st["nodes_remote"] * 7472)
+        self.assertAlmostEqual(c["rdma_bytes"], prm["ht_tokens"] * st["nodes_remote"] * 7488)
         self.assertAlmostEqual(c["time_us"], c["fixed_us"] + max(c["t_nic_us"], c["t_nvl_us"]))
         self.assertEqual(c["bound"], "NIC")
 

@@ -27,10 +27,18 @@ def bf16_row_bytes(hidden):
     return 2 * hidden
 
 
+def _align16(n):
+    return (n + 15) // 16 * 16
+
+
+HT_NET_HEADER_BYTES = 40  # src/mem/ht_net_layout.h HtNetHeader: source token, tag, 8 holder positions (int32)
+
+
 def ht_dispatch_header_bytes(topk):
-    """HT per-token metadata that travels with an FP8 record: top-k expert ids (int32) and weights (fp32), plus
-    16 bytes of source meta (source token index, source rank, mask of the node's destination GPUs)."""
-    return topk * 4 + topk * 4 + 16
+    """HT per-token metadata that travels with a record, as the internode kernels lay it out
+    (src/mem/ht_net_layout.h HtNetLayout::header_bytes): HtNetHeader, top-k weights (fp32) and global expert ids
+    (int16), padded to 16 bytes (96 B at K = 8)."""
+    return _align16(HT_NET_HEADER_BYTES + topk * (4 + 2))
 
 
 def ht_combine_header_bytes(topk):
@@ -40,13 +48,15 @@ def ht_combine_header_bytes(topk):
 
 
 def ht_dispatch_record_bytes(hidden, topk):
-    return fp8_row_bytes(hidden) + ht_dispatch_header_bytes(topk)
+    """HtNetLayout::dispatch_record_bytes for fp8 with float scales: header, then the payload padded to 16."""
+    return ht_dispatch_header_bytes(topk) + _align16(fp8_row_bytes(hidden))
 
 
 def ht_combine_record_bytes(hidden, topk, fp8=False):
-    """BF16 partial per (token, node); fp8=True: the stretch case, an e4m3 partial with per-128 float scales."""
+    """BF16 partial per (token, node) with its weight sums, padded to 16 (HtNetLayout::combine_record_bytes);
+    fp8=True: the stretch case, an e4m3 partial with per-128 float scales."""
     row = fp8_row_bytes(hidden) if fp8 else bf16_row_bytes(hidden)
-    return row + ht_combine_header_bytes(topk)
+    return _align16(row + ht_combine_header_bytes(topk))
 
 
 def ll_dispatch_msg_bytes(hidden):
