@@ -166,7 +166,7 @@ void rankMain(ProcessState& sh, int local) {
     }
     if (printer) {
       out("#\n# %s mode: %d ranks on %d GPUs%s, capacity %d tokens per rank, hidden %d, top-%d of %d experts\n",
-          mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, sh.layout.numGpus(),
+          mode == Mode::kHt ? "HT (high-throughput)" : "LL (low-latency)", rd.num_ranks, run.num_gpus,
           shared ? " (ranks share GPUs)" : "", cap, cfg.hidden, cfg.topk, cfg.experts);
       if (run.comm_nodes > 1)
         out("# %d nodes of %d ranks (the communicator's: ncclMoeCommNodeCount), other nodes through the software NIC: "
@@ -324,9 +324,7 @@ void rankMain(ProcessState& sh, int local) {
       if (o.metrics.any()) printMetricsNotes(o.metrics, false);
       if (shared) printSharedGpuBanner(rd.num_ranks, sh.layout.numGpus(), sh.layout.ranks_per_gpu);
       if (run.comm_nodes > 1)
-        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks,
-                                   sh.layout.sharedGpu() ? sh.layout.numGpus() : run.num_gpus, !sh.layout.sharedGpu())
-                      .c_str());
+        out("%s", softNicMoeBanner(run.comm_nodes, rd.num_ranks, run.num_gpus, !sh.layout.sharedGpu()).c_str());
     }
   }
   prog.set(shared ? "teardown" : "ncclCommDestroy");
