@@ -16,14 +16,16 @@
 //        expert alignment, a zero-token rank; combine with and without weights, 0..2 biases), each a notify, a
 //        dispatch, a cached re-dispatch of new data and a combine, checked as ht_net_test.cc does: the dispatch
 //        against ref::ht_dispatch, the combine against the two-level ref::ht_combine_nodes over
-//        NodeMap::consecutive(n, 1) (every process one node of one rank)
+//        NodeMap::consecutive(n, per_node)
 //
 // The ranks synchronise with an NCCL barrier where the in-process tests (ll_net_test.cc, ht_net_test.cc) use the
 // World barrier: before each HT call, after each problem, before buffers are freed; after each problem all ranks
 // agree whether any failed and stop together. Each child prints one line per problem. The parent asserts that every
 // child exits 0 within procs_test::kChildTimeoutS (180 s; a child still running then is killed and named).
 //
-// Instances: Procs/NetProcs.LlAndHtMatchTheReference/{2,4}_{ibgda,proxy}. Run on a machine with a GPU:
+// Instances: Procs/NetProcs.LlAndHtMatchTheReference/{2,4,2x2}_{ibgda,proxy}; 2x2 = 4 processes, 2 per node
+// (NCCL_HOSTID=vnode<r / 2>): the node's two processes reach each other through CUDA IPC (the NVLink leg of the HT
+// kernels, the same-node LL messages), the other node through the software NIC. Run on a machine with a GPU:
 //   build/tests/nccl_moe_gpu_tests --gtest_filter='*NetProcs*'
 // Without the MPS daemon the processes are time-sliced on the GPU (every device wait for a peer costs time slices,
 // milliseconds per step): slow but correct; under MPS (scripts/procs-one-gpu.sh --mps shows how to start it) their
@@ -70,8 +72,13 @@ ncclMoeConfig_t procsConfig() {
 
 struct ProcsParam {
   int procs;
-  bool proxy;  // NCCL_MOE_NET_MODE=proxy, else ibgda
-  std::string name() const { return std::to_string(procs) + (proxy ? "_proxy" : "_ibgda"); }
+  bool proxy;        // NCCL_MOE_NET_MODE=proxy, else ibgda
+  int per_node = 1;  // processes per node (the same NCCL_HOSTID): > 1 adds the NVLink leg through CUDA IPC
+  std::string name() const {
+    const std::string shape =
+        per_node > 1 ? std::to_string(procs / per_node) + "x" + std::to_string(per_node) : std::to_string(procs);
+    return shape + (proxy ? "_proxy" : "_ibgda");
+  }
 };
 void PrintTo(const ProcsParam& p, std::ostream* os) { *os << p.name(); }
 std::string procsName(const ::testing::TestParamInfo<ProcsParam>& info) { return info.param.name(); }
@@ -90,7 +97,8 @@ TEST_P(NetProcs, LlAndHtMatchTheReference) {
   const auto own_node = [&](int r) {
     return std::vector<std::string>{"NCCL_MOE_TEST_CHILD_DEVICE=0",
                                     "NCCL_MOE_HOSTID=",
-                                    "NCCL_HOSTID=vnode" + std::to_string(r),
+                                    "NCCL_HOSTID=vnode" + std::to_string(r / p.per_node),
+                                    "NCCL_MOE_TEST_CHILD_PER_NODE=" + std::to_string(p.per_node),
                                     "NCCL_MOE_NET=emulated",
                                     std::string("NCCL_MOE_NET_MODE=") + (p.proxy ? "proxy" : "ibgda"),
                                     "NCCL_MOE_EMU_CHAOS=" + chaos,
@@ -106,7 +114,7 @@ TEST_P(NetProcs, LlAndHtMatchTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(Procs, NetProcs,
                          ::testing::Values(ProcsParam{2, false}, ProcsParam{2, true}, ProcsParam{4, false},
-                                           ProcsParam{4, true}),
+                                           ProcsParam{4, true}, ProcsParam{4, false, 2}, ProcsParam{4, true, 2}),
                          procsName);
 
 // ---- Child ----
@@ -424,10 +432,16 @@ void runHtProblem(const ht_test::HtCase& c, const ht_test::Expected& e, ChildRan
   child.barrier();
 }
 
+// Processes per node, as the parent set it (NCCL_HOSTID=vnode<r / per_node>).
+int perNode() {
+  const char* v = std::getenv("NCCL_MOE_TEST_CHILD_PER_NODE");
+  return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 1;
+}
+
 // This rank's side of every HT problem (one handle for all); false when any rank failed.
 bool runHt(ChildRank& child, ncclMoeComm_t comm, cudaStream_t stream) {
   const int n = child.size;
-  const ref::NodeMap map = ref::NodeMap::consecutive(n, 1);  // every process one node of one rank
+  const ref::NodeMap map = ref::NodeMap::consecutive(n, perNode());  // consecutive processes share a node
   const std::vector<ht_test::HtCase> cases = htCases(n);
   std::vector<ht_test::Expected> expected;
   for (const ht_test::HtCase& c : cases) {
@@ -460,7 +474,8 @@ TEST(NetProcsChild, DISABLED_LlAndHtChild) {
   report(child, "ncclMoeCommInit", true, since(t0));
   int nodes = 0;
   EXPECT_EQ(ncclSuccess, ncclMoeCommNodeCount(comm, &nodes)) << ncclMoeGetLastError(comm);
-  EXPECT_EQ(n, nodes) << "every process should be its own node (NCCL_HOSTID=vnode<r>, NCCL_MOE_HOSTID empty)";
+  EXPECT_EQ(n / perNode(), nodes) << "NCCL_HOSTID=vnode<r / per_node> with NCCL_MOE_HOSTID empty should give "
+                                  << n / perNode() << " nodes of " << perNode() << " processes";
   cudaStream_t stream = nullptr;
   EXPECT_EQ(cudaSuccess, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   // The same on every rank (the node count is agreed at init; a failure so far is shared by anyRankFailed).
