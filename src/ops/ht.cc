@@ -95,11 +95,11 @@ ht::DispatchArgs makeDispatchArgs(const ncclMoeComm* comm, const HtRouting& r, c
   a.x = static_cast<const uint8_t*>(args.x);
   a.row_bytes = fp8 ? args.hidden : 2 * args.hidden;
   if (fp8) {
-    const int groups = (args.hidden + 127) / 128;  // one float scale per 128 channels; ue8m0 packs 4 per word
-    a.num_scale_words = args.scale_format == ncclMoeScaleUe8m0 ? (groups + 3) / 4 : groups;
+    const HtScaleWords sw = htScaleWords(args);
+    a.num_scale_words = sw.words;
     a.x_scales = static_cast<const int*>(args.x_scales);
-    a.scale_token_stride = args.x_scales_token_stride > 0 ? args.x_scales_token_stride : a.num_scale_words;
-    a.scale_word_stride = args.x_scales_channel_stride > 0 ? args.x_scales_channel_stride : 1;
+    a.scale_token_stride = sw.token_stride;
+    a.scale_word_stride = sw.word_stride;
     a.recv_x_scales = static_cast<int*>(args.recv_x_scales);
   }
   a.topk_weights = args.topk_weights;
@@ -156,6 +156,16 @@ ncclResult_t launchIntranodeNotify(ncclMoeComm* comm, const HtRouting& r, const 
 }
 
 }  // namespace
+
+HtScaleWords htScaleWords(const ncclMoeDispatchArgs_t& args) {
+  HtScaleWords s;
+  if (args.dtype != ncclMoeFp8E4M3) return s;
+  const int groups = (args.hidden + 127) / 128;  // one float scale per 128 channels; ue8m0 packs 4 per word
+  s.words = args.scale_format == ncclMoeScaleUe8m0 ? (groups + 3) / 4 : groups;
+  s.token_stride = args.x_scales_token_stride > 0 ? args.x_scales_token_stride : s.words;
+  s.word_stride = args.x_scales_channel_stride > 0 ? args.x_scales_channel_stride : 1;
+  return s;
+}
 
 bool htUseEducationalKernels() {
   const std::string kind = envString("NCCL_MOE_HT_KERNEL");

@@ -29,6 +29,13 @@ ncclResult_t opHtDispatch(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMo
                           cudaStream_t stream);
 ncclResult_t opHtCombine(ncclMoeComm* comm, ncclMoeHandle* handle, const ncclMoeCombineArgs_t& args,
                          cudaStream_t stream);
+// The scale words of an HT dispatch's fp8 rows as the kernels read them (0 words for bf16): one float per 128
+// channels, or packed UE8M0 (4 per word); the caller's strides in 4-byte words, 0 meaning packed (ht.cc, ht_net.cc).
+struct HtScaleWords {
+  int words = 0;
+  long long token_stride = 0, word_stride = 0;
+};
+HtScaleWords htScaleWords(const ncclMoeDispatchArgs_t& args);
 // True when NCCL_MOE_HT_KERNEL is "educational"; "fast" (the default) or empty selects the fast kernels; any
 // other value warns once and selects them too. Read from the environment on every call.
 bool htUseEducationalKernels();
