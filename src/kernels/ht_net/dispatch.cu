@@ -32,7 +32,6 @@
 namespace nccl_moe {
 namespace {
 
-using htnet::kFull;
 using htnet::lane;
 
 struct Stride {
