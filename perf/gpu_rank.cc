@@ -294,7 +294,7 @@ void rankMain(ProcessState& sh, int local) {
             const char* names[6] = {"dispatch",      "combine",      "dispatch_send",
                                     "dispatch_recv", "combine_send", "combine_recv"};
             for (int i = 0; i < 6; ++i) {
-              ResultRow row = makeRow(run, p, names[i], 0, false);
+              ResultRow row = makeRow(run, p, names[i], sms, false);
               const Aggregate* baseline = baselineOf(&row, i, i < 2);
               fillRow(&row, a[sz(i)], baseline, sh.kernel_timer);
               rows.push_back(row);

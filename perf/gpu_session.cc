@@ -42,6 +42,7 @@ void MoeSession::init(const RankDevice& rd, Collective& col, const ModeConfig& c
     c.max_tokens_per_rank = capacity;
   } else {
     c.ll_max_tokens_per_rank = capacity;
+    c.ll_num_sms = cfg.sms.empty() ? 0 : cfg.sms[0];  // --ll-sms: the communicator's LL budget
   }
   if (ncclMoeGetBufferSize(&c, rd.num_ranks, &buffer_bytes) != ncclSuccess) buffer_bytes = 0;
   ncclResult_t r = ncclSuccess;

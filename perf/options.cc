@@ -287,6 +287,7 @@ const std::vector<OptionSpec>& optionTable() {
          }
          return true;
        }},
+      {0, "ll-sms", true, intOption(&Options::ll_sms, 0, 4096, "--ll-sms")},
       {0, "routing", true,
        [](Options* o, const std::string& v, std::string* err) { return parseRouting(v, &o->routing, err); }},
       {0, "seed", true,
@@ -412,6 +413,8 @@ Sizes (tokens per rank)
       --experts E         total experts, E % ranks == 0           (HT 256, LL 288)
       --dtype D[,D]       bf16 | fp8 | bf16,fp8                   (HT bf16, LL fp8)
       --sms N[,N]         HT SM budget(s), 0 = library default    (default 0)
+      --ll-sms N          LL SM budget (config.ll_num_sms): fewer than the rank's SMs runs LL as send and
+                          receive kernels that leave the rest to other work; 0 = all of them (default 0)
       --routing R         uniform | skewed:<ratio> | masked:<fraction> | group:<g>, joinable with ','
                           (group:<g>: each token's experts within at most g nodes; needs --ranks-per-node)
       --seed S            routing/data seed, equal on every rank  (default 1)
@@ -499,7 +502,7 @@ ModeConfig resolveMode(const Options& options, Mode mode) {
   c.topk = options.topk > 0 ? options.topk : d.topk;
   c.experts = options.experts > 0 ? options.experts : d.experts;
   c.dtypes = options.dtypes.empty() ? std::vector<DType>{d.dtype} : options.dtypes;
-  c.sms = mode == Mode::kHt ? options.sms : std::vector<int>{0};
+  c.sms = mode == Mode::kHt ? options.sms : std::vector<int>{options.ll_sms};
   if (c.sms.empty()) c.sms = {0};
   return c;
 }

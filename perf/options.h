@@ -83,6 +83,7 @@ struct Options {
   int experts = -1;                      // --experts
   std::vector<DType> dtypes;             // --dtype (comma list); empty = mode default
   std::vector<int> sms = {0};            // --sms (comma list); 0 = the library's default
+  int ll_sms = 0;                        // --ll-sms N: LL SM budget (config.ll_num_sms); 0 = the library's default
   RoutingChoice routing;                 // --routing
   uint64_t seed = 1;                     // --seed
   int iters = -1;                        // -n; -1 = backend default
@@ -124,7 +125,7 @@ struct ModeConfig {
   std::vector<int64_t> tokens;  // the sweep, ascending
   int hidden = 0, topk = 0, experts = 0;
   std::vector<DType> dtypes;
-  std::vector<int> sms;  // HT: the --sms list; LL: {0} (the LL kernels choose their own)
+  std::vector<int> sms;  // HT: the --sms list; LL: {--ll-sms} (a communicator's budget, 0 = all of the rank's SMs)
 };
 ModeConfig resolveMode(const Options& options, Mode mode);
 std::vector<Mode> resolveModes(const Options& options);

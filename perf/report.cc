@@ -62,8 +62,7 @@ std::string tableHeader(const MetricsChoice& metrics) {
 }
 
 std::string tableRow(const ResultRow& r, const MetricsChoice& metrics) {
-  const std::string sms =
-      r.mode == Mode::kLl || r.backend == "cpu" ? "-" : (r.sms == 0 ? "auto" : std::to_string(r.sms));
+  const std::string sms = r.backend == "cpu" ? "-" : (r.sms == 0 ? "auto" : std::to_string(r.sms));
   std::string time = "n/a", bw = "n/a", wrong = "n/a";
   if (r.available) {
     time = fmt("%.2f", r.median_us);

@@ -122,9 +122,13 @@ TEST(PerfOptions, LongOptions) {
   EXPECT_TRUE(o.require_moe);
   EXPECT_EQ(o.json_path, "out.jsonl");
   EXPECT_EQ(o.expert_alignment, 128);
-  // LL ignores the SM list (its kernels choose their own); HT sweeps it.
+  // LL ignores the HT SM list (its budget is --ll-sms, one per communicator); HT sweeps it.
   EXPECT_EQ(resolveMode(o, Mode::kLl).sms, (std::vector<int>{0}));
   EXPECT_EQ(resolveMode(o, Mode::kHt).sms, (std::vector<int>{24, 48}));
+  const Options b = parse({"--mode", "ll", "--ll-sms", "24", "--sms", "16"});
+  EXPECT_EQ(b.ll_sms, 24);
+  EXPECT_EQ(resolveMode(b, Mode::kLl).sms, (std::vector<int>{24}));
+  EXPECT_EQ(resolveMode(b, Mode::kHt).sms, (std::vector<int>{16}));
   EXPECT_EQ(parse({"--mode", "all"}).modes, (std::vector<Mode>{Mode::kHt, Mode::kLl}));
   EXPECT_TRUE(parse({"-h"}).help);
 }
