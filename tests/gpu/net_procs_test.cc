@@ -24,8 +24,9 @@
 // child exits 0 within procs_test::kChildTimeoutS (180 s; a child still running then is killed and named).
 //
 // Instances: Procs/NetProcs.LlAndHtMatchTheReference/{2,4,2x2}_{ibgda,proxy}; 2x2 = 4 processes, 2 per node
-// (NCCL_HOSTID=vnode<r / 2>): the node's two processes reach each other through CUDA IPC (the NVLink leg of the HT
-// kernels, the same-node LL messages), the other node through the software NIC. Run on a machine with a GPU:
+// (NCCL_HOSTID=vnode<r> as always -- NCCL refuses two ranks of one host on one GPU -- and NCCL_MOE_HOSTID=mnode<r / 2>
+// groups them into the library's nodes): the node's two processes reach each other through CUDA IPC (the NVLink leg of
+// the HT kernels, the same-node LL messages), the other node through the software NIC. Run on a machine with a GPU:
 //   build/tests/nccl_moe_gpu_tests --gtest_filter='*NetProcs*'
 // Without the MPS daemon the processes are time-sliced on the GPU (every device wait for a peer costs time slices,
 // milliseconds per step): slow but correct; under MPS (scripts/procs-one-gpu.sh --mps shows how to start it) their
@@ -95,9 +96,12 @@ TEST_P(NetProcs, LlAndHtMatchTheReference) {
   const char* chaos_env = std::getenv("NCCL_MOE_NET_TEST_CHAOS");
   const std::string chaos = chaos_env != nullptr ? chaos_env : "20261202";
   const auto own_node = [&](int r) {
+    // NCCL refuses two ranks of one host on one GPU, so every process is its own NCCL host; with several
+    // processes per node, NCCL_MOE_HOSTID groups them into the library's nodes.
+    const std::string moe_host = p.per_node > 1 ? "mnode" + std::to_string(r / p.per_node) : "";
     return std::vector<std::string>{"NCCL_MOE_TEST_CHILD_DEVICE=0",
-                                    "NCCL_MOE_HOSTID=",
-                                    "NCCL_HOSTID=vnode" + std::to_string(r / p.per_node),
+                                    "NCCL_MOE_HOSTID=" + moe_host,
+                                    "NCCL_HOSTID=vnode" + std::to_string(r),
                                     "NCCL_MOE_TEST_CHILD_PER_NODE=" + std::to_string(p.per_node),
                                     "NCCL_MOE_NET=emulated",
                                     std::string("NCCL_MOE_NET_MODE=") + (p.proxy ? "proxy" : "ibgda"),
@@ -432,7 +436,7 @@ void runHtProblem(const ht_test::HtCase& c, const ht_test::Expected& e, ChildRan
   child.barrier();
 }
 
-// Processes per node, as the parent set it (NCCL_HOSTID=vnode<r / per_node>).
+// Processes per node, as the parent set it (NCCL_MOE_HOSTID=mnode<r / per_node> when > 1).
 int perNode() {
   const char* v = std::getenv("NCCL_MOE_TEST_CHILD_PER_NODE");
   return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 1;
@@ -474,8 +478,9 @@ TEST(NetProcsChild, DISABLED_LlAndHtChild) {
   report(child, "ncclMoeCommInit", true, since(t0));
   int nodes = 0;
   EXPECT_EQ(ncclSuccess, ncclMoeCommNodeCount(comm, &nodes)) << ncclMoeGetLastError(comm);
-  EXPECT_EQ(n / perNode(), nodes) << "NCCL_HOSTID=vnode<r / per_node> with NCCL_MOE_HOSTID empty should give "
-                                  << n / perNode() << " nodes of " << perNode() << " processes";
+  EXPECT_EQ(n / perNode(), nodes)
+      << "NCCL_HOSTID=vnode<r> with NCCL_MOE_HOSTID=mnode<r / per_node> (empty for 1) should give " << n / perNode()
+      << " nodes of " << perNode() << " processes";
   cudaStream_t stream = nullptr;
   EXPECT_EQ(cudaSuccess, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   // The same on every rank (the node count is agreed at init; a failure so far is shared by anyRankFailed).

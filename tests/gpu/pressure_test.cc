@@ -204,7 +204,7 @@ struct HtPlanned {
   ht_test::Expected e;
 };
 
-// One HT iteration on `rank` (its barriers included): allocate, barrier, calls and checks, barrier, free.
+// One HT iteration on `rank` (its barriers included): allocate, barrier, calls and checks, barrier, free, barrier.
 void htIteration(PressureRun& run, World& world, int rank, int it, const HtPlanned& p, ncclMoeComm_t comm,
                  ncclMoeHandle_t handle, cudaStream_t stream) {
   std::unique_ptr<ht_test::RandomIteration> iter;
@@ -222,6 +222,11 @@ void htIteration(PressureRun& run, World& world, int rank, int it, const HtPlann
   if (ok) ok = iter->run(world, comm, handle, stream, false, tag, &gpu);
   run.record(rank, it, gpu, iter ? iter->expectedHash(ref::kFnvOffset) : 0, ok, tag);
   world.barrier().wait();  // every rank's calls are done before anyone frees (cudaFree waits for the device)
+  iter.reset();
+  // ... and every rank's frees are done before anyone launches a kernel that waits for a peer: a cudaFree still
+  // waiting for the device behind a peer's spinning kernel (an LL reset's barrier right after this iteration in
+  // HtLlAlternating) would hold the rank that kernel waits for until the device timeout.
+  world.barrier().wait();
 }
 
 // The HT limits of the pressure runs: HtStress's, with the experts of the communicator.
