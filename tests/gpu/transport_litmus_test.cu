@@ -3,8 +3,9 @@
 // (rank 0 and rank 1) in this process, each with its own NIC, executor thread, window registry and error record;
 // windows are cudaMalloc'd device buffers; QPs connect the ranks both ways. Kernels are one block each, on two
 // non-blocking streams (the consumer launched first), so the NIC's copies and atomic kernels always find SMs.
+// The put_signal litmus itself (data then signal, every byte checked, acked back) runs over whole worlds (2x1, 2x2,
+// 4x1, every cross-node pair at once) in both GPU modes: transport_world_litmus_test.cu.
 //
-//   PutSignalLitmus      data then signal, sizes 1 B..4 MB log-uniform, every byte checked, acked back
 //   CrossQpReordering    two QPs to one peer: B's data is seen before A's at least once (no cross-QP order)
 //   LastBytePolling      a consumer polling the last data byte sees incomplete data at least once (chaos is
 //                        adversarial: only the signal orders data)
@@ -15,10 +16,13 @@
 //                        host afterwards completes the WQE (it was well-formed, only unannounced)
 //   AccessErrors         bad rkey, range outside the window, misaligned atomic: error CQE, QP in error on the NIC,
 //                        kErrNetCqe with the syndrome in the GPU's record
+//   SqOverrun            a producer that skips the SQ-full wait writes wqe_cnt + 1 WQEs and rings once: error CQE
+//                        (0x02, EmuFault SQ overrun) for WQE 0, the rest flushed, QP in error, nothing executed,
+//                        kErrNetCqe on the producer's rank; its peer, waiting for the flushed signal, records a
+//                        bounded timeout naming the sender and the QP (0.3 s)
 //
-// Knobs: MOE_LITMUS_ITERATIONS (PutSignalLitmus iterations, default 2000; 10^6 on the GPU machine) and
-// NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero seed when unset: these tests need chaos). Every device wait is
-// bounded (kTimeoutNs) and reports where it stopped; every host wait is bounded too.
+// Knobs: NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero seed when unset: these tests need chaos). Every device wait
+// is bounded (kTimeoutNs) and reports where it stopped; every host wait is bounded too.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -48,73 +52,6 @@ namespace {
 using namespace nccl_moe::transport_test;  // NOLINT(build/namespaces): the tests' shared helpers
 
 // ---- Kernels ----
-
-struct LitmusSend {
-  ib::GpuQp qp;  // rank 0 -> rank 1
-  uint8_t* src;
-  uint64_t dst_addr;
-  uint32_t dst_rkey;
-  uint64_t sig_addr;
-  uint32_t sig_rkey;
-  const uint64_t* ack;  // rank 0's word, added to by rank 1
-  uint64_t iterations;
-  uint64_t seed;
-  TestStatus* st;
-};
-struct LitmusRecv {
-  ib::GpuQp qp;  // rank 1 -> rank 0 (acks)
-  const uint8_t* dst;
-  const uint64_t* sig;
-  uint64_t ack_addr;
-  uint32_t ack_rkey;
-  uint64_t iterations;
-  uint64_t seed;
-  TestStatus* st;
-};
-
-__global__ void litmusSendKernel(LitmusSend a) {
-  __shared__ int abort_flag;
-  if (threadIdx.x == 0) abort_flag = 0;
-  __syncthreads();
-  for (uint64_t i = 0; i < a.iterations; ++i) {
-    const uint32_t bytes = litmusBytes(a.seed, i);
-    fillLitmusSource(a.src, i, bytes);
-    __threadfence_system();  // the NIC's copy reads the source: every thread's stores before the doorbell
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (!ib::put_signal(a.qp, reinterpret_cast<uint64_t>(a.src), a.dst_addr, a.dst_rkey, bytes, a.sig_addr,
-                          a.sig_rkey, 1)) {
-        failStatus(a.st, 2, kWherePut, i, 0, 0);
-        abort_flag = 1;
-      } else if (!waitGeq(a.ack, i + 1, a.st, kWhereAck, i)) {
-        abort_flag = 1;
-      }
-    }
-    __syncthreads();
-    if (abort_flag != 0) return;
-  }
-  if (threadIdx.x == 0 && !ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
-}
-
-__global__ void litmusRecvKernel(LitmusRecv a) {
-  __shared__ int abort_flag;
-  if (threadIdx.x == 0) abort_flag = 0;
-  __syncthreads();
-  for (uint64_t i = 0; i < a.iterations; ++i) {
-    if (threadIdx.x == 0 && !waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
-    __syncthreads();
-    if (abort_flag != 0) return;
-    checkLitmusDestination(a.dst, i, litmusBytes(a.seed, i), a.st);
-    __syncthreads();  // every read of this iteration's data before the ack lets rank 0 refill its source
-    if (threadIdx.x == 0 && !ib::signal(a.qp, a.ack_addr, a.ack_rkey, 1)) {
-      failStatus(a.st, 2, kWhereAckSend, i, 0, 0);
-      abort_flag = 1;
-    }
-    __syncthreads();
-    if (abort_flag != 0) return;
-  }
-  if (threadIdx.x == 0 && !ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
-}
 
 // Ordering tests: one sender kernel and one observer kernel, `tries` rounds in lock step through the ack.
 enum class OrderTest : int { kCrossQp, kLastByte, kSourceOverwrite };
@@ -330,61 +267,69 @@ __global__ void concurrentSendKernel(ConcurrentArgs a) {
   if (!ib::quiet(a.qp)) failStatus(a.st, 2, kWhereQuiet, a.per_block, blockIdx.x, 0);
 }
 
-// ---- Host side ----
+// A producer that skips the SQ-full wait (what reserve() prevents): n WQEs written at once from the next free index
+// and announced with one doorbell, n > wqe_cnt, so the last ones overwrite slots of the first, still incomplete
+// (the NIC never saw them). n - 1 WRITEs of `bytes`, then a fetch-add to the peer's signal word.
+struct OverrunArgs {
+  ib::GpuQp qp;
+  uint32_t n;
+  uint64_t src;
+  uint64_t dst;
+  uint32_t dst_rkey;
+  uint32_t bytes;
+  uint64_t sig;
+  uint32_t sig_rkey;
+  TestStatus* st;
+};
+__global__ void sqOverrunKernel(OverrunArgs a) {
+  const uint32_t base = dev::atom_add_relaxed_gpu(&a.qp.state->reserved, a.n);  // no room wait
+  const nccl_moe::mlx5::SqRing sq{a.qp.sq, a.qp.wqe_cnt};
+  for (uint32_t k = 0; k < a.n; ++k) {
+    const nccl_moe::mlx5::WqeCtrl ctrl{base + k, a.qp.qpn, true, nccl_moe::mlx5::FenceMode::kNone};
+    if (k + 1 < a.n) {
+      nccl_moe::mlx5::build_write(sq.wqebb(base + k),
+                                  nccl_moe::mlx5::WriteWqe{ctrl, nccl_moe::mlx5::LocalSge{a.src, a.qp.lkey, a.bytes},
+                                                           nccl_moe::mlx5::RemoteSge{a.dst, a.dst_rkey}});
+    } else {
+      nccl_moe::mlx5::build_fetch_add(
+          sq.wqebb(base + k),
+          nccl_moe::mlx5::FetchAddWqe{
+              ctrl, nccl_moe::mlx5::RemoteSge{a.sig, a.sig_rkey}, 1,
+              nccl_moe::mlx5::LocalWord{reinterpret_cast<uint64_t>(&a.qp.state->atomic_result), a.qp.result_lkey}});
+    }
+  }
+  const bool posted = ib::detail::mark_ready(a.qp, base, a.n) && ib::ring(a.qp);
+  const bool quiet_ok = posted && ib::quiet(a.qp);
+  a.st->call_result = (posted ? 1 : 0) | (quiet_ok ? 2 : 0);
+  __threadfence_system();
+}
+
+// The peer of a failed QP: waits (bounded by timeout_ns, short) for a signal that travels on that QP and, when it
+// does not come, records a timeout naming the sender and the QP in its own rank's record, as a kernel of the
+// library waiting on a rank of another node does (nothing in the transport tells the peer: RC has no such message).
+struct PeerWaitArgs {
+  const uint64_t* sig;
+  uint64_t target;
+  uint64_t timeout_ns;
+  ErrorRecord* rec;
+  int rank;
+  int peer;
+  int qpn;
+};
+__global__ void peerWaitKernel(PeerWaitArgs a) {
+  const uint64_t start = dev::globaltimer_ns();
+  for (uint32_t spins = 0;; ++spins) {
+    const uint64_t seen = dev::ld_acquire_sys(a.sig);
+    if (seen >= a.target) return;
+    if ((spins & 255u) == 255u && dev::globaltimer_ns() - start > a.timeout_ns) {
+      dev::record_error_at(a.rec, a.rank, nccl_moe::kErrTimeout, Phase::kNone, a.peer, static_cast<long long>(seen),
+                           static_cast<long long>(a.target), a.qpn);
+      return;
+    }
+  }
+}
 
 // ---- Tests ----
-
-TEST(TransportLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
-  const uint64_t seed = testChaosSeed();
-  World w;
-  WORLD_OR_SKIP(w, seed);
-  const uint64_t iterations = litmusIterations(2000);
-  std::printf("PutSignalLitmus: chaos seed %" PRIu64 " (NCCL_MOE_EMU_CHAOS=%" PRIu64 " reproduces it), %" PRIu64
-              " iterations (MOE_LITMUS_ITERATIONS), sizes 1 B..4 MB log-uniform\n",
-              seed, seed, iterations);
-  DevWindow src, dst, sig, ack;
-  ASSERT_EQ("", allocWindow(w[0], kMaxLitmusBytes, 0, &src));
-  ASSERT_EQ("", allocWindow(w[1], kMaxLitmusBytes, 0, &dst));
-  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
-  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
-  em::EmulatedGpuQp *q01 = nullptr, *q10 = nullptr;
-  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &q01));
-  ASSERT_EQ("", connectQp(w[1], w[0], 0, kTimeoutNs, nullptr, &q10));
-  ASSERT_EQ("", startNics(w));
-  Mapped<TestStatus> st;
-  ASSERT_NE(nullptr, st.dev);
-  st.host->first_bad_iter = -1;
-  LitmusRecv recv{q10->view(), dst.ptr, reinterpret_cast<const uint64_t*>(sig.ptr), ack.addr(), ack.w.rkey, iterations,
-                  seed,        st.dev};
-  LitmusSend send{
-      q01->view(), src.ptr, dst.addr(), dst.w.rkey, sig.addr(), sig.w.rkey, reinterpret_cast<const uint64_t*>(ack.ptr),
-      iterations,  seed,    st.dev};
-  const auto t0 = std::chrono::steady_clock::now();
-  litmusRecvKernel<<<1, kThreads, 0, w.streams[1]>>>(recv);
-  litmusSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
-  CUDA_OK(cudaGetLastError());
-  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 1e-3, "PutSignalLitmus", [&] {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const uint64_t done = w[0].nic->counters().atomics;  // put_signals the NIC executed (one fetch-add each)
-    char line[160];
-    std::snprintf(line, sizeof(line), "%" PRIu64 " of %" PRIu64 " put_signals after %.0f s (%.0f per s)", done,
-                  iterations, s, done / s);
-    return std::string(line);
-  });
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("PutSignalLitmus: %.3f s, %.0f iterations/s; %s\n", secs, iterations / secs,
-              describeStatus(*st.host).c_str());
-  dumpWorld(w);
-  ASSERT_EQ("", waited);
-  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
-  EXPECT_EQ(0ull, st.host->mismatches) << describeStatus(*st.host) << " (chaos seed " << seed << ")";
-  EXPECT_EQ(0, w[0].error.host->code) << ib::describeNetError(*w[0].error.host, kTimeoutNs);
-  EXPECT_EQ(0, w[1].error.host->code) << ib::describeNetError(*w[1].error.host, kTimeoutNs);
-  EXPECT_FALSE(w[0].backend->failed()) << w[0].backend->error();
-  EXPECT_FALSE(w[1].backend->failed()) << w[1].backend->error();
-  EXPECT_EQ(iterations, w[0].nic->counters().atomics);
-  EXPECT_EQ(iterations, w[1].nic->counters().atomics);
-}
 
 // Runs one ordering test (sender rank 0, observer rank 1) and returns its status.
 void runOrderTest(OrderTest kind, uint32_t bytes, uint64_t tries, TestStatus* out) {
@@ -610,6 +555,71 @@ TEST(TransportLitmus, AccessErrorsFailTheQpAndAreRecorded) {
     EXPECT_EQ(0, w[0].error.host->code) << "the rank's own record is untouched (the QP had its own)";
   }
   dumpWorld(w);
+}
+
+TEST(TransportLitmus, SqOverrunFailsTheQpAndEveryRankReportsIt) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  constexpr uint32_t kWqeCnt = 16;      // 17 CQEs (one error, 16 flushes) fit the CQ of 64: no CQ overrun on top
+  constexpr uint32_t kN = kWqeCnt + 1;  // one WQEBB beyond the ring: WQE 16 overwrites WQE 0 (slot 0)
+  constexpr uint64_t kPeerTimeoutNs = 300ull * 1000 * 1000;
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  em::EmulatedGpuQp* q = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kTimeoutNs, nullptr, &q, kWqeCnt, 64));
+  ASSERT_EQ("", startNics(w));
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  peerWaitKernel<<<1, 1, 0, w.streams[1]>>>(PeerWaitArgs{reinterpret_cast<const uint64_t*>(sig.ptr), 1, kPeerTimeoutNs,
+                                                         w[1].error.dev, 1, 0, static_cast<int>(q->qpn())});
+  sqOverrunKernel<<<1, 1, 0, w.streams[0]>>>(
+      OverrunArgs{q->view(), kN, src.addr(), dst.addr(), dst.w.rkey, 64, sig.addr(), sig.w.rkey, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "SqOverrun kernels"));
+  const ErrorRecord r0 = *w[0].error.host;
+  const ErrorRecord r1 = *w[1].error.host;
+  const std::string msg0 = ib::describeNetError(r0, kTimeoutNs);
+  const std::string msg1 = ib::describeNetError(r1, kPeerTimeoutNs);
+  const std::string nic_msg = w[0].nic->qpError(q->qp());
+  std::printf("SqOverrun: rank 0 (the producer): %s\n  rank 1 (its peer): %s\n  NIC: %s\n", msg0.c_str(), msg1.c_str(),
+              nic_msg.c_str());
+  dumpWorld(w);
+  // The producer's rank: posting "succeeded" (nothing checks room), quiet polls the error CQE.
+  EXPECT_EQ(1, st.host->call_result) << "posted, and quiet reports the error";
+  EXPECT_EQ(nccl_moe::kErrNetCqe, r0.code) << msg0;
+  EXPECT_EQ(static_cast<int>(Phase::kNetCqe), r0.phase) << msg0;
+  EXPECT_EQ(0, r0.rank);
+  EXPECT_EQ(1, r0.peer);
+  EXPECT_EQ(static_cast<int>(q->qpn()), r0.qpn);
+  EXPECT_EQ(0, r0.counter) << "the first WQE not fetched fails: WQE 0";
+  EXPECT_EQ(0x02, r0.detail & 0xff) << "syndrome: local QP operation; " << msg0;
+  EXPECT_EQ(static_cast<int>(em::EmuFault::kSqOverrun), (r0.detail >> 8) & 0xff) << msg0;
+  EXPECT_NE(std::string::npos, msg0.find("net-cqe")) << msg0;
+  EXPECT_NE(std::string::npos, msg0.find("0x02")) << msg0;
+  // The NIC: the QP in error with the overrun named, nothing executed, every other announced WQE flushed.
+  EXPECT_EQ(em::QpState::kError, w[0].nic->qpState(q->qp()));
+  EXPECT_NE(std::string::npos, nic_msg.find("SQ overrun")) << nic_msg;
+  EXPECT_NE(std::string::npos, nic_msg.find("wqe_cnt 16")) << nic_msg;
+  const em::NicCounters c = w[0].nic->counters();
+  EXPECT_EQ(1u, c.error_cqes);
+  EXPECT_EQ(uint64_t{kN - 1}, c.flush_cqes);
+  EXPECT_EQ(0u, c.bytes_placed);
+  EXPECT_EQ(0u, c.atomics) << "the fetch-add was flushed";
+  EXPECT_EQ(0u, c.lost_cqes);
+  EXPECT_TRUE(w[0].nic->nicErrors().empty());
+  // The peer: its signal never comes; its bounded wait records a timeout naming the sender and the QP.
+  EXPECT_EQ(nccl_moe::kErrTimeout, r1.code) << msg1;
+  EXPECT_EQ(1, r1.rank);
+  EXPECT_EQ(0, r1.peer);
+  EXPECT_EQ(static_cast<int>(q->qpn()), r1.qpn) << msg1;
+  EXPECT_EQ(1, r1.expected);
+  EXPECT_NE(std::string::npos, msg1.find("gave up")) << msg1;
+  uint64_t signal = ~0ull;
+  CUDA_OK(cudaMemcpy(&signal, sig.ptr, sizeof(signal), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(0u, signal);
 }
 
 }  // namespace

@@ -2,10 +2,9 @@
 // ring, a ProxyThread (rdma::RequestProxy) turns the descriptors into WQEs on host-memory SQs, and the software NIC
 // executes them on this GPU (CudaMemoryBackend). The same one-GPU world as transport_litmus_test.cu
 // (transport_world.h): ranks 0 and 1, each with its own NIC, executor thread and error record; each rank that
-// posts gets its own ring and proxy thread. Kernels are one block each on two non-blocking streams.
+// posts gets its own ring and proxy thread. Kernels are one block each on two non-blocking streams. The put_signal
+// litmus through the proxy runs over whole worlds (2x1, 2x2, 4x1): transport_world_litmus_test.cu.
 //
-//   PutSignalLitmus            data then signal, 1 B..4 MB log-uniform, every byte checked, acked back through
-//                              rank 1's own ring
 //   CrossQpReordering          one ring, two QPs to one peer: B's word is seen before all of A's data at least once
 //   BackPressure               a ring of 4 slots, 4 blocks x 250 put_signal (1000 descriptors) starting 500 below
 //                              2^32: credits throttle the GPU, nothing is lost, the indices wrap
@@ -14,9 +13,16 @@
 //   StoppedProxy               quiet with no proxy thread: bounded kNetProxyQuiet timeout saying the quiet was
 //                              never taken; starting the thread afterwards completes the put; a 4-slot ring with
 //                              no consumer runs out of credits (kNetProxyCredit)
+//   RingOverrun                the proxy mode's SQ overrun. The SQs themselves cannot overrun here: the proxy posts
+//                              a descriptor only when its SQ has room (else it stays in the ring: back-pressure
+//                              through credits), and the GPU writes only slots it has credit for. What a wrong
+//                              producer can overrun is the ring: one that skips the credit wait writes descriptor
+//                              4 of a 4-slot ring over descriptor 0; the proxy stops with ring error "producer
+//                              overrun" before anything reaches the NIC, the GPU's next post records kErrNetProxy,
+//                              and the peer, waiting for the lost signal, records a bounded timeout (0.3 s)
 //
-// Knobs: MOE_LITMUS_ITERATIONS (PutSignalLitmus, default 1000), NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero
-// seed when unset). Expected GPU time at defaults: a few seconds (the two timeout tests wait 0.2 s each).
+// Knobs: NCCL_MOE_EMU_CHAOS (chaos seed; a fixed non-zero seed when unset). Expected GPU time: a few seconds (the
+// timeout tests wait 0.2-0.3 s each).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -39,69 +45,6 @@ using namespace nccl_moe::transport_test;  // NOLINT(build/namespaces): the test
 constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;  // the tests that expect a timeout
 
 // ---- Kernels (one thread per transport call, as the library's kernels will) ----
-
-struct LitmusSend {
-  px::GpuProxyQp q;  // rank 0 -> rank 1
-  uint8_t* src;      // offset 0 of the window q.lkey
-  uint32_t dst_rkey;
-  uint32_t sig_rkey;
-  const uint64_t* ack;  // rank 0's word, added to by rank 1
-  uint64_t iterations;
-  uint64_t seed;
-  TestStatus* st;
-};
-struct LitmusRecv {
-  px::GpuProxyQp q;  // rank 1 -> rank 0 (acks)
-  const uint8_t* dst;
-  const uint64_t* sig;
-  uint32_t ack_rkey;
-  uint64_t iterations;
-  uint64_t seed;
-  TestStatus* st;
-};
-
-__global__ void litmusSendKernel(LitmusSend a) {
-  __shared__ int abort_flag;
-  if (threadIdx.x == 0) abort_flag = 0;
-  __syncthreads();
-  for (uint64_t i = 0; i < a.iterations; ++i) {
-    const uint32_t bytes = litmusBytes(a.seed, i);
-    fillLitmusSource(a.src, i, bytes);
-    __threadfence_system();  // the NIC's copy reads the source: every thread's stores before the descriptor
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (!px::put_signal(a.q, 0, 0, a.dst_rkey, bytes, 0, a.sig_rkey, 1)) {
-        failStatus(a.st, 2, kWherePut, i, 0, 0);
-        abort_flag = 1;
-      } else if (!waitGeq(a.ack, i + 1, a.st, kWhereAck, i)) {
-        abort_flag = 1;
-      }
-    }
-    __syncthreads();
-    if (abort_flag != 0) return;
-  }
-  if (threadIdx.x == 0 && !px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
-}
-
-__global__ void litmusRecvKernel(LitmusRecv a) {
-  __shared__ int abort_flag;
-  if (threadIdx.x == 0) abort_flag = 0;
-  __syncthreads();
-  for (uint64_t i = 0; i < a.iterations; ++i) {
-    if (threadIdx.x == 0 && !waitGeq(a.sig, i + 1, a.st, kWhereSignal, i)) abort_flag = 1;
-    __syncthreads();
-    if (abort_flag != 0) return;
-    checkLitmusDestination(a.dst, i, litmusBytes(a.seed, i), a.st);
-    __syncthreads();  // every read of this iteration's data before the ack lets rank 0 refill its source
-    if (threadIdx.x == 0 && !px::signal(a.q, 0, a.ack_rkey, 1)) {
-      failStatus(a.st, 2, kWhereAckSend, i, 0, 0);
-      abort_flag = 1;
-    }
-    __syncthreads();
-    if (abort_flag != 0) return;
-  }
-  if (threadIdx.x == 0 && !px::quiet(a.q)) failStatus(a.st, 2, kWhereQuiet, a.iterations, 0, 0);
-}
 
 // Cross-QP: A (bytes, QP 0) then B (8 bytes at offset `bytes`, QP 1) through one ring, quiet, wait for the ack.
 struct CrossSend {
@@ -234,6 +177,57 @@ __global__ void singleKernel(SingleArgs a) {
   __threadfence_system();
 }
 
+// A producer that ignores its credits (what post()'s credit wait prevents): n put descriptors at once, the last a
+// put_signal to the peer's signal word. With n > num_slots and nobody consuming, descriptor num_slots lands in
+// slot 0 over descriptor 0.
+struct RingOverrunArgs {
+  px::GpuProxyQp q;
+  uint32_t n;
+  uint32_t dst_rkey;
+  uint32_t sig_rkey;
+};
+__global__ void ringOverrunKernel(RingOverrunArgs a) {
+  const uint32_t seq = dev::atom_add_relaxed_gpu(a.q.producer_index, a.n);  // no credit wait
+  dev::fence_acq_rel_sys();
+  for (uint32_t k = 0; k < a.n; ++k) {
+    rdma::ProxyRequest r;
+    r.op = k + 1 < a.n ? rdma::ProxyOp::kPut : rdma::ProxyOp::kPutSignal;
+    r.qp = a.q.qp;
+    r.bytes = 64;
+    r.local_key = a.q.lkey;
+    r.remote_key = a.dst_rkey;
+    r.signal_key = a.sig_rkey;
+    r.signal_add = 1;
+    rdma::ProxyDesc d;
+    rdma::proxy_encode(r, seq + k, a.q.num_slots, &d);
+    uint64_t* slot = a.q.slots[rdma::proxy_slot(seq + k, a.q.num_slots)].q;
+    for (int i = 0; i < 8; i += 2) dev::st_relaxed_sys_v2(slot + i, d.q[i], d.q[i + 1]);
+  }
+}
+
+// The peer: waits (bounded by timeout_ns, short) for a signal that would travel on the failed ring's QP and records
+// a timeout naming the sender and the QP in its own rank's record (nothing in the transport tells the peer).
+struct PeerWaitArgs {
+  const uint64_t* sig;
+  uint64_t timeout_ns;
+  ErrorRecord* rec;
+  int rank;
+  int peer;
+  int qpn;
+};
+__global__ void peerWaitKernel(PeerWaitArgs a) {
+  const uint64_t start = dev::globaltimer_ns();
+  for (uint32_t spins = 0;; ++spins) {
+    const uint64_t seen = dev::ld_acquire_sys(a.sig);
+    if (seen >= 1) return;
+    if ((spins & 255u) == 255u && dev::globaltimer_ns() - start > a.timeout_ns) {
+      dev::record_error_at(a.rec, a.rank, nccl_moe::kErrTimeout, Phase::kNone, a.peer, static_cast<long long>(seen), 1,
+                           a.qpn);
+      return;
+    }
+  }
+}
+
 // ---- Host side ----
 
 #define PROXY_WORLD_OR_SKIP(world, seed)                                                     \
@@ -244,67 +238,6 @@ __global__ void singleKernel(SingleArgs a) {
   } while (0)
 
 // ---- Tests ----
-
-TEST(GpuRequestProxy, PutSignalDataIsCompleteWhenTheSignalArrives) {
-  const uint64_t seed = testChaosSeed();
-  World w;
-  PROXY_WORLD_OR_SKIP(w, seed);
-  Proxies ps{&w, {}};
-  const uint64_t iterations = litmusIterations(1000);
-  std::printf("GpuRequestProxy.PutSignalLitmus: chaos seed %" PRIu64 " (NCCL_MOE_EMU_CHAOS=%" PRIu64
-              " reproduces it), %" PRIu64 " iterations (MOE_LITMUS_ITERATIONS), sizes 1 B..4 MB log-uniform\n",
-              seed, seed, iterations);
-  DevWindow src, dst, sig, ack;
-  ASSERT_EQ("", allocWindow(w[0], kMaxLitmusBytes, 0, &src));
-  ASSERT_EQ("", allocWindow(w[1], kMaxLitmusBytes, 0, &dst));
-  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
-  ASSERT_EQ("", allocWindow(w[0], 64, rdma::kWindowSignal, &ack));
-  em::EmulatedGpuProxy *p01 = nullptr, *p10 = nullptr;
-  ASSERT_EQ("", makeProxy(ps, 0, {1}, 64, 0, src.w.lkey, kTimeoutNs, nullptr, &p01));
-  ASSERT_EQ("", makeProxy(ps, 1, {0}, 64, 0, 0, kTimeoutNs, nullptr, &p10));
-  ASSERT_EQ("", startNics(w));
-  ASSERT_EQ("", startProxies(ps));
-  Mapped<TestStatus> st;
-  ASSERT_NE(nullptr, st.dev);
-  st.host->first_bad_iter = -1;
-  const LitmusRecv recv{p10->view(0), dst.ptr, reinterpret_cast<const uint64_t*>(sig.ptr), ack.w.rkey, iterations,
-                        seed,         st.dev};
-  const LitmusSend send{p01->view(0), src.ptr, dst.w.rkey, sig.w.rkey, reinterpret_cast<const uint64_t*>(ack.ptr),
-                        iterations,   seed,    st.dev};
-  const auto t0 = std::chrono::steady_clock::now();
-  litmusRecvKernel<<<1, kThreads, 0, w.streams[1]>>>(recv);
-  litmusSendKernel<<<1, kThreads, 0, w.streams[0]>>>(send);
-  CUDA_OK(cudaGetLastError());
-  const std::string waited = waitStreams(w, kHostTimeoutS + iterations * 2e-3, "GpuRequestProxy.PutSignalLitmus", [&] {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const uint64_t done = w[0].nic->counters().atomics;  // put_signals the NIC executed (one fetch-add each)
-    char line[200];
-    std::snprintf(line, sizeof(line),
-                  "%" PRIu64 " of %" PRIu64
-                  " put_signals after %.0f s (%.0f per s); ring 0->1 "
-                  "consumed %u completed %u",
-                  done, iterations, s, done / s, p01->consumed(), p01->completed());
-    return std::string(line);
-  });
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("GpuRequestProxy.PutSignalLitmus: %.3f s, %.0f iterations/s; %s\n", secs, iterations / secs,
-              describeStatus(*st.host).c_str());
-  dumpProxies(w, ps, kTimeoutNs);
-  ASSERT_EQ("", waited);
-  EXPECT_EQ(0, st.host->failed) << describeStatus(*st.host);
-  EXPECT_EQ(0ull, st.host->mismatches) << describeStatus(*st.host) << " (chaos seed " << seed << ")";
-  EXPECT_EQ(0, w[0].error.host->code) << px::describeProxyError(*w[0].error.host, kTimeoutNs);
-  EXPECT_EQ(0, w[1].error.host->code) << px::describeProxyError(*w[1].error.host, kTimeoutNs);
-  EXPECT_FALSE(p01->thread().failed()) << p01->thread().error();
-  EXPECT_FALSE(p10->thread().failed()) << p10->thread().error();
-  EXPECT_FALSE(w[0].backend->failed()) << w[0].backend->error();
-  EXPECT_FALSE(w[1].backend->failed()) << w[1].backend->error();
-  EXPECT_EQ(iterations, w[0].nic->counters().atomics);
-  EXPECT_EQ(iterations, w[1].nic->counters().atomics);
-  // Every descriptor (iterations + the final quiet) was consumed and completed.
-  EXPECT_EQ(static_cast<uint32_t>(iterations + 1), p01->completed());
-  EXPECT_EQ(static_cast<uint32_t>(iterations + 1), p10->completed());
-}
 
 TEST(GpuRequestProxy, CrossQpReorderingIsObserved) {
   const uint64_t seed = testChaosSeed();
@@ -521,6 +454,73 @@ TEST(GpuRequestProxy, QuietWithoutAProxyThreadTimesOutNamingThePhase) {
   EXPECT_EQ(1, crec.expected) << "descriptor 4 needs consumed > 0";
   EXPECT_NE(std::string::npos, cmsg.find("ring slot")) << cmsg;
   EXPECT_EQ(static_cast<int>(p4->qpn(0)), crec.qpn);
+}
+
+TEST(GpuRequestProxy, ARingOverrunStopsTheProxyAndEveryRankReportsIt) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  PROXY_WORLD_OR_SKIP(w, seed);
+  Proxies ps{&w, {}};
+  constexpr uint32_t kSlots = 4;
+  constexpr uint64_t kPeerTimeoutNs = 300ull * 1000 * 1000;
+  DevWindow src, dst, sig;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  ASSERT_EQ("", allocWindow(w[1], 64, rdma::kWindowSignal, &sig));
+  em::EmulatedGpuProxy* p = nullptr;
+  ASSERT_EQ("", makeProxy(ps, 0, {1}, kSlots, 0, src.w.lkey, kTimeoutNs, nullptr, &p));
+  ASSERT_EQ("", startNics(w));
+  // The wrong producer first, with nobody consuming (the thread is not started yet): the overrun is in the ring when
+  // the proxy first looks, so what it finds does not depend on timing.
+  peerWaitKernel<<<1, 1, 0, w.streams[1]>>>(PeerWaitArgs{reinterpret_cast<const uint64_t*>(sig.ptr), kPeerTimeoutNs,
+                                                         w[1].error.dev, 1, 0, static_cast<int>(p->qpn(0))});
+  ringOverrunKernel<<<1, 1, 0, w.streams[0]>>>(RingOverrunArgs{p->view(0), kSlots + 1, dst.w.rkey, sig.w.rkey});
+  CUDA_OK(cudaGetLastError());
+  for (const auto start = std::chrono::steady_clock::now(); cudaStreamQuery(w.streams[0]) == cudaErrorNotReady;) {
+    ASSERT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), kHostTimeoutS)
+        << "the overrun writer did not finish";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  NCCL_OK(p->start());
+  const auto start = std::chrono::steady_clock::now();
+  while (p->ringError() == 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(static_cast<uint32_t>(rdma::ProxyError::kOverrun), p->ringError())
+      << "the proxy did not report the overrun within 10 s; " << p->describe();
+  // The producer's rank: its next call (a quiet) sees the ring's error word.
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  singleKernel<<<1, 1, 0, w.streams[0]>>>(SingleArgs{p->view(0), dst.w.rkey, 64, 0, 1, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "GpuRequestProxy.RingOverrun kernels"));
+  const ErrorRecord r0 = *w[0].error.host;
+  const ErrorRecord r1 = *w[1].error.host;
+  const std::string msg0 = px::describeProxyError(r0, kTimeoutNs);
+  const std::string msg1 = px::describeProxyError(r1, kPeerTimeoutNs);
+  std::printf("GpuRequestProxy.RingOverrun: rank 0 (the producer): %s\n  rank 1 (its peer): %s\n  proxy thread: %s\n",
+              msg0.c_str(), msg1.c_str(), p->thread().error().c_str());
+  dumpProxies(w, ps, kTimeoutNs);
+  EXPECT_EQ(0, st.host->call_result & 2) << "quiet must fail";
+  EXPECT_EQ(nccl_moe::kErrNetProxy, r0.code) << msg0;
+  EXPECT_EQ(static_cast<int>(rdma::ProxyError::kOverrun), r0.detail) << msg0;
+  EXPECT_TRUE(r0.phase == static_cast<int>(Phase::kNetProxyCredit) ||
+              r0.phase == static_cast<int>(Phase::kNetProxyQuiet))
+      << msg0;
+  EXPECT_EQ(0, r0.rank);
+  EXPECT_EQ(1, r0.peer);
+  EXPECT_EQ(static_cast<int>(p->qpn(0)), r0.qpn);
+  EXPECT_NE(std::string::npos, msg0.find("producer overrun")) << msg0;
+  EXPECT_TRUE(p->thread().failed());
+  EXPECT_NE(std::string::npos, p->thread().error().find("ignored its credits")) << p->thread().error();
+  EXPECT_EQ(0u, p->consumed()) << "descriptor 0 was never taken";
+  EXPECT_EQ(0u, w[0].nic->qpAnnounced(p->nicQp(0))) << "nothing reaches the NIC after an overrun";
+  EXPECT_EQ(0u, w[0].nic->counters().bytes_placed);
+  // The peer: the signal of descriptor 4 never comes; its bounded wait names the sender and the QP.
+  EXPECT_EQ(nccl_moe::kErrTimeout, r1.code) << msg1;
+  EXPECT_EQ(1, r1.rank);
+  EXPECT_EQ(0, r1.peer);
+  EXPECT_EQ(static_cast<int>(p->qpn(0)), r1.qpn) << msg1;
+  EXPECT_NE(std::string::npos, msg1.find("gave up")) << msg1;
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // What the scale-out transport's GPU tests (transport_litmus_test.cu: IBGDA, transport_proxy_test.cu: the request
-// proxy) add to the one-GPU transport world of tests/harness/transport_world.h (shared with moe-perf's transport
-// mode): GoogleTest assertion macros, the litmus knobs (MOE_LITMUS_ITERATIONS, the chaos seed these tests always
-// run with), the litmus size distribution and the fill bytes of the ordering tests.
+// proxy, transport_world_litmus_test.cu: the put_signal litmus over 2x1 / 2x2 / 4x1 worlds in both modes) add to the
+// one-GPU transport world of tests/harness/transport_world.h (shared with moe-perf's transport mode): GoogleTest
+// assertion macros, the litmus knobs (MOE_LITMUS_ITERATIONS: a world's total iterations; the chaos seed these tests
+// always run with), the litmus size distribution and the fill bytes of the ordering tests.
 #pragma once
 
 #include <cuda_runtime.h>

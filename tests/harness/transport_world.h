@@ -1,10 +1,11 @@
 // The one-GPU transport world of the scale-out transport's GPU tests (tests/gpu/transport_litmus_test.cu: IBGDA,
-// transport_proxy_test.cu: the request proxy) and of moe-perf's transport mode (perf/gpu_transport.cu): two virtual
-// ranks (two virtual nodes) on one GPU, each with its own software NIC (CudaMemoryBackend), window registry and
-// mapped error record; device windows; GPU-driven QPs (EmulatedGpuQp) and request-proxy rings (EmulatedGpuProxy)
-// between them; the litmus payload (a pattern word per iteration and offset) with its fill and its check; the
-// mapped TestStatus a kernel reports where it stopped in; bounded device and host waits; the failure dump. Every
-// wait is bounded. No GoogleTest here: tests/gpu/transport_world.h adds the tests' assertion macros and knobs.
+// transport_proxy_test.cu: the request proxy, transport_world_litmus_test.cu: both over 2x1, 2x2 and 4x1 worlds) and
+// of moe-perf's transport mode (perf/gpu_transport.cu): R virtual ranks on one GPU (2 unless asked: ranks 0 and 1,
+// two virtual nodes), each with its own software NIC (CudaMemoryBackend) and executor thread, window registry,
+// mapped error record and test stream; device windows; GPU-driven QPs (EmulatedGpuQp) and request-proxy rings
+// (EmulatedGpuProxy) between them; the litmus payload (a pattern word per iteration and offset) with its fill and its
+// check; the mapped TestStatus a kernel reports where it stopped in; bounded device and host waits; the failure dump.
+// Every wait is bounded. No GoogleTest here: tests/gpu/transport_world.h adds the tests' assertion macros and knobs.
 //
 // Setup allocates (cudaMalloc, cudaMemset, cudaDeviceSynchronize); do all of it before the first kernel that
 // spins on a peer is launched (the CUDA backend's rule: nothing after create() may wait for the device while a
@@ -208,10 +209,11 @@ struct GpuRank {
   std::vector<std::unique_ptr<em::EmulatedGpuQp>> qps;
 };
 
-// Two ranks on GPU 0. Destruction stops both NICs before anything they may touch is freed.
+// R ranks on GPU 0 (makeWorld), stream r for rank r's kernels. Destruction stops every NIC before anything they may
+// touch is freed.
 struct World {
-  std::unique_ptr<GpuRank> ranks[2];
-  cudaStream_t streams[2] = {nullptr, nullptr};
+  std::vector<std::unique_ptr<GpuRank>> ranks;
+  std::vector<cudaStream_t> streams;
   uint64_t seed = 0;
   ~World() {
     for (auto& r : ranks)
@@ -228,12 +230,15 @@ struct World {
     for (cudaStream_t s : streams)
       if (s != nullptr) cudaStreamDestroy(s);
   }
-  GpuRank& operator[](int i) { return *ranks[i]; }
+  GpuRank& operator[](int i) { return *ranks[static_cast<size_t>(i)]; }
+  int size() const { return static_cast<int>(ranks.size()); }
 };
 
 // "skip" without a CUDA GPU, "" when built, else what failed. `seed`: chaos seed of rank 0's NIC (rank r gets
-// seed + r); 0 = chaos off.
-inline std::string makeWorld(uint64_t seed, World* w) {
+// seed + r); 0 = chaos off. `num_ranks` ranks; `one_stream`: each backend places every QP's copies and atomics on
+// one stream (CudaBackendOptions::one_stream: a world of many QPs keeps few streams, one per NIC, so no NIC stream
+// shares a hardware queue with a spinning test kernel).
+inline std::string makeWorld(uint64_t seed, World* w, int num_ranks = 2, bool one_stream = false) {
   int num_devices = 0;
   if (cudaGetDeviceCount(&num_devices) != cudaSuccess || num_devices < 1) {
     (void)cudaGetLastError();
@@ -241,13 +246,16 @@ inline std::string makeWorld(uint64_t seed, World* w) {
   }
   if (cudaSetDevice(0) != cudaSuccess) return "cudaSetDevice(0) failed";
   w->seed = seed;
-  for (int r = 0; r < 2; ++r) {
+  w->ranks.resize(static_cast<size_t>(num_ranks));
+  w->streams.assign(static_cast<size_t>(num_ranks), nullptr);
+  for (int r = 0; r < num_ranks; ++r) {
     auto rank = std::make_unique<GpuRank>();
     rank->rank = r;
     rank->windows = std::make_unique<rdma::WindowRegistry>(static_cast<uint8_t>(0x30 + r));
     if (rank->error.host == nullptr || rank->error.dev == nullptr) return "mapped error record allocation failed";
     em::CudaBackendOptions bo;
     bo.device = 0;
+    bo.one_stream = one_stream;
     if (em::CudaMemoryBackend::create(bo, &rank->backend) != ncclSuccess)
       return std::string("CudaMemoryBackend::create: ") + nccl_moe::threadLastError();
     em::NicConfig nc;
@@ -255,11 +263,10 @@ inline std::string makeWorld(uint64_t seed, World* w) {
     nc.chaos.seed = seed != 0 ? seed + static_cast<uint64_t>(r) : 0;
     nc.max_chunk_bytes = bo.max_chunk_bytes;
     rank->nic = std::make_unique<em::SoftNic>(nc, rank->backend.get(), rank->windows.get());
-    w->ranks[r] = std::move(rank);
+    w->ranks[static_cast<size_t>(r)] = std::move(rank);
   }
-  for (int r = 0; r < 2; ++r)
-    if (cudaStreamCreateWithFlags(&w->streams[r], cudaStreamNonBlocking) != cudaSuccess)
-      return "stream creation failed";
+  for (cudaStream_t& s : w->streams)
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) return "stream creation failed";
   return "";
 }
 
@@ -275,15 +282,16 @@ inline std::string allocWindow(GpuRank& r, uint64_t bytes, uint32_t flags, DevWi
   return "";
 }
 
+// A QP of `from` to `to` (wqe_cnt WQEBBs, cqe_cnt CQEs), connected; reports into dev_error, else from's record.
 inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error,
-                             em::EmulatedGpuQp** out) {
+                             em::EmulatedGpuQp** out, uint32_t wqe_cnt = 64, uint32_t cqe_cnt = 64) {
   em::GpuQpSpec spec;
   spec.nic = from.nic.get();
   spec.backend = from.backend.get();
   spec.local_windows = from.windows.get();
   spec.responder = em::Responder{to.windows.get(), to.rank, 0};
-  spec.wqe_cnt = 64;
-  spec.cqe_cnt = 64;
+  spec.wqe_cnt = wqe_cnt;
+  spec.cqe_cnt = cqe_cnt;
   spec.src_lkey = src_lkey;
   spec.rank = from.rank;
   spec.timeout_ns = timeout_ns;
@@ -297,12 +305,12 @@ inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint
 }
 
 inline std::string startNics(World& w) {
-  for (int r = 0; r < 2; ++r)
+  for (int r = 0; r < w.size(); ++r)
     if (w[r].nic->start() != ncclSuccess) return std::string("SoftNic::start: ") + nccl_moe::threadLastError();
   return "";
 }
 
-// Bounded host wait for both test streams; "" or what is still running.
+// Bounded host wait for every rank's test stream; "" or what is still running.
 // `progress` (optional): a line printed every 5 s while the kernels run (long litmus runs say how far they got).
 inline std::string waitStreams(World& w, double timeout_s, const char* what,
                                const std::function<std::string()>& progress = {}) {
@@ -315,8 +323,8 @@ inline std::string waitStreams(World& w, double timeout_s, const char* what,
       next_report += std::chrono::seconds(5);
     }
     bool all = true;
-    for (int r = 0; r < 2; ++r) {
-      const cudaError_t e = cudaStreamQuery(w.streams[r]);
+    for (int r = 0; r < w.size(); ++r) {
+      const cudaError_t e = cudaStreamQuery(w.streams[static_cast<size_t>(r)]);
       if (e == cudaErrorNotReady) {
         all = false;
       } else if (e != cudaSuccess) {
@@ -340,9 +348,9 @@ inline std::string describeStatus(const TestStatus& s) {
   return buf;
 }
 
-// Everything that helps to read a failure from the log: both NICs, their QPs, the GPU records, the backends.
+// Everything that helps to read a failure from the log: every NIC, their QPs, the GPU records, the backends.
 inline void dumpWorld(World& w) {
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < w.size(); ++r) {
     GpuRank& k = w[r];
     const em::NicCounters c = k.nic->counters();
     std::printf("[rank %d] %s: wqes %" PRIu64 " bytes %" PRIu64 " atomics %" PRIu64 " cqes %" PRIu64
@@ -409,12 +417,12 @@ inline std::string startProxies(Proxies& ps) {
   return "";
 }
 
-// dumpWorld plus every ring and both records as the proxy describes them.
+// dumpWorld plus every ring and every rank's record as the proxy describes them.
 inline void dumpProxies(World& w, Proxies& ps, uint64_t timeout_ns) {
   dumpWorld(w);
   for (size_t i = 0; i < ps.all.size(); ++i)
     std::printf("[proxy %zu, rank %d] %s\n", i, ps.all[i]->view(0).rank, ps.all[i]->describe().c_str());
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < w.size(); ++r) {
     const ErrorRecord rec = *w[r].error.host;
     std::printf("[rank %d]   GPU error record (proxy): %s\n", r,
                 rec.code == 0 ? "none" : px::describeProxyError(rec, timeout_ns).c_str());
