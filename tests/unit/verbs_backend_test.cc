@@ -1009,3 +1009,35 @@ TEST_F(VerbsBackend, ADeviceClosedUnderLiveObjectsLeaksInsteadOfClosing) {
 
 }  // namespace
 }  // namespace nccl_moe::verbs
+
+namespace nccl_moe::verbs {
+namespace {
+
+TEST_F(VerbsBackend, HostMapperSharesContainedRangesAndRefusesPartialOverlaps) {
+  HostMapper mapper(cuda_);
+  Page block(4 * 4096);
+  uint8_t* base = static_cast<uint8_t*>(block.p);
+  void* dev = nullptr;
+  ASSERT_EQ(ncclSuccess, mapper.map(base + 10, 2 * 4096, false, "queue", &dev)) << lastError();
+  EXPECT_EQ(base + 10 + kDevOffset, static_cast<uint8_t*>(dev));
+  ASSERT_EQ(1u, g->host_regs.size());
+  EXPECT_EQ(3u * 4096, g->host_regs.begin()->second.first);  // whole pages around [base + 10, +8192)
+  ASSERT_EQ(ncclSuccess, mapper.map(base + 4096 + 8, 8, false, "record", &dev));  // inside: shared, no new call
+  EXPECT_EQ(base + 4096 + 8 + kDevOffset, static_cast<uint8_t*>(dev));
+  EXPECT_EQ(1u, g->host_regs.size());
+  EXPECT_EQ(ncclInternalError, mapper.map(base + 2 * 4096, 2 * 4096, false, "cq", &dev));
+  EXPECT_TRUE(contains(lastError(), "cq")) << lastError();
+  EXPECT_TRUE(contains(lastError(), "only partly")) << lastError();
+  EXPECT_EQ(ncclInternalError, mapper.map(base, 8, true, "uar", &dev));
+  EXPECT_TRUE(contains(lastError(), "already mapped as ordinary memory")) << lastError();
+  mapper.unmap(base + 10);
+  EXPECT_EQ(1u, g->host_regs.size()) << "one user left";
+  mapper.unmap(base + 4096 + 8);
+  EXPECT_TRUE(g->host_regs.empty());
+  ASSERT_EQ(ncclSuccess, mapper.map(base, 8, true, "uar", &dev));
+  EXPECT_EQ(1u, mapper.numRegistrations());
+  // The destructor unregisters what is left (TearDown checks).
+}
+
+}  // namespace
+}  // namespace nccl_moe::verbs
