@@ -42,6 +42,12 @@ const std::vector<EnvVar>& envRegistry() {
        "Service level (0..15) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_SL."},
       {"NCCL_MOE_IB_LL_TC", EnvType::kInt, "",
        "Traffic class (0..255) of the low-latency kernels' QPs. Unset: the value of NCCL_MOE_IB_TC."},
+      {"NCCL_MOE_IB_HCA", EnvType::kString, "",
+       "The verbs device (and port) of this rank's scale-out QPs: mlx5_0 or mlx5_0:1 (NCCL_IB_HCA's syntax without "
+       "lists or exclusions). Unset: the NIC nearest the GPU, else the first device."},
+      {"NCCL_MOE_IB_GID_INDEX", EnvType::kInt, "",
+       "GID index of the scale-out QPs (RoCE, IB with a GRH). Unset: NCCL_IB_GID_INDEX, else (or -1) InfiniBand 0, "
+       "RoCE the first RoCE v2 IPv4 GID."},
       {"NCCL_MOE_NET", EnvType::kString, "auto",
        "Scale-out network of communicators that span several nodes: auto or ib (a verbs NIC; this build has no "
        "verbs backend yet, so such communicators are refused), emulated (the software NIC: correctness only, for "
