@@ -13,7 +13,8 @@
 // Regions of rank r (N nodes, R ranks, C = max_tokens_per_rank, slot j = one other node):
 //   control       HtNetControl: this rank's call counts and last-block counter (never written by peers)
 //   counters      [kHtNetCounterKinds][N - 1] int64: this rank's own bookkeeping per rail peer (records / partials
-//                 consumed by earlier calls: the base a cumulative tail is compared against)
+//                 consumed by earlier calls: the base a cumulative tail is compared against; the chunks of the
+//                 running call already posted: the order of its tail adds)
 //   signals       [kHtNetSignalKinds][N - 1] uint64 words; [kind][j] written ONLY by the rail peer on slot j's node
 //                 (fetch-adds on that peer's QP): one writer per word
 //   notify words  [2][R] uint64: [0][s] +1 by rank s after its notify record to r; [1][d] +1 by rank d once it read
@@ -44,9 +45,9 @@ namespace nccl_moe {
 
 // Signal kinds (rows of the signals region); word [kind][j] of rank r is written only by r's rail peer on slot j.
 enum HtNetSignal : int {
-  kHtNetDispTail = 0,  // +n per dispatch WRITE, after its n records (cumulative over calls)
+  kHtNetDispTail = 0,  // +n per dispatch chunk WRITE, after its n records (cumulative over calls; chunks in order)
   kHtNetDispAck = 1,   // +1 per dispatch: the peer read every record this rank sent it in that dispatch
-  kHtNetCombTail = 2,  // +n per combine WRITE, after its n partials (cumulative over calls)
+  kHtNetCombTail = 2,  // +n per combine chunk WRITE, after its n partials (cumulative over calls; chunks in order)
   kHtNetCombAck = 3,   // +1 per combine: the peer read every partial this rank returned to it
   kHtNetSignalKinds = 4,
 };
@@ -60,9 +61,12 @@ enum HtNetNotifyWord : int {
 
 // Own bookkeeping words per rail peer (rows of the counters region).
 enum HtNetCounter : int {
-  kHtNetDispBase = 0,  // dispatch records received from slot j in earlier calls (the tail's base)
-  kHtNetCombBase = 1,  // combine partials received from slot j in earlier calls
-  kHtNetCounterKinds = 2,
+  kHtNetDispBase = 0,    // dispatch records received from slot j in earlier calls (the tail's base)
+  kHtNetCombBase = 1,    // combine partials received from slot j in earlier calls
+  kHtNetDispPosted = 2,  // (tag << 32) | chunks of slot j posted by dispatch `tag` (the posting order of its chunks;
+                         // bit 31 set: a chunk could not be staged, no later chunk of that call is posted)
+  kHtNetCombPosted = 3,  // the same for the partials a combine returns to slot j
+  kHtNetCounterKinds = 4,
 };
 
 // Head of a dispatch record. pos[j]: the token's row position at rank (destination node, local index j), that is
@@ -93,7 +97,7 @@ struct HtNetControl {
   long long dispatch_count;  // fresh and cached dispatches
   long long combine_count;
   int blocks_done;  // last-block counter of the running kernel (back to 0 after each launch)
-  int reserved;
+  int ticket;       // next chunk ticket of the running send / reduce kernel (back to 0 by its last block)
 };
 static_assert(sizeof(HtNetControl) == 32, "HT net control size");
 

@@ -10,16 +10,19 @@
 //            with weights, its K weights go to the forwarder f = (m, local index of s) -- s itself when s is on
 //            this node -- into f's HT slot [node(s) * G + g][p], then row_flag = e (after f arrived).
 //   reduce   (forwarder of the rail sources of the other nodes) every block waits, per slot j, for the source's
-//            CombAck >= tag - 1 (it read r's previous partials, so r's recv[j] may be rewritten). Warp per record q
-//            of slot j: the holders g from fwd_pos[j][q] (the dispatch's header positions), their row flags, the
-//            node partial bf16(0 + sum over g ascending) and the FP32 weight sums into recv[j] record q. The last
-//            block WRITES each slot's records back to the source's send window and adds their count to its
-//            CombTail (one put_signal).
-//   home     every block waits, per slot j, for CombTail >= CombBase + node_count (the partials of this combine).
-//            Warp per own token t: this node's partial from the rows its holders returned into r's slots
-//            [m * G + g][send_pos] (rounded to bf16), each other node's partial from send[j] record node_pos[t],
-//            summed over nodes ascending, then biases; weights likewise. The last block adds node_count to CombBase,
-//            +1 on every rail peer's CombAck, and stores epoch and combine count.
+//            CombAck >= tag - 1 (it read r's previous partials, so r's recv[j] may be rewritten). Warps take chunks
+//            of kHtNetChunk records by ticket (common.cuh, "Chunked RDMA WRITEs"): for each record q of the chunk,
+//            the holders g from fwd_pos[j][q] (the dispatch's header positions), their row flags, the node partial
+//            bf16(0 + sum over g ascending) and the FP32 weight sums into recv[j] record q; then the chunk is
+//            WRITTEN back to the source's send window with +n on its CombTail (one put_signal), after the slot's
+//            earlier chunks.
+//   home     warp per own token t: this node's partial from the rows its holders returned into r's slots
+//            [m * G + g][send_pos] (rounded to bf16), each other node's partial from send[j] record q = node_pos[t]
+//            once CombTail >= CombBase + q + 1 (acquire: chunks land whole and in order), summed over nodes
+//            ascending, then biases; weights likewise. The last block adds node_count to CombBase, +1 on every
+//            rail peer's CombAck, and stores epoch and combine count.
+// No kernel waits for a block of its own grid that may not have started (a chunk waits only for the chunks of earlier
+// tickets, whose warps are running); every wait is bounded and names phase, peer and QP.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -138,50 +141,42 @@ __global__ void __launch_bounds__(kHtNetThreads)
   if (!s_ok) return;
   const size_t stride = combine_stride(a);
   uint8_t* net = htnet::own_net(n);
-  const int warp = htnet::grid_warp(), warps = htnet::grid_warps();
-  bool ok = true;
-  for (int j = 0; j < S && ok; ++j) {
-    const int slot0 = HtNetLayout::slot_node(j, n.node) * G, count = r.fwd_count[j];
-    for (int q = warp; q < count; q += warps) {
-      const int* pos = r.fwd_pos + (static_cast<size_t>(j) * C + q) * G;
+  htnet::Chunk c;
+  const auto records_of = [&](int j) { return r.fwd_count[j]; };
+  while (htnet::warp_take_chunk(n, records_of, &c)) {
+    const int slot0 = HtNetLayout::slot_node(c.slot, n.node) * G;
+    bool staged = true;
+    for (int q = c.begin; q < c.end && staged; ++q) {
+      const int* pos = r.fwd_pos + (static_cast<size_t>(c.slot) * C + q) * G;
       if (!wait_holder_rows(n, slot0, pos, epoch)) {
-        ok = false;
+        staged = false;
         break;
       }
-      uint8_t* rec = net + L.recv_record(j, q, stride);
+      uint8_t* rec = net + L.recv_record(c.slot, q, stride);
       node_partial(
           a, slot0, pos, rec,
           a.topk_weights != nullptr ? reinterpret_cast<float*>(rec + 2 * static_cast<size_t>(a.hidden)) : nullptr);
     }
+    __syncwarp();
+    if (lane() == 0) {
+      const int at_peer = htnet::slot_at_peer(n, c.slot);
+      htnet::post_chunk(n, htnet::own_counter(n, kHtNetCombPosted, c.slot), tag, c, staged,
+                        net + L.recv_record(c.slot, c.begin, stride), L.send_record(at_peer, c.begin, stride),
+                        static_cast<size_t>(c.end - c.begin) * stride, L.signal(kHtNetCombTail, at_peer),
+                        Phase::kHtNetCombine);
+    }
+    __syncwarp();
   }
-  if (!htnet::last_block(n)) return;
-  if (threadIdx.x < static_cast<unsigned>(S)) {
-    const int j = threadIdx.x, count = r.fwd_count[j];
-    const int peer = htnet::rail_peer(n, j), at_peer = htnet::slot_at_peer(n, j);
-    htnet::put_signal(n, peer, net + L.recv_record(j, 0, stride), L.send_record(at_peer, 0, stride),
-                      static_cast<size_t>(count) * stride, L.signal(kHtNetCombTail, at_peer), count);
-  }
+  if (htnet::last_block(n) && threadIdx.x == 0) htnet::control(n)->ticket = 0;
 }
 
 __global__ void __launch_bounds__(kHtNetThreads)
     ht_net_combine_home_kernel(const __grid_constant__ HtNetCombineArgs a) {
-  __shared__ int s_ok;
   const HtNetComm& n = a.net;
   const HtNetRouting& r = a.route;
   const HtNetLayout& L = n.net;
   const int S = L.num_slots, G = n.ranks_per_node, N = n.num_nodes, R = n.comm.num_ranks, K = a.topk;
   const long long epoch = htnet::call_epoch(n);
-  if (threadIdx.x == 0) s_ok = 1;
-  __syncthreads();
-  if (threadIdx.x < static_cast<unsigned>(S)) {
-    const int j = threadIdx.x, count = r.node_count[HtNetLayout::slot_node(j, n.node)];
-    const long long target = *htnet::own_counter(n, kHtNetCombBase, j) + count;
-    if (count > 0 && !htnet::wait_word(n, htnet::own_signal(n, kHtNetCombTail, j), target, Phase::kHtNetCombine,
-                                       htnet::rail_peer(n, j), kHtNetCombTail))
-      s_ok = 0;
-  }
-  __syncthreads();
-  if (!s_ok) return;
   const size_t stride = combine_stride(a);
   const size_t row_bytes = 2 * static_cast<size_t>(a.hidden);
   const uint8_t* net = htnet::own_net(n);
@@ -196,6 +191,17 @@ __global__ void __launch_bounds__(kHtNetThreads)
       own_any |= pos[g] >= 0;
     }
     if (!wait_holder_rows(n, n.node * G, pos, epoch)) break;
+    // Other nodes: their partial of t (record q of that node's slot) landed once the slot's tail counts it.
+    bool landed = true;
+    for (int m = 0; m < N && landed; ++m) {
+      const int q = m == n.node ? -1 : r.node_pos[static_cast<size_t>(t) * N + m];
+      if (q < 0) continue;
+      const int j = HtNetLayout::peer_slot(m, n.node);
+      landed = htnet::warp_wait(n, htnet::own_signal(n, kHtNetCombTail, j),
+                                *htnet::own_counter(n, kHtNetCombBase, j) + q + 1, Phase::kHtNetCombine,
+                                htnet::rail_peer(n, j), kHtNetCombTail);
+    }
+    if (!landed) break;
     for (int c = lane(); c < a.hidden / 8; c += 32) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int m = 0; m < N; ++m) {

@@ -178,6 +178,69 @@ __device__ __forceinline__ bool last_block(const HtNetComm& n) {
   return s_last != 0;
 }
 
+// ---- Chunked RDMA WRITEs (docs/kernels-ht-internode.md §4.3) ----
+//
+// A send or reduce kernel moves each slot's records as chunks of kHtNetChunk records: one put_signal per chunk
+// (the WRITE of its records, then +n on the peer's cumulative tail), so the peer starts on the first chunk while
+// the rest are staged and in flight. Chunks are handed out with tickets (HtNetControl::ticket, in increasing order
+// over slot, then chunk), so every chunk a warp waits behind belongs to a warp that is already running: the chain
+// progresses however few blocks of the grid are resident. A tail is a count, so a slot's chunks must reach its QP in
+// order: the warp of chunk c > 0 posts only once the counter `posted` of the slot reads (tag << 32) | c, then
+// stores (tag << 32) | (c + 1). A chunk that could not be staged (a failed wait) sets kChunkFailed instead of posting;
+// no later chunk of the call is posted then, so the peer never counts records that did not arrive (it times out
+// naming this rank, whose error is recorded).
+constexpr int kHtNetChunk = 16;
+constexpr long long kChunkFailed = 1ll << 31;
+
+struct Chunk {
+  int slot, index, begin, end;  // records [begin, end) of `slot`
+};
+
+// Warp: takes the next ticket and finds its chunk over the slots' record counts (count_of(j)); false when every
+// chunk is taken.
+template <typename CountOf>
+__device__ __forceinline__ bool warp_take_chunk(const HtNetComm& n, CountOf count_of, Chunk* out) {
+  int t = 0;
+  if (lane() == 0) t = atomicAdd(&control(n)->ticket, 1);
+  t = __shfl_sync(kFull, t, 0);
+  for (int j = 0; j < n.net.num_slots; ++j) {
+    const int count = count_of(j), chunks = (count + kHtNetChunk - 1) / kHtNetChunk;
+    if (t < chunks) {
+      out->slot = j;
+      out->index = t;
+      out->begin = t * kHtNetChunk;
+      out->end = min(count, (t + 1) * kHtNetChunk);
+      return true;
+    }
+    t -= chunks;
+  }
+  return false;
+}
+
+// Lane 0 of the warp that staged chunk `c` (its lanes' stores done; `staged` false when it could not be): waits for
+// the slot's earlier chunks to be posted, then WRITEs the chunk's `bytes` from `src` to byte `dst_off` of the rail
+// peer's HT net region and adds `count` to the peer's word `tail_off` (one put_signal), and advances `posted`.
+__device__ __forceinline__ void post_chunk(const HtNetComm& n, long long* posted, long long tag, const Chunk& c,
+                                           bool staged, const void* src, size_t dst_off, size_t bytes, size_t tail_off,
+                                           Phase phase) {
+  const int peer = rail_peer(n, c.slot);
+  const long long mine = (tag << 32) | c.index;
+  bool ok = staged;
+  if (c.index > 0) {
+    // The chunk before is posted (or failed: a failed chunk's value, (tag << 32) | kChunkFailed | its index, passes
+    // this wait too); a wait that times out is recorded and fails the chain from here.
+    if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), mine, phase, n.comm.rank, 0, -1, -1))
+      ok = false;
+    else if ((dev::ld_acquire_sys(posted) & kChunkFailed) != 0)
+      ok = false;
+  }
+  if (ok) {
+    dev::fence_acq_rel_sys();  // the warp's staged stores (ordered before lane 0 by the caller's __syncwarp)
+    ok = put_signal(n, peer, src, dst_off, bytes, tail_off, c.end - c.begin);
+  }
+  dev::st_release_sys(posted, ok ? mine + 1 : (mine | kChunkFailed));
+}
+
 // Local id on rank d of global expert e, or -1.
 __device__ __forceinline__ int local_expert_on(int e, int d, int num_local_experts) {
   const int local = e - d * num_local_experts;

@@ -7,24 +7,27 @@
 // Three launches, e = the call's HT epoch, tag = dispatch count + 1 (common.cuh); rank r = (node a, local index i):
 //   send     block 0 announces arrive = e at the node's ranks. Records: every block first waits, for every other
 //            node (slot j), for the rail peer's DispAck >= tag - 1 (it read r's previous records, so r's send[j]
-//            and the peer's recv window are free). Warp per record q of node_list[m]: header (token, tag, pos[g] =
-//            send_pos[t][rank (m, g)]), K weights, K global ids (int16), payload (row bytes, then the caller's scale
-//            words) into send[j] at this call's stride. The last block WRITES each slot's n records to the rail
-//            peer's recv window and adds n to its DispTail (one put_signal: RC order places the add after the
-//            records). Nothing here waits for a rank of this node, so the records leave as early as they can, and a
-//            rank that never arrives stalls only its own node and its rail, which then name it.
-//   forward  every block waits, per slot j, for DispTail >= DispBase + fwd_count[j] (the records of this dispatch,
-//            acquire: nothing is read below a tail not waited for). Own node first: warp per (local rank g,
-//            position): once g arrived, the row and its metadata (ids re-based to g, weights, scale words) into g's
-//            HT slot [r][pos], then row_flag = e. Then warp per received record: fwd_pos[j][q][g] = pos[g] (the
-//            combine's holder map) and, for each holder g of this node (pos[g] >= 0), once g arrived, the row and
-//            its metadata into g's HT slot [source][pos[g]], then row_flag = e. The last block adds fwd_count to
-//            DispBase and +1 to each rail source's DispAck.
+//            and the peer's recv window are free). Then warps take chunks of kHtNetChunk records by ticket
+//            (common.cuh, "Chunked RDMA WRITEs"): for each record q of the chunk (q-th token of node_list[m]):
+//            header (token, tag, pos[g] = send_pos[t][rank (m, g)]), K weights, K global ids (int16), payload (row
+//            bytes, then the caller's scale words) into send[j] at this call's stride; then the chunk is WRITTEN to
+//            the rail peer's recv window with +n on its DispTail (one put_signal; RC order places the add after the
+//            records), after the slot's earlier chunks. Nothing here waits for a rank of this node, so the records
+//            leave as early as they can, and a rank that never arrives stalls only its own node and its rail,
+//            which then name it.
+//   forward  own node first: warp per (local rank g, position): once g arrived, the row and its metadata (ids
+//            re-based to g, weights, scale words) into g's HT slot [r][pos], then row_flag = e -- while the first
+//            chunks cross the network. Then warp per received record q of slot j: wait DispTail >= DispBase + q + 1
+//            (acquire: chunks land whole and in order, so the record is complete; nothing is read below a tail
+//            not waited for), fwd_pos[j][q][g] = pos[g] (the combine's holder map) and, for each holder g of this
+//            node (pos[g] >= 0), once g arrived, the row and its metadata into g's HT slot [source][pos[g]], then
+//            row_flag = e. The last block adds fwd_count to DispBase and +1 to each rail source's DispAck.
 //   receive  warp per (source s, position p < count from s): wait own row_flag[s][p] >= e, copy the row and
 //            metadata to output row recv_prefix[s] + p (rows past the capacity are dropped, never written).
 //            Worst-case mode: ids -1 and weights 0 into rows [N_recv, recv_capacity). The last block
 //            records kErrCapacity when N_recv exceeds the capacity and stores epoch and dispatch count.
-// No kernel waits for another block of its own grid; every wait is bounded and names phase, peer and QP.
+// No kernel waits for a block of its own grid that may not have started (a chunk waits only for the chunks of earlier
+// tickets, whose warps are running); every wait is bounded and names phase, peer and QP.
 #include <cuda_runtime.h>
 
 #include "kernels/ht_net/common.cuh"
@@ -82,14 +85,15 @@ __global__ void __launch_bounds__(kHtNetThreads)
   if (!s_ok) return;
   const Stride st = record_stride(a);
   uint8_t* net = htnet::own_net(n);
-  const int warp = htnet::grid_warp(), warps = htnet::grid_warps();
 
-  // Records for the other nodes.
-  for (int j = 0; j < S; ++j) {
-    const int m = HtNetLayout::slot_node(j, n.node), count = r.node_count[m];
-    for (int q = warp; q < count; q += warps) {
+  // Records for the other nodes, a chunk per ticket: staged by the warp, then posted in the slot's chunk order.
+  htnet::Chunk c;
+  const auto records_of = [&](int j) { return r.node_count[HtNetLayout::slot_node(j, n.node)]; };
+  while (htnet::warp_take_chunk(n, records_of, &c)) {
+    const int m = HtNetLayout::slot_node(c.slot, n.node);
+    for (int q = c.begin; q < c.end; ++q) {
       const int t = r.node_list[static_cast<size_t>(m) * C + q];
-      uint8_t* rec = net + L.send_record(j, q, st.record);
+      uint8_t* rec = net + L.send_record(c.slot, q, st.record);
       HtNetHeader* hdr = reinterpret_cast<HtNetHeader*>(rec);
       float* weights = reinterpret_cast<float*>(rec + sizeof(HtNetHeader));  // floats first: 4-byte aligned
       int16_t* ids = reinterpret_cast<int16_t*>(weights + K);
@@ -108,37 +112,26 @@ __global__ void __launch_bounds__(kHtNetThreads)
       int* words = reinterpret_cast<int*>(payload + a.row_bytes);
       for (int w = lane(); w < a.num_scale_words; w += 32) words[w] = caller_scale_word(a, t, w);
     }
+    __syncwarp();
+    if (lane() == 0) {
+      const int at_peer = htnet::slot_at_peer(n, c.slot);
+      htnet::post_chunk(n, htnet::own_counter(n, kHtNetDispPosted, c.slot), tag, c, true,
+                        net + L.send_record(c.slot, c.begin, st.record), L.recv_record(at_peer, c.begin, st.record),
+                        static_cast<size_t>(c.end - c.begin) * st.record, L.signal(kHtNetDispTail, at_peer),
+                        Phase::kHtNetDispatch);
+    }
+    __syncwarp();
   }
-
-  if (!htnet::last_block(n)) return;
-  // Every block's records are staged (and fenced): one WRITE per other node, then the tail.
-  if (threadIdx.x < static_cast<unsigned>(S)) {
-    const int j = threadIdx.x, count = r.node_count[HtNetLayout::slot_node(j, n.node)];
-    const int peer = htnet::rail_peer(n, j), at_peer = htnet::slot_at_peer(n, j);
-    htnet::put_signal(n, peer, net + L.send_record(j, 0, st.record), L.recv_record(at_peer, 0, st.record),
-                      static_cast<size_t>(count) * st.record, L.signal(kHtNetDispTail, at_peer), count);
-  }
+  if (htnet::last_block(n) && threadIdx.x == 0) htnet::control(n)->ticket = 0;
 }
 
 __global__ void __launch_bounds__(kHtNetThreads)
     ht_net_dispatch_forward_kernel(const __grid_constant__ HtNetDispatchArgs a) {
-  __shared__ int s_ok;
   const HtNetComm& n = a.net;
   const HtNetRouting& r = a.route;
   const HtNetLayout& L = n.net;
   const int S = L.num_slots, G = n.ranks_per_node, K = a.topk, me = n.comm.rank, C = r.capacity;
   const long long epoch = htnet::call_epoch(n);
-  if (threadIdx.x == 0) s_ok = 1;
-  __syncthreads();
-  if (threadIdx.x < static_cast<unsigned>(S)) {
-    const int j = threadIdx.x, count = r.fwd_count[j];
-    const long long target = *htnet::own_counter(n, kHtNetDispBase, j) + count;
-    if (count > 0 && !htnet::wait_word(n, htnet::own_signal(n, kHtNetDispTail, j), target, Phase::kHtNetDispatch,
-                                       htnet::rail_peer(n, j), kHtNetDispTail))
-      s_ok = 0;
-  }
-  __syncthreads();
-  if (!s_ok) return;
   const Stride st = record_stride(a);
   const uint8_t* net = htnet::own_net(n);
   const int warp = htnet::grid_warp(), warps = htnet::grid_warps();
@@ -170,7 +163,15 @@ __global__ void __launch_bounds__(kHtNetThreads)
 
   for (int j = 0; j < S && ok; ++j) {
     const int src = htnet::rail_peer(n, j), count = r.fwd_count[j];
+    const long long base = *htnet::own_counter(n, kHtNetDispBase, j);
+    const long long* tail = htnet::own_signal(n, kHtNetDispTail, j);
     for (int q = warp; q < count && ok; q += warps) {
+      // Record q landed once the tail counts it: chunks arrive whole and in order (acquire: nothing of the record
+      // is read before).
+      if (!htnet::warp_wait(n, tail, base + q + 1, Phase::kHtNetDispatch, src, kHtNetDispTail)) {
+        ok = false;
+        break;
+      }
       const uint8_t* rec = net + L.recv_record(j, q, st.record);
       const HtNetHeader* hdr = reinterpret_cast<const HtNetHeader*>(rec);
       const float* weights = reinterpret_cast<const float*>(rec + sizeof(HtNetHeader));
