@@ -723,26 +723,30 @@ class Comm:
         h.recv_pending = return_recv_hook
         h.combine_pending = False
 
-        hook = None
+        if not (return_recv_hook or async_finish):
+            return _tuple_new(LLDispatchResult, (recv_x, recv_x_scales, recv_count, h, None, None))
+        keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
+        hook = event = None
         if return_recv_hook:
-            lib, native = self._lib, self._native
-            keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
-
-            def recv_hook():
-                if not h.recv_pending:
-                    raise RuntimeError("ll_dispatch hook: the receive half was already run")
-                lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, use_fp8, fmt, keep[3].data_ptr(),
-                                scales_ptr, recv_count.data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
-                h.recv_pending = False
-
-            hook = recv_hook
-
-        event = None
-        if async_finish:
-            event = self._overlap_end(compute, comm_stream, s, True, False,
-                                      (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count,
-                                       cumulative_recv_stats), record_streams=False)
+            hook = self._ll_dispatch_recv_hook(h, keep, idx_type, scales_ptr, stats_ptr, s)
+        else:
+            event = self._overlap_end(compute, comm_stream, s, True, False, keep, record_streams=False)
         return _tuple_new(LLDispatchResult, (recv_x, recv_x_scales, recv_count, h, event, hook))
+
+    def _ll_dispatch_recv_hook(self, h, keep, idx_type, scales_ptr, stats_ptr, s):
+        """The receive half of `h`'s dispatch as a function. Made here, not in ll_dispatch: a closure there would
+        turn every variable it uses into a cell of ll_dispatch's frame, created on each call, hook or not."""
+        lib, native, handle = self._lib, self._native, h._handle
+        T, H, K, use_fp8, fmt = h.num_tokens, h.hidden, h.topk, h.use_fp8, h.scale_format
+
+        def recv_hook():  # keeps `keep` (the call's tensors) alive as long as the hook lives
+            if not h.recv_pending:
+                raise RuntimeError("ll_dispatch hook: the receive half was already run")
+            lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, use_fp8, fmt, keep[3].data_ptr(), scales_ptr,
+                            keep[5].data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
+            h.recv_pending = False
+
+        return recv_hook
 
     def _ll_dispatch_failed(self, handle, s):
         """A failed ll_dispatch call: its native handle goes back to the pool, unless the stream is being captured
