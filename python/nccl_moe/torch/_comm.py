@@ -822,7 +822,8 @@ class Comm:
         else:
             if x is None:
                 raise ValueError("x: required without zero_copy")
-            if x.dtype is not _BF16 or x.shape != self._ll_x_shape(H) or not x.is_contiguous():
+            if (x.dtype is not _BF16 or x.shape != (self._ll_x_shapes.get(H) or self._ll_x_shape(H))
+                    or not x.is_contiguous()):
                 E_l, rows = self.num_local_experts, self.num_ranks * self.config.ll_max_tokens_per_rank
                 _check_rows(x, "x", (E_l, rows, H), _BF16)
             x_ptr = x.data_ptr()
@@ -831,39 +832,42 @@ class Comm:
             if topk_weights.dtype is not _F32 or topk_weights.shape != (T, K) or not topk_weights.is_contiguous():
                 _check_rows(topk_weights, "topk_weights", (T, K), _F32)
             w_ptr = topk_weights.data_ptr() or self._dummy_ptr
-        rt = self._rt
         if async_finish:
             compute, comm_stream, s = self._overlap_begin(None, True, False)
         elif stream is None:
-            s = rt.current_stream()
+            s = self._current_stream()
         else:
-            s = rt.as_stream_handle(stream)
+            s = self._rt.as_stream_handle(stream)
         if out is None:
-            out = rt.empty((T, H), _BF16)
+            out = self._rt.empty((T, H), _BF16)
         elif out.dtype is not _BF16 or out.shape != (T, H) or not out.is_contiguous():
             _check_rows(out, "out", (T, H), _BF16)
-        p = self._p
         self._lib.ll_combine(self._native, handle._handle, x_ptr, 1 if zero_copy else 0, topk_idx.data_ptr(), w_ptr, T,
                              H, K, out.data_ptr(), _PHASE_SEND if return_recv_hook else _PHASE_BOTH, s)
-        hook = None
+        if not (return_recv_hook or async_finish):
+            return _tuple_new(LLCombineResult, (out, None, None))
+        keep = (x, topk_idx, topk_weights, out)
+        hook = event = None
         if return_recv_hook:
             handle.combine_pending = True
-            lib, native = self._lib, self._native
-            keep = (x, topk_idx, topk_weights, out)
-
-            def recv_hook():
-                if not handle.combine_pending:
-                    raise RuntimeError("ll_combine hook: the receive half was already run")
-                lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
-                handle.combine_pending = False
-
-            hook = recv_hook
-
-        event = None
-        if async_finish:
-            event = self._overlap_end(compute, comm_stream, s, True, False, (x, topk_idx, topk_weights, out),
-                                      record_streams=False)
+            hook = self._ll_combine_recv_hook(handle, keep, w_ptr, s)
+        else:
+            event = self._overlap_end(compute, comm_stream, s, True, False, keep, record_streams=False)
         return _tuple_new(LLCombineResult, (out, event, hook))
+
+    def _ll_combine_recv_hook(self, handle, keep, w_ptr, s):
+        """The receive half of an LL combine as a function (a closure in ll_combine would make its locals cells on
+        every call: see _ll_dispatch_recv_hook)."""
+        lib, native, p = self._lib, self._native, self._p
+        T, H, K = handle.num_tokens, handle.hidden, handle.topk
+
+        def recv_hook():  # keeps `keep` (the call's tensors) alive as long as the hook lives
+            if not handle.combine_pending:
+                raise RuntimeError("ll_combine hook: the receive half was already run")
+            lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
+            handle.combine_pending = False
+
+        return recv_hook
 
     def _ll_x_shape(self, H):
         shape = self._ll_x_shapes.get(H)
