@@ -366,7 +366,10 @@ void htCombine(Comm& comm, Handle& handle, uintptr_t x, int hidden, uintptr_t to
   checkMoe(res, c);
 }
 
-void llDispatch(Comm& comm, Handle& handle, uintptr_t x, uintptr_t topk_idx, int topk_idx_type, int num_tokens,
+// Returns whether `stream` was being captured into a CUDA graph when the call was enqueued (the torch layer pins
+// such handles), queried here right before the call instead of by a separate stream_is_capturing() from Python: one
+// Python-to-C crossing less on the LL hot path. A failed query raises before anything is enqueued.
+bool llDispatch(Comm& comm, Handle& handle, uintptr_t x, uintptr_t topk_idx, int topk_idx_type, int num_tokens,
                 int hidden, int topk, int use_fp8, int scale_format, uintptr_t recv_x, uintptr_t recv_x_scales,
                 uintptr_t recv_count, uintptr_t cumulative_recv_stats, int phase, uintptr_t topk_weights,
                 uintptr_t stream) {
@@ -387,12 +390,17 @@ void llDispatch(Comm& comm, Handle& handle, uintptr_t x, uintptr_t topk_idx, int
   a.cumulative_recv_stats = ptr<int>(cumulative_recv_stats);
   a.phase = static_cast<ncclMoePhase_t>(phase);
   a.topk_weights = ptr<const float>(topk_weights);
-  ncclResult_t res;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t capture_err;
+  ncclResult_t res = ncclSuccess;
   {
     nb::gil_scoped_release release;
-    res = ncclMoeLowLatencyDispatch(c, h, &a, streamOf(stream));
+    capture_err = cudaStreamIsCapturing(streamOf(stream), &capture);
+    if (capture_err == cudaSuccess) res = ncclMoeLowLatencyDispatch(c, h, &a, streamOf(stream));
   }
+  if (capture_err != cudaSuccess) failCuda(capture_err, "cudaStreamIsCapturing(stream, &status)");
   checkMoe(res, c);
+  return capture != cudaStreamCaptureStatusNone;
 }
 
 void llCombine(Comm& comm, Handle& handle, uintptr_t x, int zero_copy, uintptr_t topk_idx, uintptr_t topk_weights,

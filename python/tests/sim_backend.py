@@ -460,6 +460,7 @@ def ll_dispatch(comm, handle, x, topk_idx, idx_type, T, H, K, use_fp8, scale_for
         ll["slabs"] = slabs
         ll["dispatch_w"] = [None if p is None else p[2] for p in posts]
         ll["recv_pending"] = False
+    return stream_is_capturing(stream)  # the extension's result: was the stream being captured (never, here)
 
 
 def ll_combine(comm, handle, x, zero_copy, topk_idx, topk_weights, T, H, K, out, phase, stream):

@@ -223,3 +223,65 @@ def test_ll_argument_errors(backend):
             comm.destroy()
 
     world.run(rank_body)
+
+
+def test_ll_handle_pool_and_capture_pinning(monkeypatch):
+    """The LL hot path's handle bookkeeping, on the CPU stand-in only (it fakes a CUDA-graph capture through the
+    extension's ll_dispatch result, which says whether the stream was being captured): a dropped result's native
+    handle goes back to the pool, a failed dispatch returns it at once, a captured dispatch pins it (never reused)
+    and sets ever_captured; hook and async_finish results still come out of the fast path's early return."""
+    import nccl_moe
+    import sim_backend
+    from nccl_moe.torch import Event, LocalWorld, _comm
+
+    monkeypatch.setattr(_comm._Backend, "lib", sim_backend)
+    world = LocalWorld(1, devices=[0], lib=sim_backend)
+
+    def rank_body(r):
+        comm = Comm(world.group(r), num_experts=4, hidden=256, max_topk=2, ll_max_tokens_per_rank=4)
+        try:
+            free = comm._pool._free
+            x = torch.randn((3, 256)).to(torch.bfloat16)
+            idx = torch.tensor([[0, 1], [2, -1], [3, 0]])
+            w = torch.rand((3, 2))
+            res = comm.ll_dispatch(x, idx, topk_weights=w)
+            native = res.handle._handle
+            assert native not in free and res.event is None and res.hook is None
+            del res
+            assert native in free
+            n = len(free)
+            with pytest.raises(nccl_moe.NcclMoeArgumentError, match="num_tokens is 5"):
+                comm.ll_dispatch(torch.zeros((5, 256), dtype=torch.bfloat16), torch.zeros((5, 2), dtype=torch.int64))
+            assert len(free) == n
+
+            real = sim_backend.ll_dispatch
+            with monkeypatch.context() as m:
+                m.setattr(sim_backend, "ll_dispatch", lambda *args: real(*args) or True)
+                assert not comm.ever_captured
+                res = comm.ll_dispatch(x, idx)
+                native = res.handle._handle
+                assert comm.ever_captured and res.handle._pinned
+                del res
+                assert native not in free
+
+            a = comm.ll_dispatch(x, idx, topk_weights=w, async_finish=True)
+            assert isinstance(a.event, Event) and a.hook is None and any(t is x for t in a.event.extra_tensors)
+            c = comm.ll_combine(a.recv_x, a.handle, async_finish=True)
+            assert isinstance(c.event, Event) and c.hook is None
+            assert_same_bits(c.combined_x, comm.ll_combine(a.recv_x, a.handle).combined_x, "async combine")
+            b = comm.ll_dispatch(x, idx, topk_weights=w, return_recv_hook=True)
+            assert b.event is None and b.handle.recv_pending
+            b.hook()
+            assert not b.handle.recv_pending
+            assert_same_bits(b.recv_count, a.recv_count, "hooked recv_count")
+            with pytest.raises(RuntimeError, match="already run"):
+                b.hook()
+            d = comm.ll_combine(b.recv_x, b.handle, return_recv_hook=True)
+            assert d.event is None and b.handle.combine_pending
+            d.hook()
+            assert not b.handle.combine_pending
+            assert_same_bits(d.combined_x, c.combined_x, "hooked combine")
+        finally:
+            comm.destroy()
+
+    world.run(rank_body)

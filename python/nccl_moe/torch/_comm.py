@@ -174,13 +174,10 @@ class LLHandle:
     Device view: recv_src_info [E_l, R*M] int32 (Comm.ll_recv_src_info; keeps this object alive).
     """
 
+    # Made by Comm.ll_dispatch only, which sets every field right after the C call (no __init__: a Python __init__
+    # call is a noticeable part of the LL dispatch's host time).
     __slots__ = ("_comm", "_handle", "_pinned", "num_tokens", "hidden", "topk", "topk_idx", "use_fp8",
                  "scale_format", "half", "recv_pending", "combine_pending", "__weakref__")
-
-    def __init__(self, comm, handle, pinned):
-        self._comm = comm
-        self._handle = handle
-        self._pinned = pinned
 
     @property
     def recv_src_info(self):
@@ -276,6 +273,11 @@ class Comm:
         self.ever_captured = False  # a call of this communicator was captured into a CUDA graph
         # Two handles made now (before any kernel runs): enough for two LL results or an HT + an LL one.
         self._pool = _HandlePool(self, 2)
+        # Bound once for the LL hot path (each saves an attribute lookup per call); all three stay valid for the
+        # Comm's life: _rt and _pool are never replaced and the free list is only appended to, popped and cleared.
+        self._free_handles = self._pool._free
+        self._current_stream = self._rt.current_stream
+        self._is_capturing = self._rt.is_capturing
 
     # -- communicator ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -655,7 +657,8 @@ class Comm:
         # The hot path of decode: every check is one attribute read or comparison (the benchmark,
         # python/benchmarks/overhead.py, holds it to <= 2 us over the C call).
         T, H = x.shape
-        T_idx, K = topk_idx.shape
+        idx_shape = topk_idx.shape  # read once: each .shape makes a new torch.Size
+        T_idx, K = idx_shape
         idx_type = _INDEX_TYPES.get(topk_idx.dtype)
         fmt = _SCALE_FORMATS.get(scale_format)
         if (x.dtype is not _BF16 or idx_type is None or T_idx != T or fmt is None or not x.is_contiguous()
@@ -664,8 +667,7 @@ class Comm:
         use_fp8 = 1 if use_fp8 else 0
         w_ptr = 0
         if topk_weights is not None:
-            if (topk_weights.dtype is not _F32 or topk_weights.shape != topk_idx.shape
-                    or not topk_weights.is_contiguous()):
+            if topk_weights.dtype is not _F32 or topk_weights.shape != idx_shape or not topk_weights.is_contiguous():
                 _check_rows(topk_weights, "topk_weights", (T, K), _F32)
             # Never NULL when given (the ranks must agree on passing weights, T may be 0 here).
             w_ptr = topk_weights.data_ptr() or self._dummy_ptr
@@ -674,13 +676,12 @@ class Comm:
             _check_rows(cumulative_recv_stats, "cumulative_recv_stats", (self.num_local_experts,), _I32)
             stats_ptr = cumulative_recv_stats.data_ptr()
 
-        rt = self._rt
         if async_finish:
             compute, comm_stream, s = self._overlap_begin(None, True, False)
         elif stream is None:
-            s = rt.current_stream()
+            s = self._current_stream()
         else:
-            s = rt.as_stream_handle(stream)
+            s = self._rt.as_stream_handle(stream)
         half = self._ll_next_half
         if out is not None:
             if out is not self._ll_checked_out or self._ll_checked_key != (H, use_fp8, fmt):
@@ -691,18 +692,27 @@ class Comm:
         else:
             recv_x, recv_x_scales, recv_count = self._ll_alloc(H, use_fp8, fmt)
 
-        pool = self._pool._free
-        handle = pool.pop() if pool else self._pool.take()
-        capturing = rt.is_capturing(s)
-        if capturing:
-            self.ever_captured = True
-        h = LLHandle(self, handle, capturing)
+        free = self._free_handles
+        handle = free.pop() if free else self._pool.take()
         # x and topk_idx may be NULL when T == 0; outputs are never empty.
         scales_ptr = 0 if recv_x_scales is None else recv_x_scales.data_ptr()
-        self._lib.ll_dispatch(self._native, handle, x.data_ptr(), topk_idx.data_ptr(), idx_type, T, H, K, use_fp8,
-                              fmt, recv_x.data_ptr(), scales_ptr, recv_count.data_ptr(), stats_ptr,
-                              _PHASE_SEND if return_recv_hook else _PHASE_BOTH, w_ptr, s)
+        try:
+            # The extension queries the stream's capture status right before enqueueing (one C call instead of a
+            # separate stream_is_capturing): True when this dispatch went into a CUDA graph being captured.
+            capturing = self._lib.ll_dispatch(
+                self._native, handle, x.data_ptr(), topk_idx.data_ptr(), idx_type, T, H, K, use_fp8, fmt,
+                recv_x.data_ptr(), scales_ptr, recv_count.data_ptr(), stats_ptr,
+                _PHASE_SEND if return_recv_hook else _PHASE_BOTH, w_ptr, s)
+        except BaseException:
+            self._ll_dispatch_failed(handle, s)
+            raise
+        if capturing:
+            self.ever_captured = True  # a handle used in a capture is never reused (the graph keeps its addresses)
         self._ll_next_half = half ^ 1
+        h = LLHandle()
+        h._comm = self
+        h._handle = handle
+        h._pinned = capturing
         h.num_tokens = T
         h.hidden = H
         h.topk = K
@@ -713,26 +723,42 @@ class Comm:
         h.recv_pending = return_recv_hook
         h.combine_pending = False
 
-        hook = None
+        if not (return_recv_hook or async_finish):
+            return _tuple_new(LLDispatchResult, (recv_x, recv_x_scales, recv_count, h, None, None))
+        keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
+        hook = event = None
         if return_recv_hook:
-            lib, native = self._lib, self._native
-            keep = (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count, cumulative_recv_stats)
-
-            def recv_hook():
-                if not h.recv_pending:
-                    raise RuntimeError("ll_dispatch hook: the receive half was already run")
-                lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, use_fp8, fmt, keep[3].data_ptr(),
-                                scales_ptr, recv_count.data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
-                h.recv_pending = False
-
-            hook = recv_hook
-
-        event = None
-        if async_finish:
-            event = self._overlap_end(compute, comm_stream, s, True, False,
-                                      (x, topk_idx, topk_weights, recv_x, recv_x_scales, recv_count,
-                                       cumulative_recv_stats), record_streams=False)
+            hook = self._ll_dispatch_recv_hook(h, keep, idx_type, scales_ptr, stats_ptr, s)
+        else:
+            event = self._overlap_end(compute, comm_stream, s, True, False, keep, record_streams=False)
         return _tuple_new(LLDispatchResult, (recv_x, recv_x_scales, recv_count, h, event, hook))
+
+    def _ll_dispatch_recv_hook(self, h, keep, idx_type, scales_ptr, stats_ptr, s):
+        """The receive half of `h`'s dispatch as a function. Made here, not in ll_dispatch: a closure there would
+        turn every variable it uses into a cell of ll_dispatch's frame, created on each call, hook or not."""
+        lib, native, handle = self._lib, self._native, h._handle
+        T, H, K, use_fp8, fmt = h.num_tokens, h.hidden, h.topk, h.use_fp8, h.scale_format
+
+        def recv_hook():  # keeps `keep` (the call's tensors) alive as long as the hook lives
+            if not h.recv_pending:
+                raise RuntimeError("ll_dispatch hook: the receive half was already run")
+            lib.ll_dispatch(native, handle, 0, 0, idx_type, T, H, K, use_fp8, fmt, keep[3].data_ptr(), scales_ptr,
+                            keep[5].data_ptr(), stats_ptr, _PHASE_RECV, 0, s)
+            h.recv_pending = False
+
+        return recv_hook
+
+    def _ll_dispatch_failed(self, handle, s):
+        """A failed ll_dispatch call: its native handle goes back to the pool, unless the stream is being captured
+        (then the failed call may still have left work in the graph that refers to it: pinned, as before)."""
+        try:
+            capturing = self._is_capturing(s)
+        except Exception:
+            capturing = True
+        if capturing:
+            self.ever_captured = True
+        elif not self._destroyed:
+            self._free_handles.append(handle)
 
     def _ll_dispatch_argument_error(self, x, topk_idx, scale_format, async_finish, return_recv_hook):
         if async_finish and return_recv_hook:
@@ -796,7 +822,8 @@ class Comm:
         else:
             if x is None:
                 raise ValueError("x: required without zero_copy")
-            if x.dtype is not _BF16 or x.shape != self._ll_x_shape(H) or not x.is_contiguous():
+            if (x.dtype is not _BF16 or x.shape != (self._ll_x_shapes.get(H) or self._ll_x_shape(H))
+                    or not x.is_contiguous()):
                 E_l, rows = self.num_local_experts, self.num_ranks * self.config.ll_max_tokens_per_rank
                 _check_rows(x, "x", (E_l, rows, H), _BF16)
             x_ptr = x.data_ptr()
@@ -805,39 +832,42 @@ class Comm:
             if topk_weights.dtype is not _F32 or topk_weights.shape != (T, K) or not topk_weights.is_contiguous():
                 _check_rows(topk_weights, "topk_weights", (T, K), _F32)
             w_ptr = topk_weights.data_ptr() or self._dummy_ptr
-        rt = self._rt
         if async_finish:
             compute, comm_stream, s = self._overlap_begin(None, True, False)
         elif stream is None:
-            s = rt.current_stream()
+            s = self._current_stream()
         else:
-            s = rt.as_stream_handle(stream)
+            s = self._rt.as_stream_handle(stream)
         if out is None:
-            out = rt.empty((T, H), _BF16)
+            out = self._rt.empty((T, H), _BF16)
         elif out.dtype is not _BF16 or out.shape != (T, H) or not out.is_contiguous():
             _check_rows(out, "out", (T, H), _BF16)
-        p = self._p
         self._lib.ll_combine(self._native, handle._handle, x_ptr, 1 if zero_copy else 0, topk_idx.data_ptr(), w_ptr, T,
                              H, K, out.data_ptr(), _PHASE_SEND if return_recv_hook else _PHASE_BOTH, s)
-        hook = None
+        if not (return_recv_hook or async_finish):
+            return _tuple_new(LLCombineResult, (out, None, None))
+        keep = (x, topk_idx, topk_weights, out)
+        hook = event = None
         if return_recv_hook:
             handle.combine_pending = True
-            lib, native = self._lib, self._native
-            keep = (x, topk_idx, topk_weights, out)
-
-            def recv_hook():
-                if not handle.combine_pending:
-                    raise RuntimeError("ll_combine hook: the receive half was already run")
-                lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
-                handle.combine_pending = False
-
-            hook = recv_hook
-
-        event = None
-        if async_finish:
-            event = self._overlap_end(compute, comm_stream, s, True, False, (x, topk_idx, topk_weights, out),
-                                      record_streams=False)
+            hook = self._ll_combine_recv_hook(handle, keep, w_ptr, s)
+        else:
+            event = self._overlap_end(compute, comm_stream, s, True, False, keep, record_streams=False)
         return _tuple_new(LLCombineResult, (out, event, hook))
+
+    def _ll_combine_recv_hook(self, handle, keep, w_ptr, s):
+        """The receive half of an LL combine as a function (a closure in ll_combine would make its locals cells on
+        every call: see _ll_dispatch_recv_hook)."""
+        lib, native, p = self._lib, self._native, self._p
+        T, H, K = handle.num_tokens, handle.hidden, handle.topk
+
+        def recv_hook():  # keeps `keep` (the call's tensors) alive as long as the hook lives
+            if not handle.combine_pending:
+                raise RuntimeError("ll_combine hook: the receive half was already run")
+            lib.ll_combine(native, handle._handle, 0, 0, p(keep[1]), w_ptr, T, H, K, p(keep[3]), _PHASE_RECV, s)
+            handle.combine_pending = False
+
+        return recv_hook
 
     def _ll_x_shape(self, H):
         shape = self._ll_x_shapes.get(H)
