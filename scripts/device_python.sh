@@ -28,7 +28,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-230}
 BENCH_S=${BENCH_S:-30}
 # file:cap (seconds; a file also gets no more than what is left of the budget after the benchmark's share)
-TEST_FILES=${TEST_FILES:-"test_ht:45 test_ll:45 test_dist:45 test_gpu:45 test_deep_ep:35 test_autograd:30 test_order:25"}
+TEST_FILES=${TEST_FILES:-"test_ht:45 test_ll:45 test_dist:45 test_gpu:45 test_deep_ep:35 test_autograd:30 test_order:25 test_rank_mask:30"}
 
 # Never NVLink multicast on shared machines; a failing device wait ends in 20 s, not 100.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
