@@ -41,6 +41,7 @@
 #include "transport/net_choice.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/proxy/gpu_proxy.h"
+#include "transport/scaleout_setup.h"
 
 namespace nccl_moe {
 
@@ -341,6 +342,9 @@ ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
         comm->nodes.num_nodes, netModeName(comm->net.mode));
   }
   MOE_INFO("ncclMoeCommInit: scale-out %s", comm->net_transport->describe().c_str());
+  // The records agreed on every set's SL / TC (checkConnRecords), so rank 0's values are every rank's.
+  if (comm->rank == 0)
+    MOE_INFO("ncclMoeCommInit: scale-out QP sets: %s", describeQpSets(comm->net_transport->serviceLevels()).c_str());
   return ncclSuccess;
 }
 
