@@ -11,8 +11,9 @@
 // different sets are not ordered against each other (different QPs), even to one peer.
 //
 // Addresses: ibgda names memory by address in the registration (this rank's window starts at `own_base`, the peer's
-// at entry.remote_base); proxy by (key, offset into the window). Both windows are whole communication buffers, so a
-// buffer offset is a window offset.
+// at entry.remote_base); proxy by (key, offset into the window). Data goes to entry.rkey, signals (fetch-adds) to
+// entry.signal_rkey: on hardware the same bytes registered twice, relaxed ordering for data only. Both windows are
+// whole communication buffers, so a buffer offset is a window offset.
 #pragma once
 
 #include <cstdint>
@@ -33,8 +34,8 @@ __device__ __forceinline__ bool put(const ScaleoutPeer& p, uint64_t own_base, ui
 // The peer's 64-bit word at byte `signal_off` of its buffer += add.
 __device__ __forceinline__ bool signal(const ScaleoutPeer& p, uint64_t signal_off, uint64_t add,
                                        int set = rdma::kQpSetHighThroughput) {
-  if (p.via_proxy) return proxy::signal(p.proxy[set], signal_off, p.rkey, add);
-  return ibgda::signal(p.qp[set], p.remote_base + signal_off, p.rkey, add);
+  if (p.via_proxy) return proxy::signal(p.proxy[set], signal_off, p.signal_rkey, add);
+  return ibgda::signal(p.qp[set], p.remote_base + signal_off, p.signal_rkey, add);
 }
 
 // put, then signal, on one QP: the add is performed after the data is placed.
@@ -42,9 +43,9 @@ __device__ __forceinline__ bool put_signal(const ScaleoutPeer& p, uint64_t own_b
                                            uint64_t remote_off, uint32_t bytes, uint64_t signal_off, uint64_t add,
                                            int set = rdma::kQpSetHighThroughput) {
   if (p.via_proxy)
-    return proxy::put_signal(p.proxy[set], local_off, remote_off, p.rkey, bytes, signal_off, p.rkey, add);
+    return proxy::put_signal(p.proxy[set], local_off, remote_off, p.rkey, bytes, signal_off, p.signal_rkey, add);
   return ibgda::put_signal(p.qp[set], own_base + local_off, p.remote_base + remote_off, p.rkey, bytes,
-                           p.remote_base + signal_off, p.rkey, add);
+                           p.remote_base + signal_off, p.signal_rkey, add);
 }
 
 // The number of the set's QP, for the error records of waits on a signal this QP carries.

@@ -1,6 +1,7 @@
 #include "transport/scaleout_setup.h"
 
 #include <cstdio>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -58,6 +59,18 @@ ncclResult_t peerWindowOf(const rdma::ConnRecord& record, PeerWindow* out) {
   w.base = data.addr;
   w.bytes = data.bytes;
   w.rkey = data.rkey;
+  w.signal_rkey = data.rkey;
+  if (record.num_windows >= 2) {
+    const rdma::ConnWindow& sig = record.windows[1];
+    if (sig.addr != data.addr || sig.bytes != data.bytes || sig.rkey == 0)
+      return setLastError(ncclInvalidUsage,
+                          "rank %d's connection record for rank %d: its signal window [0x%llx, +%llu) rkey 0x%x does "
+                          "not cover its data window [0x%llx, +%llu)",
+                          record.rank, record.peer, static_cast<unsigned long long>(sig.addr),
+                          static_cast<unsigned long long>(sig.bytes), sig.rkey,
+                          static_cast<unsigned long long>(data.addr), static_cast<unsigned long long>(data.bytes));
+    w.signal_rkey = sig.rkey;
+  }
   *out = w;
   return ncclSuccess;
 }
@@ -96,6 +109,42 @@ ncclResult_t readPeerRecords(const uint8_t* all, size_t stride, size_t records_o
       return setLastError(w, "%s: %s", what.c_str(), why.c_str());
     }
   }
+  return ncclSuccess;
+}
+
+ncclResult_t setupScaleout(Bootstrap& bootstrap, const char* kind, size_t bytes, const ScaleoutCreate& create,
+                           std::unique_ptr<ScaleoutTransport>* out, std::string* qp_sets_info) {
+  const int num_ranks = bootstrap.size();
+  MOE_ARG_CHECK(bytes >= sizeof(ScaleoutRecordHead), "setupScaleout: %zu bytes per rank", bytes);
+  std::vector<uint8_t> mine(bytes, 0), all(bytes * static_cast<size_t>(num_ranks));
+  const ncclResult_t created = create(mine.data(), out);
+  const std::string create_error = created == ncclSuccess ? std::string() : std::string(threadLastError());
+  ScaleoutRecordHead head{};
+  std::memcpy(&head, mine.data(), sizeof(head));
+  head.status = static_cast<int32_t>(created);
+  std::memcpy(mine.data(), &head, sizeof(head));
+  MOE_CHECK(bootstrap.allGather(mine.data(), all.data(), bytes));
+  if (created != ncclSuccess) return setLastError(created, "ncclMoeCommInit: %s", create_error.c_str());
+  for (int r = 0; r < num_ranks; ++r) {
+    std::memcpy(&head, all.data() + bytes * r, sizeof(head));
+    if (head.status != ncclSuccess) {
+      return setLastError(ncclRemoteError,
+                          "ncclMoeCommInit: rank %d failed to set up its scale-out transport (%s) (%s); see that "
+                          "rank's error",
+                          r, kind, ncclGetErrorString(static_cast<ncclResult_t>(head.status)));
+    }
+  }
+  const ncclResult_t connected = (*out)->connect(all.data());
+  const std::string connect_error = connected == ncclSuccess ? std::string() : std::string(threadLastError());
+  bool any_failed = false;
+  MOE_CHECK(bootstrap.agree(connected != ncclSuccess, &any_failed));
+  if (connected != ncclSuccess) return setLastError(connected, "ncclMoeCommInit: %s", connect_error.c_str());
+  if (any_failed) {
+    return setLastError(ncclRemoteError,
+                        "ncclMoeCommInit: another rank failed to connect its scale-out QPs (%s; see that rank's error)",
+                        kind);
+  }
+  if (qp_sets_info != nullptr) *qp_sets_info = describeQpSets((*out)->serviceLevels());
   return ncclSuccess;
 }
 

@@ -60,6 +60,7 @@ std::string buildTable(const NodeMap& nodes, int rank, const QpsBySet<Qp>& qp_of
     e.remote_base = w.base;
     e.window_bytes = w.bytes;
     e.rkey = w.rkey;
+    e.signal_rkey = w.signal_rkey != 0 ? w.signal_rkey : w.rkey;
     e.valid = 1;
   }
   *out = std::move(table);

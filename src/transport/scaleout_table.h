@@ -8,7 +8,8 @@
 // NCCL_MOE_NET_MODE=proxy: descriptors a CPU thread turns into WQEs, proxy.cuh) -- and the peer's
 // communication-buffer window as that QP addresses it: rkey and base (the registration's
 // iova, an integer the NIC translates) plus its size. The target of a put at byte offset `off` of the peer's
-// buffer (offsets from BufferLayout only) is (remote_base + off, rkey); the source is this rank's own buffer,
+// buffer (offsets from BufferLayout only) is (remote_base + off, rkey), of a fetch-add (remote_base + off,
+// signal_rkey): data may be registered with relaxed ordering, signal words never; the source is this rank's own buffer,
 // whose lkey every QP carries (qp.lkey). No entry holds a pointer into another node's memory. Kernels post through
 // src/transport/scaleout.cuh, which picks the entry's mode.
 //
@@ -40,10 +41,11 @@ struct ScaleoutPeer {
   proxy::GpuProxyQp proxy[rdma::kNumQpSets];  // proxy mode: this rank's request-proxy view of each set's QP
   uint64_t remote_base;   // the peer's buffer window base as the QP addresses it (iova; never dereferenced)
   uint64_t window_bytes;  // its size (the communication buffer's total_bytes)
-  uint32_t rkey;          // the window's remote key
+  uint32_t rkey;          // the window's remote key (data: puts)
   uint32_t valid;         // 1: a rank of another node; 0: self or a rank of this node
   uint32_t via_proxy;     // 1: post through `proxy`; 0: through `qp`
-  uint32_t reserved;
+  uint32_t signal_rkey;   // the key of the fetch-adds' targets: the same bytes registered strongly ordered (verbs:
+                          // a second registration; the software NIC: = rkey, its one window is strongly ordered)
 };
 static_assert(std::is_trivially_copyable<ScaleoutPeer>::value, "the table is copied to device memory as bytes");
 
@@ -59,6 +61,7 @@ struct PeerWindow {
   uint64_t base = 0;
   uint64_t bytes = 0;
   uint32_t rkey = 0;
+  uint32_t signal_rkey = 0;  // 0: rkey (one window for data and signals)
 };
 
 // The table of `rank` (size = ranks of `nodes`): entry p valid iff p is on another node, then holding

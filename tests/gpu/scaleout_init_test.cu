@@ -51,6 +51,11 @@ namespace ib = nccl_moe::ibgda;
 namespace dev = nccl_moe::dev;
 using nccl_moe::ScaleoutPeer;
 
+// The software NIC's transport of a communicator built with NCCL_MOE_NET=emulated.
+nccl_moe::emulated::CommTransport& emu(ncclMoeComm_t c) {
+  return static_cast<nccl_moe::emulated::CommTransport&>(*c->net_transport);
+}
+
 #define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
 #define MOE_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
 
@@ -225,7 +230,7 @@ TEST_P(ScaleoutInit, InitAndDestroyTwentyTimes) {
       EXPECT_EQ(nccl_moe::ScaleoutPlan::kEmulated, c->scaleout_plan);
       ASSERT_NE(nullptr, c->net_transport) << "rank " << r;
       EXPECT_EQ(2 * (R - s.per_node), c->net_transport->numQps()) << "rank " << r << ": a QP per (peer, set)";
-      EXPECT_TRUE(c->net_transport->nic().running()) << "rank " << r;
+      EXPECT_TRUE(emu(c).nic().running()) << "rank " << r;
       const nccl_moe::DeviceComm d = c->deviceComm();
       ASSERT_NE(nullptr, d.scaleout.peers);
       std::vector<ScaleoutPeer> table(R);
@@ -341,7 +346,7 @@ TEST_P(ScaleoutInit, PutSignalReachesEveryRemotePeer) {
     ncclResult_t async = ncclSuccess;
     EXPECT_EQ(ncclSuccess, ncclMoeCommGetAsyncError(comms[d], &async));
     EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comms[d]);
-    EXPECT_FALSE(comms[d]->net_transport->backend().failed()) << comms[d]->net_transport->backend().error();
+    EXPECT_FALSE(emu(comms[d]).backend().failed()) << emu(comms[d]).backend().error();
   }
   for (cudaStream_t st : streams) cudaStreamDestroy(st);
   cudaFreeHost(host_status);

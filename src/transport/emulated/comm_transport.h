@@ -74,10 +74,11 @@ struct CommTransportSpec {
   verbs::EnvLookup env = verbs::processEnvLookup;  // where the QP sets' SL / TC come from (resolveServiceLevels)
 };
 
-// What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
-// ([peer] the record addressed to that peer), commTransportRecordBytes(num_ranks) bytes in all.
+// What a rank publishes in the scale-out exchange: this header (its first fields are ScaleoutRecordHead's), then
+// one packed connection record per peer ([peer] the record addressed to that peer),
+// commTransportRecordBytes(num_ranks) bytes in all.
 struct CommTransportRecordHeader {
-  int32_t status;                 // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
+  int32_t status;                 // ncclResult_t of this rank's create() (set by setupScaleout before the exchange)
   int32_t num_records;            // ranks of the communicator
   uint64_t registry;              // address of the rank's WindowRegistry: meaningful only inside this process
   uint64_t process_token;         // processToken() of the rank's process: which ranks share this address space
@@ -93,34 +94,34 @@ constexpr size_t commTransportRecordBytes(int num_ranks) {
 rdma::ConnRecord emulatedConnRecord(int rank, int peer, const NodeMap& nodes, const QpnsBySet& qpns,
                                     const rdma::ConnWindow& window, const verbs::ServiceLevels& levels);
 
-class CommTransport {
+class CommTransport : public ScaleoutTransport {
  public:
   // Local: registry, window, backend, NIC, unconnected QPs; fills `mine` (commTransportRecordBytes(num_ranks)
   // bytes, zeroed by the caller) except the header's status.
   static ncclResult_t create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine);
-  ~CommTransport();
+  ~CommTransport() override;
   CommTransport(const CommTransport&) = delete;
   CommTransport& operator=(const CommTransport&) = delete;
 
   // With every rank's record (rank r's at all + r * commTransportRecordBytes(num_ranks)): checks the records
   // addressed to this rank, connects every QP, uploads the table and starts the executor.
-  ncclResult_t connect(const uint8_t* all);
+  ncclResult_t connect(const uint8_t* all) override;
   // Waits (bounded by the spec's timeout) until the NIC has executed every WQE this rank's GPU announced on each QP
   // (or the QP is in error; proxy mode: until the proxy completed every descriptor the GPU posted): what a rank must do
   // before it stops its NIC, since a kernel returns as soon as it has posted, and its last WRITEs and signals (an LL
   // combine's partials, a receive half's acks) are still the NIC's to carry. Returns "" or which QPs still had work
   // when the bound expired.
-  std::string drain();
-  void stop();
+  std::string drain() override;
+  void stop() override;
 
-  const ScaleoutPeer* deviceTable() const { return dev_table_; }
-  int numQps() const;  // both sets
-  const verbs::ServiceLevels& serviceLevels() const { return levels_; }
+  const ScaleoutPeer* deviceTable() const override { return dev_table_; }
+  int numQps() const override;  // both sets
+  const verbs::ServiceLevels& serviceLevels() const override { return levels_; }
   SoftNic& nic() { return *nic_; }
   const CudaMemoryBackend& backend() const { return *backend_; }
-  const rdma::Window& window() const { return window_; }
+  const rdma::Window& window() const override { return window_; }
   // "rank r: software NIC (chaos seed s), N QPs (2 sets) to peers a b c, backend ok|<its error>"
-  std::string describe() const;
+  std::string describe() const override;
 
  private:
   CommTransport() = default;
