@@ -13,9 +13,10 @@
 //      each GPU;
 //   3. local resources (buffer, error record, host scratch) and the buffer exchange;
 //   4. mapping of the own node's buffers, and one agreement on its outcome;
-//   5. several nodes only: the scale-out transport (src/transport/emulated/comm_transport.h): local creation
-//      (NIC, window, unconnected QPs), the exchange of connection records, then connection and the executor's
-//      start, and one agreement on their outcome.
+//   5. several nodes only: the scale-out transport (src/transport/scaleout_setup.h setupScaleout, over the
+//      software NIC, src/transport/emulated/comm_transport.h, or the verbs backend,
+//      src/transport/rdma/verbs/comm_transport.h): local creation (NIC, windows, unconnected QPs of both sets), the
+//      exchange of connection records, then connection (and the software NIC's executor), and one agreement.
 // A failure on one rank is never returned before the exchange it would miss: the rank enters the exchange with
 // its status, so every rank learns of it instead of waiting.
 #include "core/comm.h"
@@ -41,6 +42,8 @@
 #include "transport/net_choice.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/proxy/gpu_proxy.h"
+#include "transport/rdma/verbs/comm_transport.h"
+#include "transport/scaleout_setup.h"
 
 namespace nccl_moe {
 
@@ -202,6 +205,7 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
     facts.one_process = facts.one_process && id.process_token == ids[0].process_token;
     facts.one_device =
         facts.one_device && id.machine_hash == ids[0].machine_hash && std::strcmp(id.bus_id, ids[0].bus_id) == 0;
+    facts.one_machine = facts.one_machine && id.machine_hash == ids[0].machine_hash;
   }
   MOE_CHECK(decideScaleout(comm->net, facts, &comm->scaleout_plan));
   if (comm->config.enable_rank_masks && comm->nodes.num_nodes > 1) {
@@ -290,57 +294,65 @@ ncclResult_t exchange(ncclMoeComm* comm, Record* mine, ncclResult_t local, std::
   return ncclSuccess;
 }
 
-// Step 5 for NCCL_MOE_NET=emulated: this rank's software NIC, its window and QPs (local), the exchange of
-// connection records, then connection, the device table and the executor (local), and one agreement.
-ncclResult_t buildEmulatedScaleout(ncclMoeComm* comm) {
-  emulated::CommTransportSpec spec;
-  spec.rank = comm->rank;
-  spec.device = comm->device;
-  spec.nodes = comm->nodes;
-  spec.buffer = comm->buffer;
-  spec.buffer_bytes = comm->layout.total_bytes;
-  spec.dev_error = comm->dev_error;
-  spec.timeout_ns = comm->timeout_ns;
-  spec.chaos_seed = emulated::chaosSeedFromEnvironment();
-  spec.proxy = comm->net.mode == NetMode::kProxy;
-  spec.process_token = processToken();
-  spec.pure_rdma = comm->net.pure_rdma;
-  // The exchange carries R packed records per rank, so its size depends on R: not exchange()'s fixed Record.
-  const size_t bytes = emulated::commTransportRecordBytes(comm->num_ranks);
-  std::vector<uint8_t> mine(bytes, 0), all(bytes * comm->num_ranks);
-  const ncclResult_t created = emulated::CommTransport::create(spec, &comm->net_transport, mine.data());
-  const std::string create_error = created == ncclSuccess ? std::string() : std::string(threadLastError());
-  emulated::CommTransportRecordHeader header{};
-  std::memcpy(&header, mine.data(), sizeof(header));
-  header.status = static_cast<int32_t>(created);
-  std::memcpy(mine.data(), &header, sizeof(header));
-  MOE_CHECK(comm->bootstrap->allGather(mine.data(), all.data(), bytes));
-  if (created != ncclSuccess) return setLastError(created, "ncclMoeCommInit: %s", create_error.c_str());
-  for (int r = 0; r < comm->num_ranks; ++r) {
-    std::memcpy(&header, all.data() + bytes * r, sizeof(header));
-    if (header.status != ncclSuccess) {
-      return setLastError(ncclRemoteError,
-                          "ncclMoeCommInit: rank %d failed to set up its scale-out transport (software NIC) (%s); see "
-                          "that rank's error",
-                          r, ncclGetErrorString(static_cast<ncclResult_t>(header.status)));
+// Step 5: this rank's scale-out transport -- the software NIC (NCCL_MOE_NET=emulated) or the verbs backend --
+// through setupScaleout (local creation, the exchange of connection records, connection, one agreement).
+ncclResult_t buildScaleout(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
+  const int R = comm->num_ranks;
+  std::string qp_sets;
+  if (comm->scaleout_plan == ScaleoutPlan::kEmulated) {
+    emulated::CommTransportSpec spec;
+    spec.rank = comm->rank;
+    spec.device = comm->device;
+    spec.nodes = comm->nodes;
+    spec.buffer = comm->buffer;
+    spec.buffer_bytes = comm->layout.total_bytes;
+    spec.dev_error = comm->dev_error;
+    spec.timeout_ns = comm->timeout_ns;
+    spec.chaos_seed = emulated::chaosSeedFromEnvironment();
+    spec.proxy = comm->net.mode == NetMode::kProxy;
+    spec.process_token = processToken();
+    spec.pure_rdma = comm->net.pure_rdma;
+    const auto create = [&](uint8_t* mine, std::unique_ptr<ScaleoutTransport>* out) {
+      std::unique_ptr<emulated::CommTransport> t;
+      const ncclResult_t res = emulated::CommTransport::create(spec, &t, mine);
+      *out = std::move(t);
+      return res;
+    };
+    MOE_CHECK(setupScaleout(*comm->bootstrap, "software NIC", emulated::commTransportRecordBytes(R), create,
+                            &comm->net_transport, &qp_sets));
+    if (comm->rank == 0) {
+      MOE_WARN(
+          "ncclMoeCommInit: NCCL_MOE_NET=emulated: ranks of other nodes are reached through the software NIC "
+          "(software NIC: correctness only; its timings say nothing about a network), %d nodes, mode %s",
+          comm->nodes.num_nodes, netModeName(comm->net.mode));
     }
-  }
-  const ncclResult_t connected = comm->net_transport->connect(all.data());
-  const std::string connect_error = connected == ncclSuccess ? std::string() : std::string(threadLastError());
-  bool any_failed = false;
-  MOE_CHECK(comm->bootstrap->agree(connected != ncclSuccess, &any_failed));
-  if (connected != ncclSuccess) return setLastError(connected, "ncclMoeCommInit: %s", connect_error.c_str());
-  if (any_failed) {
-    return setLastError(ncclRemoteError,
-                        "ncclMoeCommInit: another rank failed to connect its scale-out QPs (see that rank's error)");
-  }
-  if (comm->rank == 0) {
-    MOE_WARN(
-        "ncclMoeCommInit: NCCL_MOE_NET=emulated: ranks of other nodes are reached through the software NIC "
-        "(software NIC: correctness only; its timings say nothing about a network), %d nodes, mode %s",
-        comm->nodes.num_nodes, netModeName(comm->net.mode));
+  } else {
+    verbs::CommTransportSpec spec;
+    spec.rank = comm->rank;
+    spec.nodes = comm->nodes;
+    spec.pure_rdma = comm->net.pure_rdma;
+    spec.buffer = comm->buffer;
+    spec.buffer_bytes = comm->layout.total_bytes;
+    spec.dev_error = comm->dev_error;
+    spec.timeout_ns = comm->timeout_ns;
+    // The NIC nearest this rank's GPU (hwloc); without a topology, NCCL_MOE_IB_HCA or the first device.
+    topo::Topology topology;
+    if (topo::discover({ids[comm->rank].bus_id}, &topology) == ncclSuccess && !topology.gpus.empty()) {
+      spec.device.topology = &topology;
+      spec.device.gpu_idx = 0;
+    }
+    const auto create = [&](uint8_t* mine, std::unique_ptr<ScaleoutTransport>* out) {
+      std::unique_ptr<verbs::CommTransport> t;
+      const ncclResult_t res = verbs::CommTransport::create(spec, &t, mine);
+      *out = std::move(t);
+      return res;
+    };
+    MOE_CHECK(setupScaleout(*comm->bootstrap, "verbs", verbs::commTransportRecordBytes(R), create, &comm->net_transport,
+                            &qp_sets));
   }
   MOE_INFO("ncclMoeCommInit: scale-out %s", comm->net_transport->describe().c_str());
+  // The records agreed on every set's SL / TC (checkConnRecords), so rank 0's values are every rank's.
+  if (comm->rank == 0) MOE_INFO("ncclMoeCommInit: scale-out QP sets: %s", qp_sets.c_str());
   return ncclSuccess;
 }
 
@@ -452,7 +464,7 @@ ncclResult_t commInit(ncclMoeComm* comm, std::unique_ptr<Bootstrap> bootstrap, i
                         "ncclMoeCommInit: another rank failed to map the communication buffers "
                         "(see that rank's error)");
   }
-  if (comm->scaleout_plan == ScaleoutPlan::kEmulated) MOE_CHECK(buildEmulatedScaleout(comm));
+  if (comm->scaleout_plan != ScaleoutPlan::kNone) MOE_CHECK(buildScaleout(comm, ids));
   logInit(comm, ids);
   return ncclSuccess;
 }
@@ -471,7 +483,8 @@ ncclResult_t commDestroy(ncclMoeComm* comm) {
   // ranks at the last retirement, no executor still runs against memory being freed.
   if (comm->net_transport) {
     const std::string busy = comm->net_transport->drain();
-    if (!busy.empty()) MOE_WARN("ncclMoeCommDestroy: the software NIC did not finish its work: %s", busy.c_str());
+    if (!busy.empty())
+      MOE_WARN("ncclMoeCommDestroy: the scale-out transport did not finish its work: %s", busy.c_str());
     comm->net_transport->stop();
   }
   if (comm->bootstrap == nullptr) {

@@ -20,6 +20,7 @@
 #include "transport/emulated/comm_transport.h"
 #include "transport/net_choice.h"
 #include "transport/nvlink/peers.h"
+#include "transport/scaleout_setup.h"
 #include "transport/scaleout_table.h"
 #include "transport/transport.h"
 
@@ -46,9 +47,10 @@ struct ncclMoeComm {
   std::unique_ptr<nccl_moe::Bootstrap> bootstrap;  // the collective steps of init and destroy
   nccl_moe::NetChoice net;                         // NCCL_MOE_NET / NCCL_MOE_NET_MODE, agreed by every rank
   nccl_moe::ScaleoutPlan scaleout_plan = nccl_moe::ScaleoutPlan::kNone;  // decided at init from the above
-  // Multi-node communicators: the scale-out transport of this rank (NCCL_MOE_NET=emulated: the software NIC);
-  // null for one node. Released before the buffer (its windows cover it).
-  std::unique_ptr<nccl_moe::emulated::CommTransport> net_transport;
+  // Multi-node communicators: the scale-out transport of this rank (NCCL_MOE_NET=emulated: the software NIC,
+  // emulated::CommTransport; ib, or auto across machines: the verbs backend, verbs::CommTransport); null for one
+  // node. Released before the buffer (its windows cover it).
+  std::unique_ptr<nccl_moe::ScaleoutTransport> net_transport;
 
   uint8_t* buffer = nullptr;  // this rank's communication buffer
   nccl_moe::NvlinkPeers nvl;  // the own node's buffers as mapped here, by local index

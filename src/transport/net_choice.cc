@@ -91,11 +91,24 @@ ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, Sc
                            std::to_string(facts.num_nodes) + " nodes (" + facts.nodes_text + "; " + facts.how_nodes +
                            "). Ranks on other nodes need the scale-out (RDMA) transport";
   if (net.kind != NetKind::kEmulated) {
-    return setLastError(ncclInvalidUsage,
-                        "%s: NCCL_MOE_NET=%s needs a verbs (InfiniBand/RoCE) backend, which this build does not have "
-                        "yet; for testing on one host set NCCL_MOE_NET=emulated (software NIC, correctness only; "
-                        "ranks of one process on one GPU, split by NCCL_MOE_EMULATE_NODES)",
-                        head.c_str(), netKindName(net.kind));
+    if (net.kind == NetKind::kAuto && facts.one_machine) {
+      return setLastError(
+          ncclInvalidUsage,
+          "%s: NCCL_MOE_NET=auto uses the verbs (InfiniBand/RoCE) backend only for ranks on several "
+          "machines, and these share one; for testing on one host set NCCL_MOE_NET=emulated (software "
+          "NIC, correctness only; ranks on one GPU, split by NCCL_MOE_EMULATE_NODES or NCCL_HOSTID), or "
+          "NCCL_MOE_NET=ib to drive this machine's NIC in loopback",
+          head.c_str());
+    }
+    if (net.mode != NetMode::kIbgda) {
+      return setLastError(ncclInvalidUsage,
+                          "%s: NCCL_MOE_NET=%s with NCCL_MOE_NET_MODE=%s: the verbs backend builds GPU-driven QPs "
+                          "only (the request proxy posts through the software NIC's queues, not through verbs QPs, "
+                          "yet); use NCCL_MOE_NET_MODE=ibgda",
+                          head.c_str(), netKindName(net.kind), netModeName(net.mode));
+    }
+    *plan = ScaleoutPlan::kVerbs;
+    return ncclSuccess;
   }
   if (!facts.one_device) {
     return setLastError(ncclInvalidUsage,

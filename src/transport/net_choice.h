@@ -2,8 +2,11 @@
 // (src/core/env.cc), read by every rank at init, published in the identity exchange and decided identically on
 // every rank from the same table (src/core/comm.cc). Pure functions: tests/unit/net_choice_test.cc.
 //
-//   NCCL_MOE_NET       auto      the real NIC when the build has a verbs backend (none yet: multi-node refused)
-//                      ib        the same, asked for explicitly
+//   NCCL_MOE_NET       auto      the verbs backend (a real mlx5 NIC, src/transport/rdma/verbs/comm_transport.h) when
+//                                the ranks span several machines; ranks of one machine split into nodes are refused
+//                                (emulated is never chosen silently)
+//                      ib        the verbs backend, asked for explicitly: also for nodes of one machine (the NIC in
+//                                loopback: first bring-up)
 //                      emulated  the software NIC (src/transport/emulated/): correctness only, never chosen
 //                                silently; single-process worlds on one GPU only (the CUDA memory backend reaches
 //                                device memory of this process; ranks in other processes need an IPC backend)
@@ -44,7 +47,7 @@ ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, Net
 ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* agreed);
 
 // What a communicator of several nodes gets.
-enum class ScaleoutPlan : int { kNone = 0, kEmulated = 1 };
+enum class ScaleoutPlan : int { kNone = 0, kEmulated = 1, kVerbs = 2 };
 
 // The facts the decision needs, identical on every rank.
 struct ScaleoutFacts {
@@ -54,12 +57,15 @@ struct ScaleoutFacts {
   std::string how_nodes;    // how the nodes were formed (for the message)
   bool one_process = true;  // every rank a thread of one process
   bool one_device = true;   // every rank on one physical GPU (same machine, same bus id), whatever the processes
+  bool one_machine = true;  // every rank on one physical machine (machineHash), whatever NCCL_HOSTID says
 };
 
-// One node: kNone, success. Several nodes: kEmulated when NCCL_MOE_NET=emulated and the world is one process on
-// one GPU; otherwise ncclInvalidUsage with a message that names the nodes, what is missing (no verbs backend yet;
-// the emulated NIC across processes needs an IPC backend; across GPUs peer access) and, for auto/ib,
-// NCCL_MOE_NET=emulated for one-host testing. Messages start "ncclMoeCommInit: the R ranks form N nodes".
+// One node: kNone, success. Several nodes: kEmulated when NCCL_MOE_NET=emulated and every rank is on one GPU;
+// kVerbs for ib, and for auto when the ranks span several machines, in mode ibgda; otherwise ncclInvalidUsage with
+// a message that names the nodes and what is missing (emulated across GPUs; auto on one machine, naming
+// NCCL_MOE_NET=emulated for one-host testing and ib for the NIC in loopback; the request proxy over verbs QPs,
+// not built). Whether the verbs backend can run (rdma-core, an mlx5 NIC) is found when it is built, on every rank
+// (setupScaleout). Messages start "ncclMoeCommInit: the R ranks form N nodes".
 ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, ScaleoutPlan* plan);
 
 }  // namespace nccl_moe

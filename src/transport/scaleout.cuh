@@ -6,9 +6,14 @@
 // posting order, and each call is made by ONE thread, any number of them concurrently. Each returns false on failure
 // (recorded in the rank's ErrorRecord with the QP).
 //
+// QP sets: every call takes the QP set it posts on (scaleout_table.h), last and defaulting to the general
+// (high-throughput) set, so the HT kernels name none; the LL kernels pass rdma::kQpSetLowLatency. Operations of
+// different sets are not ordered against each other (different QPs), even to one peer.
+//
 // Addresses: ibgda names memory by address in the registration (this rank's window starts at `own_base`, the peer's
-// at entry.remote_base); proxy by (key, offset into the window). Both windows are whole communication buffers, so a
-// buffer offset is a window offset.
+// at entry.remote_base); proxy by (key, offset into the window). Data goes to entry.rkey, signals (fetch-adds) to
+// entry.signal_rkey: on hardware the same bytes registered twice, relaxed ordering for data only. Both windows are
+// whole communication buffers, so a buffer offset is a window offset.
 #pragma once
 
 #include <cstdint>
@@ -21,28 +26,31 @@ namespace nccl_moe::net {
 
 // RDMA WRITE of `bytes` from byte `local_off` of this rank's buffer to byte `remote_off` of the peer's.
 __device__ __forceinline__ bool put(const ScaleoutPeer& p, uint64_t own_base, uint64_t local_off, uint64_t remote_off,
-                                    uint32_t bytes) {
-  if (p.via_proxy) return proxy::put(p.proxy, local_off, remote_off, p.rkey, bytes);
-  return ibgda::put(p.qp, own_base + local_off, p.remote_base + remote_off, p.rkey, bytes);
+                                    uint32_t bytes, int set = rdma::kQpSetHighThroughput) {
+  if (p.via_proxy) return proxy::put(p.proxy[set], local_off, remote_off, p.rkey, bytes);
+  return ibgda::put(p.qp[set], own_base + local_off, p.remote_base + remote_off, p.rkey, bytes);
 }
 
 // The peer's 64-bit word at byte `signal_off` of its buffer += add.
-__device__ __forceinline__ bool signal(const ScaleoutPeer& p, uint64_t signal_off, uint64_t add) {
-  if (p.via_proxy) return proxy::signal(p.proxy, signal_off, p.rkey, add);
-  return ibgda::signal(p.qp, p.remote_base + signal_off, p.rkey, add);
+__device__ __forceinline__ bool signal(const ScaleoutPeer& p, uint64_t signal_off, uint64_t add,
+                                       int set = rdma::kQpSetHighThroughput) {
+  if (p.via_proxy) return proxy::signal(p.proxy[set], signal_off, p.signal_rkey, add);
+  return ibgda::signal(p.qp[set], p.remote_base + signal_off, p.signal_rkey, add);
 }
 
 // put, then signal, on one QP: the add is performed after the data is placed.
 __device__ __forceinline__ bool put_signal(const ScaleoutPeer& p, uint64_t own_base, uint64_t local_off,
-                                           uint64_t remote_off, uint32_t bytes, uint64_t signal_off, uint64_t add) {
-  if (p.via_proxy) return proxy::put_signal(p.proxy, local_off, remote_off, p.rkey, bytes, signal_off, p.rkey, add);
-  return ibgda::put_signal(p.qp, own_base + local_off, p.remote_base + remote_off, p.rkey, bytes,
-                           p.remote_base + signal_off, p.rkey, add);
+                                           uint64_t remote_off, uint32_t bytes, uint64_t signal_off, uint64_t add,
+                                           int set = rdma::kQpSetHighThroughput) {
+  if (p.via_proxy)
+    return proxy::put_signal(p.proxy[set], local_off, remote_off, p.rkey, bytes, signal_off, p.signal_rkey, add);
+  return ibgda::put_signal(p.qp[set], own_base + local_off, p.remote_base + remote_off, p.rkey, bytes,
+                           p.remote_base + signal_off, p.signal_rkey, add);
 }
 
-// The QP's number, for the error records of waits on a signal this QP carries.
-__device__ __forceinline__ int qpn(const ScaleoutPeer& p) {
-  return static_cast<int>(p.via_proxy ? p.proxy.qpn : p.qp.qpn);
+// The number of the set's QP, for the error records of waits on a signal this QP carries.
+__device__ __forceinline__ int qpn(const ScaleoutPeer& p, int set = rdma::kQpSetHighThroughput) {
+  return static_cast<int>(p.via_proxy ? p.proxy[set].qpn : p.qp[set].qpn);
 }
 
 }  // namespace nccl_moe::net

@@ -6,8 +6,9 @@
 //                                                            free device memory does not shrink
 //   Shapes/ScaleoutInit.PutSignalReachesEveryRemotePeer      chaos on; a kernel per rank, through
 //                                                            DeviceComm::scaleout.peers only, put_signals a pattern
-//                                                            into every remote-node peer's buffer; each peer waits for
-//                                                            the signal and checks the bytes on the GPU; the host
+//                                                            into every remote-node peer's buffer, on the QP set
+//                                                            (me + peer) % 2, so both sets carry data; each peer waits
+//                                                            for the signal and checks the bytes on the GPU; the host
 //                                                            checks that own-node ranks received nothing
 //   Shapes/ScaleoutInit.HtCallsCheckTheirArguments           HT calls with empty arguments fail before anything is
 //                                                            launched; buffer-size queries work (the HT and LL calls
@@ -49,6 +50,11 @@ namespace {
 namespace ib = nccl_moe::ibgda;
 namespace dev = nccl_moe::dev;
 using nccl_moe::ScaleoutPeer;
+
+// The software NIC's transport of a communicator built with NCCL_MOE_NET=emulated.
+nccl_moe::emulated::CommTransport& emu(ncclMoeComm_t c) {
+  return static_cast<nccl_moe::emulated::CommTransport&>(*c->net_transport);
+}
 
 #define CUDA_OK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
 #define MOE_OK(x) ASSERT_EQ(ncclSuccess, (x)) << #x << ": " << ncclMoeGetLastError(nullptr)
@@ -167,7 +173,7 @@ __global__ void putSignalEveryRemotePeer(PutArgs a) {
     const uint64_t local = reinterpret_cast<uint64_t>(a.buffer + a.region.src + static_cast<uint64_t>(p) * kMsgBytes);
     const uint64_t remote = e.remote_base + a.region.dst + static_cast<uint64_t>(me) * kMsgBytes;
     const uint64_t sig = e.remote_base + a.region.sig + 8ull * me;
-    if (!ib::put_signal(e.qp, local, remote, e.rkey, kMsgBytes, sig, e.rkey, 1)) {
+    if (!ib::put_signal(e.qp[(me + p) % 2], local, remote, e.rkey, kMsgBytes, sig, e.rkey, 1)) {
       atomicCAS(&a.status->failed, 0, 2);
       a.status->peer = p;
       return;
@@ -175,7 +181,7 @@ __global__ void putSignalEveryRemotePeer(PutArgs a) {
   }
   for (int p = 0; p < R; ++p) {
     if (!table[p].valid) continue;
-    if (!ib::quiet(table[p].qp)) {
+    if (!ib::quiet(table[p].qp[(me + p) % 2])) {
       atomicCAS(&a.status->failed, 0, 2);
       a.status->peer = p;
       return;
@@ -223,8 +229,8 @@ TEST_P(ScaleoutInit, InitAndDestroyTwentyTimes) {
       EXPECT_EQ(nccl_moe::NetKind::kEmulated, c->net.kind);
       EXPECT_EQ(nccl_moe::ScaleoutPlan::kEmulated, c->scaleout_plan);
       ASSERT_NE(nullptr, c->net_transport) << "rank " << r;
-      EXPECT_EQ(R - s.per_node, c->net_transport->numQps()) << "rank " << r;
-      EXPECT_TRUE(c->net_transport->nic().running()) << "rank " << r;
+      EXPECT_EQ(2 * (R - s.per_node), c->net_transport->numQps()) << "rank " << r << ": a QP per (peer, set)";
+      EXPECT_TRUE(emu(c).nic().running()) << "rank " << r;
       const nccl_moe::DeviceComm d = c->deviceComm();
       ASSERT_NE(nullptr, d.scaleout.peers);
       std::vector<ScaleoutPeer> table(R);
@@ -233,8 +239,11 @@ TEST_P(ScaleoutInit, InitAndDestroyTwentyTimes) {
         const bool remote = c->nodes.node_of[p] != c->nodes.node_of[r];
         EXPECT_EQ(remote ? 1u : 0u, table[p].valid) << "rank " << r << " peer " << p;
         if (!remote) continue;
-        EXPECT_EQ(p, table[p].qp.peer);
-        EXPECT_EQ(r, table[p].qp.rank);
+        for (int set = 0; set < nccl_moe::rdma::kNumQpSets; ++set) {
+          EXPECT_EQ(p, table[p].qp[set].peer);
+          EXPECT_EQ(r, table[p].qp[set].rank);
+        }
+        EXPECT_NE(table[p].qp[0].qpn, table[p].qp[1].qpn) << "each set has its own QP";
         EXPECT_EQ(c->layout.total_bytes, table[p].window_bytes);
         // The window the record announced is the peer's buffer as its own registry has it.
         EXPECT_EQ(comms[p]->net_transport->window().rkey, table[p].rkey);
@@ -337,7 +346,7 @@ TEST_P(ScaleoutInit, PutSignalReachesEveryRemotePeer) {
     ncclResult_t async = ncclSuccess;
     EXPECT_EQ(ncclSuccess, ncclMoeCommGetAsyncError(comms[d], &async));
     EXPECT_EQ(ncclSuccess, async) << ncclMoeGetLastError(comms[d]);
-    EXPECT_FALSE(comms[d]->net_transport->backend().failed()) << comms[d]->net_transport->backend().error();
+    EXPECT_FALSE(emu(comms[d]).backend().failed()) << emu(comms[d]).backend().error();
   }
   for (cudaStream_t st : streams) cudaStreamDestroy(st);
   cudaFreeHost(host_status);

@@ -42,6 +42,10 @@ r::ConnRecord makeRecord(int rank, int peer, int num_ranks, std::mt19937_64& rng
   c.num_windows = 2;
   c.windows[0] = {0x7f0000000000ull + rng() % 4096 * 4096, 1ull << 30, static_cast<uint32_t>(rng())};
   c.windows[1] = {0x7f8000000000ull, 1ull << 20, static_cast<uint32_t>(rng())};
+  c.sl[r::kQpSetHighThroughput] = 3;
+  c.sl[r::kQpSetLowLatency] = 5;
+  c.traffic_class[r::kQpSetHighThroughput] = 0x60;
+  c.traffic_class[r::kQpSetLowLatency] = 0xa0;
   return c;
 }
 
@@ -72,6 +76,10 @@ void expectSame(const r::ConnRecord& a, const r::ConnRecord& b) {
     EXPECT_EQ(a.windows[w].bytes, b.windows[w].bytes);
     EXPECT_EQ(a.windows[w].rkey, b.windows[w].rkey);
   }
+  for (int s = 0; s < r::kNumQpSets; ++s) {
+    EXPECT_EQ(a.sl[s], b.sl[s]) << "set " << s;
+    EXPECT_EQ(a.traffic_class[s], b.traffic_class[s]) << "set " << s;
+  }
 }
 
 TEST(ConnRecord, RoundTrip) {
@@ -97,7 +105,7 @@ TEST(ConnRecord, WireLayout) {
   std::vector<uint8_t> w(r::kConnRecordBytes, 0xcc);
   ASSERT_EQ(ncclSuccess, r::packConnRecord(in, w.data())) << lastError();
   EXPECT_EQ(0, std::memcmp("NMCR", w.data(), 4));
-  EXPECT_EQ(1, w[4]);
+  EXPECT_EQ(2, w[4]) << "version 2";
   EXPECT_EQ(0, w[5]);
   EXPECT_EQ(0x00, w[6]) << "size 512, little-endian";
   EXPECT_EQ(0x02, w[7]);
@@ -109,7 +117,9 @@ TEST(ConnRecord, WireLayout) {
   EXPECT_EQ(0, std::memcmp(qpn_bytes, w.data() + low_latency_qpn0, 4));
   const uint8_t bytes_le[8] = {8, 7, 6, 5, 4, 3, 2, 1};
   EXPECT_EQ(0, std::memcmp(bytes_le, w.data() + 352 + 24 + 8, 8)) << "window 1 bytes";
-  for (size_t i = 448; i < r::kConnRecordBytes; ++i) ASSERT_EQ(0, w[i]) << "reserved tail byte " << i;
+  const uint8_t service[4] = {3, 5, 0x60, 0xa0};  // SL of each set, then TC of each set
+  EXPECT_EQ(0, std::memcmp(service, w.data() + 448, 4)) << "service levels and traffic classes";
+  for (size_t i = 452; i < r::kConnRecordBytes; ++i) ASSERT_EQ(0, w[i]) << "reserved tail byte " << i;
   // Unused QPN slots and windows are zero on the wire.
   for (size_t i = 96 + 4 * 24; i < 96 + 4 * 32; ++i) ASSERT_EQ(0, w[i]) << "unused high-throughput QPN byte " << i;
 }
@@ -130,12 +140,12 @@ TEST(ConnRecord, UnpackRejectsForeignAndOtherVersionRecords) {
   EXPECT_NE(std::string::npos, lastError().find("not a connection record")) << lastError();
 
   w = good;
-  w[4] = 2;
+  w[4] = 1;  // a build from before the QP sets carried their service levels
   EXPECT_EQ(ncclInvalidUsage, r::unpackConnRecord(w.data(), w.size(), &out));
   EXPECT_NE(std::string::npos,
-            lastError().find("rank 3's connection record is version 2; this library reads version 1"))
+            lastError().find("rank 3's connection record is version 1; this library reads version 2"))
       << lastError();
-  EXPECT_EQ(2, out.version);
+  EXPECT_EQ(1, out.version);
   EXPECT_EQ(3, out.rank) << "the stable header still names the sender";
 
   w = good;
@@ -163,6 +173,11 @@ TEST(ConnRecord, UnpackRejectsForeignAndOtherVersionRecords) {
   w[96 + 3] = 0x01;  // high-throughput QPN 0 beyond 24 bits
   EXPECT_EQ(ncclInvalidUsage, r::unpackConnRecord(w.data(), w.size(), &out));
   EXPECT_NE(std::string::npos, lastError().find("exceeds 24 bits")) << lastError();
+
+  w = good;
+  w[449] = 16;  // the low-latency set's service level
+  EXPECT_EQ(ncclInvalidUsage, r::unpackConnRecord(w.data(), w.size(), &out));
+  EXPECT_NE(std::string::npos, lastError().find("service level 16 of the low-latency set exceeds 15")) << lastError();
 }
 
 TEST(ConnRecord, PackRejectsWhatTheWireCannotHold) {
@@ -226,6 +241,15 @@ TEST(ConnRecord, DisagreementNamesRanksAndFields) {
        "window 1 bytes: rank 0 has 1048576, rank 3 has 2097152"},
       {"window count", [](std::vector<r::ConnRecord>& v) { v[1].num_windows = 1; },
        "window count: rank 0 has 2, rank 1 has 1"},
+      {"LL service level", [](std::vector<r::ConnRecord>& v) { v[3].sl[r::kQpSetLowLatency] = 4; },
+       "service level of the low-latency set: rank 0 has 5, rank 3 has 4"},
+      {"HT service level on rank 0's peers",
+       [](std::vector<r::ConnRecord>& v) {
+         for (size_t i = 1; i < v.size(); ++i) v[i].sl[r::kQpSetHighThroughput] = 0;
+       },
+       "service level of the high-throughput set: rank 0 has 3, rank 1 has 0 (and 2 more ranks)"},
+      {"LL traffic class", [](std::vector<r::ConnRecord>& v) { v[1].traffic_class[r::kQpSetLowLatency] = 0; },
+       "traffic class of the low-latency set: rank 0 has 160, rank 1 has 0"},
       {"link layer", [](std::vector<r::ConnRecord>& v) { v[2].link_layer = 1; },
        "link layer (0 InfiniBand, 1 Ethernet): rank 0 has 0, rank 2 has 1"},
       {"two fields at once",
@@ -250,9 +274,9 @@ TEST(ConnRecord, VersionDisagreementIsReported) {
   std::mt19937_64 rng(5);
   std::vector<r::ConnRecord> recs;
   for (int i = 0; i < 3; ++i) recs.push_back(makeRecord(i, 0, 3, rng));
-  recs[2].version = 2;
+  recs[2].version = 3;
   EXPECT_EQ(ncclInvalidUsage, r::checkConnRecords(recs.data(), 3, 0));
-  EXPECT_NE(std::string::npos, lastError().find("record version: rank 0 has 1, rank 2 has 2")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("record version: rank 0 has 2, rank 2 has 3")) << lastError();
 }
 
 TEST(ConnRecord, MisroutedRecordsAreRejected) {

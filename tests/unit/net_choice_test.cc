@@ -100,17 +100,42 @@ TEST(NetChoice, OneNodeNeedsNoScaleout) {
   }
 }
 
-TEST(NetChoice, AutoAndIbRefuseSeveralNodesNamingTheEmulatedNic) {
-  for (NetKind k : {NetKind::kAuto, NetKind::kIb}) {
-    ScaleoutPlan plan = ScaleoutPlan::kEmulated;
-    EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(NetChoice{k, NetMode::kIbgda}, twoNodes(), &plan));
+// auto on one machine (nodes from host identities or NCCL_MOE_EMULATE_NODES): refused, naming the emulated NIC
+// and ib (never the emulated NIC silently, never the NIC without being asked).
+TEST(NetChoice, AutoOnOneMachineRefusesSeveralNodesNamingTheEmulatedNic) {
+  ScaleoutPlan plan = ScaleoutPlan::kEmulated;
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(NetChoice{NetKind::kAuto, NetMode::kIbgda}, twoNodes(), &plan));
+  EXPECT_EQ(ScaleoutPlan::kNone, plan);
+  const std::string msg = lastError();
+  EXPECT_NE(std::string::npos, msg.find("the 4 ranks form 2 nodes (node 0: ranks 0 1; node 1: ranks 2 3")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=auto")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("verbs")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=emulated")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=ib")) << msg;
+}
+
+// ib on several nodes, and auto across machines: the verbs backend, in ibgda mode only (whether this host can run
+// it is found when it is built). The request proxy over verbs QPs is refused by name.
+TEST(NetChoice, IbAndAutoAcrossMachinesPickTheVerbsBackendInIbgdaMode) {
+  ScaleoutFacts machines = twoNodes();
+  machines.one_machine = false;
+  machines.one_device = false;
+  machines.one_process = false;
+  const struct {
+    NetKind kind;
+    const ScaleoutFacts facts;
+  } rows[] = {{NetKind::kIb, twoNodes()}, {NetKind::kIb, machines}, {NetKind::kAuto, machines}};
+  for (const auto& row : rows) {
+    ScaleoutPlan plan = ScaleoutPlan::kNone;
+    ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(NetChoice{row.kind, NetMode::kIbgda}, row.facts, &plan))
+        << lastError();
+    EXPECT_EQ(ScaleoutPlan::kVerbs, plan) << nccl_moe::netKindName(row.kind);
+    plan = ScaleoutPlan::kVerbs;
+    EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(NetChoice{row.kind, NetMode::kProxy}, row.facts, &plan));
     EXPECT_EQ(ScaleoutPlan::kNone, plan);
-    const std::string msg = lastError();
-    EXPECT_NE(std::string::npos, msg.find("the 4 ranks form 2 nodes (node 0: ranks 0 1; node 1: ranks 2 3")) << msg;
-    EXPECT_NE(std::string::npos, msg.find("scale-out")) << msg;
-    EXPECT_NE(std::string::npos, msg.find(std::string("NCCL_MOE_NET=") + nccl_moe::netKindName(k))) << msg;
-    EXPECT_NE(std::string::npos, msg.find("verbs")) << msg;
-    EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=emulated")) << msg;
+    EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=proxy")) << lastError();
+    EXPECT_NE(std::string::npos, lastError().find("use NCCL_MOE_NET_MODE=ibgda")) << lastError();
   }
 }
 

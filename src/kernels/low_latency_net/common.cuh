@@ -1,8 +1,9 @@
 // Device helpers of the internode LL kernels: where a rank's net half is, and the two ways bytes and signals
 // reach a peer -- stores and atomics through NVLink pointers for ranks of this node (the rank itself included),
 // RDMA WRITE and fetch-add on the peer's QP for ranks of other nodes, in the communicator's mode
-// (src/transport/scaleout.cuh). Nothing here dereferences another node's memory: those ranks are (QP, buffer
-// offset, rkey) only.
+// (src/transport/scaleout.cuh), always on the low-latency QP set (kQpSet: its own QPs, service level and traffic
+// class, NCCL_MOE_IB_LL_SL / NCCL_MOE_IB_LL_TC). Nothing here dereferences another node's memory: those ranks are
+// (QP, buffer offset, rkey) only.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +18,8 @@
 namespace nccl_moe {
 namespace llnet {
 
-constexpr int kThreads = 256;  // threads per block of every internode LL kernel
+constexpr int kThreads = 256;                   // threads per block of every internode LL kernel
+constexpr int kQpSet = rdma::kQpSetLowLatency;  // the QP set every internode LL put and signal goes on
 
 __device__ __forceinline__ bool is_local(const LlNetComm& n, int rank) { return n.local_index[rank] >= 0; }
 
@@ -50,7 +52,7 @@ __device__ __forceinline__ uint64_t half_off(const LlNetComm& n, size_t off) { r
 // thread. False (error recorded on the QP's rank record) when the QP failed.
 __device__ __forceinline__ bool put_remote(const LlNetComm& n, int rank, const void* src, size_t off, uint32_t bytes) {
   if (bytes == 0) return true;
-  return net::put(remote(n, rank), n.own_base, own_offset(n, src), half_off(n, off), bytes);
+  return net::put(remote(n, rank), n.own_base, own_offset(n, src), half_off(n, off), bytes, kQpSet);
 }
 
 // Adds `add` to signal word [kind][this rank] of `rank`, after every earlier write of this rank to it: a release
@@ -63,7 +65,7 @@ __device__ __forceinline__ bool signal_peer(const LlNetComm& n, int rank, int ki
     dev::red_add_release_sys(reinterpret_cast<long long*>(local_half(n, rank) + off), add);
     return true;
   }
-  return net::signal(remote(n, rank), half_off(n, off), static_cast<uint64_t>(add));
+  return net::signal(remote(n, rank), half_off(n, off), static_cast<uint64_t>(add), kQpSet);
 }
 
 // WRITE of 8 bytes (`src`, in this rank's buffer) into `rank`'s word `kind`, then +1 on its signal word
@@ -79,13 +81,13 @@ __device__ __forceinline__ bool put_word_signal(const LlNetComm& n, int rank, co
     return true;
   }
   return net::put_signal(remote(n, rank), n.own_base, own_offset(n, src), half_off(n, n.layout.signal(kind, me)), 8,
-                         half_off(n, n.layout.signal(signal_kind, me)), 1);
+                         half_off(n, n.layout.signal(signal_kind, me)), 1, kQpSet);
 }
 
 // Waits until this rank's signal [kind][src] >= target. A timeout names the phase, the source and, for a rank of
 // another node, the QP the signal travels on (the signal kind in `detail`).
 __device__ __forceinline__ bool wait_signal(const LlNetComm& n, int kind, int src, long long target, Phase phase) {
-  const int qpn = is_local(n, src) ? -1 : net::qpn(remote(n, src));
+  const int qpn = is_local(n, src) ? -1 : net::qpn(remote(n, src), kQpSet);
   return dev::wait_geq(n.comm, static_cast<const long long*>(own_signal(n, kind, src)), target, phase, src, 0, qpn,
                        kind);
 }

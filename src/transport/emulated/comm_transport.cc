@@ -11,22 +11,13 @@
 
 namespace nccl_moe::emulated {
 
-rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node, uint32_t qpn,
-                                    const rdma::ConnWindow& window) {
-  rdma::ConnRecord r;
-  r.rank = rank;
-  r.peer = peer;
-  r.num_ranks = num_ranks;
-  r.node = node;
+rdma::ConnRecord emulatedConnRecord(int rank, int peer, const NodeMap& nodes, const QpnsBySet& qpns,
+                                    const rdma::ConnWindow& window, const verbs::ServiceLevels& levels) {
+  rdma::ConnRecord r = scaleoutConnRecord(rank, peer, nodes, qpns, {window}, levels);
   std::snprintf(r.nic_name, sizeof(r.nic_name), "emulated-%d", rank);
   r.nic_guid = 0xe1e1000000000000ull | static_cast<uint64_t>(rank);
   r.port = 1;
   r.link_layer = 0;  // InfiniBand
-  r.num_qps[rdma::kQpSetHighThroughput] = 1;
-  r.num_qps[rdma::kQpSetLowLatency] = 0;
-  r.qpn[rdma::kQpSetHighThroughput][0] = qpn;
-  r.num_windows = 1;
-  r.windows[0] = window;
   return r;
 }
 
@@ -38,6 +29,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
                 "emulated transport: rank %d has no buffer, error record or timeout", spec.rank);
   std::unique_ptr<CommTransport> t(new CommTransport());
   t->spec_ = spec;
+  MOE_CHECK(verbs::resolveServiceLevels(spec.env, &t->levels_));
   t->registry_ = std::make_unique<rdma::WindowRegistry>(static_cast<uint8_t>(0x40 + spec.rank));
   MOE_CHECK(t->registry_->registerWindow(reinterpret_cast<uint64_t>(spec.buffer), spec.buffer_bytes,
                                          rdma::kAccessAllRemote, rdma::kWindowSignal, &t->window_));
@@ -52,51 +44,50 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   nc.max_chunk_bytes = bo.max_chunk_bytes;
   t->nic_ = std::make_unique<SoftNic>(nc, t->backend_.get(), t->registry_.get());
 
-  t->qps_.resize(num_ranks);
-  t->remote_peers_ = remotePeers(spec.nodes, spec.rank);
-  if (spec.pure_rdma) {
-    t->remote_peers_.clear();
-    for (int p = 0; p < num_ranks; ++p)
-      if (p != spec.rank) t->remote_peers_.push_back(p);
-  }
-  std::vector<uint32_t> qpn_of(num_ranks, 0);
-  if (spec.proxy) {
-    GpuProxySpec ps;
-    ps.nic = t->nic_.get();
-    ps.backend = t->backend_.get();
-    ps.local_windows = t->registry_.get();
-    for (int p : t->remote_peers_) {
-      Responder r;
-      r.peer = p;  // connected in connect(), once the peer's record is known
-      ps.qps.push_back(r);
+  t->remote_peers_ = qpPeers(spec.nodes, spec.rank, spec.pure_rdma);
+  std::vector<QpnsBySet> qpn_of(num_ranks, QpnsBySet{});
+  for (int set = 0; set < rdma::kNumQpSets; ++set) {
+    t->qps_[set].resize(num_ranks);
+    if (spec.proxy) {
+      if (t->remote_peers_.empty()) continue;
+      GpuProxySpec ps;
+      ps.nic = t->nic_.get();
+      ps.backend = t->backend_.get();
+      ps.local_windows = t->registry_.get();
+      for (int p : t->remote_peers_) {
+        Responder r;
+        r.peer = p;  // connected in connect(), once the peer's record is known
+        ps.qps.push_back(r);
+      }
+      ps.connect = false;
+      ps.num_slots = spec.proxy_slots;
+      ps.wqe_cnt = spec.wqe_cnt;
+      ps.cqe_cnt = spec.wqe_cnt;
+      ps.src_lkey = t->window_.lkey;
+      ps.rank = spec.rank;
+      ps.device = spec.device;
+      ps.timeout_ns = spec.timeout_ns;
+      ps.dev_error = spec.dev_error;
+      MOE_CHECK(EmulatedGpuProxy::create(ps, &t->proxies_[set]));
+      for (size_t i = 0; i < t->remote_peers_.size(); ++i) qpn_of[t->remote_peers_[i]][set] = t->proxies_[set]->qpn(i);
+      continue;
     }
-    ps.connect = false;
-    ps.num_slots = spec.proxy_slots;
-    ps.wqe_cnt = spec.wqe_cnt;
-    ps.cqe_cnt = spec.wqe_cnt;
-    ps.src_lkey = t->window_.lkey;
-    ps.rank = spec.rank;
-    ps.device = spec.device;
-    ps.timeout_ns = spec.timeout_ns;
-    ps.dev_error = spec.dev_error;
-    if (!t->remote_peers_.empty()) MOE_CHECK(EmulatedGpuProxy::create(ps, &t->proxy_));
-    for (size_t i = 0; i < t->remote_peers_.size(); ++i) qpn_of[t->remote_peers_[i]] = t->proxy_->qpn(i);
-  }
-  for (int p : spec.proxy ? std::vector<int>{} : t->remote_peers_) {
-    GpuQpSpec q;
-    q.nic = t->nic_.get();
-    q.backend = t->backend_.get();
-    q.local_windows = t->registry_.get();
-    q.responder.peer = p;  // connected in connect(), once the peer's record is known
-    q.wqe_cnt = spec.wqe_cnt;
-    q.cqe_cnt = spec.wqe_cnt;
-    q.src_lkey = t->window_.lkey;
-    q.rank = spec.rank;
-    q.timeout_ns = spec.timeout_ns;
-    q.dev_error = spec.dev_error;
-    q.connect = false;
-    MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[p]));
-    qpn_of[p] = t->qps_[p]->qpn();
+    for (int p : t->remote_peers_) {
+      GpuQpSpec q;
+      q.nic = t->nic_.get();
+      q.backend = t->backend_.get();
+      q.local_windows = t->registry_.get();
+      q.responder.peer = p;  // connected in connect(), once the peer's record is known
+      q.wqe_cnt = spec.wqe_cnt;
+      q.cqe_cnt = spec.wqe_cnt;
+      q.src_lkey = t->window_.lkey;
+      q.rank = spec.rank;
+      q.timeout_ns = spec.timeout_ns;
+      q.dev_error = spec.dev_error;
+      q.connect = false;
+      MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[set][p]));
+      qpn_of[p][set] = t->qps_[set][p]->qpn();
+    }
   }
 
   CommTransportRecordHeader header{};
@@ -109,11 +100,9 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   w.addr = t->window_.addr;
   w.bytes = t->window_.bytes;
   w.rkey = t->window_.rkey;
-  const int node = spec.nodes.node_of[spec.rank];
   for (int p = 0; p < num_ranks; ++p) {
-    const uint32_t qpn = qpn_of[p];
     uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
-    MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, num_ranks, node, qpn, w), conn));
+    MOE_CHECK(rdma::packConnRecord(emulatedConnRecord(spec.rank, p, spec.nodes, qpn_of[p], w, t->levels_), conn));
   }
   *out = std::move(t);
   return ncclSuccess;
@@ -124,30 +113,28 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   const int me = spec_.rank;
   const size_t stride = commTransportRecordBytes(num_ranks);
   std::vector<CommTransportRecordHeader> headers(num_ranks);
-  std::vector<rdma::ConnRecord> records(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
-    const uint8_t* rec = all + stride * r;
-    std::memcpy(&headers[r], rec, sizeof(CommTransportRecordHeader));
+    std::memcpy(&headers[r], all + stride * r, sizeof(CommTransportRecordHeader));
     if (headers[r].num_records != num_ranks)
       return setLastError(ncclInvalidUsage, "emulated transport: rank %d published %d records; the communicator has %d",
                           r, headers[r].num_records, num_ranks);
-    const uint8_t* conn = rec + sizeof(CommTransportRecordHeader) + static_cast<size_t>(me) * rdma::kConnRecordBytes;
-    MOE_CHECK(rdma::unpackConnRecord(conn, rdma::kConnRecordBytes, &records[r]));
   }
-  MOE_CHECK(rdma::checkConnRecords(records.data(), num_ranks, me));
+  std::vector<rdma::ConnRecord> records;
+  std::vector<PeerWindow> window_of_peer;
+  MOE_CHECK(readPeerRecords(all, stride, sizeof(CommTransportRecordHeader), spec_.nodes, me, remote_peers_,
+                            "emulated transport of rank " + std::to_string(me), &records, &window_of_peer));
 
-  std::vector<const ibgda::GpuQp*> qp_of_peer(num_ranks, nullptr);
-  std::vector<PeerWindow> window_of_peer(num_ranks);
-  std::vector<Responder> responders;  // proxy mode: [i] for remote_peers_[i]
+  QpsBySet<ibgda::GpuQp> qp_of_peer;
+  QpsBySet<proxy::GpuProxyQp> proxy_of_peer;
+  std::array<std::vector<Responder>, rdma::kNumQpSets> responders;  // proxy mode: [set][i] for remote_peers_[i]
+  for (int set = 0; set < rdma::kNumQpSets; ++set) {
+    qp_of_peer[set].assign(num_ranks, nullptr);
+    proxy_of_peer[set].assign(num_ranks, nullptr);
+  }
   for (int p : remote_peers_) {
     const rdma::ConnRecord& rec = records[p];
-    const uint32_t remote_qpn = rec.qpn[rdma::kQpSetHighThroughput][0];
-    if (rec.node != spec_.nodes.node_of[p] || remote_qpn == 0 || rec.num_windows < 1 || headers[p].registry == 0) {
-      return setLastError(ncclInvalidUsage,
-                          "emulated transport: rank %d's record for rank %d names node %d (expected %d), QPN 0x%x and "
-                          "%u windows; expected a QP and a window",
-                          p, me, rec.node, spec_.nodes.node_of[p], remote_qpn, unsigned{rec.num_windows});
-    }
+    if (headers[p].registry == 0)
+      return setLastError(ncclInvalidUsage, "emulated transport: rank %d published no window registry", p);
     Responder responder;
     if (headers[p].process_token == spec_.process_token) {
       responder.windows = reinterpret_cast<const rdma::WindowRegistry*>(headers[p].registry);
@@ -155,24 +142,23 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
       MOE_CHECK(mapOtherProcess(p, rec, headers[p].buffer_ipc, &responder.windows));
     }
     responder.peer = p;
-    responder.remote_qpn = remote_qpn;
-    if (spec_.proxy) {
-      responders.push_back(responder);
-    } else {
-      MOE_CHECK(nic_->connect(qps_[p]->qp(), responder));
-      qp_of_peer[p] = &qps_[p]->view();
+    for (int set = 0; set < rdma::kNumQpSets; ++set) {
+      responder.remote_qpn = rec.qpn[set][0];  // this QP's peer is the peer's QP of the same set
+      if (spec_.proxy) {
+        responders[set].push_back(responder);
+      } else {
+        MOE_CHECK(nic_->connect(qps_[set][p]->qp(), responder));
+        qp_of_peer[set][p] = &qps_[set][p]->view();
+      }
     }
-    window_of_peer[p].base = rec.windows[0].addr;
-    window_of_peer[p].bytes = rec.windows[0].bytes;
-    window_of_peer[p].rkey = rec.windows[0].rkey;
   }
   std::vector<ScaleoutPeer> table;
   std::string why;
   if (spec_.proxy) {
-    std::vector<const proxy::GpuProxyQp*> proxy_of_peer(num_ranks, nullptr);
-    if (proxy_) {
-      MOE_CHECK(proxy_->connect(responders));
-      for (size_t i = 0; i < remote_peers_.size(); ++i) proxy_of_peer[remote_peers_[i]] = &proxy_->view(i);
+    for (int set = 0; set < rdma::kNumQpSets; ++set) {
+      if (!proxies_[set]) continue;
+      MOE_CHECK(proxies_[set]->connect(responders[set]));
+      for (size_t i = 0; i < remote_peers_.size(); ++i) proxy_of_peer[set][remote_peers_[i]] = &proxies_[set]->view(i);
     }
     why = buildProxyScaleoutTable(spec_.nodes, me, proxy_of_peer, window_of_peer, &table, spec_.pure_rdma);
   } else {
@@ -183,7 +169,8 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_table_), bytes));
   MOE_CUDA_CHECK(cudaMemcpy(dev_table_, table.data(), bytes, cudaMemcpyHostToDevice));
   MOE_CHECK(nic_->start());
-  if (proxy_) MOE_CHECK(proxy_->start());
+  for (auto& ring : proxies_)
+    if (ring) MOE_CHECK(ring->start());
   return ncclSuccess;
 }
 
@@ -220,22 +207,27 @@ std::string CommTransport::drain() {
   const auto bound = std::chrono::nanoseconds(spec_.timeout_ns);
   for (;;) {
     std::string busy;
-    if (proxy_) {
+    for (int set = 0; set < rdma::kNumQpSets; ++set) {
+      const EmulatedGpuProxy* ring = proxies_[set].get();
+      if (!ring) continue;
       // Every descriptor the GPU reserved was completed at the NIC (or the ring failed: nothing more completes).
       uint32_t produced = 0;
-      if (proxy_->ringError() == 0 && !proxy_->thread().failed() &&
-          (proxy_->producerIndex(&produced) != ncclSuccess || proxy_->completed() != produced))
-        busy = " (request proxy: completed " + std::to_string(proxy_->completed()) + " of " + std::to_string(produced) +
-               " descriptors)";
+      if (ring->ringError() == 0 && !proxies_[set]->thread().failed() &&
+          (ring->producerIndex(&produced) != ncclSuccess || ring->completed() != produced))
+        busy += std::string(" (") + rdma::qpSetName(set) + " request proxy: completed " +
+                std::to_string(ring->completed()) + " of " + std::to_string(produced) + " descriptors)";
     }
-    for (size_t p = 0; p < qps_.size(); ++p) {
-      if (!qps_[p]) continue;
-      const uint32_t qp = qps_[p]->qp();
-      if (nic_->qpState(qp) != QpState::kReady) continue;  // in error: flushed, nothing more will execute
-      // The doorbell record holds the producer's last announced index (16 bits); retired counts the NIC's progress.
-      const uint32_t announced = nic_->qpDbrValue(qp) & 0xffffu, retired = nic_->qpRetired(qp) & 0xffffu;
-      if (announced != retired)
-        busy += " " + std::to_string(p) + " (" + std::to_string((announced - retired) & 0xffffu) + " WQEBBs)";
+    for (int set = 0; set < rdma::kNumQpSets; ++set) {
+      for (size_t p = 0; p < qps_[set].size(); ++p) {
+        if (!qps_[set][p]) continue;
+        const uint32_t qp = qps_[set][p]->qp();
+        if (nic_->qpState(qp) != QpState::kReady) continue;  // in error: flushed, nothing more will execute
+        // The doorbell record holds the producer's last announced index (16 bits); retired counts the NIC's progress.
+        const uint32_t announced = nic_->qpDbrValue(qp) & 0xffffu, retired = nic_->qpRetired(qp) & 0xffffu;
+        if (announced != retired)
+          busy += " " + std::to_string(p) + " (" + rdma::qpSetName(set) + ", " +
+                  std::to_string((announced - retired) & 0xffffu) + " WQEBBs)";
+      }
     }
     if (busy.empty()) return "";
     if (std::chrono::steady_clock::now() - start > bound)
@@ -245,15 +237,16 @@ std::string CommTransport::drain() {
 }
 
 void CommTransport::stop() {
-  if (proxy_) proxy_->stop();  // the proxy thread posts to the NIC: it stops first
+  for (auto& ring : proxies_)  // the proxy threads post to the NIC: they stop first
+    if (ring) ring->stop();
   if (nic_) nic_->stop();
 }
 
 CommTransport::~CommTransport() {
   stop();
-  proxy_.reset();  // host queues and the ring, after the NIC stopped reading them
-  qps_.clear();    // before the registry: each deregisters its result word
-  nic_.reset();    // frees staging through the backend
+  for (auto& ring : proxies_) ring.reset();  // host queues and the rings, after the NIC stopped reading them
+  for (auto& set : qps_) set.clear();        // before the registry: each deregisters its result word
+  nic_.reset();                              // frees staging through the backend
   backend_.reset();
   for (void* b : ipc_buffers_) cudaIpcCloseMemHandle(b);
   if (dev_table_ != nullptr) cudaFree(dev_table_);
@@ -261,9 +254,14 @@ CommTransport::~CommTransport() {
 }
 
 int CommTransport::numQps() const {
-  if (spec_.proxy) return proxy_ ? static_cast<int>(proxy_->numQps()) : 0;
   int n = 0;
-  for (const auto& q : qps_) n += q ? 1 : 0;
+  for (int set = 0; set < rdma::kNumQpSets; ++set) {
+    if (spec_.proxy) {
+      n += proxies_[set] ? static_cast<int>(proxies_[set]->numQps()) : 0;
+      continue;
+    }
+    for (const auto& q : qps_[set]) n += q ? 1 : 0;
+  }
   return n;
 }
 
@@ -271,8 +269,8 @@ std::string CommTransport::describe() const {
   std::string peers;
   for (int p : remote_peers_) peers += " " + std::to_string(p);
   return "rank " + std::to_string(spec_.rank) + ": " + nic_->describe() + ", " + std::to_string(numQps()) +
-         (spec_.proxy ? " request-proxy QPs to peers" : " QPs to peers") + peers + ", backend " +
-         (backend_->failed() ? backend_->error() : std::string("ok"));
+         (spec_.proxy ? " request-proxy QPs (2 sets, a ring each) to peers" : " QPs (2 sets) to peers") + peers +
+         ", backend " + (backend_->failed() ? backend_->error() : std::string("ok"));
 }
 
 }  // namespace nccl_moe::emulated

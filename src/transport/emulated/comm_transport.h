@@ -7,10 +7,15 @@
 //             relaxed ordering: it holds signal words too)
 //   backend   a CudaMemoryBackend on the rank's GPU (staging arena, a stream per QP, helper kernels loaded here)
 //   NIC       a SoftNic executing this rank's send queues (chaos seed NCCL_MOE_EMU_CHAOS + rank when set)
-//   QPs       one QP per remote peer, i.e. per (rank, peer on another node); none for self and own-node peers.
+//   QPs       one QP per (remote peer, QP set), i.e. two per (rank, peer on another node): the high-throughput
+//             (general) set and the low-latency set (scaleout_table.h), each with its set's SL / TC in the records
+//             (the software NIC has no wire: the values are carried and checked, not applied); none for self and
+//             own-node peers.
 //             NCCL_MOE_NET_MODE=ibgda: GPU-driven QPs (EmulatedGpuQp: the kernels write WQEs and ring doorbells);
-//             proxy: host-memory QPs behind one request-proxy ring (EmulatedGpuProxy: the kernels write descriptors,
-//             a CPU thread of this rank turns them into WQEs)
+//             proxy: host-memory QPs behind one request-proxy ring PER SET (EmulatedGpuProxy: the kernels write
+//             descriptors, a CPU thread per ring turns them into WQEs). One ring per set because a ring is consumed
+//             in order and a descriptor whose SQ is full stays at its head: on a shared ring an LL descriptor would
+//             wait behind HT descriptors stalled on their SQ, the head-of-line blocking the sets exist to avoid.
 //   table     the device-resident ScaleoutPeer[num_ranks] kernels reach through DeviceComm::scaleout.peers
 //             (src/transport/scaleout_table.h)
 //
@@ -31,6 +36,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -44,7 +50,9 @@
 #include "transport/emulated/nic.h"
 #include "transport/emulated/proxy_queues.h"
 #include "transport/rdma/conn_record.h"
+#include "transport/rdma/verbs/qp_attr.h"
 #include "transport/rdma/window.h"
+#include "transport/scaleout_setup.h"
 #include "transport/scaleout_table.h"
 
 namespace nccl_moe::emulated {
@@ -62,13 +70,15 @@ struct CommTransportSpec {
   uint32_t wqe_cnt = 64;             // per QP
   bool proxy = false;                // NCCL_MOE_NET_MODE=proxy: the request proxy posts for the kernels
   bool pure_rdma = false;            // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
-  uint32_t proxy_slots = 256;        // descriptors of the request-proxy ring (a power of two)
+  uint32_t proxy_slots = 256;        // descriptors of each set's request-proxy ring (a power of two)
+  verbs::EnvLookup env = verbs::processEnvLookup;  // where the QP sets' SL / TC come from (resolveServiceLevels)
 };
 
-// What a rank publishes in the scale-out exchange: this header, then one packed connection record per peer
-// ([peer] the record addressed to that peer), commTransportRecordBytes(num_ranks) bytes in all.
+// What a rank publishes in the scale-out exchange: this header (its first fields are ScaleoutRecordHead's), then
+// one packed connection record per peer ([peer] the record addressed to that peer),
+// commTransportRecordBytes(num_ranks) bytes in all.
 struct CommTransportRecordHeader {
-  int32_t status;                 // ncclResult_t of this rank's create() (set by comm.cc before the exchange)
+  int32_t status;                 // ncclResult_t of this rank's create() (set by setupScaleout before the exchange)
   int32_t num_records;            // ranks of the communicator
   uint64_t registry;              // address of the rank's WindowRegistry: meaningful only inside this process
   uint64_t process_token;         // processToken() of the rank's process: which ranks share this address space
@@ -78,39 +88,40 @@ constexpr size_t commTransportRecordBytes(int num_ranks) {
   return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
 }
 
-// The connection record `rank` sends `peer` (pure): the software NIC's name "emulated-<rank>", port 1,
-// InfiniBand link layer, one QP per peer in the high-throughput set (QPN `qpn`, 0 where the pair has none: self
-// and own-node peers), none in the low-latency set, and the one buffer window.
-rdma::ConnRecord emulatedConnRecord(int rank, int peer, int num_ranks, int node, uint32_t qpn,
-                                    const rdma::ConnWindow& window);
+// The connection record `rank` sends `peer` (pure): scaleoutConnRecord's fields (one QP per set: QPN qpns[set], 0
+// where the pair has none: self and own-node peers; the one buffer window; each set's SL / TC) and the software
+// NIC's name "emulated-<rank>", port 1, InfiniBand link layer.
+rdma::ConnRecord emulatedConnRecord(int rank, int peer, const NodeMap& nodes, const QpnsBySet& qpns,
+                                    const rdma::ConnWindow& window, const verbs::ServiceLevels& levels);
 
-class CommTransport {
+class CommTransport : public ScaleoutTransport {
  public:
   // Local: registry, window, backend, NIC, unconnected QPs; fills `mine` (commTransportRecordBytes(num_ranks)
   // bytes, zeroed by the caller) except the header's status.
   static ncclResult_t create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine);
-  ~CommTransport();
+  ~CommTransport() override;
   CommTransport(const CommTransport&) = delete;
   CommTransport& operator=(const CommTransport&) = delete;
 
   // With every rank's record (rank r's at all + r * commTransportRecordBytes(num_ranks)): checks the records
   // addressed to this rank, connects every QP, uploads the table and starts the executor.
-  ncclResult_t connect(const uint8_t* all);
+  ncclResult_t connect(const uint8_t* all) override;
   // Waits (bounded by the spec's timeout) until the NIC has executed every WQE this rank's GPU announced on each QP
   // (or the QP is in error; proxy mode: until the proxy completed every descriptor the GPU posted): what a rank must do
   // before it stops its NIC, since a kernel returns as soon as it has posted, and its last WRITEs and signals (an LL
   // combine's partials, a receive half's acks) are still the NIC's to carry. Returns "" or which QPs still had work
   // when the bound expired.
-  std::string drain();
-  void stop();
+  std::string drain() override;
+  void stop() override;
 
-  const ScaleoutPeer* deviceTable() const { return dev_table_; }
-  int numQps() const;
+  const ScaleoutPeer* deviceTable() const override { return dev_table_; }
+  int numQps() const override;  // both sets
+  const verbs::ServiceLevels& serviceLevels() const override { return levels_; }
   SoftNic& nic() { return *nic_; }
   const CudaMemoryBackend& backend() const { return *backend_; }
-  const rdma::Window& window() const { return window_; }
-  // "rank r: software NIC (chaos seed s), N QPs to peers a b c, backend ok|<its error>"
-  std::string describe() const;
+  const rdma::Window& window() const override { return window_; }
+  // "rank r: software NIC (chaos seed s), N QPs (2 sets) to peers a b c, backend ok|<its error>"
+  std::string describe() const override;
 
  private:
   CommTransport() = default;
@@ -123,10 +134,12 @@ class CommTransport {
   std::unique_ptr<CudaMemoryBackend> backend_;
   std::unique_ptr<SoftNic> nic_;
   rdma::Window window_{};
-  std::vector<std::unique_ptr<EmulatedGpuQp>> qps_;  // ibgda: [peer], null for self and own-node peers
-  std::unique_ptr<EmulatedGpuProxy> proxy_;          // proxy: one ring, QP i to remote_peers_[i]
-  std::vector<int> remote_peers_;                    // the ranks with a QP, ascending: other nodes (pure RDMA: all
-                                                     // but this rank)
+  verbs::ServiceLevels levels_;
+  // ibgda: [set][peer], null for self and own-node peers
+  std::array<std::vector<std::unique_ptr<EmulatedGpuQp>>, rdma::kNumQpSets> qps_;
+  // proxy: one ring per set, its QP i to remote_peers_[i]
+  std::array<std::unique_ptr<EmulatedGpuProxy>, rdma::kNumQpSets> proxies_;
+  std::vector<int> remote_peers_;  // the ranks with QPs, ascending: other nodes (pure RDMA: all but this rank)
   // Remote peers in other processes (same GPU): a mirror of each one's window registry (from its record) and its
   // buffer opened through CUDA IPC, closed after the NIC stopped.
   std::vector<std::unique_ptr<rdma::WindowRegistry>> mirrors_;

@@ -32,8 +32,10 @@ constexpr size_t kOffNumQps = 92;                                             //
 constexpr size_t kOffQpn = kOffNumQps + 2 * kNumQpSets;                       // u32[kNumQpSets][32]
 constexpr size_t kOffWindows = kOffQpn + 4 * kNumQpSets * kConnMaxQpsPerSet;  // {u64 addr, u64 bytes, u32 rkey, u32 0}
 constexpr size_t kWindowWireBytes = 24;
-constexpr size_t kEnd = kOffWindows + kWindowWireBytes * kConnMaxWindows;
-static_assert(kOffQpn == 96 && kOffWindows == 352 && kEnd == 448, "connection record wire layout");
+constexpr size_t kOffSl = kOffWindows + kWindowWireBytes * kConnMaxWindows;  // u8[kNumQpSets] (version 2)
+constexpr size_t kOffTrafficClass = kOffSl + kNumQpSets;                     // u8[kNumQpSets] (version 2)
+constexpr size_t kEnd = kOffTrafficClass + kNumQpSets;
+static_assert(kOffQpn == 96 && kOffWindows == 352 && kOffSl == 448 && kEnd == 452, "connection record wire layout");
 static_assert(kEnd <= kConnRecordBytes, "the connection record outgrew its fixed size");
 static_assert(kConnRecordBytes <= 0xffff, "the size field is 16 bits");
 
@@ -63,6 +65,10 @@ ncclResult_t checkCapacity(const ConnRecord& r, const char* what) {
   if (!terminated(r.nic_name, sizeof(r.nic_name)))
     return setLastError(ncclInvalidArgument, "%s: rank %d's nic_name is not NUL-terminated within %d bytes", what,
                         r.rank, kConnNicNameBytes);
+  for (int s = 0; s < kNumQpSets; ++s)
+    if (r.sl[s] > 15)
+      return setLastError(ncclInvalidArgument, "%s: rank %d's service level %u of the %s set exceeds 15", what, r.rank,
+                          unsigned{r.sl[s]}, qpSetName(s));
   if (r.first_psn > kMax24)
     return setLastError(ncclInvalidArgument, "%s: rank %d's first_psn 0x%x exceeds 24 bits", what, r.rank, r.first_psn);
   for (int s = 0; s < kNumQpSets; ++s)
@@ -156,6 +162,10 @@ ncclResult_t packConnRecord(const ConnRecord& r, uint8_t* out) {
     put<uint64_t>(out, off + 8, r.windows[w].bytes);
     put<uint32_t>(out, off + 16, r.windows[w].rkey);
   }
+  for (int s = 0; s < kNumQpSets; ++s) {
+    out[kOffSl + s] = r.sl[s];
+    out[kOffTrafficClass + s] = r.traffic_class[s];
+  }
   return ncclSuccess;
 }
 
@@ -210,6 +220,10 @@ ncclResult_t unpackConnRecord(const uint8_t* in, size_t num_bytes, ConnRecord* o
     out->windows[w].bytes = get<uint64_t>(in, off + 8);
     out->windows[w].rkey = get<uint32_t>(in, off + 16);
   }
+  for (int s = 0; s < kNumQpSets; ++s) {
+    out->sl[s] = in[kOffSl + s];
+    out->traffic_class[s] = in[kOffTrafficClass + s];
+  }
   const ncclResult_t capacity = checkCapacity(*out, "unpackConnRecord");
   return capacity == ncclSuccess ? ncclSuccess : ncclInvalidUsage;
 }
@@ -238,6 +252,14 @@ ncclResult_t checkConnRecords(const ConnRecord* records, int num_ranks, int self
               unsigned{r.num_qps[kQpSetHighThroughput]});
     d.compare("QPs per peer in the low-latency set", 0, unsigned{ref.num_qps[kQpSetLowLatency]}, i,
               unsigned{r.num_qps[kQpSetLowLatency]});
+    d.compare("service level of the high-throughput set", 0, unsigned{ref.sl[kQpSetHighThroughput]}, i,
+              unsigned{r.sl[kQpSetHighThroughput]});
+    d.compare("service level of the low-latency set", 0, unsigned{ref.sl[kQpSetLowLatency]}, i,
+              unsigned{r.sl[kQpSetLowLatency]});
+    d.compare("traffic class of the high-throughput set", 0, unsigned{ref.traffic_class[kQpSetHighThroughput]}, i,
+              unsigned{r.traffic_class[kQpSetHighThroughput]});
+    d.compare("traffic class of the low-latency set", 0, unsigned{ref.traffic_class[kQpSetLowLatency]}, i,
+              unsigned{r.traffic_class[kQpSetLowLatency]});
     d.compare("window count", 0, unsigned{ref.num_windows}, i, unsigned{r.num_windows});
     static const char* const kWindowFields[kConnMaxWindows] = {"window 0 bytes", "window 1 bytes", "window 2 bytes",
                                                                "window 3 bytes"};

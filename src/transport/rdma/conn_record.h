@@ -27,7 +27,7 @@ enum QpSet : int {
 const char* qpSetName(int set);  // "high-throughput", "low-latency"
 
 constexpr uint32_t kConnRecordMagic = 0x52434d4e;  // bytes "NMCR" on the wire
-constexpr uint16_t kConnRecordVersion = 1;
+constexpr uint16_t kConnRecordVersion = 2;         // 2: the service level and traffic class of each QP set
 constexpr size_t kConnRecordBytes = 512;
 constexpr int kConnMaxQpsPerSet = 32;
 constexpr int kConnMaxWindows = 4;
@@ -62,6 +62,10 @@ struct ConnRecord {
   uint32_t qpn[kNumQpSets][kConnMaxQpsPerSet] = {};
   uint16_t num_windows = 0;
   ConnWindow windows[kConnMaxWindows];
+  // The service level (0..15) and traffic class (0..255) the sender's QPs of each set use
+  // (verbs::resolveServiceLevels): an RC pair sends on both sides' settings, so ranks must agree on them.
+  uint8_t sl[kNumQpSets] = {};
+  uint8_t traffic_class[kNumQpSets] = {};
 };
 
 // Serialises `record` into kConnRecordBytes bytes at `out`. Rejects counts beyond the fixed capacity, an
@@ -74,7 +78,8 @@ ncclResult_t unpackConnRecord(const uint8_t* bytes, size_t num_bytes, ConnRecord
 
 // `records[i]` is the record rank i sent to `self_rank`, for i in [0, num_ranks). Fails with ncclInvalidUsage when
 // a record sits in the wrong slot, is addressed to another rank or counts another number of ranks, or when ranks
-// disagree on the version, the link layer, the QPs per peer of a set, the number of windows or a window's size.
+// disagree on the version, the link layer, the QPs per peer of a set, a set's service level or traffic class, the
+// number of windows or a window's size.
 // Disagreements are found against rank 0's record, so every rank reports the same pairs; the message names each
 // disagreeing field with the first rank that differs, both values, and how many more ranks differ.
 ncclResult_t checkConnRecords(const ConnRecord* records, int num_ranks, int self_rank);

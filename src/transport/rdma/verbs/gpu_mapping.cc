@@ -43,6 +43,12 @@ const CudaOps& CudaOps::runtime() {
     o.host_get_device_pointer = &cudaHostGetDevicePointer;
     o.error_string = &cudaGetErrorString;
     o.dmabuf_fd = &runtimeDmabufFd;
+    o.device_alloc = [](void** ptr, size_t bytes) { return cudaMalloc(ptr, bytes); };
+    o.device_free = [](void* ptr) { return cudaFree(ptr); };
+    o.copy_to_device = [](void* dst, const void* src, size_t bytes) {
+      return cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
+    };
+    o.set_device = [](void* dst, int value, size_t bytes) { return cudaMemset(dst, value, bytes); };
     return o;
   }();
   return ops;

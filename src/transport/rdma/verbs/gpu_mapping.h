@@ -33,6 +33,12 @@ struct CudaOps {
   // A dma-buf fd for [base, base + bytes) of device memory (both multiples of the host page size). Returns "" and
   // *fd (the caller closes it), or why there is none (driver too old, not supported, the call's error).
   std::string (*dmabuf_fd)(void* base, size_t bytes, int* fd) = nullptr;
+  // Device memory the communicator transport owns (the QPs' GPU-side state, the scale-out table): cudaMalloc,
+  // cudaFree, and blocking host-to-device copies / sets.
+  cudaError_t (*device_alloc)(void** ptr, size_t bytes) = nullptr;
+  cudaError_t (*device_free)(void* ptr) = nullptr;
+  cudaError_t (*copy_to_device)(void* dst, const void* src, size_t bytes) = nullptr;
+  cudaError_t (*set_device)(void* dst, int value, size_t bytes) = nullptr;
 
   static const CudaOps& runtime();
 };
