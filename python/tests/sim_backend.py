@@ -96,6 +96,9 @@ class HostRuntime:
     def new_stream(self):
         return object()
 
+    def synchronize_streams(self, *streams):
+        pass
+
     def as_stream_handle(self, stream):
         return stream if isinstance(stream, int) else 0
 

@@ -23,6 +23,7 @@ has two halves used alternately by successive LL dispatches: at most two LL resu
 zero-copy combine buffer view is valid until the dispatch after next.
 """
 import collections
+import threading
 
 import torch
 
@@ -309,6 +310,18 @@ class Comm:
         if self._destroyed:
             return
         self._destroyed = True
+        from ._world import LocalGroup
+
+        if isinstance(self.group, LocalGroup):
+            # Ranks of one process: every rank's kernels end before any rank frees. Freeing (cudaFree, below) waits
+            # for the whole device and holds up the other threads' launches meanwhile, so a rank freeing while a
+            # peer's kernel still waits for a rank that has yet to launch would hang until the device timeout (seen
+            # on the H200: two ranks in destroy, one blocked launching its combine, one waiting for that combine).
+            self._rt.synchronize_streams(self._comm_stream)
+            try:
+                self.group.world.barrier()
+            except threading.BrokenBarrierError:
+                pass  # another rank failed (its error is what the world's run reports); free what is ours anyway
         self._pool.destroy()
         self._ll_outputs.clear()
         self._zero_copy_views.clear()

@@ -100,6 +100,13 @@ class CudaRuntime:
         """A new torch stream on this device (a communicator's stream for async calls)."""
         return torch.cuda.Stream(self.device)
 
+    def synchronize_streams(self, *streams):
+        """Waits for the work of this thread's current stream and of `streams` (torch streams or None)."""
+        torch.cuda.current_stream(self.index).synchronize()
+        for s in streams:
+            if s is not None:
+                s.synchronize()
+
     def as_stream_handle(self, stream) -> int:
         if stream is None:
             return self.current_stream()
