@@ -258,7 +258,9 @@ inline cudaError_t fHostGetDevicePointer(void** dev, void* host, unsigned) {
   *dev = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(host) + kDevOffset);
   return cudaSuccess;
 }
-inline const char* fErrorString(cudaError_t e) { return e == cudaErrorNotSupported ? "operation not supported" : "error"; }
+inline const char* fErrorString(cudaError_t e) {
+  return e == cudaErrorNotSupported ? "operation not supported" : "error";
+}
 inline std::string fDmabufFd(void* base, size_t bytes, int* fd) {
   g->calls.push_back("dmabuf_fd");
   EXPECT_EQ(0u, reinterpret_cast<uintptr_t>(base) % 4096);
@@ -293,7 +295,6 @@ inline ibv_gid ipv6Gid() {
   gid.raw[15] = 1;
   return gid;
 }
-
 
 // Fake device memory (CudaOps::device_alloc etc.): page-aligned host memory, counted per fake.
 inline cudaError_t fDeviceAlloc(void** p, size_t bytes) {

@@ -152,9 +152,10 @@ TEST(VerbsComm, WorldsBuildTablesOfBothSetsFromExchangedRecords) {
       EXPECT_FALSE(o.leaked) << "rank " << r;
       const std::vector<int> peers = remotePeers(nodes, r);
       EXPECT_EQ(static_cast<int>(2 * peers.size()), o.num_qps);
-      EXPECT_EQ("high-throughput set SL 2 (NCCL_MOE_IB_SL), TC 0 (default); low-latency set SL 6 (NCCL_MOE_IB_LL_SL), "
-                "TC 40 (NCCL_MOE_IB_LL_TC)",
-                o.info);
+      EXPECT_EQ(
+          "high-throughput set SL 2 (NCCL_MOE_IB_SL), TC 0 (default); low-latency set SL 6 (NCCL_MOE_IB_LL_SL), "
+          "TC 40 (NCCL_MOE_IB_LL_TC)",
+          o.info);
       for (int p = 0; p < R; ++p) {
         const ScaleoutPeer& e = o.table[p];
         const bool remote = nodes.node_of[p] != nodes.node_of[r];
@@ -233,8 +234,8 @@ TEST(VerbsComm, AFailureOnOneRankFailsEveryRankWithAMessage) {
         EXPECT_TRUE(contains(out[r].error, "another rank failed to connect its scale-out QPs (verbs")) << out[r].error;
       } else {
         EXPECT_EQ(ncclRemoteError, out[r].res);
-        EXPECT_TRUE(contains(out[r].error, "rank " + std::to_string(c.rank) +
-                                               " failed to set up its scale-out transport (verbs)"))
+        EXPECT_TRUE(contains(out[r].error,
+                             "rank " + std::to_string(c.rank) + " failed to set up its scale-out transport (verbs)"))
             << out[r].error;
       }
     }

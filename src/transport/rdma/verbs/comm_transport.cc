@@ -20,8 +20,7 @@ ncclResult_t cudaStep(const CudaOps& cuda, cudaError_t err, const char* call, co
 ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine) {
   const int num_ranks = static_cast<int>(spec.nodes.node_of.size());
   MOE_ARG_CHECK(out != nullptr && mine != nullptr, "verbs transport: no output");
-  MOE_ARG_CHECK(spec.rank >= 0 && spec.rank < num_ranks, "verbs transport: rank %d of %d ranks", spec.rank,
-                num_ranks);
+  MOE_ARG_CHECK(spec.rank >= 0 && spec.rank < num_ranks, "verbs transport: rank %d of %d ranks", spec.rank, num_ranks);
   MOE_ARG_CHECK(spec.buffer != nullptr && spec.buffer_bytes > 0 && spec.dev_error != nullptr && spec.timeout_ns > 0,
                 "verbs transport: rank %d has no buffer, error record or timeout", spec.rank);
   out->reset(new CommTransport());
@@ -32,7 +31,8 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   // Every failure below is this rank's error, prefixed with who and what the backend is.
   auto fail = [&](ncclResult_t res, const char* hint) {
     const std::string why = threadLastError();
-    return setLastError(res, "%s (NCCL_MOE_NET=ib/auto: hardware RC QPs through rdma-core, never run on a NIC yet): %s%s",
+    return setLastError(res,
+                        "%s (NCCL_MOE_NET=ib/auto: hardware RC QPs through rdma-core, never run on a NIC yet): %s%s",
                         who.c_str(), why.c_str(), hint);
   };
   const char* const kNoNic =
@@ -126,8 +126,8 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     CommTransportRecordHeader h;
     std::memcpy(&h, all + stride * r, sizeof(h));
     if (h.num_records != num_ranks)
-      return setLastError(ncclInvalidUsage, "%s: rank %d published %d records; the communicator has %d", who.c_str(),
-                          r, h.num_records, num_ranks);
+      return setLastError(ncclInvalidUsage, "%s: rank %d published %d records; the communicator has %d", who.c_str(), r,
+                          h.num_records, num_ranks);
   }
   std::vector<rdma::ConnRecord> records;
   std::vector<PeerWindow> window_of_peer;

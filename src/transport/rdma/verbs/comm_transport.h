@@ -50,8 +50,8 @@ namespace nccl_moe::verbs {
 struct CommTransportSpec {
   int rank = -1;
   NodeMap nodes;
-  bool pure_rdma = false;       // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
-  uint8_t* buffer = nullptr;    // this rank's communication buffer (device memory)
+  bool pure_rdma = false;     // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
+  uint8_t* buffer = nullptr;  // this rank's communication buffer (device memory)
   uint64_t buffer_bytes = 0;
   ErrorRecord* dev_error = nullptr;  // device view of the rank's error record
   uint64_t timeout_ns = 0;           // bound of every device wait on the QPs
