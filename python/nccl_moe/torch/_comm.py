@@ -306,17 +306,21 @@ class Comm:
 
     def destroy(self):
         """Collective for communicators over an NCCL communicator (a barrier over it), so every rank calls it at the
-        same point, before torch.distributed.destroy_process_group(). Idempotent."""
+        same point, before torch.distributed.destroy_process_group(). Collective too for the ranks of a LocalWorld
+        destroying on their rank threads inside LocalWorld.run. Idempotent."""
         if self._destroyed:
             return
         self._destroyed = True
         from ._world import LocalGroup
 
-        if isinstance(self.group, LocalGroup):
-            # Ranks of one process: every rank's kernels end before any rank frees. Freeing (cudaFree, below) waits
-            # for the whole device and holds up the other threads' launches meanwhile, so a rank freeing while a
-            # peer's kernel still waits for a rank that has yet to launch would hang until the device timeout (seen
-            # on the H200: two ranks in destroy, one blocked launching its combine, one waiting for that combine).
+        if isinstance(self.group, LocalGroup) and self.group.world.driving(self.rank):
+            # Ranks of one process, each destroying its Comm on its own thread inside LocalWorld.run (collective
+            # there: every rank calls it): every rank's kernels end before any rank frees. Freeing (cudaFree, below)
+            # waits for the whole device and holds up the other threads' launches meanwhile, so a rank freeing while
+            # a peer's kernel still waits for a rank that has yet to launch would hang until the device timeout
+            # (seen on the H200: two ranks in destroy, one blocked launching its combine, one waiting for that
+            # combine). Work the caller put on streams of its own (stream=) must be finished by the caller. One
+            # thread destroying every rank's Comm (LocalWorld.comms) meets nobody: not collective there.
             self._rt.synchronize_streams(self._comm_stream)
             try:
                 self.group.world.barrier()

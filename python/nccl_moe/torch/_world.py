@@ -68,6 +68,8 @@ class LocalWorld:
             raise ValueError(f"devices: {len(devices)} entries, expected {self.num_ranks}")
         self.devices = [int(d) for d in devices]
         self._barrier = threading.Barrier(self.num_ranks, timeout=timeout_s)
+        # The rank a thread drives inside run() (unset elsewhere): Comm.destroy meets the other ranks only there.
+        self._rank_thread = threading.local()
         # Held by a rank thread around torch.cuda.graph(): one capture at a time (see the module docstring).
         self.capture_lock = threading.Lock()
         self._gather = [None] * self.num_ranks
@@ -93,6 +95,10 @@ class LocalWorld:
 
     def group(self, rank: int) -> LocalGroup:
         return self.groups[rank]
+
+    def driving(self, rank: int) -> bool:
+        """True on the thread run() drives `rank` from."""
+        return getattr(self._rank_thread, "rank", None) == rank
 
     # -- host collectives among the rank threads -------------------------------------------------------------------
     def barrier(self):
@@ -140,6 +146,7 @@ class LocalWorld:
         errors = [None] * self.num_ranks
 
         def body(rank):
+            self._rank_thread.rank = rank
             try:
                 if self._cuda:
                     device = self.devices[rank]
@@ -152,6 +159,8 @@ class LocalWorld:
             except BaseException as e:  # noqa: B036 - reported below with the rank
                 errors[rank] = e
                 self._barrier.abort()
+            finally:
+                self._rank_thread.rank = None
 
         # Daemon threads: a rank stuck in a device wait (until NCCL_MOE_TIMEOUT_S) does not keep an interrupted
         # process alive.
