@@ -24,6 +24,7 @@ namespace nccl_moe {
 namespace htnet {
 
 constexpr int kWarps = kHtNetThreads / 32;
+constexpr int kSet = rdma::kQpSetHighThroughput;  // the QP set every internode HT put and signal goes on
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ int warp_index() { return static_cast<int>(threadIdx.x) / 32; }
@@ -89,7 +90,7 @@ __device__ __forceinline__ const ScaleoutPeer& remote(const HtNetComm& n, int ra
   return n.comm.scaleout.peers[rank];
 }
 __device__ __forceinline__ int qpn_of(const HtNetComm& n, int rank) {
-  return is_local(n, rank) ? -1 : net::qpn(remote(n, rank));
+  return is_local(n, rank) ? -1 : net::qpn(remote(n, rank), kSet);
 }
 
 // One thread: WRITE `bytes` from this rank's `src` to byte `off` of the HT net region of `rank` (another node),
@@ -98,9 +99,9 @@ __device__ __forceinline__ int qpn_of(const HtNetComm& n, int rank) {
 __device__ __forceinline__ bool put_signal(const HtNetComm& n, int rank, const void* src, size_t off, size_t bytes,
                                            size_t signal_off, long long add) {
   const ScaleoutPeer& p = remote(n, rank);
-  if (bytes == 0) return net::signal(p, net_off(n, signal_off), static_cast<uint64_t>(add));
+  if (bytes == 0) return net::signal(p, net_off(n, signal_off), static_cast<uint64_t>(add), kSet);
   return net::put_signal(p, n.own_base, own_offset(n, src), net_off(n, off), static_cast<uint32_t>(bytes),
-                         net_off(n, signal_off), static_cast<uint64_t>(add));
+                         net_off(n, signal_off), static_cast<uint64_t>(add), kSet);
 }
 
 // One thread: `add` on the word at byte `off` of `rank`'s HT net region, after this rank's earlier writes to it (the
@@ -111,7 +112,7 @@ __device__ __forceinline__ bool add_word(const HtNetComm& n, int rank, size_t of
     dev::red_add_release_sys(reinterpret_cast<long long*>(net_region(n, n.local_of[rank]) + off), add);
     return true;
   }
-  return net::signal(remote(n, rank), net_off(n, off), static_cast<uint64_t>(add));
+  return net::signal(remote(n, rank), net_off(n, off), static_cast<uint64_t>(add), kSet);
 }
 
 // One thread: waits (bounded, acquire) until *word >= target; a timeout names the phase, the peer that writes the
@@ -228,17 +229,32 @@ __device__ __forceinline__ void post_chunk(const HtNetComm& n, long long* posted
   bool ok = staged;
   if (c.index > 0) {
     // The chunk before is posted (or failed: a failed chunk's value, (tag << 32) | kChunkFailed | its index, passes
-    // this wait too); a wait that times out is recorded and fails the chain from here.
-    if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), mine, phase, n.comm.rank, 0, -1, -1))
-      ok = false;
-    else if ((dev::ld_acquire_sys(posted) & kChunkFailed) != 0)
-      ok = false;
+    // this wait too). The bound restarts whenever the chain moves (each earlier chunk waited for its own inputs,
+    // boundedly); a chain that stops for the whole timeout is recorded naming the rail peer and the QP it orders,
+    // and fails the chain from here.
+    long long seen = dev::ld_acquire_sys(posted);
+    while (ok && seen < mine) {
+      if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), seen + 1, phase, peer, 0, qpn_of(n, peer)))
+        ok = false;
+      else
+        seen = dev::ld_acquire_sys(posted);
+    }
+    if (ok && (seen & kChunkFailed) != 0) ok = false;
   }
   if (ok) {
     dev::fence_acq_rel_sys();  // the warp's staged stores (ordered before lane 0 by the caller's __syncwarp)
     ok = put_signal(n, peer, src, dst_off, bytes, tail_off, c.end - c.begin);
   }
   dev::st_release_sys(posted, ok ? mine + 1 : (mine | kChunkFailed));
+}
+
+// Block-wide (every thread of the block calls it): an error is recorded on this rank's communicator. The last block
+// of a kernel whose waits failed skips the bookkeeping that tells peers their windows are free.
+__device__ __forceinline__ bool block_saw_error(const HtNetComm& n) {
+  __shared__ int s_error;
+  if (threadIdx.x == 0) s_error = dev::error_recorded(n.comm) ? 1 : 0;
+  __syncthreads();
+  return s_error != 0;
 }
 
 // Local id on rank d of global expert e, or -1.
