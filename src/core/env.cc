@@ -49,9 +49,11 @@ const std::vector<EnvVar>& envRegistry() {
        "GID index of the scale-out QPs (RoCE, IB with a GRH). Unset: NCCL_IB_GID_INDEX, else (or -1) InfiniBand 0, "
        "RoCE the first RoCE v2 IPv4 GID."},
       {"NCCL_MOE_NET", EnvType::kString, "auto",
-       "Scale-out network of communicators that span several nodes: auto or ib (a verbs NIC; this build has no "
-       "verbs backend yet, so such communicators are refused), emulated (the software NIC: correctness only, for "
-       "ranks of one process on one GPU split by NCCL_MOE_EMULATE_NODES). Read at init; every rank must agree."},
+       "Scale-out network of communicators that span several nodes: auto or ib (a verbs NIC through rdma-core, "
+       "loaded at run time: written and tested against fake verbs tables only, never run on a NIC; refused with a "
+       "message where no library or mlx5 device is found), emulated (the software NIC: correctness only, for ranks "
+       "on one GPU, split by NCCL_MOE_EMULATE_NODES or NCCL_HOSTID per process). Read at init; every rank must "
+       "agree."},
       {"NCCL_MOE_NET_MODE", EnvType::kString, "ibgda",
        "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell) or proxy "
        "(the GPU writes descriptors into a mapped ring and a CPU thread of the rank posts the work requests). "

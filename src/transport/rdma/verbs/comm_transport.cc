@@ -26,6 +26,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
   out->reset(new CommTransport());
   CommTransport* t = out->get();
   t->spec_ = spec;
+  t->spec_.device.topology = nullptr;  // the caller's, valid during create only (Device::open below reads `spec`)
   t->cuda_ = spec.device.cuda != nullptr ? spec.device.cuda : &CudaOps::runtime();
   const std::string who = "verbs transport of rank " + std::to_string(spec.rank);
   // Every failure below is this rank's error, prefixed with who and what the backend is.
@@ -103,7 +104,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
     }
   }
 
-  CommTransportRecordHeader header{};
+  ScaleoutRecordHead header{};
   header.num_records = num_ranks;
   std::memcpy(mine, &header, sizeof(header));
   const std::vector<rdma::ConnWindow> windows = {t->data_->connWindow(), t->signal_->connWindow()};
@@ -111,7 +112,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
     rdma::ConnRecord rec = scaleoutConnRecord(spec.rank, p, spec.nodes, qpn_of[p], windows, t->levels_);
     fillConnRecordIdentity(device.identity(), &rec);
     rec.first_psn = spec.first_psn;
-    uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
+    uint8_t* conn = mine + sizeof(ScaleoutRecordHead) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
     if ((res = rdma::packConnRecord(rec, conn)) != ncclSuccess) return fail(res, "");
   }
   return ncclSuccess;
@@ -123,7 +124,7 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   const std::string who = "verbs transport of rank " + std::to_string(me);
   const size_t stride = commTransportRecordBytes(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
-    CommTransportRecordHeader h;
+    ScaleoutRecordHead h;
     std::memcpy(&h, all + stride * r, sizeof(h));
     if (h.num_records != num_ranks)
       return setLastError(ncclInvalidUsage, "%s: rank %d published %d records; the communicator has %d", who.c_str(), r,
@@ -131,8 +132,8 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   }
   std::vector<rdma::ConnRecord> records;
   std::vector<PeerWindow> window_of_peer;
-  MOE_CHECK(readPeerRecords(all, stride, sizeof(CommTransportRecordHeader), spec_.nodes, me, remote_peers_, who,
-                            &records, &window_of_peer));
+  MOE_CHECK(readPeerRecords(all, stride, sizeof(ScaleoutRecordHead), spec_.nodes, me, remote_peers_, who, &records,
+                            &window_of_peer));
   auto fail = [&](ncclResult_t res) {
     const std::string why = threadLastError();
     return setLastError(res, "%s: %s", who.c_str(), why.c_str());

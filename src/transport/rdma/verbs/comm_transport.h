@@ -64,14 +64,10 @@ struct CommTransportSpec {
   DeviceOptions device;  // env (also of the SL / TC), topology and GPU index for the NIC choice, CudaOps
 };
 
-// What a rank publishes: this header (its first fields are ScaleoutRecordHead's), then one packed connection
-// record per peer, commTransportRecordBytes(num_ranks) bytes.
-struct CommTransportRecordHeader {
-  int32_t status;
-  int32_t num_records;
-};
+// What a rank publishes: ScaleoutRecordHead (the verbs backend needs nothing more in its header), then one packed
+// connection record per peer, commTransportRecordBytes(num_ranks) bytes.
 constexpr size_t commTransportRecordBytes(int num_ranks) {
-  return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
+  return sizeof(ScaleoutRecordHead) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
 }
 
 class CommTransport : public ScaleoutTransport {
