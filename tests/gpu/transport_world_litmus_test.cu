@@ -329,7 +329,8 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
         &num_sides);
     launch(sides);
   } else {
-    // One ring per rank (as a communicator rank has): QPs of its outgoing flows (data), then of its incoming ones
+    // One ring per rank (a communicator rank has one per QP set; the litmus uses one set): QPs of its outgoing flows
+    // (data), then of its incoming ones
     // (acks), in the order buildSides gives the blocks.
     std::vector<std::vector<int>> peers(static_cast<size_t>(num_ranks));
     std::vector<std::vector<size_t>> qp_of_flow(2, std::vector<size_t>(flows.size()));  // [send][flow]
