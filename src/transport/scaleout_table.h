@@ -19,7 +19,8 @@
 //   [rdma::kQpSetHighThroughput]  the general set: the internode HT kernels, and every call that names no set
 //                                 (NCCL_MOE_IB_SL / NCCL_MOE_IB_TC)
 //   [rdma::kQpSetLowLatency]      the internode LL kernels (NCCL_MOE_IB_LL_SL / NCCL_MOE_IB_LL_TC)
-// Both sets reach the same peer window (one rkey); ibgda.cuh lets any number of threads post on one QP.
+// Both sets reach the same peer window: data through `rkey`, fetch-adds through `signal_rkey` (on hardware the same
+// buffer registered twice, relaxed ordering for data only); ibgda.cuh lets any number of threads post on one QP.
 #pragma once
 
 #include <array>
