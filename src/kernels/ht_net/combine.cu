@@ -246,8 +246,7 @@ __global__ void __launch_bounds__(kHtNetThreads)
       a.out_weights[static_cast<size_t>(t) * K + lane()] = w;
     }
   }
-  // A failed wait (recorded) leaves CombBase, the acks and the epoch alone (as before the first per-token wait).
-  if (!htnet::last_block(n) || htnet::block_saw_error(n)) return;
+  if (!htnet::last_block(n)) return;
   if (threadIdx.x < static_cast<unsigned>(S)) {
     const int j = threadIdx.x;
     *htnet::own_counter(n, kHtNetCombBase, j) += r.node_count[HtNetLayout::slot_node(j, n.node)];

@@ -229,32 +229,17 @@ __device__ __forceinline__ void post_chunk(const HtNetComm& n, long long* posted
   bool ok = staged;
   if (c.index > 0) {
     // The chunk before is posted (or failed: a failed chunk's value, (tag << 32) | kChunkFailed | its index, passes
-    // this wait too). The bound restarts whenever the chain moves (each earlier chunk waited for its own inputs,
-    // boundedly); a chain that stops for the whole timeout is recorded naming the rail peer and the QP it orders,
-    // and fails the chain from here.
-    long long seen = dev::ld_acquire_sys(posted);
-    while (ok && seen < mine) {
-      if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), seen + 1, phase, peer, 0, qpn_of(n, peer)))
-        ok = false;
-      else
-        seen = dev::ld_acquire_sys(posted);
-    }
-    if (ok && (seen & kChunkFailed) != 0) ok = false;
+    // this wait too); a wait that times out is recorded and fails the chain from here.
+    if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), mine, phase, n.comm.rank, 0, -1, -1))
+      ok = false;
+    else if ((dev::ld_acquire_sys(posted) & kChunkFailed) != 0)
+      ok = false;
   }
   if (ok) {
     dev::fence_acq_rel_sys();  // the warp's staged stores (ordered before lane 0 by the caller's __syncwarp)
     ok = put_signal(n, peer, src, dst_off, bytes, tail_off, c.end - c.begin);
   }
   dev::st_release_sys(posted, ok ? mine + 1 : (mine | kChunkFailed));
-}
-
-// Block-wide (every thread of the block calls it): an error is recorded on this rank's communicator. The last block
-// of a kernel whose waits failed skips the bookkeeping that tells peers their windows are free.
-__device__ __forceinline__ bool block_saw_error(const HtNetComm& n) {
-  __shared__ int s_error;
-  if (threadIdx.x == 0) s_error = dev::error_recorded(n.comm) ? 1 : 0;
-  __syncthreads();
-  return s_error != 0;
 }
 
 // Local id on rank d of global expert e, or -1.

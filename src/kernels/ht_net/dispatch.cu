@@ -201,9 +201,7 @@ __global__ void __launch_bounds__(kHtNetThreads)
       }
     }
   }
-  // A failed wait (recorded) leaves DispBase and the acks alone: the rail sources are not told that records which
-  // may still be in flight were read.
-  if (!htnet::last_block(n) || htnet::block_saw_error(n)) return;
+  if (!htnet::last_block(n)) return;
   if (threadIdx.x < static_cast<unsigned>(S)) {
     const int j = threadIdx.x;
     *htnet::own_counter(n, kHtNetDispBase, j) += r.fwd_count[j];
