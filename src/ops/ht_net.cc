@@ -78,27 +78,8 @@ ncclResult_t htNetDispatch(ncclMoeComm* comm, const HtRouting& r, const ncclMoeD
   HtNetDispatchArgs a{};
   a.net = netComm(comm);
   a.route = netRouting(r);
-  a.num_tokens = r.num_tokens;
-  a.topk = r.topk;
-  a.worst_case = r.recv_capacity > 0 ? 1 : 0;
-  a.out_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  const bool fp8 = args.dtype == ncclMoeFp8E4M3;
-  a.fp8 = fp8 ? 1 : 0;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.row_bytes = fp8 ? args.hidden : 2 * args.hidden;
-  if (fp8) {
-    const HtScaleWords sw = htScaleWords(args);
-    a.num_scale_words = sw.words;
-    a.x_scales = static_cast<const int*>(args.x_scales);
-    a.scale_token_stride = sw.token_stride;
-    a.scale_word_stride = sw.word_stride;
-    a.recv_x_scales = static_cast<int*>(args.recv_x_scales);
-  }
-  a.topk_weights = args.topk_weights;
-  a.recv_x = static_cast<uint8_t*>(args.recv_x);
-  a.recv_topk_idx = args.recv_topk_idx;
-  a.recv_idx_int64 = r.topk_idx_is_int64;
-  a.recv_topk_weights = args.topk_weights != nullptr ? args.recv_topk_weights : nullptr;
+  a.fp8 = args.dtype == ncclMoeFp8E4M3 ? 1 : 0;
+  fillHtDispatchData(r, args, &a);
   MOE_CUDA_CHECK(launchHtNetDispatch(a, stream));
   return ncclSuccess;
 }
@@ -109,16 +90,8 @@ ncclResult_t htNetCombine(ncclMoeComm* comm, const HtRouting& r, const ncclMoeCo
   HtNetCombineArgs a{};
   a.net = netComm(comm);
   a.route = netRouting(r);
-  a.num_tokens = r.num_tokens;
-  a.topk = r.topk;
   a.hidden = args.hidden;
-  a.in_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
-  a.x = static_cast<const uint8_t*>(args.x);
-  a.topk_weights = args.combined_topk_weights != nullptr ? args.topk_weights : nullptr;
-  a.bias0 = static_cast<const uint8_t*>(args.bias_0);
-  a.bias1 = static_cast<const uint8_t*>(args.bias_1);
-  a.out = static_cast<uint8_t*>(args.combined_x);
-  a.out_weights = a.topk_weights != nullptr ? args.combined_topk_weights : nullptr;
+  fillHtCombineData(r, args, &a);
   MOE_CUDA_CHECK(launchHtNetCombine(a, stream));
   return ncclSuccess;
 }

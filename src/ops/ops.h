@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "core/comm.h"
 #include "core/handle.h"
 #include "nccl_moe.h"
@@ -36,6 +38,48 @@ struct HtScaleWords {
   long long token_stride = 0, word_stride = 0;
 };
 HtScaleWords htScaleWords(const ncclMoeDispatchArgs_t& args);
+
+// The call's data fields of an HT dispatch's kernel arguments, which the intranode (ht::DispatchArgs) and the
+// internode (HtNetDispatchArgs) kernels name alike: shape and output rows from the handle (filled by notify), rows,
+// scale words, weights and outputs from the validated call arguments (ht.cc, ht_net.cc).
+template <typename Args>
+void fillHtDispatchData(const HtRouting& r, const ncclMoeDispatchArgs_t& args, Args* a) {
+  a->num_tokens = r.num_tokens;
+  a->topk = r.topk;
+  a->worst_case = r.recv_capacity > 0 ? 1 : 0;
+  a->out_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
+  const bool fp8 = args.dtype == ncclMoeFp8E4M3;
+  a->x = static_cast<const uint8_t*>(args.x);
+  a->row_bytes = fp8 ? args.hidden : 2 * args.hidden;
+  if (fp8) {
+    const HtScaleWords sw = htScaleWords(args);
+    a->num_scale_words = sw.words;
+    a->x_scales = static_cast<const int*>(args.x_scales);
+    a->scale_token_stride = sw.token_stride;
+    a->scale_word_stride = sw.word_stride;
+    a->recv_x_scales = static_cast<int*>(args.recv_x_scales);
+  }
+  a->topk_weights = args.topk_weights;
+  a->recv_x = static_cast<uint8_t*>(args.recv_x);
+  a->recv_topk_idx = args.recv_topk_idx;
+  a->recv_idx_int64 = r.topk_idx_is_int64;
+  a->recv_topk_weights = args.topk_weights != nullptr ? args.recv_topk_weights : nullptr;
+}
+
+// The same for an HT combine (ht::CombineArgs, HtNetCombineArgs): input rows, weights (only when combined weights
+// are wanted), biases and outputs.
+template <typename Args>
+void fillHtCombineData(const HtRouting& r, const ncclMoeCombineArgs_t& args, Args* a) {
+  a->num_tokens = r.num_tokens;
+  a->topk = r.topk;
+  a->in_rows = r.recv_capacity > 0 ? r.recv_capacity : r.num_recv_tokens;
+  a->x = static_cast<const uint8_t*>(args.x);
+  a->topk_weights = args.combined_topk_weights != nullptr ? args.topk_weights : nullptr;
+  a->bias0 = static_cast<const uint8_t*>(args.bias_0);
+  a->bias1 = static_cast<const uint8_t*>(args.bias_1);
+  a->out = static_cast<uint8_t*>(args.combined_x);
+  a->out_weights = a->topk_weights != nullptr ? args.combined_topk_weights : nullptr;
+}
 // True when NCCL_MOE_HT_KERNEL is "educational"; "fast" (the default) or empty selects the fast kernels; any
 // other value warns once and selects them too. Read from the environment on every call.
 bool htUseEducationalKernels();
