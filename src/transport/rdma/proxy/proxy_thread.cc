@@ -8,8 +8,14 @@
 
 namespace nccl_moe::proxy {
 
+ProxyThread::ProxyThread(rdma::RequestProxy* proxy, int cuda_device)
+    : what_("request proxy"),
+      progress_(proxy == nullptr ? ProgressFn() : ProgressFn([proxy](bool* p) { return proxy->progress(p); })),
+      error_of_([proxy] { return proxy == nullptr ? std::string() : proxy->error(); }),
+      cuda_device_(cuda_device) {}
+
 ncclResult_t ProxyThread::start() {
-  MOE_ARG_CHECK(proxy_ != nullptr, "ProxyThread::start: no request proxy");
+  MOE_ARG_CHECK(static_cast<bool>(progress_), "ProxyThread::start: no %s to run", what_);
   if (running()) return setLastError(ncclInvalidUsage, "ProxyThread::start: the thread is already running");
   stop_requested_.store(false, std::memory_order_release);
   exited_.store(false, std::memory_order_release);
@@ -33,8 +39,8 @@ ncclResult_t ProxyThread::stop(double timeout_s) {
   thread_.join();
   running_.store(false, std::memory_order_release);
   if (late)
-    return setLastError(ncclSystemError,
-                        "ProxyThread::stop: the request proxy thread did not leave its loop within %.3f s", timeout_s);
+    return setLastError(ncclSystemError, "ProxyThread::stop: the %s thread did not leave its loop within %.3f s", what_,
+                        timeout_s);
   return ncclSuccess;
 }
 
@@ -53,15 +59,15 @@ void ProxyThread::run() {
   rdma::Backoff backoff;
   while (!stop_requested_.load(std::memory_order_acquire)) {
     bool progressed = false;
-    const ncclResult_t r = proxy_->progress(&progressed);
+    const ncclResult_t r = progress_(&progressed);
     passes_.fetch_add(1, std::memory_order_relaxed);
     if (r != ncclSuccess) {
       {
         std::lock_guard<std::mutex> lock(mu_);
-        error_ = proxy_->error();
+        error_ = error_of_();
       }
       failed_.store(true, std::memory_order_release);
-      MOE_WARN("request proxy thread stops: %s", proxy_->error().c_str());
+      MOE_WARN("%s thread stops: %s", what_, error().c_str());
       break;
     }
     if (progressed)

@@ -1,5 +1,7 @@
-// The CPU thread of the request proxy: calls rdma::RequestProxy::progress() in a loop (backoff when idle,
-// host_wait.h) until stopped or until the proxy fails. The thread sets its CUDA device and its stream-capture
+// The CPU thread of a proxy: calls one progress function in a loop (backoff when idle, host_wait.h) until stopped
+// or until it fails. Two proxies use it: the request proxy (rdma::RequestProxy::progress(), turning descriptors into
+// WQEs) and the doorbell proxy (dbproxy::DoorbellProxy::progress(), forwarding doorbells the GPU left in host
+// mailboxes, src/transport/rdma/dbproxy/doorbell_proxy.h). The thread sets its CUDA device and its stream-capture
 // mode to relaxed first (another thread's graph capture must not make calls on this thread fail; progress()
 // itself touches only host memory) and uses precise sleeps.
 //
@@ -13,6 +15,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -21,10 +24,19 @@
 
 namespace nccl_moe::proxy {
 
+// One pass of a proxy: sets *progressed when it did work; a failure is sticky (the thread stops polling).
+using ProgressFn = std::function<ncclResult_t(bool* progressed)>;
+// The message of the failure progress() returned.
+using ErrorFn = std::function<std::string()>;
+
 class ProxyThread {
  public:
   // `proxy` must outlive the thread (stop() or the destructor). cuda_device < 0: leave the device alone.
-  ProxyThread(rdma::RequestProxy* proxy, int cuda_device) : proxy_(proxy), cuda_device_(cuda_device) {}
+  ProxyThread(rdma::RequestProxy* proxy, int cuda_device);
+  // Any proxy: `what` names it in messages ("request proxy", "doorbell proxy"); the functions' captures must
+  // outlive the thread.
+  ProxyThread(const char* what, ProgressFn progress, ErrorFn error, int cuda_device)
+      : what_(what), progress_(std::move(progress)), error_of_(std::move(error)), cuda_device_(cuda_device) {}
   ~ProxyThread() { stop(); }
   ProxyThread(const ProxyThread&) = delete;
   ProxyThread& operator=(const ProxyThread&) = delete;
@@ -43,7 +55,9 @@ class ProxyThread {
  private:
   void run();
 
-  rdma::RequestProxy* proxy_;
+  const char* what_;
+  ProgressFn progress_;
+  ErrorFn error_of_;
   int cuda_device_;
   std::thread thread_;
   std::atomic<bool> running_{false};
