@@ -328,7 +328,9 @@ int runBackend(const RunInfo& run, const TransportConfig& cfg, NetBackend backen
   out("#\n# backend %s: %s; source %lld B on rank 0, destination %lld B (%d slots) on rank 1\n",
       netBackendName(backend),
       backend == NetBackend::kIbgda ? "the GPU writes mlx5 WQEs and rings the doorbell (ibgda.cuh)"
-                                    : "the GPU writes 64-byte requests, a CPU proxy thread posts them (proxy.cuh)",
+      : backend == NetBackend::kDbProxy
+          ? "the GPU writes mlx5 WQEs and rings a mailbox, a CPU thread forwards the doorbell (doorbell_proxy.h)"
+          : "the GPU writes 64-byte requests, a CPU proxy thread posts them (proxy.cuh)",
       static_cast<long long>(max_bytes), static_cast<long long>(dst_bytes), cfg.batch);
   auto fail = [&](const std::string& what) {
     out("# backend %s: setup failed: %s\n", netBackendName(backend), what.c_str());
@@ -354,14 +356,16 @@ int runBackend(const RunInfo& run, const TransportConfig& cfg, NetBackend backen
   IbgdaLink ib_send, ib_recv;
   ProxyLink px_send, px_recv;
   std::function<std::string()> describe_errors;
-  if (backend == NetBackend::kIbgda) {
+  const bool gpu_qps = backend != NetBackend::kProxy;  // ibgda and dbproxy: the GPU writes the WQEs
+  if (gpu_qps) {
+    const bool via_mailbox = backend == NetBackend::kDbProxy;
     em::EmulatedGpuQp *q01 = nullptr, *q10 = nullptr;
-    if (!(e = connectQp(w[0], w[1], ep.src.w.lkey, kTimeoutNs, nullptr, &q01)).empty() ||
-        !(e = connectQp(w[1], w[0], 0, kTimeoutNs, nullptr, &q10)).empty())
+    if (!(e = connectQp(w[0], w[1], ep.src.w.lkey, kTimeoutNs, nullptr, &q01, 64, 64, via_mailbox)).empty() ||
+        !(e = connectQp(w[1], w[0], 0, kTimeoutNs, nullptr, &q10, 64, 64, via_mailbox)).empty())
       return fail(e);
     ib_send = IbgdaLink{q01->view(), ep.src.addr(), ep.dst.addr(), ep.dst.w.rkey, ep.sig.addr(), ep.sig.w.rkey};
     ib_recv = IbgdaLink{q10->view(), 0, 0, 0, ep.ack.addr(), ep.ack.w.rkey};
-    if (!(e = startNics(w)).empty()) return fail(e);
+    if (!(e = startNics(w)).empty() || !(e = startDoorbellProxies(w)).empty()) return fail(e);
     describe_errors = [&w]() {
       std::string text;
       for (int r = 0; r < 2; ++r)
@@ -405,7 +409,7 @@ int runBackend(const RunInfo& run, const TransportConfig& cfg, NetBackend backen
       row.git_sha = run.git_sha;
       if (!usable) {
         row.error = "skipped: an earlier size failed on this backend (its QP or ring is in error)";
-      } else if (backend == NetBackend::kIbgda) {
+      } else if (gpu_qps) {
         usable = runOne(w, ib_send, ib_recv, ep, cfg, op, bytes, stamps, status, &row, describe_errors);
       } else {
         usable = runOne(w, px_send, px_recv, ep, cfg, op, bytes, stamps, status, &row, describe_errors);
@@ -421,7 +425,7 @@ int runBackend(const RunInfo& run, const TransportConfig& cfg, NetBackend backen
       if (!row.verified()) rc = 1;
       if (!usable && row.error.rfind("skipped", 0) != 0) {
         std::fflush(stdout);
-        if (backend == NetBackend::kIbgda) {
+        if (gpu_qps) {
           dumpWorld(w);
         } else {
           dumpProxies(w, ps, kTimeoutNs);

@@ -238,8 +238,10 @@ const std::vector<OptionSpec>& optionTable() {
              o->net_backends.push_back(NetBackend::kIbgda);
            } else if (m == "proxy") {
              o->net_backends.push_back(NetBackend::kProxy);
+           } else if (m == "dbproxy") {
+             o->net_backends.push_back(NetBackend::kDbProxy);
            } else {
-             *err = "--net-mode: expected ibgda, proxy or ibgda,proxy (got '" + v + "')";
+             *err = "--net-mode: expected a list of ibgda, dbproxy, proxy (got '" + v + "')";
              return false;
            }
          }
@@ -425,7 +427,7 @@ Transport mode (--mode transport; NCCL_MOE_NET=emulated): put and put_signal bet
 latency and a stream of --batch messages, every payload checked by the receiver after its signal. The NIC is the
 SOFTWARE NIC (a CPU thread executing the WQE bytes): correctness/functional timing, not performance.
   -b, -e, -f, -i          message bytes instead of tokens           (default 8 .. 4M, x2)
-      --net-mode B[,B]    ibgda | proxy | ibgda,proxy               (default both)
+      --net-mode B[,B]    ibgda | dbproxy | proxy, or a list        (default all three)
       --batch N           messages in flight in the stream loop, 1..32 (default 8)
 Runs
   -n, --iters N           timed iterations (median reported)     (GPU 20, CPU 3)

@@ -32,8 +32,9 @@ enum class Mode : int { kHt = 0, kLl = 1 };
 enum class DType : int { kBf16 = 0, kFp8 = 1 };
 // --net-mode (transport mode): how the GPU reaches the NIC. kIbgda: the GPU writes WQEs and rings the doorbell
 // (src/transport/rdma/ibgda/); kProxy: the GPU writes 64-byte requests that a CPU thread posts
-// (src/transport/rdma/proxy/). The names are NCCL_MOE_NET_MODE's.
-enum class NetBackend : int { kIbgda = 0, kProxy = 1 };
+// (src/transport/rdma/proxy/); kDbProxy: the GPU writes WQEs and rings a mailbox a CPU thread forwards to the
+// doorbell (src/transport/rdma/dbproxy/). The names are NCCL_MOE_NET_MODE's.
+enum class NetBackend : int { kIbgda = 0, kProxy = 1, kDbProxy = 2 };
 
 // --timer: how GPU calls are timed (docs/moe-perf.md, "Timers"). kAuto = kernel when the CUPTI kernel timer works,
 // else event. CPU mode ignores it.
@@ -72,7 +73,7 @@ struct Options {
   std::vector<Mode> modes;  // --mode; empty = {ht, ll}
   bool transport = false;   // --mode transport: put/put_signal over the software NIC (perf/transport.h); then
                             // modes is empty and -b/-e/-i are message bytes
-  std::vector<NetBackend> net_backends;  // --net-mode ibgda,proxy (transport mode); empty = both
+  std::vector<NetBackend> net_backends;  // --net-mode ibgda,dbproxy,proxy (transport mode); empty = all three
   int batch = -1;                        // --batch N: messages in flight in the transport stream loop; -1 = 8
   int64_t min_tokens = -1;               // -b; -1 = mode default
   int64_t max_tokens = -1;               // -e; -1 = min_tokens

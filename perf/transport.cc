@@ -16,15 +16,18 @@ const char* const kSoftNicLabel = "software NIC \xe2\x80\x94 correctness/functio
 const char* const kSoftNicTransport = "software_nic";
 
 const char* transportOpName(TransportOp op) { return op == TransportOp::kPut ? "put" : "put_signal"; }
-const char* netBackendName(NetBackend backend) { return backend == NetBackend::kIbgda ? "ibgda" : "proxy"; }
+const char* netBackendName(NetBackend backend) {
+  return backend == NetBackend::kIbgda ? "ibgda" : backend == NetBackend::kProxy ? "proxy" : "dbproxy";
+}
 
 TransportConfig resolveTransport(const Options& o) {
   TransportConfig c;
   const int64_t lo = o.min_tokens > 0 ? o.min_tokens : 8;
   const int64_t hi = o.max_tokens > 0 ? o.max_tokens : (o.min_tokens > 0 ? lo : int64_t{4} << 20);
   c.sizes = tokenSweep(lo, hi, o.step_factor, o.step_tokens);
-  c.backends =
-      o.net_backends.empty() ? std::vector<NetBackend>{NetBackend::kIbgda, NetBackend::kProxy} : o.net_backends;
+  c.backends = o.net_backends.empty()
+                   ? std::vector<NetBackend>{NetBackend::kIbgda, NetBackend::kDbProxy, NetBackend::kProxy}
+                   : o.net_backends;
   c.batch = o.batch > 0 ? o.batch : 8;
   c.iters = o.iters > 0 ? o.iters : 20;
   c.warmup = o.warmup >= 0 ? o.warmup : 5;

@@ -35,11 +35,11 @@ extern const char* const kSoftNicLabel;
 
 enum class TransportOp : int { kPut = 0, kPutSignal = 1 };
 const char* transportOpName(TransportOp op);     // "put" | "put_signal"
-const char* netBackendName(NetBackend backend);  // "ibgda" | "proxy"
+const char* netBackendName(NetBackend backend);  // "ibgda" | "proxy" | "dbproxy"
 
 struct TransportConfig {
   std::vector<int64_t> sizes;        // message bytes, ascending
-  std::vector<NetBackend> backends;  // --net-mode; default ibgda, proxy
+  std::vector<NetBackend> backends;  // --net-mode; default ibgda, dbproxy, proxy
   std::vector<TransportOp> ops = {TransportOp::kPut, TransportOp::kPutSignal};
   int batch = 8;               // --batch: messages in flight in the stream loop
   int iters = 20, warmup = 5;  // -n / -w (per loop)

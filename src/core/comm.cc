@@ -104,6 +104,7 @@ struct IdentityRecord {
   int64_t emulate_nodes;   // NCCL_MOE_EMULATE_NODES as this rank read it
   int32_t net_kind;        // NetKind: NCCL_MOE_NET as this rank read it
   int32_t net_mode;        // NetMode: NCCL_MOE_NET_MODE
+  int32_t net_mode_set;    // NCCL_MOE_NET_MODE was set (no automatic doorbell-proxy fallback)
   int32_t net_pure_rdma;   // NCCL_MOE_NET_PURE_RDMA != 0
   char bus_id[32];
   ncclMoeConfig_t config;
@@ -161,6 +162,7 @@ ncclResult_t identify(ncclMoeComm* comm, const ncclMoeConfig_t& config, int curr
   }
   mine->net_kind = static_cast<int32_t>(net.kind);
   mine->net_mode = static_cast<int32_t>(net.mode);
+  mine->net_mode_set = net.mode_explicit ? 1 : 0;
   mine->net_pure_rdma = envInt("NCCL_MOE_NET_PURE_RDMA") != 0 ? 1 : 0;
   MOE_CUDA_CHECK(cudaDeviceGetPCIBusId(mine->bus_id, sizeof(mine->bus_id), comm->device));
   mine->config = config;
@@ -185,7 +187,8 @@ ncclResult_t decide(ncclMoeComm* comm, const std::vector<IdentityRecord>& ids) {
   }
   std::vector<NetChoice> nets;
   for (const IdentityRecord& id : ids)
-    nets.push_back({static_cast<NetKind>(id.net_kind), static_cast<NetMode>(id.net_mode), id.net_pure_rdma != 0});
+    nets.push_back({static_cast<NetKind>(id.net_kind), static_cast<NetMode>(id.net_mode), id.net_mode_set != 0,
+                    id.net_pure_rdma != 0});
   MOE_CHECK(agreeNetChoice(nets, &comm->net));
   std::vector<NodeIdentity> node_ids;
   for (const IdentityRecord& id : ids) node_ids.push_back({id.host_hash, id.process_token, id.emulate_nodes});
@@ -310,6 +313,7 @@ ncclResult_t buildScaleout(ncclMoeComm* comm, const std::vector<IdentityRecord>&
     spec.timeout_ns = comm->timeout_ns;
     spec.chaos_seed = emulated::chaosSeedFromEnvironment();
     spec.proxy = comm->net.mode == NetMode::kProxy;
+    spec.doorbell_proxy = comm->net.mode == NetMode::kDbProxy;
     spec.process_token = processToken();
     spec.pure_rdma = comm->net.pure_rdma;
     const auto create = [&](uint8_t* mine, std::unique_ptr<ScaleoutTransport>* out) {
@@ -329,6 +333,9 @@ ncclResult_t buildScaleout(ncclMoeComm* comm, const std::vector<IdentityRecord>&
   } else {
     verbs::CommTransportSpec spec;
     spec.rank = comm->rank;
+    spec.doorbell = comm->net.mode == NetMode::kDbProxy ? verbs::DoorbellPath::kProxy
+                    : comm->net.mode_explicit           ? verbs::DoorbellPath::kGpu
+                                                        : verbs::DoorbellPath::kGpuElseProxy;
     spec.nodes = comm->nodes;
     spec.pure_rdma = comm->net.pure_rdma;
     spec.buffer = comm->buffer;

@@ -55,9 +55,11 @@ const std::vector<EnvVar>& envRegistry() {
        "on one GPU, split by NCCL_MOE_EMULATE_NODES or NCCL_HOSTID per process). Read at init; every rank must "
        "agree."},
       {"NCCL_MOE_NET_MODE", EnvType::kString, "ibgda",
-       "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell) or proxy "
-       "(the GPU writes descriptors into a mapped ring and a CPU thread of the rank posts the work requests). "
-       "dbproxy (the doorbell proxy) is not available yet and is refused. Read at init; every rank must agree."},
+       "How the GPU drives the scale-out QPs: ibgda (the GPU writes work requests and rings the doorbell), dbproxy "
+       "(the GPU writes work requests, a CPU thread of the rank rings the doorbell: where the doorbell page cannot be "
+       "mapped to the GPU) or proxy (the GPU writes descriptors into a mapped ring and a CPU thread of the rank posts "
+       "the work requests). Unset: ibgda, falling back to dbproxy on every rank when a rank cannot map its doorbell "
+       "page (verbs backend). Read at init; every rank must agree."},
       {"NCCL_MOE_NET_PURE_RDMA", EnvType::kInt, "0",
        "1: on a communicator of several nodes, the internode low-latency kernels reach the ranks of their own node "
        "through the NIC too (a QP to every other rank), as DeepEP's pure-RDMA mode does; 0: through NVLink. The "

@@ -39,17 +39,15 @@ ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, Net
   } else {
     return setLastError(ncclInvalidArgument, "NCCL_MOE_NET=\"%s\": expected auto, ib or emulated", net.c_str());
   }
+  c.mode_explicit = !mode.empty();
   if (mode.empty() || mode == "ibgda") {
     c.mode = NetMode::kIbgda;
   } else if (mode == "proxy") {
     c.mode = NetMode::kProxy;
   } else if (mode == "dbproxy") {
-    return setLastError(ncclInvalidUsage,
-                        "NCCL_MOE_NET_MODE=dbproxy: the doorbell-proxy mode is not available in this build yet; use "
-                        "NCCL_MOE_NET_MODE=ibgda or proxy");
+    c.mode = NetMode::kDbProxy;
   } else {
-    return setLastError(ncclInvalidArgument,
-                        "NCCL_MOE_NET_MODE=\"%s\": expected ibgda or proxy (dbproxy is not available yet)",
+    return setLastError(ncclInvalidArgument, "NCCL_MOE_NET_MODE=\"%s\": expected ibgda, dbproxy or proxy",
                         mode.c_str());
   }
   *out = c;
@@ -73,11 +71,13 @@ ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* a
                           "%d; set the same value on every rank",
                           ref.pure_rdma ? 1 : 0, r, c.pure_rdma ? 1 : 0);
     }
-    if (c.mode != ref.mode) {
-      return setLastError(ncclInvalidUsage,
-                          "ncclMoeCommInit: NCCL_MOE_NET_MODE differs between ranks: rank 0 has %s, rank %zu has %s; "
-                          "set the same value on every rank",
-                          netModeName(ref.mode), r, netModeName(c.mode));
+    if (c.mode != ref.mode || c.mode_explicit != ref.mode_explicit) {
+      return setLastError(
+          ncclInvalidUsage,
+          "ncclMoeCommInit: NCCL_MOE_NET_MODE differs between ranks: rank 0 has %s%s, rank %zu has %s%s; "
+          "set the same value on every rank (or leave it unset on every rank)",
+          netModeName(ref.mode), ref.mode_explicit ? "" : " (unset)", r, netModeName(c.mode),
+          c.mode_explicit ? "" : " (unset)");
     }
   }
   *agreed = ref;
@@ -100,11 +100,11 @@ ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, Sc
           "NCCL_MOE_NET=ib to drive this machine's NIC in loopback",
           head.c_str());
     }
-    if (net.mode != NetMode::kIbgda) {
+    if (net.mode == NetMode::kProxy) {
       return setLastError(ncclInvalidUsage,
                           "%s: NCCL_MOE_NET=%s with NCCL_MOE_NET_MODE=%s: the verbs backend builds GPU-driven QPs "
                           "only (the request proxy posts through the software NIC's queues, not through verbs QPs, "
-                          "yet); use NCCL_MOE_NET_MODE=ibgda",
+                          "yet); use NCCL_MOE_NET_MODE=ibgda or dbproxy",
                           head.c_str(), netKindName(net.kind), netModeName(net.mode));
     }
     *plan = ScaleoutPlan::kVerbs;

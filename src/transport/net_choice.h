@@ -13,7 +13,10 @@
 //   NCCL_MOE_NET_MODE  ibgda     the GPU writes WQEs and rings the doorbell (src/transport/rdma/ibgda/)
 //                      proxy     the GPU writes descriptors into a mapped ring, a CPU thread of the rank turns them
 //                                into WQEs and rings the doorbells (src/transport/rdma/proxy/)
-//                      dbproxy   the doorbell proxy: not built yet, refused
+//                      dbproxy   as ibgda, but the GPU rings a mailbox in host memory and a CPU thread of the rank
+//                                forwards it to the NIC's doorbell (src/transport/rdma/dbproxy/): for machines where
+//                                the doorbell page cannot be mapped to the GPU. Unset on every rank, the verbs backend
+//                                falls back to it on every rank when any rank cannot map its doorbell page (logged).
 #pragma once
 
 #include <nccl.h>
@@ -33,16 +36,17 @@ const char* netModeName(NetMode mode);  // "ibgda", "dbproxy", "proxy"
 struct NetChoice {
   NetKind kind = NetKind::kAuto;
   NetMode mode = NetMode::kIbgda;
-  bool pure_rdma = false;  // NCCL_MOE_NET_PURE_RDMA: same-node peers through the NIC too (internode LL kernels)
+  bool mode_explicit = false;  // NCCL_MOE_NET_MODE was set (else ibgda with the automatic doorbell-proxy fallback)
+  bool pure_rdma = false;      // NCCL_MOE_NET_PURE_RDMA: same-node peers through the NIC too (internode LL kernels)
 };
 
 // Parses the two variables' values (as read; "" = the default). Unknown values: ncclInvalidArgument naming the
-// variable, the value and the accepted ones; dbproxy: ncclInvalidUsage saying it is not available yet.
-// The message goes to setLastError().
+// variable, the value and the accepted ones. The message goes to setLastError().
 ncclResult_t parseNetChoice(const std::string& net, const std::string& mode, NetChoice* out);
 
-// Every rank's choice (index = rank) must be the same: else ncclInvalidUsage naming the first rank that differs
-// from rank 0, both values and the variable. Every rank computes this from the same table, so every rank fails
+// Every rank's choice (index = rank) must be the same, NCCL_MOE_NET_MODE set or unset alike (the automatic fallback
+// applies only where no rank chose): else ncclInvalidUsage naming the first rank that differs from rank 0, both
+// values and the variable. Every rank computes this from the same table, so every rank fails
 // alike. `*agreed` = rank 0's choice.
 ncclResult_t agreeNetChoice(const std::vector<NetChoice>& per_rank, NetChoice* agreed);
 
@@ -61,11 +65,11 @@ struct ScaleoutFacts {
 };
 
 // One node: kNone, success. Several nodes: kEmulated when NCCL_MOE_NET=emulated and every rank is on one GPU;
-// kVerbs for ib, and for auto when the ranks span several machines, in mode ibgda; otherwise ncclInvalidUsage with
-// a message that names the nodes and what is missing (emulated across GPUs; auto on one machine, naming
-// NCCL_MOE_NET=emulated for one-host testing and ib for the NIC in loopback; the request proxy over verbs QPs,
-// not built). Whether the verbs backend can run (rdma-core, an mlx5 NIC) is found when it is built, on every rank
-// (setupScaleout). Messages start "ncclMoeCommInit: the R ranks form N nodes".
+// kVerbs for ib, and for auto when the ranks span several machines, in mode ibgda or dbproxy; otherwise
+// ncclInvalidUsage with a message that names the nodes and what is missing (emulated across GPUs; auto on one
+// machine, naming NCCL_MOE_NET=emulated for one-host testing and ib for the NIC in loopback; the request proxy over
+// verbs QPs, not built). Whether the verbs backend can run (rdma-core, an mlx5 NIC) is found when it is built, on every
+// rank (setupScaleout). Messages start "ncclMoeCommInit: the R ranks form N nodes".
 ncclResult_t decideScaleout(const NetChoice& net, const ScaleoutFacts& facts, ScaleoutPlan* plan);
 
 }  // namespace nccl_moe

@@ -1,8 +1,8 @@
 // Internode LL and HT calls with the ranks in SEVERAL PROCESSES on GPU 0, each process its own node, over the
 // software NIC (NCCL_MOE_NET=emulated, its IPC memory backend): the parent test spawns n copies of this binary
 // (tests/gpu/procs.h), each with NCCL_MOE_HOSTID empty and its own NCCL_HOSTID=vnode<r> (NCCL then accepts several
-// ranks on one GPU, and NCCL-MoE makes each process a node), NCCL_MOE_NET_MODE=ibgda or proxy, the NIC's chaos mode
-// on (NCCL_MOE_EMU_CHAOS=20261202; NCCL_MOE_NET_TEST_CHAOS overrides the seed, 0 = off) and NCCL_MOE_TIMEOUT_S=20
+// ranks on one GPU, and NCCL-MoE makes each process a node), NCCL_MOE_NET_MODE=ibgda, proxy or dbproxy, the NIC's chaos
+// mode on (NCCL_MOE_EMU_CHAOS=20261202; NCCL_MOE_NET_TEST_CHAOS overrides the seed, 0 = off) and NCCL_MOE_TIMEOUT_S=20
 // (unless set). Each child creates an NCCL communicator over NCCL_COMM_ID and one MoE communicator (ncclMoeCommInit,
 // sized for both LL and HT), checks that it has n nodes, and runs its rank's side of:
 //
@@ -23,10 +23,11 @@
 // agree whether any failed and stop together. Each child prints one line per problem. The parent asserts that every
 // child exits 0 within procs_test::kChildTimeoutS (180 s; a child still running then is killed and named).
 //
-// Instances: Procs/NetProcs.LlAndHtMatchTheReference/{2,4,2x2}_{ibgda,proxy}; 2x2 = 4 processes, 2 per node
-// (NCCL_HOSTID=vnode<r> as always -- NCCL refuses two ranks of one host on one GPU -- and NCCL_MOE_HOSTID=mnode<r / 2>
-// groups them into the library's nodes): the node's two processes reach each other through CUDA IPC (the NVLink leg of
-// the HT kernels, the same-node LL messages), the other node through the software NIC. Run on a machine with a GPU:
+// Instances: Procs/NetProcs.LlAndHtMatchTheReference/{2,4,2x2}_{ibgda,proxy}, {2,2x2}_dbproxy; 2x2 = 4 processes, 2 per
+// node (NCCL_HOSTID=vnode<r> as always -- NCCL refuses two ranks of one host on one GPU -- and NCCL_MOE_HOSTID=mnode<r
+// / 2> groups them into the library's nodes): the node's two processes reach each other through CUDA IPC (the NVLink
+// leg of the HT kernels, the same-node LL messages), the other node through the software NIC. Run on a machine with a
+// GPU:
 //   build/tests/nccl_moe_gpu_tests --gtest_filter='*NetProcs*'
 // Without the MPS daemon the processes are time-sliced on the GPU (every device wait for a peer costs time slices,
 // milliseconds per step): slow but correct; under MPS (scripts/procs-one-gpu.sh --mps shows how to start it) their
@@ -73,12 +74,12 @@ ncclMoeConfig_t procsConfig() {
 
 struct ProcsParam {
   int procs;
-  bool proxy;        // NCCL_MOE_NET_MODE=proxy, else ibgda
+  const char* mode;  // NCCL_MOE_NET_MODE: ibgda, proxy or dbproxy
   int per_node = 1;  // processes per node (the same NCCL_HOSTID): > 1 adds the NVLink leg through CUDA IPC
   std::string name() const {
     const std::string shape =
         per_node > 1 ? std::to_string(procs / per_node) + "x" + std::to_string(per_node) : std::to_string(procs);
-    return shape + (proxy ? "_proxy" : "_ibgda");
+    return shape + "_" + mode;
   }
 };
 void PrintTo(const ProcsParam& p, std::ostream* os) { *os << p.name(); }
@@ -104,7 +105,7 @@ TEST_P(NetProcs, LlAndHtMatchTheReference) {
                                     "NCCL_HOSTID=vnode" + std::to_string(r),
                                     "NCCL_MOE_TEST_CHILD_PER_NODE=" + std::to_string(p.per_node),
                                     "NCCL_MOE_NET=emulated",
-                                    std::string("NCCL_MOE_NET_MODE=") + (p.proxy ? "proxy" : "ibgda"),
+                                    std::string("NCCL_MOE_NET_MODE=") + p.mode,
                                     "NCCL_MOE_EMU_CHAOS=" + chaos,
                                     "NCCL_MOE_TIMEOUT_S=" + timeout};
   };
@@ -117,8 +118,9 @@ TEST_P(NetProcs, LlAndHtMatchTheReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Procs, NetProcs,
-                         ::testing::Values(ProcsParam{2, false}, ProcsParam{2, true}, ProcsParam{4, false},
-                                           ProcsParam{4, true}, ProcsParam{4, false, 2}, ProcsParam{4, true, 2}),
+                         ::testing::Values(ProcsParam{2, "ibgda"}, ProcsParam{2, "proxy"}, ProcsParam{2, "dbproxy"},
+                                           ProcsParam{4, "ibgda"}, ProcsParam{4, "proxy"}, ProcsParam{4, "ibgda", 2},
+                                           ProcsParam{4, "proxy", 2}, ProcsParam{4, "dbproxy", 2}),
                          procsName);
 
 // ---- Child ----

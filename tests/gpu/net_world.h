@@ -2,8 +2,9 @@
 // process on GPU 0 (ncclMoeCommInitAll), split into nodes by NCCL_MOE_EMULATE_NODES, with the software NIC as the
 // scale-out transport (NCCL_MOE_NET=emulated) and its chaos mode on (NCCL_MOE_EMU_CHAOS: writes split and reordered,
 // sources read late, QPs interleaved). The suites are parameterized by the shape (nodes x ranks per node) and the
-// transport mode: ibgda (the kernels write WQEs) or proxy (NCCL_MOE_NET_MODE=proxy: the kernels write descriptors
-// into a ring, a CPU thread per rank posts the WQEs), names "2x2" and "2x2_proxy"; "2x2_pure" adds
+// transport mode: ibgda (the kernels write WQEs), proxy (NCCL_MOE_NET_MODE=proxy: the kernels write descriptors
+// into a ring, a CPU thread per rank posts the WQEs) or dbproxy (the kernels write WQEs and ring a mailbox a CPU
+// thread per rank forwards to the NIC), names "2x2", "2x2_proxy", "2x2_dbproxy"; "2x2_pure" adds
 // NCCL_MOE_NET_PURE_RDMA=1 (the LL kernels reach same-node ranks through the NIC too).
 #pragma once
 
@@ -22,25 +23,26 @@ namespace net_test {
 struct Shape {
   int nodes;
   int per_node;
-  bool proxy = false;      // NCCL_MOE_NET_MODE=proxy
-  bool pure_rdma = false;  // NCCL_MOE_NET_PURE_RDMA=1: same-node ranks through the NIC too (LL)
+  const char* mode = nullptr;  // NCCL_MOE_NET_MODE (nullptr: unset, ibgda)
+  bool pure_rdma = false;      // NCCL_MOE_NET_PURE_RDMA=1: same-node ranks through the NIC too (LL)
   int ranks() const { return nodes * per_node; }
   std::string name() const {
-    return std::to_string(nodes) + "x" + std::to_string(per_node) + (proxy ? "_proxy" : "") +
+    return std::to_string(nodes) + "x" + std::to_string(per_node) + (mode != nullptr ? std::string("_") + mode : "") +
            (pure_rdma ? "_pure" : "");
   }
 };
 inline void PrintTo(const Shape& s, std::ostream* os) { *os << s.name(); }
 inline std::string shapeName(const ::testing::TestParamInfo<Shape>& info) { return info.param.name(); }
-// The shapes every internode suite is instantiated with: 2x1, 2x2, 4x1, 2x4 in both modes, and the shapes with
-// several ranks per node in pure-RDMA mode (ibgda).
+// The shapes every internode suite is instantiated with: 2x1, 2x2, 4x1, 2x4 in modes ibgda and proxy, 2x1, 2x2 and
+// 4x1 in mode dbproxy (the GPU side is ibgda's), and the shapes with several ranks per node in pure-RDMA mode (ibgda).
 inline std::vector<Shape> shapes() {
   std::vector<Shape> out;
-  for (bool proxy : {false, true})
+  for (const char* mode : {static_cast<const char*>(nullptr), "proxy"})
     for (const Shape& s : {Shape{2, 1}, Shape{2, 2}, Shape{4, 1}, Shape{2, 4}})
-      out.push_back(Shape{s.nodes, s.per_node, proxy});
-  out.push_back(Shape{2, 2, false, true});
-  out.push_back(Shape{2, 4, false, true});
+      out.push_back(Shape{s.nodes, s.per_node, mode});
+  for (const Shape& s : {Shape{2, 1}, Shape{2, 2}, Shape{4, 1}}) out.push_back(Shape{s.nodes, s.per_node, "dbproxy"});
+  out.push_back(Shape{2, 2, nullptr, true});
+  out.push_back(Shape{2, 4, nullptr, true});
   return out;
 }
 
@@ -51,7 +53,7 @@ struct NetEnv {
       : nodes_text(std::to_string(s.nodes)),
         override_chaos(std::getenv("NCCL_MOE_NET_TEST_CHAOS") != nullptr ? std::getenv("NCCL_MOE_NET_TEST_CHAOS") : ""),
         net("NCCL_MOE_NET", "emulated"),
-        mode("NCCL_MOE_NET_MODE", s.proxy ? "proxy" : nullptr),
+        mode("NCCL_MOE_NET_MODE", s.mode),
         emulate("NCCL_MOE_EMULATE_NODES", nodes_text.c_str()),
         chaos_env("NCCL_MOE_EMU_CHAOS", override_chaos.empty() ? chaos : override_chaos.c_str()),
         pure_rdma("NCCL_MOE_NET_PURE_RDMA", s.pure_rdma ? "1" : nullptr) {}

@@ -17,8 +17,9 @@
 //                                                            NCCL_MOE_NET=emulated
 //   ScaleoutRefusal.NetDisagreementFailsOnEveryRank          ranks of one world read different NCCL_MOE_NET values
 //                                                            (commInit's override): every rank fails naming both
-//   ScaleoutRefusal.DoorbellProxyIsRefused                   NCCL_MOE_NET_MODE=dbproxy: refused, "not available"
-//                                                            (proxy runs: tests/gpu/ll_net_test.cc, ht_net_test.cc)
+//   ScaleoutRefusal.UnknownNetModeIsRefused                  NCCL_MOE_NET_MODE=gda: refused naming the accepted modes
+//                                                            (proxy and dbproxy run: tests/gpu/ll_net_test.cc,
+//                                                            ht_net_test.cc)
 //
 // Every device wait is bounded (kTimeoutNs) and every host wait too; a GPU-less machine skips every test.
 #include <cuda_runtime.h>
@@ -438,24 +439,22 @@ TEST(ScaleoutRefusal, NetDisagreementFailsOnEveryRank) {
   }
 }
 
-TEST(ScaleoutRefusal, DoorbellProxyIsRefused) {
+TEST(ScaleoutRefusal, UnknownNetModeIsRefused) {
   const Shape s{2, 1};
   const std::string skip = skipReason(s);
   if (!skip.empty()) GTEST_SKIP() << skip;
   harness::ScopedEnv net("NCCL_MOE_NET", "emulated");
   harness::ScopedEnv emulate("NCCL_MOE_EMULATE_NODES", "2");
+  harness::ScopedEnv m("NCCL_MOE_NET_MODE", "gda");
   CUDA_OK(cudaSetDevice(0));
-  for (const char* mode : {"dbproxy"}) {
-    harness::ScopedEnv m("NCCL_MOE_NET_MODE", mode);
-    std::vector<ncclMoeComm_t> comms(2, nullptr);
-    const std::vector<int> devices(2, 0);
-    ncclMoeConfig_t c = smallConfig();
-    EXPECT_EQ(ncclInvalidUsage, ncclMoeCommInitAll(comms.data(), 2, devices.data(), &c)) << mode;
-    const std::string msg = ncclMoeGetLastError(nullptr);
-    EXPECT_NE(std::string::npos, msg.find(std::string("NCCL_MOE_NET_MODE=") + mode)) << msg;
-    EXPECT_NE(std::string::npos, msg.find("not available")) << msg;
-    for (ncclMoeComm_t comm : comms) EXPECT_EQ(nullptr, comm);
-  }
+  std::vector<ncclMoeComm_t> comms(2, nullptr);
+  const std::vector<int> devices(2, 0);
+  ncclMoeConfig_t c = smallConfig();
+  EXPECT_EQ(ncclInvalidArgument, ncclMoeCommInitAll(comms.data(), 2, devices.data(), &c));
+  const std::string msg = ncclMoeGetLastError(nullptr);
+  EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET_MODE=\"gda\"")) << msg;
+  EXPECT_NE(std::string::npos, msg.find("expected ibgda, dbproxy or proxy")) << msg;
+  for (ncclMoeComm_t comm : comms) EXPECT_EQ(nullptr, comm);
 }
 
 }  // namespace

@@ -12,6 +12,8 @@
 //   SourceOverwrite      a source rewritten right after its doorbell reaches the receiver at least once
 //   ConcurrentProducers  8 blocks post put_signal on one QP: reservation, in-order ready and lock under contention,
 //                        the 64-WQEBB SQ wraps; every signal counted, every slot intact, the QP stays healthy
+//   DoorbellProxyStalled the GPU rang its mailbox but no doorbell proxy runs: quiet times out naming the QP; the
+//                        proxy names the unforwarded index; started, it forwards and the WQE completes
 //   MissingDoorbell      written, never rung: quiet times out naming phase, rank, peer and QP; ringing from the
 //                        host afterwards completes the WQE (it was well-formed, only unannounced)
 //   AccessErrors         bad rkey, range outside the window, misaligned atomic: error CQE, QP in error on the NIC,
@@ -476,6 +478,53 @@ TEST(TransportLitmus, MissingDoorbellTimesOutNamingTheQp) {
   std::vector<uint8_t> got(4096);
   CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
   for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x5a, got[i]) << "byte " << i;
+}
+
+// Doorbell proxy: the GPU rings the QP's mailbox, but no proxy thread runs yet, so the NIC never hears of the WQE:
+// quiet times out naming the QP (the GPU did ring: announced == expected), the proxy's describe() names the mailbox
+// index it has not forwarded; once the proxy thread starts, the WQE completes and the data arrives.
+TEST(TransportLitmus, DoorbellProxyStalledTimesOutThenForwards) {
+  const uint64_t seed = testChaosSeed();
+  World w;
+  WORLD_OR_SKIP(w, seed);
+  DevWindow src, dst;
+  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
+  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
+  CUDA_OK(cudaMemset(src.ptr, 0x6b, 4096));
+  CUDA_OK(cudaDeviceSynchronize());
+  constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;
+  em::EmulatedGpuQp* q = nullptr;
+  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kShortTimeoutNs, nullptr, &q, 64, 64, true));
+  ASSERT_EQ("", startNics(w));  // the doorbell proxy is not started
+  Mapped<TestStatus> st;
+  ASSERT_NE(nullptr, st.dev);
+  singleOpKernel<<<1, 1, 0, w.streams[0]>>>(
+      SingleArgs{SingleOp::kPut, q->view(), src.addr(), dst.addr(), dst.w.rkey, 4096, st.dev});
+  CUDA_OK(cudaGetLastError());
+  ASSERT_EQ("", waitStreams(w, kHostTimeoutS, "DoorbellProxyStalled kernel"));
+  const ErrorRecord rec = *w[0].error.host;
+  const std::string msg = ib::describeNetError(rec, kShortTimeoutNs);
+  const std::string proxy = w[0].doorbells->describe(true);
+  std::printf("DoorbellProxyStalled: record: %s; %s\n", msg.c_str(), proxy.c_str());
+  EXPECT_EQ(1, st.host->call_result) << "the put posts (and rings the mailbox); quiet must fail";
+  EXPECT_EQ(nccl_moe::kErrTimeout, rec.code);
+  EXPECT_EQ(static_cast<int>(Phase::kNetQuiet), rec.phase);
+  EXPECT_EQ(static_cast<int>(q->qpn()), rec.qpn);
+  EXPECT_EQ(1, rec.peer);
+  EXPECT_EQ(1, rec.detail) << "the GPU rang (its mailbox): announced 1";
+  EXPECT_EQ(0u, w[0].nic->qpAnnounced(q->qp())) << "the NIC heard nothing";
+  EXPECT_NE(std::string::npos, proxy.find("mailbox index 1, forwarded 0")) << proxy;
+  ASSERT_EQ("", startDoorbellProxies(w));
+  const auto start = std::chrono::steady_clock::now();
+  while (w[0].nic->qpRetired(q->qp()) != 1u &&
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  dumpWorld(w);
+  ASSERT_EQ(1u, w[0].nic->qpRetired(q->qp())) << "the forwarded doorbell did not complete the WQE within 10 s";
+  EXPECT_EQ(1u, w[0].doorbells->forwarded());
+  std::vector<uint8_t> got(4096);
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x6b, got[i]) << "byte " << i;
 }
 
 TEST(TransportLitmus, AccessErrorsFailTheQpAndAreRecorded) {

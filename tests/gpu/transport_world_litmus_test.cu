@@ -1,5 +1,6 @@
-// The put_signal litmus of the scale-out transport over whole worlds, in both GPU modes (IBGDA: ibgda.cuh on
-// EmulatedGpuQp; request proxy: proxy.cuh into one EmulatedGpuProxy ring per rank), on ONE GPU: R ranks in virtual
+// The put_signal litmus of the scale-out transport over whole worlds, in the three GPU modes (IBGDA: ibgda.cuh on
+// EmulatedGpuQp; doorbell proxy: the same, each QP's doorbell forwarded from a mailbox by a CPU thread per rank;
+// request proxy: proxy.cuh into one EmulatedGpuProxy ring per rank), on ONE GPU: R ranks in virtual
 // nodes of G consecutive ranks (2x1, 2x2, 4x1), each rank with its own software NIC and executor thread, chaos on.
 //
 // Flows: every ordered pair (sender, receiver) of ranks on DIFFERENT nodes is one flow with its own data QP
@@ -169,14 +170,16 @@ __global__ void rankKernel(RankSides<Link> a) {
 
 // ---- Host ----
 
-enum class Mode { kIbgda, kProxy };
+// kDbProxy: the IBGDA kernels, but each QP's doorbell goes to a mailbox a CPU thread per rank forwards.
+enum class Mode { kIbgda, kProxy, kDbProxy };
+const char* modeName(Mode m) { return m == Mode::kIbgda ? "ibgda" : m == Mode::kProxy ? "proxy" : "dbproxy"; }
 struct WorldParam {
   Mode mode;
   int nodes;
   int per_node;  // G consecutive ranks per node
 };
 std::string worldName(const WorldParam& p) {
-  return std::to_string(p.nodes) + "x" + std::to_string(p.per_node) + (p.mode == Mode::kIbgda ? " ibgda" : " proxy");
+  return std::to_string(p.nodes) + "x" + std::to_string(p.per_node) + " " + modeName(p.mode);
 }
 void PrintTo(const WorldParam& p, std::ostream* os) { *os << worldName(p); }  // gtest's listing
 
@@ -198,7 +201,7 @@ struct RankWindows {
 
 std::string describeError(Mode mode, const ErrorRecord& rec) {
   if (rec.code == 0) return "none";
-  return mode == Mode::kIbgda ? ib::describeNetError(rec, kTimeoutNs) : px::describeProxyError(rec, kTimeoutNs);
+  return mode != Mode::kProxy ? ib::describeNetError(rec, kTimeoutNs) : px::describeProxyError(rec, kTimeoutNs);
 }
 
 // Fills the sides of every rank: senders first (by send_slot), then receivers (by recv_slot), which is also the order
@@ -261,7 +264,7 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
         flows.push_back(f);
       }
   ASSERT_LE(flows.size(), static_cast<size_t>(kMaxFlows));
-  const uint64_t total = litmusIterations(p.mode == Mode::kIbgda ? 2000 : 1000);
+  const uint64_t total = litmusIterations(p.mode != Mode::kProxy ? 2000 : 1000);
   const uint64_t nflows = flows.size();
   for (uint64_t f = 0; f < nflows; ++f) flows[f].iterations = total / nflows + (f < total % nflows ? 1 : 0);
   ASSERT_LT(flows[0].iterations, kMaxFlowIterations) << "MOE_LITMUS_ITERATIONS too large for the pattern ids";
@@ -291,20 +294,24 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
       rankKernel<Link><<<num_sides[static_cast<size_t>(r)], kThreads, 0, w.streams[static_cast<size_t>(r)]>>>(
           sides[static_cast<size_t>(r)]);
   };
-  if (p.mode == Mode::kIbgda) {
+  if (p.mode != Mode::kProxy) {
+    const bool via_mailbox = p.mode == Mode::kDbProxy;
     std::vector<em::EmulatedGpuQp*> data(flows.size()), ack(flows.size());
     for (size_t f = 0; f < flows.size(); ++f) {
       Flow& fl = flows[f];
       GpuRank& s = w[fl.from];
       GpuRank& r = w[fl.to];
-      ASSERT_EQ("", connectQp(s, r, win[static_cast<size_t>(fl.from)].src.w.lkey, kTimeoutNs, nullptr, &data[f]))
+      ASSERT_EQ("", connectQp(s, r, win[static_cast<size_t>(fl.from)].src.w.lkey, kTimeoutNs, nullptr, &data[f], 64, 64,
+                              via_mailbox))
           << name << " flow " << f;
-      ASSERT_EQ("", connectQp(r, s, win[static_cast<size_t>(fl.to)].src.w.lkey, kTimeoutNs, nullptr, &ack[f]))
+      ASSERT_EQ("", connectQp(r, s, win[static_cast<size_t>(fl.to)].src.w.lkey, kTimeoutNs, nullptr, &ack[f], 64, 64,
+                              via_mailbox))
           << name << " flow " << f;
       fl.data_qpn = data[f]->qpn();
       fl.ack_qpn = ack[f]->qpn();
     }
     ASSERT_EQ("", startNics(w)) << name;
+    ASSERT_EQ("", startDoorbellProxies(w)) << name;
     const auto sides = buildSides<IbgdaLink>(
         w, flows, win, seed, rec.dev,
         [&](size_t f, bool send) {
@@ -387,7 +394,7 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
                   name.c_str(), f, fl.from, fl.to, fl.data_qpn, fl.from, fl.ack_qpn, fl.to);
     return std::string(buf);
   };
-  const double per_iteration_s = p.mode == Mode::kIbgda ? 2e-3 : 4e-3;  // a bound, far above the rates seen
+  const double per_iteration_s = p.mode != Mode::kProxy ? 2e-3 : 4e-3;  // a bound, far above the rates seen
   const std::string waited =
       waitStreams(w, kHostTimeoutS + flows[0].iterations * per_iteration_s, ("WorldLitmus[" + name + "]").c_str(), [&] {
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -416,7 +423,7 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
               " iterations over %zu flows in %.3f s: %.0f iterations/s in all (chaos seed "
               "%" PRIu64 ")\n",
               name.c_str(), total, flows.size(), secs, total / secs, seed);
-  if (p.mode == Mode::kIbgda)
+  if (p.mode != Mode::kProxy)
     dumpWorld(w);
   else
     dumpProxies(w, ps, kTimeoutNs);
@@ -451,14 +458,16 @@ TEST_P(TransportWorldLitmus, PutSignalDataIsCompleteWhenTheSignalArrives) {
 }
 
 std::string paramName(const ::testing::TestParamInfo<WorldParam>& info) {
-  return std::string(info.param.mode == Mode::kIbgda ? "ibgda_" : "proxy_") + std::to_string(info.param.nodes) + "x" +
+  return std::string(modeName(info.param.mode)) + "_" + std::to_string(info.param.nodes) + "x" +
          std::to_string(info.param.per_node);
 }
 
 INSTANTIATE_TEST_SUITE_P(Worlds, TransportWorldLitmus,
                          ::testing::Values(WorldParam{Mode::kIbgda, 2, 1}, WorldParam{Mode::kIbgda, 2, 2},
                                            WorldParam{Mode::kIbgda, 4, 1}, WorldParam{Mode::kProxy, 2, 1},
-                                           WorldParam{Mode::kProxy, 2, 2}, WorldParam{Mode::kProxy, 4, 1}),
+                                           WorldParam{Mode::kProxy, 2, 2}, WorldParam{Mode::kProxy, 4, 1},
+                                           WorldParam{Mode::kDbProxy, 2, 1}, WorldParam{Mode::kDbProxy, 2, 2},
+                                           WorldParam{Mode::kDbProxy, 4, 1}),
                          paramName);
 
 }  // namespace

@@ -32,8 +32,10 @@
 #include "transport/emulated/gpu_queues.h"
 #include "transport/emulated/nic.h"
 #include "transport/emulated/proxy_queues.h"
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/proxy/gpu_proxy.h"
+#include "transport/rdma/proxy/proxy_thread.h"
 #include "transport/rdma/window.h"
 
 namespace nccl_moe::transport_world {
@@ -207,6 +209,9 @@ struct GpuRank {
   Mapped<ErrorRecord> error;
   std::vector<void*> allocations;
   std::vector<std::unique_ptr<em::EmulatedGpuQp>> qps;
+  // Doorbell-proxy mode: the rank's proxy (every QP made with doorbell_proxy) and its thread (startDoorbellProxies).
+  std::unique_ptr<nccl_moe::dbproxy::DoorbellProxy> doorbells;
+  std::unique_ptr<px::ProxyThread> doorbell_thread;
 };
 
 // R ranks on GPU 0 (makeWorld), stream r for rank r's kernels. Destruction stops every NIC before anything they may
@@ -216,6 +221,8 @@ struct World {
   std::vector<cudaStream_t> streams;
   uint64_t seed = 0;
   ~World() {
+    for (auto& r : ranks)
+      if (r && r->doorbell_thread) r->doorbell_thread->stop();
     for (auto& r : ranks)
       if (r && r->nic) r->nic->stop();
     for (cudaStream_t s : streams)
@@ -283,8 +290,10 @@ inline std::string allocWindow(GpuRank& r, uint64_t bytes, uint32_t flags, DevWi
 }
 
 // A QP of `from` to `to` (wqe_cnt WQEBBs, cqe_cnt CQEs), connected; reports into dev_error, else from's record.
+// `doorbell_proxy`: the GPU rings the QP's mailbox, which from's doorbell proxy forwards (startDoorbellProxies).
 inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint64_t timeout_ns, ErrorRecord* dev_error,
-                             em::EmulatedGpuQp** out, uint32_t wqe_cnt = 64, uint32_t cqe_cnt = 64) {
+                             em::EmulatedGpuQp** out, uint32_t wqe_cnt = 64, uint32_t cqe_cnt = 64,
+                             bool doorbell_proxy = false) {
   em::GpuQpSpec spec;
   spec.nic = from.nic.get();
   spec.backend = from.backend.get();
@@ -296,9 +305,15 @@ inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint
   spec.rank = from.rank;
   spec.timeout_ns = timeout_ns;
   spec.dev_error = dev_error != nullptr ? dev_error : from.error.dev;
+  spec.doorbell_proxy = doorbell_proxy;
   std::unique_ptr<em::EmulatedGpuQp> q;
   if (em::EmulatedGpuQp::create(spec, &q) != ncclSuccess)
     return std::string("EmulatedGpuQp::create: ") + nccl_moe::threadLastError();
+  if (doorbell_proxy) {
+    if (!from.doorbells) from.doorbells = std::make_unique<nccl_moe::dbproxy::DoorbellProxy>(from.rank);
+    if (from.doorbells->add(q->route()) != ncclSuccess)
+      return std::string("DoorbellProxy::add: ") + nccl_moe::threadLastError();
+  }
   *out = q.get();
   from.qps.push_back(std::move(q));
   return "";
@@ -307,6 +322,19 @@ inline std::string connectQp(GpuRank& from, GpuRank& to, uint32_t src_lkey, uint
 inline std::string startNics(World& w) {
   for (int r = 0; r < w.size(); ++r)
     if (w[r].nic->start() != ncclSuccess) return std::string("SoftNic::start: ") + nccl_moe::threadLastError();
+  return "";
+}
+
+// Starts the doorbell-proxy thread of every rank that has QPs made with doorbell_proxy.
+inline std::string startDoorbellProxies(World& w) {
+  for (int r = 0; r < w.size(); ++r) {
+    nccl_moe::dbproxy::DoorbellProxy* forward = w[r].doorbells.get();
+    if (forward == nullptr) continue;
+    w[r].doorbell_thread = std::make_unique<px::ProxyThread>(
+        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    if (w[r].doorbell_thread->start() != ncclSuccess)
+      return std::string("ProxyThread::start: ") + nccl_moe::threadLastError();
+  }
   return "";
 }
 
@@ -364,6 +392,7 @@ inline void dumpWorld(World& w) {
                   k.nic->qpRetired(q->qp()), k.nic->qpError(q->qp()).empty() ? "" : ": ",
                   k.nic->qpError(q->qp()).c_str());
     for (const std::string& e : k.nic->nicErrors()) std::printf("[rank %d]   NIC: %s\n", r, e.c_str());
+    if (k.doorbells) std::printf("[rank %d]   %s\n", r, k.doorbells->describe(true).c_str());
     const ErrorRecord rec = *k.error.host;
     std::printf("[rank %d]   GPU error record: %s\n", r,
                 rec.code == 0 ? "none" : ib::describeNetError(rec, kTimeoutNs).c_str());

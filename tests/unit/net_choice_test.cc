@@ -43,14 +43,22 @@ TEST(NetChoice, RejectsUnknownValuesNamingTheVariable) {
   EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=\"gda\"")) << lastError();
 }
 
-TEST(NetChoice, ProxyModeParsesAndDoorbellProxyIsRefused) {
+TEST(NetChoice, ProxyAndDoorbellProxyModesParseAndASetModeIsExplicit) {
   NetChoice c;
   ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("emulated", "proxy", &c));
   EXPECT_EQ(NetMode::kProxy, c.mode);
   EXPECT_EQ(NetKind::kEmulated, c.kind);
-  EXPECT_EQ(ncclInvalidUsage, nccl_moe::parseNetChoice("emulated", "dbproxy", &c));
-  EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=dbproxy")) << lastError();
-  EXPECT_NE(std::string::npos, lastError().find("not available in this build yet")) << lastError();
+  EXPECT_TRUE(c.mode_explicit);
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("ib", "dbproxy", &c));
+  EXPECT_EQ(NetMode::kDbProxy, c.mode);
+  EXPECT_STREQ("dbproxy", nccl_moe::netModeName(c.mode));
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("ib", "ibgda", &c));
+  EXPECT_TRUE(c.mode_explicit) << "ibgda asked for: no fallback";
+  ASSERT_EQ(ncclSuccess, nccl_moe::parseNetChoice("ib", "", &c));
+  EXPECT_EQ(NetMode::kIbgda, c.mode);
+  EXPECT_FALSE(c.mode_explicit) << "unset: ibgda with the doorbell-proxy fallback";
+  EXPECT_EQ(ncclInvalidArgument, nccl_moe::parseNetChoice("ib", "db", &c));
+  EXPECT_NE(std::string::npos, lastError().find("expected ibgda, dbproxy or proxy")) << lastError();
 }
 
 TEST(NetChoice, DisagreementNamesBothValuesAndTheRank) {
@@ -67,9 +75,15 @@ TEST(NetChoice, DisagreementNamesBothValuesAndTheRank) {
 
   differ = same;
   differ[1].mode = NetMode::kProxy;
+  differ[1].mode_explicit = true;
   EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
   EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE differs")) << lastError();
-  EXPECT_NE(std::string::npos, lastError().find("rank 0 has ibgda, rank 1 has proxy")) << lastError();
+  EXPECT_NE(std::string::npos, lastError().find("rank 0 has ibgda (unset), rank 1 has proxy;")) << lastError();
+
+  differ = same;
+  differ[2].mode_explicit = true;  // ibgda set on one rank, unset on the others: the fallback could differ
+  EXPECT_EQ(ncclInvalidUsage, nccl_moe::agreeNetChoice(differ, &agreed));
+  EXPECT_NE(std::string::npos, lastError().find("rank 0 has ibgda (unset), rank 2 has ibgda;")) << lastError();
 
   differ = same;
   differ[3].pure_rdma = true;
@@ -115,9 +129,9 @@ TEST(NetChoice, AutoOnOneMachineRefusesSeveralNodesNamingTheEmulatedNic) {
   EXPECT_NE(std::string::npos, msg.find("NCCL_MOE_NET=ib")) << msg;
 }
 
-// ib on several nodes, and auto across machines: the verbs backend, in ibgda mode only (whether this host can run
-// it is found when it is built). The request proxy over verbs QPs is refused by name.
-TEST(NetChoice, IbAndAutoAcrossMachinesPickTheVerbsBackendInIbgdaMode) {
+// ib on several nodes, and auto across machines: the verbs backend, in ibgda or dbproxy mode (whether this host can
+// run it is found when it is built). The request proxy over verbs QPs is refused by name.
+TEST(NetChoice, IbAndAutoAcrossMachinesPickTheVerbsBackendInIbgdaOrDoorbellProxyMode) {
   ScaleoutFacts machines = twoNodes();
   machines.one_machine = false;
   machines.one_device = false;
@@ -131,11 +145,15 @@ TEST(NetChoice, IbAndAutoAcrossMachinesPickTheVerbsBackendInIbgdaMode) {
     ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(NetChoice{row.kind, NetMode::kIbgda}, row.facts, &plan))
         << lastError();
     EXPECT_EQ(ScaleoutPlan::kVerbs, plan) << nccl_moe::netKindName(row.kind);
+    plan = ScaleoutPlan::kNone;
+    ASSERT_EQ(ncclSuccess, nccl_moe::decideScaleout(NetChoice{row.kind, NetMode::kDbProxy, true}, row.facts, &plan))
+        << lastError();
+    EXPECT_EQ(ScaleoutPlan::kVerbs, plan) << nccl_moe::netKindName(row.kind);
     plan = ScaleoutPlan::kVerbs;
     EXPECT_EQ(ncclInvalidUsage, nccl_moe::decideScaleout(NetChoice{row.kind, NetMode::kProxy}, row.facts, &plan));
     EXPECT_EQ(ScaleoutPlan::kNone, plan);
     EXPECT_NE(std::string::npos, lastError().find("NCCL_MOE_NET_MODE=proxy")) << lastError();
-    EXPECT_NE(std::string::npos, lastError().find("use NCCL_MOE_NET_MODE=ibgda")) << lastError();
+    EXPECT_NE(std::string::npos, lastError().find("use NCCL_MOE_NET_MODE=ibgda or dbproxy")) << lastError();
   }
 }
 

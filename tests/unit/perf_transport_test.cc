@@ -34,9 +34,7 @@ TEST(PerfTransport, ModeAndDefaults) {
   ASSERT_EQ(20u, c.sizes.size());  // 8 B .. 4 MB, x2
   EXPECT_EQ(8, c.sizes.front());
   EXPECT_EQ(int64_t{4} << 20, c.sizes.back());
-  ASSERT_EQ(2u, c.backends.size());
-  EXPECT_EQ(NetBackend::kIbgda, c.backends[0]);
-  EXPECT_EQ(NetBackend::kProxy, c.backends[1]);
+  EXPECT_EQ((std::vector<NetBackend>{NetBackend::kIbgda, NetBackend::kDbProxy, NetBackend::kProxy}), c.backends);
   ASSERT_EQ(2u, c.ops.size());
   EXPECT_EQ(8, c.batch);
   EXPECT_EQ(20, c.iters);
@@ -72,6 +70,9 @@ TEST(PerfTransport, BackendsBatchAndRunOptions) {
   EXPECT_EQ((std::vector<NetBackend>{NetBackend::kIbgda}), c.backends);
   EXPECT_STREQ("ibgda", netBackendName(NetBackend::kIbgda));
   EXPECT_STREQ("proxy", netBackendName(NetBackend::kProxy));
+  EXPECT_STREQ("dbproxy", netBackendName(NetBackend::kDbProxy));
+  c = resolveTransport(parse({"--mode", "transport", "--net-mode", "dbproxy,ibgda"}));
+  EXPECT_EQ((std::vector<NetBackend>{NetBackend::kDbProxy, NetBackend::kIbgda}), c.backends);
   EXPECT_STREQ("put", transportOpName(TransportOp::kPut));
   EXPECT_STREQ("put_signal", transportOpName(TransportOp::kPutSignal));
 }
@@ -80,7 +81,7 @@ TEST(PerfTransport, Errors) {
   EXPECT_NE(std::string::npos, parseError({"--mode", "ht,transport"}).find("runs alone"));
   EXPECT_NE(std::string::npos, parseError({"--mode", "transport,ll"}).find("runs alone"));
   EXPECT_NE(std::string::npos, parseError({"--mode", "nic"}).find("transport"));
-  EXPECT_NE(std::string::npos, parseError({"--mode", "transport", "--net-mode", "dbproxy"}).find("--net-mode"));
+  EXPECT_NE(std::string::npos, parseError({"--mode", "transport", "--net-mode", "gda"}).find("--net-mode"));
   EXPECT_NE(std::string::npos, parseError({"--mode", "transport", "--batch", "33"}).find("--batch"));
   EXPECT_NE(std::string::npos, parseError({"--mode", "transport", "--batch", "0"}).find("--batch"));
   EXPECT_NE(std::string::npos, parseError({"--net-mode", "proxy"}).find("belong to --mode transport"));

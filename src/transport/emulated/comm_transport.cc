@@ -27,6 +27,8 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
                 "emulated transport: rank %d of %d ranks (at most %d)", spec.rank, num_ranks, kMaxRanks);
   MOE_ARG_CHECK(spec.buffer != nullptr && spec.buffer_bytes > 0 && spec.dev_error != nullptr && spec.timeout_ns > 0,
                 "emulated transport: rank %d has no buffer, error record or timeout", spec.rank);
+  MOE_ARG_CHECK(!(spec.proxy && spec.doorbell_proxy), "emulated transport: rank %d: request proxy and doorbell proxy",
+                spec.rank);
   std::unique_ptr<CommTransport> t(new CommTransport());
   t->spec_ = spec;
   MOE_CHECK(verbs::resolveServiceLevels(spec.env, &t->levels_));
@@ -85,6 +87,7 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
       q.timeout_ns = spec.timeout_ns;
       q.dev_error = spec.dev_error;
       q.connect = false;
+      q.doorbell_proxy = spec.doorbell_proxy;
       MOE_CHECK(EmulatedGpuQp::create(q, &t->qps_[set][p]));
       qpn_of[p][set] = t->qps_[set][p]->qpn();
     }
@@ -171,6 +174,16 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   MOE_CHECK(nic_->start());
   for (auto& ring : proxies_)
     if (ring) MOE_CHECK(ring->start());
+  if (spec_.doorbell_proxy) {
+    doorbells_ = std::make_unique<dbproxy::DoorbellProxy>(me);
+    for (const auto& set : qps_)
+      for (const auto& q : set)
+        if (q) MOE_CHECK(doorbells_->add(q->route()));
+    dbproxy::DoorbellProxy* forward = doorbells_.get();
+    doorbell_thread_ = std::make_unique<proxy::ProxyThread>(
+        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    MOE_CHECK(doorbell_thread_->start());
+  }
   return ncclSuccess;
 }
 
@@ -231,12 +244,14 @@ std::string CommTransport::drain() {
     }
     if (busy.empty()) return "";
     if (std::chrono::steady_clock::now() - start > bound)
-      return "rank " + std::to_string(spec_.rank) + ": QPs to peers" + busy + " still had work";
+      return "rank " + std::to_string(spec_.rank) + ": QPs to peers" + busy + " still had work" +
+             (doorbells_ ? "; " + doorbells_->describe(true) : std::string());
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
 }
 
 void CommTransport::stop() {
+  if (doorbell_thread_) doorbell_thread_->stop();
   for (auto& ring : proxies_)  // the proxy threads post to the NIC: they stop first
     if (ring) ring->stop();
   if (nic_) nic_->stop();
@@ -244,6 +259,8 @@ void CommTransport::stop() {
 
 CommTransport::~CommTransport() {
   stop();
+  doorbell_thread_.reset();
+  doorbells_.reset();
   for (auto& ring : proxies_) ring.reset();  // host queues and the rings, after the NIC stopped reading them
   for (auto& set : qps_) set.clear();        // before the registry: each deregisters its result word
   nic_.reset();                              // frees staging through the backend
@@ -270,7 +287,8 @@ std::string CommTransport::describe() const {
   for (int p : remote_peers_) peers += " " + std::to_string(p);
   return "rank " + std::to_string(spec_.rank) + ": " + nic_->describe() + ", " + std::to_string(numQps()) +
          (spec_.proxy ? " request-proxy QPs (2 sets, a ring each) to peers" : " QPs (2 sets) to peers") + peers +
-         ", backend " + (backend_->failed() ? backend_->error() : std::string("ok"));
+         ", backend " + (backend_->failed() ? backend_->error() : std::string("ok")) +
+         (doorbells_ ? ", " + doorbells_->describe(true) : std::string());
 }
 
 }  // namespace nccl_moe::emulated

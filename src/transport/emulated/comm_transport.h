@@ -12,6 +12,8 @@
 //             (the software NIC has no wire: the values are carried and checked, not applied); none for self and
 //             own-node peers.
 //             NCCL_MOE_NET_MODE=ibgda: GPU-driven QPs (EmulatedGpuQp: the kernels write WQEs and ring doorbells);
+//             dbproxy: the same GPU-driven QPs, but the GPU rings a mailbox word and a CPU thread of the rank (the
+//             doorbell proxy, src/transport/rdma/dbproxy/doorbell_proxy.h) forwards it to the NIC's doorbell;
 //             proxy: host-memory QPs behind one request-proxy ring PER SET (EmulatedGpuProxy: the kernels write
 //             descriptors, a CPU thread per ring turns them into WQEs). One ring per set because a ring is consumed
 //             in order and a descriptor whose SQ is full stays at its head: on a shared ring an LL descriptor would
@@ -50,6 +52,8 @@
 #include "transport/emulated/nic.h"
 #include "transport/emulated/proxy_queues.h"
 #include "transport/rdma/conn_record.h"
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
+#include "transport/rdma/proxy/proxy_thread.h"
 #include "transport/rdma/verbs/qp_attr.h"
 #include "transport/rdma/window.h"
 #include "transport/scaleout_setup.h"
@@ -69,6 +73,7 @@ struct CommTransportSpec {
   uint64_t chaos_seed = 0;           // 0: chaos off; else rank r's NIC uses chaos_seed + r
   uint32_t wqe_cnt = 64;             // per QP
   bool proxy = false;                // NCCL_MOE_NET_MODE=proxy: the request proxy posts for the kernels
+  bool doorbell_proxy = false;       // NCCL_MOE_NET_MODE=dbproxy: a CPU thread forwards the GPU's doorbells
   bool pure_rdma = false;            // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
   uint32_t proxy_slots = 256;        // descriptors of each set's request-proxy ring (a power of two)
   verbs::EnvLookup env = verbs::processEnvLookup;  // where the QP sets' SL / TC come from (resolveServiceLevels)
@@ -120,7 +125,8 @@ class CommTransport : public ScaleoutTransport {
   SoftNic& nic() { return *nic_; }
   const CudaMemoryBackend& backend() const { return *backend_; }
   const rdma::Window& window() const override { return window_; }
-  // "rank r: software NIC (chaos seed s), N QPs (2 sets) to peers a b c, backend ok|<its error>"
+  // "rank r: software NIC (chaos seed s), N QPs (2 sets) to peers a b c, backend ok|<its error>" (dbproxy: and
+  // what the doorbell proxy forwarded)
   std::string describe() const override;
 
  private:
@@ -137,6 +143,9 @@ class CommTransport : public ScaleoutTransport {
   verbs::ServiceLevels levels_;
   // ibgda: [set][peer], null for self and own-node peers
   std::array<std::vector<std::unique_ptr<EmulatedGpuQp>>, rdma::kNumQpSets> qps_;
+  // dbproxy: forwards every QP's mailbox to its doorbell, on its own thread (started by connect())
+  std::unique_ptr<dbproxy::DoorbellProxy> doorbells_;
+  std::unique_ptr<proxy::ProxyThread> doorbell_thread_;
   // proxy: one ring per set, its QP i to remote_peers_[i]
   std::array<std::unique_ptr<EmulatedGpuProxy>, rdma::kNumQpSets> proxies_;
   std::vector<int> remote_peers_;  // the ranks with QPs, ascending: other nodes (pure RDMA: all but this rank)

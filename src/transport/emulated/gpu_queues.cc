@@ -34,6 +34,7 @@ ncclResult_t GpuQueueMemory::create(uint32_t wqe_cnt, uint32_t cqe_cnt, std::uni
   q->sq_dbrec_ = reinterpret_cast<uint32_t*>(q->block_ + q->words_off_);
   q->doorbell_ = reinterpret_cast<uint64_t*>(q->block_ + q->words_off_ + 64);
   q->cq_dbrec_ = reinterpret_cast<uint32_t*>(q->block_ + q->words_off_ + 128);
+  q->mailbox_ = reinterpret_cast<uint64_t*>(q->block_ + q->words_off_ + 192);
   for (uint32_t i = 0; i < cqe_cnt; ++i) q->cq_[static_cast<size_t>(i) * m::kCqeBytes + 63] = m::kCqeInitialOpOwn;
   MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&q->state_), sizeof(ibgda::GpuQpState)));
   MOE_CUDA_CHECK(cudaMemset(q->state_, 0, sizeof(ibgda::GpuQpState)));
@@ -65,12 +66,12 @@ CqConfig GpuQueueMemory::cqConfig() const {
   return c;
 }
 
-ibgda::GpuQpQueues GpuQueueMemory::gpuQueues() const {
+ibgda::GpuQpQueues GpuQueueMemory::gpuQueues(bool via_mailbox) const {
   ibgda::GpuQpQueues g;
   g.sq = dev_block_ + sq_off_;
   g.wqe_cnt = wqe_cnt_;
   g.sq_dbrec = reinterpret_cast<uint32_t*>(dev_block_ + words_off_);
-  g.doorbell = reinterpret_cast<uint64_t*>(dev_block_ + words_off_ + 64);
+  g.doorbell = reinterpret_cast<uint64_t*>(dev_block_ + words_off_ + (via_mailbox ? 192 : 64));
   g.cq = dev_block_ + cq_off_;
   g.cqe_cnt = cqe_cnt_;
   g.cq_dbrec = reinterpret_cast<uint32_t*>(dev_block_ + words_off_ + 128);
@@ -91,6 +92,7 @@ ncclResult_t EmulatedGpuQp::create(const GpuQpSpec& spec, std::unique_ptr<Emulat
   MOE_CHECK(spec.local_windows->registerWindow(reinterpret_cast<uint64_t>(&q->mem_->state()->atomic_result),
                                                sizeof(uint64_t), rdma::kAccessLocalWrite, 0, &result_window));
   q->windows_ = spec.local_windows;
+  q->peer_ = spec.responder.peer;
   q->result_lkey_ = result_window.lkey;
   ibgda::GpuQpBinding b;
   b.qpn = q->qpn_;
@@ -100,10 +102,20 @@ ncclResult_t EmulatedGpuQp::create(const GpuQpSpec& spec, std::unique_ptr<Emulat
   b.peer = spec.responder.peer;
   b.timeout_ns = spec.timeout_ns;
   b.error = spec.dev_error;
-  const std::string why = ibgda::buildGpuQp(q->mem_->gpuQueues(), b, &q->view_);
+  const std::string why = ibgda::buildGpuQp(q->mem_->gpuQueues(spec.doorbell_proxy), b, &q->view_);
   if (!why.empty()) return setLastError(ncclInvalidArgument, "EmulatedGpuQp::create: %s", why.c_str());
   *out = std::move(q);
   return ncclSuccess;
+}
+
+dbproxy::DoorbellRoute EmulatedGpuQp::route() const {
+  dbproxy::DoorbellRoute r;
+  r.mailbox = mem_->hostMailbox();
+  r.doorbell = mem_->hostDoorbell();
+  r.target = dbproxy::DoorbellTarget::kHostWord;
+  r.peer = peer_;
+  r.qpn = qpn_;
+  return r;
 }
 
 EmulatedGpuQp::~EmulatedGpuQp() {

@@ -3,9 +3,11 @@
 // fetch-add result word, and the GpuQp view kernels receive (src/transport/rdma/ibgda/gpu_qp.h).
 //
 // Layout: one cudaHostAlloc(Mapped | Portable) block, [SQ: wqe_cnt * 64][CQ: cqe_cnt * 64][words: one page:
-// SQ doorbell record @0, doorbell word @64, CQ doorbell record @128], each part page-aligned; the NIC uses the
-// host addresses, the GPU the cudaHostGetDevicePointer ones. CQEs start as INVALID (owner 0). The GPU-only state
-// (GpuQpState) is device memory, zeroed at creation. All allocation happens here, at setup time.
+// SQ doorbell record @0, doorbell word @64, CQ doorbell record @128, doorbell-proxy mailbox @192], each part
+// page-aligned; the NIC uses the host addresses, the GPU the cudaHostGetDevicePointer ones. With a doorbell proxy
+// (NCCL_MOE_NET_MODE=dbproxy) the GPU's view rings the mailbox instead of the doorbell word, and a CPU thread
+// forwards it (src/transport/rdma/dbproxy/doorbell_proxy.h, route()). CQEs start as INVALID (owner 0). The GPU-only
+// state (GpuQpState) is device memory, zeroed at creation. All allocation happens here, at setup time.
 #pragma once
 
 #include <nccl.h>
@@ -15,6 +17,7 @@
 
 #include "transport/emulated/cuda_backend.h"
 #include "transport/emulated/nic.h"
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/window.h"
 
@@ -29,11 +32,13 @@ class GpuQueueMemory {
 
   QpConfig qpConfig(uint32_t cq_idx) const;  // host addresses, for the NIC
   CqConfig cqConfig() const;
-  ibgda::GpuQpQueues gpuQueues() const;  // device addresses, for the view
+  // Device addresses, for the view; `via_mailbox`: its doorbell is the mailbox word (doorbell proxy).
+  ibgda::GpuQpQueues gpuQueues(bool via_mailbox = false) const;
   ibgda::GpuQpState* state() const { return state_; }
   // Host view of the doorbell word (tests: ring a doorbell the GPU "forgot").
   uint64_t* hostDoorbell() const { return doorbell_; }
   uint32_t* hostSqDbrec() const { return sq_dbrec_; }
+  uint64_t* hostMailbox() const { return mailbox_; }
   uint32_t wqeCnt() const { return wqe_cnt_; }
 
  private:
@@ -46,6 +51,7 @@ class GpuQueueMemory {
   uint32_t* sq_dbrec_ = nullptr;
   uint64_t* doorbell_ = nullptr;
   uint32_t* cq_dbrec_ = nullptr;
+  uint64_t* mailbox_ = nullptr;
   size_t sq_off_ = 0, cq_off_ = 0, words_off_ = 0;
   ibgda::GpuQpState* state_ = nullptr;
 };
@@ -63,6 +69,7 @@ struct GpuQpSpec {
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
   ErrorRecord* dev_error = nullptr;  // device address of the rank's error record
   bool connect = true;
+  bool doorbell_proxy = false;  // the GPU rings the mailbox; a DoorbellProxy must forward route() (dbproxy mode)
 };
 
 class EmulatedGpuQp {
@@ -74,6 +81,8 @@ class EmulatedGpuQp {
   uint32_t qp() const { return qp_; }  // the NIC's QP index (qpState, qpError)
   uint32_t qpn() const { return qpn_; }
   GpuQueueMemory& memory() { return *mem_; }
+  // Doorbell proxy: the mailbox the GPU rings and the NIC's doorbell word it is forwarded to.
+  dbproxy::DoorbellRoute route() const;
 
  private:
   EmulatedGpuQp() = default;
@@ -81,6 +90,7 @@ class EmulatedGpuQp {
   rdma::WindowRegistry* windows_ = nullptr;
   uint32_t result_lkey_ = 0;
   uint32_t cq_ = 0, qp_ = 0, qpn_ = 0;
+  int peer_ = -1;
   ibgda::GpuQp view_{};
 };
 
