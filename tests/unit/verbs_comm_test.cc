@@ -7,6 +7,7 @@
 // failure names what is missing.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -46,6 +47,13 @@ struct RankOutcome {
   uint64_t buffer_addr = 0;
   int num_qps = 0;
   bool leaked = false;  // a fake object or registration outlived the transport
+  // Doorbells: the transport chose the proxy; its describe(); UAR pages registered (IoMemory) while it lived; every
+  // table QP rings a mapped mailbox (not the UAR); a word stored to the first QP's mailbox reached the (fake) UAR.
+  bool doorbell_proxy = false;
+  std::string describe;
+  int io_regs = 0;
+  bool views_ring_mailboxes = false;
+  bool forwarded_to_uar = false;
 };
 
 struct World {
@@ -55,6 +63,7 @@ struct World {
   std::vector<std::map<std::string, std::string>> env;  // [rank]
   std::vector<std::string> fail;                        // [rank] the call that fails ("" none)
   std::vector<bool> no_devices;                         // [rank] its fake lists no NIC
+  std::vector<DoorbellPath> doorbell;                   // [rank] (default: unset, kGpuElseProxy)
 };
 
 std::vector<RankOutcome> run(World w) {
@@ -62,6 +71,7 @@ std::vector<RankOutcome> run(World w) {
   w.env.resize(R);
   w.fail.resize(R);
   w.no_devices.resize(R, false);
+  w.doorbell.resize(R, DoorbellPath::kGpuElseProxy);
   std::vector<std::unique_ptr<Bootstrap>> boots(R);
   EXPECT_EQ(ncclSuccess, makeWorldBootstraps(R, 20ull * 1000 * 1000 * 1000, boots.data()));
   IbvApi ibv;
@@ -90,6 +100,7 @@ std::vector<RankOutcome> run(World w) {
       spec.dev_error = &error_record;
       spec.timeout_ns = 1000000000ull;
       spec.first_psn = 0x100 + static_cast<uint32_t>(r);
+      spec.doorbell = w.doorbell[r];
       if (w.use_fakes) {
         spec.ibv = &ibv;
         spec.mlx5 = &dv;
@@ -121,6 +132,27 @@ std::vector<RankOutcome> run(World w) {
         for (int set = 0; set < rdma::kNumQpSets; ++set)
           for (int p = 0; p < R; ++p)
             if (v.qp(set, p) != nullptr) o.qp_set_of_qpn[v.qp(set, p)->qpn()] = set;
+        o.doorbell_proxy = v.doorbellProxy();
+        o.describe = v.describe();
+        for (const auto& reg : fk.host_regs) o.io_regs += (reg.second.second & cudaHostRegisterIoMemory) != 0 ? 1 : 0;
+        const uintptr_t uar = reinterpret_cast<uintptr_t>(fk.uar_page.p) + 0x800;
+        o.views_ring_mailboxes = true;
+        uint64_t* first_mailbox = nullptr;
+        for (int p = 0; p < R; ++p)
+          for (int set = 0; set < rdma::kNumQpSets; ++set) {
+            if (o.table[p].valid == 0) continue;
+            const uintptr_t host = reinterpret_cast<uintptr_t>(o.table[p].qp[set].doorbell) - kDevOffset;
+            o.views_ring_mailboxes = o.views_ring_mailboxes && host != uar;
+            if (first_mailbox == nullptr && host != uar) first_mailbox = reinterpret_cast<uint64_t*>(host);
+          }
+        if (first_mailbox != nullptr && o.doorbell_proxy) {
+          const uint64_t word = 0x1234000000000000ull | static_cast<uint64_t>(r + 1);
+          __atomic_store_n(first_mailbox, word, __ATOMIC_RELEASE);
+          for (int i = 0; i < 20000 && !o.forwarded_to_uar; ++i) {
+            o.forwarded_to_uar = __atomic_load_n(reinterpret_cast<uint64_t*>(uar), __ATOMIC_ACQUIRE) == word;
+            std::this_thread::sleep_for(std::chrono::microseconds(100));
+          }
+        }
       }
       o.mods = fk.mods;
       o.regs = fk.regs;
@@ -199,7 +231,8 @@ TEST(VerbsComm, WorldsBuildTablesOfBothSetsFromExchangedRecords) {
   }
 }
 
-// A failure on one rank, at each step, fails every rank with a message; nothing hangs and nothing leaks.
+// A failure on one rank, at each step, fails every rank with a message; nothing hangs and nothing leaks (mode ibgda
+// set: with the mode unset an unmappable UAR is the doorbell-proxy fallback instead, tested below).
 TEST(VerbsComm, AFailureOnOneRankFailsEveryRankWithAMessage) {
   const struct {
     const char* what;
@@ -219,6 +252,7 @@ TEST(VerbsComm, AFailureOnOneRankFailsEveryRankWithAMessage) {
   for (const auto& c : cases) {
     World w;
     w.num_ranks = 4;
+    w.doorbell.assign(4, DoorbellPath::kGpu);  // NCCL_MOE_NET_MODE=ibgda: an unmappable UAR is an error
     w.fail.assign(4, "");
     w.fail[c.rank] = c.call;
     const std::vector<RankOutcome> out = run(w);
@@ -281,6 +315,73 @@ TEST(VerbsComm, ASetsServiceLevelThatDiffersIsRefusedOnEveryRank) {
 
 // This machine's rdma-core (loaded for real): without an RDMA device (or without the libraries) every rank fails,
 // naming what is missing and the way to test on one host.
+// NCCL_MOE_NET_MODE unset: every rank rings its UAR from the GPU while every rank can map it; when one rank cannot
+// (cudaHostRegister(IoMemory) refused), EVERY rank switches its views to the mailboxes and runs the doorbell proxy,
+// which forwards a mailbox word to the UAR register. dbproxy asked: no UAR is mapped at all. ibgda asked: a rank
+// that cannot map fails, naming the driver settings and the doorbell proxy.
+TEST(VerbsComm, DoorbellsFallBackToTheProxyOnEveryRankWhenOneRankCannotMapItsUar) {
+  World unset;
+  unset.num_ranks = 4;
+  for (const RankOutcome& o : run(unset)) {
+    ASSERT_EQ(ncclSuccess, o.res) << o.error;
+    EXPECT_FALSE(o.doorbell_proxy);
+    EXPECT_FALSE(o.views_ring_mailboxes) << "GPU doorbells: the views ring the UAR";
+    EXPECT_EQ(1, o.io_regs) << "the one UAR page of the fake";
+    EXPECT_TRUE(contains(o.describe, "GPU doorbells (the UAR mapped on every rank)")) << o.describe;
+    EXPECT_FALSE(o.leaked);
+  }
+  World one_fails = unset;
+  one_fails.fail.assign(4, "");
+  one_fails.fail[1] = "cudaHostRegister io";
+  const std::vector<RankOutcome> out = run(one_fails);
+  for (int r = 0; r < 4; ++r) {
+    const RankOutcome& o = out[r];
+    ASSERT_EQ(ncclSuccess, o.res) << "rank " << r << ": " << o.error;
+    EXPECT_TRUE(o.doorbell_proxy) << "rank " << r << ": every rank, not only rank 1";
+    EXPECT_TRUE(o.views_ring_mailboxes) << "rank " << r;
+    EXPECT_TRUE(o.forwarded_to_uar) << "rank " << r << ": the proxy thread forwards a mailbox word to the UAR";
+    EXPECT_TRUE(contains(o.describe, "doorbell proxy on every rank: ranks 1 could not map their UAR pages"))
+        << o.describe;
+    EXPECT_FALSE(o.leaked) << "rank " << r;
+  }
+  EXPECT_EQ(0, out[1].io_regs);
+
+  World asked = unset;
+  asked.doorbell.assign(4, DoorbellPath::kProxy);
+  for (const RankOutcome& o : run(asked)) {
+    ASSERT_EQ(ncclSuccess, o.res) << o.error;
+    EXPECT_TRUE(o.doorbell_proxy);
+    EXPECT_EQ(0, o.io_regs) << "dbproxy: the UAR is never mapped to the GPU";
+    EXPECT_TRUE(o.forwarded_to_uar);
+    EXPECT_TRUE(contains(o.describe, "doorbell proxy on every rank (NCCL_MOE_NET_MODE=dbproxy)")) << o.describe;
+  }
+
+  World strict = one_fails;
+  strict.doorbell.assign(4, DoorbellPath::kGpu);
+  const std::vector<RankOutcome> refused = run(strict);
+  for (int r = 0; r < 4; ++r) EXPECT_NE(ncclSuccess, refused[r].res) << "rank " << r;
+  EXPECT_TRUE(contains(refused[1].error, "IoMemory")) << refused[1].error;
+  EXPECT_TRUE(contains(refused[1].error, "doorbell proxy")) << refused[1].error;
+  EXPECT_TRUE(contains(refused[0].error, "rank 1")) << refused[0].error;
+}
+
+// The decision from the headers alone, and its text.
+TEST(VerbsComm, TheDoorbellDecisionIsTheSameFromEveryRanksHeaders) {
+  std::vector<CommTransportRecordHeader> h(3, CommTransportRecordHeader{0, 3, 0, 0});
+  std::string text;
+  EXPECT_FALSE(decideDoorbellProxy(h, &text));
+  EXPECT_EQ("GPU doorbells (the UAR mapped on every rank)", text);
+  h[2].doorbell_proxy = 1;
+  h[2].uar_failed = 1;
+  h[0].doorbell_proxy = 1;
+  h[0].uar_failed = 1;
+  EXPECT_TRUE(decideDoorbellProxy(h, &text));
+  EXPECT_TRUE(contains(text, "ranks 0 2 could not map")) << text;
+  h.assign(3, CommTransportRecordHeader{0, 3, 1, 0});
+  EXPECT_TRUE(decideDoorbellProxy(h, &text));
+  EXPECT_EQ("doorbell proxy on every rank (NCCL_MOE_NET_MODE=dbproxy)", text);
+}
+
 TEST(VerbsComm, TheRealLoaderWithoutANicNamesWhatIsMissing) {
   const IbvApi* ibv = nullptr;
   if (ibverbs(&ibv) == ncclSuccess) {

@@ -1,6 +1,9 @@
 #include "transport/rdma/verbs/comm_transport.h"
 
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -16,6 +19,27 @@ ncclResult_t cudaStep(const CudaOps& cuda, cudaError_t err, const char* call, co
 }
 
 }  // namespace
+
+bool decideDoorbellProxy(const std::vector<CommTransportRecordHeader>& headers, std::string* text) {
+  std::string failed;
+  bool asked = false;
+  for (size_t r = 0; r < headers.size(); ++r) {
+    if (headers[r].uar_failed != 0) failed += " " + std::to_string(r);
+    asked = asked || (headers[r].doorbell_proxy != 0 && headers[r].uar_failed == 0);
+  }
+  if (!failed.empty()) {
+    *text = "doorbell proxy on every rank: ranks" + failed +
+            " could not map their UAR pages to the GPU (see their WARN lines; NCCL_MOE_NET_MODE=ibgda makes that an "
+            "error)";
+    return true;
+  }
+  if (asked) {
+    *text = "doorbell proxy on every rank (NCCL_MOE_NET_MODE=dbproxy)";
+    return true;
+  }
+  *text = "GPU doorbells (the UAR mapped on every rank)";
+  return false;
+}
 
 ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_ptr<CommTransport>* out, uint8_t* mine) {
   const int num_ranks = static_cast<int>(spec.nodes.node_of.size());
@@ -86,12 +110,23 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
     results.force_peer_memory = spec.force_peer_memory;
     results.what = "QP state (fetch-add results)";
     if ((res = MemoryRegion::create(device, results, &t->state_window_)) != ncclSuccess) return fail(res, "");
+    // One mailbox per QP (64 bytes apart), whatever the mode: which doorbell the GPU rings is decided at connect.
+    const size_t mailbox_bytes = (num_qps * 64 + 4095) / 4096 * 4096;
+    t->mailboxes_ = static_cast<uint64_t*>(std::aligned_alloc(4096, mailbox_bytes));
+    if (t->mailboxes_ == nullptr)
+      return fail(setLastError(ncclSystemError, "no memory for %zu bytes of doorbell mailboxes", mailbox_bytes), "");
+    std::memset(t->mailboxes_, 0, mailbox_bytes);
+    bool map_uar = spec.doorbell != DoorbellPath::kProxy;
     for (int set = 0; set < rdma::kNumQpSets; ++set) {
       for (size_t i = 0; i < t->remote_peers_.size(); ++i) {
         const int p = t->remote_peers_[i];
+        const size_t qp_index = static_cast<size_t>(set) * t->remote_peers_.size() + i;
         RcQpSpec q;
+        q.mailbox = t->mailboxes_ + qp_index * 8;
+        q.map_uar = map_uar;
+        q.uar_optional = spec.doorbell == DoorbellPath::kGpuElseProxy;
         q.max_send_wr = spec.max_send_wr;
-        q.dev_state = t->dev_state_ + static_cast<size_t>(set) * t->remote_peers_.size() + i;
+        q.dev_state = t->dev_state_ + qp_index;
         q.src_lkey = t->data_->window().lkey;
         q.result_lkey = t->state_window_->window().lkey;
         q.rank = spec.rank;
@@ -100,19 +135,29 @@ ncclResult_t CommTransport::create(const CommTransportSpec& spec, std::unique_pt
         q.dev_error = spec.dev_error;
         if ((res = RcQp::create(device, q, &t->qps_[set][p])) != ncclSuccess) return fail(res, "");
         qpn_of[p][set] = t->qps_[set][p]->qpn();
+        if (map_uar && !t->qps_[set][p]->uarMapped()) {  // the rest need not try: the proxy rings every QP
+          t->uar_failed_ = true;
+          map_uar = false;
+          MOE_WARN(
+              "%s: the UAR doorbell page cannot be mapped to the GPU (%s); every rank falls back to the doorbell "
+              "proxy (NCCL_MOE_NET_MODE=dbproxy)",
+              who.c_str(), t->qps_[set][p]->uarError().c_str());
+        }
       }
     }
   }
 
-  ScaleoutRecordHead header{};
+  CommTransportRecordHeader header{};
   header.num_records = num_ranks;
+  header.uar_failed = t->uar_failed_ ? 1 : 0;
+  header.doorbell_proxy = spec.doorbell == DoorbellPath::kProxy || t->uar_failed_ ? 1 : 0;
   std::memcpy(mine, &header, sizeof(header));
   const std::vector<rdma::ConnWindow> windows = {t->data_->connWindow(), t->signal_->connWindow()};
   for (int p = 0; p < num_ranks; ++p) {
     rdma::ConnRecord rec = scaleoutConnRecord(spec.rank, p, spec.nodes, qpn_of[p], windows, t->levels_);
     fillConnRecordIdentity(device.identity(), &rec);
     rec.first_psn = spec.first_psn;
-    uint8_t* conn = mine + sizeof(ScaleoutRecordHead) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
+    uint8_t* conn = mine + sizeof(CommTransportRecordHeader) + static_cast<size_t>(p) * rdma::kConnRecordBytes;
     if ((res = rdma::packConnRecord(rec, conn)) != ncclSuccess) return fail(res, "");
   }
   return ncclSuccess;
@@ -123,17 +168,23 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   const int me = spec_.rank;
   const std::string who = "verbs transport of rank " + std::to_string(me);
   const size_t stride = commTransportRecordBytes(num_ranks);
+  std::vector<CommTransportRecordHeader> headers(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
-    ScaleoutRecordHead h;
-    std::memcpy(&h, all + stride * r, sizeof(h));
-    if (h.num_records != num_ranks)
+    std::memcpy(&headers[r], all + stride * r, sizeof(CommTransportRecordHeader));
+    if (headers[r].num_records != num_ranks)
       return setLastError(ncclInvalidUsage, "%s: rank %d published %d records; the communicator has %d", who.c_str(), r,
-                          h.num_records, num_ranks);
+                          headers[r].num_records, num_ranks);
   }
   std::vector<rdma::ConnRecord> records;
   std::vector<PeerWindow> window_of_peer;
-  MOE_CHECK(readPeerRecords(all, stride, sizeof(ScaleoutRecordHead), spec_.nodes, me, remote_peers_, who, &records,
-                            &window_of_peer));
+  MOE_CHECK(readPeerRecords(all, stride, sizeof(CommTransportRecordHeader), spec_.nodes, me, remote_peers_, who,
+                            &records, &window_of_peer));
+  const bool doorbell_proxy = decideDoorbellProxy(headers, &doorbell_text_);
+  if (doorbell_proxy && spec_.doorbell == DoorbellPath::kGpu)  // an explicit ibgda rank mapped its UAR, others not
+    return setLastError(ncclInvalidUsage,
+                        "%s: NCCL_MOE_NET_MODE=ibgda, but %s; set NCCL_MOE_NET_MODE the same on every rank",
+                        who.c_str(), doorbell_text_.c_str());
+  if (me == 0) MOE_INFO("verbs transport: %s", doorbell_text_.c_str());
   auto fail = [&](ncclResult_t res) {
     const std::string why = threadLastError();
     return setLastError(res, "%s: %s", who.c_str(), why.c_str());
@@ -149,6 +200,7 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
               ncclSuccess ||
           (res = qps_[set][p]->connect(config, service)) != ncclSuccess)
         return fail(res);
+      if (doorbell_proxy && (res = qps_[set][p]->useMailbox()) != ncclSuccess) return fail(res);
       qp_of_peer[set][p] = &qps_[set][p]->view();
     }
   }
@@ -163,10 +215,39 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
   if ((res = cudaStep(*cuda_, cuda_->copy_to_device(dev, table.data(), bytes), "cudaMemcpy", "the scale-out table")) !=
       ncclSuccess)
     return fail(res);
+  if (doorbell_proxy && numQps() > 0) {
+    doorbells_ = std::make_unique<dbproxy::DoorbellProxy>(me);
+    for (const auto& set : qps_)
+      for (const auto& q : set)
+        if (q && (res = doorbells_->add(q->route())) != ncclSuccess) return fail(res);
+    dbproxy::DoorbellProxy* forward = doorbells_.get();
+    doorbell_thread_ = std::make_unique<proxy::ProxyThread>(
+        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    if ((res = doorbell_thread_->start()) != ncclSuccess) return fail(res);
+  }
   return ncclSuccess;
 }
 
+std::string CommTransport::drain() {
+  if (!doorbells_ || !doorbell_thread_ || !doorbell_thread_->running()) return "";
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    const std::string pending = doorbells_->describe(true);
+    if (pending.find("mailbox index") == std::string::npos) return "";
+    if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spec_.timeout_ns))
+      return "rank " + std::to_string(spec_.rank) + ": doorbells not forwarded: " + pending;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+void CommTransport::stop() {
+  if (doorbell_thread_) doorbell_thread_->stop();
+}
+
 CommTransport::~CommTransport() {
+  stop();  // the doorbell proxy rings the QPs' UARs: it stops before they go
+  doorbell_thread_.reset();
+  doorbells_.reset();
   if (dev_table_ != nullptr) cuda_->device_free(dev_table_);
   for (auto& set : qps_) set.clear();  // GPU mappings, QP, CQ
   state_window_.reset();
@@ -174,6 +255,7 @@ CommTransport::~CommTransport() {
   data_.reset();
   if (dev_state_ != nullptr) cuda_->device_free(dev_state_);  // after its registration
   device_.reset();
+  std::free(mailboxes_);  // after the QPs unmapped them
 }
 
 int CommTransport::numQps() const {
@@ -192,7 +274,8 @@ std::string CommTransport::describe() const {
   std::string peers;
   for (int p : remote_peers_) peers += " " + std::to_string(p);
   return "rank " + std::to_string(spec_.rank) + ": verbs " + (device_ ? device_->where() : std::string("(no device)")) +
-         ", " + std::to_string(numQps()) + " GPU-driven RC QPs (2 sets) to peers" + peers + ", data window " +
+         ", " + std::to_string(numQps()) + " GPU-driven RC QPs (2 sets) to peers" + peers + ", " +
+         (doorbell_text_.empty() ? std::string("doorbells not decided yet") : doorbell_text_) + ", data window " +
          (data_ ? registrationPathName(data_->path()) : "-") + " (relaxed ordering), signal window " +
          (signal_ ? registrationPathName(signal_->path()) : "-") + " (strongly ordered)";
 }

@@ -13,8 +13,14 @@
 //             resolveServiceLevels go into its QPs' RTR attributes
 //   table     ScaleoutPeer[num_ranks] in device memory: the QPs' GpuQp views, each peer's base and both keys
 //
-// Only NCCL_MOE_NET_MODE=ibgda: the request proxy over verbs QPs (ibv_post_send from the proxy thread) is not built
-// and net_choice refuses it before this is reached.
+// Doorbells (`doorbell`): the GPU rings the UAR it has mapped (NCCL_MOE_NET_MODE=ibgda), or a mailbox that a CPU
+// thread of the rank forwards to the UAR (dbproxy, src/transport/rdma/dbproxy/doorbell_proxy.h), or -- the mode
+// unset -- the UAR where every rank could map it and the doorbell proxy on EVERY rank as soon as one rank could not
+// (cudaHostRegister(IoMemory) refused: the driver does not allow MMIO peer mappings). Each rank publishes whether it
+// needs the proxy in its record header; connect() decides the same way on every rank, switches its views to the
+// mailboxes before the table is uploaded, starts the proxy thread, and rank 0 logs the outcome. The wire is the same
+// either way. The request proxy over verbs QPs (ibv_post_send from the proxy thread) is not built and net_choice
+// refuses it before this is reached.
 //
 // Every rdma-core call goes through the IbvApi / Mlx5Api tables and every CUDA call through CudaOps, so unit tests
 // run whole worlds of fake devices (tests/unit/verbs_comm_test.cc). Status: never run on a NIC.
@@ -35,7 +41,9 @@
 #include "core/node_map.h"
 #include "device/device_comm.h"
 #include "transport/rdma/conn_record.h"
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
+#include "transport/rdma/proxy/proxy_thread.h"
 #include "transport/rdma/verbs/device.h"
 #include "transport/rdma/verbs/loader.h"
 #include "transport/rdma/verbs/memory.h"
@@ -47,8 +55,16 @@
 
 namespace nccl_moe::verbs {
 
+// Who rings the doorbells (see above).
+enum class DoorbellPath : int {
+  kGpu = 0,           // NCCL_MOE_NET_MODE=ibgda: the UAR must map
+  kProxy = 1,         // NCCL_MOE_NET_MODE=dbproxy: the UAR is not mapped to the GPU
+  kGpuElseProxy = 2,  // unset: the UAR where every rank maps it, else the doorbell proxy on every rank
+};
+
 struct CommTransportSpec {
   int rank = -1;
+  DoorbellPath doorbell = DoorbellPath::kGpuElseProxy;
   NodeMap nodes;
   bool pure_rdma = false;     // NCCL_MOE_NET_PURE_RDMA: QPs to the ranks of this node too
   uint8_t* buffer = nullptr;  // this rank's communication buffer (device memory)
@@ -64,11 +80,22 @@ struct CommTransportSpec {
   DeviceOptions device;  // env (also of the SL / TC), topology and GPU index for the NIC choice, CudaOps
 };
 
-// What a rank publishes: ScaleoutRecordHead (the verbs backend needs nothing more in its header), then one packed
-// connection record per peer, commTransportRecordBytes(num_ranks) bytes.
+// What a rank publishes: this header (its first fields are ScaleoutRecordHead's), then one packed connection record
+// per peer, commTransportRecordBytes(num_ranks) bytes.
+struct CommTransportRecordHeader {
+  int32_t status;          // set by setupScaleout
+  int32_t num_records;     // ranks of the communicator
+  int32_t doorbell_proxy;  // 1: this rank needs the doorbell proxy (dbproxy asked, or its UAR could not be mapped)
+  int32_t uar_failed;      // 1: its UAR could not be mapped (the reason is in its WARN line)
+};
 constexpr size_t commTransportRecordBytes(int num_ranks) {
-  return sizeof(ScaleoutRecordHead) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
+  return sizeof(CommTransportRecordHeader) + static_cast<size_t>(num_ranks) * rdma::kConnRecordBytes;
 }
+
+// The doorbell decision every rank takes from every rank's header (pure): true = the doorbell proxy on every rank.
+// *text: what rank 0 logs ("GPU doorbells (UAR mapped on every rank)", "doorbell proxy on every rank
+// (NCCL_MOE_NET_MODE=dbproxy)", "doorbell proxy on every rank: ranks 1 3 could not map their UAR pages to the GPU").
+bool decideDoorbellProxy(const std::vector<CommTransportRecordHeader>& headers, std::string* text);
 
 class CommTransport : public ScaleoutTransport {
  public:
@@ -80,8 +107,11 @@ class CommTransport : public ScaleoutTransport {
   CommTransport& operator=(const CommTransport&) = delete;
 
   ncclResult_t connect(const uint8_t* all) override;
-  std::string drain() override { return ""; }
-  void stop() override {}
+  // The GPU owns the CQs: nothing to wait for, but with the doorbell proxy every mailbox word must have been
+  // forwarded (bounded by the spec's timeout): "" or the QPs still pending.
+  std::string drain() override;
+  void stop() override;
+  bool doorbellProxy() const { return doorbells_ != nullptr; }
   const ScaleoutPeer* deviceTable() const override { return dev_table_; }
   int numQps() const override;
   const rdma::Window& window() const override;
@@ -105,6 +135,13 @@ class CommTransport : public ScaleoutTransport {
   ibgda::GpuQpState* dev_state_ = nullptr;  // [set * remote_peers_.size() + i]
   std::array<std::vector<std::unique_ptr<RcQp>>, rdma::kNumQpSets> qps_;
   ScaleoutPeer* dev_table_ = nullptr;
+  // One mailbox word per QP, 64 bytes apart, page-aligned host memory (mapped to the GPU by each QP); the doorbell
+  // proxy and its thread when connect() chose it.
+  uint64_t* mailboxes_ = nullptr;
+  bool uar_failed_ = false;
+  std::string doorbell_text_;
+  std::unique_ptr<dbproxy::DoorbellProxy> doorbells_;
+  std::unique_ptr<proxy::ProxyThread> doorbell_thread_;
 };
 
 }  // namespace nccl_moe::verbs

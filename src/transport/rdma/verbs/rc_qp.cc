@@ -156,8 +156,24 @@ ncclResult_t RcQp::mapQueues(const RcQpSpec& spec) {
   g.wqe_cnt = dv_qp_.sq.wqe_cnt;
   MOE_CHECK(map(dv_qp_.dbrec, 2 * sizeof(uint32_t), false, "QP doorbell record", &dev));
   g.sq_dbrec = static_cast<uint32_t*>(dev);
-  MOE_CHECK(map(dv_qp_.bf.reg, sizeof(uint64_t), true, "UAR doorbell (BlueFlame register)", &dev));
-  g.doorbell = static_cast<uint64_t*>(dev);
+  if (spec.mailbox != nullptr) {
+    MOE_CHECK(map(spec.mailbox, sizeof(uint64_t), false, "doorbell-proxy mailbox", &mailbox_dev_));
+    mailbox_ = spec.mailbox;
+  }
+  if (spec.map_uar) {
+    const ncclResult_t uar = map(dv_qp_.bf.reg, sizeof(uint64_t), true, "UAR doorbell (BlueFlame register)", &dev);
+    if (uar == ncclSuccess) {
+      uar_dev_ = dev;
+    } else if (spec.uar_optional && mailbox_ != nullptr) {
+      uar_error_ = threadLastError();  // the doorbell proxy rings it instead
+    } else {
+      return uar;
+    }
+  }
+  if (uar_dev_ == nullptr && mailbox_dev_ == nullptr)
+    return setLastError(ncclInvalidArgument, "RcQp::create on %s, QP 0x%x: neither the UAR nor a mailbox to ring",
+                        device_.where().c_str(), qpn());
+  g.doorbell = static_cast<uint64_t*>(uar_dev_ != nullptr ? uar_dev_ : mailbox_dev_);
   MOE_CHECK(map(dv_cq_.buf, static_cast<size_t>(dv_cq_.cqe_cnt) * dv_cq_.cqe_size, false, "CQ buffer", &dev));
   g.cq = static_cast<uint8_t*>(dev);
   g.cqe_cnt = dv_cq_.cqe_cnt;
@@ -180,6 +196,24 @@ ncclResult_t RcQp::mapQueues(const RcQpSpec& spec) {
 }
 
 uint32_t RcQp::qpn() const { return qp_ != nullptr ? qp_->qp_num : 0; }
+
+ncclResult_t RcQp::useMailbox() {
+  if (mailbox_dev_ == nullptr)
+    return setLastError(ncclInternalError, "RcQp::useMailbox on %s, QP 0x%x: the QP was created without a mailbox",
+                        device_.where().c_str(), qpn());
+  view_.doorbell = static_cast<uint64_t*>(mailbox_dev_);
+  return ncclSuccess;
+}
+
+dbproxy::DoorbellRoute RcQp::route() const {
+  dbproxy::DoorbellRoute r;
+  r.mailbox = mailbox_;
+  r.doorbell = static_cast<uint64_t*>(dv_qp_.bf.reg);
+  r.target = dbproxy::DoorbellTarget::kMmio;
+  r.peer = view_.peer;
+  r.qpn = qpn();
+  return r;
+}
 
 ncclResult_t RcQp::connect(const QpConnectConfig& config, const ServiceLevel& service) {
   if (state_ != IBV_QPS_RESET)

@@ -13,8 +13,13 @@
 //     cannot overrun: libmlx5 may give the SQ more WQEBBs than WRs asked, hence the larger default CQ), every CQE
 //     initialised INVALID (the first lap valid with owner 0, bring-up checklist item 7), a 24-bit QPN.
 //   - GPU visibility through the device's HostMapper: SQ buffer, doorbell record page, CQ buffer, CQ doorbell
-//     record page (cudaHostRegister Mapped | Portable) and the UAR page (| IoMemory). The GPU-only state
-//     (GpuQpState, device memory) and the window holding its fetch-add result word are the caller's (binding).
+//     record page (cudaHostRegister Mapped | Portable) and the UAR page (| IoMemory). Doorbell proxy
+//     (NCCL_MOE_NET_MODE=dbproxy, src/transport/rdma/dbproxy/doorbell_proxy.h): the caller's mailbox word is mapped
+//     (ordinary memory) and the UAR is not (map_uar false), or its mapping may fail (uar_optional: the reason is
+//     kept, uarMapped() is false); the view rings the UAR when it is mapped, else the mailbox; useMailbox() switches
+//     a view to the mailbox (every rank uses the proxy when one rank must), route() is what the proxy forwards. The
+//     GPU-only state (GpuQpState, device memory) and the window holding its fetch-add result word are the caller's
+//     (binding).
 //   - connect(): RESET -> INIT -> RTR -> RTS with the attributes of qp_attr.h's buildQpTransition, one
 //     ibv_modify_qp each, in that order; the RTR line (remote QPN, MTU, SL/TC and their sources, GID index,
 //     rd_atomic limits) is logged at INFO.
@@ -30,9 +35,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "transport/rdma/conn_record.h"
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
 #include "transport/rdma/verbs/device.h"
 #include "transport/rdma/verbs/qp_attr.h"
@@ -53,6 +60,11 @@ struct RcQpSpec {
   int peer = -1;
   uint64_t timeout_ns = 0;
   ErrorRecord* dev_error = nullptr;
+  // The doorbell: the UAR mapped to the GPU (map_uar) and/or the mailbox word (host memory the caller keeps,
+  // 8-byte aligned) for the doorbell proxy. At least one of them.
+  bool map_uar = true;
+  bool uar_optional = false;    // a failed UAR mapping is not an error (the mailbox must be given)
+  uint64_t* mailbox = nullptr;  // host address
 };
 
 // The connection config of a local QP toward `remote` (pure): the remote QPN of (qp_set, qp_idx) in its record,
@@ -76,6 +88,11 @@ class RcQp {
   ibv_qp_state state() const { return state_; }
   const ibgda::GpuQp& view() const { return view_; }
   const mlx5dv_qp& dvQp() const { return dv_qp_; }
+  bool uarMapped() const { return uar_dev_ != nullptr; }
+  const std::string& uarError() const { return uar_error_; }  // why an optional UAR mapping failed
+  // The view rings the mailbox from now on (before the view is handed to kernels). Needs the mailbox.
+  ncclResult_t useMailbox();
+  dbproxy::DoorbellRoute route() const;  // mailbox -> UAR register (MMIO)
   const mlx5dv_cq& dvCq() const { return dv_cq_; }
 
  private:
@@ -88,6 +105,10 @@ class RcQp {
   mlx5dv_qp dv_qp_{};
   mlx5dv_cq dv_cq_{};
   std::vector<void*> mapped_;  // host addresses passed to HostMapper::map, released in the destructor
+  void* uar_dev_ = nullptr;    // the UAR register as the GPU addresses it (null: not mapped)
+  void* mailbox_dev_ = nullptr;
+  uint64_t* mailbox_ = nullptr;
+  std::string uar_error_;
   ibv_qp_state state_ = IBV_QPS_RESET;
   ibgda::GpuQp view_{};
 };
