@@ -246,7 +246,8 @@ __global__ void __launch_bounds__(kHtNetThreads)
       a.out_weights[static_cast<size_t>(t) * K + lane()] = w;
     }
   }
-  if (!htnet::last_block(n)) return;
+  // A failed wait (the rank's record) leaves bases, acks and the epoch alone: partials still in flight were not read.
+  if (!htnet::last_block(n) || dev::error_recorded(n.comm)) return;
   if (threadIdx.x < static_cast<unsigned>(S)) {
     const int j = threadIdx.x;
     *htnet::own_counter(n, kHtNetCombBase, j) += r.node_count[HtNetLayout::slot_node(j, n.node)];

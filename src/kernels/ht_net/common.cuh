@@ -218,6 +218,32 @@ __device__ __forceinline__ bool warp_take_chunk(const HtNetComm& n, CountOf coun
   return false;
 }
 
+// Waits until the slot's counter `posted` reaches `mine` (its earlier chunks posted or failed). The chain ahead may be
+// long behind a slow QP, so the bound restarts whenever the counter moves: it expires only after a whole timeout
+// without progress, and then names the rail peer the slot posts to, its QP, and the chunk (detail).
+__device__ inline bool wait_posted(const HtNetComm& n, const long long* posted, long long mine, Phase phase, int peer,
+                                   int chunk) {
+  long long seen = dev::ld_acquire_sys(posted);
+  if (seen >= mine) return true;
+  uint64_t start = dev::globaltimer_ns();
+  uint32_t spins = 0;
+  for (;;) {
+    const long long now = dev::ld_acquire_sys(posted);
+    if (now >= mine) return true;
+    if (now != seen) {
+      seen = now;
+      start = dev::globaltimer_ns();
+    }
+    if ((++spins & 255u) == 0) {
+      if (dev::error_recorded(n.comm)) return false;
+      if (dev::globaltimer_ns() - start > n.comm.timeout_ns) {
+        dev::record_error_at(n.comm.error, n.comm.rank, kErrTimeout, phase, peer, seen, mine, qpn_of(n, peer), chunk);
+        return false;
+      }
+    }
+  }
+}
+
 // Lane 0 of the warp that staged chunk `c` (its lanes' stores done; `staged` false when it could not be): waits for
 // the slot's earlier chunks to be posted, then WRITEs the chunk's `bytes` from `src` to byte `dst_off` of the rail
 // peer's HT net region and adds `count` to the peer's word `tail_off` (one put_signal), and advances `posted`.
@@ -230,7 +256,7 @@ __device__ __forceinline__ void post_chunk(const HtNetComm& n, long long* posted
   if (c.index > 0) {
     // The chunk before is posted (or failed: a failed chunk's value, (tag << 32) | kChunkFailed | its index, passes
     // this wait too); a wait that times out is recorded and fails the chain from here.
-    if (!dev::wait_geq(n.comm, static_cast<const long long*>(posted), mine, phase, n.comm.rank, 0, -1, -1))
+    if (!wait_posted(n, posted, mine, phase, peer, c.index))
       ok = false;
     else if ((dev::ld_acquire_sys(posted) & kChunkFailed) != 0)
       ok = false;

@@ -201,7 +201,9 @@ __global__ void __launch_bounds__(kHtNetThreads)
       }
     }
   }
-  if (!htnet::last_block(n)) return;
+  // A failed wait (this launch's or another's: the rank's record) leaves bases and acks alone: records still in
+  // flight were not read, and the rail peers must not be told they were.
+  if (!htnet::last_block(n) || dev::error_recorded(n.comm)) return;
   if (threadIdx.x < static_cast<unsigned>(S)) {
     const int j = threadIdx.x;
     *htnet::own_counter(n, kHtNetDispBase, j) += r.fwd_count[j];
