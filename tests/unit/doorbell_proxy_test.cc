@@ -4,6 +4,8 @@
 // forwarded and only the latest one (batching), describe() names a QP whose mailbox is ahead of what was
 // forwarded, the MMIO store sequence writes the word, and a run with both threads (NIC executor, proxy thread) under
 // chaos delivers every put_signal.
+#include "transport/rdma/dbproxy/doorbell_proxy.h"
+
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -14,7 +16,6 @@
 #include <vector>
 
 #include "soft_nic_harness.h"
-#include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/mlx5/ring.h"
 #include "transport/rdma/proxy/proxy_thread.h"
 
@@ -133,8 +134,8 @@ TEST(DoorbellProxy, ProxyThreadAndNicThreadDeliverEveryPutSignalUnderChaos) {
       if (i >= 4) ASSERT_EQ(ncclSuccess, ml.sq->waitCompleted(ml.sq->pi() - 6, 10.0)) << ml.sq->error();
       std::memset(src.data + slot, static_cast<int>(i & 0xff), bytes);
       ASSERT_EQ(ncclSuccess, ml.sq->waitRoom(2, 10.0)) << ml.sq->error() << "; " << proxy.describe(true);
-      ASSERT_TRUE(ml.sq->postPutSignal(src.sge(slot, bytes), dst.remote(slot), sig.remote(0), 1, result.local_word(0),
-                                       true))
+      ASSERT_TRUE(
+          ml.sq->postPutSignal(src.sge(slot, bytes), dst.remote(slot), sig.remote(0), 1, result.local_word(0), true))
           << "iteration " << i;
       if (i % 3 == 2 || i + 1 == iterations) ml.sq->ringDoorbell();  // batches of up to three
     }

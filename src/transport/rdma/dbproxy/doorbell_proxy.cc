@@ -35,9 +35,9 @@ void ringMmio(uint64_t* uar, uint64_t word) {
 ncclResult_t DoorbellProxy::add(const DoorbellRoute& route) {
   MOE_ARG_CHECK(route.mailbox != nullptr && route.doorbell != nullptr,
                 "DoorbellProxy::add: rank %d, QP 0x%x: mailbox and doorbell are required", rank_, route.qpn);
-  MOE_ARG_CHECK(reinterpret_cast<uintptr_t>(route.mailbox) % 8 == 0 && reinterpret_cast<uintptr_t>(route.doorbell) % 8 == 0,
-                "DoorbellProxy::add: rank %d, QP 0x%x: the mailbox and the doorbell must be 8-byte aligned", rank_,
-                route.qpn);
+  MOE_ARG_CHECK(
+      reinterpret_cast<uintptr_t>(route.mailbox) % 8 == 0 && reinterpret_cast<uintptr_t>(route.doorbell) % 8 == 0,
+      "DoorbellProxy::add: rank %d, QP 0x%x: the mailbox and the doorbell must be 8-byte aligned", rank_, route.qpn);
   auto r = std::make_unique<Route>();
   r->route = route;
   r->last.store(__atomic_load_n(route.mailbox, __ATOMIC_ACQUIRE), std::memory_order_relaxed);
@@ -79,8 +79,8 @@ std::string DoorbellProxy::describe(bool details) const {
     const uint64_t word = __atomic_load_n(r->route.mailbox, __ATOMIC_ACQUIRE);
     const uint64_t last = r->last.load(std::memory_order_relaxed);
     if (word == last) continue;
-    std::snprintf(buf, sizeof(buf), "; QP 0x%x to peer %d: mailbox index %u, forwarded %u", r->route.qpn,
-                  r->route.peer, announcedIndex(word), announcedIndex(last));
+    std::snprintf(buf, sizeof(buf), "; QP 0x%x to peer %d: mailbox index %u, forwarded %u", r->route.qpn, r->route.peer,
+                  announcedIndex(word), announcedIndex(last));
     s += buf;
   }
   return s;

@@ -40,8 +40,8 @@ struct DoorbellRoute {
   const uint64_t* mailbox = nullptr;  // host address of the word the GPU stores its doorbell to (8-byte aligned)
   uint64_t* doorbell = nullptr;       // host address of the QP's real doorbell
   DoorbellTarget target = DoorbellTarget::kHostWord;
-  int peer = -1;      // for describe()
-  uint32_t qpn = 0;   // for describe()
+  int peer = -1;     // for describe()
+  uint32_t qpn = 0;  // for describe()
 };
 
 // The MMIO doorbell store: what rdma-core's mlx5 provider does after its doorbell record (mmio_write64_be +
