@@ -328,10 +328,8 @@ inline std::string startNics(World& w) {
 // Starts the doorbell-proxy thread of every rank that has QPs made with doorbell_proxy.
 inline std::string startDoorbellProxies(World& w) {
   for (int r = 0; r < w.size(); ++r) {
-    nccl_moe::dbproxy::DoorbellProxy* forward = w[r].doorbells.get();
-    if (forward == nullptr) continue;
-    w[r].doorbell_thread = std::make_unique<px::ProxyThread>(
-        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    if (!w[r].doorbells) continue;
+    w[r].doorbell_thread = nccl_moe::dbproxy::makeDoorbellThread(w[r].doorbells.get());
     if (w[r].doorbell_thread->start() != ncclSuccess)
       return std::string("ProxyThread::start: ") + nccl_moe::threadLastError();
   }

@@ -72,7 +72,9 @@ TEST(DoorbellProxy, ForwardsOnlyChangedWordsAndOnlyTheLatest) {
   const std::string d = proxy.describe(true);
   EXPECT_TRUE(contains(d, "doorbell proxy of rank 3: 1 QPs")) << d;
   EXPECT_TRUE(contains(d, "QP 0x1234 to peer 1: mailbox index 12, forwarded 9")) << d;
+  EXPECT_EQ(1u, proxy.pending());
   ASSERT_EQ(ncclSuccess, proxy.progress(&progressed));
+  EXPECT_EQ(0u, proxy.pending());
   EXPECT_FALSE(contains(proxy.describe(true), "mailbox index")) << "nothing pending";
 }
 
@@ -123,10 +125,9 @@ TEST(DoorbellProxy, ProxyThreadAndNicThreadDeliverEveryPutSignalUnderChaos) {
     ASSERT_TRUE(ml.link.ok);
     DoorbellProxy proxy(0);
     ASSERT_EQ(ncclSuccess, proxy.add(ml.route(1)));
-    proxy::ProxyThread thread(
-        "doorbell proxy", [&proxy](bool* p) { return proxy.progress(p); }, [] { return std::string(); }, -1);
+    const std::unique_ptr<proxy::ProxyThread> thread = dbproxy::makeDoorbellThread(&proxy);
     ASSERT_EQ(ncclSuccess, r0.nic->start());
-    ASSERT_EQ(ncclSuccess, thread.start());
+    ASSERT_EQ(ncclSuccess, thread->start());
     for (uint64_t i = 0; i < iterations; ++i) {
       const size_t slot = (i % 4) * kSlot;
       const uint32_t bytes = static_cast<uint32_t>(1 + (i * 37) % kSlot);
@@ -145,9 +146,9 @@ TEST(DoorbellProxy, ProxyThreadAndNicThreadDeliverEveryPutSignalUnderChaos) {
     EXPECT_LE(proxy.forwarded(), (iterations + 2) / 3);
     EXPECT_GE(proxy.forwarded(), 1u);
     const auto t0 = std::chrono::steady_clock::now();
-    EXPECT_EQ(ncclSuccess, thread.stop(1.0));
+    EXPECT_EQ(ncclSuccess, thread->stop(1.0));
     EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.5);
-    EXPECT_FALSE(thread.failed());
+    EXPECT_FALSE(thread->failed());
     r0.nic->stop();
   }
 }

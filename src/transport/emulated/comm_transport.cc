@@ -179,9 +179,7 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     for (const auto& set : qps_)
       for (const auto& q : set)
         if (q) MOE_CHECK(doorbells_->add(q->route()));
-    dbproxy::DoorbellProxy* forward = doorbells_.get();
-    doorbell_thread_ = std::make_unique<proxy::ProxyThread>(
-        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    doorbell_thread_ = dbproxy::makeDoorbellThread(doorbells_.get());
     MOE_CHECK(doorbell_thread_->start());
   }
   return ncclSuccess;

@@ -63,6 +63,19 @@ ncclResult_t DoorbellProxy::progress(bool* progressed) {
   return ncclSuccess;
 }
 
+size_t DoorbellProxy::pending() const {
+  size_t n = 0;
+  for (const auto& r : routes_)
+    n += __atomic_load_n(r->route.mailbox, __ATOMIC_ACQUIRE) != r->last.load(std::memory_order_relaxed) ? 1 : 0;
+  return n;
+}
+
+std::unique_ptr<proxy::ProxyThread> makeDoorbellThread(DoorbellProxy* proxy) {
+  return std::make_unique<proxy::ProxyThread>(
+      "doorbell proxy", [proxy](bool* progressed) { return proxy->progress(progressed); }, [] { return std::string(); },
+      -1);
+}
+
 uint64_t DoorbellProxy::lastForwarded(size_t i) const {
   return i < routes_.size() ? routes_[i]->last.load(std::memory_order_relaxed) : 0;
 }

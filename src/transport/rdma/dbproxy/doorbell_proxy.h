@@ -29,6 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "transport/rdma/proxy/proxy_thread.h"
+
 namespace nccl_moe::dbproxy {
 
 enum class DoorbellTarget : int {
@@ -63,6 +65,8 @@ class DoorbellProxy {
   ncclResult_t progress(bool* progressed = nullptr);
 
   size_t numRoutes() const { return routes_.size(); }
+  // Routes whose mailbox holds a word not yet forwarded (read from any thread).
+  size_t pending() const;
   uint64_t forwarded() const { return forwarded_.load(std::memory_order_relaxed); }
   // The last word forwarded on route i (0 before any).
   uint64_t lastForwarded(size_t i) const;
@@ -79,5 +83,9 @@ class DoorbellProxy {
   std::vector<std::unique_ptr<Route>> routes_;
   std::atomic<uint64_t> forwarded_{0};
 };
+
+// The proxy's CPU thread (proxy_thread.h: progress() in a loop with backoff, bounded stop), not started yet.
+// `proxy` must outlive it.
+std::unique_ptr<proxy::ProxyThread> makeDoorbellThread(DoorbellProxy* proxy);
 
 }  // namespace nccl_moe::dbproxy

@@ -220,9 +220,7 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     for (const auto& set : qps_)
       for (const auto& q : set)
         if (q && (res = doorbells_->add(q->route())) != ncclSuccess) return fail(res);
-    dbproxy::DoorbellProxy* forward = doorbells_.get();
-    doorbell_thread_ = std::make_unique<proxy::ProxyThread>(
-        "doorbell proxy", [forward](bool* p) { return forward->progress(p); }, [] { return std::string(); }, -1);
+    doorbell_thread_ = dbproxy::makeDoorbellThread(doorbells_.get());
     if ((res = doorbell_thread_->start()) != ncclSuccess) return fail(res);
   }
   return ncclSuccess;
@@ -232,10 +230,9 @@ std::string CommTransport::drain() {
   if (!doorbells_ || !doorbell_thread_ || !doorbell_thread_->running()) return "";
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
-    const std::string pending = doorbells_->describe(true);
-    if (pending.find("mailbox index") == std::string::npos) return "";
+    if (doorbells_->pending() == 0) return "";
     if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spec_.timeout_ns))
-      return "rank " + std::to_string(spec_.rank) + ": doorbells not forwarded: " + pending;
+      return "rank " + std::to_string(spec_.rank) + ": doorbells not forwarded: " + doorbells_->describe(true);
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
 }
