@@ -57,6 +57,7 @@ void ProxyThread::run() {
     cudaThreadExchangeStreamCaptureMode(&mode);
   }
   rdma::Backoff backoff;
+  bool failed = false;
   while (!stop_requested_.load(std::memory_order_acquire)) {
     bool progressed = false;
     const ncclResult_t r = progress_(&progressed);
@@ -66,8 +67,8 @@ void ProxyThread::run() {
         std::lock_guard<std::mutex> lock(mu_);
         error_ = error_of_();
       }
-      failed_.store(true, std::memory_order_release);
       MOE_WARN("%s thread stops: %s", what_, error().c_str());
+      failed = true;
       break;
     }
     if (progressed)
@@ -75,7 +76,9 @@ void ProxyThread::run() {
     else
       backoff.pause();
   }
+  // Left the loop first, failed second: whoever sees failed() also sees exited() (and the message).
   exited_.store(true, std::memory_order_release);
+  if (failed) failed_.store(true, std::memory_order_release);
 }
 
 }  // namespace nccl_moe::proxy
