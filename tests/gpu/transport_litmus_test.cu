@@ -432,19 +432,40 @@ TEST(TransportLitmus, ConcurrentProducersShareOneQp) {
   EXPECT_EQ(0u, bad) << "bytes of the slots that differ from their sources";
 }
 
+// MissingDoorbell and DoorbellProxyStalled: rank 0's 4096-byte source (filled with `fill`), rank 1's destination, and
+// one QP 0 -> 1 whose waits give up after kShortTimeoutNs (`doorbell_proxy`: it rings a mailbox, connectQp); the NICs
+// run. "" or what failed.
+constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;
+std::string oneQpWorld(World& w, uint8_t fill, bool doorbell_proxy, DevWindow* src, DevWindow* dst,
+                       em::EmulatedGpuQp** q) {
+  std::string e;
+  if (!(e = allocWindow(w[0], 4096, 0, src)).empty() || !(e = allocWindow(w[1], 4096, 0, dst)).empty()) return e;
+  if (cudaMemset(src->ptr, fill, 4096) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
+    return "filling the source failed";
+  if (!(e = connectQp(w[0], w[1], src->w.lkey, kShortTimeoutNs, nullptr, q, 64, 64, doorbell_proxy)).empty()) return e;
+  return startNics(w);
+}
+
+// After a late doorbell (`how`): the NIC retires the QP's one WQE within 10 s and the destination holds `fill`.
+void expectLateCompletion(World& w, em::EmulatedGpuQp* q, const DevWindow& dst, uint8_t fill, const char* how) {
+  const auto start = std::chrono::steady_clock::now();
+  while (w[0].nic->qpRetired(q->qp()) != 1u &&
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  dumpWorld(w);
+  ASSERT_EQ(1u, w[0].nic->qpRetired(q->qp())) << "the WQE " << how << " did not complete within 10 s";
+  std::vector<uint8_t> got(4096);
+  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(fill, got[i]) << "byte " << i;
+}
+
 TEST(TransportLitmus, MissingDoorbellTimesOutNamingTheQp) {
   const uint64_t seed = testChaosSeed();
   World w;
   WORLD_OR_SKIP(w, seed);
   DevWindow src, dst;
-  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
-  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
-  CUDA_OK(cudaMemset(src.ptr, 0x5a, 4096));
-  CUDA_OK(cudaDeviceSynchronize());
-  constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;
   em::EmulatedGpuQp* q = nullptr;
-  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kShortTimeoutNs, nullptr, &q));
-  ASSERT_EQ("", startNics(w));
+  ASSERT_EQ("", oneQpWorld(w, 0x5a, false, &src, &dst, &q));
   Mapped<TestStatus> st;
   ASSERT_NE(nullptr, st.dev);
   singleOpKernel<<<1, 1, 0, w.streams[0]>>>(
@@ -469,15 +490,7 @@ TEST(TransportLitmus, MissingDoorbellTimesOutNamingTheQp) {
   __atomic_store_n(&q->memory().hostSqDbrec()[nccl_moe::mlx5::kSendDbrIndex], nccl_moe::mlx5::sq_dbr_value(1).raw,
                    __ATOMIC_RELEASE);
   __atomic_store_n(q->memory().hostDoorbell(), nccl_moe::mlx5::sq_doorbell_word(1, q->qpn()), __ATOMIC_RELEASE);
-  const auto start = std::chrono::steady_clock::now();
-  while (w[0].nic->qpRetired(q->qp()) != 1u &&
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  dumpWorld(w);
-  ASSERT_EQ(1u, w[0].nic->qpRetired(q->qp())) << "the WQE rung late by the host did not complete within 10 s";
-  std::vector<uint8_t> got(4096);
-  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x5a, got[i]) << "byte " << i;
+  expectLateCompletion(w, q, dst, 0x5a, "rung late by the host");
 }
 
 // Doorbell proxy: the GPU rings the QP's mailbox, but no proxy thread runs yet, so the NIC never hears of the WQE:
@@ -488,14 +501,8 @@ TEST(TransportLitmus, DoorbellProxyStalledTimesOutThenForwards) {
   World w;
   WORLD_OR_SKIP(w, seed);
   DevWindow src, dst;
-  ASSERT_EQ("", allocWindow(w[0], 4096, 0, &src));
-  ASSERT_EQ("", allocWindow(w[1], 4096, 0, &dst));
-  CUDA_OK(cudaMemset(src.ptr, 0x6b, 4096));
-  CUDA_OK(cudaDeviceSynchronize());
-  constexpr uint64_t kShortTimeoutNs = 200ull * 1000 * 1000;
   em::EmulatedGpuQp* q = nullptr;
-  ASSERT_EQ("", connectQp(w[0], w[1], src.w.lkey, kShortTimeoutNs, nullptr, &q, 64, 64, true));
-  ASSERT_EQ("", startNics(w));  // the doorbell proxy is not started
+  ASSERT_EQ("", oneQpWorld(w, 0x6b, true, &src, &dst, &q));  // the doorbell proxy is not started
   Mapped<TestStatus> st;
   ASSERT_NE(nullptr, st.dev);
   singleOpKernel<<<1, 1, 0, w.streams[0]>>>(
@@ -515,16 +522,8 @@ TEST(TransportLitmus, DoorbellProxyStalledTimesOutThenForwards) {
   EXPECT_EQ(0u, w[0].nic->qpAnnounced(q->qp())) << "the NIC heard nothing";
   EXPECT_NE(std::string::npos, proxy.find("mailbox index 1, forwarded 0")) << proxy;
   ASSERT_EQ("", startDoorbellProxies(w));
-  const auto start = std::chrono::steady_clock::now();
-  while (w[0].nic->qpRetired(q->qp()) != 1u &&
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  dumpWorld(w);
-  ASSERT_EQ(1u, w[0].nic->qpRetired(q->qp())) << "the forwarded doorbell did not complete the WQE within 10 s";
+  expectLateCompletion(w, q, dst, 0x6b, "whose doorbell the proxy forwarded late");
   EXPECT_EQ(1u, w[0].doorbells->forwarded());
-  std::vector<uint8_t> got(4096);
-  CUDA_OK(cudaMemcpy(got.data(), dst.ptr, 4096, cudaMemcpyDeviceToHost));
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(0x6b, got[i]) << "byte " << i;
 }
 
 TEST(TransportLitmus, AccessErrorsFailTheQpAndAreRecorded) {
