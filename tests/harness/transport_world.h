@@ -209,9 +209,8 @@ struct GpuRank {
   Mapped<ErrorRecord> error;
   std::vector<void*> allocations;
   std::vector<std::unique_ptr<em::EmulatedGpuQp>> qps;
-  // Doorbell-proxy mode: the rank's proxy (every QP made with doorbell_proxy) and its thread (startDoorbellProxies).
+  // Doorbell-proxy mode: the rank's proxy (every QP made with doorbell_proxy; its thread: startDoorbellProxies).
   std::unique_ptr<nccl_moe::dbproxy::DoorbellProxy> doorbells;
-  std::unique_ptr<px::ProxyThread> doorbell_thread;
 };
 
 // R ranks on GPU 0 (makeWorld), stream r for rank r's kernels. Destruction stops every NIC before anything they may
@@ -222,7 +221,7 @@ struct World {
   uint64_t seed = 0;
   ~World() {
     for (auto& r : ranks)
-      if (r && r->doorbell_thread) r->doorbell_thread->stop();
+      if (r && r->doorbells) r->doorbells->stop();
     for (auto& r : ranks)
       if (r && r->nic) r->nic->stop();
     for (cudaStream_t s : streams)
@@ -328,9 +327,7 @@ inline std::string startNics(World& w) {
 // Starts the doorbell-proxy thread of every rank that has QPs made with doorbell_proxy.
 inline std::string startDoorbellProxies(World& w) {
   for (int r = 0; r < w.size(); ++r) {
-    if (!w[r].doorbells) continue;
-    w[r].doorbell_thread = nccl_moe::dbproxy::makeDoorbellThread(w[r].doorbells.get());
-    if (w[r].doorbell_thread->start() != ncclSuccess)
+    if (w[r].doorbells && w[r].doorbells->start() != ncclSuccess)
       return std::string("ProxyThread::start: ") + nccl_moe::threadLastError();
   }
   return "";

@@ -17,7 +17,6 @@
 
 #include "soft_nic_harness.h"
 #include "transport/rdma/mlx5/ring.h"
-#include "transport/rdma/proxy/proxy_thread.h"
 
 namespace nccl_moe::emulated::testing {
 namespace {
@@ -125,9 +124,10 @@ TEST(DoorbellProxy, ProxyThreadAndNicThreadDeliverEveryPutSignalUnderChaos) {
     ASSERT_TRUE(ml.link.ok);
     DoorbellProxy proxy(0);
     ASSERT_EQ(ncclSuccess, proxy.add(ml.route(1)));
-    const std::unique_ptr<proxy::ProxyThread> thread = dbproxy::makeDoorbellThread(&proxy);
     ASSERT_EQ(ncclSuccess, r0.nic->start());
-    ASSERT_EQ(ncclSuccess, thread->start());
+    ASSERT_EQ(ncclSuccess, proxy.start());
+    EXPECT_EQ(ncclInvalidUsage, proxy.start()) << "a second start is refused";
+    EXPECT_EQ(ncclInvalidArgument, proxy.add(ml.route(1))) << "no route after the thread started";
     for (uint64_t i = 0; i < iterations; ++i) {
       const size_t slot = (i % 4) * kSlot;
       const uint32_t bytes = static_cast<uint32_t>(1 + (i * 37) % kSlot);
@@ -146,9 +146,9 @@ TEST(DoorbellProxy, ProxyThreadAndNicThreadDeliverEveryPutSignalUnderChaos) {
     EXPECT_LE(proxy.forwarded(), (iterations + 2) / 3);
     EXPECT_GE(proxy.forwarded(), 1u);
     const auto t0 = std::chrono::steady_clock::now();
-    EXPECT_EQ(ncclSuccess, thread->stop(1.0));
+    EXPECT_EQ(ncclSuccess, proxy.stop(1.0));
     EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.5);
-    EXPECT_FALSE(thread->failed());
+    EXPECT_FALSE(proxy.running());
     r0.nic->stop();
   }
 }

@@ -179,8 +179,7 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     for (const auto& set : qps_)
       for (const auto& q : set)
         if (q) MOE_CHECK(doorbells_->add(q->route()));
-    doorbell_thread_ = dbproxy::makeDoorbellThread(doorbells_.get());
-    MOE_CHECK(doorbell_thread_->start());
+    MOE_CHECK(doorbells_->start());
   }
   return ncclSuccess;
 }
@@ -249,7 +248,7 @@ std::string CommTransport::drain() {
 }
 
 void CommTransport::stop() {
-  if (doorbell_thread_) doorbell_thread_->stop();
+  if (doorbells_) doorbells_->stop();
   for (auto& ring : proxies_)  // the proxy threads post to the NIC: they stop first
     if (ring) ring->stop();
   if (nic_) nic_->stop();
@@ -257,7 +256,6 @@ void CommTransport::stop() {
 
 CommTransport::~CommTransport() {
   stop();
-  doorbell_thread_.reset();
   doorbells_.reset();
   for (auto& ring : proxies_) ring.reset();  // host queues and the rings, after the NIC stopped reading them
   for (auto& set : qps_) set.clear();        // before the registry: each deregisters its result word

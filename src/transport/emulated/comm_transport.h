@@ -53,7 +53,6 @@
 #include "transport/emulated/proxy_queues.h"
 #include "transport/rdma/conn_record.h"
 #include "transport/rdma/dbproxy/doorbell_proxy.h"
-#include "transport/rdma/proxy/proxy_thread.h"
 #include "transport/rdma/verbs/qp_attr.h"
 #include "transport/rdma/window.h"
 #include "transport/scaleout_setup.h"
@@ -145,7 +144,6 @@ class CommTransport : public ScaleoutTransport {
   std::array<std::vector<std::unique_ptr<EmulatedGpuQp>>, rdma::kNumQpSets> qps_;
   // dbproxy: forwards every QP's mailbox to its doorbell, on its own thread (started by connect())
   std::unique_ptr<dbproxy::DoorbellProxy> doorbells_;
-  std::unique_ptr<proxy::ProxyThread> doorbell_thread_;
   // proxy: one ring per set, its QP i to remote_peers_[i]
   std::array<std::unique_ptr<EmulatedGpuProxy>, rdma::kNumQpSets> proxies_;
   std::vector<int> remote_peers_;  // the ranks with QPs, ascending: other nodes (pure RDMA: all but this rank)

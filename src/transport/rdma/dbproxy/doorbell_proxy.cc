@@ -33,6 +33,8 @@ void ringMmio(uint64_t* uar, uint64_t word) {
 }
 
 ncclResult_t DoorbellProxy::add(const DoorbellRoute& route) {
+  MOE_ARG_CHECK(thread_ == nullptr, "DoorbellProxy::add: rank %d, QP 0x%x: the proxy's thread already started", rank_,
+                route.qpn);
   MOE_ARG_CHECK(route.mailbox != nullptr && route.doorbell != nullptr,
                 "DoorbellProxy::add: rank %d, QP 0x%x: mailbox and doorbell are required", rank_, route.qpn);
   MOE_ARG_CHECK(
@@ -70,10 +72,16 @@ size_t DoorbellProxy::pending() const {
   return n;
 }
 
-std::unique_ptr<proxy::ProxyThread> makeDoorbellThread(DoorbellProxy* proxy) {
-  return std::make_unique<proxy::ProxyThread>(
-      "doorbell proxy", [proxy](bool* progressed) { return proxy->progress(progressed); }, [] { return std::string(); },
-      -1);
+ncclResult_t DoorbellProxy::start() {
+  if (thread_ != nullptr)
+    return setLastError(ncclInvalidUsage, "DoorbellProxy::start: rank %d: already started", rank_);
+  thread_ = std::make_unique<proxy::ProxyThread>(
+      "doorbell proxy", [this](bool* progressed) { return progress(progressed); }, [] { return std::string(); }, -1);
+  return thread_->start();
+}
+
+ncclResult_t DoorbellProxy::stop(double timeout_s) {
+  return thread_ != nullptr ? thread_->stop(timeout_s) : ncclSuccess;
 }
 
 uint64_t DoorbellProxy::lastForwarded(size_t i) const {

@@ -16,7 +16,8 @@
 //   - progress() never blocks and never fails: a malformed word is the NIC's to reject (foreign QPN, index past
 //     what was written), as it would be from the GPU directly. A stalled or stopped proxy shows on the GPU as a
 //     net-quiet / net-reserve timeout whose record names the QP; describe() says what the proxy forwarded.
-//   - Routes are added before the thread starts (add() is not thread-safe against progress()).
+//   - Routes are added before the proxy's thread starts (start(); add() then refuses: it is not thread-safe against
+//     progress()). The destructor stops the thread.
 //   - Pure host code: unit-tested with a CPU producer and the software NIC (tests/unit/doorbell_proxy_test.cc); the
 //     MMIO store is the one line that has never run against a NIC.
 #pragma once
@@ -55,11 +56,16 @@ void ringMmio(uint64_t* uar, uint64_t word);
 class DoorbellProxy {
  public:
   explicit DoorbellProxy(int rank) : rank_(rank) {}
+  ~DoorbellProxy() { stop(); }
   DoorbellProxy(const DoorbellProxy&) = delete;
   DoorbellProxy& operator=(const DoorbellProxy&) = delete;
 
-  // One more QP. The mailbox's current word counts as already forwarded.
+  // One more QP, before start(). The mailbox's current word counts as already forwarded.
   ncclResult_t add(const DoorbellRoute& route);
+  // The proxy's CPU thread (proxy_thread.h: progress() in a loop with backoff, bounded stop).
+  ncclResult_t start();
+  ncclResult_t stop(double timeout_s = 5.0);  // ncclSuccess when not started, or already stopped
+  bool running() const { return thread_ != nullptr && thread_->running(); }
   // One pass over every mailbox: forwards each word that changed. *progressed = anything forwarded. Always
   // ncclSuccess (the signature is the proxy thread's).
   ncclResult_t progress(bool* progressed = nullptr);
@@ -82,10 +88,7 @@ class DoorbellProxy {
   int rank_;
   std::vector<std::unique_ptr<Route>> routes_;
   std::atomic<uint64_t> forwarded_{0};
+  std::unique_ptr<proxy::ProxyThread> thread_;
 };
-
-// The proxy's CPU thread (proxy_thread.h: progress() in a loop with backoff, bounded stop), not started yet.
-// `proxy` must outlive it.
-std::unique_ptr<proxy::ProxyThread> makeDoorbellThread(DoorbellProxy* proxy);
 
 }  // namespace nccl_moe::dbproxy

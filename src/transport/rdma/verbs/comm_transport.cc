@@ -25,7 +25,7 @@ bool decideDoorbellProxy(const std::vector<CommTransportRecordHeader>& headers, 
   bool asked = false;
   for (size_t r = 0; r < headers.size(); ++r) {
     if (headers[r].uar_failed != 0) failed += " " + std::to_string(r);
-    asked = asked || (headers[r].doorbell_proxy != 0 && headers[r].uar_failed == 0);
+    asked = asked || headers[r].doorbell_proxy != 0;
   }
   if (!failed.empty()) {
     *text = "doorbell proxy on every rank: ranks" + failed +
@@ -220,14 +220,13 @@ ncclResult_t CommTransport::connect(const uint8_t* all) {
     for (const auto& set : qps_)
       for (const auto& q : set)
         if (q && (res = doorbells_->add(q->route())) != ncclSuccess) return fail(res);
-    doorbell_thread_ = dbproxy::makeDoorbellThread(doorbells_.get());
-    if ((res = doorbell_thread_->start()) != ncclSuccess) return fail(res);
+    if ((res = doorbells_->start()) != ncclSuccess) return fail(res);
   }
   return ncclSuccess;
 }
 
 std::string CommTransport::drain() {
-  if (!doorbells_ || !doorbell_thread_ || !doorbell_thread_->running()) return "";
+  if (!doorbells_ || !doorbells_->running()) return "";
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
     if (doorbells_->pending() == 0) return "";
@@ -238,12 +237,11 @@ std::string CommTransport::drain() {
 }
 
 void CommTransport::stop() {
-  if (doorbell_thread_) doorbell_thread_->stop();
+  if (doorbells_) doorbells_->stop();
 }
 
 CommTransport::~CommTransport() {
   stop();  // the doorbell proxy rings the QPs' UARs: it stops before they go
-  doorbell_thread_.reset();
   doorbells_.reset();
   if (dev_table_ != nullptr) cuda_->device_free(dev_table_);
   for (auto& set : qps_) set.clear();  // GPU mappings, QP, CQ

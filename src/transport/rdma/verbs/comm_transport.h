@@ -43,7 +43,6 @@
 #include "transport/rdma/conn_record.h"
 #include "transport/rdma/dbproxy/doorbell_proxy.h"
 #include "transport/rdma/ibgda/gpu_qp.h"
-#include "transport/rdma/proxy/proxy_thread.h"
 #include "transport/rdma/verbs/device.h"
 #include "transport/rdma/verbs/loader.h"
 #include "transport/rdma/verbs/memory.h"
@@ -141,7 +140,6 @@ class CommTransport : public ScaleoutTransport {
   bool uar_failed_ = false;
   std::string doorbell_text_;
   std::unique_ptr<dbproxy::DoorbellProxy> doorbells_;
-  std::unique_ptr<proxy::ProxyThread> doorbell_thread_;
 };
 
 }  // namespace nccl_moe::verbs
